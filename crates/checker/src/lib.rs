@@ -1,0 +1,583 @@
+//! checker: answers who is active and enforces each account's device limit.
+//!
+//! It keeps an in-memory [`view::View`] of every account, fed by watching the
+//! KV buckets (interval dictionaries, revocations, limits) and by listening to
+//! heartbeats for liveness, so no request costs a KV read. It serves the
+//! `headcount.*` request-reply endpoints as a NATS micro service, ends
+//! sessions beyond the limit under the account's policy (whether or not
+//! anyone calls `check`), tells the device on `ctl.<account>.<device>` and
+//! publishes presence events.
+//!
+//! Every ending goes through a create-only KV write of the session's
+//! revocation: when several checkers reach the same verdict, one wins and only
+//! that one tells the device and publishes the event.
+//!
+//! Never: write the sessions bucket (the heartbeat-handler owns it), or
+//! answer from anything but the view.
+
+pub mod metrics;
+pub mod view;
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use async_nats::jetstream::kv;
+use async_nats::service::ServiceExt;
+use bytes::Bytes;
+use futures::StreamExt;
+use headcount_protocol::subjects::{self, endpoint, kv as keys};
+use headcount_protocol::wire::{
+    self, error_code, AccountRequest, ActiveReply, CheckReply, CheckRequest, ControlMessage,
+    ControlType, EndReason, EventType, KickReply, KickRequest, LimitsReply, LimitsSetRequest,
+    PresenceEvent, Revocation, SessionRef,
+};
+use headcount_protocol::{now_millis, AccountId, IntervalClock, Limit, Policy};
+use headcount_runtime::{service_error, Buckets, Shutdown};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+pub use metrics::Metrics;
+use view::{Rules, View};
+
+/// Checker settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Must match the handler's interval.
+    pub interval: Duration,
+    /// A session not heard from for this long is out (default: 3 missed
+    /// beats of a 5 s heartbeat).
+    pub timeout: Duration,
+    /// How often timeouts are looked for.
+    pub sweep_every: Duration,
+    /// Limit of an account with no limit of its own.
+    pub default_limit: Limit,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(120),
+            timeout: Duration::from_secs(15),
+            sweep_every: Duration::from_millis(500),
+            default_limit: Limit {
+                limit: 3,
+                policy: Policy::EvictOldest,
+            },
+        }
+    }
+}
+
+struct Shared {
+    view: Mutex<View>,
+    buckets: Buckets,
+    nats: async_nats::Client,
+    metrics: Metrics,
+    enforce_tx: mpsc::UnboundedSender<AccountId>,
+}
+
+impl Shared {
+    fn view(&self) -> MutexGuard<'_, View> {
+        self.view.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Runs one checker until `shutdown`.
+pub async fn run(
+    config: Config,
+    nats: async_nats::Client,
+    buckets: Buckets,
+    metrics: Metrics,
+    shutdown: Shutdown,
+) -> anyhow::Result<()> {
+    let rules = Rules {
+        clock: IntervalClock::new(config.interval),
+        timeout_ms: config.timeout.as_millis() as u64,
+        default_limit: config.default_limit,
+    };
+    let (enforce_tx, enforce_rx) = mpsc::unbounded_channel();
+    let shared = Arc::new(Shared {
+        view: Mutex::new(View::new(rules, now_millis())),
+        buckets: buckets.clone(),
+        nats: nats.clone(),
+        metrics,
+        enforce_tx,
+    });
+
+    // Liveness first, so no heartbeat sent while the view loads is missed.
+    let mut heartbeats = nats
+        .subscribe(subjects::HEARTBEAT_WILDCARD)
+        .await
+        .context("subscribing to heartbeats")?;
+
+    let (watch_stop, watch_shutdown) = Shutdown::new();
+    let mut tasks = Vec::new();
+    let mut ready = Vec::new();
+    let s = shared.clone();
+    let (t, r) = headcount_runtime::watch::follow(
+        buckets.sessions.clone(),
+        "sessions",
+        move |e| on_dict_entry(&s, e),
+        watch_shutdown.clone(),
+    )
+    .await
+    .context("watching sessions bucket")?;
+    tasks.push(t);
+    ready.push(r);
+    let s = shared.clone();
+    let (t, r) = headcount_runtime::watch::follow(
+        buckets.revoked.clone(),
+        "revoked",
+        move |e| {
+            if let Some((account, session)) = keys::parse_revoked(&e.key) {
+                let mut v = s.view();
+                match e.operation {
+                    kv::Operation::Put => v.revoke(&account, &session),
+                    _ => v.unrevoke(&account, &session),
+                }
+            }
+        },
+        watch_shutdown.clone(),
+    )
+    .await
+    .context("watching revoked bucket")?;
+    tasks.push(t);
+    ready.push(r);
+    let s = shared.clone();
+    let (t, r) = headcount_runtime::watch::follow(
+        buckets.limits.clone(),
+        "limits",
+        move |e| on_limit_entry(&s, e),
+        watch_shutdown,
+    )
+    .await
+    .context("watching limits bucket")?;
+    tasks.push(t);
+    ready.push(r);
+    for r in ready {
+        let _ = r.await;
+    }
+
+    let enforcer = tokio::spawn(enforcer(shared.clone(), enforce_rx));
+    // Accounts loaded over their limit (e.g. lowered while we were down).
+    let loaded: Vec<AccountId> = shared.view().accounts();
+    for a in loaded {
+        let _ = shared.enforce_tx.send(a);
+    }
+
+    let service = nats
+        .service_builder()
+        .description("headcount: active devices per account and limit enforcement")
+        .start("headcount-checker", env!("CARGO_PKG_VERSION"))
+        .await
+        .map_err(|e| anyhow::anyhow!("starting checker service: {e}"))?;
+    let group = service.group(subjects::SERVICE_PREFIX);
+    let mut endpoints = Vec::new();
+    for name in [
+        endpoint::ACTIVE,
+        endpoint::CHECK,
+        endpoint::LIMITS_GET,
+        endpoint::LIMITS_SET,
+        endpoint::KICK,
+    ] {
+        let ep = group
+            .endpoint(name)
+            .await
+            .map_err(|e| anyhow::anyhow!("adding endpoint {name}: {e}"))?;
+        endpoints.push(ep.map(move |req| (name, req)).boxed());
+    }
+    let mut requests = futures::stream::select_all(endpoints);
+    let mut unknown = nats
+        .queue_subscribe(format!("{}.>", subjects::SERVICE_PREFIX), "headcount-unknown".into())
+        .await
+        .context("subscribing for unknown endpoints")?;
+
+    let mut sweep = tokio::time::interval(config.sweep_every);
+    tracing::info!(
+        timeout = ?config.timeout,
+        default_limit = config.default_limit.limit,
+        default_policy = %config.default_limit.policy,
+        "checker ready"
+    );
+    let mut stop = std::pin::pin!(shutdown.wait());
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            msg = heartbeats.next() => match msg {
+                Some(msg) => {
+                    if let Ok(ids) = subjects::parse_heartbeat(&msg.subject) {
+                        shared.view().heard(&ids.account, &ids.session, now_millis());
+                    }
+                }
+                None => anyhow::bail!("heartbeat subscription closed"),
+            },
+            req = requests.next() => match req {
+                Some((name, req)) => {
+                    let s = shared.clone();
+                    tokio::spawn(async move { serve(&s, name, req).await });
+                }
+                None => anyhow::bail!("service endpoints closed"),
+            },
+            msg = unknown.next() => {
+                if let Some(msg) = msg {
+                    answer_unknown(&nats, msg).await;
+                }
+            }
+            _ = sweep.tick() => on_sweep(&shared).await,
+        }
+    }
+
+    let _ = heartbeats.unsubscribe().await;
+    let _ = unknown.unsubscribe().await;
+    drop(requests);
+    if let Err(e) = service.stop().await {
+        tracing::warn!(error = %e, "stopping checker service");
+    }
+    watch_stop.fire();
+    enforcer.abort();
+    for t in tasks {
+        let _ = t.await;
+    }
+    tracing::info!("checker stopped");
+    Ok(())
+}
+
+fn on_dict_entry(shared: &Shared, entry: kv::Entry) {
+    let Some((account, interval)) = keys::parse_session_dict(&entry.key) else {
+        return;
+    };
+    let dict = match entry.operation {
+        kv::Operation::Put => match wire::decode_dict(&entry.value) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(key = %entry.key, error = %e, "unreadable interval dictionary");
+                return;
+            }
+        },
+        _ => Default::default(),
+    };
+    shared.view().set_dict(&account, interval, dict);
+    let _ = shared.enforce_tx.send(account);
+}
+
+fn on_limit_entry(shared: &Shared, entry: kv::Entry) {
+    let Some(account) = AccountId::parse(&entry.key).ok() else {
+        return;
+    };
+    let limit = match entry.operation {
+        kv::Operation::Put => match serde_json::from_slice::<Limit>(&entry.value) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                tracing::warn!(key = %entry.key, error = %e, "unreadable limit");
+                return;
+            }
+        },
+        _ => None,
+    };
+    shared.view().set_limit(&account, limit);
+    let _ = shared.enforce_tx.send(account);
+}
+
+/// Ends sessions beyond each changed account's limit.
+async fn enforcer(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<AccountId>) {
+    while let Some(account) = rx.recv().await {
+        let verdicts = shared.view().over_limit(&account, now_millis());
+        for v in verdicts {
+            let reason = if v.rejected {
+                EndReason::Rejected
+            } else {
+                EndReason::Evicted
+            };
+            end_session(&shared, &account, &v.victim, reason, v.by).await;
+        }
+    }
+}
+
+async fn on_sweep(shared: &Shared) {
+    let now = now_millis();
+    let (timed_out, total) = {
+        let mut v = shared.view();
+        let t = v.sweep(now);
+        (t, v.total_active(now))
+    };
+    shared.metrics.active_sessions.set(total as i64);
+    for (account, s) in timed_out {
+        publish_event(
+            shared,
+            PresenceEvent {
+                kind: EventType::Timeout,
+                account,
+                device: s.device,
+                session: s.session,
+                at: now,
+                by: None,
+                reason: None,
+                content: s.content,
+            },
+        )
+        .await;
+    }
+}
+
+/// Ends one session: records the revocation (create-only, so concurrent
+/// checkers agree on one winner), then the winner tells the device and
+/// publishes the event. Returns whether this call ended it.
+async fn end_session(
+    shared: &Shared,
+    account: &AccountId,
+    victim: &SessionRef,
+    reason: EndReason,
+    by: Option<SessionRef>,
+) -> bool {
+    let now = now_millis();
+    let revocation = Revocation {
+        reason,
+        device: victim.device.clone(),
+        at: now,
+        by: by.clone(),
+    };
+    let body = serde_json::to_vec(&revocation).unwrap_or_default();
+    let won = match shared
+        .buckets
+        .revoked
+        .create(keys::revoked(account, &victim.session), body.into())
+        .await
+    {
+        Ok(_) => true,
+        Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => false,
+        Err(e) => {
+            tracing::warn!(%account, session = %victim.session, error = %e, "recording revocation");
+            return false;
+        }
+    };
+    shared.view().revoke(account, &victim.session);
+    if !won {
+        return false;
+    }
+    let (control, event, action) = match reason {
+        EndReason::Evicted => (ControlType::DeviceLimitExceeded, EventType::Evicted, "evicted"),
+        EndReason::Rejected => (ControlType::DeviceLimitExceeded, EventType::Rejected, "rejected"),
+        EndReason::Revoked | EndReason::Replaced => (ControlType::Revoked, EventType::Revoked, "revoked"),
+    };
+    shared.metrics.enforcements.with_label_values(&[action]).inc();
+    tracing::info!(%account, device = %victim.device, session = %victim.session, action, "session ended");
+    let msg = ControlMessage {
+        kind: control,
+        account: account.clone(),
+        device: victim.device.clone(),
+        session: victim.session.clone(),
+        at: now,
+        by: by.clone(),
+    };
+    if let Err(e) = shared
+        .nats
+        .publish(subjects::control(account, &victim.device), msg.encode().into())
+        .await
+    {
+        tracing::warn!(%account, error = %e, "sending control message");
+    }
+    publish_event(
+        shared,
+        PresenceEvent {
+            kind: event,
+            account: account.clone(),
+            device: victim.device.clone(),
+            session: victim.session.clone(),
+            at: now,
+            by,
+            reason: None,
+            content: None,
+        },
+    )
+    .await;
+    true
+}
+
+async fn publish_event(shared: &Shared, event: PresenceEvent) {
+    let kind = serde_json::to_value(event.kind)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default();
+    let body = serde_json::to_vec(&event).unwrap_or_default();
+    if let Err(e) = shared
+        .nats
+        .publish(subjects::events(&event.account), body.into())
+        .await
+    {
+        tracing::warn!(error = %e, "publishing presence event");
+        return;
+    }
+    shared.metrics.events.with_label_values(&[&kind]).inc();
+}
+
+/// A failed request: the micro error code and a readable message.
+struct Failure(usize, String);
+
+fn bad_request(e: impl std::fmt::Display) -> Failure {
+    Failure(error_code::BAD_REQUEST, e.to_string())
+}
+
+fn parse<T: DeserializeOwned>(payload: &[u8]) -> Result<T, Failure> {
+    serde_json::from_slice(payload).map_err(|e| bad_request(format!("invalid request: {e}")))
+}
+
+fn json<T: Serialize>(value: &T) -> Result<Bytes, Failure> {
+    serde_json::to_vec(value)
+        .map(Bytes::from)
+        .map_err(|e| Failure(error_code::INTERNAL, format!("encoding reply: {e}")))
+}
+
+async fn serve(shared: &Shared, name: &'static str, req: async_nats::service::Request) {
+    let started = Instant::now();
+    let payload = req.message.payload.clone();
+    let result = match name {
+        endpoint::ACTIVE => active(shared, &payload),
+        endpoint::CHECK => check(shared, &payload).await,
+        endpoint::LIMITS_GET => limits_get(shared, &payload),
+        endpoint::LIMITS_SET => limits_set(shared, &payload).await,
+        endpoint::KICK => kick(shared, &payload).await,
+        _ => Err(Failure(error_code::NOT_FOUND, format!("unknown endpoint {name}"))),
+    };
+    let outcome = match &result {
+        Ok(_) => "ok",
+        Err(Failure(error_code::BAD_REQUEST, _)) => "bad_request",
+        Err(Failure(error_code::NOT_FOUND, _)) => "not_found",
+        Err(_) => "error",
+    };
+    let reply = result.map_err(|Failure(code, msg)| service_error(code, msg));
+    if let Err(e) = req.respond(reply).await {
+        tracing::warn!(endpoint = name, error = %e, "sending reply");
+    }
+    shared.metrics.requests.with_label_values(&[name, outcome]).inc();
+    shared
+        .metrics
+        .request_seconds
+        .with_label_values(&[name])
+        .observe(started.elapsed().as_secs_f64());
+}
+
+fn active(shared: &Shared, payload: &[u8]) -> Result<Bytes, Failure> {
+    let req: AccountRequest = parse(payload)?;
+    let (sessions, limit) = {
+        let v = shared.view();
+        (v.active(&req.account, now_millis()), v.limit(&req.account))
+    };
+    json(&ActiveReply {
+        account: req.account,
+        active: sessions.len() as u32,
+        limit: limit.limit,
+        policy: limit.policy,
+        sessions,
+    })
+}
+
+async fn check(shared: &Shared, payload: &[u8]) -> Result<Bytes, Failure> {
+    let req: CheckRequest = parse(payload)?;
+    if let Some(c) = &req.content {
+        if c.len() > wire::MAX_CONTENT_LEN {
+            return Err(bad_request(format!(
+                "content is longer than {} bytes",
+                wire::MAX_CONTENT_LEN
+            )));
+        }
+    }
+    let outcome = shared.view().check(&req.account, &req.device, now_millis());
+    let by = req.session.clone().map(|session| SessionRef {
+        device: req.device.clone(),
+        session,
+    });
+    for victim in &outcome.victims {
+        end_session(shared, &req.account, victim, EndReason::Evicted, by.clone()).await;
+    }
+    json(&CheckReply {
+        allowed: outcome.allowed,
+        active: outcome.active,
+        limit: outcome.limit.limit,
+        policy: outcome.limit.policy,
+        evicted: outcome.victims,
+    })
+}
+
+fn limits_get(shared: &Shared, payload: &[u8]) -> Result<Bytes, Failure> {
+    let req: AccountRequest = parse(payload)?;
+    let limit = shared.view().limit(&req.account);
+    json(&LimitsReply {
+        account: req.account,
+        limit: limit.limit,
+        policy: limit.policy,
+    })
+}
+
+async fn limits_set(shared: &Shared, payload: &[u8]) -> Result<Bytes, Failure> {
+    let req: LimitsSetRequest = parse(payload)?;
+    let policy = match &req.policy {
+        Some(p) => p.parse::<Policy>().map_err(bad_request)?,
+        None => shared.view().limit(&req.account).policy,
+    };
+    let limit = Limit::new(req.limit, policy).map_err(bad_request)?;
+    let body = serde_json::to_vec(&limit).map_err(|e| Failure(error_code::INTERNAL, e.to_string()))?;
+    shared
+        .buckets
+        .limits
+        .put(keys::limits(&req.account), body.into())
+        .await
+        .map_err(|e| Failure(error_code::INTERNAL, format!("storing limit: {e}")))?;
+    // Apply here at once; the watch brings the same value to every replica.
+    shared.view().set_limit(&req.account, Some(limit));
+    let _ = shared.enforce_tx.send(req.account.clone());
+    json(&LimitsReply {
+        account: req.account,
+        limit: limit.limit,
+        policy: limit.policy,
+    })
+}
+
+async fn kick(shared: &Shared, payload: &[u8]) -> Result<Bytes, Failure> {
+    let req: KickRequest = parse(payload)?;
+    let device = {
+        let v = shared.view();
+        if v.is_revoked(&req.account, &req.session) {
+            None
+        } else {
+            v.find_session(&req.account, &req.session, now_millis())
+        }
+    };
+    let kicked = match device {
+        Some(device) => {
+            let victim = SessionRef {
+                device,
+                session: req.session,
+            };
+            end_session(shared, &req.account, &victim, EndReason::Revoked, None).await
+        }
+        None => false,
+    };
+    json(&KickReply { kicked })
+}
+
+/// Requests to a `headcount.*` subject no service serves get a 404 instead
+/// of a silent time-out.
+async fn answer_unknown(nats: &async_nats::Client, msg: async_nats::Message) {
+    let Some(reply) = msg.reply else {
+        return; // events and other publications are not requests
+    };
+    let name = msg
+        .subject
+        .strip_prefix(subjects::SERVICE_PREFIX)
+        .and_then(|s| s.strip_prefix('.'))
+        .unwrap_or_default();
+    if endpoint::ALL.contains(&name) {
+        return; // some service serves it
+    }
+    let text = format!("unknown endpoint {}", msg.subject);
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(async_nats::service::NATS_SERVICE_ERROR, text.as_str());
+    headers.insert(
+        async_nats::service::NATS_SERVICE_ERROR_CODE,
+        error_code::NOT_FOUND.to_string().as_str(),
+    );
+    if let Err(e) = nats.publish_with_headers(reply, headers, text.into()).await {
+        tracing::warn!(error = %e, "answering unknown endpoint");
+    }
+}

@@ -1,0 +1,178 @@
+//! Flags shared by several commands, each also read from `HEADCOUNT_*`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use headcount_protocol::{Limit, Policy};
+use headcount_runtime::{BucketSettings, NatsOptions};
+use serde::{Deserialize, Serialize};
+
+/// Where to find NATS.
+#[derive(Debug, Clone, Args)]
+pub struct NatsArgs {
+    /// NATS server URL; repeat for a cluster. Default: the one in
+    /// <data-dir>/up.json, written by `headcount up`.
+    #[arg(long = "nats-url", env = "HEADCOUNT_NATS_URL", value_delimiter = ',')]
+    pub nats_urls: Vec<String>,
+    /// NATS user (default: the service user from up.json).
+    #[arg(long, env = "HEADCOUNT_NATS_USER")]
+    pub nats_user: Option<String>,
+    /// NATS password (default: from up.json).
+    #[arg(long, env = "HEADCOUNT_NATS_PASSWORD", hide_env_values = true)]
+    pub nats_password: Option<String>,
+    /// Directory holding up.json, keys and the server's store.
+    #[arg(long, env = "HEADCOUNT_DATA_DIR", default_value = ".headcount")]
+    pub data_dir: PathBuf,
+}
+
+/// What `headcount up` writes for tools and tests: how to reach everything.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UpInfo {
+    pub nats_url: String,
+    pub http_url: String,
+    pub metrics_url: String,
+    pub service_user: String,
+    pub service_password: String,
+    pub device_user: String,
+    pub device_password: String,
+    pub operator_key: String,
+}
+
+impl UpInfo {
+    pub fn path(data_dir: &std::path::Path) -> PathBuf {
+        data_dir.join("up.json")
+    }
+
+    pub fn load(data_dir: &std::path::Path) -> anyhow::Result<Self> {
+        let p = Self::path(data_dir);
+        let text = std::fs::read_to_string(&p).with_context(|| {
+            format!(
+                "reading {} (start `headcount up` first, or pass --nats-url)",
+                p.display()
+            )
+        })?;
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", p.display()))
+    }
+}
+
+impl NatsArgs {
+    /// Connection options: explicit flags win, then up.json.
+    pub fn options(&self, name: &str) -> anyhow::Result<NatsOptions> {
+        let up = if self.nats_urls.is_empty() || self.nats_user.is_none() {
+            UpInfo::load(&self.data_dir).ok()
+        } else {
+            None
+        };
+        let urls = if self.nats_urls.is_empty() {
+            vec![up
+                .as_ref()
+                .map(|u| u.nats_url.clone())
+                .context("no --nats-url given and no up.json found: start `headcount up` first")?]
+        } else {
+            self.nats_urls.clone()
+        };
+        let user = self
+            .nats_user
+            .clone()
+            .or_else(|| up.as_ref().map(|u| u.service_user.clone()));
+        let password = self
+            .nats_password
+            .clone()
+            .or_else(|| up.as_ref().map(|u| u.service_password.clone()));
+        Ok(NatsOptions {
+            urls,
+            user,
+            password,
+            name: name.to_string(),
+        })
+    }
+}
+
+/// Timings and limits shared by the handler and the checker.
+#[derive(Debug, Clone, Args)]
+pub struct EngineArgs {
+    /// Length of one interval dictionary (handler and checker must agree).
+    #[arg(long, env = "HEADCOUNT_INTERVAL", default_value = "120s", value_parser = humantime_secs)]
+    pub interval: Duration,
+    /// A session not heard from for this long drops out (3 missed beats of 5 s).
+    #[arg(long, env = "HEADCOUNT_TIMEOUT", default_value = "15s", value_parser = humantime_secs)]
+    pub timeout: Duration,
+    /// Limit of accounts with no limit of their own.
+    #[arg(long, env = "HEADCOUNT_DEFAULT_LIMIT", default_value_t = 3)]
+    pub default_limit: u32,
+    /// Policy of accounts with no policy of their own.
+    #[arg(long, env = "HEADCOUNT_DEFAULT_POLICY", default_value = "evict-oldest")]
+    pub default_policy: Policy,
+    /// KV replicas per bucket (3 on a three-node cluster).
+    #[arg(long, env = "HEADCOUNT_REPLICAS", default_value_t = 1)]
+    pub replicas: usize,
+    /// How long a revocation is kept; at least the token lifetime.
+    #[arg(long, env = "HEADCOUNT_REVOKED_TTL", default_value = "1h", value_parser = humantime_secs)]
+    pub revoked_ttl: Duration,
+}
+
+impl EngineArgs {
+    pub fn buckets(&self) -> BucketSettings {
+        BucketSettings {
+            replicas: self.replicas,
+            sessions_ttl: headcount_protocol::IntervalClock::new(self.interval).dictionary_ttl(),
+            revoked_ttl: self.revoked_ttl,
+            storage: async_nats::jetstream::stream::StorageType::File,
+        }
+    }
+
+    pub fn handler(&self) -> heartbeat_handler::Config {
+        heartbeat_handler::Config {
+            interval: self.interval,
+            revoked_ttl: self.revoked_ttl,
+            ..Default::default()
+        }
+    }
+
+    pub fn checker(&self) -> anyhow::Result<checker::Config> {
+        let default_limit = Limit::new(self.default_limit as i64, self.default_policy)?;
+        Ok(checker::Config {
+            interval: self.interval,
+            timeout: self.timeout,
+            default_limit,
+            ..Default::default()
+        })
+    }
+}
+
+/// Parses `250ms`, `5s`, `2m`, `1h` or a bare number of seconds.
+pub fn humantime_secs(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: f64 = num.parse().map_err(|_| format!("not a duration: {s:?}"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("unknown unit in {s:?}: use ms, s, m or h")),
+    };
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(format!("not a duration: {s:?}"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(humantime_secs("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(humantime_secs("5"), Ok(Duration::from_secs(5)));
+        assert_eq!(humantime_secs("2m"), Ok(Duration::from_secs(120)));
+        assert!(humantime_secs("5 parsecs").is_err());
+        assert!(humantime_secs("-1s").is_err());
+    }
+}

@@ -1,0 +1,129 @@
+//! Each service run alone, as deployed: `headcount handler|checker|token-vendor`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use headcount_runtime::{http, shutdown, Buckets, Shutdown};
+
+use crate::config::{humantime_secs, EngineArgs, NatsArgs};
+
+#[derive(Debug, Args)]
+pub struct HandlerArgs {
+    #[command(flatten)]
+    nats: NatsArgs,
+    #[command(flatten)]
+    engine: EngineArgs,
+    /// Serve /metrics on this address.
+    #[arg(long, env = "HEADCOUNT_METRICS_ADDR", default_value = "0.0.0.0:9091")]
+    metrics_addr: SocketAddr,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckerArgs {
+    #[command(flatten)]
+    nats: NatsArgs,
+    #[command(flatten)]
+    engine: EngineArgs,
+    #[arg(long, env = "HEADCOUNT_METRICS_ADDR", default_value = "0.0.0.0:9092")]
+    metrics_addr: SocketAddr,
+}
+
+#[derive(Debug, Args)]
+pub struct TokenVendorArgs {
+    #[command(flatten)]
+    nats: NatsArgs,
+    #[command(flatten)]
+    tokens: TokenArgs,
+    /// Serve POST /v1/tokens, the JWKS and /metrics on this address.
+    #[arg(long, env = "HEADCOUNT_HTTP_ADDR", default_value = "0.0.0.0:8080")]
+    http_addr: SocketAddr,
+}
+
+/// Token settings.
+#[derive(Debug, Clone, Args)]
+pub struct TokenArgs {
+    /// Bearer secret protecting POST /v1/tokens.
+    #[arg(long, env = "HEADCOUNT_OPERATOR_KEY", hide_env_values = true)]
+    pub operator_key: Option<String>,
+    /// How long a device token lives.
+    #[arg(long, env = "HEADCOUNT_TOKEN_TTL", default_value = "15m", value_parser = humantime_secs)]
+    pub token_ttl: Duration,
+    #[arg(long, env = "HEADCOUNT_TOKEN_ISSUER", default_value = "headcount")]
+    pub issuer: String,
+    #[arg(long, env = "HEADCOUNT_TOKEN_AUDIENCE", default_value = "headcount-devices")]
+    pub audience: String,
+}
+
+impl TokenArgs {
+    pub fn config(&self, data_dir: PathBuf, operator_key: String) -> token_vendor::Config {
+        token_vendor::Config {
+            data_dir,
+            issuer: self.issuer.clone(),
+            audience: self.audience.clone(),
+            token_ttl: self.token_ttl,
+            operator_key,
+        }
+    }
+}
+
+/// Fires `trigger` on SIGINT or SIGTERM.
+pub async fn until_signal(trigger: shutdown::Trigger) {
+    shutdown::signal().await;
+    tracing::info!("shutting down");
+    trigger.fire();
+}
+
+pub async fn handler(a: HandlerArgs) -> anyhow::Result<()> {
+    let client = a.nats.options("headcount-handler")?.connect().await?;
+    let buckets = Buckets::open(&client, &a.engine.buckets()).await?;
+    let registry = prometheus::Registry::new();
+    let metrics = heartbeat_handler::Metrics::new(&registry)?;
+    let (trigger, stop) = Shutdown::new();
+    let (addr, _server) = http::serve(a.metrics_addr, http::metrics_router(registry), stop.clone()).await?;
+    tracing::info!(%addr, "metrics listening");
+    tokio::spawn(until_signal(trigger));
+    heartbeat_handler::run(a.engine.handler(), client.clone(), buckets, metrics, stop).await?;
+    client.drain().await.context("draining nats connection")?;
+    Ok(())
+}
+
+pub async fn checker(a: CheckerArgs) -> anyhow::Result<()> {
+    let client = a.nats.options("headcount-checker")?.connect().await?;
+    let buckets = Buckets::open(&client, &a.engine.buckets()).await?;
+    let registry = prometheus::Registry::new();
+    let metrics = checker::Metrics::new(&registry)?;
+    let (trigger, stop) = Shutdown::new();
+    let (addr, _server) = http::serve(a.metrics_addr, http::metrics_router(registry), stop.clone()).await?;
+    tracing::info!(%addr, "metrics listening");
+    tokio::spawn(until_signal(trigger));
+    checker::run(a.engine.checker()?, client.clone(), buckets, metrics, stop).await?;
+    client.drain().await.context("draining nats connection")?;
+    Ok(())
+}
+
+pub async fn token_vendor(a: TokenVendorArgs) -> anyhow::Result<()> {
+    let operator_key = a
+        .tokens
+        .operator_key
+        .clone()
+        .context("--operator-key (or HEADCOUNT_OPERATOR_KEY) is required")?;
+    let client = a.nats.options("headcount-token-vendor")?.connect().await?;
+    let registry = prometheus::Registry::new();
+    let vendor = token_vendor::Vendor::new(a.tokens.config(a.nats.data_dir.clone(), operator_key), &registry)?;
+    let (trigger, stop) = Shutdown::new();
+    let router = token_vendor::router(vendor.clone()).merge(http::metrics_router(registry));
+    let (addr, _server) = http::serve(a.http_addr, router, stop.clone()).await?;
+    tracing::info!(%addr, "token-vendor http listening");
+    tokio::spawn(until_signal(trigger));
+    token_vendor::serve_nats(vendor, client.clone(), stop).await?;
+    client.drain().await.context("draining nats connection")?;
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM, without logging.
+pub async fn until_signal_quiet() {
+    shutdown::signal().await;
+}

@@ -1,0 +1,335 @@
+//! `headcount up`: nats-server (unless `--nats-url` names a running one),
+//! then every service in this process, then `<data-dir>/up.json` and a line
+//! containing `ready`. SIGTERM or Ctrl-C stops all of it, nats-server too.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Args;
+use headcount_runtime::{http, Buckets, NatsOptions, Shutdown};
+use serde::{Deserialize, Serialize};
+
+use crate::config::{EngineArgs, UpInfo};
+use crate::services::TokenArgs;
+use crate::simulate::{fleet, FleetSpec, FleetStats};
+
+/// The server configuration shipped with this build.
+const NATS_CONF: &str = include_str!("../../../nats.conf");
+
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// Use this running NATS server instead of starting one (repeat for a cluster).
+    #[arg(long = "nats-url", env = "HEADCOUNT_NATS_URL", value_delimiter = ',')]
+    nats_urls: Vec<String>,
+    /// User and password for --nats-url (default: the generated service user).
+    #[arg(long, env = "HEADCOUNT_NATS_USER")]
+    nats_user: Option<String>,
+    #[arg(long, env = "HEADCOUNT_NATS_PASSWORD", hide_env_values = true)]
+    nats_password: Option<String>,
+    /// Client port of the nats-server started here.
+    #[arg(long, env = "HEADCOUNT_NATS_PORT", default_value_t = 4222)]
+    nats_port: u16,
+    /// Port of the token-vendor's HTTP API (POST /v1/tokens, JWKS).
+    #[arg(long, env = "HEADCOUNT_HTTP_PORT", default_value_t = 8080)]
+    http_port: u16,
+    /// Port of /metrics (all services of this process).
+    #[arg(long, env = "HEADCOUNT_METRICS_PORT", default_value_t = 9090)]
+    metrics_port: u16,
+    /// Address the HTTP listeners bind to.
+    #[arg(long, env = "HEADCOUNT_BIND", default_value = "127.0.0.1")]
+    bind: std::net::IpAddr,
+    /// Keys, secrets, the server's store and up.json live here.
+    #[arg(long, env = "HEADCOUNT_DATA_DIR", default_value = ".headcount")]
+    data_dir: PathBuf,
+    /// Add a simulated fleet so the numbers move.
+    #[arg(long)]
+    demo: bool,
+    #[command(flatten)]
+    engine: EngineArgs,
+    #[command(flatten)]
+    tokens: TokenArgs,
+}
+
+/// Secrets generated on first run and kept in the data dir.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Secrets {
+    service_password: String,
+    device_password: String,
+    operator_key: String,
+}
+
+fn random_secret() -> String {
+    format!("{}{}", nuid::next(), nuid::next())
+}
+
+fn write_private(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
+    std::fs::write(path, contents).with_context(|| format!("writing {}", path.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    }
+    Ok(())
+}
+
+fn load_secrets(dir: &Path) -> anyhow::Result<Secrets> {
+    let path = dir.join("secrets.json");
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        return serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()));
+    }
+    let s = Secrets {
+        service_password: random_secret(),
+        device_password: random_secret(),
+        operator_key: random_secret(),
+    };
+    write_private(&path, &serde_json::to_vec_pretty(&s)?)?;
+    Ok(s)
+}
+
+/// A nats-server child process, killed when dropped.
+struct NatsProcess {
+    child: tokio::process::Child,
+}
+
+impl NatsProcess {
+    async fn start(dir: &Path, port: u16, secrets: &Secrets) -> anyhow::Result<Self> {
+        let conf = dir.join("nats.conf");
+        std::fs::write(&conf, NATS_CONF).with_context(|| format!("writing {}", conf.display()))?;
+        let log = dir.join("nats.log");
+        let child = tokio::process::Command::new("nats-server")
+            .arg("-c")
+            .arg(&conf)
+            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+            .arg("-sd")
+            .arg(dir.join("jetstream"))
+            .arg("-l")
+            .arg(&log)
+            .env("HEADCOUNT_SERVICE_PASSWORD", &secrets.service_password)
+            .env("HEADCOUNT_DEVICE_PASSWORD", &secrets.device_password)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .context(
+                "starting nats-server: is it installed? `pip install -r deploy/requirements.txt` \
+                 installs the pinned version (deploy/dev up does it for you)",
+            )?;
+        let mut p = Self { child };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(status) = p.child.try_wait()? {
+                let tail = std::fs::read_to_string(&log).unwrap_or_default();
+                let tail: Vec<&str> = tail.lines().rev().take(5).collect();
+                bail!(
+                    "nats-server exited ({status}); is port {port} in use? last log lines:\n{}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
+            }
+            if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+                return Ok(p);
+            }
+            if Instant::now() > deadline {
+                bail!("nats-server did not accept connections on port {port} within 15 s");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn stop(mut self) {
+        #[cfg(unix)]
+        if let Some(pid) = self.child.id() {
+            // SIGTERM lets the server flush JetStream; kill after a grace period.
+            let _ = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+            if tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await.is_ok() {
+                return;
+            }
+        }
+        let _ = self.child.kill().await;
+    }
+}
+
+pub async fn run(a: UpArgs) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&a.data_dir).with_context(|| format!("creating {}", a.data_dir.display()))?;
+    let secrets = load_secrets(&a.data_dir)?;
+    let operator_key = a.tokens.operator_key.clone().unwrap_or(secrets.operator_key.clone());
+
+    let (nats_process, nats_urls, user, password) = if a.nats_urls.is_empty() {
+        let p = NatsProcess::start(&a.data_dir, a.nats_port, &secrets).await?;
+        (
+            Some(p),
+            vec![format!("nats://127.0.0.1:{}", a.nats_port)],
+            "headcount".to_string(),
+            secrets.service_password.clone(),
+        )
+    } else {
+        (
+            None,
+            a.nats_urls.clone(),
+            a.nats_user.clone().unwrap_or_else(|| "headcount".into()),
+            a.nats_password.clone().unwrap_or_else(|| secrets.service_password.clone()),
+        )
+    };
+    let result = run_services(&a, &nats_urls, &user, &password, &secrets, operator_key).await;
+    if let Some(p) = nats_process {
+        p.stop().await;
+    }
+    let _ = std::fs::remove_file(UpInfo::path(&a.data_dir));
+    result
+}
+
+async fn run_services(
+    a: &UpArgs,
+    nats_urls: &[String],
+    user: &str,
+    password: &str,
+    secrets: &Secrets,
+    operator_key: String,
+) -> anyhow::Result<()> {
+    let opts = |name: &str| NatsOptions {
+        urls: nats_urls.to_vec(),
+        user: Some(user.to_string()),
+        password: Some(password.to_string()),
+        name: name.to_string(),
+    };
+    let (trigger, stop) = Shutdown::new();
+    let registry = prometheus::Registry::new();
+
+    let handler_client = opts("headcount-handler").connect().await?;
+    let checker_client = opts("headcount-checker").connect().await?;
+    let vendor_client = opts("headcount-token-vendor").connect().await?;
+    let buckets = Buckets::open(&handler_client, &a.engine.buckets()).await?;
+
+    let handler = tokio::spawn(heartbeat_handler::run(
+        a.engine.handler(),
+        handler_client.clone(),
+        buckets.clone(),
+        heartbeat_handler::Metrics::new(&registry)?,
+        stop.clone(),
+    ));
+    let checker = tokio::spawn(checker::run(
+        a.engine.checker()?,
+        checker_client.clone(),
+        buckets.clone(),
+        checker::Metrics::new(&registry)?,
+        stop.clone(),
+    ));
+    let vendor = token_vendor::Vendor::new(a.tokens.config(a.data_dir.clone(), operator_key.clone()), &registry)?;
+    let vendor_task = tokio::spawn(token_vendor::serve_nats(vendor.clone(), vendor_client.clone(), stop.clone()));
+    let (http_addr, _http) = http::serve(
+        SocketAddr::new(a.bind, a.http_port),
+        token_vendor::router(vendor),
+        stop.clone(),
+    )
+    .await?;
+    let (metrics_addr, _metrics) = http::serve(
+        SocketAddr::new(a.bind, a.metrics_port),
+        http::metrics_router(registry),
+        stop.clone(),
+    )
+    .await?;
+
+    // Ready means answering: wait for the checker to reply.
+    let probe = opts("headcount-up").connect().await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = probe
+            .request("headcount.limits.get", bytes::Bytes::from_static(br#"{"account":"ready-probe"}"#))
+            .await;
+        if r.is_ok() {
+            break;
+        }
+        if handler.is_finished() || checker.is_finished() || Instant::now() > deadline {
+            trigger.fire();
+            let h = handler.await;
+            let c = checker.await;
+            bail!("services did not start: handler {h:?}, checker {c:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let info = UpInfo {
+        nats_url: nats_urls.join(","),
+        http_url: format!("http://{http_addr}"),
+        metrics_url: format!("http://{metrics_addr}/metrics"),
+        service_user: user.to_string(),
+        service_password: password.to_string(),
+        device_user: "device".into(),
+        device_password: secrets.device_password.clone(),
+        operator_key,
+    };
+    write_private(&UpInfo::path(&a.data_dir), &serde_json::to_vec_pretty(&info)?)?;
+
+    let demo = if a.demo {
+        let client = NatsOptions {
+            urls: nats_urls.to_vec(),
+            user: Some("device".into()),
+            password: Some(secrets.device_password.clone()),
+            name: "headcount-demo".into(),
+        }
+        .connect()
+        .await?;
+        let stats = Arc::new(FleetStats::default());
+        let spec = FleetSpec {
+            accounts: 25,
+            // Most accounts within the default limit, some over it.
+            devices: |i, base| 1 + (i * 7 + base) % 5,
+            base_devices: 3,
+            period: Duration::from_secs(5),
+            churn: true,
+        };
+        let task = tokio::spawn(fleet(client, spec, stats.clone(), stop.clone()));
+        Some((task, stats))
+    } else {
+        None
+    };
+
+    println!(
+        "headcount ready: nats {} | http {} | metrics {} | {}",
+        info.nats_url,
+        info.http_url,
+        info.metrics_url,
+        UpInfo::path(&a.data_dir).display()
+    );
+    if a.demo {
+        println!("demo fleet started: try `headcount active acct-0003` or `curl -s {}`", info.metrics_url);
+    }
+
+    let mut status = tokio::time::interval(Duration::from_secs(10));
+    status.tick().await;
+    let mut signal = std::pin::pin!(crate::services::until_signal(trigger));
+    loop {
+        tokio::select! {
+            _ = &mut signal => break,
+            _ = status.tick(), if demo.is_some() => {
+                if let Some((_, stats)) = &demo {
+                    let r = probe.request("headcount.active", bytes::Bytes::from_static(br#"{"account":"acct-0003"}"#)).await;
+                    let active = r.ok().and_then(|m| serde_json::from_slice::<serde_json::Value>(&m.payload).ok())
+                        .and_then(|v| v["active"].as_u64()).unwrap_or(0);
+                    println!(
+                        "demo: {} heartbeats sent, {} devices told to stop, acct-0003 has {} active",
+                        stats.sent.load(Ordering::Relaxed), stats.told_off.load(Ordering::Relaxed), active
+                    );
+                }
+            }
+        }
+    }
+
+    if let Some((task, _)) = demo {
+        let _ = task.await;
+    }
+    let (h, c, v) = (handler.await, checker.await, vendor_task.await);
+    for client in [handler_client, checker_client, vendor_client, probe] {
+        let _ = client.drain().await;
+    }
+    h.context("handler panicked")??;
+    c.context("checker panicked")??;
+    v.context("token-vendor panicked")??;
+    println!("headcount stopped");
+    Ok(())
+}

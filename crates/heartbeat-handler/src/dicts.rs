@@ -1,0 +1,407 @@
+//! The handler's copy of the interval dictionaries and the pending changes
+//! that have not reached KV yet.
+//!
+//! Pure data and rules, no I/O: the ingest loop records changes here, the
+//! flusher takes them out, writes them with compare-and-set and puts the
+//! outcome back. Because [`apply`] is idempotent, a write retried after a
+//! conflict or a time-out that did commit leaves the same dictionary.
+
+use std::collections::{BTreeMap, HashMap};
+
+use headcount_protocol::wire::{Heartbeat, SessionDict, SessionRecord};
+use headcount_protocol::{AccountId, DeviceId, IntervalClock, SessionId, UnixMillis};
+
+/// One change to one device's entry in one dictionary.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// Record (or refresh) this session for the device.
+    Upsert(SessionRecord),
+    /// The session left: drop the device's entry if it still holds it.
+    Remove(SessionId),
+}
+
+/// What applying a change did, for events and revocations.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Applied {
+    Nothing,
+    /// A session entered this dictionary (`replaced` is the session it
+    /// displaced on the same device, if any).
+    Added {
+        record: SessionRecord,
+        replaced: Option<SessionId>,
+    },
+    Updated,
+    Removed(SessionRecord),
+}
+
+/// Applies one change to a dictionary. Idempotent.
+pub fn apply(dict: &mut SessionDict, device: &DeviceId, change: &Change) -> Applied {
+    match change {
+        Change::Upsert(rec) => match dict.get_mut(device) {
+            Some(cur) if cur.session == rec.session => {
+                let merged = SessionRecord {
+                    since: cur.since.min(rec.since),
+                    last_seen: cur.last_seen.max(rec.last_seen),
+                    replaced: cur.replaced.clone().or_else(|| rec.replaced.clone()),
+                    ..rec.clone()
+                };
+                if *cur == merged {
+                    Applied::Nothing
+                } else {
+                    *cur = merged;
+                    Applied::Updated
+                }
+            }
+            // The entry already holds the session that displaced this one:
+            // this is a late heartbeat of the older session.
+            Some(cur) if cur.replaced.as_ref() == Some(&rec.session) => Applied::Nothing,
+            Some(cur) => {
+                let replaced = Some(cur.session.clone());
+                let record = SessionRecord {
+                    replaced: replaced.clone(),
+                    ..rec.clone()
+                };
+                *cur = record.clone();
+                Applied::Added { record, replaced }
+            }
+            None => {
+                dict.insert(device.clone(), rec.clone());
+                Applied::Added {
+                    record: rec.clone(),
+                    replaced: None,
+                }
+            }
+        },
+        Change::Remove(session) => match dict.get(device) {
+            Some(cur) if &cur.session == session => {
+                let gone = dict.remove(device);
+                gone.map_or(Applied::Nothing, Applied::Removed)
+            }
+            _ => Applied::Nothing,
+        },
+    }
+}
+
+/// One account's dictionary for one interval, as the handler knows it.
+#[derive(Debug, Default)]
+pub struct Dict {
+    /// KV revision of `entries`; 0 when the key does not exist.
+    pub revision: u64,
+    pub entries: SessionDict,
+    /// Changes not yet written, newest per device.
+    pub pending: HashMap<DeviceId, Change>,
+    /// A write of this dictionary is under way.
+    pub in_flight: bool,
+}
+
+impl Dict {
+    /// The device's entry with pending changes applied.
+    fn effective(&self, device: &DeviceId) -> Option<SessionRecord> {
+        let mut rec = self.entries.get(device).cloned();
+        if let Some(change) = self.pending.get(device) {
+            let mut one = SessionDict::new();
+            if let Some(r) = rec.take() {
+                one.insert(device.clone(), r);
+            }
+            apply(&mut one, device, change);
+            rec = one.remove(device);
+        }
+        rec
+    }
+
+    /// Queues a change; returns true if the dictionary needs a flush
+    /// scheduled (it had nothing pending and no write under way).
+    fn queue(&mut self, device: DeviceId, change: Change) -> bool {
+        let schedule = self.pending.is_empty() && !self.in_flight;
+        self.pending.insert(device, change);
+        schedule
+    }
+
+    /// Installs a newer copy read from KV (a watch update or a re-read after
+    /// a conflict). Older copies are ignored.
+    pub fn install(&mut self, revision: u64, entries: SessionDict) {
+        if revision >= self.revision {
+            self.revision = revision;
+            self.entries = entries;
+        }
+    }
+}
+
+/// What the ingest loop decided about a heartbeat.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Nothing to write: the session is already recorded for this interval.
+    Unchanged,
+    /// Changes were queued; flush these dictionaries.
+    Queued(Vec<(AccountId, u64)>),
+    /// The session was displaced by a newer session of the same device.
+    Superseded,
+}
+
+/// Every dictionary the handler knows, by account and interval.
+#[derive(Debug)]
+pub struct Dicts {
+    clock: IntervalClock,
+    accounts: HashMap<AccountId, BTreeMap<u64, Dict>>,
+}
+
+impl Dicts {
+    pub fn new(clock: IntervalClock) -> Self {
+        Self {
+            clock,
+            accounts: HashMap::new(),
+        }
+    }
+
+    pub fn clock(&self) -> IntervalClock {
+        self.clock
+    }
+
+    pub fn get_mut(&mut self, account: &AccountId, interval: u64) -> Option<&mut Dict> {
+        self.accounts.get_mut(account)?.get_mut(&interval)
+    }
+
+    pub fn entry(&mut self, account: &AccountId, interval: u64) -> &mut Dict {
+        self.accounts
+            .entry(account.clone())
+            .or_default()
+            .entry(interval)
+            .or_default()
+    }
+
+    /// Whether any change has not reached KV yet.
+    pub fn has_pending(&self) -> bool {
+        self.accounts
+            .values()
+            .flat_map(|d| d.values())
+            .any(|d| d.in_flight || !d.pending.is_empty())
+    }
+
+    /// Sessions currently held for the live intervals (for the gauge).
+    pub fn session_count(&self, now: UnixMillis) -> usize {
+        let [_, cur] = self.clock.live_intervals(now);
+        self.accounts
+            .values()
+            .filter_map(|d| d.get(&cur))
+            .map(|d| d.entries.len())
+            .sum()
+    }
+
+    /// Whether `session` of `device` is recorded in any live dictionary of
+    /// `account` other than `except`.
+    pub fn recorded_elsewhere(
+        &self,
+        account: &AccountId,
+        device: &DeviceId,
+        session: &SessionId,
+        except: u64,
+        now: UnixMillis,
+    ) -> bool {
+        let Some(dicts) = self.accounts.get(account) else {
+            return false;
+        };
+        self.clock
+            .live_intervals(now)
+            .iter()
+            .filter(|i| **i != except)
+            .filter_map(|i| dicts.get(i))
+            .any(|d| d.entries.get(device).is_some_and(|r| &r.session == session))
+    }
+
+    /// Drops dictionaries no reader consults any more, keeping those with a
+    /// write still pending.
+    pub fn prune(&mut self, now: UnixMillis) {
+        let [prev, _] = self.clock.live_intervals(now);
+        self.accounts.retain(|_, dicts| {
+            dicts.retain(|i, d| *i >= prev || d.in_flight || !d.pending.is_empty());
+            !dicts.is_empty()
+        });
+    }
+
+    /// Decides what a valid heartbeat changes. Only the current interval's
+    /// dictionary is written for a live session; a leave is written to every
+    /// live dictionary that holds the session.
+    pub fn on_heartbeat(
+        &mut self,
+        account: &AccountId,
+        device: &DeviceId,
+        session: &SessionId,
+        hb: &Heartbeat,
+        now: UnixMillis,
+    ) -> Decision {
+        let [prev, cur] = self.clock.live_intervals(now);
+        let dicts = self.accounts.entry(account.clone()).or_default();
+        let prev_rec = dicts.get(&prev).and_then(|d| d.effective(device));
+        let cur_rec = dicts.get(&cur).and_then(|d| d.effective(device));
+
+        let superseded = |r: &Option<SessionRecord>| {
+            r.as_ref()
+                .is_some_and(|r| r.replaced.as_ref() == Some(session))
+        };
+        if superseded(&cur_rec) || (cur_rec.is_none() && superseded(&prev_rec)) {
+            return Decision::Superseded;
+        }
+
+        if hb.leave {
+            let mut flush = Vec::new();
+            for (interval, rec) in [(prev, &prev_rec), (cur, &cur_rec)] {
+                if rec.as_ref().is_some_and(|r| &r.session == session) {
+                    let dict = dicts.entry(interval).or_default();
+                    if dict.queue(device.clone(), Change::Remove(session.clone())) {
+                        flush.push((account.clone(), interval));
+                    }
+                }
+            }
+            return if flush.is_empty() {
+                Decision::Unchanged
+            } else {
+                Decision::Queued(flush)
+            };
+        }
+
+        let same_fields = |r: &SessionRecord| {
+            r.content == hb.content && r.kind == hb.kind && r.region == hb.region
+        };
+        if let Some(r) = &cur_rec {
+            if &r.session == session && same_fields(r) {
+                return Decision::Unchanged;
+            }
+        }
+        // Carry the session's start over from whichever live interval knows it.
+        let since = [&cur_rec, &prev_rec]
+            .into_iter()
+            .flatten()
+            .find(|r| &r.session == session)
+            .map_or(now, |r| r.since);
+        let record = SessionRecord {
+            session: session.clone(),
+            since,
+            last_seen: now,
+            content: hb.content.clone(),
+            kind: hb.kind.clone(),
+            region: hb.region.clone(),
+            replaced: None,
+        };
+        let dict = dicts.entry(cur).or_default();
+        if dict.queue(device.clone(), Change::Upsert(record)) {
+            Decision::Queued(vec![(account.clone(), cur)])
+        } else {
+            Decision::Queued(Vec::new())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn ids() -> (AccountId, DeviceId, SessionId) {
+        (
+            AccountId::parse("acme").unwrap(),
+            DeviceId::parse("tv").unwrap(),
+            SessionId::parse("s1").unwrap(),
+        )
+    }
+
+    fn clock() -> IntervalClock {
+        IntervalClock::new(Duration::from_secs(10))
+    }
+
+    /// Simulates a successful flush of everything pending.
+    fn flush(d: &mut Dicts) {
+        for dicts in d.accounts.values_mut() {
+            for dict in dicts.values_mut() {
+                for (dev, ch) in std::mem::take(&mut dict.pending) {
+                    apply(&mut dict.entries, &dev, &ch);
+                }
+                dict.revision += 1;
+            }
+        }
+    }
+
+    #[test]
+    fn one_write_per_session_per_interval() {
+        let (a, dev, s) = ids();
+        let mut d = Dicts::new(clock());
+        let hb = Heartbeat::default();
+        assert_eq!(
+            d.on_heartbeat(&a, &dev, &s, &hb, 1_000),
+            Decision::Queued(vec![(a.clone(), 0)])
+        );
+        // Further heartbeats before the flush are covered by the queued write.
+        assert_eq!(d.on_heartbeat(&a, &dev, &s, &hb, 2_000), Decision::Unchanged);
+        flush(&mut d);
+        for t in [3_000, 5_000, 9_999] {
+            assert_eq!(d.on_heartbeat(&a, &dev, &s, &hb, t), Decision::Unchanged);
+        }
+        // A new interval needs one write, and keeps the session's start.
+        assert_eq!(
+            d.on_heartbeat(&a, &dev, &s, &hb, 10_500),
+            Decision::Queued(vec![(a.clone(), 1)])
+        );
+        flush(&mut d);
+        let rec = &d.get_mut(&a, 1).unwrap().entries[&dev];
+        assert_eq!(rec.since, 1_000);
+    }
+
+    #[test]
+    fn leave_clears_every_live_interval() {
+        let (a, dev, s) = ids();
+        let mut d = Dicts::new(clock());
+        d.on_heartbeat(&a, &dev, &s, &Heartbeat::default(), 9_000);
+        flush(&mut d);
+        d.on_heartbeat(&a, &dev, &s, &Heartbeat::default(), 10_001);
+        flush(&mut d);
+        let leave = Heartbeat {
+            leave: true,
+            ..Default::default()
+        };
+        assert_eq!(
+            d.on_heartbeat(&a, &dev, &s, &leave, 10_002),
+            Decision::Queued(vec![(a.clone(), 0), (a.clone(), 1)])
+        );
+        flush(&mut d);
+        assert!(d.get_mut(&a, 0).unwrap().entries.is_empty());
+        assert!(d.get_mut(&a, 1).unwrap().entries.is_empty());
+    }
+
+    #[test]
+    fn new_session_replaces_and_old_one_is_superseded() {
+        let (a, dev, s1) = ids();
+        let s2 = SessionId::parse("s2").unwrap();
+        let mut d = Dicts::new(clock());
+        d.on_heartbeat(&a, &dev, &s1, &Heartbeat::default(), 1_000);
+        flush(&mut d);
+        d.on_heartbeat(&a, &dev, &s2, &Heartbeat::default(), 2_000);
+        flush(&mut d);
+        let rec = d.get_mut(&a, 0).unwrap().entries[&dev].clone();
+        assert_eq!(rec.session, s2);
+        assert_eq!(rec.replaced, Some(s1.clone()));
+        assert_eq!(
+            d.on_heartbeat(&a, &dev, &s1, &Heartbeat::default(), 3_000),
+            Decision::Superseded
+        );
+    }
+
+    #[test]
+    fn apply_is_idempotent() {
+        let (_, dev, s) = ids();
+        let rec = SessionRecord {
+            session: s.clone(),
+            since: 5,
+            last_seen: 5,
+            content: None,
+            kind: None,
+            region: None,
+            replaced: None,
+        };
+        let mut dict = SessionDict::new();
+        let up = Change::Upsert(rec.clone());
+        assert!(matches!(apply(&mut dict, &dev, &up), Applied::Added { .. }));
+        assert_eq!(apply(&mut dict, &dev, &up), Applied::Nothing);
+        let rm = Change::Remove(s);
+        assert_eq!(apply(&mut dict, &dev, &rm), Applied::Removed(rec));
+        assert_eq!(apply(&mut dict, &dev, &rm), Applied::Nothing);
+    }
+}

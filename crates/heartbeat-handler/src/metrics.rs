@@ -1,0 +1,58 @@
+//! The handler's Prometheus collectors.
+
+use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry};
+
+#[derive(Clone, Debug)]
+pub struct Metrics {
+    /// Heartbeats by result: accepted, invalid, malformed, revoked.
+    pub heartbeats: IntCounterVec,
+    /// KV writes by result: ok, conflict, error.
+    pub kv_writes: IntCounterVec,
+    pub kv_write_seconds: Histogram,
+    /// Sessions recorded in the current interval.
+    pub sessions: IntGauge,
+    /// Presence events published, by type.
+    pub events: IntCounterVec,
+}
+
+impl Metrics {
+    pub fn new(registry: &Registry) -> anyhow::Result<Self> {
+        let m = Self {
+            heartbeats: IntCounterVec::new(
+                Opts::new("headcount_heartbeats_total", "heartbeats received, by result"),
+                &["result"],
+            )?,
+            kv_writes: IntCounterVec::new(
+                Opts::new("headcount_kv_writes_total", "interval dictionary writes, by result"),
+                &["result"],
+            )?,
+            kv_write_seconds: Histogram::with_opts(
+                HistogramOpts::new(
+                    "headcount_kv_write_duration_seconds",
+                    "time to write one interval dictionary",
+                )
+                .buckets(vec![0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0]),
+            )?,
+            sessions: IntGauge::new(
+                "headcount_handler_sessions",
+                "sessions recorded in the current interval",
+            )?,
+            events: IntCounterVec::new(
+                Opts::new("headcount_handler_events_total", "presence events published by the handler, by type"),
+                &["type"],
+            )?,
+        };
+        registry.register(Box::new(m.heartbeats.clone()))?;
+        registry.register(Box::new(m.kv_writes.clone()))?;
+        registry.register(Box::new(m.kv_write_seconds.clone()))?;
+        registry.register(Box::new(m.sessions.clone()))?;
+        registry.register(Box::new(m.events.clone()))?;
+        for r in ["accepted", "invalid", "malformed", "revoked"] {
+            m.heartbeats.with_label_values(&[r]);
+        }
+        for r in ["ok", "conflict", "error"] {
+            m.kv_writes.with_label_values(&[r]);
+        }
+        Ok(m)
+    }
+}

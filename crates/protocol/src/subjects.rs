@@ -1,0 +1,158 @@
+//! Every subject, endpoint and KV key of the system.
+
+use crate::names::{AccountId, DeviceId, NameError, SessionId};
+
+/// Devices publish heartbeats here: `hb.<account>.<device>.<session>`.
+pub const HEARTBEAT_WILDCARD: &str = "hb.*.*.*";
+/// Queue group shared by every heartbeat-handler instance.
+pub const HANDLER_QUEUE_GROUP: &str = "headcount-handlers";
+
+/// Prefix of every request-reply endpoint.
+pub const SERVICE_PREFIX: &str = "headcount";
+/// Endpoint names under [`SERVICE_PREFIX`].
+pub mod endpoint {
+    pub const ACTIVE: &str = "active";
+    pub const CHECK: &str = "check";
+    pub const LIMITS_GET: &str = "limits.get";
+    pub const LIMITS_SET: &str = "limits.set";
+    pub const KICK: &str = "kick";
+    pub const TOKEN: &str = "token";
+    /// Every endpoint served by some headcount service.
+    pub const ALL: &[&str] = &[ACTIVE, CHECK, LIMITS_GET, LIMITS_SET, KICK, TOKEN];
+}
+
+/// The full subject of an endpoint, e.g. `headcount.active`.
+pub fn endpoint_subject(endpoint: &str) -> String {
+    format!("{SERVICE_PREFIX}.{endpoint}")
+}
+
+/// `hb.<account>.<device>.<session>`
+pub fn heartbeat(account: &AccountId, device: &DeviceId, session: &SessionId) -> String {
+    format!("hb.{account}.{device}.{session}")
+}
+
+/// `ctl.<account>.<device>`
+pub fn control(account: &AccountId, device: &DeviceId) -> String {
+    format!("ctl.{account}.{device}")
+}
+
+/// `headcount.events.<account>`
+pub fn events(account: &AccountId) -> String {
+    format!("{SERVICE_PREFIX}.events.{account}")
+}
+
+/// Every account's presence events.
+pub const EVENTS_WILDCARD: &str = "headcount.events.*";
+
+/// Why a heartbeat subject was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubjectError {
+    #[error("subject is not hb.<account>.<device>.<session>")]
+    Shape,
+    #[error(transparent)]
+    Name(#[from] NameError),
+}
+
+/// The three identifiers carried by a heartbeat subject.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeartbeatSubject {
+    pub account: AccountId,
+    pub device: DeviceId,
+    pub session: SessionId,
+}
+
+/// Parses `hb.<account>.<device>.<session>`.
+pub fn parse_heartbeat(subject: &str) -> Result<HeartbeatSubject, SubjectError> {
+    let mut parts = subject.split('.');
+    let (Some("hb"), Some(a), Some(d), Some(s), None) = (
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+    ) else {
+        return Err(SubjectError::Shape);
+    };
+    Ok(HeartbeatSubject {
+        account: AccountId::parse(a)?,
+        device: DeviceId::parse(d)?,
+        session: SessionId::parse(s)?,
+    })
+}
+
+/// KV bucket names and key layouts.
+pub mod kv {
+    use super::*;
+
+    /// Interval dictionaries: key `<account>.<interval>`, value a MessagePack
+    /// map device -> session record. Written only by heartbeat-handler.
+    pub const SESSIONS_BUCKET: &str = "headcount-sessions";
+    /// Ended sessions whose heartbeats must be ignored: key
+    /// `<account>.<session>`. Written with create-only semantics so that each
+    /// eviction, rejection or kick happens once.
+    pub const REVOKED_BUCKET: &str = "headcount-revoked";
+    /// Per-account limit and policy: key `<account>`, JSON value.
+    pub const LIMITS_BUCKET: &str = "headcount-limits";
+
+    pub fn session_dict(account: &AccountId, interval: u64) -> String {
+        format!("{account}.{interval}")
+    }
+
+    /// Parses `<account>.<interval>`.
+    pub fn parse_session_dict(key: &str) -> Option<(AccountId, u64)> {
+        let (a, i) = key.split_once('.')?;
+        Some((AccountId::parse(a).ok()?, i.parse().ok()?))
+    }
+
+    pub fn revoked(account: &AccountId, session: &SessionId) -> String {
+        format!("{account}.{session}")
+    }
+
+    pub fn parse_revoked(key: &str) -> Option<(AccountId, SessionId)> {
+        let (a, s) = key.split_once('.')?;
+        Some((AccountId::parse(a).ok()?, SessionId::parse(s).ok()?))
+    }
+
+    pub fn limits(account: &AccountId) -> String {
+        account.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heartbeat_subject_round_trips() {
+        let a = AccountId::parse("acme").unwrap();
+        let d = DeviceId::parse("tv-1").unwrap();
+        let s = SessionId::parse("S_1").unwrap();
+        let subject = heartbeat(&a, &d, &s);
+        assert_eq!(subject, "hb.acme.tv-1.S_1");
+        let parsed = parse_heartbeat(&subject).unwrap();
+        assert_eq!((parsed.account, parsed.device, parsed.session), (a, d, s));
+    }
+
+    #[test]
+    fn heartbeat_subject_shape_is_checked() {
+        for bad in ["hb.a.b", "hb.a.b.c.d", "xx.a.b.c", "", "hb"] {
+            assert_eq!(parse_heartbeat(bad), Err(SubjectError::Shape), "{bad}");
+        }
+        assert!(matches!(
+            parse_heartbeat("hb.a.b."),
+            Err(SubjectError::Name(_))
+        ));
+    }
+
+    #[test]
+    fn kv_keys_round_trip() {
+        let a = AccountId::parse("acme").unwrap();
+        assert_eq!(
+            kv::parse_session_dict(&kv::session_dict(&a, 42)),
+            Some((a.clone(), 42))
+        );
+        let s = SessionId::parse("abc").unwrap();
+        assert_eq!(kv::parse_revoked(&kv::revoked(&a, &s)), Some((a, s)));
+        assert_eq!(kv::parse_session_dict("acme.x"), None);
+    }
+}

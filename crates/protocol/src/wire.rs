@@ -1,0 +1,412 @@
+//! Messages on the wire.
+//!
+//! Device-facing messages (heartbeats, control messages) and the KV session
+//! records are MessagePack maps with named keys; everything a backend or an
+//! operator reads (requests, replies, presence events) is JSON.
+
+use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::names::{AccountId, DeviceId, SessionId};
+use crate::policy::Policy;
+use crate::UnixMillis;
+
+/// The largest heartbeat payload accepted, in bytes.
+pub const MAX_HEARTBEAT_BYTES: usize = 1024;
+pub const MAX_CONTENT_LEN: usize = 128;
+pub const MAX_KIND_LEN: usize = 32;
+pub const MAX_REGION_LEN: usize = 32;
+
+/// A device's heartbeat. Every field is optional; unknown keys are ignored;
+/// an empty payload is a plain heartbeat.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Heartbeat {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub leave: bool,
+}
+
+/// Why a heartbeat payload was refused. `Malformed` payloads could not be
+/// read at all; `Invalid` ones were read but break a documented bound.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HeartbeatError {
+    #[error("heartbeat is {0} bytes, over the {MAX_HEARTBEAT_BYTES} byte limit")]
+    TooLarge(usize),
+    #[error("heartbeat is not a MessagePack map of the documented fields: {0}")]
+    Malformed(String),
+    #[error("heartbeat field {field} is longer than {max} bytes")]
+    FieldTooLong { field: &'static str, max: usize },
+}
+
+impl Heartbeat {
+    /// Decodes and validates a heartbeat payload.
+    pub fn decode(payload: &[u8]) -> Result<Self, HeartbeatError> {
+        if payload.len() > MAX_HEARTBEAT_BYTES {
+            return Err(HeartbeatError::TooLarge(payload.len()));
+        }
+        if payload.is_empty() {
+            return Ok(Self::default());
+        }
+        let hb: Heartbeat = rmp_serde::from_slice(payload)
+            .map_err(|e| HeartbeatError::Malformed(e.to_string()))?;
+        for (field, value, max) in [
+            ("content", &hb.content, MAX_CONTENT_LEN),
+            ("kind", &hb.kind, MAX_KIND_LEN),
+            ("region", &hb.region, MAX_REGION_LEN),
+        ] {
+            if value.as_ref().is_some_and(|v| v.len() > max) {
+                return Err(HeartbeatError::FieldTooLong { field, max });
+            }
+        }
+        Ok(hb)
+    }
+
+    /// Encodes as a MessagePack map with named keys.
+    pub fn encode(&self) -> Vec<u8> {
+        // Serializing a struct of strings and integers cannot fail.
+        rmp_serde::to_vec_named(self).unwrap_or_default()
+    }
+}
+
+/// One session as recorded in an interval dictionary.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionRecord {
+    pub session: SessionId,
+    /// When the session's first heartbeat arrived.
+    pub since: UnixMillis,
+    /// When the heartbeat that caused this write arrived.
+    pub last_seen: UnixMillis,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    /// The device's previous session, displaced by this one: its late
+    /// heartbeats are ignored rather than flipping the entry back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replaced: Option<SessionId>,
+}
+
+/// An interval dictionary: device -> its session in that interval.
+pub type SessionDict = HashMap<DeviceId, SessionRecord>;
+
+pub fn encode_dict(dict: &SessionDict) -> Vec<u8> {
+    rmp_serde::to_vec_named(dict).unwrap_or_default()
+}
+
+pub fn decode_dict(bytes: &[u8]) -> Result<SessionDict, rmp_serde::decode::Error> {
+    if bytes.is_empty() {
+        return Ok(SessionDict::new());
+    }
+    rmp_serde::from_slice(bytes)
+}
+
+/// A reference to one session of one device.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct SessionRef {
+    pub device: DeviceId,
+    pub session: SessionId,
+}
+
+/// Why a session was ended by the system.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EndReason {
+    /// Displaced by a newer session under evict-oldest.
+    Evicted,
+    /// Refused under reject-new.
+    Rejected,
+    /// Kicked by an operator.
+    Revoked,
+    /// Replaced by a newer session of the same device.
+    Replaced,
+}
+
+impl EndReason {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            EndReason::Evicted => "evicted",
+            EndReason::Rejected => "rejected",
+            EndReason::Revoked => "revoked",
+            EndReason::Replaced => "replaced",
+        }
+    }
+}
+
+/// The value stored in the revocation bucket for an ended session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revocation {
+    pub reason: EndReason,
+    pub device: DeviceId,
+    pub at: UnixMillis,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<SessionRef>,
+}
+
+/// Control message types sent to a device on `ctl.<account>.<device>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ControlType {
+    /// Evicted, or refused under reject-new.
+    DeviceLimitExceeded,
+    /// Kicked by an operator.
+    Revoked,
+}
+
+/// A control message to one device (MessagePack).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ControlMessage {
+    #[serde(rename = "type")]
+    pub kind: ControlType,
+    pub account: AccountId,
+    pub device: DeviceId,
+    pub session: SessionId,
+    pub at: UnixMillis,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<SessionRef>,
+}
+
+impl ControlMessage {
+    pub fn encode(&self) -> Vec<u8> {
+        rmp_serde::to_vec_named(self).unwrap_or_default()
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, rmp_serde::decode::Error> {
+        rmp_serde::from_slice(bytes)
+    }
+}
+
+/// Presence event types on `headcount.events.<account>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EventType {
+    Join,
+    Leave,
+    Timeout,
+    Evicted,
+    Rejected,
+    Revoked,
+}
+
+/// A presence event (JSON).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PresenceEvent {
+    #[serde(rename = "type")]
+    pub kind: EventType,
+    pub account: AccountId,
+    pub device: DeviceId,
+    pub session: SessionId,
+    pub at: UnixMillis,
+    /// The session that displaced this one (evictions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<SessionRef>,
+    /// Extra detail, e.g. `replaced` on a leave caused by a newer session.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+}
+
+// ---- request/reply bodies (JSON) ----
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccountRequest {
+    pub account: AccountId,
+}
+
+/// One active session as reported by `headcount.active`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActiveSession {
+    pub device: DeviceId,
+    pub session: SessionId,
+    pub since: UnixMillis,
+    pub last_seen: UnixMillis,
+    pub content: Option<String>,
+    pub kind: Option<String>,
+    pub region: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActiveReply {
+    pub account: AccountId,
+    pub active: u32,
+    pub limit: u32,
+    pub policy: Policy,
+    pub sessions: Vec<ActiveSession>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckRequest {
+    pub account: AccountId,
+    pub device: DeviceId,
+    #[serde(default)]
+    pub session: Option<SessionId>,
+    #[serde(default)]
+    pub content: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckReply {
+    pub allowed: bool,
+    pub active: u32,
+    pub limit: u32,
+    pub policy: Policy,
+    pub evicted: Vec<SessionRef>,
+}
+
+/// `headcount.limits.set`. `limit` is signed so that a negative request is
+/// reported as out of range rather than as unreadable JSON.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LimitsSetRequest {
+    pub account: AccountId,
+    pub limit: i64,
+    #[serde(default)]
+    pub policy: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LimitsReply {
+    pub account: AccountId,
+    pub limit: u32,
+    pub policy: Policy,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KickRequest {
+    pub account: AccountId,
+    pub session: SessionId,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KickReply {
+    pub kicked: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRequest {
+    pub account: AccountId,
+    pub device: DeviceId,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenReply {
+    pub token: String,
+    pub session: SessionId,
+    pub expires_at: UnixMillis,
+}
+
+/// Error codes carried in `Nats-Service-Error-Code`.
+pub mod error_code {
+    pub const BAD_REQUEST: usize = 400;
+    pub const UNAUTHORIZED: usize = 401;
+    pub const NOT_FOUND: usize = 404;
+    pub const INTERNAL: usize = 500;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_payload_is_a_plain_heartbeat() {
+        assert_eq!(Heartbeat::decode(&[]).unwrap(), Heartbeat::default());
+    }
+
+    #[test]
+    fn heartbeat_round_trips_and_ignores_unknown_keys() {
+        let hb = Heartbeat {
+            seq: Some(7),
+            content: Some("movie".into()),
+            kind: Some("tv".into()),
+            region: Some("eu".into()),
+            leave: true,
+        };
+        assert_eq!(Heartbeat::decode(&hb.encode()).unwrap(), hb);
+
+        #[derive(Serialize)]
+        struct Extra {
+            seq: u64,
+            future_field: &'static str,
+        }
+        let bytes = rmp_serde::to_vec_named(&Extra {
+            seq: 3,
+            future_field: "x",
+        })
+        .unwrap();
+        assert_eq!(Heartbeat::decode(&bytes).unwrap().seq, Some(3));
+    }
+
+    #[test]
+    fn bad_heartbeats_are_refused() {
+        assert_eq!(
+            Heartbeat::decode(&[0u8; 1025]),
+            Err(HeartbeatError::TooLarge(1025))
+        );
+        assert!(matches!(
+            Heartbeat::decode(&[0xc1]),
+            Err(HeartbeatError::Malformed(_))
+        ));
+        assert!(matches!(
+            Heartbeat::decode(b"\x92\x01"),
+            Err(HeartbeatError::Malformed(_))
+        ));
+        let long = Heartbeat {
+            kind: Some("k".repeat(33)),
+            ..Default::default()
+        };
+        assert_eq!(
+            Heartbeat::decode(&long.encode()),
+            Err(HeartbeatError::FieldTooLong {
+                field: "kind",
+                max: 32
+            })
+        );
+    }
+
+    #[test]
+    fn control_message_uses_named_keys() {
+        let msg = ControlMessage {
+            kind: ControlType::DeviceLimitExceeded,
+            account: AccountId::parse("a").unwrap(),
+            device: DeviceId::parse("d").unwrap(),
+            session: SessionId::parse("s").unwrap(),
+            at: 1,
+            by: None,
+        };
+        let bytes = msg.encode();
+        let as_value: HashMap<String, rmpv_like::Value> = rmp_serde::from_slice(&bytes).unwrap();
+        assert!(as_value.contains_key("type"));
+        assert_eq!(ControlMessage::decode(&bytes).unwrap(), msg);
+    }
+
+    /// A tiny stand-in for a dynamic MessagePack value, enough to list keys.
+    mod rmpv_like {
+        #[derive(serde::Deserialize)]
+        #[serde(untagged)]
+        pub enum Value {
+            #[allow(dead_code)]
+            S(String),
+            #[allow(dead_code)]
+            N(u64),
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..1100)) {
+            let _ = Heartbeat::decode(&bytes);
+            let _ = decode_dict(&bytes);
+            let _ = ControlMessage::decode(&bytes);
+        }
+    }
+}

@@ -1,0 +1,88 @@
+//! The KV buckets, created or updated with the configured settings.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use async_nats::jetstream::{self, kv};
+use headcount_protocol::subjects::kv as keys;
+
+/// How the buckets are laid out on the JetStream cluster.
+#[derive(Debug, Clone)]
+pub struct BucketSettings {
+    /// Replicas per bucket (1 for one server, 3 on a cluster).
+    pub replicas: usize,
+    /// How long an interval dictionary outlives its last write.
+    pub sessions_ttl: Duration,
+    /// How long a revocation is kept (as long as the longest token lives).
+    pub revoked_ttl: Duration,
+    /// File storage survives a server restart; memory is for throwaway runs.
+    pub storage: jetstream::stream::StorageType,
+}
+
+/// Handles to the three buckets.
+#[derive(Clone)]
+pub struct Buckets {
+    pub sessions: kv::Store,
+    pub revoked: kv::Store,
+    pub limits: kv::Store,
+}
+
+impl std::fmt::Debug for Buckets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Buckets")
+    }
+}
+
+impl Buckets {
+    /// Creates the buckets or brings their settings up to date. Safe to call
+    /// from every service at start-up, concurrently.
+    pub async fn open(client: &async_nats::Client, s: &BucketSettings) -> anyhow::Result<Self> {
+        let js = jetstream::new(client.clone());
+        let open = |bucket: &'static str, description: &'static str, max_age: Duration, history: i64| {
+            let js = js.clone();
+            let cfg = kv::Config {
+                bucket: bucket.to_string(),
+                description: description.to_string(),
+                history,
+                max_age,
+                storage: s.storage,
+                num_replicas: s.replicas,
+                ..Default::default()
+            };
+            async move {
+                // Several services open the buckets at once; a lost race shows
+                // up as an error from the server, so try again a few times.
+                let mut delay = Duration::from_millis(100);
+                for attempt in 0.. {
+                    match js.create_or_update_key_value(cfg.clone()).await {
+                        Ok(store) => return Ok(store),
+                        Err(e) if attempt < 50 => {
+                            tracing::warn!(bucket, error = %e, "opening kv bucket, retrying");
+                            tokio::time::sleep(delay).await;
+                            delay = (delay * 2).min(Duration::from_secs(2));
+                        }
+                        Err(e) => return Err(e).with_context(|| format!("opening kv bucket {bucket}")),
+                    }
+                }
+                unreachable!("the retry loop returns")
+            }
+        };
+        Ok(Self {
+            sessions: open(
+                keys::SESSIONS_BUCKET,
+                "interval dictionaries: account.interval -> device -> session",
+                s.sessions_ttl,
+                1,
+            )
+            .await?,
+            revoked: open(
+                keys::REVOKED_BUCKET,
+                "ended sessions whose heartbeats are ignored",
+                s.revoked_ttl,
+                1,
+            )
+            .await?,
+            limits: open(keys::LIMITS_BUCKET, "per-account limit and policy", Duration::ZERO, 1).await?,
+        })
+    }
+}

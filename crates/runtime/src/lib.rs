@@ -1,0 +1,39 @@
+//! What every headcount process shares: connecting to NATS, opening the KV
+//! buckets, the `/metrics` endpoint, shutdown and logging.
+//!
+//! Nothing here knows what a heartbeat or a limit is; that is the services'
+//! business. Subjects and bucket names come from `headcount-protocol`.
+
+pub mod buckets;
+pub mod http;
+pub mod nats;
+pub mod shutdown;
+pub mod watch;
+
+pub use buckets::{BucketSettings, Buckets};
+pub use nats::NatsOptions;
+pub use shutdown::Shutdown;
+
+/// Installs the tracing subscriber: human-readable lines, filtered by
+/// `RUST_LOG` (default `info`); `json` selects JSON lines for log shippers.
+pub fn init_logging(json: bool) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    // A second call (tests, `up`) keeps the first subscriber.
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+/// A service error as carried in the micro error headers.
+pub fn service_error(code: usize, status: impl std::fmt::Display) -> async_nats::service::error::Error {
+    async_nats::service::error::Error {
+        code,
+        status: status.to_string(),
+    }
+}

@@ -1,0 +1,66 @@
+//! Connecting to NATS the same way from every service.
+
+use std::time::Duration;
+
+use anyhow::Context;
+
+/// How a service reaches NATS.
+#[derive(Debug, Clone, Default)]
+pub struct NatsOptions {
+    /// One or more server URLs; the client fails over between them.
+    pub urls: Vec<String>,
+    pub user: Option<String>,
+    pub password: Option<String>,
+    /// Shown in the server's connection list (`nats server report connections`).
+    pub name: String,
+}
+
+impl NatsOptions {
+    pub fn new(url: impl Into<String>, name: impl Into<String>) -> Self {
+        Self {
+            urls: vec![url.into()],
+            name: name.into(),
+            ..Default::default()
+        }
+    }
+
+    pub fn with_credentials(mut self, user: Option<String>, password: Option<String>) -> Self {
+        self.user = user;
+        self.password = password;
+        self
+    }
+
+    /// Connects, retrying with backoff until a server answers: services start
+    /// in any order, and a NATS restart must not turn into a crash loop.
+    pub async fn connect(&self) -> anyhow::Result<async_nats::Client> {
+        let mut opts = async_nats::ConnectOptions::new()
+            .name(&self.name)
+            .retry_on_initial_connect()
+            .connection_timeout(Duration::from_secs(5))
+            // Heartbeat bursts must queue, not be dropped as a slow consumer.
+            .subscription_capacity(1 << 16)
+            .client_capacity(1 << 14)
+            .event_callback(|event| async move {
+                match event {
+                    async_nats::Event::Connected => tracing::info!("connected to nats"),
+                    async_nats::Event::Disconnected => tracing::warn!("disconnected from nats, reconnecting"),
+                    async_nats::Event::SlowConsumer(sid) => {
+                        tracing::warn!(subscription = sid, "slow consumer: messages dropped")
+                    }
+                    other => tracing::info!(event = %other, "nats event"),
+                }
+            });
+        if let (Some(user), Some(password)) = (&self.user, &self.password) {
+            opts = opts.user_and_password(user.clone(), password.clone());
+        }
+        let urls: Vec<async_nats::ServerAddr> = self
+            .urls
+            .iter()
+            .map(|u| u.parse::<async_nats::ServerAddr>().with_context(|| format!("bad nats url {u:?}")))
+            .collect::<anyhow::Result<_>>()?;
+        anyhow::ensure!(!urls.is_empty(), "no nats url given");
+        opts.connect(urls.as_slice())
+            .await
+            .with_context(|| format!("connecting to nats at {}", self.urls.join(",")))
+    }
+}

@@ -1,0 +1,501 @@
+//! Test support: a real `nats-server` per test, and a [`TestApp`] running
+//! headcount's services against it with short timings.
+//!
+//! The server runs with the repository's own `nats.conf` (users and
+//! permissions included) on a free loopback port with its own store
+//! directory, and is killed when dropped. Nothing here fakes NATS.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use bytes::Bytes;
+use headcount_protocol::subjects;
+use headcount_protocol::wire::{ActiveReply, Heartbeat};
+use headcount_protocol::{AccountId, DeviceId, Limit, Policy, SessionId};
+use headcount_runtime::shutdown::Trigger;
+use headcount_runtime::{BucketSettings, Buckets, NatsOptions, Shutdown};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+pub use headcount_protocol;
+
+/// The repository's server configuration.
+pub fn nats_conf() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../nats.conf")
+}
+
+pub const SERVICE_USER: &str = "headcount";
+pub const DEVICE_USER: &str = "device";
+
+/// A nats-server process on a free loopback port.
+#[derive(Debug)]
+pub struct NatsServer {
+    child: Option<Child>,
+    port: u16,
+    store: tempfile::TempDir,
+    pub service_password: String,
+    pub device_password: String,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free loopback port")
+}
+
+impl NatsServer {
+    /// Starts a server and waits until it accepts connections.
+    pub fn start() -> Self {
+        let mut s = Self {
+            child: None,
+            port: free_port(),
+            store: tempfile::tempdir().expect("temporary store dir"),
+            service_password: format!("svc-{}", nuid_like()),
+            device_password: format!("dev-{}", nuid_like()),
+        };
+        s.spawn();
+        s
+    }
+
+    fn spawn(&mut self) {
+        let log = self.store.path().join("nats.log");
+        let child = Command::new("nats-server")
+            .arg("-c")
+            .arg(nats_conf())
+            .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
+            .arg("-sd")
+            .arg(self.store.path().join("js"))
+            .arg("-l")
+            .arg(&log)
+            .env("HEADCOUNT_SERVICE_PASSWORD", &self.service_password)
+            .env("HEADCOUNT_DEVICE_PASSWORD", &self.device_password)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start nats-server ({e}); install it with \
+                     `pip install -r deploy/requirements.txt` or run `deploy/dev test`"
+                )
+            });
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "nats-server did not start; log: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Options for the backend user.
+    pub fn service_options(&self, name: &str) -> NatsOptions {
+        NatsOptions::new(self.url(), name).with_credentials(
+            Some(SERVICE_USER.into()),
+            Some(self.service_password.clone()),
+        )
+    }
+
+    pub async fn service_client(&self) -> async_nats::Client {
+        self.service_options("test")
+            .connect()
+            .await
+            .expect("service client connects")
+    }
+
+    /// A client with the device user's permissions.
+    pub async fn device_client(&self) -> async_nats::Client {
+        async_nats::ConnectOptions::with_user_and_password(
+            DEVICE_USER.into(),
+            self.device_password.clone(),
+        )
+        .connect(self.url())
+        .await
+        .expect("device client connects")
+    }
+
+    /// Kills the server (its store survives for [`NatsServer::restart`]).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn nuid_like() -> String {
+    use std::collections::hash_map::RandomState;
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    format!("{:016x}", h.finish())
+}
+
+/// Short timings so tests run in seconds.
+#[derive(Debug, Clone)]
+pub struct Timings {
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub sweep_every: Duration,
+}
+
+impl Default for Timings {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(3),
+            timeout: Duration::from_millis(1500),
+            sweep_every: Duration::from_millis(100),
+        }
+    }
+}
+
+/// A running service task and its own stop switch.
+#[derive(Debug)]
+pub struct Running {
+    trigger: Trigger,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    pub registry: prometheus::Registry,
+}
+
+impl Running {
+    /// Stops the service gracefully and returns its result.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.trigger.fire();
+        self.task.await.context("service task panicked")?
+    }
+
+    /// Kills the service without a graceful stop.
+    pub fn abort(self) {
+        self.task.abort();
+    }
+
+    /// The service's metrics in Prometheus text format.
+    pub fn metrics_text(&self) -> String {
+        use prometheus::Encoder;
+        let mut buf = Vec::new();
+        let _ = prometheus::TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8_lossy(&buf).into_owned()
+    }
+
+    /// One sample's value from the metrics (0 when absent), e.g.
+    /// `metric("headcount_heartbeats_total{result=\"accepted\"}")`.
+    pub fn metric(&self, sample: &str) -> f64 {
+        metric_value(&self.metrics_text(), sample)
+    }
+}
+
+/// Reads one sample from Prometheus text.
+pub fn metric_value(text: &str, sample: &str) -> f64 {
+    text.lines()
+        .find_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            (name == sample).then(|| value.parse().ok()).flatten()
+        })
+        .unwrap_or(0.0)
+}
+
+/// headcount's services on a real server.
+#[derive(Debug)]
+pub struct TestApp {
+    pub nats: NatsServer,
+    pub client: async_nats::Client,
+    pub timings: Timings,
+    pub default_limit: Limit,
+    pub handlers: Vec<Running>,
+    pub checkers: Vec<Running>,
+}
+
+impl TestApp {
+    /// A server, one handler and one checker with default limit 2
+    /// (evict-oldest).
+    pub async fn spawn() -> Self {
+        Self::spawn_with(Limit {
+            limit: 2,
+            policy: Policy::EvictOldest,
+        })
+        .await
+    }
+
+    pub async fn spawn_with(default_limit: Limit) -> Self {
+        init_logging();
+        let nats = NatsServer::start();
+        let client = nats.service_client().await;
+        let mut app = Self {
+            nats,
+            client,
+            timings: Timings::default(),
+            default_limit,
+            handlers: Vec::new(),
+            checkers: Vec::new(),
+        };
+        app.handlers.push(app.start_handler().await);
+        app.checkers.push(app.start_checker().await);
+        app
+    }
+
+    pub fn bucket_settings(&self) -> BucketSettings {
+        BucketSettings {
+            replicas: 1,
+            sessions_ttl: headcount_protocol::IntervalClock::new(self.timings.interval)
+                .dictionary_ttl(),
+            revoked_ttl: Duration::from_secs(600),
+            storage: async_nats::jetstream::stream::StorageType::File,
+        }
+    }
+
+    async fn connect(&self, name: &str) -> (async_nats::Client, Buckets) {
+        let client = self
+            .nats
+            .service_options(name)
+            .connect()
+            .await
+            .expect("service connects");
+        let buckets = Buckets::open(&client, &self.bucket_settings())
+            .await
+            .expect("buckets open");
+        (client, buckets)
+    }
+
+    /// Starts one more heartbeat-handler and waits until it is subscribed.
+    pub async fn start_handler(&self) -> Running {
+        let (client, buckets) = self.connect("test-handler").await;
+        let registry = prometheus::Registry::new();
+        let metrics = heartbeat_handler::Metrics::new(&registry).expect("metrics");
+        let (trigger, shutdown) = Shutdown::new();
+        let config = heartbeat_handler::Config {
+            interval: self.timings.interval,
+            revoked_ttl: Duration::from_secs(600),
+            max_concurrent_writes: 64,
+        };
+        let probe = client.clone();
+        let task = tokio::spawn(heartbeat_handler::run(
+            config, client, buckets, metrics, shutdown,
+        ));
+        // An invalid name: counted as invalid, never recorded as a session.
+        wait_for_interest(&probe, "hb.!.!.!").await;
+        Running {
+            trigger,
+            task,
+            registry,
+        }
+    }
+
+    /// Starts one more checker and waits until it answers.
+    pub async fn start_checker(&self) -> Running {
+        let (client, buckets) = self.connect("test-checker").await;
+        let registry = prometheus::Registry::new();
+        let metrics = checker::Metrics::new(&registry).expect("metrics");
+        let (trigger, shutdown) = Shutdown::new();
+        let config = checker::Config {
+            interval: self.timings.interval,
+            timeout: self.timings.timeout,
+            sweep_every: self.timings.sweep_every,
+            default_limit: self.default_limit,
+        };
+        let task = tokio::spawn(checker::run(config, client, buckets, metrics, shutdown));
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let r = self
+                .client
+                .request(
+                    subjects::endpoint_subject(subjects::endpoint::LIMITS_GET),
+                    Bytes::from_static(br#"{"account":"probe"}"#),
+                )
+                .await;
+            if r.is_ok_and(|m| m.headers.is_none()) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "checker did not start");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Running {
+            trigger,
+            task,
+            registry,
+        }
+    }
+
+    /// Publishes one heartbeat as a device would (with the device user).
+    pub async fn heartbeat(&self, device_client: &async_nats::Client, account: &str, device: &str, session: &str, hb: &Heartbeat) {
+        device_client
+            .publish(format!("hb.{account}.{device}.{session}"), hb.encode().into())
+            .await
+            .expect("publish heartbeat");
+        device_client.flush().await.expect("flush");
+    }
+
+    /// Sends a JSON request to `headcount.<endpoint>`; Err holds the service
+    /// error code and message.
+    pub async fn request<Req: Serialize, Rep: DeserializeOwned>(
+        &self,
+        endpoint: &str,
+        body: &Req,
+    ) -> Result<Rep, (u16, String)> {
+        let raw = serde_json::to_vec(body).expect("json");
+        self.request_raw(endpoint, raw.into()).await.and_then(|b| {
+            serde_json::from_slice(&b).map_err(|e| (0, format!("unreadable reply: {e}")))
+        })
+    }
+
+    /// Sends raw bytes to `headcount.<endpoint>`.
+    pub async fn request_raw(&self, endpoint: &str, body: Bytes) -> Result<Bytes, (u16, String)> {
+        let msg = tokio::time::timeout(
+            Duration::from_secs(5),
+            self.client
+                .request(subjects::endpoint_subject(endpoint), body),
+        )
+        .await
+        .map_err(|_| (0, "timed out".to_string()))?
+        .map_err(|e| (0, e.to_string()))?;
+        if let Some(h) = &msg.headers {
+            if let Some(code) = h.get(async_nats::service::NATS_SERVICE_ERROR_CODE) {
+                let text = h
+                    .get(async_nats::service::NATS_SERVICE_ERROR)
+                    .map(|v| v.to_string())
+                    .unwrap_or_default();
+                return Err((code.as_str().parse().unwrap_or(0), text));
+            }
+        }
+        Ok(msg.payload)
+    }
+
+    pub async fn active(&self, account: &str) -> ActiveReply {
+        self.request(
+            subjects::endpoint::ACTIVE,
+            &serde_json::json!({ "account": account }),
+        )
+        .await
+        .expect("active answers")
+    }
+
+    /// Active session ids of an account, sorted.
+    pub async fn active_sessions(&self, account: &str) -> Vec<String> {
+        let mut s: Vec<String> = self
+            .active(account)
+            .await
+            .sessions
+            .into_iter()
+            .map(|s| s.session.to_string())
+            .collect();
+        s.sort();
+        s
+    }
+
+    /// Polls `active` until `pred` holds or `within` passes; returns the
+    /// last reply and how long it took.
+    pub async fn wait_active(
+        &self,
+        account: &str,
+        within: Duration,
+        pred: impl Fn(&ActiveReply) -> bool,
+    ) -> (ActiveReply, Option<Duration>) {
+        let start = Instant::now();
+        loop {
+            let r = self.active(account).await;
+            if pred(&r) {
+                return (r, Some(start.elapsed()));
+            }
+            if start.elapsed() > within {
+                return (r, None);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+/// A simulated device: heartbeats on a timer from its own task.
+#[derive(Debug)]
+pub struct Device {
+    stop: Trigger,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Device {
+    /// Starts heartbeating every `period` with `hb` until stopped.
+    pub fn start(client: async_nats::Client, account: &str, device: &str, session: &str, period: Duration, hb: Heartbeat) -> Self {
+        let subject = subjects::heartbeat(
+            &AccountId::parse(account).expect("account"),
+            &DeviceId::parse(device).expect("device"),
+            &SessionId::parse(session).expect("session"),
+        );
+        let (stop, shutdown) = Shutdown::new();
+        let task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            let mut done = std::pin::pin!(shutdown.wait());
+            loop {
+                tokio::select! {
+                    _ = &mut done => return,
+                    _ = tick.tick() => {
+                        let _ = client.publish(subject.clone(), hb.encode().into()).await;
+                    }
+                }
+            }
+        });
+        Self { stop, task }
+    }
+
+    /// Stops heartbeating (goes silent; no leave).
+    pub async fn silence(self) {
+        self.stop.fire();
+        let _ = self.task.await;
+    }
+}
+
+/// Waits until somebody subscribes to `subject` (a request gets a reply or
+/// "no responders" otherwise).
+async fn wait_for_interest(client: &async_nats::Client, subject: &str) {
+    // Heartbeat subscribers never reply: a request on a subject with a
+    // subscriber times out instead of failing with "no responders".
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let r = tokio::time::timeout(
+            Duration::from_millis(200),
+            client.request(subject.to_string(), Bytes::new()),
+        )
+        .await;
+        match r {
+            Err(_) => return, // timed out: someone is subscribed
+            Ok(Err(e))
+                if e.kind() == async_nats::client::RequestErrorKind::NoResponders => {}
+            Ok(_) => return,
+        }
+        assert!(Instant::now() < deadline, "no subscriber on {subject}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn init_logging() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_test_writer()
+        .try_init();
+}

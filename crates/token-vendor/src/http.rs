@@ -1,0 +1,375 @@
+//! The HTTP API: `POST /v1/tokens` and `GET /.well-known/jwks.json`.
+//!
+//! Every error is a JSON body `{"error": "<message>"}`; axum's plain-text
+//! rejections never reach a client.
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use headcount_protocol::wire::TokenRequest;
+
+use crate::Vendor;
+use crate::metrics::{BAD_REQUEST, UNAUTHORIZED};
+
+/// A token request is two short names; anything much larger is not one.
+const MAX_BODY_BYTES: usize = 16 * 1024;
+/// How long a client may cache the JWKS. Short, so that a rotated-in key is
+/// picked up well before it starts signing widely.
+const JWKS_CACHE_CONTROL: &str = "public, max-age=300";
+
+/// `POST /v1/tokens` (operator key as `Authorization: Bearer`) and
+/// `GET /.well-known/jwks.json`.
+pub fn router(vendor: Vendor) -> Router {
+    Router::new()
+        .route("/v1/tokens", post(issue_token))
+        .route("/.well-known/jwks.json", get(jwks))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(vendor)
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    let body = serde_json::json!({ "error": message.into() });
+    (status, Json(body)).into_response()
+}
+
+/// The token of an `Authorization: Bearer <token>` header.
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.trim().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then_some(token.trim())
+}
+
+async fn issue_token(
+    State(vendor): State<Vendor>,
+    headers: HeaderMap,
+    body: Result<Json<TokenRequest>, JsonRejection>,
+) -> Response {
+    // The key is checked before the body, so that an unauthenticated caller
+    // learns nothing about what a valid request looks like.
+    if !bearer(&headers).is_some_and(|key| vendor.is_operator_key(key)) {
+        vendor.count_rejection(UNAUTHORIZED);
+        let mut response = error(StatusCode::UNAUTHORIZED, "missing or wrong operator key");
+        response
+            .headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        return response;
+    }
+    let request = match body {
+        Ok(Json(request)) => request,
+        Err(rejection) => {
+            vendor.count_rejection(BAD_REQUEST);
+            let (status, message) = describe(&rejection);
+            tracing::debug!(%status, error = %message, "refusing token request");
+            return error(status, message);
+        }
+    };
+    match vendor.issue(&request.account, &request.device, "http") {
+        Ok(reply) => (StatusCode::OK, Json(reply)).into_response(),
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "issuing token");
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "issuing the token failed",
+            )
+        }
+    }
+}
+
+/// A status and a readable message for a body that is not a token request.
+fn describe(rejection: &JsonRejection) -> (StatusCode, String) {
+    match rejection {
+        JsonRejection::JsonDataError(e) => (
+            StatusCode::BAD_REQUEST,
+            format!("invalid token request: {}", innermost(e)),
+        ),
+        JsonRejection::JsonSyntaxError(e) => (
+            StatusCode::BAD_REQUEST,
+            format!("request body is not valid json: {}", innermost(e)),
+        ),
+        JsonRejection::MissingJsonContentType(_) => (
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "expected content-type: application/json".to_string(),
+        ),
+        other if other.status() == StatusCode::PAYLOAD_TOO_LARGE => (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body is larger than {MAX_BODY_BYTES} bytes"),
+        ),
+        other => (
+            other.status(),
+            "could not read the request body".to_string(),
+        ),
+    }
+}
+
+/// The most specific message of an error chain: serde's own words (which
+/// field, what was wrong, where) rather than axum's generic prefix.
+fn innermost(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut current = e;
+    while let Some(next) = current.source() {
+        current = next;
+    }
+    current.to_string()
+}
+
+async fn jwks(State(vendor): State<Vendor>) -> Response {
+    (
+        [(header::CACHE_CONTROL, JWKS_CACHE_CONTROL)],
+        Json(vendor.jwks()),
+    )
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use headcount_protocol::wire::TokenReply;
+    use headcount_runtime::Shutdown;
+    use headcount_runtime::shutdown::Trigger;
+    use serde_json::{Value, json};
+
+    use super::*;
+    use crate::tests::{test_vendor, verifications};
+
+    const KEY: &str = "test-operator-key";
+
+    struct TestServer {
+        url: String,
+        vendor: Vendor,
+        registry: prometheus::Registry,
+        client: reqwest::Client,
+        _dir: tempfile::TempDir,
+        _stop: Trigger,
+    }
+
+    impl TestServer {
+        async fn start() -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let (vendor, registry) = test_vendor(dir.path(), |c| c.operator_key = KEY.into());
+            let (stop, shutdown) = Shutdown::new();
+            let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
+            let (addr, _task) =
+                headcount_runtime::http::serve(addr, router(vendor.clone()), shutdown)
+                    .await
+                    .unwrap();
+            Self {
+                url: format!("http://{addr}"),
+                vendor,
+                registry,
+                client: reqwest::Client::new(),
+                _dir: dir,
+                _stop: stop,
+            }
+        }
+
+        fn tokens(&self) -> reqwest::RequestBuilder {
+            self.client.post(format!("{}/v1/tokens", self.url))
+        }
+
+        fn rejected(&self, reason: &str) -> u64 {
+            crate::tests::counter(
+                &self.registry,
+                "headcount_token_requests_rejected_total",
+                "reason",
+                reason,
+            )
+        }
+    }
+
+    /// The status and the JSON body (which every answer must have).
+    async fn send(request: reqwest::RequestBuilder) -> (u16, Value) {
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        let content_type = response
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .map(|v| v.to_str().unwrap().to_string());
+        assert_eq!(content_type.as_deref(), Some("application/json"));
+        (status, response.json().await.unwrap())
+    }
+
+    fn error_message(body: &Value) -> &str {
+        let message = body["error"].as_str().expect("an error body");
+        assert!(!message.is_empty());
+        message
+    }
+
+    #[tokio::test]
+    async fn issues_a_token_that_verifies() {
+        let app = TestServer::start().await;
+        let (status, body) = send(
+            app.tokens()
+                .bearer_auth(KEY)
+                .json(&json!({"account": "acme", "device": "tv-1"})),
+        )
+        .await;
+        assert_eq!(status, 200);
+        let reply: TokenReply = serde_json::from_value(body).unwrap();
+        let claims = app.vendor.verify(&reply.token).unwrap();
+        assert_eq!(claims.acct, "acme");
+        assert_eq!(claims.sub, "tv-1");
+        assert_eq!(claims.sid, reply.session.as_str());
+        assert_eq!(reply.expires_at, claims.exp * 1000);
+        assert_eq!(
+            crate::tests::counter(
+                &app.registry,
+                "headcount_tokens_issued_total",
+                "via",
+                "http"
+            ),
+            1
+        );
+        assert_eq!(verifications(&app.registry, "ok"), 1);
+    }
+
+    #[tokio::test]
+    async fn refuses_requests_without_the_operator_key() {
+        let app = TestServer::start().await;
+        let request = json!({"account": "acme", "device": "tv-1"});
+        for builder in [
+            app.tokens().json(&request),
+            app.tokens().bearer_auth("wrong").json(&request),
+            app.tokens().bearer_auth(format!("{KEY}x")).json(&request),
+            app.tokens().basic_auth(KEY, Some(KEY)).json(&request),
+            // Unauthenticated garbage is refused for the key, not the body.
+            app.tokens().body("{not json"),
+        ] {
+            let response = builder.send().await.unwrap();
+            assert_eq!(response.status().as_u16(), 401);
+            assert_eq!(
+                response.headers().get(header::WWW_AUTHENTICATE).unwrap(),
+                "Bearer"
+            );
+            let body: Value = response.json().await.unwrap();
+            error_message(&body);
+        }
+        assert_eq!(app.rejected("unauthorized"), 5);
+        assert_eq!(app.rejected("bad_request"), 0);
+    }
+
+    #[tokio::test]
+    async fn refuses_bad_json_with_a_json_error() {
+        let app = TestServer::start().await;
+        let (status, body) = send(
+            app.tokens()
+                .bearer_auth(KEY)
+                .header(header::CONTENT_TYPE, "application/json")
+                .body("{not json"),
+        )
+        .await;
+        assert_eq!(status, 400);
+        error_message(&body);
+
+        let (status, body) = send(
+            app.tokens()
+                .bearer_auth(KEY)
+                .json(&json!({"account": "acme"})),
+        )
+        .await;
+        assert_eq!(status, 400);
+        error_message(&body);
+
+        let (status, body) = send(app.tokens().bearer_auth(KEY).body("{}")).await;
+        assert_eq!(status, 415);
+        error_message(&body);
+
+        let (status, body) = send(
+            app.tokens()
+                .bearer_auth(KEY)
+                .json(&json!({"account": "acme", "device": "x".repeat(MAX_BODY_BYTES)})),
+        )
+        .await;
+        assert_eq!(status, 413);
+        error_message(&body);
+
+        assert_eq!(app.rejected("bad_request"), 4);
+    }
+
+    #[tokio::test]
+    async fn refuses_invalid_names() {
+        let app = TestServer::start().await;
+        for request in [
+            json!({"account": "a.b", "device": "tv-1"}),
+            json!({"account": "acme", "device": ""}),
+            json!({"account": "acme", "device": "x".repeat(65)}),
+        ] {
+            let (status, body) = send(app.tokens().bearer_auth(KEY).json(&request)).await;
+            assert_eq!(status, 400, "{request}");
+            let message = error_message(&body);
+            assert!(message.starts_with("invalid token request"), "{message}");
+        }
+        assert_eq!(app.rejected("bad_request"), 3);
+        assert_eq!(
+            crate::tests::counter(
+                &app.registry,
+                "headcount_tokens_issued_total",
+                "via",
+                "http"
+            ),
+            0
+        );
+    }
+
+    #[tokio::test]
+    async fn serves_the_jwks() {
+        let app = TestServer::start().await;
+        let response = app
+            .client
+            .get(format!("{}/.well-known/jwks.json", app.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 200);
+        assert_eq!(
+            response.headers().get(header::CACHE_CONTROL).unwrap(),
+            JWKS_CACHE_CONTROL
+        );
+        let jwks: Value = response.json().await.unwrap();
+        assert_eq!(jwks, app.vendor.jwks());
+        let keys = jwks["keys"].as_array().unwrap();
+        assert_eq!(keys.len(), 1);
+        let token = app
+            .vendor
+            .issue(&"acme".parse().unwrap(), &"tv-1".parse().unwrap(), "http")
+            .unwrap()
+            .token;
+        let header = jsonwebtoken::decode_header(&token).unwrap();
+        assert_eq!(keys[0]["kid"].as_str(), header.kid.as_deref());
+        assert_eq!(keys[0]["kty"], "OKP");
+        assert_eq!(keys[0]["crv"], "Ed25519");
+        assert_eq!(keys[0]["alg"], "EdDSA");
+        assert_eq!(keys[0]["use"], "sig");
+        // The published key alone verifies the token, as a third party would.
+        let jwk: jsonwebtoken::jwk::Jwk = serde_json::from_value(keys[0].clone()).unwrap();
+        let key = jsonwebtoken::DecodingKey::from_jwk(&jwk).unwrap();
+        let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::EdDSA);
+        validation.set_audience(&[crate::DEFAULT_AUDIENCE]);
+        validation.set_issuer(&[crate::DEFAULT_ISSUER]);
+        jsonwebtoken::decode::<crate::Claims>(&token, &key, &validation).unwrap();
+    }
+
+    #[test]
+    fn bearer_parsing() {
+        let mut h = HeaderMap::new();
+        assert_eq!(bearer(&h), None);
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer abc"),
+        );
+        assert_eq!(bearer(&h), Some("abc"));
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("bearer  abc "),
+        );
+        assert_eq!(bearer(&h), Some("abc"));
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic abc"));
+        assert_eq!(bearer(&h), None);
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer"));
+        assert_eq!(bearer(&h), None);
+    }
+}

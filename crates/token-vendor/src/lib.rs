@@ -1,0 +1,484 @@
+//! The token vendor: issues the short-lived JWTs devices connect to NATS with,
+//! and verifies them.
+//!
+//! A backend asks for a token for `{account, device}` over HTTP
+//! (`POST /v1/tokens`, operator key as bearer) or over the `headcount.token`
+//! NATS endpoint. Each token starts a new session (`sid`) and is signed with
+//! Ed25519 (`alg: EdDSA`); the public keys are served as a JWKS at
+//! `GET /.well-known/jwks.json`, and [`Vendor::verify`] checks a token the
+//! way NATS auth callout must before granting a device its subjects.
+//!
+//! Layout:
+//! - this file: [`Config`], [`Vendor`] (issue, verify, JWKS), [`Claims`] and
+//!   [`TokenError`].
+//! - `keys`: the signing keys in `<data_dir>/keys/<kid>.json` (mode 0600);
+//!   every key there verifies, the newest signs; [`SIGNING_KEY_ENV`] may
+//!   supply the signing key instead.
+//! - `http`: [`router`] for the HTTP API.
+//! - `nats`: [`serve_nats`], the `headcount.token` micro service.
+//! - `metrics`: the Prometheus collectors.
+//!
+//! This crate must never log or return a key seed or the operator key, never
+//! accept a token that is not EdDSA-signed by one of its own keys (no `none`,
+//! no HMAC), and never put an account or device id in a metric label.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use headcount_protocol::wire::TokenReply;
+use headcount_protocol::{AccountId, DeviceId, NameError, SessionId, now_millis};
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::{Algorithm, Header, Validation};
+use serde::{Deserialize, Serialize};
+
+mod http;
+mod keys;
+mod metrics;
+mod nats;
+
+pub use http::router;
+pub use keys::SIGNING_KEY_ENV;
+pub use nats::{SERVICE_NAME, serve_nats};
+
+use keys::KeyRing;
+use metrics::Metrics;
+
+/// Default `iss` claim.
+pub const DEFAULT_ISSUER: &str = "headcount";
+/// Default `aud` claim.
+pub const DEFAULT_AUDIENCE: &str = "headcount-devices";
+/// Default token lifetime.
+pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(15 * 60);
+/// Tokens longer than this are refused before any parsing.
+pub const MAX_TOKEN_BYTES: usize = 4096;
+/// Clock skew tolerated on `exp` and `nbf`, in seconds: the host verifying a
+/// token need not share the vendor's clock exactly.
+pub const LEEWAY_SECS: u64 = 30;
+
+/// What the vendor needs to run.
+#[derive(Clone)]
+pub struct Config {
+    /// Keys live in `<data_dir>/keys/`.
+    pub data_dir: PathBuf,
+    /// The `iss` claim of issued tokens, and the only one accepted.
+    pub issuer: String,
+    /// The `aud` claim of issued tokens, and the only one accepted.
+    pub audience: String,
+    /// How long an issued token stays valid (whole seconds, at least one).
+    pub token_ttl: Duration,
+    /// Bearer secret for `POST /v1/tokens`. When empty, that endpoint refuses
+    /// every request; NATS issuing is unaffected.
+    pub operator_key: String,
+}
+
+impl Config {
+    /// A configuration with the default issuer, audience and lifetime.
+    pub fn new(data_dir: impl Into<PathBuf>, operator_key: impl Into<String>) -> Self {
+        Self {
+            data_dir: data_dir.into(),
+            issuer: DEFAULT_ISSUER.to_string(),
+            audience: DEFAULT_AUDIENCE.to_string(),
+            token_ttl: DEFAULT_TOKEN_TTL,
+            operator_key: operator_key.into(),
+        }
+    }
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("data_dir", &self.data_dir)
+            .field("issuer", &self.issuer)
+            .field("audience", &self.audience)
+            .field("token_ttl", &self.token_ttl)
+            .field("operator_key", &"[redacted]")
+            .finish()
+    }
+}
+
+/// The claims of a device token.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Claims {
+    /// The device.
+    pub sub: String,
+    /// The account.
+    pub acct: String,
+    /// The session this token starts.
+    pub sid: String,
+    /// Issued at, Unix seconds.
+    pub iat: u64,
+    /// Expires at, Unix seconds.
+    pub exp: u64,
+    /// Not valid before, Unix seconds.
+    pub nbf: u64,
+    pub iss: String,
+    pub aud: String,
+    /// Reserved for per-plan limits; not set by this vendor yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<String>,
+}
+
+impl Claims {
+    pub fn account(&self) -> Result<AccountId, NameError> {
+        AccountId::parse(&self.acct)
+    }
+
+    pub fn device(&self) -> Result<DeviceId, NameError> {
+        DeviceId::parse(&self.sub)
+    }
+
+    pub fn session(&self) -> Result<SessionId, NameError> {
+        SessionId::parse(&self.sid)
+    }
+}
+
+/// Why a token was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    /// Not three base64url parts, or a header or claims that do not parse.
+    #[error("token is malformed")]
+    Malformed,
+    /// No `kid`, or a `kid` this vendor does not hold.
+    #[error("token is signed by an unknown key")]
+    UnknownKid,
+    /// The signature does not verify, or the token is not EdDSA-signed at all
+    /// (`alg: none`, HMAC and the like are refused here).
+    #[error("token signature is invalid")]
+    BadSignature,
+    #[error("token has expired")]
+    Expired,
+    #[error("token is not valid yet")]
+    NotYetValid,
+    #[error("token is for another audience")]
+    WrongAudience,
+    #[error("token is from another issuer")]
+    WrongIssuer,
+    #[error("token is longer than {MAX_TOKEN_BYTES} bytes")]
+    TooLarge,
+    /// Validly signed, but the account, device or session is not a valid name.
+    #[error("token names an invalid account, device or session")]
+    BadClaims,
+}
+
+impl TokenError {
+    /// Every variant, e.g. to pre-create metric series.
+    pub const ALL: [TokenError; 9] = [
+        TokenError::Malformed,
+        TokenError::UnknownKid,
+        TokenError::BadSignature,
+        TokenError::Expired,
+        TokenError::NotYetValid,
+        TokenError::WrongAudience,
+        TokenError::WrongIssuer,
+        TokenError::TooLarge,
+        TokenError::BadClaims,
+    ];
+
+    /// The snake_case name used as the `result` metric label.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            TokenError::Malformed => "malformed",
+            TokenError::UnknownKid => "unknown_kid",
+            TokenError::BadSignature => "bad_signature",
+            TokenError::Expired => "expired",
+            TokenError::NotYetValid => "not_yet_valid",
+            TokenError::WrongAudience => "wrong_audience",
+            TokenError::WrongIssuer => "wrong_issuer",
+            TokenError::TooLarge => "too_large",
+            TokenError::BadClaims => "bad_claims",
+        }
+    }
+}
+
+/// Issues and verifies device tokens. Cheap to clone: every clone shares the
+/// same keys and metrics.
+#[derive(Clone)]
+pub struct Vendor {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    issuer: String,
+    audience: String,
+    ttl_secs: u64,
+    operator_key: String,
+    /// Behind a lock so that a rotation can swap in a new ring while requests
+    /// keep using the one they started with.
+    keys: RwLock<Arc<KeyRing>>,
+    validation: Validation,
+    metrics: Metrics,
+}
+
+impl fmt::Debug for Vendor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let keys = self.keys();
+        f.debug_struct("Vendor")
+            .field("issuer", &self.inner.issuer)
+            .field("audience", &self.inner.audience)
+            .field("ttl_secs", &self.inner.ttl_secs)
+            .field("signing_kid", &keys.signer().kid)
+            .field("keys", &keys.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The two header fields looked at before the signature is checked.
+struct PeekedHeader {
+    alg: String,
+    kid: Option<String>,
+}
+
+impl Vendor {
+    /// Loads the keys of `<data_dir>/keys/` (generating and saving one if
+    /// there is none, or using [`SIGNING_KEY_ENV`] when set) and registers
+    /// the metrics on `registry`.
+    pub fn new(config: Config, registry: &prometheus::Registry) -> anyhow::Result<Vendor> {
+        let env_seed = keys::seed_from_env()?;
+        Self::build(config, registry, env_seed)
+    }
+
+    fn build(
+        config: Config,
+        registry: &prometheus::Registry,
+        env_seed: Option<[u8; 32]>,
+    ) -> anyhow::Result<Vendor> {
+        install_crypto_provider();
+        anyhow::ensure!(!config.issuer.is_empty(), "the token issuer is empty");
+        anyhow::ensure!(!config.audience.is_empty(), "the token audience is empty");
+        let ring = keys::open(&config.data_dir, env_seed)?;
+        let metrics = Metrics::new(registry)?;
+
+        let mut validation = Validation::new(Algorithm::EdDSA);
+        validation.set_issuer(&[&config.issuer]);
+        validation.set_audience(&[&config.audience]);
+        validation.set_required_spec_claims(&["exp", "nbf", "iss", "aud", "sub"]);
+        validation.validate_exp = true;
+        validation.validate_nbf = true;
+        validation.leeway = LEEWAY_SECS;
+
+        if config.operator_key.is_empty() {
+            tracing::warn!("no operator key configured: POST /v1/tokens refuses every request");
+        }
+        tracing::info!(
+            kid = %ring.signer().kid,
+            keys = ring.len(),
+            issuer = %config.issuer,
+            audience = %config.audience,
+            ttl_secs = config.token_ttl.as_secs(),
+            "token vendor keys loaded"
+        );
+        Ok(Vendor {
+            inner: Arc::new(Inner {
+                issuer: config.issuer,
+                audience: config.audience,
+                ttl_secs: config.token_ttl.as_secs().max(1),
+                operator_key: config.operator_key,
+                keys: RwLock::new(Arc::new(ring)),
+                validation,
+                metrics,
+            }),
+        })
+    }
+
+    /// Issues a token that starts a new session of `device`. `via` names the
+    /// channel for the metrics: `"http"` or `"nats"`.
+    pub fn issue(
+        &self,
+        account: &AccountId,
+        device: &DeviceId,
+        via: &'static str,
+    ) -> anyhow::Result<TokenReply> {
+        self.issue_at(account, device, via, now_millis() / 1000)
+    }
+
+    /// [`Vendor::issue`] as if the time were `now` (Unix seconds).
+    fn issue_at(
+        &self,
+        account: &AccountId,
+        device: &DeviceId,
+        via: &'static str,
+        now: u64,
+    ) -> anyhow::Result<TokenReply> {
+        let session = SessionId::parse(nuid::next().as_str())?;
+        let exp = now.saturating_add(self.inner.ttl_secs);
+        let claims = Claims {
+            sub: device.to_string(),
+            acct: account.to_string(),
+            sid: session.to_string(),
+            iat: now,
+            exp,
+            nbf: now,
+            iss: self.inner.issuer.clone(),
+            aud: self.inner.audience.clone(),
+            plan: None,
+        };
+        let keys = self.keys();
+        let signer = keys.signer();
+        let mut header = Header::new(Algorithm::EdDSA);
+        header.kid = Some(signer.kid.clone());
+        let token = jsonwebtoken::encode(&header, &claims, &signer.encoding)
+            .map_err(|e| anyhow::anyhow!("signing token with key {}: {e}", signer.kid))?;
+        self.inner.metrics.issued.with_label_values(&[via]).inc();
+        tracing::debug!(%account, %device, %session, via, kid = %signer.kid, "token issued");
+        Ok(TokenReply {
+            token,
+            session,
+            expires_at: exp.saturating_mul(1000),
+        })
+    }
+
+    /// Checks a token: size, shape, a known `kid`, the EdDSA signature,
+    /// `exp` and `nbf` (with [`LEEWAY_SECS`]), `iss`, `aud`, and that the
+    /// account, device and session are valid names.
+    pub fn verify(&self, token: &str) -> Result<Claims, TokenError> {
+        let result = self.check(token);
+        let label = match &result {
+            Ok(_) => "ok",
+            Err(e) => e.kind(),
+        };
+        self.inner
+            .metrics
+            .verifications
+            .with_label_values(&[label])
+            .inc();
+        result
+    }
+
+    fn check(&self, token: &str) -> Result<Claims, TokenError> {
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(TokenError::TooLarge);
+        }
+        let header = peek_header(token)?;
+        // Only EdDSA is ever accepted; jsonwebtoken would refuse other
+        // algorithms too, but `none` does not even parse there, and a token
+        // that is not signed the way we sign is a signature failure.
+        if header.alg != "EdDSA" {
+            return Err(TokenError::BadSignature);
+        }
+        let kid = header.kid.ok_or(TokenError::UnknownKid)?;
+        let keys = self.keys();
+        let key = keys.get(&kid).ok_or(TokenError::UnknownKid)?;
+        let data = jsonwebtoken::decode::<Claims>(token, &key.decoding, &self.inner.validation)
+            .map_err(|e| token_error(&e))?;
+        let claims = data.claims;
+        if let Err(e) = claims.account().and(claims.device()).and(claims.session()) {
+            tracing::debug!(error = %e, "token names are invalid");
+            return Err(TokenError::BadClaims);
+        }
+        Ok(claims)
+    }
+
+    /// The public keys as a JWKS, signing key first.
+    pub fn jwks(&self) -> serde_json::Value {
+        let keys = self.keys();
+        let keys: Vec<serde_json::Value> = keys
+            .by_age()
+            .into_iter()
+            .map(|k| {
+                serde_json::json!({
+                    "kty": "OKP",
+                    "crv": "Ed25519",
+                    "alg": "EdDSA",
+                    "use": "sig",
+                    "kid": k.kid,
+                    "x": URL_SAFE_NO_PAD.encode(k.public),
+                })
+            })
+            .collect();
+        serde_json::json!({ "keys": keys })
+    }
+
+    /// Whether `presented` is the operator key, compared in constant time.
+    pub(crate) fn is_operator_key(&self, presented: &str) -> bool {
+        let expected = self.inner.operator_key.as_bytes();
+        !expected.is_empty() && constant_time_eq(presented.as_bytes(), expected)
+    }
+
+    pub(crate) fn count_rejection(&self, reason: &'static str) {
+        self.inner
+            .metrics
+            .rejected
+            .with_label_values(&[reason])
+            .inc();
+    }
+
+    fn keys(&self) -> Arc<KeyRing> {
+        // A poisoned lock still holds a whole ring: the writer swaps an Arc.
+        self.inner
+            .keys
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+}
+
+/// Selects jsonwebtoken's RustCrypto backend for this process. jsonwebtoken
+/// picks it on its own when it is the only backend compiled in, but panics
+/// at the first signature if some other crate of the build also enables its
+/// `aws_lc_rs` feature; installing it explicitly keeps that from mattering.
+/// A provider installed earlier by someone else is kept.
+fn install_crypto_provider() {
+    let _ = jsonwebtoken::crypto::rust_crypto::DEFAULT_PROVIDER.install_default();
+}
+
+/// Reads `alg` and `kid` from a token's header without trusting anything.
+fn peek_header(token: &str) -> Result<PeekedHeader, TokenError> {
+    let mut parts = token.split('.');
+    let (Some(header), Some(_claims), Some(_signature), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(TokenError::Malformed);
+    };
+    let json = URL_SAFE_NO_PAD
+        .decode(header)
+        .map_err(|_| TokenError::Malformed)?;
+    // A JSON object, read by hand: serde's derive would also take an array.
+    let header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&json).map_err(|_| TokenError::Malformed)?;
+    let alg = match header.get("alg") {
+        Some(serde_json::Value::String(alg)) => alg.clone(),
+        _ => return Err(TokenError::Malformed),
+    };
+    let kid = match header.get("kid") {
+        None => None,
+        Some(serde_json::Value::String(kid)) => Some(kid.clone()),
+        Some(_) => return Err(TokenError::Malformed),
+    };
+    Ok(PeekedHeader { alg, kid })
+}
+
+fn token_error(e: &jsonwebtoken::errors::Error) -> TokenError {
+    match e.kind() {
+        // The header was read before, so a base64 failure here is in the
+        // signature (the claims are only decoded once it verified).
+        ErrorKind::InvalidSignature | ErrorKind::InvalidAlgorithm | ErrorKind::Base64(_) => {
+            TokenError::BadSignature
+        }
+        ErrorKind::ExpiredSignature => TokenError::Expired,
+        ErrorKind::ImmatureSignature => TokenError::NotYetValid,
+        ErrorKind::InvalidAudience => TokenError::WrongAudience,
+        ErrorKind::InvalidIssuer => TokenError::WrongIssuer,
+        other => {
+            tracing::debug!(error = ?other, "token refused");
+            TokenError::Malformed
+        }
+    }
+}
+
+/// Compares without stopping at the first difference, so the time taken does
+/// not tell a caller how much of the key it guessed right. The loop runs
+/// over the presented bytes, whose length the caller already knows.
+fn constant_time_eq(presented: &[u8], expected: &[u8]) -> bool {
+    let mut diff = u8::from(presented.len() != expected.len());
+    for (i, p) in presented.iter().enumerate() {
+        diff |= p ^ expected.get(i).copied().unwrap_or(0);
+    }
+    std::hint::black_box(diff) == 0
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,68 @@
+//! The token vendor's Prometheus collectors.
+//!
+//! Labels stay low-cardinality: a channel, a reason or a result kind, never an
+//! account, device or key id.
+
+use prometheus::{IntCounterVec, Opts, Registry};
+
+/// Channels a token can be issued over.
+pub(crate) const VIA: &[&str] = &["http", "nats"];
+/// Why a token request was refused.
+pub(crate) const UNAUTHORIZED: &str = "unauthorized";
+pub(crate) const BAD_REQUEST: &str = "bad_request";
+
+#[derive(Clone, Debug)]
+pub(crate) struct Metrics {
+    /// Tokens issued, by channel: http, nats.
+    pub issued: IntCounterVec,
+    /// Token requests refused, by reason: unauthorized, bad_request.
+    pub rejected: IntCounterVec,
+    /// Token verifications, by result: ok or the error kind.
+    pub verifications: IntCounterVec,
+}
+
+impl Metrics {
+    /// Creates the collectors and registers them on `registry`; fails if
+    /// they are already registered there (one vendor per registry).
+    pub fn new(registry: &Registry) -> anyhow::Result<Self> {
+        let m = Self {
+            issued: IntCounterVec::new(
+                Opts::new(
+                    "headcount_tokens_issued_total",
+                    "device tokens issued, by channel",
+                ),
+                &["via"],
+            )?,
+            rejected: IntCounterVec::new(
+                Opts::new(
+                    "headcount_token_requests_rejected_total",
+                    "token requests refused, by reason",
+                ),
+                &["reason"],
+            )?,
+            verifications: IntCounterVec::new(
+                Opts::new(
+                    "headcount_token_verifications_total",
+                    "device tokens verified, by result",
+                ),
+                &["result"],
+            )?,
+        };
+        registry.register(Box::new(m.issued.clone()))?;
+        registry.register(Box::new(m.rejected.clone()))?;
+        registry.register(Box::new(m.verifications.clone()))?;
+        // Every series exists from the start, so a scrape shows zeros rather
+        // than nothing and rate() works from the first increment.
+        for via in VIA {
+            m.issued.with_label_values(&[*via]);
+        }
+        for reason in [UNAUTHORIZED, BAD_REQUEST] {
+            m.rejected.with_label_values(&[reason]);
+        }
+        m.verifications.with_label_values(&["ok"]);
+        for kind in crate::TokenError::ALL {
+            m.verifications.with_label_values(&[kind.kind()]);
+        }
+        Ok(m)
+    }
+}

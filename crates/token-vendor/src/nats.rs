@@ -1,0 +1,95 @@
+//! The `headcount.token` endpoint, as a NATS micro service.
+
+use async_nats::service::ServiceExt;
+use bytes::Bytes;
+use futures::StreamExt;
+use headcount_protocol::subjects::{self, endpoint};
+use headcount_protocol::wire::{TokenRequest, error_code};
+use headcount_runtime::{Shutdown, service_error};
+
+use crate::Vendor;
+use crate::metrics::BAD_REQUEST;
+
+/// The micro service name, as `$SRV.PING|INFO|STATS` report it.
+pub const SERVICE_NAME: &str = "headcount-token-vendor";
+
+/// Serves `headcount.token` until `shutdown`, then stops the service (its
+/// endpoint unsubscribes) and returns. Every instance joins the default
+/// queue group, so several vendors share the requests.
+pub async fn serve_nats(
+    vendor: Vendor,
+    nats: async_nats::Client,
+    shutdown: Shutdown,
+) -> anyhow::Result<()> {
+    let service = nats
+        .service_builder()
+        .description("headcount: device tokens for NATS connections")
+        .start(SERVICE_NAME, env!("CARGO_PKG_VERSION"))
+        .await
+        .map_err(|e| anyhow::anyhow!("starting token vendor service: {e}"))?;
+    let mut requests = match service
+        .group(subjects::SERVICE_PREFIX)
+        .endpoint(endpoint::TOKEN)
+        .await
+    {
+        Ok(requests) => requests,
+        Err(e) => {
+            let _ = service.stop().await;
+            anyhow::bail!("adding endpoint {}: {e}", endpoint::TOKEN);
+        }
+    };
+    tracing::info!(
+        subject = %subjects::endpoint_subject(endpoint::TOKEN),
+        "token endpoint ready"
+    );
+
+    let mut stop = std::pin::pin!(shutdown.wait());
+    let result = loop {
+        tokio::select! {
+            _ = &mut stop => break Ok(()),
+            request = requests.next() => match request {
+                // Signing takes microseconds: answering inline keeps the
+                // loop simple and shutdown prompt.
+                Some(request) => answer(&vendor, request).await,
+                None => break Err(anyhow::anyhow!("token endpoint closed")),
+            },
+        }
+    };
+
+    if let Err(e) = requests.stop().await {
+        tracing::warn!(error = %e, "stopping token endpoint");
+    }
+    if let Err(e) = service.stop().await {
+        tracing::warn!(error = %e, "stopping token vendor service");
+    }
+    tracing::info!("token endpoint stopped");
+    result
+}
+
+async fn answer(vendor: &Vendor, request: async_nats::service::Request) {
+    let reply = handle(vendor, &request.message.payload);
+    if let Err(e) = request.respond(reply).await {
+        tracing::warn!(error = %e, "sending token reply");
+    }
+}
+
+fn handle(vendor: &Vendor, payload: &[u8]) -> Result<Bytes, async_nats::service::error::Error> {
+    let request: TokenRequest = serde_json::from_slice(payload).map_err(|e| {
+        vendor.count_rejection(BAD_REQUEST);
+        tracing::debug!(error = %e, "refusing token request");
+        service_error(
+            error_code::BAD_REQUEST,
+            format!("invalid token request: {e}"),
+        )
+    })?;
+    let reply = vendor
+        .issue(&request.account, &request.device, "nats")
+        .map_err(|e| {
+            tracing::error!(error = %format!("{e:#}"), "issuing token");
+            service_error(error_code::INTERNAL, "issuing the token failed")
+        })?;
+    serde_json::to_vec(&reply).map(Into::into).map_err(|e| {
+        tracing::error!(error = %e, "encoding token reply");
+        service_error(error_code::INTERNAL, "encoding the token reply failed")
+    })
+}

@@ -1,0 +1,513 @@
+//! Issuing and verifying: the round trip and every way a token is refused.
+
+use std::path::Path;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use headcount_protocol::{AccountId, DeviceId, SessionId};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::json;
+
+use super::*;
+
+/// A vendor on `dir` with the default settings changed by `edit`, its own
+/// registry, and never the signing key from the environment.
+pub(crate) fn test_vendor(
+    dir: &Path,
+    edit: impl FnOnce(&mut Config),
+) -> (Vendor, prometheus::Registry) {
+    let mut config = Config::new(dir, "operator");
+    edit(&mut config);
+    let registry = prometheus::Registry::new();
+    let vendor = Vendor::build(config, &registry, None).unwrap();
+    (vendor, registry)
+}
+
+/// The value of counter `name` with `label` = `value`.
+pub(crate) fn counter(
+    registry: &prometheus::Registry,
+    name: &str,
+    label: &str,
+    value: &str,
+) -> u64 {
+    registry
+        .gather()
+        .iter()
+        .filter(|family| family.name() == name)
+        .flat_map(|family| family.get_metric())
+        .filter(|m| {
+            m.get_label()
+                .iter()
+                .any(|l| l.name() == label && l.value() == value)
+        })
+        .map(|m| m.get_counter().get_value() as u64)
+        .sum()
+}
+
+pub(crate) fn verifications(registry: &prometheus::Registry, result: &str) -> u64 {
+    counter(
+        registry,
+        "headcount_token_verifications_total",
+        "result",
+        result,
+    )
+}
+
+fn acme() -> AccountId {
+    AccountId::parse("acme").unwrap()
+}
+
+fn tv() -> DeviceId {
+    DeviceId::parse("tv-1").unwrap()
+}
+
+fn now() -> u64 {
+    now_millis() / 1000
+}
+
+/// Claims as the vendor would issue them now.
+fn claims(vendor: &Vendor) -> Claims {
+    let reply = vendor.issue(&acme(), &tv(), "nats").unwrap();
+    vendor.verify(&reply.token).unwrap()
+}
+
+/// A token signed with `vendor`'s own key but made by hand.
+fn sign_by_hand(vendor: &Vendor, header: &Header, claims: &impl Serialize) -> String {
+    let keys = vendor.keys();
+    jsonwebtoken::encode(header, claims, &keys.signer().encoding).unwrap()
+}
+
+fn eddsa_header(vendor: &Vendor) -> Header {
+    let mut header = Header::new(Algorithm::EdDSA);
+    header.kid = Some(vendor.keys().signer().kid.clone());
+    header
+}
+
+fn b64(value: &serde_json::Value) -> String {
+    URL_SAFE_NO_PAD.encode(value.to_string())
+}
+
+#[test]
+fn issued_tokens_verify_with_their_claims() {
+    let dir = tempfile::tempdir().unwrap();
+    let (vendor, registry) = test_vendor(dir.path(), |_| {});
+    let before = now();
+    let reply = vendor.issue(&acme(), &tv(), "nats").unwrap();
+    let claims = vendor.verify(&reply.token).unwrap();
+    assert_eq!(claims.sub, "tv-1");
+    assert_eq!(claims.acct, "acme");
+    assert_eq!(claims.sid, reply.session.as_str());
+    assert_eq!(claims.iss, DEFAULT_ISSUER);
+    assert_eq!(claims.aud, DEFAULT_AUDIENCE);
+    assert_eq!(claims.plan, None);
+    assert!(claims.iat >= before && claims.iat <= now());
+    assert_eq!(claims.nbf, claims.iat);
+    assert_eq!(claims.exp - claims.iat, DEFAULT_TOKEN_TTL.as_secs());
+    assert_eq!(reply.expires_at, claims.exp * 1000);
+    assert_eq!(reply.session.as_str().len(), 22);
+    assert_eq!(claims.session().unwrap(), reply.session);
+    assert_eq!(claims.account().unwrap(), acme());
+    assert_eq!(claims.device().unwrap(), tv());
+
+    let header = jsonwebtoken::decode_header(&reply.token).unwrap();
+    assert_eq!(header.alg, Algorithm::EdDSA);
+    assert_eq!(
+        header.kid.as_deref(),
+        Some(vendor.keys().signer().kid.as_str())
+    );
+
+    assert_eq!(
+        counter(&registry, "headcount_tokens_issued_total", "via", "nats"),
+        1
+    );
+    assert_eq!(
+        counter(&registry, "headcount_tokens_issued_total", "via", "http"),
+        0
+    );
+    assert_eq!(verifications(&registry, "ok"), 1);
+}
+
+#[test]
+fn every_token_starts_a_new_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let (vendor, _) = test_vendor(dir.path(), |_| {});
+    let a = vendor.issue(&acme(), &tv(), "http").unwrap();
+    let b = vendor.issue(&acme(), &tv(), "http").unwrap();
+    assert_ne!(a.session, b.session);
+}
+
+#[test]
+fn the_ttl_is_configurable() {
+    let dir = tempfile::tempdir().unwrap();
+    let (vendor, _) = test_vendor(dir.path(), |c| c.token_ttl = Duration::from_secs(90));
+    let c = claims(&vendor);
+    assert_eq!(c.exp - c.iat, 90);
+}
+
+#[test]
+fn expired_tokens_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (vendor, registry) = test_vendor(dir.path(), |_| {});
+    let long_ago = now() - DEFAULT_TOKEN_TTL.as_secs() - LEEWAY_SECS - 60;
+    let reply = vendor.issue_at(&acme(), &tv(), "nats", long_ago).unwrap();
+    assert_eq!(vendor.verify(&reply.token), Err(TokenError::Expired));
+    assert_eq!(verifications(&registry, "expired"), 1);
+}
+
+#[test]
+fn tokens_within_the_leeway_still_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    let (vendor, _) = test_vendor(dir.path(), |_| {});
+    let just_expired = now() - DEFAULT_TOKEN_TTL.as_secs() - LEEWAY_SECS / 2;
+    let reply = vendor
+        .issue_at(&acme(), &tv(), "nats", just_expired)
+        .unwrap();
+    assert!(vendor.verify(&reply.token).is_ok());
+}
+
+#[test]
+fn tokens_from_the_future_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (vendor, _) = test_vendor(dir.path(), |_| {});
+    let later = now() + LEEWAY_SECS + 600;
+    let reply = vendor.issue_at(&acme(), &tv(), "nats", later).unwrap();
+    assert_eq!(vendor.verify(&reply.token), Err(TokenError::NotYetValid));
+}
+
+#[test]
+fn another_audience_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (vendor, _) = test_vendor(dir.path(), |_| {});
+    // Same data dir, hence the same key: only the audience differs.
+    let (other, _) = test_vendor(dir.path(), |c| c.audience = "someone-else".into());
+    let token = other.issue(&acme(), &tv(), "nats").unwrap().token;
+    assert_eq!(vendor.verify(&token), Err(TokenError::WrongAudience));
+}
+
+#[test]
+fn another_issuer_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (vendor, _) = test_vendor(dir.path(), |_| {});
+    let (other, _) = test_vendor(dir.path(), |c| c.issuer = "someone-else".into());
+    let token = other.issue(&acme(), &tv(), "nats").unwrap().token;
+    assert_eq!(vendor.verify(&token), Err(TokenError::WrongIssuer));
+}
+
+#[test]
+fn a_key_from_another_vendor_is_unknown() {
+    let dir = tempfile::tempdir().unwrap();
+    let other_dir = tempfile::tempdir().unwrap();
+    let (vendor, registry) = test_vendor(dir.path(), |_| {});
+    let (other, _) = test_vendor(other_dir.path(), |_| {});
+    let token = other.issue(&acme(), &tv(), "nats").unwrap().token;
+    assert_eq!(vendor.verify(&token), Err(TokenError::UnknownKid));
+    assert_eq!(verifications(&registry, "unknown_kid"), 1);
+}
+
+#[test]
+fn a_token_without_kid_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (vendor, _) = test_vendor(dir.path(), |_| {});
+    let token = sign_by_hand(&vendor, &Header::new(Algorithm::EdDSA), &claims(&vendor));
+    assert_eq!(vendor.verify(&token), Err(TokenError::UnknownKid));
+}
+
+#[test]
+fn another_key_claiming_our_kid_fails_the_signature() {
+    let dir = tempfile::tempdir().unwrap();
+    let other_dir = tempfile::tempdir().unwrap();
+    let (vendor, _) = test_vendor(dir.path(), |_| {});
+    let (other, _) = test_vendor(other_dir.path(), |_| {});
+    let token = sign_by_hand(&other, &eddsa_header(&vendor), &claims(&vendor));
+    assert_eq!(vendor.verify(&token), Err(TokenError::BadSignature));
+}
+
+#[test]
+fn tampered_tokens_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (vendor, registry) = test_vendor(dir.path(), |_| {});
+    let token = vendor.issue(&acme(), &tv(), "nats").unwrap().token;
+    let (message, signature) = token.rsplit_once('.').unwrap();
+
+    // One character of the signature changed.
+    let mut sig: Vec<u8> = signature.bytes().collect();
+    sig[10] = if sig[10] == b'A' { b'B' } else { b'A' };
+    let bad_sig = format!("{message}.{}", String::from_utf8(sig).unwrap());
+    assert_eq!(vendor.verify(&bad_sig), Err(TokenError::BadSignature));
+
+    // The signature cut short or dropped.
+    assert_eq!(
+        vendor.verify(&format!("{message}.{}", &signature[..20])),
+        Err(TokenError::BadSignature)
+    );
+    assert_eq!(
+        vendor.verify(&format!("{message}.")),
+        Err(TokenError::BadSignature)
+    );
+
+    // The claims changed under the original signature.
+    let (header, _) = message.split_once('.').unwrap();
+    let mut forged = claims(&vendor);
+    forged.acct = "other-account".into();
+    let forged = format!(
+        "{header}.{}.{signature}",
+        b64(&serde_json::to_value(&forged).unwrap())
+    );
+    assert_eq!(vendor.verify(&forged), Err(TokenError::BadSignature));
+    assert_eq!(verifications(&registry, "bad_signature"), 4);
+}
+
+#[test]
+fn unsigned_tokens_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (vendor, _) = test_vendor(dir.path(), |_| {});
+    let kid = vendor.keys().signer().kid.clone();
+    let payload = b64(&serde_json::to_value(claims(&vendor)).unwrap());
+    for header in [
+        json!({"alg": "none", "typ": "JWT"}),
+        json!({"alg": "none", "typ": "JWT", "kid": kid}),
+        json!({"alg": "None", "kid": kid}),
+    ] {
+        for signature in ["", "c2lnbmF0dXJl"] {
+            let token = format!("{}.{payload}.{signature}", b64(&header));
+            assert_eq!(
+                vendor.verify(&token),
+                Err(TokenError::BadSignature),
+                "{header}"
+            );
+        }
+    }
+}
+
+#[test]
+fn hmac_with_the_public_key_is_refused() {
+    // The classic algorithm confusion: sign with HS256, using the published
+    // public key as the HMAC secret.
+    let dir = tempfile::tempdir().unwrap();
+    let (vendor, _) = test_vendor(dir.path(), |_| {});
+    let keys = vendor.keys();
+    let mut header = Header::new(Algorithm::HS256);
+    header.kid = Some(keys.signer().kid.clone());
+    let token = jsonwebtoken::encode(
+        &header,
+        &claims(&vendor),
+        &EncodingKey::from_secret(&keys.signer().public),
+    )
+    .unwrap();
+    assert_eq!(vendor.verify(&token), Err(TokenError::BadSignature));
+}
+
+#[test]
+fn oversized_tokens_are_refused_before_parsing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (vendor, registry) = test_vendor(dir.path(), |_| {});
+    assert_eq!(
+        vendor.verify(&"a".repeat(MAX_TOKEN_BYTES + 1)),
+        Err(TokenError::TooLarge)
+    );
+    // A properly signed token is refused too once it is over the limit.
+    let mut big = claims(&vendor);
+    big.plan = Some("p".repeat(MAX_TOKEN_BYTES));
+    let token = sign_by_hand(&vendor, &eddsa_header(&vendor), &big);
+    assert_eq!(vendor.verify(&token), Err(TokenError::TooLarge));
+    assert_eq!(verifications(&registry, "too_large"), 2);
+}
+
+#[test]
+fn garbage_is_malformed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (vendor, registry) = test_vendor(dir.path(), |_| {});
+    let header = b64(&json!({"alg": "EdDSA", "kid": vendor.keys().signer().kid}));
+    let garbage = [
+        String::new(),
+        "garbage".into(),
+        "a.b".into(),
+        "a.b.c".into(),
+        "a.b.c.d".into(),
+        "..".into(),
+        "€.€.€".into(),
+        format!("{}.e30.c2ln", b64(&json!(["alg", "EdDSA"]))),
+        format!("{}.e30.c2ln", b64(&json!({"kid": "x"}))),
+        format!("{}.e30.c2ln", b64(&json!({"alg": 5}))),
+        format!("{}.e30.c2ln", URL_SAFE_NO_PAD.encode("not json")),
+        format!("{header}.a.b.c"),
+    ];
+    for token in &garbage {
+        assert_eq!(
+            vendor.verify(token),
+            Err(TokenError::Malformed),
+            "{token:?}"
+        );
+    }
+    assert_eq!(verifications(&registry, "malformed"), garbage.len() as u64);
+}
+
+#[test]
+fn signed_claims_of_the_wrong_shape_are_malformed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (vendor, _) = test_vendor(dir.path(), |_| {});
+    let mut missing_sid = serde_json::to_value(claims(&vendor)).unwrap();
+    missing_sid.as_object_mut().unwrap().remove("sid");
+    let token = sign_by_hand(&vendor, &eddsa_header(&vendor), &missing_sid);
+    assert_eq!(vendor.verify(&token), Err(TokenError::Malformed));
+}
+
+#[test]
+fn signed_claims_with_invalid_names_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (vendor, registry) = test_vendor(dir.path(), |_| {});
+    let edits: [fn(&mut Claims); 4] = [
+        |c| c.acct = "a.b".into(),
+        |c| c.sub = String::new(),
+        |c| c.sid = "s*".into(),
+        |c| c.acct = "x".repeat(65),
+    ];
+    for edit in edits {
+        let mut c = claims(&vendor);
+        edit(&mut c);
+        let token = sign_by_hand(&vendor, &eddsa_header(&vendor), &c);
+        assert_eq!(vendor.verify(&token), Err(TokenError::BadClaims), "{c:?}");
+    }
+    assert_eq!(verifications(&registry, "bad_claims"), 4);
+}
+
+#[test]
+fn the_key_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (first, _) = test_vendor(dir.path(), |_| {});
+    let kid = first.keys().signer().kid.clone();
+    let token = first.issue(&acme(), &tv(), "http").unwrap().token;
+    let jwks = first.jwks();
+    drop(first);
+
+    let (second, _) = test_vendor(dir.path(), |_| {});
+    assert_eq!(second.keys().signer().kid, kid);
+    assert_eq!(second.jwks(), jwks);
+    assert_eq!(second.verify(&token).unwrap().acct, "acme");
+    let path = keys::key_dir(dir.path()).join(format!("{kid}.json"));
+    assert!(path.is_file());
+}
+
+#[test]
+fn an_older_key_keeps_verifying_after_a_newer_one_appears() {
+    let dir = tempfile::tempdir().unwrap();
+    let (first, _) = test_vendor(dir.path(), |_| {});
+    let old_kid = first.keys().signer().kid.clone();
+    let old_token = first.issue(&acme(), &tv(), "http").unwrap().token;
+
+    let newer = keys::KeyPair::from_seed([42; 32], now_millis() + 1_000).unwrap();
+    keys::save(&keys::key_dir(dir.path()), &newer).unwrap();
+    let (second, _) = test_vendor(dir.path(), |_| {});
+    assert_eq!(second.keys().signer().kid, newer.kid);
+    assert!(second.verify(&old_token).is_ok());
+    let new_token = second.issue(&acme(), &tv(), "http").unwrap().token;
+    assert_eq!(
+        jsonwebtoken::decode_header(&new_token)
+            .unwrap()
+            .kid
+            .as_deref(),
+        Some(newer.kid.as_str())
+    );
+    let jwks = second.jwks();
+    let kids: Vec<&str> = jwks["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["kid"].as_str().unwrap())
+        .collect();
+    assert_eq!(kids, [newer.kid.as_str(), old_kid.as_str()]);
+}
+
+#[test]
+fn a_key_from_the_environment_signs() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = prometheus::Registry::new();
+    let vendor = Vendor::build(Config::new(dir.path(), "k"), &registry, Some([5; 32])).unwrap();
+    let expected = keys::KeyPair::from_seed([5; 32], 0).unwrap();
+    let jwks = vendor.jwks();
+    assert_eq!(jwks["keys"][0]["kid"], expected.kid.as_str());
+    assert_eq!(
+        jwks["keys"][0]["x"],
+        URL_SAFE_NO_PAD.encode(expected.public)
+    );
+    let token = vendor.issue(&acme(), &tv(), "nats").unwrap().token;
+    assert!(vendor.verify(&token).is_ok());
+}
+
+#[test]
+fn jwks_lists_the_public_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let (vendor, _) = test_vendor(dir.path(), |_| {});
+    let keys = vendor.keys();
+    let signer = keys.signer();
+    assert_eq!(
+        vendor.jwks(),
+        json!({"keys": [{
+            "kty": "OKP",
+            "crv": "Ed25519",
+            "alg": "EdDSA",
+            "use": "sig",
+            "kid": signer.kid,
+            "x": URL_SAFE_NO_PAD.encode(signer.public),
+        }]})
+    );
+}
+
+#[test]
+fn one_registry_holds_one_vendor() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = prometheus::Registry::new();
+    Vendor::build(Config::new(dir.path(), "k"), &registry, None).unwrap();
+    assert!(Vendor::build(Config::new(dir.path(), "k"), &registry, None).is_err());
+}
+
+#[test]
+fn metric_series_exist_from_the_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_vendor, registry) = test_vendor(dir.path(), |_| {});
+    let families = registry.gather();
+    let series = |name: &str| {
+        families
+            .iter()
+            .find(|f| f.name() == name)
+            .map(|f| f.get_metric().len())
+            .unwrap_or(0)
+    };
+    assert_eq!(series("headcount_tokens_issued_total"), 2);
+    assert_eq!(series("headcount_token_requests_rejected_total"), 2);
+    assert_eq!(
+        series("headcount_token_verifications_total"),
+        1 + TokenError::ALL.len()
+    );
+}
+
+#[test]
+fn operator_key_comparison() {
+    let dir = tempfile::tempdir().unwrap();
+    let (vendor, _) = test_vendor(dir.path(), |c| c.operator_key = "s3cret".into());
+    assert!(vendor.is_operator_key("s3cret"));
+    for wrong in ["", "s3cre", "s3cret ", "S3cret", "s3cretx"] {
+        assert!(!vendor.is_operator_key(wrong), "{wrong:?}");
+    }
+    let (open, _) = test_vendor(dir.path(), |c| c.operator_key = String::new());
+    assert!(!open.is_operator_key(""));
+}
+
+#[test]
+fn error_kinds_are_distinct_snake_case() {
+    let kinds: std::collections::HashSet<&str> = TokenError::ALL.iter().map(|e| e.kind()).collect();
+    assert_eq!(kinds.len(), TokenError::ALL.len());
+    assert!(
+        kinds
+            .iter()
+            .all(|k| k.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'))
+    );
+    assert!(!kinds.contains("ok"));
+}
+
+#[test]
+fn session_ids_are_valid_names() {
+    for _ in 0..100 {
+        assert!(SessionId::parse(nuid::next().as_str()).is_ok());
+    }
+}
