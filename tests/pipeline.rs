@@ -1,13 +1,15 @@
 //! The whole pipeline on a real nats-server: devices heartbeat, the handler
 //! records sessions in KV, the checker counts them and enforces limits.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures::StreamExt;
 use headcount_protocol::wire::{
-    ActiveReply, CheckReply, ControlMessage, ControlType, Heartbeat, KickReply, LimitsReply,
-    PresenceEvent, EventType,
+    ActiveReply, CheckReply, ControlMessage, ControlType, EventType, Heartbeat, KickReply,
+    LimitsReply, PresenceEvent,
 };
 use headcount_protocol::{Limit, Policy};
 use serde_json::json;
@@ -48,7 +50,10 @@ async fn next_event(sub: &mut async_nats::Subscriber, kind: EventType) -> Presen
 }
 
 async fn control(device: &async_nats::Client, account: &str, dev: &str) -> async_nats::Subscriber {
-    let sub = device.subscribe(format!("ctl.{account}.{dev}")).await.unwrap();
+    let sub = device
+        .subscribe(format!("ctl.{account}.{dev}"))
+        .await
+        .unwrap();
     device.flush().await.unwrap();
     sub
 }
@@ -76,10 +81,7 @@ async fn a_new_session_is_counted_with_its_details() {
     let (reply, took) = app.wait_active("acme", SOON, |r| r.active == 1).await;
     assert!(took.is_some(), "never became active: {reply:?}");
     let s = &reply.sessions[0];
-    assert_eq!(
-        (s.device.as_str(), s.session.as_str()),
-        ("laptop", "s1")
-    );
+    assert_eq!((s.device.as_str(), s.session.as_str()), ("laptop", "s1"));
     assert_eq!(s.content.as_deref(), Some("movie-42"));
     assert_eq!(s.kind.as_deref(), Some("web"));
     assert_eq!(s.region.as_deref(), Some("eu-west"));
@@ -102,9 +104,15 @@ async fn heartbeats_are_coalesced_into_one_write_per_interval() {
         };
         app.heartbeat(&dev, "acme", "tv", "s1", &hb).await;
     }
-    app.wait_active("acme", SOON, |r| r.active == 1).await.1.expect("active");
+    app.wait_active("acme", SOON, |r| r.active == 1)
+        .await
+        .1
+        .expect("active");
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(handler.metric(r#"headcount_heartbeats_total{result="accepted"}"#), 50.0);
+    assert_eq!(
+        handler.metric(r#"headcount_heartbeats_total{result="accepted"}"#),
+        50.0
+    );
     let writes = handler.metric(r#"headcount_kv_writes_total{result="ok"}"#);
     // 50 heartbeats, one session: one write, two if an interval boundary fell inside.
     assert!((1.0..=2.0).contains(&writes), "kv writes: {writes}");
@@ -116,7 +124,10 @@ async fn leave_frees_the_seat_at_once() {
     let dev = app.nats.device_client().await;
     let mut ev = events(&app, "acme").await;
     app.heartbeat(&dev, "acme", "tv", "s1", &plain()).await;
-    app.wait_active("acme", SOON, |r| r.active == 1).await.1.expect("joined");
+    app.wait_active("acme", SOON, |r| r.active == 1)
+        .await
+        .1
+        .expect("joined");
     let leave = Heartbeat {
         leave: true,
         ..Default::default()
@@ -135,7 +146,10 @@ async fn a_silent_device_times_out() {
     let mut ev = events(&app, "acme").await;
     let quiet = Device::start(dev.clone(), "acme", "tv", "s1", BEAT, plain());
     let stays = Device::start(dev.clone(), "acme", "phone", "s2", BEAT, plain());
-    app.wait_active("acme", SOON, |r| r.active == 2).await.1.expect("both active");
+    app.wait_active("acme", SOON, |r| r.active == 2)
+        .await
+        .1
+        .expect("both active");
     // Longer than the timeout while both beat: nobody drops out.
     tokio::time::sleep(app.timings.timeout * 2).await;
     assert_eq!(app.active("acme").await.active, 2);
@@ -153,9 +167,15 @@ async fn evict_oldest_tells_the_evicted_device_and_ignores_it_afterwards() {
     let mut ctl = control(&dev, "acme", "first").await;
     let mut ev = events(&app, "acme").await;
     let first = Device::start(dev.clone(), "acme", "first", "s1", BEAT, plain());
-    app.wait_active("acme", SOON, |r| r.active == 1).await.1.expect("first");
+    app.wait_active("acme", SOON, |r| r.active == 1)
+        .await
+        .1
+        .expect("first");
     let second = Device::start(dev.clone(), "acme", "second", "s2", BEAT, plain());
-    app.wait_active("acme", SOON, |r| r.active == 2).await.1.expect("second");
+    app.wait_active("acme", SOON, |r| r.active == 2)
+        .await
+        .1
+        .expect("second");
     let third = Device::start(dev.clone(), "acme", "third", "s3", BEAT, plain());
 
     let msg = next_control(&mut ctl).await;
@@ -169,7 +189,10 @@ async fn evict_oldest_tells_the_evicted_device_and_ignores_it_afterwards() {
     tokio::time::sleep(app.timings.timeout * 2).await;
     assert_eq!(app.active_sessions("acme").await, ["s2", "s3"]);
     assert!(app.handlers[0].metric(r#"headcount_heartbeats_total{result="revoked"}"#) >= 1.0);
-    assert_eq!(app.checkers[0].metric(r#"headcount_enforcements_total{action="evicted"}"#), 1.0);
+    assert_eq!(
+        app.checkers[0].metric(r#"headcount_enforcements_total{action="evicted"}"#),
+        1.0
+    );
     for d in [first, second, third] {
         d.silence().await;
     }
@@ -186,7 +209,10 @@ async fn reject_new_refuses_the_session_beyond_the_limit() {
     let mut ctl = control(&dev, "acme", "late").await;
     let mut ev = events(&app, "acme").await;
     let early = Device::start(dev.clone(), "acme", "early", "s1", BEAT, plain());
-    app.wait_active("acme", SOON, |r| r.active == 1).await.1.expect("early");
+    app.wait_active("acme", SOON, |r| r.active == 1)
+        .await
+        .1
+        .expect("early");
     let late = Device::start(dev.clone(), "acme", "late", "s2", BEAT, plain());
     let msg = next_control(&mut ctl).await;
     assert_eq!(msg.kind, ControlType::DeviceLimitExceeded);
@@ -218,11 +244,20 @@ async fn check_under_evict_oldest_makes_room_for_the_newcomer() {
     let dev = app.nats.device_client().await;
     let mut ctl = control(&dev, "acme", "a").await;
     let a = Device::start(dev.clone(), "acme", "a", "s1", BEAT, plain());
-    app.wait_active("acme", SOON, |r| r.active == 1).await.1.expect("a");
+    app.wait_active("acme", SOON, |r| r.active == 1)
+        .await
+        .1
+        .expect("a");
     let b = Device::start(dev.clone(), "acme", "b", "s2", BEAT, plain());
-    app.wait_active("acme", SOON, |r| r.active == 2).await.1.expect("b");
+    app.wait_active("acme", SOON, |r| r.active == 2)
+        .await
+        .1
+        .expect("b");
     let r: CheckReply = app
-        .request("check", &json!({"account": "acme", "device": "c", "session": "s3"}))
+        .request(
+            "check",
+            &json!({"account": "acme", "device": "c", "session": "s3"}),
+        )
         .await
         .unwrap();
     assert!(r.allowed);
@@ -230,7 +265,11 @@ async fn check_under_evict_oldest_makes_room_for_the_newcomer() {
     assert_eq!(r.evicted[0].session.as_str(), "s1");
     assert_eq!(r.active, 1);
     let msg = next_control(&mut ctl).await;
-    assert_eq!(msg.by.map(|b| (b.device.to_string(), b.session.to_string())), Some(("c".into(), "s3".into())));
+    assert_eq!(
+        msg.by
+            .map(|b| (b.device.to_string(), b.session.to_string())),
+        Some(("c".into(), "s3".into()))
+    );
     // An active device is allowed without evicting anyone.
     let r: CheckReply = app
         .request("check", &json!({"account": "acme", "device": "b"}))
@@ -248,21 +287,31 @@ async fn a_new_session_of_the_same_device_replaces_the_old_one() {
     let mut ctl = control(&dev, "acme", "tv").await;
     let old = Device::start(dev.clone(), "acme", "tv", "old", BEAT, plain());
     let other = Device::start(dev.clone(), "acme", "phone", "p1", BEAT, plain());
-    app.wait_active("acme", SOON, |r| r.active == 2).await.1.expect("two");
+    app.wait_active("acme", SOON, |r| r.active == 2)
+        .await
+        .1
+        .expect("two");
     // A reload: new session, same device; the old tab still beats a while.
     let new = Device::start(dev.clone(), "acme", "tv", "new", BEAT, plain());
     let (r, took) = app
-        .wait_active("acme", SOON, |r| r.sessions.iter().any(|s| s.session.as_str() == "new"))
+        .wait_active("acme", SOON, |r| {
+            r.sessions.iter().any(|s| s.session.as_str() == "new")
+        })
         .await;
     assert!(took.is_some(), "{r:?}");
     tokio::time::sleep(app.timings.timeout * 2).await;
     assert_eq!(app.active_sessions("acme").await, ["new", "p1"]);
     // No seat was taken, so nobody was evicted.
     assert!(
-        tokio::time::timeout(Duration::from_millis(300), ctl.next()).await.is_err(),
+        tokio::time::timeout(Duration::from_millis(300), ctl.next())
+            .await
+            .is_err(),
         "replacement must not evict"
     );
-    assert_eq!(app.checkers[0].metric(r#"headcount_enforcements_total{action="evicted"}"#), 0.0);
+    assert_eq!(
+        app.checkers[0].metric(r#"headcount_enforcements_total{action="evicted"}"#),
+        0.0
+    );
     for d in [old, other, new] {
         d.silence().await;
     }
@@ -271,10 +320,16 @@ async fn a_new_session_of_the_same_device_replaces_the_old_one() {
 #[tokio::test]
 async fn limits_can_be_read_and_set_and_bad_values_change_nothing() {
     let app = TestApp::spawn().await;
-    let r: LimitsReply = app.request("limits.get", &json!({"account": "acme"})).await.unwrap();
+    let r: LimitsReply = app
+        .request("limits.get", &json!({"account": "acme"}))
+        .await
+        .unwrap();
     assert_eq!((r.limit, r.policy), (2, Policy::EvictOldest));
     let r: LimitsReply = app
-        .request("limits.set", &json!({"account": "acme", "limit": 5, "policy": "reject-new"}))
+        .request(
+            "limits.set",
+            &json!({"account": "acme", "limit": 5, "policy": "reject-new"}),
+        )
         .await
         .unwrap();
     assert_eq!((r.limit, r.policy), (5, Policy::RejectNew));
@@ -286,14 +341,23 @@ async fn limits_can_be_read_and_set_and_bad_values_change_nothing() {
         json!({"account": "ac.me", "limit": 3}),
         json!({"account": "acme"}),
     ] {
-        let e = app.request::<_, LimitsReply>("limits.set", &bad).await.unwrap_err();
+        let e = app
+            .request::<_, LimitsReply>("limits.set", &bad)
+            .await
+            .unwrap_err();
         assert_eq!(e.0, 400, "{bad}: {e:?}");
     }
-    let r: LimitsReply = app.request("limits.get", &json!({"account": "acme"})).await.unwrap();
+    let r: LimitsReply = app
+        .request("limits.get", &json!({"account": "acme"}))
+        .await
+        .unwrap();
     assert_eq!((r.limit, r.policy), (5, Policy::RejectNew));
     // Another checker replica sees the limit from KV.
     let second = app.start_checker().await;
-    let a: ActiveReply = app.request("active", &json!({"account": "acme"})).await.unwrap();
+    let a: ActiveReply = app
+        .request("active", &json!({"account": "acme"}))
+        .await
+        .unwrap();
     assert_eq!((a.limit, a.policy), (5, Policy::RejectNew));
     second.stop().await.unwrap();
 }
@@ -309,15 +373,28 @@ async fn lowering_a_limit_enforces_it_at_once() {
     let mut ctl = control(&dev, "acme", "d1").await;
     let mut devices = Vec::new();
     for i in 1..=3 {
-        devices.push(Device::start(dev.clone(), "acme", &format!("d{i}"), &format!("s{i}"), BEAT, plain()));
-        app.wait_active("acme", SOON, |r| r.active == i).await.1.expect("joined");
+        devices.push(Device::start(
+            dev.clone(),
+            "acme",
+            &format!("d{i}"),
+            &format!("s{i}"),
+            BEAT,
+            plain(),
+        ));
+        app.wait_active("acme", SOON, |r| r.active == i)
+            .await
+            .1
+            .expect("joined");
     }
     let _: LimitsReply = app
         .request("limits.set", &json!({"account": "acme", "limit": 2}))
         .await
         .unwrap();
     assert_eq!(next_control(&mut ctl).await.session.as_str(), "s1");
-    app.wait_active("acme", SOON, |r| r.active == 2).await.1.expect("two left");
+    app.wait_active("acme", SOON, |r| r.active == 2)
+        .await
+        .1
+        .expect("two left");
     for d in devices {
         d.silence().await;
     }
@@ -329,18 +406,37 @@ async fn kick_revokes_a_session_once() {
     let dev = app.nats.device_client().await;
     let mut ctl = control(&dev, "acme", "tv").await;
     let tv = Device::start(dev.clone(), "acme", "tv", "s1", BEAT, plain());
-    app.wait_active("acme", SOON, |r| r.active == 1).await.1.expect("tv");
-    let r: KickReply = app.request("kick", &json!({"account": "acme", "session": "s1"})).await.unwrap();
+    app.wait_active("acme", SOON, |r| r.active == 1)
+        .await
+        .1
+        .expect("tv");
+    let r: KickReply = app
+        .request("kick", &json!({"account": "acme", "session": "s1"}))
+        .await
+        .unwrap();
     assert!(r.kicked);
     let msg = next_control(&mut ctl).await;
     assert_eq!(msg.kind, ControlType::Revoked);
-    app.wait_active("acme", SOON, |r| r.active == 0).await.1.expect("gone");
-    let r: KickReply = app.request("kick", &json!({"account": "acme", "session": "s1"})).await.unwrap();
+    app.wait_active("acme", SOON, |r| r.active == 0)
+        .await
+        .1
+        .expect("gone");
+    let r: KickReply = app
+        .request("kick", &json!({"account": "acme", "session": "s1"}))
+        .await
+        .unwrap();
     assert!(!r.kicked, "a second kick finds nothing to do");
-    let r: KickReply = app.request("kick", &json!({"account": "acme", "session": "nope"})).await.unwrap();
+    let r: KickReply = app
+        .request("kick", &json!({"account": "acme", "session": "nope"}))
+        .await
+        .unwrap();
     assert!(!r.kicked);
     tokio::time::sleep(app.timings.timeout).await;
-    assert_eq!(app.active("acme").await.active, 0, "kicked device stays out");
+    assert_eq!(
+        app.active("acme").await.active,
+        0,
+        "kicked device stays out"
+    );
     tv.silence().await;
 }
 
@@ -353,9 +449,21 @@ async fn restarting_handler_and_checker_loses_no_session() {
     .await;
     let dev = app.nats.device_client().await;
     let devices: Vec<Device> = (0..10)
-        .map(|i| Device::start(dev.clone(), "acme", &format!("d{i}"), &format!("s{i}"), BEAT, plain()))
+        .map(|i| {
+            Device::start(
+                dev.clone(),
+                "acme",
+                &format!("d{i}"),
+                &format!("s{i}"),
+                BEAT,
+                plain(),
+            )
+        })
         .collect();
-    app.wait_active("acme", SOON, |r| r.active == 10).await.1.expect("all ten");
+    app.wait_active("acme", SOON, |r| r.active == 10)
+        .await
+        .1
+        .expect("all ten");
 
     let handler = app.handlers.remove(0);
     handler.stop().await.unwrap();
@@ -391,7 +499,14 @@ async fn two_handlers_share_the_load_without_losing_sessions() {
     let devices: Vec<Device> = (0..40)
         .map(|i| {
             let account = format!("acct{}", i % 4);
-            Device::start(dev.clone(), &account, &format!("d{i}"), &format!("s{i}"), Duration::from_millis(100), plain())
+            Device::start(
+                dev.clone(),
+                &account,
+                &format!("d{i}"),
+                &format!("s{i}"),
+                Duration::from_millis(100),
+                plain(),
+            )
         })
         .collect();
     for a in 0..4 {
@@ -415,8 +530,16 @@ async fn two_handlers_share_the_load_without_losing_sessions() {
         .iter()
         .map(|h| h.metric(r#"headcount_kv_writes_total{result="ok"}"#))
         .sum();
-    assert!(app.handlers.iter().all(|h| h.metric(r#"headcount_heartbeats_total{result="accepted"}"#) > 0.0), "both handlers took heartbeats");
-    assert!(writes < accepted / 5.0, "writes {writes} must grow with sessions, not heartbeats ({accepted})");
+    assert!(
+        app.handlers
+            .iter()
+            .all(|h| h.metric(r#"headcount_heartbeats_total{result="accepted"}"#) > 0.0),
+        "both handlers took heartbeats"
+    );
+    assert!(
+        writes < accepted / 5.0,
+        "writes {writes} must grow with sessions, not heartbeats ({accepted})"
+    );
     for d in devices {
         d.silence().await;
     }
@@ -427,7 +550,10 @@ async fn bad_heartbeats_are_counted_and_never_disturb_valid_sessions() {
     let app = TestApp::spawn().await;
     let dev = app.nats.device_client().await;
     let good = Device::start(dev.clone(), "acme", "tv", "s1", BEAT, plain());
-    app.wait_active("acme", SOON, |r| r.active == 1).await.1.expect("tv");
+    app.wait_active("acme", SOON, |r| r.active == 1)
+        .await
+        .1
+        .expect("tv");
     let h = &app.handlers[0];
     let invalid0 = h.metric(r#"headcount_heartbeats_total{result="invalid"}"#);
     let malformed0 = h.metric(r#"headcount_heartbeats_total{result="malformed"}"#);
@@ -454,8 +580,14 @@ async fn bad_heartbeats_are_counted_and_never_disturb_valid_sessions() {
     dev.flush().await.unwrap();
 
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(h.metric(r#"headcount_heartbeats_total{result="malformed"}"#) - malformed0, 3.0);
-    assert_eq!(h.metric(r#"headcount_heartbeats_total{result="invalid"}"#) - invalid0, 3.0);
+    assert_eq!(
+        h.metric(r#"headcount_heartbeats_total{result="malformed"}"#) - malformed0,
+        3.0
+    );
+    assert_eq!(
+        h.metric(r#"headcount_heartbeats_total{result="invalid"}"#) - invalid0,
+        3.0
+    );
     let r = app.active("acme").await;
     assert_eq!(r.active, 1);
     assert_eq!(r.sessions[0].session.as_str(), "s1");
@@ -471,20 +603,31 @@ async fn bad_requests_get_clear_errors() {
         ("active", Bytes::from_static(br#"{"account": "a b"}"#)),
         ("active", Bytes::from_static(br#"{}"#)),
         ("check", Bytes::from_static(br#"{"account": "acme"}"#)),
-        ("check", Bytes::from_static(br#"{"account": "acme", "device": "d.1"}"#)),
-        ("kick", Bytes::from_static(br#"{"account": "acme", "session": ""}"#)),
+        (
+            "check",
+            Bytes::from_static(br#"{"account": "acme", "device": "d.1"}"#),
+        ),
+        (
+            "kick",
+            Bytes::from_static(br#"{"account": "acme", "session": ""}"#),
+        ),
         ("limits.get", Bytes::from_static(b"\xff\xfe")),
     ] {
         let err = app.request_raw(endpoint, body.clone()).await.unwrap_err();
         assert_eq!(err.0, 400, "{endpoint} {body:?}: {err:?}");
         assert!(!err.1.is_empty());
     }
-    let err = app.request_raw("no-such-thing", Bytes::new()).await.unwrap_err();
+    let err = app
+        .request_raw("no-such-thing", Bytes::new())
+        .await
+        .unwrap_err();
     assert_eq!(err.0, 404, "{err:?}");
     // The service still answers afterwards.
     assert_eq!(app.active("acme").await.active, 0);
     assert!(
-        app.checkers[0].metric(r#"headcount_requests_total{endpoint="active",result="bad_request"}"#) >= 3.0
+        app.checkers[0]
+            .metric(r#"headcount_requests_total{endpoint="active",result="bad_request"}"#)
+            >= 3.0
     );
 }
 
@@ -495,10 +638,16 @@ async fn devices_may_only_heartbeat_and_read_control() {
     // A device cannot call the services (no permission on headcount.* or inboxes).
     let r = tokio::time::timeout(
         Duration::from_secs(2),
-        dev.request("headcount.active", Bytes::from_static(br#"{"account":"acme"}"#)),
+        dev.request(
+            "headcount.active",
+            Bytes::from_static(br#"{"account":"acme"}"#),
+        ),
     )
     .await;
-    assert!(!matches!(r, Ok(Ok(_))), "a device must not get an answer: {r:?}");
+    assert!(
+        !matches!(r, Ok(Ok(_))),
+        "a device must not get an answer: {r:?}"
+    );
 }
 
 #[tokio::test]
@@ -506,7 +655,10 @@ async fn metrics_track_heartbeats_sessions_and_checks() {
     let app = TestApp::spawn().await;
     let dev = app.nats.device_client().await;
     let d = Device::start(dev.clone(), "acme", "tv", "s1", BEAT, plain());
-    app.wait_active("acme", SOON, |r| r.active == 1).await.1.expect("tv");
+    app.wait_active("acme", SOON, |r| r.active == 1)
+        .await
+        .1
+        .expect("tv");
     let _: CheckReply = app
         .request("check", &json!({"account": "acme", "device": "tv"}))
         .await
@@ -515,12 +667,21 @@ async fn metrics_track_heartbeats_sessions_and_checks() {
     tokio::time::sleep(Duration::from_millis(1200)).await;
     let c = &app.checkers[0];
     assert_eq!(c.metric("headcount_active_sessions"), 1.0);
-    assert_eq!(c.metric(r#"headcount_request_duration_seconds_count{endpoint="check"}"#), 1.0);
-    assert_eq!(c.metric(r#"headcount_requests_total{endpoint="check",result="ok"}"#), 1.0);
+    assert_eq!(
+        c.metric(r#"headcount_request_duration_seconds_count{endpoint="check"}"#),
+        1.0
+    );
+    assert_eq!(
+        c.metric(r#"headcount_requests_total{endpoint="check",result="ok"}"#),
+        1.0
+    );
     let h = &app.handlers[0];
     assert!(h.metric(r#"headcount_heartbeats_total{result="accepted"}"#) >= 1.0);
     assert!(h.metric(r#"headcount_kv_writes_total{result="ok"}"#) >= 1.0);
     assert_eq!(h.metric("headcount_handler_sessions"), 1.0);
-    assert!(h.metrics_text().contains("headcount_kv_write_duration_seconds_bucket"));
+    assert!(
+        h.metrics_text()
+            .contains("headcount_kv_write_duration_seconds_bucket")
+    );
     d.silence().await;
 }

@@ -28,14 +28,14 @@ use bytes::Bytes;
 use futures::StreamExt;
 use headcount_protocol::subjects::{self, endpoint, kv as keys};
 use headcount_protocol::wire::{
-    self, error_code, AccountRequest, ActiveReply, CheckReply, CheckRequest, ControlMessage,
-    ControlType, EndReason, EventType, KickReply, KickRequest, LimitsReply, LimitsSetRequest,
-    PresenceEvent, Revocation, SessionRef,
+    self, AccountRequest, ActiveReply, CheckReply, CheckRequest, ControlMessage, ControlType,
+    EndReason, EventType, KickReply, KickRequest, LimitsReply, LimitsSetRequest, PresenceEvent,
+    Revocation, SessionRef, error_code,
 };
-use headcount_protocol::{now_millis, AccountId, IntervalClock, Limit, Policy};
-use headcount_runtime::{service_error, Buckets, Shutdown};
-use serde::de::DeserializeOwned;
+use headcount_protocol::{AccountId, IntervalClock, Limit, Policy, now_millis};
+use headcount_runtime::{Buckets, Shutdown, service_error};
 use serde::Serialize;
+use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 
 pub use metrics::Metrics;
@@ -189,7 +189,10 @@ pub async fn run(
     }
     let mut requests = futures::stream::select_all(endpoints);
     let mut unknown = nats
-        .queue_subscribe(format!("{}.>", subjects::SERVICE_PREFIX), "headcount-unknown".into())
+        .queue_subscribe(
+            format!("{}.>", subjects::SERVICE_PREFIX),
+            "headcount-unknown".into(),
+        )
         .await
         .context("subscribing for unknown endpoints")?;
 
@@ -356,11 +359,25 @@ async fn end_session(
         return false;
     }
     let (control, event, action) = match reason {
-        EndReason::Evicted => (ControlType::DeviceLimitExceeded, EventType::Evicted, "evicted"),
-        EndReason::Rejected => (ControlType::DeviceLimitExceeded, EventType::Rejected, "rejected"),
-        EndReason::Revoked | EndReason::Replaced => (ControlType::Revoked, EventType::Revoked, "revoked"),
+        EndReason::Evicted => (
+            ControlType::DeviceLimitExceeded,
+            EventType::Evicted,
+            "evicted",
+        ),
+        EndReason::Rejected => (
+            ControlType::DeviceLimitExceeded,
+            EventType::Rejected,
+            "rejected",
+        ),
+        EndReason::Revoked | EndReason::Replaced => {
+            (ControlType::Revoked, EventType::Revoked, "revoked")
+        }
     };
-    shared.metrics.enforcements.with_label_values(&[action]).inc();
+    shared
+        .metrics
+        .enforcements
+        .with_label_values(&[action])
+        .inc();
     tracing::info!(%account, device = %victim.device, session = %victim.session, action, "session ended");
     let msg = ControlMessage {
         kind: control,
@@ -372,7 +389,10 @@ async fn end_session(
     };
     if let Err(e) = shared
         .nats
-        .publish(subjects::control(account, &victim.device), msg.encode().into())
+        .publish(
+            subjects::control(account, &victim.device),
+            msg.encode().into(),
+        )
         .await
     {
         tracing::warn!(%account, error = %e, "sending control message");
@@ -437,7 +457,10 @@ async fn serve(shared: &Shared, name: &'static str, req: async_nats::service::Re
         endpoint::LIMITS_GET => limits_get(shared, &payload),
         endpoint::LIMITS_SET => limits_set(shared, &payload).await,
         endpoint::KICK => kick(shared, &payload).await,
-        _ => Err(Failure(error_code::NOT_FOUND, format!("unknown endpoint {name}"))),
+        _ => Err(Failure(
+            error_code::NOT_FOUND,
+            format!("unknown endpoint {name}"),
+        )),
     };
     let outcome = match &result {
         Ok(_) => "ok",
@@ -449,7 +472,11 @@ async fn serve(shared: &Shared, name: &'static str, req: async_nats::service::Re
     if let Err(e) = req.respond(reply).await {
         tracing::warn!(endpoint = name, error = %e, "sending reply");
     }
-    shared.metrics.requests.with_label_values(&[name, outcome]).inc();
+    shared
+        .metrics
+        .requests
+        .with_label_values(&[name, outcome])
+        .inc();
     shared
         .metrics
         .request_seconds
@@ -474,13 +501,13 @@ fn active(shared: &Shared, payload: &[u8]) -> Result<Bytes, Failure> {
 
 async fn check(shared: &Shared, payload: &[u8]) -> Result<Bytes, Failure> {
     let req: CheckRequest = parse(payload)?;
-    if let Some(c) = &req.content {
-        if c.len() > wire::MAX_CONTENT_LEN {
-            return Err(bad_request(format!(
-                "content is longer than {} bytes",
-                wire::MAX_CONTENT_LEN
-            )));
-        }
+    if let Some(c) = &req.content
+        && c.len() > wire::MAX_CONTENT_LEN
+    {
+        return Err(bad_request(format!(
+            "content is longer than {} bytes",
+            wire::MAX_CONTENT_LEN
+        )));
     }
     let outcome = shared.view().check(&req.account, &req.device, now_millis());
     let by = req.session.clone().map(|session| SessionRef {
@@ -516,7 +543,8 @@ async fn limits_set(shared: &Shared, payload: &[u8]) -> Result<Bytes, Failure> {
         None => shared.view().limit(&req.account).policy,
     };
     let limit = Limit::new(req.limit, policy).map_err(bad_request)?;
-    let body = serde_json::to_vec(&limit).map_err(|e| Failure(error_code::INTERNAL, e.to_string()))?;
+    let body =
+        serde_json::to_vec(&limit).map_err(|e| Failure(error_code::INTERNAL, e.to_string()))?;
     shared
         .buckets
         .limits

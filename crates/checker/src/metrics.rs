@@ -19,24 +19,40 @@ pub struct Metrics {
 impl Metrics {
     pub fn new(registry: &Registry) -> anyhow::Result<Self> {
         let m = Self {
-            active_sessions: IntGauge::new("headcount_active_sessions", "active sessions over all accounts")?,
+            active_sessions: IntGauge::new(
+                "headcount_active_sessions",
+                "active sessions over all accounts",
+            )?,
             enforcements: IntCounterVec::new(
-                Opts::new("headcount_enforcements_total", "sessions ended by limit enforcement or an operator, by action"),
+                Opts::new(
+                    "headcount_enforcements_total",
+                    "sessions ended by limit enforcement or an operator, by action",
+                ),
                 &["action"],
             )?,
             requests: IntCounterVec::new(
-                Opts::new("headcount_requests_total", "requests answered, by endpoint and result"),
+                Opts::new(
+                    "headcount_requests_total",
+                    "requests answered, by endpoint and result",
+                ),
                 &["endpoint", "result"],
             )?,
             request_seconds: HistogramVec::new(
-                HistogramOpts::new("headcount_request_duration_seconds", "time to answer a request, by endpoint")
-                    .buckets(vec![
-                        0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
-                    ]),
+                HistogramOpts::new(
+                    "headcount_request_duration_seconds",
+                    "time to answer a request, by endpoint",
+                )
+                .buckets(vec![
+                    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                    0.25, 1.0,
+                ]),
                 &["endpoint"],
             )?,
             events: IntCounterVec::new(
-                Opts::new("headcount_checker_events_total", "presence events published by the checker, by type"),
+                Opts::new(
+                    "headcount_checker_events_total",
+                    "presence events published by the checker, by type",
+                ),
                 &["type"],
             )?,
         };

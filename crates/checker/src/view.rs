@@ -148,7 +148,12 @@ impl View {
 
     /// Sessions recorded in a live dictionary and not revoked, with their
     /// best-known last heartbeat, whether timed out or not.
-    fn candidates(&self, account: &AccountId, acct: &Account, now: UnixMillis) -> Vec<ActiveSession> {
+    fn candidates(
+        &self,
+        account: &AccountId,
+        acct: &Account,
+        now: UnixMillis,
+    ) -> Vec<ActiveSession> {
         let [prev, cur] = self.rules.clock.live_intervals(now);
         // Newest interval wins per device.
         let mut per_device: HashMap<&DeviceId, (&headcount_protocol::wire::SessionRecord, u64)> =
@@ -255,7 +260,12 @@ impl View {
     }
 
     /// The device currently holding `session` in a live dictionary, if any.
-    pub fn find_session(&self, account: &AccountId, session: &SessionId, now: UnixMillis) -> Option<DeviceId> {
+    pub fn find_session(
+        &self,
+        account: &AccountId,
+        session: &SessionId,
+        now: UnixMillis,
+    ) -> Option<DeviceId> {
         let acct = self.accounts.get(account)?;
         let [prev, cur] = self.rules.clock.live_intervals(now);
         acct.dicts
@@ -397,7 +407,13 @@ mod tests {
         assert_eq!(over[0].victim.session.as_str(), "s1");
         assert_eq!(over[0].by.as_ref().unwrap().session.as_str(), "s3");
 
-        v.set_limit(&acct(), Some(Limit { limit: 2, policy: Policy::RejectNew }));
+        v.set_limit(
+            &acct(),
+            Some(Limit {
+                limit: 2,
+                policy: Policy::RejectNew,
+            }),
+        );
         let over = v.over_limit(&acct(), 4_000);
         assert_eq!(over[0].victim.session.as_str(), "s3");
         assert!(over[0].rejected);
@@ -417,7 +433,13 @@ mod tests {
         assert_eq!(out.victims[0].session.as_str(), "s1");
         assert_eq!(out.active, 1);
 
-        v.set_limit(&acct(), Some(Limit { limit: 2, policy: Policy::RejectNew }));
+        v.set_limit(
+            &acct(),
+            Some(Limit {
+                limit: 2,
+                policy: Policy::RejectNew,
+            }),
+        );
         let out = v.check(&acct(), &d("c"), 3_000);
         assert!(!out.allowed && out.victims.is_empty());
         assert_eq!(out.active, 2);

@@ -47,7 +47,9 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 async fn active(client: &async_nats::Client, account: &AccountId) -> anyhow::Result<ActiveReply> {
     let body = serde_json::to_vec(&serde_json::json!({ "account": account }))?;
-    let msg = client.request(endpoint_subject(endpoint::ACTIVE), body.into()).await?;
+    let msg = client
+        .request(endpoint_subject(endpoint::ACTIVE), body.into())
+        .await?;
     serde_json::from_slice(&msg.payload).context("unreadable active reply")
 }
 
@@ -62,7 +64,10 @@ async fn until(
         if pred(&active(client, account).await?) {
             return Ok(start.elapsed());
         }
-        anyhow::ensure!(start.elapsed() < Duration::from_secs(10), "not seen within 10 s");
+        anyhow::ensure!(
+            start.elapsed() < Duration::from_secs(10),
+            "not seen within 10 s"
+        );
         tokio::time::sleep(Duration::from_micros(500)).await;
     }
 }
@@ -79,10 +84,15 @@ async fn freshness(samples: usize, nats: &NatsArgs) -> anyhow::Result<()> {
         let session = SessionId::parse(&nuid::next().to_string())?;
         let subject = subjects::heartbeat(&account, &dev, &session);
         let start = Instant::now();
-        device.publish(subject.clone(), Heartbeat::default().encode().into()).await?;
+        device
+            .publish(subject.clone(), Heartbeat::default().encode().into())
+            .await?;
         device.flush().await?;
         joins.push(until(&service, &account, start, |r| r.active == 1).await?);
-        let leave = Heartbeat { leave: true, ..Default::default() };
+        let leave = Heartbeat {
+            leave: true,
+            ..Default::default()
+        };
         let start = Instant::now();
         device.publish(subject, leave.encode().into()).await?;
         device.flush().await?;
@@ -92,7 +102,10 @@ async fn freshness(samples: usize, nats: &NatsArgs) -> anyhow::Result<()> {
     leaves.sort();
     println!("freshness over {samples} sessions (poll interval 0.5 ms)");
     println!("{:<28} {:>10} {:>10} {:>10}", "", "p50", "p99", "max");
-    for (name, v) in [("first heartbeat -> active", &joins), ("leave -> seat free", &leaves)] {
+    for (name, v) in [
+        ("first heartbeat -> active", &joins),
+        ("leave -> seat free", &leaves),
+    ] {
         println!(
             "{:<28} {:>8.2}ms {:>8.2}ms {:>8.2}ms",
             name,

@@ -53,7 +53,10 @@ enum Command {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: starting runtime: {e}");
@@ -62,7 +65,11 @@ fn main() -> std::process::ExitCode {
     };
     let quiet = matches!(
         cli.command,
-        Command::Active(_) | Command::Check(_) | Command::Limits(_) | Command::Kick(_) | Command::Token(_)
+        Command::Active(_)
+            | Command::Check(_)
+            | Command::Limits(_)
+            | Command::Kick(_)
+            | Command::Token(_)
     );
     if !quiet {
         headcount_runtime::init_logging(cli.log_json);

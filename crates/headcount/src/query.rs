@@ -2,12 +2,12 @@
 
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use headcount_protocol::subjects::{endpoint, endpoint_subject};
 use headcount_protocol::wire::{ActiveReply, CheckReply, KickReply, LimitsReply, TokenReply};
-use serde::de::DeserializeOwned;
 use serde::Serialize;
+use serde::de::DeserializeOwned;
 use serde_json::json;
 
 use crate::config::NatsArgs;
@@ -22,7 +22,11 @@ pub struct Common {
 }
 
 /// Sends one request; a service error becomes a readable error.
-async fn call<Rep: DeserializeOwned + Serialize>(common: &Common, ep: &str, body: serde_json::Value) -> anyhow::Result<Rep> {
+async fn call<Rep: DeserializeOwned + Serialize>(
+    common: &Common,
+    ep: &str,
+    body: serde_json::Value,
+) -> anyhow::Result<Rep> {
     let client = common.nats.options("headcount-cli")?.connect().await?;
     let msg = tokio::time::timeout(
         Duration::from_secs(5),
@@ -31,14 +35,14 @@ async fn call<Rep: DeserializeOwned + Serialize>(common: &Common, ep: &str, body
     .await
     .context("no answer within 5 s")?
     .with_context(|| format!("calling {}", endpoint_subject(ep)))?;
-    if let Some(h) = &msg.headers {
-        if let Some(code) = h.get(async_nats::service::NATS_SERVICE_ERROR_CODE) {
-            let text = h
-                .get(async_nats::service::NATS_SERVICE_ERROR)
-                .map(|v| v.to_string())
-                .unwrap_or_default();
-            bail!("{} ({})", text, code);
-        }
+    if let Some(h) = &msg.headers
+        && let Some(code) = h.get(async_nats::service::NATS_SERVICE_ERROR_CODE)
+    {
+        let text = h
+            .get(async_nats::service::NATS_SERVICE_ERROR)
+            .map(|v| v.to_string())
+            .unwrap_or_default();
+        bail!("{} ({})", text, code);
     }
     let reply: Rep = serde_json::from_slice(&msg.payload).context("unreadable reply")?;
     if common.json {
@@ -69,11 +73,17 @@ pub async fn active(a: ActiveArgs) -> anyhow::Result<()> {
     if a.common.json {
         return Ok(());
     }
-    println!("account {}: {} of {} active ({})", r.account, r.active, r.limit, r.policy);
+    println!(
+        "account {}: {} of {} active ({})",
+        r.account, r.active, r.limit, r.policy
+    );
     if r.sessions.is_empty() {
         return Ok(());
     }
-    println!("{:<20} {:<24} {:<12} {:<10} {:<10} {:<14} {}", "DEVICE", "SESSION", "SINCE", "KIND", "REGION", "LAST SEEN", "CONTENT");
+    println!(
+        "{:<20} {:<24} {:<12} {:<10} {:<10} {:<14} CONTENT",
+        "DEVICE", "SESSION", "SINCE", "KIND", "REGION", "LAST SEEN"
+    );
     for s in r.sessions {
         println!(
             "{:<20} {:<24} {:<12} {:<10} {:<10} {:<14} {}",
@@ -118,7 +128,11 @@ pub async fn check(a: CheckArgs) -> anyhow::Result<()> {
             r.policy
         );
         for e in r.evicted {
-            println!("evicted {} (session {})", e.device.as_str(), e.session.as_str());
+            println!(
+                "evicted {} (session {})",
+                e.device.as_str(),
+                e.session.as_str()
+            );
         }
     }
     Ok(())
@@ -153,9 +167,22 @@ enum LimitsCommand {
 
 pub async fn limits(a: LimitsArgs) -> anyhow::Result<()> {
     let (r, common): (LimitsReply, Common) = match a.command {
-        LimitsCommand::Get { account, common } => (call(&common, endpoint::LIMITS_GET, json!({"account": account})).await?, common),
-        LimitsCommand::Set { account, limit, policy, common } => (
-            call(&common, endpoint::LIMITS_SET, json!({"account": account, "limit": limit, "policy": policy})).await?,
+        LimitsCommand::Get { account, common } => (
+            call(&common, endpoint::LIMITS_GET, json!({"account": account})).await?,
+            common,
+        ),
+        LimitsCommand::Set {
+            account,
+            limit,
+            policy,
+            common,
+        } => (
+            call(
+                &common,
+                endpoint::LIMITS_SET,
+                json!({"account": account, "limit": limit, "policy": policy}),
+            )
+            .await?,
             common,
         ),
     };
@@ -174,9 +201,21 @@ pub struct KickArgs {
 }
 
 pub async fn kick(a: KickArgs) -> anyhow::Result<()> {
-    let r: KickReply = call(&a.common, endpoint::KICK, json!({"account": a.account, "session": a.session})).await?;
+    let r: KickReply = call(
+        &a.common,
+        endpoint::KICK,
+        json!({"account": a.account, "session": a.session}),
+    )
+    .await?;
     if !a.common.json {
-        println!("{}", if r.kicked { "kicked" } else { "no such active session" });
+        println!(
+            "{}",
+            if r.kicked {
+                "kicked"
+            } else {
+                "no such active session"
+            }
+        );
     }
     Ok(())
 }
@@ -190,7 +229,12 @@ pub struct TokenArgs {
 }
 
 pub async fn token(a: TokenArgs) -> anyhow::Result<()> {
-    let r: TokenReply = call(&a.common, endpoint::TOKEN, json!({"account": a.account, "device": a.device})).await?;
+    let r: TokenReply = call(
+        &a.common,
+        endpoint::TOKEN,
+        json!({"account": a.account, "device": a.device}),
+    )
+    .await?;
     if !a.common.json {
         println!("session {}  expires {}", r.session.as_str(), r.expires_at);
         println!("{}", r.token);

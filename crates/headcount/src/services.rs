@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use headcount_runtime::{http, shutdown, Buckets, Shutdown};
+use headcount_runtime::{Buckets, Shutdown, http, shutdown};
 
-use crate::config::{humantime_secs, EngineArgs, NatsArgs};
+use crate::config::{EngineArgs, NatsArgs, humantime_secs};
 
 #[derive(Debug, Args)]
 pub struct HandlerArgs {
@@ -53,7 +53,11 @@ pub struct TokenArgs {
     pub token_ttl: Duration,
     #[arg(long, env = "HEADCOUNT_TOKEN_ISSUER", default_value = "headcount")]
     pub issuer: String,
-    #[arg(long, env = "HEADCOUNT_TOKEN_AUDIENCE", default_value = "headcount-devices")]
+    #[arg(
+        long,
+        env = "HEADCOUNT_TOKEN_AUDIENCE",
+        default_value = "headcount-devices"
+    )]
     pub audience: String,
 }
 
@@ -82,7 +86,8 @@ pub async fn handler(a: HandlerArgs) -> anyhow::Result<()> {
     let registry = prometheus::Registry::new();
     let metrics = heartbeat_handler::Metrics::new(&registry)?;
     let (trigger, stop) = Shutdown::new();
-    let (addr, _server) = http::serve(a.metrics_addr, http::metrics_router(registry), stop.clone()).await?;
+    let (addr, _server) =
+        http::serve(a.metrics_addr, http::metrics_router(registry), stop.clone()).await?;
     tracing::info!(%addr, "metrics listening");
     tokio::spawn(until_signal(trigger));
     heartbeat_handler::run(a.engine.handler(), client.clone(), buckets, metrics, stop).await?;
@@ -96,7 +101,8 @@ pub async fn checker(a: CheckerArgs) -> anyhow::Result<()> {
     let registry = prometheus::Registry::new();
     let metrics = checker::Metrics::new(&registry)?;
     let (trigger, stop) = Shutdown::new();
-    let (addr, _server) = http::serve(a.metrics_addr, http::metrics_router(registry), stop.clone()).await?;
+    let (addr, _server) =
+        http::serve(a.metrics_addr, http::metrics_router(registry), stop.clone()).await?;
     tracing::info!(%addr, "metrics listening");
     tokio::spawn(until_signal(trigger));
     checker::run(a.engine.checker()?, client.clone(), buckets, metrics, stop).await?;
@@ -112,7 +118,10 @@ pub async fn token_vendor(a: TokenVendorArgs) -> anyhow::Result<()> {
         .context("--operator-key (or HEADCOUNT_OPERATOR_KEY) is required")?;
     let client = a.nats.options("headcount-token-vendor")?.connect().await?;
     let registry = prometheus::Registry::new();
-    let vendor = token_vendor::Vendor::new(a.tokens.config(a.nats.data_dir.clone(), operator_key), &registry)?;
+    let vendor = token_vendor::Vendor::new(
+        a.tokens.config(a.nats.data_dir.clone(), operator_key),
+        &registry,
+    )?;
     let (trigger, stop) = Shutdown::new();
     let router = token_vendor::router(vendor.clone()).merge(http::metrics_router(registry));
     let (addr, _server) = http::serve(a.http_addr, router, stop.clone()).await?;

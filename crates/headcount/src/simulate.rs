@@ -2,8 +2,8 @@
 //! with the device user's permissions, obeying control messages.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::Args;
@@ -13,7 +13,7 @@ use headcount_protocol::wire::{ControlMessage, Heartbeat};
 use headcount_protocol::{AccountId, DeviceId, SessionId};
 use headcount_runtime::Shutdown;
 
-use crate::config::{humantime_secs, NatsArgs, UpInfo};
+use crate::config::{NatsArgs, UpInfo, humantime_secs};
 
 #[derive(Debug, Args)]
 pub struct SimulateArgs {
@@ -76,12 +76,20 @@ fn new_session(account: &AccountId, device: &DeviceId, i: usize) -> (String, byt
         region: Some(REGIONS[i % REGIONS.len()].into()),
         ..Default::default()
     };
-    (subjects::heartbeat(account, device, &session), hb.encode().into())
+    (
+        subjects::heartbeat(account, device, &session),
+        hb.encode().into(),
+    )
 }
 
 /// Runs a fleet until `shutdown`, publishing each device's heartbeat once per
 /// period, spread evenly over it.
-pub async fn fleet(client: async_nats::Client, spec: FleetSpec, stats: Arc<FleetStats>, shutdown: Shutdown) -> anyhow::Result<()> {
+pub async fn fleet(
+    client: async_nats::Client,
+    spec: FleetSpec,
+    stats: Arc<FleetStats>,
+    shutdown: Shutdown,
+) -> anyhow::Result<()> {
     let mut sims = Vec::new();
     for a in 0..spec.accounts {
         let account = AccountId::parse(&format!("acct-{a:04}"))?;
@@ -116,15 +124,14 @@ pub async fn fleet(client: async_nats::Client, spec: FleetSpec, stats: Arc<Fleet
             _ = &mut stop => break,
             msg = ctl.next() => {
                 let Some(msg) = msg else { break };
-                if let Ok(c) = ControlMessage::decode(&msg.payload) {
-                    if let Some(&i) = index.get(&(c.account.clone(), c.device.clone())) {
+                if let Ok(c) = ControlMessage::decode(&msg.payload)
+                    && let Some(&i) = index.get(&(c.account.clone(), c.device.clone())) {
                         // Only act on notices about the current session.
                         if sims[i].subject == subjects::heartbeat(&c.account, &c.device, &c.session) {
                             stats.told_off.fetch_add(1, Ordering::Relaxed);
                             sims[i].paused_until = Some(Instant::now() + spec.period * 6);
                         }
                     }
-                }
             }
             _ = tick.tick() => {
                 let now = Instant::now();
@@ -145,7 +152,7 @@ pub async fn fleet(client: async_nats::Client, spec: FleetSpec, stats: Arc<Fleet
                         rng ^= rng << 13;
                         rng ^= rng >> 7;
                         rng ^= rng << 17;
-                        if rng % 400 == 0 {
+                        if rng.is_multiple_of(400) {
                             let leave = Heartbeat { leave: true, ..Default::default() };
                             client.publish(sim.subject.clone(), leave.encode().into()).await?;
                             sim.paused_until = Some(now + spec.period * 3);
@@ -162,8 +169,13 @@ pub async fn fleet(client: async_nats::Client, spec: FleetSpec, stats: Arc<Fleet
     // Leave politely so seats free at once.
     for sim in &sims {
         if sim.paused_until.is_none() {
-            let leave = Heartbeat { leave: true, ..Default::default() };
-            let _ = client.publish(sim.subject.clone(), leave.encode().into()).await;
+            let leave = Heartbeat {
+                leave: true,
+                ..Default::default()
+            };
+            let _ = client
+                .publish(sim.subject.clone(), leave.encode().into())
+                .await;
         }
     }
     let _ = client.flush().await;
@@ -173,17 +185,20 @@ pub async fn fleet(client: async_nats::Client, spec: FleetSpec, stats: Arc<Fleet
 /// A device connection: the device user from up.json unless flags say otherwise.
 pub async fn device_client(nats: &NatsArgs) -> anyhow::Result<async_nats::Client> {
     let mut opts = nats.options("headcount-simulate")?;
-    if nats.nats_user.is_none() {
-        if let Ok(up) = UpInfo::load(&nats.data_dir) {
-            opts.user = Some(up.device_user);
-            opts.password = Some(up.device_password);
-        }
+    if nats.nats_user.is_none()
+        && let Ok(up) = UpInfo::load(&nats.data_dir)
+    {
+        opts.user = Some(up.device_user);
+        opts.password = Some(up.device_password);
     }
     opts.connect().await
 }
 
 pub async fn run(a: SimulateArgs) -> anyhow::Result<()> {
-    anyhow::ensure!(a.accounts > 0 && a.devices > 0, "--accounts and --devices must be at least 1");
+    anyhow::ensure!(
+        a.accounts > 0 && a.devices > 0,
+        "--accounts and --devices must be at least 1"
+    );
     let client = device_client(&a.nats).await?;
     let stats = Arc::new(FleetStats::default());
     let (trigger, shutdown) = Shutdown::new();

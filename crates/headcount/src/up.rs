@@ -5,18 +5,18 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::{Context, bail};
 use clap::Args;
-use headcount_runtime::{http, Buckets, NatsOptions, Shutdown};
+use headcount_runtime::{Buckets, NatsOptions, Shutdown, http};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{EngineArgs, UpInfo};
 use crate::services::TokenArgs;
-use crate::simulate::{fleet, FleetSpec, FleetStats};
+use crate::simulate::{FleetSpec, FleetStats, fleet};
 
 /// The server configuration shipped with this build.
 const NATS_CONF: &str = include_str!("../../../nats.conf");
@@ -131,7 +131,10 @@ impl NatsProcess {
                     tail.into_iter().rev().collect::<Vec<_>>().join("\n")
                 );
             }
-            if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+            {
                 return Ok(p);
             }
             if Instant::now() > deadline {
@@ -145,8 +148,14 @@ impl NatsProcess {
         #[cfg(unix)]
         if let Some(pid) = self.child.id() {
             // SIGTERM lets the server flush JetStream; kill after a grace period.
-            let _ = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
-            if tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await.is_ok() {
+            let _ = std::process::Command::new("kill")
+                .arg("-TERM")
+                .arg(pid.to_string())
+                .status();
+            if tokio::time::timeout(Duration::from_secs(10), self.child.wait())
+                .await
+                .is_ok()
+            {
                 return;
             }
         }
@@ -155,9 +164,14 @@ impl NatsProcess {
 }
 
 pub async fn run(a: UpArgs) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&a.data_dir).with_context(|| format!("creating {}", a.data_dir.display()))?;
+    std::fs::create_dir_all(&a.data_dir)
+        .with_context(|| format!("creating {}", a.data_dir.display()))?;
     let secrets = load_secrets(&a.data_dir)?;
-    let operator_key = a.tokens.operator_key.clone().unwrap_or(secrets.operator_key.clone());
+    let operator_key = a
+        .tokens
+        .operator_key
+        .clone()
+        .unwrap_or(secrets.operator_key.clone());
 
     let (nats_process, nats_urls, user, password) = if a.nats_urls.is_empty() {
         let p = NatsProcess::start(&a.data_dir, a.nats_port, &secrets).await?;
@@ -172,7 +186,9 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
             None,
             a.nats_urls.clone(),
             a.nats_user.clone().unwrap_or_else(|| "headcount".into()),
-            a.nats_password.clone().unwrap_or_else(|| secrets.service_password.clone()),
+            a.nats_password
+                .clone()
+                .unwrap_or_else(|| secrets.service_password.clone()),
         )
     };
     let result = run_services(&a, &nats_urls, &user, &password, &secrets, operator_key).await;
@@ -219,8 +235,15 @@ async fn run_services(
         checker::Metrics::new(&registry)?,
         stop.clone(),
     ));
-    let vendor = token_vendor::Vendor::new(a.tokens.config(a.data_dir.clone(), operator_key.clone()), &registry)?;
-    let vendor_task = tokio::spawn(token_vendor::serve_nats(vendor.clone(), vendor_client.clone(), stop.clone()));
+    let vendor = token_vendor::Vendor::new(
+        a.tokens.config(a.data_dir.clone(), operator_key.clone()),
+        &registry,
+    )?;
+    let vendor_task = tokio::spawn(token_vendor::serve_nats(
+        vendor.clone(),
+        vendor_client.clone(),
+        stop.clone(),
+    ));
     let (http_addr, _http) = http::serve(
         SocketAddr::new(a.bind, a.http_port),
         token_vendor::router(vendor),
@@ -239,7 +262,10 @@ async fn run_services(
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let r = probe
-            .request("headcount.limits.get", bytes::Bytes::from_static(br#"{"account":"ready-probe"}"#))
+            .request(
+                "headcount.limits.get",
+                bytes::Bytes::from_static(br#"{"account":"ready-probe"}"#),
+            )
             .await;
         if r.is_ok() {
             break;
@@ -263,7 +289,10 @@ async fn run_services(
         device_password: secrets.device_password.clone(),
         operator_key,
     };
-    write_private(&UpInfo::path(&a.data_dir), &serde_json::to_vec_pretty(&info)?)?;
+    write_private(
+        &UpInfo::path(&a.data_dir),
+        &serde_json::to_vec_pretty(&info)?,
+    )?;
 
     let demo = if a.demo {
         let client = NatsOptions {
@@ -297,7 +326,10 @@ async fn run_services(
         UpInfo::path(&a.data_dir).display()
     );
     if a.demo {
-        println!("demo fleet started: try `headcount active acct-0003` or `curl -s {}`", info.metrics_url);
+        println!(
+            "demo fleet started: try `headcount active acct-0003` or `curl -s {}`",
+            info.metrics_url
+        );
     }
 
     let mut status = tokio::time::interval(Duration::from_secs(10));

@@ -262,10 +262,11 @@ impl Dicts {
         let same_fields = |r: &SessionRecord| {
             r.content == hb.content && r.kind == hb.kind && r.region == hb.region
         };
-        if let Some(r) = &cur_rec {
-            if &r.session == session && same_fields(r) {
-                return Decision::Unchanged;
-            }
+        if let Some(r) = &cur_rec
+            && &r.session == session
+            && same_fields(r)
+        {
+            return Decision::Unchanged;
         }
         // Carry the session's start over from whichever live interval knows it.
         let since = [&cur_rec, &prev_rec]
@@ -330,7 +331,10 @@ mod tests {
             Decision::Queued(vec![(a.clone(), 0)])
         );
         // Further heartbeats before the flush are covered by the queued write.
-        assert_eq!(d.on_heartbeat(&a, &dev, &s, &hb, 2_000), Decision::Unchanged);
+        assert_eq!(
+            d.on_heartbeat(&a, &dev, &s, &hb, 2_000),
+            Decision::Unchanged
+        );
         flush(&mut d);
         for t in [3_000, 5_000, 9_999] {
             assert_eq!(d.on_heartbeat(&a, &dev, &s, &hb, t), Decision::Unchanged);

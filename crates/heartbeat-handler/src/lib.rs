@@ -29,13 +29,13 @@ use headcount_protocol::subjects::{self, kv as keys};
 use headcount_protocol::wire::{
     self, EndReason, EventType, Heartbeat, HeartbeatError, PresenceEvent, Revocation, SessionRef,
 };
-use headcount_protocol::{now_millis, AccountId, IntervalClock, SessionId};
+use headcount_protocol::{AccountId, IntervalClock, SessionId, now_millis};
 use headcount_runtime::{Buckets, Shutdown};
 use tokio::sync::mpsc;
 
 pub use metrics::Metrics;
 
-use dicts::{apply, Applied, Decision, Dicts};
+use dicts::{Applied, Decision, Dicts, apply};
 
 /// Handler settings.
 #[derive(Debug, Clone)]
@@ -115,10 +115,10 @@ pub async fn run(
         buckets.revoked.clone(),
         "revoked",
         move |entry| {
-            if entry.operation == kv::Operation::Put {
-                if let Some(k) = keys::parse_revoked(&entry.key) {
-                    s.revoked.insert(k, ());
-                }
+            if entry.operation == kv::Operation::Put
+                && let Some(k) = keys::parse_revoked(&entry.key)
+            {
+                s.revoked.insert(k, ());
             }
         },
         watch_shutdown,
@@ -128,10 +128,17 @@ pub async fn run(
     let _ = sessions_ready.await;
     let _ = revoked_ready.await;
 
-    let flusher = tokio::spawn(flusher(shared.clone(), flush_rx, config.max_concurrent_writes));
+    let flusher = tokio::spawn(flusher(
+        shared.clone(),
+        flush_rx,
+        config.max_concurrent_writes,
+    ));
 
     let mut sub = nats
-        .queue_subscribe(subjects::HEARTBEAT_WILDCARD, subjects::HANDLER_QUEUE_GROUP.into())
+        .queue_subscribe(
+            subjects::HEARTBEAT_WILDCARD,
+            subjects::HANDLER_QUEUE_GROUP.into(),
+        )
         .await
         .context("subscribing to heartbeats")?;
     tracing::info!(interval = ?config.interval, "heartbeat-handler ready");
@@ -231,13 +238,10 @@ fn on_message(shared: &Shared, subject: &str, payload: &[u8]) {
         m.heartbeats.with_label_values(&["revoked"]).inc();
         return;
     }
-    let decision = shared.dicts().on_heartbeat(
-        &ids.account,
-        &ids.device,
-        &ids.session,
-        &hb,
-        now_millis(),
-    );
+    let decision =
+        shared
+            .dicts()
+            .on_heartbeat(&ids.account, &ids.device, &ids.session, &hb, now_millis());
     match decision {
         Decision::Superseded => {
             m.heartbeats.with_label_values(&["revoked"]).inc();
@@ -389,7 +393,12 @@ async fn flush(shared: &Shared, key: Key) {
 /// Publishes the presence events of a write that landed and records
 /// sessions displaced by a newer session of the same device. Only the
 /// instance whose compare-and-set succeeded gets here, so each happens once.
-async fn announce(shared: &Shared, account: &AccountId, interval: u64, applied: Vec<(headcount_protocol::DeviceId, Applied)>) {
+async fn announce(
+    shared: &Shared,
+    account: &AccountId,
+    interval: u64,
+    applied: Vec<(headcount_protocol::DeviceId, Applied)>,
+) {
     let now = now_millis();
     for (device, what) in applied {
         let (event, extra) = match what {
@@ -413,30 +422,47 @@ async fn announce(shared: &Shared, account: &AccountId, interval: u64, applied: 
                         .await
                     {
                         Ok(_) => {
-                            publish_event(shared, PresenceEvent {
-                                kind: EventType::Leave,
-                                account: account.clone(),
-                                device: device.clone(),
-                                session: old.clone(),
-                                at: now,
-                                by: revocation.by.clone(),
-                                reason: Some("replaced".into()),
-                                content: None,
-                            })
+                            publish_event(
+                                shared,
+                                PresenceEvent {
+                                    kind: EventType::Leave,
+                                    account: account.clone(),
+                                    device: device.clone(),
+                                    session: old.clone(),
+                                    at: now,
+                                    by: revocation.by.clone(),
+                                    reason: Some("replaced".into()),
+                                    content: None,
+                                },
+                            )
                             .await;
                         }
                         Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
-                        Err(e) => tracing::warn!(%account, session = %old, error = %e, "recording replaced session"),
+                        Err(e) => {
+                            tracing::warn!(%account, session = %old, error = %e, "recording replaced session")
+                        }
                     }
                 }
-                let known = shared.dicts().recorded_elsewhere(account, &device, &record.session, interval, now);
+                let known = shared.dicts().recorded_elsewhere(
+                    account,
+                    &device,
+                    &record.session,
+                    interval,
+                    now,
+                );
                 if known {
                     continue;
                 }
                 (EventType::Join, record)
             }
             Applied::Removed(record) => {
-                let still = shared.dicts().recorded_elsewhere(account, &device, &record.session, interval, now);
+                let still = shared.dicts().recorded_elsewhere(
+                    account,
+                    &device,
+                    &record.session,
+                    interval,
+                    now,
+                );
                 if still {
                     continue;
                 }
@@ -444,16 +470,19 @@ async fn announce(shared: &Shared, account: &AccountId, interval: u64, applied: 
             }
             Applied::Updated | Applied::Nothing => continue,
         };
-        publish_event(shared, PresenceEvent {
-            kind: event,
-            account: account.clone(),
-            device,
-            session: extra.session,
-            at: now,
-            by: None,
-            reason: None,
-            content: extra.content,
-        })
+        publish_event(
+            shared,
+            PresenceEvent {
+                kind: event,
+                account: account.clone(),
+                device,
+                session: extra.session,
+                at: now,
+                by: None,
+                reason: None,
+                content: extra.content,
+            },
+        )
         .await;
     }
 }

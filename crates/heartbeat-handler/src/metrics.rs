@@ -19,11 +19,17 @@ impl Metrics {
     pub fn new(registry: &Registry) -> anyhow::Result<Self> {
         let m = Self {
             heartbeats: IntCounterVec::new(
-                Opts::new("headcount_heartbeats_total", "heartbeats received, by result"),
+                Opts::new(
+                    "headcount_heartbeats_total",
+                    "heartbeats received, by result",
+                ),
                 &["result"],
             )?,
             kv_writes: IntCounterVec::new(
-                Opts::new("headcount_kv_writes_total", "interval dictionary writes, by result"),
+                Opts::new(
+                    "headcount_kv_writes_total",
+                    "interval dictionary writes, by result",
+                ),
                 &["result"],
             )?,
             kv_write_seconds: Histogram::with_opts(
@@ -31,14 +37,19 @@ impl Metrics {
                     "headcount_kv_write_duration_seconds",
                     "time to write one interval dictionary",
                 )
-                .buckets(vec![0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0]),
+                .buckets(vec![
+                    0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+                ]),
             )?,
             sessions: IntGauge::new(
                 "headcount_handler_sessions",
                 "sessions recorded in the current interval",
             )?,
             events: IntCounterVec::new(
-                Opts::new("headcount_handler_events_total", "presence events published by the handler, by type"),
+                Opts::new(
+                    "headcount_handler_events_total",
+                    "presence events published by the handler, by type",
+                ),
                 &["type"],
             )?,
         };

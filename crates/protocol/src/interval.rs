@@ -50,8 +50,7 @@ impl IntervalClock {
     /// its interval ends (and then for leaves while it is the previous
     /// interval), and read while it is current or previous.
     pub fn dictionary_ttl(&self) -> Duration {
-        Duration::from_millis(self.interval_ms.saturating_mul(2))
-            + Duration::from_secs(1)
+        Duration::from_millis(self.interval_ms.saturating_mul(2)) + Duration::from_secs(1)
     }
 }
 

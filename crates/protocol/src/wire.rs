@@ -8,9 +8,9 @@ use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::UnixMillis;
 use crate::names::{AccountId, DeviceId, SessionId};
 use crate::policy::Policy;
-use crate::UnixMillis;
 
 /// The largest heartbeat payload accepted, in bytes.
 pub const MAX_HEARTBEAT_BYTES: usize = 1024;
@@ -56,8 +56,8 @@ impl Heartbeat {
         if payload.is_empty() {
             return Ok(Self::default());
         }
-        let hb: Heartbeat = rmp_serde::from_slice(payload)
-            .map_err(|e| HeartbeatError::Malformed(e.to_string()))?;
+        let hb: Heartbeat =
+            rmp_serde::from_slice(payload).map_err(|e| HeartbeatError::Malformed(e.to_string()))?;
         for (field, value, max) in [
             ("content", &hb.content, MAX_CONTENT_LEN),
             ("kind", &hb.kind, MAX_KIND_LEN),

@@ -38,35 +38,39 @@ impl Buckets {
     /// from every service at start-up, concurrently.
     pub async fn open(client: &async_nats::Client, s: &BucketSettings) -> anyhow::Result<Self> {
         let js = jetstream::new(client.clone());
-        let open = |bucket: &'static str, description: &'static str, max_age: Duration, history: i64| {
-            let js = js.clone();
-            let cfg = kv::Config {
-                bucket: bucket.to_string(),
-                description: description.to_string(),
-                history,
-                max_age,
-                storage: s.storage,
-                num_replicas: s.replicas,
-                ..Default::default()
-            };
-            async move {
-                // Several services open the buckets at once; a lost race shows
-                // up as an error from the server, so try again a few times.
-                let mut delay = Duration::from_millis(100);
-                for attempt in 0.. {
-                    match js.create_or_update_key_value(cfg.clone()).await {
-                        Ok(store) => return Ok(store),
-                        Err(e) if attempt < 50 => {
-                            tracing::warn!(bucket, error = %e, "opening kv bucket, retrying");
-                            tokio::time::sleep(delay).await;
-                            delay = (delay * 2).min(Duration::from_secs(2));
+        let open =
+            |bucket: &'static str, description: &'static str, max_age: Duration, history: i64| {
+                let js = js.clone();
+                let cfg = kv::Config {
+                    bucket: bucket.to_string(),
+                    description: description.to_string(),
+                    history,
+                    max_age,
+                    storage: s.storage,
+                    num_replicas: s.replicas,
+                    ..Default::default()
+                };
+                async move {
+                    // Several services open the buckets at once; a lost race shows
+                    // up as an error from the server, so try again a few times.
+                    let mut delay = Duration::from_millis(100);
+                    for attempt in 0.. {
+                        match js.create_or_update_key_value(cfg.clone()).await {
+                            Ok(store) => return Ok(store),
+                            Err(e) if attempt < 50 => {
+                                tracing::warn!(bucket, error = %e, "opening kv bucket, retrying");
+                                tokio::time::sleep(delay).await;
+                                delay = (delay * 2).min(Duration::from_secs(2));
+                            }
+                            Err(e) => {
+                                return Err(e)
+                                    .with_context(|| format!("opening kv bucket {bucket}"));
+                            }
                         }
-                        Err(e) => return Err(e).with_context(|| format!("opening kv bucket {bucket}")),
                     }
+                    unreachable!("the retry loop returns")
                 }
-                unreachable!("the retry loop returns")
-            }
-        };
+            };
         Ok(Self {
             sessions: open(
                 keys::SESSIONS_BUCKET,
@@ -82,7 +86,13 @@ impl Buckets {
                 1,
             )
             .await?,
-            limits: open(keys::LIMITS_BUCKET, "per-account limit and policy", Duration::ZERO, 1).await?,
+            limits: open(
+                keys::LIMITS_BUCKET,
+                "per-account limit and policy",
+                Duration::ZERO,
+                1,
+            )
+            .await?,
         })
     }
 }

@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 
 use anyhow::Context;
-use axum::{extract::State, http::header, response::IntoResponse, routing::get, Router};
+use axum::{Router, extract::State, http::header, response::IntoResponse, routing::get};
 use prometheus::{Encoder, Registry, TextEncoder};
 
 use crate::Shutdown;
@@ -22,7 +22,10 @@ async fn render(State(registry): State<Registry>) -> impl IntoResponse {
     if let Err(e) = encoder.encode(&registry.gather(), &mut buf) {
         tracing::error!(error = %e, "encoding metrics");
     }
-    ([(header::CONTENT_TYPE, encoder.format_type().to_string())], buf)
+    (
+        [(header::CONTENT_TYPE, encoder.format_type().to_string())],
+        buf,
+    )
 }
 
 /// Binds `addr` and serves `router` until shutdown. Returns the bound

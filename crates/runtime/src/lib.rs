@@ -31,7 +31,10 @@ pub fn init_logging(json: bool) {
 }
 
 /// A service error as carried in the micro error headers.
-pub fn service_error(code: usize, status: impl std::fmt::Display) -> async_nats::service::error::Error {
+pub fn service_error(
+    code: usize,
+    status: impl std::fmt::Display,
+) -> async_nats::service::error::Error {
     async_nats::service::error::Error {
         code,
         status: status.to_string(),

@@ -43,7 +43,9 @@ impl NatsOptions {
             .event_callback(|event| async move {
                 match event {
                     async_nats::Event::Connected => tracing::info!("connected to nats"),
-                    async_nats::Event::Disconnected => tracing::warn!("disconnected from nats, reconnecting"),
+                    async_nats::Event::Disconnected => {
+                        tracing::warn!("disconnected from nats, reconnecting")
+                    }
                     async_nats::Event::SlowConsumer(sid) => {
                         tracing::warn!(subscription = sid, "slow consumer: messages dropped")
                     }
@@ -56,7 +58,10 @@ impl NatsOptions {
         let urls: Vec<async_nats::ServerAddr> = self
             .urls
             .iter()
-            .map(|u| u.parse::<async_nats::ServerAddr>().with_context(|| format!("bad nats url {u:?}")))
+            .map(|u| {
+                u.parse::<async_nats::ServerAddr>()
+                    .with_context(|| format!("bad nats url {u:?}"))
+            })
             .collect::<anyhow::Result<_>>()?;
         anyhow::ensure!(!urls.is_empty(), "no nats url given");
         opts.connect(urls.as_slice())

@@ -27,10 +27,10 @@ where
     let (ready_tx, ready_rx) = oneshot::channel();
     let initial = store.status().await?.values();
     let mut ready_tx = Some(ready_tx);
-    if initial == 0 {
-        if let Some(tx) = ready_tx.take() {
-            let _ = tx.send(());
-        }
+    if initial == 0
+        && let Some(tx) = ready_tx.take()
+    {
+        let _ = tx.send(());
     }
     let mut watch = store.watch_with_history(">").await?;
     let task = tokio::spawn(async move {
@@ -46,10 +46,8 @@ where
                     let caught_up = entry.delta == 0 || entry.seen_current;
                     last_revision = last_revision.max(entry.revision);
                     apply(entry);
-                    if caught_up {
-                        if let Some(tx) = ready_tx.take() {
-                            let _ = tx.send(());
-                        }
+                    if caught_up && let Some(tx) = ready_tx.take() {
+                        let _ = tx.send(());
                     }
                 }
                 other => {

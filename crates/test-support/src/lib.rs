@@ -17,8 +17,8 @@ use headcount_protocol::wire::{ActiveReply, Heartbeat};
 use headcount_protocol::{AccountId, DeviceId, Limit, Policy, SessionId};
 use headcount_runtime::shutdown::Trigger;
 use headcount_runtime::{BucketSettings, Buckets, NatsOptions, Shutdown};
-use serde::de::DeserializeOwned;
 use serde::Serialize;
+use serde::de::DeserializeOwned;
 
 pub use headcount_protocol;
 
@@ -342,9 +342,19 @@ impl TestApp {
     }
 
     /// Publishes one heartbeat as a device would (with the device user).
-    pub async fn heartbeat(&self, device_client: &async_nats::Client, account: &str, device: &str, session: &str, hb: &Heartbeat) {
+    pub async fn heartbeat(
+        &self,
+        device_client: &async_nats::Client,
+        account: &str,
+        device: &str,
+        session: &str,
+        hb: &Heartbeat,
+    ) {
         device_client
-            .publish(format!("hb.{account}.{device}.{session}"), hb.encode().into())
+            .publish(
+                format!("hb.{account}.{device}.{session}"),
+                hb.encode().into(),
+            )
             .await
             .expect("publish heartbeat");
         device_client.flush().await.expect("flush");
@@ -373,14 +383,14 @@ impl TestApp {
         .await
         .map_err(|_| (0, "timed out".to_string()))?
         .map_err(|e| (0, e.to_string()))?;
-        if let Some(h) = &msg.headers {
-            if let Some(code) = h.get(async_nats::service::NATS_SERVICE_ERROR_CODE) {
-                let text = h
-                    .get(async_nats::service::NATS_SERVICE_ERROR)
-                    .map(|v| v.to_string())
-                    .unwrap_or_default();
-                return Err((code.as_str().parse().unwrap_or(0), text));
-            }
+        if let Some(h) = &msg.headers
+            && let Some(code) = h.get(async_nats::service::NATS_SERVICE_ERROR_CODE)
+        {
+            let text = h
+                .get(async_nats::service::NATS_SERVICE_ERROR)
+                .map(|v| v.to_string())
+                .unwrap_or_default();
+            return Err((code.as_str().parse().unwrap_or(0), text));
         }
         Ok(msg.payload)
     }
@@ -438,7 +448,14 @@ pub struct Device {
 
 impl Device {
     /// Starts heartbeating every `period` with `hb` until stopped.
-    pub fn start(client: async_nats::Client, account: &str, device: &str, session: &str, period: Duration, hb: Heartbeat) -> Self {
+    pub fn start(
+        client: async_nats::Client,
+        account: &str,
+        device: &str,
+        session: &str,
+        period: Duration,
+        hb: Heartbeat,
+    ) -> Self {
         let subject = subjects::heartbeat(
             &AccountId::parse(account).expect("account"),
             &DeviceId::parse(device).expect("device"),
@@ -481,8 +498,7 @@ async fn wait_for_interest(client: &async_nats::Client, subject: &str) {
         .await;
         match r {
             Err(_) => return, // timed out: someone is subscribed
-            Ok(Err(e))
-                if e.kind() == async_nats::client::RequestErrorKind::NoResponders => {}
+            Ok(Err(e)) if e.kind() == async_nats::client::RequestErrorKind::NoResponders => {}
             Ok(_) => return,
         }
         assert!(Instant::now() < deadline, "no subscriber on {subject}");
