@@ -70,6 +70,7 @@ fn main() -> std::process::ExitCode {
             | Command::Limits(_)
             | Command::Kick(_)
             | Command::Token(_)
+            | Command::Bench(_)
     );
     if !quiet {
         headcount_runtime::init_logging(cli.log_json);

@@ -51,14 +51,17 @@ async fn call<Rep: DeserializeOwned + Serialize>(
     Ok(reply)
 }
 
+fn span(s: u64) -> String {
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m{:02}s", s / 60, s % 60),
+        _ => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+    }
+}
+
 fn ago(ms: u64) -> String {
     let now = headcount_protocol::now_millis();
-    let s = now.saturating_sub(ms) / 1000;
-    match s {
-        0..=59 => format!("{s}s ago"),
-        60..=3599 => format!("{}m{:02}s ago", s / 60, s % 60),
-        _ => format!("{}h{:02}m ago", s / 3600, (s % 3600) / 60),
-    }
+    format!("{} ago", span(now.saturating_sub(ms) / 1000))
 }
 
 #[derive(Debug, Args)]
@@ -120,16 +123,18 @@ pub async fn check(a: CheckArgs) -> anyhow::Result<()> {
     )
     .await?;
     if !a.common.json {
+        let verdict = if r.allowed {
+            "may play"
+        } else {
+            "is refused: the account is at its limit"
+        };
         println!(
-            "{}: {} of {} active ({})",
-            if r.allowed { "allowed" } else { "refused" },
-            r.active,
-            r.limit,
-            r.policy
+            "{} {verdict} ({} of {} seats taken, {})",
+            a.device, r.active, r.limit, r.policy
         );
         for e in r.evicted {
             println!(
-                "evicted {} (session {})",
+                "  evicted {} (session {}) to make room",
                 e.device.as_str(),
                 e.session.as_str()
             );
@@ -236,7 +241,12 @@ pub async fn token(a: TokenArgs) -> anyhow::Result<()> {
     )
     .await?;
     if !a.common.json {
-        println!("session {}  expires {}", r.session.as_str(), r.expires_at);
+        let left = r.expires_at.saturating_sub(headcount_protocol::now_millis()) / 1000;
+        println!(
+            "session {}, expires in {}",
+            r.session.as_str(),
+            span(left)
+        );
         println!("{}", r.token);
     }
     Ok(())

@@ -73,11 +73,23 @@ impl TokenArgs {
     }
 }
 
-/// Fires `trigger` on SIGINT or SIGTERM.
+/// How long a service may take to drain after SIGTERM before it exits anyway.
+pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// Fires `trigger` on SIGINT or SIGTERM. The drain that follows gets
+/// [`SHUTDOWN_GRACE`]; a second signal, or a drain that outlasts it (NATS
+/// gone, say), ends the process at once instead of hanging.
 pub async fn until_signal(trigger: shutdown::Trigger) {
     shutdown::signal().await;
     tracing::info!("shutting down");
     trigger.fire();
+    tokio::select! {
+        _ = shutdown::signal() => tracing::warn!("second signal: exiting without draining"),
+        _ = tokio::time::sleep(SHUTDOWN_GRACE) => {
+            tracing::error!(grace = ?SHUTDOWN_GRACE, "shutdown did not finish in time: exiting");
+        }
+    }
+    std::process::exit(1);
 }
 
 pub async fn handler(a: HandlerArgs) -> anyhow::Result<()> {

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Args;
-use headcount_runtime::{Buckets, NatsOptions, Shutdown, http};
+use headcount_runtime::{Buckets, NatsOptions, Shutdown, http, shutdown};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{EngineArgs, UpInfo};
@@ -101,7 +101,12 @@ impl NatsProcess {
         let conf = dir.join("nats.conf");
         std::fs::write(&conf, NATS_CONF).with_context(|| format!("writing {}", conf.display()))?;
         let log = dir.join("nats.log");
-        let child = tokio::process::Command::new("nats-server")
+        let mut cmd = tokio::process::Command::new("nats-server");
+        // Its own process group: Ctrl-C reaches `up` alone, which drains the
+        // services first and then stops the server.
+        #[cfg(unix)]
+        cmd.process_group(0);
+        let child = cmd
             .arg("-c")
             .arg(&conf)
             .args(["-a", "127.0.0.1", "-p", &port.to_string()])
@@ -334,7 +339,11 @@ async fn run_services(
 
     let mut status = tokio::time::interval(Duration::from_secs(10));
     status.tick().await;
-    let mut signal = std::pin::pin!(crate::services::until_signal(trigger));
+    let mut signal = std::pin::pin!(async move {
+        shutdown::signal().await;
+        tracing::info!("shutting down");
+        trigger.fire();
+    });
     loop {
         tokio::select! {
             _ = &mut signal => break,
@@ -352,16 +361,28 @@ async fn run_services(
         }
     }
 
-    if let Some((task, _)) = demo {
-        let _ = task.await;
+    // Drain within a bounded time: if NATS is already gone there is nothing
+    // left to flush, and `up` must still stop the server it started.
+    let drain = async {
+        if let Some((task, _)) = demo {
+            let _ = task.await;
+        }
+        let (h, c, v) = (handler.await, checker.await, vendor_task.await);
+        for client in [handler_client, checker_client, vendor_client, probe] {
+            let _ = client.drain().await;
+        }
+        h.context("handler panicked")??;
+        c.context("checker panicked")??;
+        v.context("token-vendor panicked")??;
+        anyhow::Ok(())
+    };
+    tokio::select! {
+        r = tokio::time::timeout(crate::services::SHUTDOWN_GRACE, drain) => match r {
+            Ok(r) => r?,
+            Err(_) => tracing::error!(grace = ?crate::services::SHUTDOWN_GRACE, "services did not drain in time"),
+        },
+        _ = shutdown::signal() => tracing::warn!("second signal: stopping without draining"),
     }
-    let (h, c, v) = (handler.await, checker.await, vendor_task.await);
-    for client in [handler_client, checker_client, vendor_client, probe] {
-        let _ = client.drain().await;
-    }
-    h.context("handler panicked")??;
-    c.context("checker panicked")??;
-    v.context("token-vendor panicked")??;
     println!("headcount stopped");
     Ok(())
 }

@@ -15,10 +15,10 @@ pub use nats::NatsOptions;
 pub use shutdown::Shutdown;
 
 /// Installs the tracing subscriber: human-readable lines, filtered by
-/// `RUST_LOG` (default `info`); `json` selects JSON lines for log shippers.
+/// `RUST_LOG` (default `info`, with the NATS client's own chatter at `warn`); `json` selects JSON lines for log shippers.
 pub fn init_logging(json: bool) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,async_nats=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
