@@ -439,7 +439,7 @@ fn bad_request(e: impl std::fmt::Display) -> Failure {
 }
 
 fn parse<T: DeserializeOwned>(payload: &[u8]) -> Result<T, Failure> {
-    serde_json::from_slice(payload).map_err(|e| bad_request(format!("invalid request: {e}")))
+    wire::parse_request(payload).map_err(bad_request)
 }
 
 fn json<T: Serialize>(value: &T) -> Result<Bytes, Failure> {

@@ -241,12 +241,11 @@ pub async fn token(a: TokenArgs) -> anyhow::Result<()> {
     )
     .await?;
     if !a.common.json {
-        let left = r.expires_at.saturating_sub(headcount_protocol::now_millis()) / 1000;
-        println!(
-            "session {}, expires in {}",
-            r.session.as_str(),
-            span(left)
-        );
+        let left = r
+            .expires_at
+            .saturating_sub(headcount_protocol::now_millis())
+            / 1000;
+        println!("session {}, expires in {}", r.session.as_str(), span(left));
         println!("{}", r.token);
     }
     Ok(())

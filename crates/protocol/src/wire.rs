@@ -305,6 +305,24 @@ pub struct TokenReply {
     pub expires_at: UnixMillis,
 }
 
+/// Reads a JSON request body, with an error message fit to send back: it
+/// says whether the body was not JSON at all or JSON of the wrong shape, and
+/// carries serde's account of where and what.
+pub fn parse_request<T: serde::de::DeserializeOwned>(payload: &[u8]) -> Result<T, String> {
+    serde_json::from_slice(payload).map_err(|e| {
+        use serde_json::error::Category;
+        match e.classify() {
+            Category::Syntax | Category::Eof | Category::Io if payload.is_empty() => {
+                "empty request: expected a JSON object".to_string()
+            }
+            Category::Syntax | Category::Eof | Category::Io => {
+                format!("request is not valid JSON: {e}")
+            }
+            Category::Data => format!("invalid request: {e}"),
+        }
+    })
+}
+
 /// Error codes carried in `Nats-Service-Error-Code`.
 pub mod error_code {
     pub const BAD_REQUEST: usize = 400;
@@ -316,6 +334,24 @@ pub mod error_code {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn request_errors_say_what_was_wrong() {
+        let e = parse_request::<TokenRequest>(b"").unwrap_err();
+        assert!(e.starts_with("empty request"), "{e}");
+        let e = parse_request::<TokenRequest>(b"{\"account\":").unwrap_err();
+        assert!(e.starts_with("request is not valid JSON"), "{e}");
+        let e = parse_request::<TokenRequest>(b"{\"account\":\"a\"}").unwrap_err();
+        assert!(
+            e.starts_with("invalid request") && e.contains("device"),
+            "{e}"
+        );
+        let e =
+            parse_request::<TokenRequest>(b"{\"account\":\"a b\",\"device\":\"d\"}").unwrap_err();
+        assert!(e.starts_with("invalid request"), "{e}");
+        let ok: TokenRequest = parse_request(b"{\"account\":\"a\",\"device\":\"d\"}").unwrap();
+        assert_eq!(ok.device.as_str(), "d");
+    }
 
     #[test]
     fn empty_payload_is_a_plain_heartbeat() {

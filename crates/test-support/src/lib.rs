@@ -175,6 +175,16 @@ impl Default for Timings {
     }
 }
 
+/// A token vendor started by [`TestApp::start_token_vendor`].
+pub struct TokenVendor {
+    pub running: Running,
+    /// The same vendor, to verify what it issued.
+    pub vendor: token_vendor::Vendor,
+    /// Base URL of its HTTP API.
+    pub http: String,
+    _dir: tempfile::TempDir,
+}
+
 /// A running service task and its own stop switch.
 #[derive(Debug)]
 pub struct Running {
@@ -338,6 +348,49 @@ impl TestApp {
             trigger,
             task,
             registry,
+        }
+    }
+
+    /// Starts a token vendor serving `headcount.token` on this server and
+    /// its HTTP API on a free loopback port; its keys live in a temporary
+    /// directory that lives as long as the returned handle.
+    pub async fn start_token_vendor(&self, operator_key: &str) -> TokenVendor {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let client = self
+            .nats
+            .service_options("test-token-vendor")
+            .connect()
+            .await
+            .expect("service connects");
+        let registry = prometheus::Registry::new();
+        let vendor = token_vendor::Vendor::new(
+            token_vendor::Config::new(dir.path(), operator_key),
+            &registry,
+        )
+        .expect("vendor starts");
+        let (trigger, shutdown) = Shutdown::new();
+        let (http_addr, _http) = headcount_runtime::http::serve(
+            "127.0.0.1:0".parse().expect("addr"),
+            token_vendor::router(vendor.clone()),
+            shutdown.clone(),
+        )
+        .await
+        .expect("http listens");
+        let task = tokio::spawn(token_vendor::serve_nats(vendor.clone(), client, shutdown));
+        wait_for_interest(
+            &self.client,
+            &subjects::endpoint_subject(subjects::endpoint::TOKEN),
+        )
+        .await;
+        TokenVendor {
+            running: Running {
+                trigger,
+                task,
+                registry,
+            },
+            vendor,
+            http: format!("http://{http_addr}"),
+            _dir: dir,
         }
     }
 

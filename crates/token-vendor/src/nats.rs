@@ -4,7 +4,7 @@ use async_nats::service::ServiceExt;
 use bytes::Bytes;
 use futures::StreamExt;
 use headcount_protocol::subjects::{self, endpoint};
-use headcount_protocol::wire::{TokenRequest, error_code};
+use headcount_protocol::wire::{self, TokenRequest, error_code};
 use headcount_runtime::{Shutdown, service_error};
 
 use crate::Vendor;
@@ -74,13 +74,10 @@ async fn answer(vendor: &Vendor, request: async_nats::service::Request) {
 }
 
 fn handle(vendor: &Vendor, payload: &[u8]) -> Result<Bytes, async_nats::service::error::Error> {
-    let request: TokenRequest = serde_json::from_slice(payload).map_err(|e| {
+    let request: TokenRequest = wire::parse_request(payload).map_err(|e| {
         vendor.count_rejection(BAD_REQUEST);
         tracing::debug!(error = %e, "refusing token request");
-        service_error(
-            error_code::BAD_REQUEST,
-            format!("invalid token request: {e}"),
-        )
+        service_error(error_code::BAD_REQUEST, e)
     })?;
     let reply = vendor
         .issue(&request.account, &request.device, "nats")
