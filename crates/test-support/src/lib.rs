@@ -28,7 +28,7 @@ pub fn nats_conf() -> PathBuf {
 }
 
 pub const SERVICE_USER: &str = "headcount";
-pub const DEVICE_USER: &str = "device";
+pub const BACKEND_USER: &str = "backend";
 
 /// A nats-server process on a free loopback port.
 #[derive(Debug)]
@@ -37,7 +37,9 @@ pub struct NatsServer {
     port: u16,
     store: tempfile::TempDir,
     pub service_password: String,
-    pub device_password: String,
+    pub backend_password: String,
+    /// Seed of the auth callout issuer the server trusts.
+    pub issuer_seed: String,
 }
 
 fn free_port() -> u16 {
@@ -55,7 +57,10 @@ impl NatsServer {
             port: free_port(),
             store: tempfile::tempdir().expect("temporary store dir"),
             service_password: format!("svc-{}", nuid_like()),
-            device_password: format!("dev-{}", nuid_like()),
+            backend_password: format!("be-{}", nuid_like()),
+            issuer_seed: token_vendor::Issuer::generate()
+                .seed()
+                .expect("issuer seed"),
         };
         s.spawn();
         s
@@ -72,7 +77,8 @@ impl NatsServer {
             .arg("-l")
             .arg(&log)
             .env("HEADCOUNT_SERVICE_PASSWORD", &self.service_password)
-            .env("HEADCOUNT_DEVICE_PASSWORD", &self.device_password)
+            .env("HEADCOUNT_BACKEND_PASSWORD", &self.backend_password)
+            .env("HEADCOUNT_CALLOUT_ISSUER", self.issuer().public_key())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -113,15 +119,43 @@ impl NatsServer {
             .expect("service client connects")
     }
 
-    /// A client with the device user's permissions.
-    pub async fn device_client(&self) -> async_nats::Client {
+    /// The callout issuer this server trusts.
+    pub fn issuer(&self) -> token_vendor::Issuer {
+        token_vendor::Issuer::from_seed(&self.issuer_seed).expect("issuer")
+    }
+
+    /// A client that publishes heartbeats for many simulated devices at
+    /// once: the service user, as a load generator would. Real devices
+    /// connect one by one with their token ([`NatsServer::device_connect`]).
+    pub async fn fleet_client(&self) -> async_nats::Client {
+        self.service_options("test-fleet")
+            .connect()
+            .await
+            .expect("fleet client connects")
+    }
+
+    /// A client with the backend user's permissions.
+    pub async fn backend_client(&self) -> async_nats::Client {
         async_nats::ConnectOptions::with_user_and_password(
-            DEVICE_USER.into(),
-            self.device_password.clone(),
+            BACKEND_USER.into(),
+            self.backend_password.clone(),
         )
         .connect(self.url())
         .await
-        .expect("device client connects")
+        .expect("backend client connects")
+    }
+
+    /// Connects as a device presenting `token`, without retrying: the
+    /// error is what the server (through the auth callout) answered.
+    pub async fn device_connect(
+        &self,
+        token: &str,
+    ) -> Result<async_nats::Client, async_nats::ConnectError> {
+        async_nats::ConnectOptions::with_token(token.to_string())
+            .max_reconnects(Some(1))
+            .connection_timeout(Duration::from_secs(5))
+            .connect(self.url())
+            .await
     }
 
     /// Kills the server (its store survives for [`NatsServer::restart`]).
@@ -182,7 +216,22 @@ pub struct TokenVendor {
     pub vendor: token_vendor::Vendor,
     /// Base URL of its HTTP API.
     pub http: String,
-    _dir: tempfile::TempDir,
+    /// Its data directory (keys).
+    pub dir: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl TokenVendor {
+    /// A token for `account`/`device`, issued by this vendor.
+    pub fn token(&self, account: &str, device: &str) -> headcount_protocol::wire::TokenReply {
+        self.vendor
+            .issue(
+                &AccountId::parse(account).expect("account"),
+                &DeviceId::parse(device).expect("device"),
+                "nats",
+            )
+            .expect("token issued")
+    }
 }
 
 /// A running service task and its own stop switch.
@@ -355,19 +404,22 @@ impl TestApp {
     /// its HTTP API on a free loopback port; its keys live in a temporary
     /// directory that lives as long as the returned handle.
     pub async fn start_token_vendor(&self, operator_key: &str) -> TokenVendor {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let client = self
-            .nats
-            .service_options("test-token-vendor")
-            .connect()
-            .await
-            .expect("service connects");
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let mut tv = self
+            .start_token_vendor_with(token_vendor::Config::new(tmp.path(), operator_key))
+            .await;
+        tv._tmp = Some(tmp);
+        tv
+    }
+
+    /// [`TestApp::start_token_vendor`] with a configuration of one's own
+    /// (its `data_dir` is used as given); the auth callout runs too, signing
+    /// with the issuer the server trusts.
+    pub async fn start_token_vendor_with(&self, config: token_vendor::Config) -> TokenVendor {
+        let dir = config.data_dir.clone();
+        let (client, buckets) = self.connect("test-token-vendor").await;
         let registry = prometheus::Registry::new();
-        let vendor = token_vendor::Vendor::new(
-            token_vendor::Config::new(dir.path(), operator_key),
-            &registry,
-        )
-        .expect("vendor starts");
+        let vendor = token_vendor::Vendor::new(config, &registry).expect("vendor starts");
         let (trigger, shutdown) = Shutdown::new();
         let (http_addr, _http) = headcount_runtime::http::serve(
             "127.0.0.1:0".parse().expect("addr"),
@@ -376,7 +428,18 @@ impl TestApp {
         )
         .await
         .expect("http listens");
-        let task = tokio::spawn(token_vendor::serve_nats(vendor.clone(), client, shutdown));
+        let tokens = token_vendor::serve_nats(vendor.clone(), client.clone(), shutdown.clone());
+        let callout = token_vendor::serve_callout(
+            vendor.clone(),
+            self.nats.issuer(),
+            client,
+            buckets.revoked,
+            shutdown,
+        );
+        let task = tokio::spawn(async move {
+            tokio::try_join!(tokens, callout)?;
+            Ok(())
+        });
         wait_for_interest(
             &self.client,
             &subjects::endpoint_subject(subjects::endpoint::TOKEN),
@@ -390,7 +453,8 @@ impl TestApp {
             },
             vendor,
             http: format!("http://{http_addr}"),
-            _dir: dir,
+            dir,
+            _tmp: None,
         }
     }
 

@@ -25,6 +25,7 @@ const JWKS_CACHE_CONTROL: &str = "public, max-age=300";
 pub fn router(vendor: Vendor) -> Router {
     Router::new()
         .route("/v1/tokens", post(issue_token))
+        .route("/v1/keys/rotate", post(rotate_key))
         .route("/.well-known/jwks.json", get(jwks))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(vendor)
@@ -44,6 +45,35 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
         .then_some(token.trim())
 }
 
+/// The 401 answer to a request without the operator key, counted.
+fn unauthorized(vendor: &Vendor) -> Response {
+    vendor.count_rejection(UNAUTHORIZED);
+    let mut response = error(StatusCode::UNAUTHORIZED, "missing or wrong operator key");
+    response
+        .headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    response
+}
+
+fn is_operator(vendor: &Vendor, headers: &HeaderMap) -> bool {
+    bearer(headers).is_some_and(|key| vendor.is_operator_key(key))
+}
+
+/// `POST /v1/keys/rotate`: a new signing key; older ones keep verifying
+/// until their tokens have expired.
+async fn rotate_key(State(vendor): State<Vendor>, headers: HeaderMap) -> Response {
+    if !is_operator(&vendor, &headers) {
+        return unauthorized(&vendor);
+    }
+    match vendor.rotate() {
+        Ok(kid) => (StatusCode::OK, Json(serde_json::json!({ "kid": kid }))).into_response(),
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "rotating the signing key");
+            error(StatusCode::INTERNAL_SERVER_ERROR, "rotating the signing key failed")
+        }
+    }
+}
+
 async fn issue_token(
     State(vendor): State<Vendor>,
     headers: HeaderMap,
@@ -51,13 +81,8 @@ async fn issue_token(
 ) -> Response {
     // The key is checked before the body, so that an unauthenticated caller
     // learns nothing about what a valid request looks like.
-    if !bearer(&headers).is_some_and(|key| vendor.is_operator_key(key)) {
-        vendor.count_rejection(UNAUTHORIZED);
-        let mut response = error(StatusCode::UNAUTHORIZED, "missing or wrong operator key");
-        response
-            .headers_mut()
-            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        return response;
+    if !is_operator(&vendor, &headers) {
+        return unauthorized(&vendor);
     }
     let request = match body {
         Ok(Json(request)) => request,

@@ -134,6 +134,30 @@ impl KeyRing {
     pub fn len(&self) -> usize {
         self.keys.len()
     }
+
+    /// This ring with `key` added as the signer, less the keys that stopped
+    /// signing more than `keep` ago (every token they signed has expired by
+    /// then). Returns the new ring and the kids it dropped.
+    pub fn rotated(&self, key: KeyPair, keep: std::time::Duration, now: UnixMillis) -> (KeyRing, Vec<String>) {
+        let key = Arc::new(key);
+        let mut by_age: Vec<Arc<KeyPair>> = self.keys.values().cloned().collect();
+        by_age.sort_by_key(|k| (k.created_at, k.kid.clone()));
+        let keep_ms = u64::try_from(keep.as_millis()).unwrap_or(u64::MAX);
+        let mut keys = BTreeMap::new();
+        let mut dropped = Vec::new();
+        for (i, k) in by_age.iter().enumerate() {
+            // A key stopped signing when the next newer one appeared (or now,
+            // for the key being replaced).
+            let retired_at = by_age.get(i + 1).map_or(now, |next| next.created_at);
+            if k.kid != self.signer.kid && now.saturating_sub(retired_at) > keep_ms {
+                dropped.push(k.kid.clone());
+            } else {
+                keys.insert(k.kid.clone(), k.clone());
+            }
+        }
+        keys.insert(key.kid.clone(), key.clone());
+        (KeyRing { keys, signer: key }, dropped)
+    }
 }
 
 /// Loads every key of `<data_dir>/keys/`, generating and saving one when
@@ -207,8 +231,15 @@ pub(crate) fn save(dir: &Path, key: &KeyPair) -> anyhow::Result<()> {
         created_at: key.created_at,
     };
     let json = serde_json::to_vec_pretty(&file).context("encoding key file")?;
-    let path = dir.join(format!("{}.json", key.kid));
-    let tmp = dir.join(format!("{}.json.tmp", key.kid));
+    write_private(&dir.join(format!("{}.json", key.kid)), &json)
+}
+
+/// Writes `path` with mode 0600, through a temporary file so that a crash
+/// never leaves half a secret behind.
+pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create(true).truncate(true);
     #[cfg(unix)]
@@ -219,15 +250,15 @@ pub(crate) fn save(dir: &Path, key: &KeyPair) -> anyhow::Result<()> {
     let mut out = options
         .open(&tmp)
         .with_context(|| format!("creating key file {}", tmp.display()))?;
-    out.write_all(&json)
+    out.write_all(bytes)
         .and_then(|()| out.sync_all())
         .with_context(|| format!("writing key file {}", tmp.display()))?;
     drop(out);
-    std::fs::rename(&tmp, &path).with_context(|| format!("saving key file {}", path.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("saving key file {}", path.display()))?;
     Ok(())
 }
 
-fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
+pub(crate) fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
     let mut builder = std::fs::DirBuilder::new();
     builder.recursive(true);
     #[cfg(unix)]
@@ -241,7 +272,7 @@ fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
 }
 
 #[cfg(unix)]
-fn warn_if_readable_by_others(path: &Path) {
+pub(crate) fn warn_if_readable_by_others(path: &Path) {
     use std::os::unix::fs::PermissionsExt;
     if let Ok(meta) = std::fs::metadata(path) {
         let mode = meta.permissions().mode() & 0o777;
@@ -256,7 +287,7 @@ fn warn_if_readable_by_others(path: &Path) {
 }
 
 #[cfg(not(unix))]
-fn warn_if_readable_by_others(_path: &Path) {}
+pub(crate) fn warn_if_readable_by_others(_path: &Path) {}
 
 /// Decodes a base64 seed in any of the usual alphabets, padded or not.
 pub(crate) fn decode_seed(text: &str) -> anyhow::Result<[u8; 32]> {

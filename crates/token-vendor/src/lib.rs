@@ -16,6 +16,8 @@
 //!   supply the signing key instead.
 //! - `http`: [`router`] for the HTTP API.
 //! - `nats`: [`serve_nats`], the `headcount.token` micro service.
+//! - `callout`: [`serve_callout`], NATS auth callout turning a device token
+//!   into permissions for that device's own subjects.
 //! - `metrics`: the Prometheus collectors.
 //!
 //! This crate must never log or return a key seed or the operator key, never
@@ -35,11 +37,13 @@ use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, Header, Validation};
 use serde::{Deserialize, Serialize};
 
+pub mod callout;
 mod http;
 mod keys;
 mod metrics;
 mod nats;
 
+pub use callout::{Issuer, serve_callout};
 pub use http::router;
 pub use keys::SIGNING_KEY_ENV;
 pub use nats::{SERVICE_NAME, serve_nats};
@@ -206,6 +210,7 @@ struct Inner {
     audience: String,
     ttl_secs: u64,
     operator_key: String,
+    data_dir: PathBuf,
     /// Behind a lock so that a rotation can swap in a new ring while requests
     /// keep using the one they started with.
     keys: RwLock<Arc<KeyRing>>,
@@ -277,6 +282,7 @@ impl Vendor {
                 audience: config.audience,
                 ttl_secs: config.token_ttl.as_secs().max(1),
                 operator_key: config.operator_key,
+                data_dir: config.data_dir,
                 keys: RwLock::new(Arc::new(ring)),
                 validation,
                 metrics,
@@ -295,8 +301,9 @@ impl Vendor {
         self.issue_at(account, device, via, now_millis() / 1000)
     }
 
-    /// [`Vendor::issue`] as if the time were `now` (Unix seconds).
-    fn issue_at(
+    /// [`Vendor::issue`] as if the time were `now` (Unix seconds): for
+    /// clocks other than the system's, such as tests of expiry.
+    pub fn issue_at(
         &self,
         account: &AccountId,
         device: &DeviceId,
@@ -392,10 +399,49 @@ impl Vendor {
         serde_json::json!({ "keys": keys })
     }
 
+    /// Makes a new signing key, saved in `<data_dir>/keys/` so that a
+    /// restart keeps it, and signs with it from now on. Tokens signed by older keys keep verifying until
+    /// they have all expired: a key is retired, and its file removed, once
+    /// it stopped signing more than the token lifetime plus the leeway ago.
+    /// Returns the new key's id.
+    pub fn rotate(&self) -> anyhow::Result<String> {
+        let key = keys::KeyPair::generate()?;
+        let kid = key.kid.clone();
+        let dir = keys::key_dir(&self.inner.data_dir);
+        keys::save(&dir, &key)?;
+        let keep = Duration::from_secs(self.inner.ttl_secs + LEEWAY_SECS);
+        let mut guard = self
+            .inner
+            .keys
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let (ring, dropped) = guard.rotated(key, keep, now_millis());
+        *guard = Arc::new(ring);
+        drop(guard);
+        for old in &dropped {
+            let path = dir.join(format!("{old}.json"));
+            if let Err(e) = std::fs::remove_file(&path)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::warn!(file = %path.display(), error = %e, "removing a retired key file");
+            }
+        }
+        tracing::info!(kid = %kid, retired = ?dropped, "signing key rotated");
+        Ok(kid)
+    }
+
     /// Whether `presented` is the operator key, compared in constant time.
     pub(crate) fn is_operator_key(&self, presented: &str) -> bool {
         let expected = self.inner.operator_key.as_bytes();
         !expected.is_empty() && constant_time_eq(presented.as_bytes(), expected)
+    }
+
+    pub(crate) fn count_callout(&self, result: &'static str) {
+        self.inner
+            .metrics
+            .callout
+            .with_label_values(&[result])
+            .inc();
     }
 
     pub(crate) fn count_rejection(&self, reason: &'static str) {

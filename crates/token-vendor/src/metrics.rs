@@ -19,7 +19,19 @@ pub(crate) struct Metrics {
     pub rejected: IntCounterVec,
     /// Token verifications, by result: ok or the error kind.
     pub verifications: IntCounterVec,
+    /// Device connections decided by the auth callout, by result.
+    pub callout: IntCounterVec,
 }
+
+/// Results of the auth callout besides the token error kinds.
+pub(crate) const CALLOUT_RESULTS: &[&str] = &[
+    "allowed",
+    "no_token",
+    "revoked",
+    "revocation_unavailable",
+    "bad_request",
+    "internal",
+];
 
 impl Metrics {
     /// Creates the collectors and registers them on `registry`; fails if
@@ -40,6 +52,14 @@ impl Metrics {
                 ),
                 &["reason"],
             )?,
+            callout: IntCounterVec::new(
+                Opts::new(
+                    "headcount_callout_total",
+                    "device connections decided by the auth callout, by result \
+                     (allowed, or why the connection was refused)",
+                ),
+                &["result"],
+            )?,
             verifications: IntCounterVec::new(
                 Opts::new(
                     "headcount_token_verifications_total",
@@ -48,6 +68,7 @@ impl Metrics {
                 &["result"],
             )?,
         };
+        registry.register(Box::new(m.callout.clone()))?;
         registry.register(Box::new(m.issued.clone()))?;
         registry.register(Box::new(m.rejected.clone()))?;
         registry.register(Box::new(m.verifications.clone()))?;
@@ -62,6 +83,10 @@ impl Metrics {
         m.verifications.with_label_values(&["ok"]);
         for kind in crate::TokenError::ALL {
             m.verifications.with_label_values(&[kind.kind()]);
+            m.callout.with_label_values(&[kind.kind()]);
+        }
+        for result in CALLOUT_RESULTS {
+            m.callout.with_label_values(&[*result]);
         }
         Ok(m)
     }

@@ -1,0 +1,460 @@
+//! Devices get in only with a valid token, and only to their own subjects:
+//! enforced by a real nats-server running the repository's `nats.conf`, with
+//! token-vendor answering its auth callout.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use async_nats::{ConnectErrorKind, Event};
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use bytes::Bytes;
+use futures::StreamExt;
+use headcount_protocol::wire::{ControlMessage, ControlType, Heartbeat, KickReply};
+use headcount_protocol::{AccountId, DeviceId, Limit, Policy, now_millis};
+use serde_json::json;
+use test_support::{TestApp, TokenVendor};
+use tokio::sync::mpsc;
+
+const KEY: &str = "operator-key-for-tests";
+const SOON: Duration = Duration::from_secs(5);
+
+async fn app_with_vendor(limit: u32) -> (TestApp, TokenVendor) {
+    let app = TestApp::spawn_with(Limit {
+        limit,
+        policy: Policy::EvictOldest,
+    })
+    .await;
+    let tv = app.start_token_vendor(KEY).await;
+    (app, tv)
+}
+
+/// A device connection that reports the server's errors (permission
+/// violations) and disconnects on `events`.
+async fn device(
+    app: &TestApp,
+    token: &str,
+) -> (async_nats::Client, mpsc::UnboundedReceiver<Event>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let client = async_nats::ConnectOptions::with_token(token.to_string())
+        .event_callback(move |e| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send(e);
+            }
+        })
+        .connect(app.nats.url())
+        .await
+        .expect("device with a valid token connects");
+    (client, rx)
+}
+
+/// Waits for a server error mentioning `what` among the connection events.
+async fn violation(events: &mut mpsc::UnboundedReceiver<Event>, what: &str) -> String {
+    tokio::time::timeout(SOON, async {
+        loop {
+            match events.recv().await.expect("events open") {
+                Event::ServerError(e) => {
+                    let text = e.to_string();
+                    if text.to_lowercase().contains("permissions violation") && text.contains(what)
+                    {
+                        return text;
+                    }
+                }
+                _ => continue,
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no permissions violation for {what}"))
+}
+
+fn refused(result: Result<async_nats::Client, async_nats::ConnectError>) -> bool {
+    match result {
+        Ok(_) => false,
+        Err(e) => e.kind() == ConnectErrorKind::AuthorizationViolation,
+    }
+}
+
+fn hb() -> Heartbeat {
+    Heartbeat::default()
+}
+
+#[tokio::test]
+async fn a_device_with_a_valid_token_heartbeats_and_is_counted() {
+    let (app, tv) = app_with_vendor(3).await;
+    let t = tv.token("acme", "tv");
+    let (dev, _events) = device(&app, &t.token).await;
+    let subject = format!("hb.acme.tv.{}", t.session.as_str());
+    dev.publish(subject, hb().encode().into()).await.unwrap();
+    dev.flush().await.unwrap();
+    let (r, took) = app
+        .wait_active("acme", SOON, |r| r.sessions.iter().any(|s| s.session == t.session))
+        .await;
+    assert!(took.is_some(), "session counted: {r:?}");
+    assert_eq!(
+        tv.running.metric(r#"headcount_callout_total{result="allowed"}"#),
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn a_device_may_not_publish_as_another_device_or_account() {
+    let (app, tv) = app_with_vendor(3).await;
+    let t = tv.token("acme", "tv");
+    let (dev, mut events) = device(&app, &t.token).await;
+    let sid = t.session.as_str();
+    for subject in [
+        format!("hb.acme.phone.{sid}"),  // another device
+        format!("hb.other.tv.{sid}"),    // another account
+        "hb.acme.tv.another-session".to_string(), // another session
+        "headcount.events.acme".to_string(),
+    ] {
+        dev.publish(subject.clone(), hb().encode().into())
+            .await
+            .unwrap();
+        violation(&mut events, &subject).await;
+    }
+    // Nothing of it reached the handler: no session for either account.
+    app.wait_active("acme", Duration::from_millis(500), |_| false).await;
+    assert!(app.active("acme").await.sessions.is_empty());
+    assert!(app.active("other").await.sessions.is_empty());
+    let h = &app.handlers[0];
+    assert_eq!(h.metric(r#"headcount_heartbeats_total{result="accepted"}"#), 0.0);
+}
+
+#[tokio::test]
+async fn a_device_may_only_read_its_own_control_subject() {
+    let (app, tv) = app_with_vendor(3).await;
+    let t = tv.token("acme", "tv");
+    let (dev, mut events) = device(&app, &t.token).await;
+
+    let mut own = dev.subscribe("ctl.acme.tv").await.unwrap();
+    let mut other = dev.subscribe("ctl.acme.phone").await.unwrap();
+    violation(&mut events, "ctl.acme.phone").await;
+    let mut everything = dev.subscribe("headcount.>").await.unwrap();
+    violation(&mut events, "headcount.>").await;
+    dev.flush().await.unwrap();
+
+    for subject in ["ctl.acme.tv", "ctl.acme.phone", "headcount.events.acme"] {
+        app.client
+            .publish(subject, Bytes::from_static(b"x"))
+            .await
+            .unwrap();
+    }
+    app.client.flush().await.unwrap();
+    let got = tokio::time::timeout(SOON, own.next()).await.unwrap().unwrap();
+    assert_eq!(got.subject.as_str(), "ctl.acme.tv");
+    for sub in [&mut other, &mut everything] {
+        let r = tokio::time::timeout(Duration::from_millis(300), sub.next()).await;
+        assert!(
+            !matches!(r, Ok(Some(_))),
+            "a denied subscription received {r:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_device_cannot_call_endpoints_or_read_kv() {
+    let (app, tv) = app_with_vendor(3).await;
+    let t = tv.token("acme", "tv");
+    let (dev, mut events) = device(&app, &t.token).await;
+    for subject in [
+        "headcount.active",
+        "$JS.API.STREAM.INFO.KV_headcount-sessions",
+        "$KV.headcount-sessions.acme.1",
+    ] {
+        let r = tokio::time::timeout(
+            Duration::from_secs(2),
+            dev.request(subject, Bytes::from_static(br#"{"account":"acme"}"#)),
+        )
+        .await;
+        assert!(
+            !matches!(r, Ok(Ok(_))),
+            "{subject}: a device must get no answer, got {r:?}"
+        );
+    }
+    violation(&mut events, "_INBOX").await;
+}
+
+#[tokio::test]
+async fn bad_tokens_and_anonymous_connections_are_refused() {
+    let (app, tv) = app_with_vendor(3).await;
+    let good = tv.token("acme", "tv").token;
+    let now = now_millis() / 1000;
+    let (acme, tv_dev) = (
+        AccountId::parse("acme").unwrap(),
+        DeviceId::parse("tv").unwrap(),
+    );
+
+    // Signed by another vendor's key: unknown kid.
+    let stranger_dir = tempfile::tempdir().unwrap();
+    let stranger = token_vendor::Vendor::new(
+        token_vendor::Config::new(stranger_dir.path(), KEY),
+        &prometheus::Registry::new(),
+    )
+    .unwrap();
+    let foreign = stranger.issue(&acme, &tv_dev, "nats").unwrap().token;
+
+    // Same keys, wrong audience / issuer.
+    let twin = |audience: &str, issuer: &str| {
+        let mut c = token_vendor::Config::new(&tv.dir, KEY);
+        c.audience = audience.into();
+        c.issuer = issuer.into();
+        token_vendor::Vendor::new(c, &prometheus::Registry::new())
+            .unwrap()
+            .issue(&acme, &tv_dev, "nats")
+            .unwrap()
+            .token
+    };
+    let wrong_audience = twin("somebody-else", token_vendor::DEFAULT_ISSUER);
+    let wrong_issuer = twin(token_vendor::DEFAULT_AUDIENCE, "somebody-else");
+
+    // A signature that does not match the claims.
+    let mut parts: Vec<String> = good.split('.').map(String::from).collect();
+    let claims = String::from_utf8(URL_SAFE_NO_PAD.decode(&parts[1]).unwrap()).unwrap();
+    parts[1] = URL_SAFE_NO_PAD.encode(claims.replace("\"acct\":\"acme\"", "\"acct\":\"evil\""));
+    let forged = parts.join(".");
+
+    // alg: none, claims intact, no signature.
+    let none_header = URL_SAFE_NO_PAD.encode(br#"{"alg":"none","typ":"JWT"}"#);
+    let unsigned = format!("{none_header}.{}.", good.split('.').nth(1).unwrap());
+
+    let expired = tv
+        .vendor
+        .issue_at(&acme, &tv_dev, "nats", now - 3 * 3600)
+        .unwrap()
+        .token;
+    let future = tv
+        .vendor
+        .issue_at(&acme, &tv_dev, "nats", now + 3600)
+        .unwrap()
+        .token;
+    let oversized = format!("{good}{}", "A".repeat(5000));
+
+    let cases = [
+        ("unknown_kid", foreign),
+        ("wrong_audience", wrong_audience),
+        ("wrong_issuer", wrong_issuer),
+        ("bad_signature", forged),
+        ("bad_signature", unsigned),
+        ("expired", expired),
+        ("not_yet_valid", future),
+        ("malformed", "garbage".to_string()),
+    ];
+    for (reason, token) in &cases {
+        assert!(
+            refused(app.nats.device_connect(token).await),
+            "{reason} token was let in"
+        );
+    }
+    for (reason, _) in &cases {
+        let n = tv
+            .running
+            .metric(&format!(r#"headcount_callout_total{{result="{reason}"}}"#));
+        assert!(n >= 1.0, "{reason} refusals counted: {n}");
+    }
+
+    // A token too long for a CONNECT line is cut off by the server itself
+    // (max_control_line), before the callout sees it.
+    assert!(app.nats.device_connect(&oversized).await.is_err());
+
+    // No credentials at all, and a wrong password.
+    let anonymous = async_nats::ConnectOptions::new()
+        .connect(app.nats.url())
+        .await;
+    assert!(refused(anonymous), "anonymous connection let in");
+    let guess = async_nats::ConnectOptions::with_user_and_password("headcount".into(), "guess".into())
+        .connect(app.nats.url())
+        .await;
+    assert!(refused(guess), "wrong password let in");
+    assert!(tv.running.metric(r#"headcount_callout_total{result="no_token"}"#) >= 1.0);
+
+    // And the good token still works.
+    assert!(app.nats.device_connect(&good).await.is_ok());
+}
+
+#[tokio::test]
+async fn the_connection_closes_when_the_token_expires() {
+    let (app, tv) = app_with_vendor(3).await;
+    let now = now_millis() / 1000;
+    let ttl = token_vendor::DEFAULT_TOKEN_TTL.as_secs();
+    // Issued so that it expires two seconds from now.
+    let t = tv
+        .vendor
+        .issue_at(
+            &AccountId::parse("acme").unwrap(),
+            &DeviceId::parse("tv").unwrap(),
+            "nats",
+            now + 2 - ttl,
+        )
+        .unwrap();
+    let (dev, mut events) = device(&app, &t.token).await;
+    assert_eq!(dev.connection_state(), async_nats::connection::State::Connected);
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Some(Event::Disconnected) = events.recv().await {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "connection still open after the token expired");
+    // And the same token cannot come back.
+    assert!(refused(app.nats.device_connect(&t.token).await));
+    assert!(tv.running.metric(r#"headcount_callout_total{result="expired"}"#) >= 1.0);
+}
+
+async fn next_control(sub: &mut async_nats::Subscriber) -> ControlMessage {
+    let msg = tokio::time::timeout(SOON, sub.next())
+        .await
+        .expect("control message")
+        .expect("subscription open");
+    ControlMessage::decode(&msg.payload).expect("control message decodes")
+}
+
+#[tokio::test]
+async fn an_evicted_session_cannot_reconnect_but_a_new_token_can() {
+    let (app, tv) = app_with_vendor(1).await;
+    let first = tv.token("acme", "tv");
+    let (tv_dev, _e1) = device(&app, &first.token).await;
+    let mut ctl = tv_dev.subscribe("ctl.acme.tv").await.unwrap();
+    tv_dev.flush().await.unwrap();
+    tv_dev
+        .publish(
+            format!("hb.acme.tv.{}", first.session.as_str()),
+            hb().encode().into(),
+        )
+        .await
+        .unwrap();
+    tv_dev.flush().await.unwrap();
+    app.wait_active("acme", SOON, |r| r.sessions.len() == 1).await;
+
+    let second = tv.token("acme", "phone");
+    let (phone, _e2) = device(&app, &second.token).await;
+    phone
+        .publish(
+            format!("hb.acme.phone.{}", second.session.as_str()),
+            hb().encode().into(),
+        )
+        .await
+        .unwrap();
+    phone.flush().await.unwrap();
+    let msg = next_control(&mut ctl).await;
+    assert_eq!(msg.kind, ControlType::DeviceLimitExceeded);
+
+    // The evicted session's token no longer opens a connection...
+    assert!(refused(app.nats.device_connect(&first.token).await));
+    assert!(tv.running.metric(r#"headcount_callout_total{result="revoked"}"#) >= 1.0);
+    // ...while a fresh token for the same device does.
+    let again = tv.token("acme", "tv");
+    assert!(app.nats.device_connect(&again.token).await.is_ok());
+}
+
+#[tokio::test]
+async fn a_kicked_session_cannot_reconnect() {
+    let (app, tv) = app_with_vendor(3).await;
+    let t = tv.token("acme", "tv");
+    let (dev, _events) = device(&app, &t.token).await;
+    dev.publish(format!("hb.acme.tv.{}", t.session.as_str()), hb().encode().into())
+        .await
+        .unwrap();
+    dev.flush().await.unwrap();
+    app.wait_active("acme", SOON, |r| r.sessions.len() == 1).await;
+    let kicked: KickReply = app
+        .request(
+            "kick",
+            &json!({"account": "acme", "session": t.session.as_str()}),
+        )
+        .await
+        .unwrap();
+    assert!(kicked.kicked);
+    assert!(refused(app.nats.device_connect(&t.token).await));
+}
+
+#[tokio::test]
+async fn backends_may_query_but_not_administer() {
+    let (app, _tv) = app_with_vendor(3).await;
+    let backend = app.nats.backend_client().await;
+    let ok = backend
+        .request("headcount.active", Bytes::from_static(br#"{"account":"acme"}"#))
+        .await
+        .expect("backend may query");
+    assert!(ok.headers.is_none(), "answered without error");
+    for subject in ["headcount.limits.set", "headcount.kick"] {
+        let r = tokio::time::timeout(
+            Duration::from_secs(2),
+            backend.request(
+                subject,
+                Bytes::from_static(br#"{"account":"acme","limit":9,"session":"x"}"#),
+            ),
+        )
+        .await;
+        assert!(!matches!(r, Ok(Ok(_))), "{subject}: backend got {r:?}");
+    }
+    // The limit is untouched.
+    let limits: serde_json::Value = app
+        .request("limits.get", &json!({"account": "acme"}))
+        .await
+        .unwrap();
+    assert_eq!(limits["limit"], 3);
+}
+
+#[tokio::test]
+async fn rotated_keys_keep_old_tokens_valid_and_both_are_published() {
+    let (app, tv) = app_with_vendor(3).await;
+    let before = tv.token("acme", "tv");
+    let http = reqwest::Client::new();
+    let refused = http
+        .post(format!("{}/v1/keys/rotate", tv.http))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 401);
+    let rotated: serde_json::Value = http
+        .post(format!("{}/v1/keys/rotate", tv.http))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let new_kid = rotated["kid"].as_str().unwrap().to_string();
+    let after = tv.token("acme", "phone");
+    let kid_of = |t: &str| jsonwebtoken::decode_header(t).unwrap().kid.unwrap();
+    assert_eq!(kid_of(&after.token), new_kid);
+    assert_ne!(kid_of(&before.token), new_kid);
+
+    // Both tokens open a connection.
+    assert!(app.nats.device_connect(&before.token).await.is_ok());
+    assert!(app.nats.device_connect(&after.token).await.is_ok());
+    // The JWKS lists both keys, the new one first.
+    let jwks: serde_json::Value = http
+        .get(format!("{}/.well-known/jwks.json", tv.http))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let kids: Vec<String> = jwks["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["kid"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(kids, vec![new_kid, kid_of(&before.token)]);
+}
+
+#[tokio::test]
+async fn without_a_callout_responder_devices_are_refused() {
+    let (app, tv) = app_with_vendor(3).await;
+    let t = tv.token("acme", "tv");
+    tv.running.stop().await.unwrap();
+    assert!(
+        app.nats.device_connect(&t.token).await.is_err(),
+        "a device got in with nobody to vouch for it"
+    );
+}
