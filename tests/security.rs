@@ -90,11 +90,14 @@ async fn a_device_with_a_valid_token_heartbeats_and_is_counted() {
     dev.publish(subject, hb().encode().into()).await.unwrap();
     dev.flush().await.unwrap();
     let (r, took) = app
-        .wait_active("acme", SOON, |r| r.sessions.iter().any(|s| s.session == t.session))
+        .wait_active("acme", SOON, |r| {
+            r.sessions.iter().any(|s| s.session == t.session)
+        })
         .await;
     assert!(took.is_some(), "session counted: {r:?}");
     assert_eq!(
-        tv.running.metric(r#"headcount_callout_total{result="allowed"}"#),
+        tv.running
+            .metric(r#"headcount_callout_total{result="allowed"}"#),
         1.0
     );
 }
@@ -106,8 +109,8 @@ async fn a_device_may_not_publish_as_another_device_or_account() {
     let (dev, mut events) = device(&app, &t.token).await;
     let sid = t.session.as_str();
     for subject in [
-        format!("hb.acme.phone.{sid}"),  // another device
-        format!("hb.other.tv.{sid}"),    // another account
+        format!("hb.acme.phone.{sid}"),           // another device
+        format!("hb.other.tv.{sid}"),             // another account
         "hb.acme.tv.another-session".to_string(), // another session
         "headcount.events.acme".to_string(),
     ] {
@@ -117,11 +120,15 @@ async fn a_device_may_not_publish_as_another_device_or_account() {
         violation(&mut events, &subject).await;
     }
     // Nothing of it reached the handler: no session for either account.
-    app.wait_active("acme", Duration::from_millis(500), |_| false).await;
+    app.wait_active("acme", Duration::from_millis(500), |_| false)
+        .await;
     assert!(app.active("acme").await.sessions.is_empty());
     assert!(app.active("other").await.sessions.is_empty());
     let h = &app.handlers[0];
-    assert_eq!(h.metric(r#"headcount_heartbeats_total{result="accepted"}"#), 0.0);
+    assert_eq!(
+        h.metric(r#"headcount_heartbeats_total{result="accepted"}"#),
+        0.0
+    );
 }
 
 #[tokio::test]
@@ -144,7 +151,10 @@ async fn a_device_may_only_read_its_own_control_subject() {
             .unwrap();
     }
     app.client.flush().await.unwrap();
-    let got = tokio::time::timeout(SOON, own.next()).await.unwrap().unwrap();
+    let got = tokio::time::timeout(SOON, own.next())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(got.subject.as_str(), "ctl.acme.tv");
     for sub in [&mut other, &mut everything] {
         let r = tokio::time::timeout(Duration::from_millis(300), sub.next()).await;
@@ -265,11 +275,16 @@ async fn bad_tokens_and_anonymous_connections_are_refused() {
         .connect(app.nats.url())
         .await;
     assert!(refused(anonymous), "anonymous connection let in");
-    let guess = async_nats::ConnectOptions::with_user_and_password("headcount".into(), "guess".into())
-        .connect(app.nats.url())
-        .await;
+    let guess =
+        async_nats::ConnectOptions::with_user_and_password("headcount".into(), "guess".into())
+            .connect(app.nats.url())
+            .await;
     assert!(refused(guess), "wrong password let in");
-    assert!(tv.running.metric(r#"headcount_callout_total{result="no_token"}"#) >= 1.0);
+    assert!(
+        tv.running
+            .metric(r#"headcount_callout_total{result="no_token"}"#)
+            >= 1.0
+    );
 
     // And the good token still works.
     assert!(app.nats.device_connect(&good).await.is_ok());
@@ -291,7 +306,10 @@ async fn the_connection_closes_when_the_token_expires() {
         )
         .unwrap();
     let (dev, mut events) = device(&app, &t.token).await;
-    assert_eq!(dev.connection_state(), async_nats::connection::State::Connected);
+    assert_eq!(
+        dev.connection_state(),
+        async_nats::connection::State::Connected
+    );
     let closed = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
             if let Some(Event::Disconnected) = events.recv().await {
@@ -300,10 +318,17 @@ async fn the_connection_closes_when_the_token_expires() {
         }
     })
     .await;
-    assert!(closed.is_ok(), "connection still open after the token expired");
+    assert!(
+        closed.is_ok(),
+        "connection still open after the token expired"
+    );
     // And the same token cannot come back.
     assert!(refused(app.nats.device_connect(&t.token).await));
-    assert!(tv.running.metric(r#"headcount_callout_total{result="expired"}"#) >= 1.0);
+    assert!(
+        tv.running
+            .metric(r#"headcount_callout_total{result="expired"}"#)
+            >= 1.0
+    );
 }
 
 async fn next_control(sub: &mut async_nats::Subscriber) -> ControlMessage {
@@ -329,7 +354,8 @@ async fn an_evicted_session_cannot_reconnect_but_a_new_token_can() {
         .await
         .unwrap();
     tv_dev.flush().await.unwrap();
-    app.wait_active("acme", SOON, |r| r.sessions.len() == 1).await;
+    app.wait_active("acme", SOON, |r| r.sessions.len() == 1)
+        .await;
 
     let second = tv.token("acme", "phone");
     let (phone, _e2) = device(&app, &second.token).await;
@@ -346,7 +372,11 @@ async fn an_evicted_session_cannot_reconnect_but_a_new_token_can() {
 
     // The evicted session's token no longer opens a connection...
     assert!(refused(app.nats.device_connect(&first.token).await));
-    assert!(tv.running.metric(r#"headcount_callout_total{result="revoked"}"#) >= 1.0);
+    assert!(
+        tv.running
+            .metric(r#"headcount_callout_total{result="revoked"}"#)
+            >= 1.0
+    );
     // ...while a fresh token for the same device does.
     let again = tv.token("acme", "tv");
     assert!(app.nats.device_connect(&again.token).await.is_ok());
@@ -357,11 +387,15 @@ async fn a_kicked_session_cannot_reconnect() {
     let (app, tv) = app_with_vendor(3).await;
     let t = tv.token("acme", "tv");
     let (dev, _events) = device(&app, &t.token).await;
-    dev.publish(format!("hb.acme.tv.{}", t.session.as_str()), hb().encode().into())
-        .await
-        .unwrap();
+    dev.publish(
+        format!("hb.acme.tv.{}", t.session.as_str()),
+        hb().encode().into(),
+    )
+    .await
+    .unwrap();
     dev.flush().await.unwrap();
-    app.wait_active("acme", SOON, |r| r.sessions.len() == 1).await;
+    app.wait_active("acme", SOON, |r| r.sessions.len() == 1)
+        .await;
     let kicked: KickReply = app
         .request(
             "kick",
@@ -378,7 +412,10 @@ async fn backends_may_query_but_not_administer() {
     let (app, _tv) = app_with_vendor(3).await;
     let backend = app.nats.backend_client().await;
     let ok = backend
-        .request("headcount.active", Bytes::from_static(br#"{"account":"acme"}"#))
+        .request(
+            "headcount.active",
+            Bytes::from_static(br#"{"account":"acme"}"#),
+        )
         .await
         .expect("backend may query");
     assert!(ok.headers.is_none(), "answered without error");

@@ -35,9 +35,17 @@ pub struct UpInfo {
     pub metrics_url: String,
     pub service_user: String,
     pub service_password: String,
-    pub device_user: String,
-    pub device_password: String,
+    /// The user for application backends (query endpoints, tokens, events).
+    pub backend_user: String,
+    pub backend_password: String,
     pub operator_key: String,
+    /// Public key the server trusts for auth callout responses; empty when
+    /// `up` runs with `--insecure`.
+    pub callout_issuer: String,
+    /// Set by `up --insecure`: devices share the `device` user instead of
+    /// connecting with tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub insecure_device_password: Option<String>,
 }
 
 impl UpInfo {
@@ -108,8 +116,9 @@ pub struct EngineArgs {
     /// KV replicas per bucket (3 on a three-node cluster).
     #[arg(long, env = "HEADCOUNT_REPLICAS", default_value_t = 1)]
     pub replicas: usize,
-    /// How long a revocation is kept; at least the token lifetime.
-    #[arg(long, env = "HEADCOUNT_REVOKED_TTL", default_value = "1h", value_parser = humantime_secs)]
+    /// How long a revocation is kept: at least the token lifetime, so an
+    /// ended session's token cannot connect again before it expires.
+    #[arg(long, env = "HEADCOUNT_REVOKED_TTL", default_value = "16m", value_parser = humantime_secs)]
     pub revoked_ttl: Duration,
 }
 

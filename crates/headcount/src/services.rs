@@ -139,7 +139,13 @@ pub async fn token_vendor(a: TokenVendorArgs) -> anyhow::Result<()> {
     let (addr, _server) = http::serve(a.http_addr, router, stop.clone()).await?;
     tracing::info!(%addr, "token-vendor http listening");
     tokio::spawn(until_signal(trigger));
-    token_vendor::serve_nats(vendor, client.clone(), stop).await?;
+    let issuer = token_vendor::Issuer::open(&a.nats.data_dir)?;
+    tracing::info!(issuer = %issuer.public_key(), "auth callout issuer (the `issuer` of nats.conf's auth_callout)");
+    let revoked = headcount_runtime::buckets::open_revoked(&client, &stop).await?;
+    tokio::try_join!(
+        token_vendor::serve_nats(vendor.clone(), client.clone(), stop.clone()),
+        token_vendor::serve_callout(vendor, issuer, client.clone(), revoked, stop),
+    )?;
     client.drain().await.context("draining nats connection")?;
     Ok(())
 }

@@ -1,19 +1,28 @@
-//! A simulated fleet: accounts x devices heartbeating over one connection
-//! with the device user's permissions, obeying control messages.
+//! A simulated fleet: accounts x devices, each heartbeating from its own task
+//! and obeying its control messages.
+//!
+//! By default every device does what a real one does: asks for a token on
+//! `headcount.token`, connects to NATS with it (so the auth callout grants it
+//! its own two subjects and nothing else), subscribes to its control subject
+//! and heartbeats. A device told `device-limit-exceeded` or `revoked` pauses,
+//! then comes back with a new token, as a user pressing play again would.
+//! `--shared-connection` publishes every device's heartbeats over one
+//! privileged connection instead: a load generator for numbers of devices
+//! no machine would open connections for.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use clap::Args;
 use futures::StreamExt;
-use headcount_protocol::subjects;
-use headcount_protocol::wire::{ControlMessage, Heartbeat};
+use headcount_protocol::subjects::{self, endpoint, endpoint_subject};
+use headcount_protocol::wire::{ControlMessage, Heartbeat, TokenReply};
 use headcount_protocol::{AccountId, DeviceId, SessionId};
 use headcount_runtime::Shutdown;
 
-use crate::config::{NatsArgs, UpInfo, humantime_secs};
+use crate::config::{NatsArgs, humantime_secs};
 
 #[derive(Debug, Args)]
 pub struct SimulateArgs {
@@ -29,6 +38,10 @@ pub struct SimulateArgs {
     /// Stop after this long (default: until Ctrl-C).
     #[arg(long, value_parser = humantime_secs)]
     duration: Option<Duration>,
+    /// Publish all heartbeats over this tool's own (service) connection
+    /// instead of one token-authenticated connection per device.
+    #[arg(long)]
+    shared_connection: bool,
     #[command(flatten)]
     nats: NatsArgs,
 }
@@ -37,7 +50,7 @@ pub struct SimulateArgs {
 #[derive(Debug, Clone)]
 pub struct FleetSpec {
     pub accounts: usize,
-    /// Devices per account: the `i`th account gets `devices(i)`.
+    /// Devices per account: the `i`th account gets `devices(i, base_devices)`.
     pub devices: fn(usize, usize) -> usize,
     pub base_devices: usize,
     pub period: Duration,
@@ -45,153 +58,248 @@ pub struct FleetSpec {
     pub churn: bool,
 }
 
+/// How the fleet's devices reach NATS.
+#[derive(Debug, Clone)]
+pub enum FleetAccess {
+    /// One connection per device, with a token from `headcount.token`
+    /// (requested over `tokens`).
+    Tokens {
+        tokens: async_nats::Client,
+        urls: Vec<String>,
+    },
+    /// One shared connection for every device (must be allowed to publish
+    /// `hb.>` and subscribe `ctl.>`).
+    Shared(async_nats::Client),
+}
+
 /// Counters a fleet keeps.
 #[derive(Debug, Default)]
 pub struct FleetStats {
     pub sent: AtomicU64,
     pub told_off: AtomicU64,
-    pub sessions: AtomicU64,
-}
-
-struct Sim {
-    subject: String,
-    payload: bytes::Bytes,
-    account: AccountId,
-    device: DeviceId,
-    /// Paused (evicted or between sessions) until then.
-    paused_until: Option<Instant>,
+    pub devices: AtomicU64,
+    pub connected: AtomicU64,
+    pub errors: AtomicU64,
 }
 
 const KINDS: [&str; 4] = ["web", "ios", "android", "tv"];
 const REGIONS: [&str; 3] = ["eu-west", "us-east", "ap-south"];
 
-fn new_session(account: &AccountId, device: &DeviceId, i: usize) -> (String, bytes::Bytes) {
-    let session = SessionId::parse(&nuid::next().to_string()).unwrap_or_else(|_| {
-        // nuid is always 22 base62 characters; never reached.
-        SessionId::parse("fallback").unwrap_or_else(|_| unreachable!())
-    });
-    let hb = Heartbeat {
-        content: Some(format!("stream-{}", i % 7)),
-        kind: Some(KINDS[i % KINDS.len()].into()),
-        region: Some(REGIONS[i % REGIONS.len()].into()),
-        ..Default::default()
-    };
-    (
-        subjects::heartbeat(account, device, &session),
-        hb.encode().into(),
-    )
+/// One device's session: its connection, subject and control stream.
+struct Session {
+    client: async_nats::Client,
+    subject: String,
+    session: SessionId,
+    control: async_nats::Subscriber,
+    /// Whether `client` is this session's own connection (closed at its end).
+    own: bool,
 }
 
-/// Runs a fleet until `shutdown`, publishing each device's heartbeat once per
-/// period, spread evenly over it.
-pub async fn fleet(
-    client: async_nats::Client,
-    spec: FleetSpec,
-    stats: Arc<FleetStats>,
-    shutdown: Shutdown,
-) -> anyhow::Result<()> {
-    let mut sims = Vec::new();
-    for a in 0..spec.accounts {
-        let account = AccountId::parse(&format!("acct-{a:04}"))?;
-        for d in 0..(spec.devices)(a, spec.base_devices) {
-            let device = DeviceId::parse(&format!("dev-{d}"))?;
-            let (subject, payload) = new_session(&account, &device, a + d);
-            sims.push(Sim {
-                subject,
-                payload,
-                account: account.clone(),
-                device,
-                paused_until: None,
-            });
+async fn start_session(
+    access: &FleetAccess,
+    account: &AccountId,
+    device: &DeviceId,
+) -> anyhow::Result<Session> {
+    let (client, session, own) = match access {
+        FleetAccess::Tokens { tokens, urls } => {
+            let body =
+                serde_json::to_vec(&serde_json::json!({"account": account, "device": device}))?;
+            let msg = tokens
+                .request(endpoint_subject(endpoint::TOKEN), body.into())
+                .await
+                .context("requesting a device token")?;
+            let reply: TokenReply = serde_json::from_slice(&msg.payload).with_context(|| {
+                format!("token refused: {}", String::from_utf8_lossy(&msg.payload))
+            })?;
+            let client = async_nats::ConnectOptions::with_token(reply.token)
+                .name(format!("sim {account}/{device}"))
+                .connect(urls.join(","))
+                .await
+                .context("connecting with a device token")?;
+            (client, reply.session, true)
+        }
+        FleetAccess::Shared(client) => (
+            client.clone(),
+            SessionId::parse(&nuid::next().to_string())?,
+            false,
+        ),
+    };
+    let control = client.subscribe(subjects::control(account, device)).await?;
+    Ok(Session {
+        subject: subjects::heartbeat(account, device, &session),
+        session,
+        client,
+        control,
+        own,
+    })
+}
+
+impl Session {
+    async fn end(mut self, leave: bool) {
+        if leave {
+            let bye = Heartbeat {
+                leave: true,
+                ..Default::default()
+            };
+            let _ = self
+                .client
+                .publish(self.subject.clone(), bye.encode().into())
+                .await;
+        }
+        let _ = self.control.unsubscribe().await;
+        let _ = self.client.flush().await;
+        if self.own {
+            let _ = self.client.drain().await;
         }
     }
-    stats.sessions.store(sims.len() as u64, Ordering::Relaxed);
-    let index: HashMap<(AccountId, DeviceId), usize> = sims
-        .iter()
-        .enumerate()
-        .map(|(i, s)| ((s.account.clone(), s.device.clone()), i))
-        .collect();
-    let mut ctl = client.subscribe("ctl.>").await?;
+}
 
-    let slots = 20u32;
-    let mut tick = tokio::time::interval(spec.period / slots);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut slot = 0usize;
+/// What ended a session.
+enum End {
+    Shutdown,
+    ToldOff,
+    Left,
+}
+
+/// One device, for as long as the fleet runs: sessions one after another.
+#[allow(clippy::too_many_arguments)]
+async fn device_loop(
+    access: FleetAccess,
+    account: AccountId,
+    device: DeviceId,
+    payload: bytes::Bytes,
+    period: Duration,
+    offset: Duration,
+    churn: bool,
+    seed: u64,
+    stats: Arc<FleetStats>,
+    shutdown: Shutdown,
+) {
+    let mut rng = seed | 1;
     let mut stop = std::pin::pin!(shutdown.wait());
-    let mut rng = 0x2545f4914f6cdd1du64;
+    tokio::select! {
+        _ = &mut stop => return,
+        _ = tokio::time::sleep(offset) => {}
+    }
     loop {
-        tokio::select! {
-            _ = &mut stop => break,
-            msg = ctl.next() => {
-                let Some(msg) = msg else { break };
-                if let Ok(c) = ControlMessage::decode(&msg.payload)
-                    && let Some(&i) = index.get(&(c.account.clone(), c.device.clone())) {
-                        // Only act on notices about the current session.
-                        if sims[i].subject == subjects::heartbeat(&c.account, &c.device, &c.session) {
-                            stats.told_off.fetch_add(1, Ordering::Relaxed);
-                            sims[i].paused_until = Some(Instant::now() + spec.period * 6);
-                        }
-                    }
+        let session = tokio::select! {
+            _ = &mut stop => return,
+            s = start_session(&access, &account, &device) => s,
+        };
+        let mut session = match session {
+            Ok(s) => s,
+            Err(e) => {
+                stats.errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%account, %device, error = %format!("{e:#}"), "simulated device could not start a session");
+                tokio::select! {
+                    _ = &mut stop => return,
+                    _ = tokio::time::sleep(period) => continue,
+                }
             }
-            _ = tick.tick() => {
-                let now = Instant::now();
-                for (i, sim) in sims.iter_mut().enumerate() {
-                    if i % slots as usize != slot {
-                        continue;
+        };
+        stats.connected.fetch_add(1, Ordering::Relaxed);
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let end = loop {
+            tokio::select! {
+                _ = &mut stop => break End::Shutdown,
+                msg = session.control.next() => {
+                    let Some(msg) = msg else { break End::ToldOff };
+                    if let Ok(c) = ControlMessage::decode(&msg.payload)
+                        && c.session == session.session
+                    {
+                        stats.told_off.fetch_add(1, Ordering::Relaxed);
+                        break End::ToldOff;
                     }
-                    if let Some(until) = sim.paused_until {
-                        if now < until {
-                            continue;
-                        }
-                        sim.paused_until = None;
-                        let (s, p) = new_session(&sim.account, &sim.device, i);
-                        sim.subject = s;
-                        sim.payload = p;
-                    }
-                    if spec.churn {
+                }
+                _ = tick.tick() => {
+                    if churn {
                         rng ^= rng << 13;
                         rng ^= rng >> 7;
                         rng ^= rng << 17;
                         if rng.is_multiple_of(400) {
-                            let leave = Heartbeat { leave: true, ..Default::default() };
-                            client.publish(sim.subject.clone(), leave.encode().into()).await?;
-                            sim.paused_until = Some(now + spec.period * 3);
-                            continue;
+                            break End::Left;
                         }
                     }
-                    client.publish(sim.subject.clone(), sim.payload.clone()).await?;
-                    stats.sent.fetch_add(1, Ordering::Relaxed);
+                    if session.client.publish(session.subject.clone(), payload.clone()).await.is_ok() {
+                        stats.sent.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        stats.errors.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
-                slot = (slot + 1) % slots as usize;
             }
+        };
+        stats.connected.fetch_sub(1, Ordering::Relaxed);
+        let pause = match end {
+            End::Shutdown => {
+                session.end(true).await;
+                return;
+            }
+            End::ToldOff => {
+                session.end(false).await;
+                period * 6
+            }
+            End::Left => {
+                session.end(true).await;
+                period * 3
+            }
+        };
+        tokio::select! {
+            _ = &mut stop => return,
+            _ = tokio::time::sleep(pause) => {}
         }
     }
-    // Leave politely so seats free at once.
-    for sim in &sims {
-        if sim.paused_until.is_none() {
-            let leave = Heartbeat {
-                leave: true,
-                ..Default::default()
-            };
-            let _ = client
-                .publish(sim.subject.clone(), leave.encode().into())
-                .await;
-        }
-    }
-    let _ = client.flush().await;
-    Ok(())
 }
 
-/// A device connection: the device user from up.json unless flags say otherwise.
-pub async fn device_client(nats: &NatsArgs) -> anyhow::Result<async_nats::Client> {
-    let mut opts = nats.options("headcount-simulate")?;
-    if nats.nats_user.is_none()
-        && let Ok(up) = UpInfo::load(&nats.data_dir)
-    {
-        opts.user = Some(up.device_user);
-        opts.password = Some(up.device_password);
+/// Runs a fleet until `shutdown`; heartbeats are spread evenly over the
+/// period. Returns once every device has left.
+pub async fn fleet(
+    access: FleetAccess,
+    spec: FleetSpec,
+    stats: Arc<FleetStats>,
+    shutdown: Shutdown,
+) -> anyhow::Result<()> {
+    let mut devices = Vec::new();
+    for a in 0..spec.accounts {
+        let account = AccountId::parse(&format!("acct-{a:04}"))?;
+        for d in 0..(spec.devices)(a, spec.base_devices) {
+            devices.push((
+                account.clone(),
+                DeviceId::parse(&format!("dev-{d}"))?,
+                a + d,
+            ));
+        }
     }
-    opts.connect().await
+    let n = devices.len().max(1) as u32;
+    stats.devices.store(devices.len() as u64, Ordering::Relaxed);
+    let mut tasks = Vec::with_capacity(devices.len());
+    for (k, (account, device, i)) in devices.into_iter().enumerate() {
+        let hb = Heartbeat {
+            content: Some(format!("stream-{}", i % 7)),
+            kind: Some(KINDS[i % KINDS.len()].into()),
+            region: Some(REGIONS[i % REGIONS.len()].into()),
+            ..Default::default()
+        };
+        tasks.push(tokio::spawn(device_loop(
+            access.clone(),
+            account,
+            device,
+            hb.encode().into(),
+            spec.period,
+            spec.period / n * k as u32,
+            spec.churn,
+            0x2545_f491_4f6c_dd1d ^ (k as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15),
+            stats.clone(),
+            shutdown.clone(),
+        )));
+    }
+    for t in tasks {
+        t.await.context("simulated device panicked")?;
+    }
+    if let FleetAccess::Shared(client) = &access {
+        let _ = client.flush().await;
+    }
+    Ok(())
 }
 
 pub async fn run(a: SimulateArgs) -> anyhow::Result<()> {
@@ -199,7 +307,17 @@ pub async fn run(a: SimulateArgs) -> anyhow::Result<()> {
         a.accounts > 0 && a.devices > 0,
         "--accounts and --devices must be at least 1"
     );
-    let client = device_client(&a.nats).await?;
+    let opts = a.nats.options("headcount-simulate")?;
+    let urls = opts.urls.clone();
+    let client = opts.connect().await?;
+    let access = if a.shared_connection {
+        FleetAccess::Shared(client)
+    } else {
+        FleetAccess::Tokens {
+            tokens: client,
+            urls,
+        }
+    };
     let stats = Arc::new(FleetStats::default());
     let (trigger, shutdown) = Shutdown::new();
     let spec = FleetSpec {
@@ -209,7 +327,7 @@ pub async fn run(a: SimulateArgs) -> anyhow::Result<()> {
         period: a.period,
         churn: false,
     };
-    let task = tokio::spawn(fleet(client, spec, stats.clone(), shutdown));
+    let task = tokio::spawn(fleet(access, spec, stats.clone(), shutdown));
     let started = Instant::now();
     let mut report = tokio::time::interval(Duration::from_secs(1));
     report.tick().await;
@@ -220,9 +338,10 @@ pub async fn run(a: SimulateArgs) -> anyhow::Result<()> {
                 let sent = stats.sent.load(Ordering::Relaxed);
                 let secs = started.elapsed().as_secs_f64();
                 eprintln!(
-                    "simulate: {} devices, {} heartbeats sent ({:.0}/s), {} told to stop, {:.0}s",
-                    stats.sessions.load(Ordering::Relaxed), sent, sent as f64 / secs,
-                    stats.told_off.load(Ordering::Relaxed), secs
+                    "simulate: {} devices ({} in a session), {} heartbeats sent ({:.0}/s), {} told to stop, {} errors, {:.0}s",
+                    stats.devices.load(Ordering::Relaxed), stats.connected.load(Ordering::Relaxed),
+                    sent, sent as f64 / secs, stats.told_off.load(Ordering::Relaxed),
+                    stats.errors.load(Ordering::Relaxed), secs
                 );
                 if a.duration.is_some_and(|d| started.elapsed() >= d) {
                     break;

@@ -16,10 +16,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{EngineArgs, UpInfo};
 use crate::services::TokenArgs;
-use crate::simulate::{FleetSpec, FleetStats, fleet};
+use crate::simulate::{FleetAccess, FleetSpec, FleetStats, fleet};
 
 /// The server configuration shipped with this build.
 const NATS_CONF: &str = include_str!("../../../nats.conf");
+/// The configuration of `--insecure`: no device authentication.
+const NATS_CONF_INSECURE: &str = include_str!("../../../deploy/nats-insecure.conf");
 
 #[derive(Debug, Args)]
 pub struct UpArgs {
@@ -49,6 +51,10 @@ pub struct UpArgs {
     /// Add a simulated fleet so the numbers move.
     #[arg(long)]
     demo: bool,
+    /// Let devices in WITHOUT tokens (one shared device password, any
+    /// heartbeat subject): for local experiments only.
+    #[arg(long)]
+    insecure: bool,
     #[command(flatten)]
     engine: EngineArgs,
     #[command(flatten)]
@@ -59,6 +65,9 @@ pub struct UpArgs {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Secrets {
     service_password: String,
+    #[serde(default = "random_secret")]
+    backend_password: String,
+    /// Used only with `--insecure`.
     device_password: String,
     operator_key: String,
 }
@@ -84,6 +93,7 @@ fn load_secrets(dir: &Path) -> anyhow::Result<Secrets> {
     }
     let s = Secrets {
         service_password: random_secret(),
+        backend_password: random_secret(),
         device_password: random_secret(),
         operator_key: random_secret(),
     };
@@ -97,9 +107,19 @@ struct NatsProcess {
 }
 
 impl NatsProcess {
-    async fn start(dir: &Path, port: u16, secrets: &Secrets) -> anyhow::Result<Self> {
+    async fn start(
+        dir: &Path,
+        port: u16,
+        secrets: &Secrets,
+        issuer: Option<&str>,
+    ) -> anyhow::Result<Self> {
         let conf = dir.join("nats.conf");
-        std::fs::write(&conf, NATS_CONF).with_context(|| format!("writing {}", conf.display()))?;
+        let text = if issuer.is_some() {
+            NATS_CONF
+        } else {
+            NATS_CONF_INSECURE
+        };
+        std::fs::write(&conf, text).with_context(|| format!("writing {}", conf.display()))?;
         let log = dir.join("nats.log");
         let mut cmd = tokio::process::Command::new("nats-server");
         // Its own process group: Ctrl-C reaches `up` alone, which drains the
@@ -115,6 +135,8 @@ impl NatsProcess {
             .arg("-l")
             .arg(&log)
             .env("HEADCOUNT_SERVICE_PASSWORD", &secrets.service_password)
+            .env("HEADCOUNT_BACKEND_PASSWORD", &secrets.backend_password)
+            .env("HEADCOUNT_CALLOUT_ISSUER", issuer.unwrap_or_default())
             .env("HEADCOUNT_DEVICE_PASSWORD", &secrets.device_password)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -178,8 +200,25 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
         .clone()
         .unwrap_or(secrets.operator_key.clone());
 
+    if a.insecure {
+        for line in [
+            "INSECURE MODE: devices connect WITHOUT tokens, with one shared password,",
+            "and may publish any heartbeat subject and read every control message.",
+            "Use it for local experiments only; drop --insecure for the real thing.",
+        ] {
+            tracing::warn!("{line}");
+            eprintln!("!! {line}");
+        }
+    }
+    let issuer = if a.insecure {
+        None
+    } else {
+        Some(token_vendor::Issuer::open(&a.data_dir)?)
+    };
+    let issuer_key = issuer.as_ref().map(|i| i.public_key());
     let (nats_process, nats_urls, user, password) = if a.nats_urls.is_empty() {
-        let p = NatsProcess::start(&a.data_dir, a.nats_port, &secrets).await?;
+        let p =
+            NatsProcess::start(&a.data_dir, a.nats_port, &secrets, issuer_key.as_deref()).await?;
         (
             Some(p),
             vec![format!("nats://127.0.0.1:{}", a.nats_port)],
@@ -196,7 +235,16 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
                 .unwrap_or_else(|| secrets.service_password.clone()),
         )
     };
-    let result = run_services(&a, &nats_urls, &user, &password, &secrets, operator_key).await;
+    let result = run_services(
+        &a,
+        &nats_urls,
+        &user,
+        &password,
+        &secrets,
+        operator_key,
+        issuer,
+    )
+    .await;
     if let Some(p) = nats_process {
         p.stop().await;
     }
@@ -211,6 +259,7 @@ async fn run_services(
     password: &str,
     secrets: &Secrets,
     operator_key: String,
+    issuer: Option<token_vendor::Issuer>,
 ) -> anyhow::Result<()> {
     let opts = |name: &str| NatsOptions {
         urls: nats_urls.to_vec(),
@@ -244,11 +293,25 @@ async fn run_services(
         a.tokens.config(a.data_dir.clone(), operator_key.clone()),
         &registry,
     )?;
-    let vendor_task = tokio::spawn(token_vendor::serve_nats(
-        vendor.clone(),
-        vendor_client.clone(),
-        stop.clone(),
-    ));
+    let callout_issuer = issuer.as_ref().map(|i| i.public_key()).unwrap_or_default();
+    let vendor_task = {
+        let tokens = token_vendor::serve_nats(vendor.clone(), vendor_client.clone(), stop.clone());
+        let callout = issuer.map(|issuer| {
+            token_vendor::serve_callout(
+                vendor.clone(),
+                issuer,
+                vendor_client.clone(),
+                buckets.revoked.clone(),
+                stop.clone(),
+            )
+        });
+        tokio::spawn(async move {
+            match callout {
+                Some(callout) => tokio::try_join!(tokens, callout).map(|_| ()),
+                None => tokens.await,
+            }
+        })
+    };
     let (http_addr, _http) = http::serve(
         SocketAddr::new(a.bind, a.http_port),
         token_vendor::router(vendor),
@@ -290,9 +353,11 @@ async fn run_services(
         metrics_url: format!("http://{metrics_addr}/metrics"),
         service_user: user.to_string(),
         service_password: password.to_string(),
-        device_user: "device".into(),
-        device_password: secrets.device_password.clone(),
+        backend_user: "backend".into(),
+        backend_password: secrets.backend_password.clone(),
         operator_key,
+        insecure_device_password: a.insecure.then(|| secrets.device_password.clone()),
+        callout_issuer,
     };
     write_private(
         &UpInfo::path(&a.data_dir),
@@ -300,14 +365,24 @@ async fn run_services(
     )?;
 
     let demo = if a.demo {
-        let client = NatsOptions {
-            urls: nats_urls.to_vec(),
-            user: Some("device".into()),
-            password: Some(secrets.device_password.clone()),
-            name: "headcount-demo".into(),
-        }
-        .connect()
-        .await?;
+        let access = if a.insecure {
+            FleetAccess::Shared(
+                NatsOptions {
+                    urls: nats_urls.to_vec(),
+                    user: Some("device".into()),
+                    password: Some(secrets.device_password.clone()),
+                    name: "headcount-demo".into(),
+                }
+                .connect()
+                .await?,
+            )
+        } else {
+            // Each demo device asks for a token and connects with it.
+            FleetAccess::Tokens {
+                tokens: probe.clone(),
+                urls: nats_urls.to_vec(),
+            }
+        };
         let stats = Arc::new(FleetStats::default());
         let spec = FleetSpec {
             accounts: 25,
@@ -317,7 +392,7 @@ async fn run_services(
             period: Duration::from_secs(5),
             churn: true,
         };
-        let task = tokio::spawn(fleet(client, spec, stats.clone(), stop.clone()));
+        let task = tokio::spawn(fleet(access, spec, stats.clone(), stop.clone()));
         Some((task, stats))
     } else {
         None

@@ -69,7 +69,10 @@ async fn rotate_key(State(vendor): State<Vendor>, headers: HeaderMap) -> Respons
         Ok(kid) => (StatusCode::OK, Json(serde_json::json!({ "kid": kid }))).into_response(),
         Err(e) => {
             tracing::error!(error = %format!("{e:#}"), "rotating the signing key");
-            error(StatusCode::INTERNAL_SERVER_ERROR, "rotating the signing key failed")
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "rotating the signing key failed",
+            )
         }
     }
 }

@@ -138,7 +138,12 @@ impl KeyRing {
     /// This ring with `key` added as the signer, less the keys that stopped
     /// signing more than `keep` ago (every token they signed has expired by
     /// then). Returns the new ring and the kids it dropped.
-    pub fn rotated(&self, key: KeyPair, keep: std::time::Duration, now: UnixMillis) -> (KeyRing, Vec<String>) {
+    pub fn rotated(
+        &self,
+        key: KeyPair,
+        keep: std::time::Duration,
+        now: UnixMillis,
+    ) -> (KeyRing, Vec<String>) {
         let key = Arc::new(key);
         let mut by_age: Vec<Arc<KeyPair>> = self.keys.values().cloned().collect();
         by_age.sort_by_key(|k| (k.created_at, k.kid.clone()));
