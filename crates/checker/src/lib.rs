@@ -210,7 +210,10 @@ pub async fn run(
             msg = heartbeats.next() => match msg {
                 Some(msg) => {
                     if let Ok(ids) = subjects::parse_heartbeat(&msg.subject) {
-                        shared.view().heard(&ids.account, &ids.session, now_millis());
+                        let revived = shared.view().heard(&ids.account, &ids.session, now_millis());
+                        if revived {
+                            let _ = shared.enforce_tx.send(ids.account);
+                        }
                     }
                 }
                 None => anyhow::bail!("heartbeat subscription closed"),

@@ -119,26 +119,42 @@ impl View {
     }
 
     /// Records a heartbeat heard on the wire. Only sessions a dictionary
-    /// holds are tracked, so junk subjects cannot grow the view.
+    /// holds are tracked, so junk subjects cannot grow the view. Returns
+    /// whether the session just became evidently live to this checker (first
+    /// heartbeat heard, or back after a timeout): the account's limit must
+    /// then be looked at again.
     pub fn heard(&mut self, account: &AccountId, session: &SessionId, now: UnixMillis) -> bool {
         let Some(acct) = self.accounts.get_mut(account) else {
             return false;
         };
-        let known = acct.known.contains(session);
-        if known {
-            acct.heard.insert(session.clone(), now);
-            acct.timed_out.remove(session);
+        if !acct.known.contains(session) {
+            return false;
         }
-        known
+        let was_timed_out = acct.timed_out.remove(session);
+        let before = acct.heard.insert(session.clone(), now);
+        was_timed_out || before.is_none_or(|t| now.saturating_sub(t) > self.rules.timeout_ms)
     }
 
-    /// The account's active sessions, oldest first.
+    /// The account's active sessions, oldest first. A checker that started
+    /// less than a timeout ago counts the sessions it has not heard yet too.
     pub fn active(&self, account: &AccountId, now: UnixMillis) -> Vec<ActiveSession> {
+        self.active_as(account, now, true)
+    }
+
+    /// The sessions limits are enforced on: like [`View::active`], but only
+    /// those with evidence of life (a recorded or heard heartbeat within the
+    /// timeout). A checker that just started must not end live sessions to
+    /// make room for ones that stopped while it was away.
+    fn enforceable(&self, account: &AccountId, now: UnixMillis) -> Vec<ActiveSession> {
+        self.active_as(account, now, false)
+    }
+
+    fn active_as(&self, account: &AccountId, now: UnixMillis, grace: bool) -> Vec<ActiveSession> {
         let Some(acct) = self.accounts.get(account) else {
             return Vec::new();
         };
         let mut out: Vec<ActiveSession> = self
-            .candidates(account, acct, now)
+            .candidates(account, acct, now, grace)
             .into_iter()
             .filter(|s| now.saturating_sub(s.last_seen) <= self.rules.timeout_ms)
             .collect();
@@ -153,7 +169,9 @@ impl View {
         account: &AccountId,
         acct: &Account,
         now: UnixMillis,
+        grace: bool,
     ) -> Vec<ActiveSession> {
+        let floor = if grace { self.started_at } else { 0 };
         let [prev, cur] = self.rules.clock.live_intervals(now);
         // Newest interval wins per device.
         let mut per_device: HashMap<&DeviceId, (&headcount_protocol::wire::SessionRecord, u64)> =
@@ -172,7 +190,7 @@ impl View {
                     device: device.clone(),
                     session: rec.session.clone(),
                     since: rec.since,
-                    last_seen: rec.last_seen.max(heard).max(self.started_at),
+                    last_seen: rec.last_seen.max(heard).max(floor),
                     content: rec.content.clone(),
                     kind: rec.kind.clone(),
                     region: rec.region.clone(),
@@ -184,7 +202,7 @@ impl View {
     /// Sessions beyond the account's limit, as its policy sees them:
     /// evict-oldest ends the oldest, reject-new the newest.
     pub fn over_limit(&self, account: &AccountId, now: UnixMillis) -> Vec<Verdict> {
-        let active = self.active(account, now);
+        let active = self.enforceable(account, now);
         let limit = self.limit(account);
         let excess = active.len().saturating_sub(limit.limit as usize);
         if excess == 0 {
@@ -220,7 +238,7 @@ impl View {
 
     /// "May this device play now?"
     pub fn check(&self, account: &AccountId, device: &DeviceId, now: UnixMillis) -> CheckOutcome {
-        let active = self.active(account, now);
+        let active = self.enforceable(account, now);
         let limit = self.limit(account);
         let n = active.len();
         let already = active.iter().any(|s| &s.device == device);
@@ -286,7 +304,7 @@ impl View {
                 continue;
             };
             let expired: Vec<ActiveSession> = self
-                .candidates(&account, acct, now)
+                .candidates(&account, acct, now, true)
                 .into_iter()
                 .filter(|s| now.saturating_sub(s.last_seen) > self.rules.timeout_ms)
                 .filter(|s| !acct.timed_out.contains(&s.session))
@@ -451,5 +469,47 @@ mod tests {
         v.set_dict(&acct(), 0, dict(&[("a", "s1", 1_000)]));
         assert_eq!(v.active(&acct(), 55_000).len(), 1);
         assert!(v.active(&acct(), 65_001).is_empty());
+    }
+
+    #[test]
+    fn a_fresh_checker_never_ends_live_sessions_for_stale_ones() {
+        // Limit 2: b and c heartbeat on, x stopped long before the start.
+        let mut v = View::new(rules(2, Policy::EvictOldest), 100_000);
+        v.set_dict(
+            &acct(),
+            1,
+            dict(&[
+                ("x", "sx", 60_000),
+                ("b", "sb", 61_000),
+                ("c", "sc", 62_000),
+            ]),
+        );
+        assert!(
+            v.over_limit(&acct(), 100_001).is_empty(),
+            "nothing is known to be live yet"
+        );
+        let (sb, sc) = (
+            SessionId::parse("sb").unwrap(),
+            SessionId::parse("sc").unwrap(),
+        );
+        assert!(
+            v.heard(&acct(), &sb, 101_000),
+            "first heartbeat heard: look again"
+        );
+        assert!(v.heard(&acct(), &sc, 102_000));
+        assert!(!v.heard(&acct(), &sc, 103_000), "nothing new");
+        assert!(v.over_limit(&acct(), 103_000).is_empty(), "two live of two");
+        let out = v.check(&acct(), &DeviceId::parse("b").unwrap(), 103_000);
+        assert!(out.allowed && out.victims.is_empty());
+    }
+
+    #[test]
+    fn a_session_back_from_a_timeout_is_looked_at_again() {
+        let mut v = View::new(rules(5, Policy::EvictOldest), 0);
+        let s1 = SessionId::parse("s1").unwrap();
+        v.set_dict(&acct(), 0, dict(&[("a", "s1", 1_000)]));
+        assert!(v.heard(&acct(), &s1, 2_000));
+        assert_eq!(v.sweep(20_000).len(), 1);
+        assert!(v.heard(&acct(), &s1, 21_000), "revived");
     }
 }

@@ -216,6 +216,18 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
         Some(token_vendor::Issuer::open(&a.data_dir)?)
     };
     let issuer_key = issuer.as_ref().map(|i| i.public_key());
+    // Signals are caught from here on: a Ctrl-C during start-up still stops
+    // the server started below.
+    let (trigger, stop) = Shutdown::new();
+    let trigger = Arc::new(trigger);
+    {
+        let trigger = trigger.clone();
+        tokio::spawn(async move {
+            shutdown::signal().await;
+            tracing::info!("shutting down");
+            trigger.fire();
+        });
+    }
     let (nats_process, nats_urls, user, password) = if a.nats_urls.is_empty() {
         let p =
             NatsProcess::start(&a.data_dir, a.nats_port, &secrets, issuer_key.as_deref()).await?;
@@ -235,16 +247,19 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
                 .unwrap_or_else(|| secrets.service_password.clone()),
         )
     };
-    let result = run_services(
-        &a,
-        &nats_urls,
-        &user,
-        &password,
-        &secrets,
-        operator_key,
-        issuer,
-    )
-    .await;
+    let result = if stop.is_requested() {
+        Ok(())
+    } else {
+        run_services(
+            &a,
+            (&nats_urls, &user, &password),
+            &secrets,
+            operator_key,
+            issuer,
+            (trigger, stop),
+        )
+        .await
+    };
     if let Some(p) = nats_process {
         p.stop().await;
     }
@@ -254,12 +269,11 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
 
 async fn run_services(
     a: &UpArgs,
-    nats_urls: &[String],
-    user: &str,
-    password: &str,
+    (nats_urls, user, password): (&[String], &str, &str),
     secrets: &Secrets,
     operator_key: String,
     issuer: Option<token_vendor::Issuer>,
+    (trigger, stop): (Arc<headcount_runtime::shutdown::Trigger>, Shutdown),
 ) -> anyhow::Result<()> {
     let opts = |name: &str| NatsOptions {
         urls: nats_urls.to_vec(),
@@ -267,7 +281,6 @@ async fn run_services(
         password: Some(password.to_string()),
         name: name.to_string(),
     };
-    let (trigger, stop) = Shutdown::new();
     let registry = prometheus::Registry::new();
 
     let handler_client = opts("headcount-handler").connect().await?;
@@ -337,6 +350,15 @@ async fn run_services(
             .await;
         if r.is_ok() {
             break;
+        }
+        if stop.is_requested() {
+            // Interrupted during start-up: let the services wind down.
+            let _ = tokio::time::timeout(
+                crate::services::SHUTDOWN_GRACE,
+                futures::future::join(handler, checker),
+            )
+            .await;
+            return Ok(());
         }
         if handler.is_finished() || checker.is_finished() || Instant::now() > deadline {
             trigger.fire();
@@ -414,11 +436,7 @@ async fn run_services(
 
     let mut status = tokio::time::interval(Duration::from_secs(10));
     status.tick().await;
-    let mut signal = std::pin::pin!(async move {
-        shutdown::signal().await;
-        tracing::info!("shutting down");
-        trigger.fire();
-    });
+    let mut signal = std::pin::pin!(stop.clone().wait());
     loop {
         tokio::select! {
             _ = &mut signal => break,

@@ -68,7 +68,9 @@ pub fn apply(dict: &mut SessionDict, device: &DeviceId, change: &Change) -> Appl
                 dict.insert(device.clone(), rec.clone());
                 Applied::Added {
                     record: rec.clone(),
-                    replaced: None,
+                    // Set when the session it displaced lives in the
+                    // previous interval's dictionary.
+                    replaced: rec.replaced.clone(),
                 }
             }
         },
@@ -268,12 +270,24 @@ impl Dicts {
         {
             return Decision::Unchanged;
         }
-        // Carry the session's start over from whichever live interval knows it.
-        let since = [&cur_rec, &prev_rec]
+        // Carry the session's start, and which session it displaced, over
+        // from whichever live interval knows it. A new session displaces the
+        // device's session of the current interval (handled by `apply`) or,
+        // when the current interval has none yet, that of the previous one.
+        let carried = [&cur_rec, &prev_rec]
             .into_iter()
             .flatten()
-            .find(|r| &r.session == session)
-            .map_or(now, |r| r.since);
+            .find(|r| &r.session == session);
+        let (since, replaced) = match carried {
+            Some(r) => (r.since, r.replaced.clone()),
+            None => (
+                now,
+                match (&cur_rec, &prev_rec) {
+                    (None, Some(prev)) => Some(prev.session.clone()),
+                    _ => None,
+                },
+            ),
+        };
         let record = SessionRecord {
             session: session.clone(),
             since,
@@ -281,7 +295,7 @@ impl Dicts {
             content: hb.content.clone(),
             kind: hb.kind.clone(),
             region: hb.region.clone(),
-            replaced: None,
+            replaced,
         };
         let dict = dicts.entry(cur).or_default();
         if dict.queue(device.clone(), Change::Upsert(record)) {
@@ -386,6 +400,40 @@ mod tests {
             d.on_heartbeat(&a, &dev, &s1, &Heartbeat::default(), 3_000),
             Decision::Superseded
         );
+    }
+
+    #[test]
+    fn replacement_across_an_interval_boundary_is_recorded_and_sticks() {
+        let (a, dev, s1) = ids();
+        let s2 = SessionId::parse("s2").unwrap();
+        let mut d = Dicts::new(clock());
+        // s1 lives in interval 0 only; s2 starts in interval 1.
+        d.on_heartbeat(&a, &dev, &s1, &Heartbeat::default(), 9_000);
+        flush(&mut d);
+        d.on_heartbeat(&a, &dev, &s2, &Heartbeat::default(), 10_500);
+        let cur = d.get_mut(&a, 1).unwrap();
+        let (device, change) = cur.pending.iter().next().unwrap();
+        let mut entries = cur.entries.clone();
+        let applied = apply(&mut entries, device, change);
+        // The write reports s1 as displaced, so it gets revoked.
+        assert!(
+            matches!(&applied, Applied::Added { replaced: Some(old), .. } if *old == s1),
+            "{applied:?}"
+        );
+        flush(&mut d);
+        // A late s1 heartbeat cannot take the seat back...
+        assert_eq!(
+            d.on_heartbeat(&a, &dev, &s1, &Heartbeat::default(), 11_000),
+            Decision::Superseded
+        );
+        // ...nor later, once s2 has been carried into the next interval.
+        d.on_heartbeat(&a, &dev, &s2, &Heartbeat::default(), 20_500);
+        flush(&mut d);
+        assert_eq!(
+            d.on_heartbeat(&a, &dev, &s1, &Heartbeat::default(), 21_000),
+            Decision::Superseded
+        );
+        assert_eq!(d.get_mut(&a, 2).unwrap().entries[&dev].session, s2);
     }
 
     #[test]

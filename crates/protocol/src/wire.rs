@@ -56,8 +56,23 @@ impl Heartbeat {
         if payload.is_empty() {
             return Ok(Self::default());
         }
-        let hb: Heartbeat =
-            rmp_serde::from_slice(payload).map_err(|e| HeartbeatError::Malformed(e.to_string()))?;
+        // A map (fixmap, map16, map32): rmp-serde would also read a struct
+        // from an array of its fields, which the protocol does not allow.
+        if !matches!(payload[0], 0x80..=0x8f | 0xde | 0xdf) {
+            return Err(HeartbeatError::Malformed("not a map".into()));
+        }
+        let mut rest = payload;
+        let hb: Heartbeat = {
+            let mut de = rmp_serde::Deserializer::new(&mut rest);
+            serde::Deserialize::deserialize(&mut de)
+                .map_err(|e: rmp_serde::decode::Error| HeartbeatError::Malformed(e.to_string()))?
+        };
+        if !rest.is_empty() {
+            return Err(HeartbeatError::Malformed(format!(
+                "{} bytes after the map",
+                rest.len()
+            )));
+        }
         for (field, value, max) in [
             ("content", &hb.content, MAX_CONTENT_LEN),
             ("kind", &hb.kind, MAX_KIND_LEN),
@@ -351,6 +366,36 @@ mod tests {
         assert!(e.starts_with("invalid request"), "{e}");
         let ok: TokenRequest = parse_request(b"{\"account\":\"a\",\"device\":\"d\"}").unwrap();
         assert_eq!(ok.device.as_str(), "d");
+    }
+
+    #[test]
+    fn only_a_whole_map_is_a_heartbeat() {
+        let hb = Heartbeat {
+            seq: Some(5),
+            content: Some("movie".into()),
+            ..Default::default()
+        };
+        let good = hb.encode();
+        assert_eq!(Heartbeat::decode(&good).unwrap(), hb);
+        // The same fields as an array.
+        let array = rmp_serde::to_vec(&(5u64, "movie")).unwrap();
+        assert!(matches!(
+            Heartbeat::decode(&array),
+            Err(HeartbeatError::Malformed(_))
+        ));
+        // Trailing bytes after a valid map.
+        let mut trailing = good.clone();
+        trailing.extend_from_slice(b"junk");
+        assert!(matches!(
+            Heartbeat::decode(&trailing),
+            Err(HeartbeatError::Malformed(_))
+        ));
+        // A bare string.
+        let s = rmp_serde::to_vec("hello").unwrap();
+        assert!(matches!(
+            Heartbeat::decode(&s),
+            Err(HeartbeatError::Malformed(_))
+        ));
     }
 
     #[test]

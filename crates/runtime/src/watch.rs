@@ -40,6 +40,17 @@ where
             let next = tokio::select! {
                 _ = &mut stop => return,
                 next = watch.next() => next,
+                // The bucket may have emptied (TTL) between the count above
+                // and the watch: nothing would ever arrive to mark the end of
+                // the replay, so look again now and then while waiting.
+                _ = tokio::time::sleep(Duration::from_secs(1)), if ready_tx.is_some() => {
+                    if store.status().await.is_ok_and(|s| s.values() == 0)
+                        && let Some(tx) = ready_tx.take()
+                    {
+                        let _ = tx.send(());
+                    }
+                    continue;
+                }
             };
             match next {
                 Some(Ok(entry)) => {
