@@ -489,5 +489,25 @@ mod tests {
             let _ = decode_dict(&bytes);
             let _ = ControlMessage::decode(&bytes);
         }
+
+        #[test]
+        fn every_request_parser_answers_garbage_with_an_error(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+            let _ = parse_request::<AccountRequest>(&bytes);
+            let _ = parse_request::<CheckRequest>(&bytes);
+            let _ = parse_request::<LimitsSetRequest>(&bytes);
+            let _ = parse_request::<KickRequest>(&bytes);
+            let _ = parse_request::<TokenRequest>(&bytes);
+        }
+
+        #[test]
+        fn json_shaped_requests_never_panic(account in "[ -~]{0,80}", device in "[ -~]{0,80}", limit in proptest::prelude::any::<i64>()) {
+            let body = serde_json::json!({"account": account, "device": device, "session": device, "limit": limit, "policy": account});
+            let bytes = serde_json::to_vec(&body).unwrap();
+            let valid = |s: &str| !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            // A request is accepted exactly when its names are valid.
+            proptest::prop_assert_eq!(parse_request::<TokenRequest>(&bytes).is_ok(), valid(&account) && valid(&device));
+            let _ = parse_request::<LimitsSetRequest>(&bytes);
+            let _ = parse_request::<CheckRequest>(&bytes);
+        }
     }
 }
