@@ -200,11 +200,7 @@ async fn evict_oldest_tells_the_evicted_device_and_ignores_it_afterwards() {
 
 #[tokio::test]
 async fn reject_new_refuses_the_session_beyond_the_limit() {
-    let app = TestApp::spawn_with(Limit {
-        limit: 1,
-        policy: Policy::RejectNew,
-    })
-    .await;
+    let app = TestApp::spawn_with(Limit::new(1 as i64, Policy::RejectNew).expect("limit")).await;
     let dev = app.nats.fleet_client().await;
     let mut ctl = control(&dev, "acme", "late").await;
     let mut ev = events(&app, "acme").await;
@@ -364,11 +360,7 @@ async fn limits_can_be_read_and_set_and_bad_values_change_nothing() {
 
 #[tokio::test]
 async fn lowering_a_limit_enforces_it_at_once() {
-    let app = TestApp::spawn_with(Limit {
-        limit: 3,
-        policy: Policy::EvictOldest,
-    })
-    .await;
+    let app = TestApp::spawn_with(Limit::new(3 as i64, Policy::EvictOldest).expect("limit")).await;
     let dev = app.nats.fleet_client().await;
     let mut ctl = control(&dev, "acme", "d1").await;
     let mut devices = Vec::new();
@@ -442,11 +434,8 @@ async fn kick_revokes_a_session_once() {
 
 #[tokio::test]
 async fn restarting_handler_and_checker_loses_no_session() {
-    let mut app = TestApp::spawn_with(Limit {
-        limit: 50,
-        policy: Policy::EvictOldest,
-    })
-    .await;
+    let mut app =
+        TestApp::spawn_with(Limit::new(50 as i64, Policy::EvictOldest).expect("limit")).await;
     let dev = app.nats.fleet_client().await;
     let devices: Vec<Device> = (0..10)
         .map(|i| {
@@ -489,11 +478,8 @@ async fn restarting_handler_and_checker_loses_no_session() {
 
 #[tokio::test]
 async fn two_handlers_share_the_load_without_losing_sessions() {
-    let mut app = TestApp::spawn_with(Limit {
-        limit: 100,
-        policy: Policy::EvictOldest,
-    })
-    .await;
+    let mut app =
+        TestApp::spawn_with(Limit::new(100 as i64, Policy::EvictOldest).expect("limit")).await;
     app.handlers.push(app.start_handler().await);
     let dev = app.nats.fleet_client().await;
     let devices: Vec<Device> = (0..40)

@@ -21,11 +21,8 @@ const KEY: &str = "operator-key-for-tests";
 const SOON: Duration = Duration::from_secs(5);
 
 async fn app_with_vendor(limit: u32) -> (TestApp, TokenVendor) {
-    let app = TestApp::spawn_with(Limit {
-        limit,
-        policy: Policy::EvictOldest,
-    })
-    .await;
+    let app =
+        TestApp::spawn_with(Limit::new(limit as i64, Policy::EvictOldest).expect("limit")).await;
     let tv = app.start_token_vendor(KEY).await;
     (app, tv)
 }

@@ -28,11 +28,11 @@ use bytes::Bytes;
 use futures::StreamExt;
 use headcount_protocol::subjects::{self, endpoint, kv as keys};
 use headcount_protocol::wire::{
-    self, AccountRequest, ActiveReply, CheckReply, CheckRequest, ControlMessage, ControlType,
-    EndReason, EventType, KickReply, KickRequest, LimitsReply, LimitsSetRequest, PresenceEvent,
-    Revocation, SessionRef, error_code,
+    self, AccountRequest, AccountUsage, ActiveReply, CheckReply, CheckRequest, ControlMessage,
+    ControlType, EndReason, EventType, KickReply, KickRequest, LimitsReply, LimitsSetRequest,
+    PresenceEvent, Revocation, SessionRef, StatsReply, StatsRequest, error_code,
 };
-use headcount_protocol::{AccountId, IntervalClock, Limit, Policy, now_millis};
+use headcount_protocol::{AccountId, AccountLimits, IntervalClock, Limit, Policy, now_millis};
 use headcount_runtime::{Buckets, Shutdown, service_error};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -51,8 +51,10 @@ pub struct Config {
     pub timeout: Duration,
     /// How often timeouts are looked for.
     pub sweep_every: Duration,
-    /// Limit of an account with no limit of its own.
+    /// Limit of an account with no limit or plan of its own.
     pub default_limit: Limit,
+    /// Named plans accounts can be put on.
+    pub plans: headcount_protocol::Plans,
 }
 
 impl Default for Config {
@@ -61,10 +63,13 @@ impl Default for Config {
             interval: Duration::from_secs(120),
             timeout: Duration::from_secs(15),
             sweep_every: Duration::from_millis(500),
-            default_limit: Limit {
+            default_limit: Limit::new(3, Policy::EvictOldest).unwrap_or(Limit {
                 limit: 3,
                 policy: Policy::EvictOldest,
-            },
+                per_content: None,
+                grace: None,
+            }),
+            plans: headcount_protocol::policy::default_plans(),
         }
     }
 }
@@ -98,7 +103,7 @@ pub async fn run(
     };
     let (enforce_tx, enforce_rx) = mpsc::unbounded_channel();
     let shared = Arc::new(Shared {
-        view: Mutex::new(View::new(rules, now_millis())),
+        view: Mutex::new(View::with_plans(rules, config.plans.clone(), now_millis())),
         buckets: buckets.clone(),
         nats: nats.clone(),
         metrics,
@@ -180,6 +185,7 @@ pub async fn run(
         endpoint::LIMITS_GET,
         endpoint::LIMITS_SET,
         endpoint::KICK,
+        endpoint::STATS,
     ] {
         let ep = group
             .endpoint(name)
@@ -197,6 +203,7 @@ pub async fn run(
         .context("subscribing for unknown endpoints")?;
 
     let mut sweep = tokio::time::interval(config.sweep_every);
+    let mut round = 0u64;
     tracing::info!(
         timeout = ?config.timeout,
         default_limit = config.default_limit.limit,
@@ -230,7 +237,10 @@ pub async fn run(
                     answer_unknown(&nats, msg).await;
                 }
             }
-            _ = sweep.tick() => on_sweep(&shared).await,
+            _ = sweep.tick() => {
+                round += 1;
+                on_sweep(&shared, round).await;
+            }
         }
     }
 
@@ -268,20 +278,31 @@ fn on_dict_entry(shared: &Shared, entry: kv::Entry) {
 }
 
 fn on_limit_entry(shared: &Shared, entry: kv::Entry) {
-    let Some(account) = AccountId::parse(&entry.key).ok() else {
-        return;
-    };
-    let limit = match entry.operation {
-        kv::Operation::Put => match serde_json::from_slice::<Limit>(&entry.value) {
-            Ok(l) => Some(l),
-            Err(e) => {
-                tracing::warn!(key = %entry.key, error = %e, "unreadable limit");
+    fn read<T: DeserializeOwned>(entry: &kv::Entry) -> Result<Option<T>, ()> {
+        match entry.operation {
+            kv::Operation::Put => serde_json::from_slice(&entry.value).map(Some).map_err(|e| {
+                tracing::warn!(key = %entry.key, error = %e, "unreadable limits entry");
+            }),
+            _ => Ok(None),
+        }
+    }
+    let account = match keys::parse_limits(&entry.key) {
+        Some(keys::LimitsKey::Overrides(account)) => {
+            let Ok(o) = read::<AccountLimits>(&entry) else {
                 return;
-            }
-        },
-        _ => None,
+            };
+            shared.view().set_overrides(&account, o);
+            account
+        }
+        Some(keys::LimitsKey::TokenPlan(account)) => {
+            let Ok(plan) = read::<String>(&entry) else {
+                return;
+            };
+            shared.view().set_token_plan(&account, plan);
+            account
+        }
+        None => return,
     };
-    shared.view().set_limit(&account, limit);
     let _ = shared.enforce_tx.send(account);
 }
 
@@ -300,15 +321,36 @@ async fn enforcer(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<AccountId
     }
 }
 
-async fn on_sweep(shared: &Shared) {
+async fn on_sweep(shared: &Shared, round: u64) {
     let now = now_millis();
-    let (timed_out, total) = {
+    let (timed_out, total, expired_grace) = {
         let mut v = shared.view();
         let t = v.sweep(now);
-        (t, v.total_active(now))
+        (t, v.total_active(now), v.grace_expired(now))
     };
     shared.metrics.active_sessions.set(total as i64);
+    for account in expired_grace {
+        let _ = shared.enforce_tx.send(account);
+    }
+    // The breakdown gauges cost a pass over every session: every 10th round.
+    if round.is_multiple_of(10) {
+        let b = shared.view().breakdown_all(now);
+        shared.metrics.set_breakdown(&b);
+    }
     for (account, s) in timed_out {
+        // One announcement per timeout, however many checkers saw it.
+        match shared
+            .buckets
+            .timeouts
+            .create(keys::revoked(&account, &s.session), Bytes::new())
+            .await
+        {
+            Ok(_) => {}
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => continue,
+            Err(e) => {
+                tracing::warn!(%account, session = %s.session, error = %e, "recording a timeout; announcing anyway");
+            }
+        }
         publish_event(
             shared,
             PresenceEvent {
@@ -460,6 +502,7 @@ async fn serve(shared: &Shared, name: &'static str, req: async_nats::service::Re
         endpoint::LIMITS_GET => limits_get(shared, &payload),
         endpoint::LIMITS_SET => limits_set(shared, &payload).await,
         endpoint::KICK => kick(shared, &payload).await,
+        endpoint::STATS => stats(shared, &payload),
         _ => Err(Failure(
             error_code::NOT_FOUND,
             format!("unknown endpoint {name}"),
@@ -512,7 +555,16 @@ async fn check(shared: &Shared, payload: &[u8]) -> Result<Bytes, Failure> {
             wire::MAX_CONTENT_LEN
         )));
     }
-    let outcome = shared.view().check(&req.account, &req.device, now_millis());
+    let outcome = shared
+        .view()
+        .check(
+            &req.account,
+            &req.device,
+            req.content.as_deref(),
+            req.evict.as_ref(),
+            now_millis(),
+        )
+        .map_err(bad_request)?;
     let by = req.session.clone().map(|session| SessionRef {
         device: req.device.clone(),
         session,
@@ -529,38 +581,136 @@ async fn check(shared: &Shared, payload: &[u8]) -> Result<Bytes, Failure> {
     })
 }
 
-fn limits_get(shared: &Shared, payload: &[u8]) -> Result<Bytes, Failure> {
-    let req: AccountRequest = parse(payload)?;
-    let limit = shared.view().limit(&req.account);
-    json(&LimitsReply {
-        account: req.account,
+fn limits_reply(view: &View, account: AccountId) -> LimitsReply {
+    let (limit, plan) = view.limit_and_plan(&account);
+    LimitsReply {
+        account,
         limit: limit.limit,
         policy: limit.policy,
-    })
+        per_content: limit.per_content,
+        grace: limit.grace,
+        plan,
+    }
+}
+
+fn limits_get(shared: &Shared, payload: &[u8]) -> Result<Bytes, Failure> {
+    let req: AccountRequest = parse(payload)?;
+    let reply = limits_reply(&shared.view(), req.account);
+    json(&reply)
+}
+
+/// Validates a `limits.set` request against the stored record: the new
+/// record, or a 400 naming what is wrong (nothing is stored then).
+fn merge_limits(view: &View, req: &LimitsSetRequest) -> Result<AccountLimits, Failure> {
+    let mut o = if req.reset {
+        AccountLimits::default()
+    } else {
+        view.overrides(&req.account).cloned().unwrap_or_default()
+    };
+    if let Some(plan) = &req.plan {
+        if !view.plans().contains_key(plan) {
+            let known: Vec<&str> = view.plans().keys().map(String::as_str).collect();
+            return Err(bad_request(format!(
+                "unknown plan {plan:?}: known plans are {}",
+                known.join(", ")
+            )));
+        }
+        o.plan = Some(plan.clone());
+    }
+    if let Some(p) = &req.policy {
+        o.policy = Some(p.parse::<Policy>().map_err(bad_request)?);
+    }
+    // Validate the numbers through Limit's own checks.
+    let probe = Limit::new(req.limit.unwrap_or(1), Policy::EvictOldest)
+        .and_then(|l| l.with_per_content(req.per_content))
+        .and_then(|l| l.with_grace(req.grace.map(|g| (g.seats, g.secs))))
+        .map_err(bad_request)?;
+    if req.limit.is_some() {
+        o.limit = Some(probe.limit);
+    }
+    if req.per_content.is_some() {
+        o.per_content = probe.per_content;
+    }
+    if req.grace.is_some() {
+        o.grace = probe.grace;
+    }
+    Ok(o)
 }
 
 async fn limits_set(shared: &Shared, payload: &[u8]) -> Result<Bytes, Failure> {
     let req: LimitsSetRequest = parse(payload)?;
-    let policy = match &req.policy {
-        Some(p) => p.parse::<Policy>().map_err(bad_request)?,
-        None => shared.view().limit(&req.account).policy,
+    let record = merge_limits(&shared.view(), &req)?;
+    let key = keys::limits(&req.account);
+    let stored = if record == AccountLimits::default() {
+        shared
+            .buckets
+            .limits
+            .delete(key)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    } else {
+        let body = serde_json::to_vec(&record)
+            .map_err(|e| Failure(error_code::INTERNAL, e.to_string()))?;
+        shared
+            .buckets
+            .limits
+            .put(key, body.into())
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
     };
-    let limit = Limit::new(req.limit, policy).map_err(bad_request)?;
-    let body =
-        serde_json::to_vec(&limit).map_err(|e| Failure(error_code::INTERNAL, e.to_string()))?;
-    shared
-        .buckets
-        .limits
-        .put(keys::limits(&req.account), body.into())
-        .await
-        .map_err(|e| Failure(error_code::INTERNAL, format!("storing limit: {e}")))?;
-    // Apply here at once; the watch brings the same value to every replica.
-    shared.view().set_limit(&req.account, Some(limit));
-    let _ = shared.enforce_tx.send(req.account.clone());
-    json(&LimitsReply {
+    stored.map_err(|e| Failure(error_code::INTERNAL, format!("storing limits: {e}")))?;
+    // Apply here at once; the watch brings the same record to every replica.
+    let reply = {
+        let mut v = shared.view();
+        v.set_overrides(
+            &req.account,
+            (record != AccountLimits::default()).then_some(record),
+        );
+        limits_reply(&v, req.account.clone())
+    };
+    let _ = shared.enforce_tx.send(req.account);
+    json(&reply)
+}
+
+fn stats(shared: &Shared, payload: &[u8]) -> Result<Bytes, Failure> {
+    let req: StatsRequest = if payload.iter().all(u8::is_ascii_whitespace) {
+        StatsRequest {
+            account: None,
+            top: None,
+        }
+    } else {
+        parse(payload)?
+    };
+    let now = now_millis();
+    let v = shared.view();
+    let (b, top) = match &req.account {
+        Some(a) => (v.breakdown(a, now), Vec::new()),
+        None => {
+            let n = req.top.unwrap_or(10).min(1000) as usize;
+            let top = v
+                .top(n, now)
+                .into_iter()
+                .map(|(account, active, limit)| AccountUsage {
+                    account,
+                    active,
+                    limit: limit.limit,
+                })
+                .collect();
+            (v.breakdown_all(now), top)
+        }
+    };
+    drop(v);
+    json(&StatsReply {
         account: req.account,
-        limit: limit.limit,
-        policy: limit.policy,
+        active: b.total,
+        peak: b.peak,
+        window_minutes: view::PEAK_WINDOW_MINUTES as u32,
+        by_content: b.by_content,
+        by_kind: b.by_kind,
+        by_region: b.by_region,
+        top,
     })
 }
 

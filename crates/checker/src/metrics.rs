@@ -1,6 +1,14 @@
 //! The checker's Prometheus collectors.
 
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{
+    HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
+
+use crate::view::Breakdown;
+
+/// How many values of a dimension (kind, region) get their own series; the
+/// rest are summed under `other`, so label sets stay bounded.
+pub const TOP_VALUES: usize = 10;
 
 #[derive(Clone, Debug)]
 pub struct Metrics {
@@ -14,6 +22,10 @@ pub struct Metrics {
     pub request_seconds: HistogramVec,
     /// Presence events published by the checker, by type.
     pub events: IntCounterVec,
+    /// Active sessions by device kind (top values plus `other`).
+    pub by_kind: IntGaugeVec,
+    /// Active sessions by region (top values plus `other`).
+    pub by_region: IntGaugeVec,
 }
 
 impl Metrics {
@@ -55,7 +67,23 @@ impl Metrics {
                 ),
                 &["type"],
             )?,
+            by_kind: IntGaugeVec::new(
+                Opts::new(
+                    "headcount_active_sessions_by_kind",
+                    "active sessions by device kind (the busiest kinds, the rest as other)",
+                ),
+                &["kind"],
+            )?,
+            by_region: IntGaugeVec::new(
+                Opts::new(
+                    "headcount_active_sessions_by_region",
+                    "active sessions by region (the busiest regions, the rest as other)",
+                ),
+                &["region"],
+            )?,
         };
+        registry.register(Box::new(m.by_kind.clone()))?;
+        registry.register(Box::new(m.by_region.clone()))?;
         registry.register(Box::new(m.active_sessions.clone()))?;
         registry.register(Box::new(m.enforcements.clone()))?;
         registry.register(Box::new(m.requests.clone()))?;
@@ -65,5 +93,25 @@ impl Metrics {
             m.enforcements.with_label_values(&[a]);
         }
         Ok(m)
+    }
+
+    /// Replaces the kind and region gauges with `b`'s counts.
+    pub fn set_breakdown(&self, b: &Breakdown) {
+        for (gauge, counts) in [(&self.by_kind, &b.by_kind), (&self.by_region, &b.by_region)] {
+            gauge.reset();
+            let mut sorted: Vec<(&String, &u32)> = counts.iter().collect();
+            sorted.sort_by(|a, b| b.1.cmp(a.1).then_with(|| a.0.cmp(b.0)));
+            let mut other = 0i64;
+            for (i, (value, n)) in sorted.into_iter().enumerate() {
+                if i < TOP_VALUES && value != "other" {
+                    gauge
+                        .with_label_values(&[value.as_str()])
+                        .set(i64::from(*n));
+                } else {
+                    other += i64::from(*n);
+                }
+            }
+            gauge.with_label_values(&["other"]).set(other);
+        }
     }
 }

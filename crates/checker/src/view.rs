@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use headcount_protocol::wire::{ActiveSession, SessionDict, SessionRef};
 use headcount_protocol::{
-    AccountId, DeviceId, IntervalClock, Limit, Policy, SessionId, UnixMillis,
+    AccountId, AccountLimits, DeviceId, IntervalClock, Limit, Plans, Policy, SessionId, UnixMillis,
 };
 
 /// Liveness and limit defaults.
@@ -22,10 +22,20 @@ pub struct Rules {
     pub default_limit: Limit,
 }
 
+/// How long per-minute peaks are kept for `stats`.
+pub const PEAK_WINDOW_MINUTES: u64 = 15;
+
 #[derive(Debug, Default)]
 struct Account {
     dicts: BTreeMap<u64, SessionDict>,
-    limit: Option<Limit>,
+    /// What an operator stored for this account.
+    overrides: Option<AccountLimits>,
+    /// The plan its most recent token carried.
+    token_plan: Option<String>,
+    /// Since when the account has been over its limit, within a grace.
+    over_since: Option<UnixMillis>,
+    /// Highest active count per minute, newest last.
+    peaks: std::collections::VecDeque<(u64, u32)>,
     /// Last heartbeat this checker saw, per session.
     heard: HashMap<SessionId, UnixMillis>,
     /// Sessions already announced as timed out.
@@ -49,11 +59,14 @@ impl Account {
 #[derive(Debug)]
 pub struct View {
     rules: Rules,
+    plans: Plans,
     /// Sessions are given this as their earliest liveness, so that a checker
     /// that just started does not time out sessions it has not heard yet.
     started_at: UnixMillis,
     accounts: HashMap<AccountId, Account>,
     revoked: HashSet<(AccountId, SessionId)>,
+    /// Highest total active count per minute, newest last.
+    global_peaks: std::collections::VecDeque<(u64, u32)>,
 }
 
 /// A session that should be ended now, and why.
@@ -62,6 +75,86 @@ pub struct Verdict {
     pub victim: SessionRef,
     pub rejected: bool,
     pub by: Option<SessionRef>,
+}
+
+/// Active sessions broken down for `stats`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Breakdown {
+    pub total: u32,
+    pub peak: u32,
+    pub by_content: BTreeMap<String, u32>,
+    pub by_kind: BTreeMap<String, u32>,
+    pub by_region: BTreeMap<String, u32>,
+}
+
+impl Breakdown {
+    fn add(&mut self, s: &ActiveSession) {
+        self.total += 1;
+        let key = |v: &Option<String>| v.clone().unwrap_or_else(|| "unknown".into());
+        *self.by_content.entry(key(&s.content)).or_default() += 1;
+        *self.by_kind.entry(key(&s.kind)).or_default() += 1;
+        *self.by_region.entry(key(&s.region)).or_default() += 1;
+    }
+}
+
+/// Why `check` could not be answered.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CheckError {
+    #[error("session {0} is not an active session of this account")]
+    NotActive(SessionId),
+}
+
+/// Picks the sessions beyond `cap` in `group` (oldest first) by `policy`.
+fn pick(policy: Policy, group: &[&ActiveSession], cap: usize) -> Vec<Verdict> {
+    let excess = group.len().saturating_sub(cap);
+    if excess == 0 {
+        return Vec::new();
+    }
+    let as_ref = |s: &ActiveSession| SessionRef {
+        device: s.device.clone(),
+        session: s.session.clone(),
+    };
+    let newest = group.last().map(|s| as_ref(s));
+    let evict = |victims: Vec<&&ActiveSession>| {
+        victims
+            .into_iter()
+            .map(|s| Verdict {
+                victim: as_ref(s),
+                rejected: false,
+                by: newest.clone(),
+            })
+            .collect()
+    };
+    match policy {
+        Policy::EvictOldest => evict(group[..excess].iter().collect()),
+        Policy::EvictLeastActive => {
+            let mut order: Vec<&&ActiveSession> = group.iter().collect();
+            order.sort_by_key(|s| (s.last_seen, s.since));
+            evict(order.into_iter().take(excess).collect())
+        }
+        Policy::RejectNew => group[group.len() - excess..]
+            .iter()
+            .map(|s| Verdict {
+                victim: as_ref(s),
+                rejected: true,
+                by: None,
+            })
+            .collect(),
+    }
+}
+
+/// Keeps the highest count of each minute, for the last window.
+fn record_peak(peaks: &mut std::collections::VecDeque<(u64, u32)>, minute: u64, n: u32) {
+    match peaks.back_mut() {
+        Some((m, max)) if *m == minute => *max = (*max).max(n),
+        _ => peaks.push_back((minute, n)),
+    }
+    while peaks
+        .front()
+        .is_some_and(|(m, _)| minute.saturating_sub(*m) >= PEAK_WINDOW_MINUTES)
+    {
+        peaks.pop_front();
+    }
 }
 
 /// What `check` decided.
@@ -76,11 +169,17 @@ pub struct CheckOutcome {
 
 impl View {
     pub fn new(rules: Rules, started_at: UnixMillis) -> Self {
+        Self::with_plans(rules, Plans::new(), started_at)
+    }
+
+    pub fn with_plans(rules: Rules, plans: Plans, started_at: UnixMillis) -> Self {
         Self {
             rules,
+            plans,
             started_at,
             accounts: HashMap::new(),
             revoked: HashSet::new(),
+            global_peaks: Default::default(),
         }
     }
 
@@ -94,15 +193,46 @@ impl View {
         acct.reindex();
     }
 
-    pub fn set_limit(&mut self, account: &AccountId, limit: Option<Limit>) {
-        self.accounts.entry(account.clone()).or_default().limit = limit;
+    pub fn plans(&self) -> &Plans {
+        &self.plans
+    }
+
+    /// What an operator stored for the account (None: nothing).
+    pub fn set_overrides(&mut self, account: &AccountId, overrides: Option<AccountLimits>) {
+        self.accounts.entry(account.clone()).or_default().overrides = overrides;
+    }
+
+    pub fn overrides(&self, account: &AccountId) -> Option<&AccountLimits> {
+        self.accounts
+            .get(account)
+            .and_then(|a| a.overrides.as_ref())
+    }
+
+    /// The plan carried by the account's latest token.
+    pub fn set_token_plan(&mut self, account: &AccountId, plan: Option<String>) {
+        self.accounts.entry(account.clone()).or_default().token_plan = plan;
+    }
+
+    /// The account's effective limit and the plan it comes from: the
+    /// operator's plan, else its token's, else none (the default); the
+    /// operator's overrides on top.
+    pub fn limit_and_plan(&self, account: &AccountId) -> (Limit, Option<String>) {
+        let acct = self.accounts.get(account);
+        let overrides = acct.and_then(|a| a.overrides.as_ref());
+        let plan = overrides
+            .and_then(|o| o.plan.clone())
+            .or_else(|| acct.and_then(|a| a.token_plan.clone()))
+            .filter(|p| self.plans.contains_key(p));
+        let base = plan
+            .as_ref()
+            .and_then(|p| self.plans.get(p).copied())
+            .unwrap_or(self.rules.default_limit);
+        let limit = overrides.map_or(base, |o| o.apply(base));
+        (limit, plan)
     }
 
     pub fn limit(&self, account: &AccountId) -> Limit {
-        self.accounts
-            .get(account)
-            .and_then(|a| a.limit)
-            .unwrap_or(self.rules.default_limit)
+        self.limit_and_plan(account).0
     }
 
     pub fn revoke(&mut self, account: &AccountId, session: &SessionId) {
@@ -199,82 +329,209 @@ impl View {
             .collect()
     }
 
-    /// Sessions beyond the account's limit, as its policy sees them:
-    /// evict-oldest ends the oldest, reject-new the newest.
-    pub fn over_limit(&self, account: &AccountId, now: UnixMillis) -> Vec<Verdict> {
-        let active = self.enforceable(account, now);
+    /// Sessions beyond the account's limits, as its policy sees them: first
+    /// per content, then account-wide. Evict policies end the oldest (or the
+    /// least recently heard), reject-new the newest. Within a grace, `seats`
+    /// more are tolerated until `secs` after the account went over.
+    pub fn over_limit(&mut self, account: &AccountId, now: UnixMillis) -> Vec<Verdict> {
+        let live = self.enforceable(account, now);
         let limit = self.limit(account);
-        let excess = active.len().saturating_sub(limit.limit as usize);
-        if excess == 0 {
-            return Vec::new();
+        let mut verdicts = Vec::new();
+        let mut ended: HashSet<SessionId> = HashSet::new();
+        if let Some(per_content) = limit.per_content {
+            let mut groups: BTreeMap<&str, Vec<&ActiveSession>> = BTreeMap::new();
+            for s in &live {
+                if let Some(c) = &s.content {
+                    groups.entry(c.as_str()).or_default().push(s);
+                }
+            }
+            for group in groups.values() {
+                for v in pick(limit.policy, group, per_content as usize) {
+                    ended.insert(v.victim.session.clone());
+                    verdicts.push(v);
+                }
+            }
         }
-        let newest = active.last().map(|s| SessionRef {
-            device: s.device.clone(),
-            session: s.session.clone(),
-        });
+        let rest: Vec<&ActiveSession> = live
+            .iter()
+            .filter(|s| !ended.contains(&s.session))
+            .collect();
+        let mut allowed = limit.limit as usize;
+        let over = rest.len() > allowed;
+        if let Some(acct) = self.accounts.get_mut(account) {
+            match (limit.grace, over) {
+                (Some(g), true) => {
+                    let since = *acct.over_since.get_or_insert(now);
+                    if now.saturating_sub(since) < u64::from(g.secs) * 1000 {
+                        allowed += g.seats as usize;
+                    }
+                }
+                _ => acct.over_since = None,
+            }
+        }
+        verdicts.extend(pick(limit.policy, &rest, allowed));
+        verdicts
+    }
+
+    /// Accounts whose grace ran out since they went over: to enforce now.
+    pub fn grace_expired(&self, now: UnixMillis) -> Vec<AccountId> {
+        self.accounts
+            .iter()
+            .filter(|(id, a)| {
+                a.over_since.is_some_and(|since| {
+                    let secs = self.limit(id).grace.map_or(0, |g| g.secs);
+                    now.saturating_sub(since) >= u64::from(secs) * 1000
+                })
+            })
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    /// "May this device play now?" `content` applies the per-content limit;
+    /// `evict` names the session the user chose to sign out if a seat is
+    /// needed (takeover). Fails when `evict` is not an active session of the
+    /// account.
+    pub fn check(
+        &self,
+        account: &AccountId,
+        device: &DeviceId,
+        content: Option<&str>,
+        evict: Option<&SessionId>,
+        now: UnixMillis,
+    ) -> Result<CheckOutcome, CheckError> {
+        let live = self.enforceable(account, now);
+        let limit = self.limit(account);
+        let chosen = match evict {
+            Some(session) => Some(
+                live.iter()
+                    .find(|s| &s.session == session)
+                    .ok_or_else(|| CheckError::NotActive(session.clone()))?,
+            ),
+            None => None,
+        };
         let as_ref = |s: &ActiveSession| SessionRef {
             device: s.device.clone(),
             session: s.session.clone(),
         };
-        match limit.policy {
-            Policy::EvictOldest => active[..excess]
+        // The device's own session (a reload) never needs a new seat.
+        let others: Vec<&ActiveSession> = live.iter().filter(|s| &s.device != device).collect();
+        let mut victims: Vec<SessionRef> = Vec::new();
+        // Makes one seat free in `pool` (at most `cap` may stay), or refuses.
+        let make_room =
+            |pool: &[&ActiveSession], cap: usize, victims: &mut Vec<SessionRef>| -> bool {
+                let pool: Vec<&ActiveSession> = pool
+                    .iter()
+                    .copied()
+                    .filter(|s| !victims.iter().any(|v| v.session == s.session))
+                    .collect();
+                if pool.len() < cap {
+                    return true;
+                }
+                let need = pool.len() + 1 - cap;
+                if let Some(c) = chosen
+                    && pool.iter().any(|s| s.session == c.session)
+                {
+                    victims.push(as_ref(c));
+                    if need == 1 {
+                        return true;
+                    }
+                }
+                let pool: Vec<&ActiveSession> = pool
+                    .into_iter()
+                    .filter(|s| !victims.iter().any(|v| v.session == s.session))
+                    .collect();
+                let need = (pool.len() + 1).saturating_sub(cap);
+                if need == 0 {
+                    return true;
+                }
+                match limit.policy {
+                    Policy::RejectNew => false,
+                    Policy::EvictOldest | Policy::EvictLeastActive => {
+                        let mut order = pool.clone();
+                        if limit.policy == Policy::EvictLeastActive {
+                            order.sort_by_key(|s| (s.last_seen, s.since));
+                        }
+                        victims.extend(order.iter().take(need).map(|s| as_ref(s)));
+                        true
+                    }
+                }
+            };
+        let mut allowed = true;
+        if let (Some(per_content), Some(content)) = (limit.per_content, content) {
+            let same: Vec<&ActiveSession> = others
                 .iter()
-                .map(|s| Verdict {
-                    victim: as_ref(s),
-                    rejected: false,
-                    by: newest.clone(),
-                })
-                .collect(),
-            Policy::RejectNew => active[active.len() - excess..]
-                .iter()
-                .map(|s| Verdict {
-                    victim: as_ref(s),
-                    rejected: true,
-                    by: None,
-                })
-                .collect(),
+                .copied()
+                .filter(|s| s.content.as_deref() == Some(content))
+                .collect();
+            allowed = make_room(&same, per_content as usize, &mut victims);
         }
+        if allowed && others.len() < live.len() {
+            // Already active: no account-wide seat needed.
+        } else if allowed {
+            let in_grace = limit.grace.and_then(|g| {
+                let since = self.accounts.get(account).and_then(|a| a.over_since);
+                let open = since.is_none_or(|t| now.saturating_sub(t) < u64::from(g.secs) * 1000);
+                open.then_some(g.seats as usize)
+            });
+            let cap = limit.limit as usize + in_grace.unwrap_or(0);
+            allowed = make_room(&others, cap, &mut victims);
+        }
+        if !allowed {
+            victims.clear();
+        }
+        let active = live.len() - victims.len();
+        Ok(CheckOutcome {
+            allowed,
+            limit,
+            active: active as u32,
+            victims,
+        })
     }
 
-    /// "May this device play now?"
-    pub fn check(&self, account: &AccountId, device: &DeviceId, now: UnixMillis) -> CheckOutcome {
-        let active = self.enforceable(account, now);
-        let limit = self.limit(account);
-        let n = active.len();
-        let already = active.iter().any(|s| &s.device == device);
-        if already || n < limit.limit as usize {
-            return CheckOutcome {
-                allowed: true,
-                limit,
-                active: n as u32,
-                victims: Vec::new(),
-            };
+    /// Active counts by content, kind and region, and the peak over the
+    /// last [`PEAK_WINDOW_MINUTES`] minutes.
+    pub fn breakdown(&self, account: &AccountId, now: UnixMillis) -> Breakdown {
+        let mut b = Breakdown::default();
+        for s in self.active(account, now) {
+            b.add(&s);
         }
-        match limit.policy {
-            Policy::RejectNew => CheckOutcome {
-                allowed: false,
-                limit,
-                active: n as u32,
-                victims: Vec::new(),
-            },
-            Policy::EvictOldest => {
-                // Make one seat free for the newcomer.
-                let excess = n + 1 - limit.limit as usize;
-                let victims: Vec<SessionRef> = active[..excess]
-                    .iter()
-                    .map(|s| SessionRef {
-                        device: s.device.clone(),
-                        session: s.session.clone(),
-                    })
-                    .collect();
-                CheckOutcome {
-                    allowed: true,
-                    limit,
-                    active: (n - excess) as u32,
-                    victims,
-                }
+        b.peak = self
+            .accounts
+            .get(account)
+            .map_or(0, |a| a.peaks.iter().map(|(_, n)| *n).max().unwrap_or(0));
+        b.peak = b.peak.max(b.total);
+        b
+    }
+
+    /// The busiest accounts by active sessions, at most `n`.
+    pub fn top(&self, n: usize, now: UnixMillis) -> Vec<(AccountId, u32, Limit)> {
+        let mut all: Vec<(AccountId, u32, Limit)> = self
+            .accounts
+            .keys()
+            .map(|a| (a.clone(), self.active(a, now).len() as u32, self.limit(a)))
+            .filter(|(_, n, _)| *n > 0)
+            .collect();
+        all.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        all.truncate(n);
+        all
+    }
+
+    /// Breakdown over every account.
+    pub fn breakdown_all(&self, now: UnixMillis) -> Breakdown {
+        let mut b = Breakdown::default();
+        for a in self.accounts.keys() {
+            for s in self.active(a, now) {
+                b.add(&s);
             }
         }
+        b.peak = self
+            .global_peaks
+            .iter()
+            .map(|(_, n)| *n)
+            .max()
+            .unwrap_or(0)
+            .max(b.total);
+        b
     }
 
     /// The device currently holding `session` in a live dictionary, if any.
@@ -298,20 +555,26 @@ impl View {
     pub fn sweep(&mut self, now: UnixMillis) -> Vec<(AccountId, ActiveSession)> {
         let [prev, _] = self.rules.clock.live_intervals(now);
         let mut timed_out = Vec::new();
+        let minute = now / 60_000;
+        let mut total = 0u32;
         let accounts: Vec<AccountId> = self.accounts.keys().cloned().collect();
         for account in accounts {
             let Some(acct) = self.accounts.get(&account) else {
                 continue;
             };
-            let expired: Vec<ActiveSession> = self
+            let (expired, live): (Vec<ActiveSession>, Vec<ActiveSession>) = self
                 .candidates(&account, acct, now, true)
                 .into_iter()
-                .filter(|s| now.saturating_sub(s.last_seen) > self.rules.timeout_ms)
+                .partition(|s| now.saturating_sub(s.last_seen) > self.rules.timeout_ms);
+            let expired: Vec<ActiveSession> = expired
+                .into_iter()
                 .filter(|s| !acct.timed_out.contains(&s.session))
                 .collect();
+            total += live.len() as u32;
             let Some(acct) = self.accounts.get_mut(&account) else {
                 continue;
             };
+            record_peak(&mut acct.peaks, minute, live.len() as u32);
             for s in expired {
                 acct.timed_out.insert(s.session.clone());
                 timed_out.push((account.clone(), s));
@@ -326,11 +589,12 @@ impl View {
             acct.timed_out.retain(|s| known.contains(s));
         }
         self.accounts
-            .retain(|_, a| !a.dicts.is_empty() || a.limit.is_some());
+            .retain(|_, a| !a.dicts.is_empty() || a.overrides.is_some() || a.token_plan.is_some());
         // A revocation matters only while a live dictionary holds the session.
         let accounts = &self.accounts;
         self.revoked
             .retain(|(a, s)| accounts.get(a).is_some_and(|acct| acct.known.contains(s)));
+        record_peak(&mut self.global_peaks, minute, total);
         timed_out
     }
 
@@ -358,7 +622,7 @@ mod tests {
         Rules {
             clock: IntervalClock::new(Duration::from_secs(60)),
             timeout_ms: 15_000,
-            default_limit: Limit { limit, policy },
+            default_limit: Limit::new(limit as i64, policy).expect("limit"),
         }
     }
 
@@ -425,11 +689,20 @@ mod tests {
         assert_eq!(over[0].victim.session.as_str(), "s1");
         assert_eq!(over[0].by.as_ref().unwrap().session.as_str(), "s3");
 
-        v.set_limit(
+        v.set_overrides(
             &acct(),
-            Some(Limit {
-                limit: 2,
-                policy: Policy::RejectNew,
+            Some(AccountLimits {
+                limit: Some(
+                    Limit::new(2 as i64, Policy::RejectNew)
+                        .expect("limit")
+                        .limit,
+                ),
+                policy: Some(
+                    Limit::new(2 as i64, Policy::RejectNew)
+                        .expect("limit")
+                        .policy,
+                ),
+                ..Default::default()
             }),
         );
         let over = v.over_limit(&acct(), 4_000);
@@ -443,22 +716,31 @@ mod tests {
         v.set_dict(&acct(), 0, dict(&[("a", "s1", 1_000), ("b", "s2", 2_000)]));
         let d = |s| DeviceId::parse(s).unwrap();
         // An active device is always allowed and takes no extra seat.
-        let out = v.check(&acct(), &d("a"), 3_000);
+        let out = v.check(&acct(), &d("a"), None, None, 3_000).unwrap();
         assert!(out.allowed && out.victims.is_empty());
-        let out = v.check(&acct(), &d("c"), 3_000);
+        let out = v.check(&acct(), &d("c"), None, None, 3_000).unwrap();
         assert!(out.allowed);
         assert_eq!(out.victims.len(), 1);
         assert_eq!(out.victims[0].session.as_str(), "s1");
         assert_eq!(out.active, 1);
 
-        v.set_limit(
+        v.set_overrides(
             &acct(),
-            Some(Limit {
-                limit: 2,
-                policy: Policy::RejectNew,
+            Some(AccountLimits {
+                limit: Some(
+                    Limit::new(2 as i64, Policy::RejectNew)
+                        .expect("limit")
+                        .limit,
+                ),
+                policy: Some(
+                    Limit::new(2 as i64, Policy::RejectNew)
+                        .expect("limit")
+                        .policy,
+                ),
+                ..Default::default()
             }),
         );
-        let out = v.check(&acct(), &d("c"), 3_000);
+        let out = v.check(&acct(), &d("c"), None, None, 3_000).unwrap();
         assert!(!out.allowed && out.victims.is_empty());
         assert_eq!(out.active, 2);
     }
@@ -499,7 +781,9 @@ mod tests {
         assert!(v.heard(&acct(), &sc, 102_000));
         assert!(!v.heard(&acct(), &sc, 103_000), "nothing new");
         assert!(v.over_limit(&acct(), 103_000).is_empty(), "two live of two");
-        let out = v.check(&acct(), &DeviceId::parse("b").unwrap(), 103_000);
+        let out = v
+            .check(&acct(), &DeviceId::parse("b").unwrap(), None, None, 103_000)
+            .unwrap();
         assert!(out.allowed && out.victims.is_empty());
     }
 
@@ -511,5 +795,153 @@ mod tests {
         assert!(v.heard(&acct(), &s1, 2_000));
         assert_eq!(v.sweep(20_000).len(), 1);
         assert!(v.heard(&acct(), &s1, 21_000), "revived");
+    }
+
+    fn with_content(mut d: SessionDict, contents: &[(&str, &str)]) -> SessionDict {
+        for (dev, c) in contents {
+            if let Some(r) = d.get_mut(&DeviceId::parse(dev).unwrap()) {
+                r.content = Some((*c).to_string());
+            }
+        }
+        d
+    }
+
+    fn set(v: &mut View, o: AccountLimits) {
+        v.set_overrides(&acct(), Some(o));
+    }
+
+    #[test]
+    fn per_content_limits_apply_within_each_content() {
+        let mut v = View::new(rules(5, Policy::EvictOldest), 0);
+        let d = dict(&[("a", "s1", 1_000), ("b", "s2", 2_000), ("c", "s3", 3_000)]);
+        v.set_dict(
+            &acct(),
+            0,
+            with_content(d, &[("a", "m1"), ("b", "m1"), ("c", "m2")]),
+        );
+        set(
+            &mut v,
+            AccountLimits {
+                per_content: Some(1),
+                ..Default::default()
+            },
+        );
+        let over = v.over_limit(&acct(), 4_000);
+        assert_eq!(over.len(), 1);
+        assert_eq!(over[0].victim.session.as_str(), "s1");
+        assert_eq!(over[0].by.as_ref().unwrap().session.as_str(), "s2");
+        // check: a new device on m2 makes room on m2 only.
+        let out = v
+            .check(
+                &acct(),
+                &DeviceId::parse("z").unwrap(),
+                Some("m2"),
+                None,
+                4_000,
+            )
+            .unwrap();
+        assert!(out.allowed);
+        assert!(out.victims.iter().any(|s| s.session.as_str() == "s3"));
+    }
+
+    #[test]
+    fn evict_least_active_ends_the_longest_silent() {
+        let mut v = View::new(rules(2, Policy::EvictLeastActive), 0);
+        v.set_dict(
+            &acct(),
+            0,
+            dict(&[("a", "s1", 1_000), ("b", "s2", 2_000), ("c", "s3", 3_000)]),
+        );
+        // s1 is the oldest but heard most recently; s2 is the quietest.
+        v.heard(&acct(), &SessionId::parse("s1").unwrap(), 9_000);
+        v.heard(&acct(), &SessionId::parse("s3").unwrap(), 8_000);
+        let over = v.over_limit(&acct(), 9_500);
+        assert_eq!(over.len(), 1);
+        assert_eq!(over[0].victim.session.as_str(), "s2");
+    }
+
+    #[test]
+    fn grace_tolerates_an_overage_for_a_while() {
+        let mut v = View::new(rules(2, Policy::EvictOldest), 0);
+        set(
+            &mut v,
+            AccountLimits {
+                grace: Some(headcount_protocol::Grace { seats: 1, secs: 10 }),
+                ..Default::default()
+            },
+        );
+        v.set_dict(
+            &acct(),
+            0,
+            dict(&[("a", "s1", 1_000), ("b", "s2", 2_000), ("c", "s3", 3_000)]),
+        );
+        assert!(
+            v.over_limit(&acct(), 4_000).is_empty(),
+            "one extra seat in grace"
+        );
+        assert!(v.grace_expired(13_000).is_empty());
+        assert_eq!(v.grace_expired(14_000), vec![acct()]);
+        let over = v.over_limit(&acct(), 14_000);
+        assert_eq!(over.len(), 1, "grace over: back to the limit");
+        assert_eq!(over[0].victim.session.as_str(), "s1");
+    }
+
+    #[test]
+    fn takeover_signs_out_the_chosen_session() {
+        let mut v = View::new(rules(2, Policy::RejectNew), 0);
+        v.set_dict(&acct(), 0, dict(&[("a", "s1", 1_000), ("b", "s2", 2_000)]));
+        let new = DeviceId::parse("c").unwrap();
+        let s2 = SessionId::parse("s2").unwrap();
+        let out = v.check(&acct(), &new, None, Some(&s2), 3_000).unwrap();
+        assert!(out.allowed);
+        assert_eq!(out.victims.len(), 1);
+        assert_eq!(out.victims[0].session, s2);
+        // Without a takeover, reject-new refuses.
+        assert!(!v.check(&acct(), &new, None, None, 3_000).unwrap().allowed);
+        // A session that is not active here is an error.
+        let stranger = SessionId::parse("elsewhere").unwrap();
+        assert_eq!(
+            v.check(&acct(), &new, None, Some(&stranger), 3_000),
+            Err(CheckError::NotActive(stranger))
+        );
+    }
+
+    #[test]
+    fn plans_set_the_base_and_overrides_win() {
+        let plans = headcount_protocol::policy::default_plans();
+        let mut v = View::with_plans(rules(3, Policy::EvictOldest), plans, 0);
+        assert_eq!(v.limit_and_plan(&acct()), (v.limit(&acct()), None));
+        assert_eq!(v.limit(&acct()).limit, 3);
+        v.set_token_plan(&acct(), Some("premium".into()));
+        assert_eq!(v.limit_and_plan(&acct()).0.limit, 4);
+        assert_eq!(v.limit_and_plan(&acct()).1.as_deref(), Some("premium"));
+        set(
+            &mut v,
+            AccountLimits {
+                plan: Some("basic".into()),
+                ..Default::default()
+            },
+        );
+        assert_eq!(
+            v.limit(&acct()).limit,
+            1,
+            "the operator's plan beats the token's"
+        );
+        set(
+            &mut v,
+            AccountLimits {
+                plan: Some("basic".into()),
+                limit: Some(7),
+                ..Default::default()
+            },
+        );
+        assert_eq!(v.limit(&acct()).limit, 7);
+        v.set_token_plan(&acct(), Some("no-such-plan".into()));
+        v.set_overrides(&acct(), None);
+        assert_eq!(
+            v.limit(&acct()).limit,
+            3,
+            "an unknown plan falls back to the default"
+        );
     }
 }

@@ -128,6 +128,7 @@ impl EngineArgs {
             replicas: self.replicas,
             sessions_ttl: headcount_protocol::IntervalClock::new(self.interval).dictionary_ttl(),
             revoked_ttl: self.revoked_ttl,
+            timeouts_ttl: (self.timeout * 4).max(Duration::from_secs(30)),
             storage: async_nats::jetstream::stream::StorageType::File,
         }
     }

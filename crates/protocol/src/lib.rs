@@ -20,7 +20,7 @@ pub mod wire;
 
 pub use interval::IntervalClock;
 pub use names::{AccountId, DeviceId, NameError, SessionId};
-pub use policy::{Limit, Policy};
+pub use policy::{AccountLimits, Grace, Limit, Plans, Policy};
 
 /// Milliseconds since the Unix epoch; every time on the wire uses it.
 pub type UnixMillis = u64;

@@ -18,13 +18,23 @@ pub enum Policy {
     EvictOldest,
     /// Sessions beyond the limit are refused; those already active stay.
     RejectNew,
+    /// New sessions always get in; the sessions heard from least recently
+    /// (a paused player, a throttled background tab) are evicted first.
+    EvictLeastActive,
 }
 
 impl Policy {
+    pub const ALL: [Policy; 3] = [
+        Policy::EvictOldest,
+        Policy::RejectNew,
+        Policy::EvictLeastActive,
+    ];
+
     pub fn as_str(&self) -> &'static str {
         match self {
             Policy::EvictOldest => "evict-oldest",
             Policy::RejectNew => "reject-new",
+            Policy::EvictLeastActive => "evict-least-active",
         }
     }
 }
@@ -36,7 +46,7 @@ impl fmt::Display for Policy {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown policy {0:?}: expected evict-oldest or reject-new")]
+#[error("unknown policy {0:?}: expected evict-oldest, reject-new or evict-least-active")]
 pub struct UnknownPolicy(pub String);
 
 impl FromStr for Policy {
@@ -45,9 +55,21 @@ impl FromStr for Policy {
         match s {
             "evict-oldest" => Ok(Policy::EvictOldest),
             "reject-new" => Ok(Policy::RejectNew),
+            "evict-least-active" => Ok(Policy::EvictLeastActive),
             other => Err(UnknownPolicy(other.to_string())),
         }
     }
+}
+
+/// The longest grace period accepted.
+pub const MAX_GRACE_SECS: u32 = 24 * 3600;
+
+/// An allowed overage: up to `seats` sessions beyond the limit for at most
+/// `secs` seconds from when the account went over, then the limit holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Grace {
+    pub seats: u32,
+    pub secs: u32,
 }
 
 /// An account's limit: how many sessions may be active at once, and what
@@ -57,12 +79,23 @@ pub struct Limit {
     pub limit: u32,
     #[serde(default)]
     pub policy: Policy,
+    /// At most this many sessions on one `content` (a title, a class room).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_content: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grace: Option<Grace>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LimitError {
     #[error("limit must be between 1 and {MAX_LIMIT}, got {0}")]
     OutOfRange(i64),
+    #[error("per-content limit must be between 1 and {MAX_LIMIT}, got {0}")]
+    PerContentOutOfRange(i64),
+    #[error(
+        "grace must allow 1 to {MAX_LIMIT} extra seats for 1 to {MAX_GRACE_SECS} seconds, got {seats} seats for {secs} s"
+    )]
+    GraceOutOfRange { seats: i64, secs: i64 },
 }
 
 impl Limit {
@@ -75,7 +108,152 @@ impl Limit {
         Ok(Self {
             limit: limit as u32,
             policy,
+            per_content: None,
+            grace: None,
         })
+    }
+
+    /// With a per-content limit (validated).
+    pub fn with_per_content(mut self, n: Option<i64>) -> Result<Self, LimitError> {
+        self.per_content = match n {
+            None => None,
+            Some(n) if (1..=MAX_LIMIT as i64).contains(&n) => Some(n as u32),
+            Some(n) => return Err(LimitError::PerContentOutOfRange(n)),
+        };
+        Ok(self)
+    }
+
+    /// With a grace period (validated).
+    pub fn with_grace(mut self, grace: Option<(i64, i64)>) -> Result<Self, LimitError> {
+        self.grace = match grace {
+            None => None,
+            Some((seats, secs))
+                if (1..=MAX_LIMIT as i64).contains(&seats)
+                    && (1..=MAX_GRACE_SECS as i64).contains(&secs) =>
+            {
+                Some(Grace {
+                    seats: seats as u32,
+                    secs: secs as u32,
+                })
+            }
+            Some((seats, secs)) => return Err(LimitError::GraceOutOfRange { seats, secs }),
+        };
+        Ok(self)
+    }
+}
+
+/// Named plans, as products sell them: `basic: 1`, `standard: 2`, ...
+pub type Plans = std::collections::BTreeMap<String, Limit>;
+
+/// The plans a deployment starts with unless configured otherwise.
+pub fn default_plans() -> Plans {
+    [("basic", 1), ("standard", 2), ("premium", 4)]
+        .into_iter()
+        .map(|(name, n)| {
+            (
+                name.to_string(),
+                Limit {
+                    limit: n,
+                    policy: Policy::EvictOldest,
+                    per_content: None,
+                    grace: None,
+                },
+            )
+        })
+        .collect()
+}
+
+/// Parses a plan definition: `name=limit[,policy=P][,per-content=N][,grace=SEATS/SECS]`,
+/// e.g. `premium=4,per-content=2,grace=1/60`.
+pub fn parse_plan(spec: &str) -> Result<(String, Limit), String> {
+    let (name, rest) = spec.split_once('=').ok_or_else(|| {
+        format!(
+            "plan {spec:?}: expected name=limit[,policy=..][,per-content=..][,grace=seats/secs]"
+        )
+    })?;
+    let name = name.trim();
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err(format!(
+            "plan name {name:?}: use 1-64 letters, digits, - or _"
+        ));
+    }
+    let mut parts = rest.split(',');
+    let n: i64 = parts
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .parse()
+        .map_err(|_| format!("plan {name}: the limit must be a number"))?;
+    let mut policy = Policy::EvictOldest;
+    let mut per_content = None;
+    let mut grace = None;
+    for part in parts {
+        let (k, v) = part
+            .split_once('=')
+            .ok_or_else(|| format!("plan {name}: {part:?} is not key=value"))?;
+        match k.trim() {
+            "policy" => policy = v.trim().parse().map_err(|e: UnknownPolicy| e.to_string())?,
+            "per-content" => {
+                per_content = Some(
+                    v.trim()
+                        .parse::<i64>()
+                        .map_err(|_| format!("plan {name}: per-content must be a number"))?,
+                )
+            }
+            "grace" => {
+                let (seats, secs) = v
+                    .split_once('/')
+                    .ok_or_else(|| format!("plan {name}: grace is seats/seconds, e.g. 1/60"))?;
+                let num = |x: &str| {
+                    x.trim()
+                        .trim_end_matches('s')
+                        .parse::<i64>()
+                        .map_err(|_| format!("plan {name}: grace is seats/seconds, e.g. 1/60"))
+                };
+                grace = Some((num(seats)?, num(secs)?));
+            }
+            other => return Err(format!("plan {name}: unknown setting {other:?}")),
+        }
+    }
+    let limit = Limit::new(n, policy)
+        .and_then(|l| l.with_per_content(per_content))
+        .and_then(|l| l.with_grace(grace))
+        .map_err(|e| format!("plan {name}: {e}"))?;
+    Ok((name.to_string(), limit))
+}
+
+/// What an operator stored for one account (`headcount.limits.set`): a plan
+/// and/or overrides of its fields. Unset fields come from the plan, then
+/// from the deployment's default.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccountLimits {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<Policy>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_content: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grace: Option<Grace>,
+}
+
+impl AccountLimits {
+    /// The account's effective limit: `base` (its plan's, or the default)
+    /// with this record's overrides on top.
+    pub fn apply(&self, base: Limit) -> Limit {
+        Limit {
+            limit: self.limit.unwrap_or(base.limit),
+            policy: self.policy.unwrap_or(base.policy),
+            per_content: self.per_content.or(base.per_content),
+            grace: self.grace.or(base.grace),
+        }
     }
 }
 
@@ -92,6 +270,43 @@ mod tests {
             serde_json::to_string(&Policy::RejectNew).unwrap(),
             "\"reject-new\""
         );
+    }
+
+    #[test]
+    fn plans_parse_with_their_options() {
+        let (name, l) =
+            parse_plan("premium=4,policy=evict-least-active,per-content=2,grace=1/60").unwrap();
+        assert_eq!(name, "premium");
+        assert_eq!(l.limit, 4);
+        assert_eq!(l.policy, Policy::EvictLeastActive);
+        assert_eq!(l.per_content, Some(2));
+        assert_eq!(l.grace, Some(Grace { seats: 1, secs: 60 }));
+        assert_eq!(parse_plan("basic=1").unwrap().1.limit, 1);
+        for bad in [
+            "basic",
+            "=1",
+            "basic=0",
+            "basic=x",
+            "basic=1,policy=nope",
+            "basic=1,grace=1",
+            "basic=1,per-content=-1",
+            "basic=1,color=red",
+            "b c=1",
+        ] {
+            assert!(parse_plan(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn overrides_sit_on_top_of_the_plan() {
+        let base = default_plans()["standard"];
+        let o = AccountLimits {
+            plan: Some("standard".into()),
+            policy: Some(Policy::RejectNew),
+            ..Default::default()
+        };
+        let l = o.apply(base);
+        assert_eq!((l.limit, l.policy), (2, Policy::RejectNew));
     }
 
     #[test]

@@ -17,8 +17,9 @@ pub mod endpoint {
     pub const LIMITS_SET: &str = "limits.set";
     pub const KICK: &str = "kick";
     pub const TOKEN: &str = "token";
+    pub const STATS: &str = "stats";
     /// Every endpoint served by some headcount service.
-    pub const ALL: &[&str] = &[ACTIVE, CHECK, LIMITS_GET, LIMITS_SET, KICK, TOKEN];
+    pub const ALL: &[&str] = &[ACTIVE, CHECK, LIMITS_GET, LIMITS_SET, KICK, TOKEN, STATS];
 }
 
 /// The full subject of an endpoint, e.g. `headcount.active`.
@@ -91,8 +92,13 @@ pub mod kv {
     /// `<account>.<session>`. Written with create-only semantics so that each
     /// eviction, rejection or kick happens once.
     pub const REVOKED_BUCKET: &str = "headcount-revoked";
-    /// Per-account limit and policy: key `<account>`, JSON value.
+    /// Per-account limits: key `<account>` holds what an operator set (JSON
+    /// `AccountLimits`), key `<account>.plan` the plan named by the
+    /// account's latest token (a JSON string).
     pub const LIMITS_BUCKET: &str = "headcount-limits";
+    /// Timeouts already announced: key `<account>.<session>`, create-only,
+    /// so that one of several checkers publishes each `timeout` event.
+    pub const TIMEOUTS_BUCKET: &str = "headcount-timeouts";
 
     pub fn session_dict(account: &AccountId, interval: u64) -> String {
         format!("{account}.{interval}")
@@ -115,6 +121,25 @@ pub mod kv {
 
     pub fn limits(account: &AccountId) -> String {
         account.to_string()
+    }
+
+    pub fn token_plan(account: &AccountId) -> String {
+        format!("{account}.plan")
+    }
+
+    /// A key of the limits bucket: the operator's record, or the token plan.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub enum LimitsKey {
+        Overrides(AccountId),
+        TokenPlan(AccountId),
+    }
+
+    pub fn parse_limits(key: &str) -> Option<LimitsKey> {
+        match key.split_once('.') {
+            None => Some(LimitsKey::Overrides(AccountId::parse(key).ok()?)),
+            Some((a, "plan")) => Some(LimitsKey::TokenPlan(AccountId::parse(a).ok()?)),
+            Some(_) => None,
+        }
     }
 }
 

@@ -268,6 +268,9 @@ pub struct CheckRequest {
     pub session: Option<SessionId>,
     #[serde(default)]
     pub content: Option<String>,
+    /// Takeover: the session to sign out if a seat is needed.
+    #[serde(default)]
+    pub evict: Option<SessionId>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -281,12 +284,30 @@ pub struct CheckReply {
 
 /// `headcount.limits.set`. `limit` is signed so that a negative request is
 /// reported as out of range rather than as unreadable JSON.
+/// Fields left out keep their stored value; `reset` clears every stored
+/// field first (back to the token's plan or the default).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct LimitsSetRequest {
     pub account: AccountId,
-    pub limit: i64,
+    #[serde(default)]
+    pub limit: Option<i64>,
     #[serde(default)]
     pub policy: Option<String>,
+    #[serde(default)]
+    pub plan: Option<String>,
+    #[serde(default)]
+    pub per_content: Option<i64>,
+    #[serde(default)]
+    pub grace: Option<GraceRequest>,
+    #[serde(default)]
+    pub reset: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GraceRequest {
+    pub seats: i64,
+    pub secs: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -294,6 +315,45 @@ pub struct LimitsReply {
     pub account: AccountId,
     pub limit: u32,
     pub policy: Policy,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_content: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grace: Option<crate::Grace>,
+    /// The plan the limit comes from, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<String>,
+}
+
+/// `headcount.stats`: one account, or (without `account`) all of them with
+/// the `top` busiest listed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatsRequest {
+    #[serde(default)]
+    pub account: Option<AccountId>,
+    #[serde(default)]
+    pub top: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccountUsage {
+    pub account: AccountId,
+    pub active: u32,
+    pub limit: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatsReply {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account: Option<AccountId>,
+    pub active: u32,
+    /// Highest active count over the last `window_minutes`.
+    pub peak: u32,
+    pub window_minutes: u32,
+    pub by_content: std::collections::BTreeMap<String, u32>,
+    pub by_kind: std::collections::BTreeMap<String, u32>,
+    pub by_region: std::collections::BTreeMap<String, u32>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub top: Vec<AccountUsage>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -311,6 +371,9 @@ pub struct KickReply {
 pub struct TokenRequest {
     pub account: AccountId,
     pub device: DeviceId,
+    /// The account's plan, carried in the token and applied by checkers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -15,6 +15,8 @@ pub struct BucketSettings {
     pub sessions_ttl: Duration,
     /// How long a revocation is kept (as long as the longest token lives).
     pub revoked_ttl: Duration,
+    /// How long a `timeout` announcement blocks another for the session.
+    pub timeouts_ttl: Duration,
     /// File storage survives a server restart; memory is for throwaway runs.
     pub storage: jetstream::stream::StorageType,
 }
@@ -25,6 +27,7 @@ pub struct Buckets {
     pub sessions: kv::Store,
     pub revoked: kv::Store,
     pub limits: kv::Store,
+    pub timeouts: kv::Store,
 }
 
 impl std::fmt::Debug for Buckets {
@@ -88,8 +91,15 @@ impl Buckets {
             .await?,
             limits: open(
                 keys::LIMITS_BUCKET,
-                "per-account limit and policy",
+                "per-account limits, plans and token plans",
                 Duration::ZERO,
+                1,
+            )
+            .await?,
+            timeouts: open(
+                keys::TIMEOUTS_BUCKET,
+                "timeouts already announced (one event per timeout)",
+                s.timeouts_ttl,
                 1,
             )
             .await?,

@@ -286,6 +286,9 @@ pub struct TestApp {
     pub client: async_nats::Client,
     pub timings: Timings,
     pub default_limit: Limit,
+    /// Plans the checkers know (the product defaults unless changed before
+    /// a checker starts).
+    pub plans: headcount_protocol::Plans,
     pub handlers: Vec<Running>,
     pub checkers: Vec<Running>,
 }
@@ -294,11 +297,7 @@ impl TestApp {
     /// A server, one handler and one checker with default limit 2
     /// (evict-oldest).
     pub async fn spawn() -> Self {
-        Self::spawn_with(Limit {
-            limit: 2,
-            policy: Policy::EvictOldest,
-        })
-        .await
+        Self::spawn_with(Limit::new(2 as i64, Policy::EvictOldest).expect("limit")).await
     }
 
     pub async fn spawn_with(default_limit: Limit) -> Self {
@@ -310,6 +309,7 @@ impl TestApp {
             client,
             timings: Timings::default(),
             default_limit,
+            plans: headcount_protocol::policy::default_plans(),
             handlers: Vec::new(),
             checkers: Vec::new(),
         };
@@ -324,6 +324,7 @@ impl TestApp {
             sessions_ttl: headcount_protocol::IntervalClock::new(self.timings.interval)
                 .dictionary_ttl(),
             revoked_ttl: Duration::from_secs(600),
+            timeouts_ttl: Duration::from_secs(30),
             storage: async_nats::jetstream::stream::StorageType::File,
         }
     }
@@ -376,6 +377,7 @@ impl TestApp {
             timeout: self.timings.timeout,
             sweep_every: self.timings.sweep_every,
             default_limit: self.default_limit,
+            plans: self.plans.clone(),
         };
         let task = tokio::spawn(checker::run(config, client, buckets, metrics, shutdown));
         let deadline = Instant::now() + Duration::from_secs(15);
