@@ -200,7 +200,7 @@ async fn evict_oldest_tells_the_evicted_device_and_ignores_it_afterwards() {
 
 #[tokio::test]
 async fn reject_new_refuses_the_session_beyond_the_limit() {
-    let app = TestApp::spawn_with(Limit::new(1 as i64, Policy::RejectNew).expect("limit")).await;
+    let app = TestApp::spawn_with(Limit::new(1, Policy::RejectNew).expect("limit")).await;
     let dev = app.nats.fleet_client().await;
     let mut ctl = control(&dev, "acme", "late").await;
     let mut ev = events(&app, "acme").await;
@@ -360,7 +360,7 @@ async fn limits_can_be_read_and_set_and_bad_values_change_nothing() {
 
 #[tokio::test]
 async fn lowering_a_limit_enforces_it_at_once() {
-    let app = TestApp::spawn_with(Limit::new(3 as i64, Policy::EvictOldest).expect("limit")).await;
+    let app = TestApp::spawn_with(Limit::new(3, Policy::EvictOldest).expect("limit")).await;
     let dev = app.nats.fleet_client().await;
     let mut ctl = control(&dev, "acme", "d1").await;
     let mut devices = Vec::new();
@@ -434,8 +434,7 @@ async fn kick_revokes_a_session_once() {
 
 #[tokio::test]
 async fn restarting_handler_and_checker_loses_no_session() {
-    let mut app =
-        TestApp::spawn_with(Limit::new(50 as i64, Policy::EvictOldest).expect("limit")).await;
+    let mut app = TestApp::spawn_with(Limit::new(50, Policy::EvictOldest).expect("limit")).await;
     let dev = app.nats.fleet_client().await;
     let devices: Vec<Device> = (0..10)
         .map(|i| {
@@ -478,8 +477,7 @@ async fn restarting_handler_and_checker_loses_no_session() {
 
 #[tokio::test]
 async fn two_handlers_share_the_load_without_losing_sessions() {
-    let mut app =
-        TestApp::spawn_with(Limit::new(100 as i64, Policy::EvictOldest).expect("limit")).await;
+    let mut app = TestApp::spawn_with(Limit::new(100, Policy::EvictOldest).expect("limit")).await;
     app.handlers.push(app.start_handler().await);
     let dev = app.nats.fleet_client().await;
     let devices: Vec<Device> = (0..40)
@@ -630,9 +628,19 @@ async fn metrics_track_heartbeats_sessions_and_checks() {
         .request("check", &json!({"account": "acme", "device": "tv"}))
         .await
         .unwrap();
-    // The handler's gauge refreshes every second.
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // The gauges refresh on their own timers (the handler's every second).
+    let h = &app.handlers[0];
     let c = &app.checkers[0];
+    let deadline = std::time::Instant::now() + SOON;
+    while h.metric("headcount_handler_sessions") != 1.0
+        || c.metric("headcount_active_sessions") != 1.0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "gauges never showed the session"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert_eq!(c.metric("headcount_active_sessions"), 1.0);
     assert_eq!(
         c.metric(r#"headcount_request_duration_seconds_count{endpoint="check"}"#),
@@ -642,7 +650,6 @@ async fn metrics_track_heartbeats_sessions_and_checks() {
         c.metric(r#"headcount_requests_total{endpoint="check",result="ok"}"#),
         1.0
     );
-    let h = &app.handlers[0];
     assert!(h.metric(r#"headcount_heartbeats_total{result="accepted"}"#) >= 1.0);
     assert!(h.metric(r#"headcount_kv_writes_total{result="ok"}"#) >= 1.0);
     assert_eq!(h.metric("headcount_handler_sessions"), 1.0);

@@ -602,6 +602,16 @@ fn limits_get(shared: &Shared, payload: &[u8]) -> Result<Bytes, Failure> {
 /// Validates a `limits.set` request against the stored record: the new
 /// record, or a 400 naming what is wrong (nothing is stored then).
 fn merge_limits(view: &View, req: &LimitsSetRequest) -> Result<AccountLimits, Failure> {
+    let nothing = req.limit.is_none()
+        && req.plan.is_none()
+        && req.policy.is_none()
+        && req.per_content.is_none()
+        && req.grace.is_none();
+    if nothing && !req.reset {
+        return Err(bad_request(
+            "nothing to set: give limit, plan, policy, per_content, grace or reset",
+        ));
+    }
     let mut o = if req.reset {
         AccountLimits::default()
     } else {

@@ -692,16 +692,8 @@ mod tests {
         v.set_overrides(
             &acct(),
             Some(AccountLimits {
-                limit: Some(
-                    Limit::new(2 as i64, Policy::RejectNew)
-                        .expect("limit")
-                        .limit,
-                ),
-                policy: Some(
-                    Limit::new(2 as i64, Policy::RejectNew)
-                        .expect("limit")
-                        .policy,
-                ),
+                limit: Some(Limit::new(2, Policy::RejectNew).expect("limit").limit),
+                policy: Some(Limit::new(2, Policy::RejectNew).expect("limit").policy),
                 ..Default::default()
             }),
         );
@@ -727,16 +719,8 @@ mod tests {
         v.set_overrides(
             &acct(),
             Some(AccountLimits {
-                limit: Some(
-                    Limit::new(2 as i64, Policy::RejectNew)
-                        .expect("limit")
-                        .limit,
-                ),
-                policy: Some(
-                    Limit::new(2 as i64, Policy::RejectNew)
-                        .expect("limit")
-                        .policy,
-                ),
+                limit: Some(Limit::new(2, Policy::RejectNew).expect("limit").limit),
+                policy: Some(Limit::new(2, Policy::RejectNew).expect("limit").policy),
                 ..Default::default()
             }),
         );

@@ -98,6 +98,34 @@ impl NatsArgs {
     }
 }
 
+/// The plans accounts can be put on.
+#[derive(Debug, Clone, Args)]
+pub struct PlanArgs {
+    /// A plan: `name=limit[,policy=P][,per-content=N][,grace=SEATS/SECS]`;
+    /// repeat for more (in the environment, separate them with `;`).
+    /// Default: basic=1, standard=2, premium=4.
+    #[arg(long = "plan", env = "HEADCOUNT_PLANS", value_delimiter = ';', value_parser = parse_plan_arg)]
+    pub plans: Vec<(String, Limit)>,
+}
+
+fn parse_plan_arg(s: &str) -> Result<(String, Limit), String> {
+    headcount_protocol::policy::parse_plan(s)
+}
+
+impl PlanArgs {
+    pub fn plans(&self) -> headcount_protocol::Plans {
+        if self.plans.is_empty() {
+            headcount_protocol::policy::default_plans()
+        } else {
+            self.plans.iter().cloned().collect()
+        }
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        self.plans().into_keys().collect()
+    }
+}
+
 /// Timings and limits shared by the handler and the checker.
 #[derive(Debug, Clone, Args)]
 pub struct EngineArgs {
@@ -120,6 +148,10 @@ pub struct EngineArgs {
     /// ended session's token cannot connect again before it expires.
     #[arg(long, env = "HEADCOUNT_REVOKED_TTL", default_value = "16m", value_parser = humantime_secs)]
     pub revoked_ttl: Duration,
+    /// Heartbeats per second one session may send (per handler); the excess
+    /// is dropped and counted.
+    #[arg(long, env = "HEADCOUNT_MAX_HEARTBEAT_RATE", default_value_t = 2.0)]
+    pub max_heartbeat_rate: f64,
 }
 
 impl EngineArgs {
@@ -137,16 +169,18 @@ impl EngineArgs {
         heartbeat_handler::Config {
             interval: self.interval,
             revoked_ttl: self.revoked_ttl,
+            max_rate: self.max_heartbeat_rate,
             ..Default::default()
         }
     }
 
-    pub fn checker(&self) -> anyhow::Result<checker::Config> {
+    pub fn checker(&self, plans: &PlanArgs) -> anyhow::Result<checker::Config> {
         let default_limit = Limit::new(self.default_limit as i64, self.default_policy)?;
         Ok(checker::Config {
             interval: self.interval,
             timeout: self.timeout,
             default_limit,
+            plans: plans.plans(),
             ..Default::default()
         })
     }

@@ -41,6 +41,10 @@ enum Command {
     Kick(query::KickArgs),
     /// Issue a device token.
     Token(query::TokenArgs),
+    /// Active sessions by content, device kind and region, and the peak.
+    Stats(query::StatsArgs),
+    /// A live, refreshing view of the busiest accounts.
+    Top(query::TopArgs),
     /// Measure a running headcount (see docs/BENCHMARKS.md).
     Bench(bench::BenchArgs),
     /// Run the heartbeat-handler alone.
@@ -70,6 +74,8 @@ fn main() -> std::process::ExitCode {
             | Command::Limits(_)
             | Command::Kick(_)
             | Command::Token(_)
+            | Command::Stats(_)
+            | Command::Top(_)
             | Command::Bench(_)
     );
     if !quiet {
@@ -84,6 +90,8 @@ fn main() -> std::process::ExitCode {
             Command::Limits(a) => query::limits(a).await,
             Command::Kick(a) => query::kick(a).await,
             Command::Token(a) => query::token(a).await,
+            Command::Stats(a) => query::stats(a).await,
+            Command::Top(a) => query::top(a).await,
             Command::Bench(a) => bench::run(a).await,
             Command::Handler(a) => services::handler(a).await,
             Command::Checker(a) => services::checker(a).await,

@@ -5,7 +5,9 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use headcount_protocol::subjects::{endpoint, endpoint_subject};
-use headcount_protocol::wire::{ActiveReply, CheckReply, KickReply, LimitsReply, TokenReply};
+use headcount_protocol::wire::{
+    ActiveReply, CheckReply, KickReply, LimitsReply, StatsReply, TokenReply,
+};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::json;
@@ -109,8 +111,12 @@ pub struct CheckArgs {
     /// The session about to play (named as `by` in eviction notices).
     #[arg(long)]
     session: Option<String>,
+    /// What it is about to play (for per-content limits).
     #[arg(long)]
     content: Option<String>,
+    /// Takeover: the session to sign out if a seat is needed.
+    #[arg(long)]
+    evict: Option<String>,
     #[command(flatten)]
     common: Common,
 }
@@ -119,7 +125,8 @@ pub async fn check(a: CheckArgs) -> anyhow::Result<()> {
     let r: CheckReply = call(
         &a.common,
         endpoint::CHECK,
-        json!({"account": a.account, "device": a.device, "session": a.session, "content": a.content}),
+        json!({"account": a.account, "device": a.device, "session": a.session,
+               "content": a.content, "evict": a.evict}),
     )
     .await?;
     if !a.common.json {
@@ -157,17 +164,44 @@ enum LimitsCommand {
         #[command(flatten)]
         common: Common,
     },
-    /// Set an account's limit (and optionally its policy).
+    /// Change an account's plan, limit, policy, per-content limit or grace
+    /// (what is not given stays as it was).
     Set {
         account: String,
+        /// The number of sessions allowed at once.
         #[arg(allow_negative_numbers = true)]
-        limit: i64,
-        /// evict-oldest or reject-new.
+        limit: Option<i64>,
+        /// A plan by name (see `--plan` of the checker).
+        #[arg(long)]
+        plan: Option<String>,
+        /// evict-oldest, reject-new or evict-least-active.
         #[arg(long)]
         policy: Option<String>,
+        /// At most this many sessions on one content.
+        #[arg(long, allow_negative_numbers = true)]
+        per_content: Option<i64>,
+        /// Allow SEATS extra sessions for SECS seconds, e.g. `1/60`.
+        #[arg(long, value_parser = parse_grace)]
+        grace: Option<(i64, i64)>,
+        /// Forget everything set before (back to the token's plan or the default).
+        #[arg(long)]
+        reset: bool,
         #[command(flatten)]
         common: Common,
     },
+}
+
+fn parse_grace(s: &str) -> Result<(i64, i64), String> {
+    let (a, b) = s
+        .split_once('/')
+        .ok_or_else(|| "grace is SEATS/SECS, e.g. 1/60".to_string())?;
+    let n = |x: &str| {
+        x.trim()
+            .trim_end_matches('s')
+            .parse::<i64>()
+            .map_err(|_| "grace is SEATS/SECS, e.g. 1/60".to_string())
+    };
+    Ok((n(a)?, n(b)?))
 }
 
 pub async fn limits(a: LimitsArgs) -> anyhow::Result<()> {
@@ -179,20 +213,180 @@ pub async fn limits(a: LimitsArgs) -> anyhow::Result<()> {
         LimitsCommand::Set {
             account,
             limit,
+            plan,
             policy,
+            per_content,
+            grace,
+            reset,
             common,
-        } => (
-            call(
-                &common,
-                endpoint::LIMITS_SET,
-                json!({"account": account, "limit": limit, "policy": policy}),
-            )
-            .await?,
-            common,
-        ),
+        } => {
+            let mut body = json!({"account": account, "reset": reset});
+            for (k, v) in [
+                ("limit", json!(limit)),
+                ("plan", json!(plan)),
+                ("policy", json!(policy)),
+                ("per_content", json!(per_content)),
+                (
+                    "grace",
+                    json!(grace.map(|(seats, secs)| json!({"seats": seats, "secs": secs}))),
+                ),
+            ] {
+                if !v.is_null() {
+                    body[k] = v;
+                }
+            }
+            (call(&common, endpoint::LIMITS_SET, body).await?, common)
+        }
     };
     if !common.json {
-        println!("account {}: limit {} ({})", r.account, r.limit, r.policy);
+        let mut line = format!("account {}: limit {} ({})", r.account, r.limit, r.policy);
+        if let Some(p) = &r.plan {
+            line.push_str(&format!(", plan {p}"));
+        }
+        if let Some(n) = r.per_content {
+            line.push_str(&format!(", at most {n} per content"));
+        }
+        if let Some(g) = r.grace {
+            line.push_str(&format!(", grace {} extra for {}s", g.seats, g.secs));
+        }
+        println!("{line}");
+    }
+    Ok(())
+}
+
+#[derive(Debug, Args)]
+pub struct StatsArgs {
+    /// One account (default: all accounts, with the busiest listed).
+    account: Option<String>,
+    /// How many of the busiest accounts to list.
+    #[arg(long, default_value_t = 10)]
+    top: u32,
+    #[command(flatten)]
+    common: Common,
+}
+
+fn print_counts(title: &str, counts: &std::collections::BTreeMap<String, u32>) {
+    let mut v: Vec<(&String, &u32)> = counts.iter().collect();
+    v.sort_by(|a, b| b.1.cmp(a.1).then_with(|| a.0.cmp(b.0)));
+    let parts: Vec<String> = v.iter().map(|(k, n)| format!("{k} {n}")).collect();
+    println!(
+        "  {title:<9} {}",
+        if parts.is_empty() {
+            "-".into()
+        } else {
+            parts.join(", ")
+        }
+    );
+}
+
+pub async fn stats(a: StatsArgs) -> anyhow::Result<()> {
+    let r: StatsReply = call(
+        &a.common,
+        endpoint::STATS,
+        json!({"account": a.account, "top": a.top}),
+    )
+    .await?;
+    if !a.common.json {
+        match &r.account {
+            Some(acct) => println!(
+                "account {acct}: {} active, peak {} over the last {} min",
+                r.active, r.peak, r.window_minutes
+            ),
+            None => println!(
+                "all accounts: {} active, peak {} over the last {} min",
+                r.active, r.peak, r.window_minutes
+            ),
+        }
+        print_counts("content", &r.by_content);
+        print_counts("kind", &r.by_kind);
+        print_counts("region", &r.by_region);
+        if !r.top.is_empty() {
+            println!("  busiest:");
+            for u in &r.top {
+                println!(
+                    "    {:<24} {:>5} / {}",
+                    u.account.as_str(),
+                    u.active,
+                    u.limit
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+#[derive(Debug, Args)]
+pub struct TopArgs {
+    /// Refresh period.
+    #[arg(long, default_value = "1s", value_parser = crate::config::humantime_secs)]
+    every: Duration,
+    /// Accounts shown.
+    #[arg(long, default_value_t = 20)]
+    rows: u32,
+    #[command(flatten)]
+    common: Common,
+}
+
+/// A live view of the busiest accounts, redrawn in place like `top`.
+pub async fn top(a: TopArgs) -> anyhow::Result<()> {
+    let client = a.common.nats.options("headcount-top")?.connect().await?;
+    let mut tick = tokio::time::interval(a.every.max(Duration::from_millis(100)));
+    loop {
+        tokio::select! {
+            _ = crate::services::until_signal_quiet() => break,
+            _ = tick.tick() => {}
+        }
+        let body = serde_json::to_vec(&json!({"top": a.rows}))?;
+        let r: StatsReply = match client
+            .request(endpoint_subject(endpoint::STATS), body.into())
+            .await
+        {
+            Ok(msg) => match serde_json::from_slice(&msg.payload) {
+                Ok(r) => r,
+                Err(e) => bail!("unreadable stats reply: {e}"),
+            },
+            Err(e) => {
+                eprintln!("stats request failed: {e}");
+                continue;
+            }
+        };
+        // Clear the screen and draw from the top-left corner.
+        let mut out = String::from("\x1b[2J\x1b[H");
+        out.push_str(&format!(
+            "headcount top - {} active, peak {} (last {} min)\n\n",
+            r.active, r.peak, r.window_minutes
+        ));
+        out.push_str(&format!(
+            "{:<28} {:>7} {:>7}  {}\n",
+            "ACCOUNT", "ACTIVE", "LIMIT", "USE"
+        ));
+        for u in &r.top {
+            let width = 20usize;
+            let filled = (u.active as usize * width / u.limit.max(1) as usize).min(width);
+            let over = if u.active > u.limit { " OVER" } else { "" };
+            out.push_str(&format!(
+                "{:<28} {:>7} {:>7}  [{}{}]{over}\n",
+                u.account.as_str(),
+                u.active,
+                u.limit,
+                "#".repeat(filled),
+                " ".repeat(width - filled)
+            ));
+        }
+        let kinds: Vec<String> = r.by_kind.iter().map(|(k, n)| format!("{k} {n}")).collect();
+        let regions: Vec<String> = r
+            .by_region
+            .iter()
+            .map(|(k, n)| format!("{k} {n}"))
+            .collect();
+        out.push_str(&format!(
+            "\nkinds:   {}\nregions: {}\n",
+            kinds.join(", "),
+            regions.join(", ")
+        ));
+        print!("{out}");
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
     }
     Ok(())
 }
@@ -229,17 +423,19 @@ pub async fn kick(a: KickArgs) -> anyhow::Result<()> {
 pub struct TokenArgs {
     account: String,
     device: String,
+    /// The account's plan, carried in the token.
+    #[arg(long)]
+    plan: Option<String>,
     #[command(flatten)]
     common: Common,
 }
 
 pub async fn token(a: TokenArgs) -> anyhow::Result<()> {
-    let r: TokenReply = call(
-        &a.common,
-        endpoint::TOKEN,
-        json!({"account": a.account, "device": a.device}),
-    )
-    .await?;
+    let mut body = json!({"account": a.account, "device": a.device});
+    if let Some(p) = &a.plan {
+        body["plan"] = json!(p);
+    }
+    let r: TokenReply = call(&a.common, endpoint::TOKEN, body).await?;
     if !a.common.json {
         let left = r
             .expires_at

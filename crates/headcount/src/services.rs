@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::Args;
 use headcount_runtime::{Buckets, Shutdown, http, shutdown};
 
-use crate::config::{EngineArgs, NatsArgs, humantime_secs};
+use crate::config::{EngineArgs, NatsArgs, PlanArgs, humantime_secs};
 
 #[derive(Debug, Args)]
 pub struct HandlerArgs {
@@ -27,6 +27,8 @@ pub struct CheckerArgs {
     nats: NatsArgs,
     #[command(flatten)]
     engine: EngineArgs,
+    #[command(flatten)]
+    plans: PlanArgs,
     #[arg(long, env = "HEADCOUNT_METRICS_ADDR", default_value = "0.0.0.0:9092")]
     metrics_addr: SocketAddr,
 }
@@ -35,6 +37,8 @@ pub struct CheckerArgs {
 pub struct TokenVendorArgs {
     #[command(flatten)]
     nats: NatsArgs,
+    #[command(flatten)]
+    plans: PlanArgs,
     #[command(flatten)]
     tokens: TokenArgs,
     /// Serve POST /v1/tokens, the JWKS and /metrics on this address.
@@ -62,13 +66,19 @@ pub struct TokenArgs {
 }
 
 impl TokenArgs {
-    pub fn config(&self, data_dir: PathBuf, operator_key: String) -> token_vendor::Config {
+    pub fn config(
+        &self,
+        data_dir: PathBuf,
+        operator_key: String,
+        plans: Vec<String>,
+    ) -> token_vendor::Config {
         token_vendor::Config {
             data_dir,
             issuer: self.issuer.clone(),
             audience: self.audience.clone(),
             token_ttl: self.token_ttl,
             operator_key,
+            plans,
         }
     }
 }
@@ -117,7 +127,14 @@ pub async fn checker(a: CheckerArgs) -> anyhow::Result<()> {
         http::serve(a.metrics_addr, http::metrics_router(registry), stop.clone()).await?;
     tracing::info!(%addr, "metrics listening");
     tokio::spawn(until_signal(trigger));
-    checker::run(a.engine.checker()?, client.clone(), buckets, metrics, stop).await?;
+    checker::run(
+        a.engine.checker(&a.plans)?,
+        client.clone(),
+        buckets,
+        metrics,
+        stop,
+    )
+    .await?;
     client.drain().await.context("draining nats connection")?;
     Ok(())
 }
@@ -131,7 +148,8 @@ pub async fn token_vendor(a: TokenVendorArgs) -> anyhow::Result<()> {
     let client = a.nats.options("headcount-token-vendor")?.connect().await?;
     let registry = prometheus::Registry::new();
     let vendor = token_vendor::Vendor::new(
-        a.tokens.config(a.nats.data_dir.clone(), operator_key),
+        a.tokens
+            .config(a.nats.data_dir.clone(), operator_key, a.plans.names()),
         &registry,
     )?;
     let (trigger, stop) = Shutdown::new();
@@ -141,7 +159,20 @@ pub async fn token_vendor(a: TokenVendorArgs) -> anyhow::Result<()> {
     tokio::spawn(until_signal(trigger));
     let issuer = token_vendor::Issuer::open(&a.nats.data_dir)?;
     tracing::info!(issuer = %issuer.public_key(), "auth callout issuer (the `issuer` of nats.conf's auth_callout)");
-    let revoked = headcount_runtime::buckets::open_revoked(&client, &stop).await?;
+    let revoked = headcount_runtime::buckets::open_existing(
+        &client,
+        headcount_protocol::subjects::kv::REVOKED_BUCKET,
+        &stop,
+    )
+    .await?;
+    vendor.set_plan_store(
+        headcount_runtime::buckets::open_existing(
+            &client,
+            headcount_protocol::subjects::kv::LIMITS_BUCKET,
+            &stop,
+        )
+        .await?,
+    );
     tokio::try_join!(
         token_vendor::serve_nats(vendor.clone(), client.clone(), stop.clone()),
         token_vendor::serve_callout(vendor, issuer, client.clone(), revoked, stop),

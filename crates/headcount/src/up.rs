@@ -14,7 +14,7 @@ use clap::Args;
 use headcount_runtime::{Buckets, NatsOptions, Shutdown, http, shutdown};
 use serde::{Deserialize, Serialize};
 
-use crate::config::{EngineArgs, UpInfo};
+use crate::config::{EngineArgs, PlanArgs, UpInfo};
 use crate::services::TokenArgs;
 use crate::simulate::{FleetAccess, FleetSpec, FleetStats, fleet};
 
@@ -57,6 +57,8 @@ pub struct UpArgs {
     insecure: bool,
     #[command(flatten)]
     engine: EngineArgs,
+    #[command(flatten)]
+    plans: PlanArgs,
     #[command(flatten)]
     tokens: TokenArgs,
 }
@@ -296,16 +298,18 @@ async fn run_services(
         stop.clone(),
     ));
     let checker = tokio::spawn(checker::run(
-        a.engine.checker()?,
+        a.engine.checker(&a.plans)?,
         checker_client.clone(),
         buckets.clone(),
         checker::Metrics::new(&registry)?,
         stop.clone(),
     ));
     let vendor = token_vendor::Vendor::new(
-        a.tokens.config(a.data_dir.clone(), operator_key.clone()),
+        a.tokens
+            .config(a.data_dir.clone(), operator_key.clone(), a.plans.names()),
         &registry,
     )?;
+    vendor.set_plan_store(buckets.limits.clone());
     let callout_issuer = issuer.as_ref().map(|i| i.public_key()).unwrap_or_default();
     let vendor_task = {
         let tokens = token_vendor::serve_nats(vendor.clone(), vendor_client.clone(), stop.clone());

@@ -18,6 +18,7 @@
 
 pub mod dicts;
 pub mod metrics;
+pub mod rate;
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -46,6 +47,11 @@ pub struct Config {
     pub revoked_ttl: Duration,
     /// Dictionary writes in flight at once.
     pub max_concurrent_writes: usize,
+    /// Heartbeats per second one session may keep up (per handler
+    /// instance); the excess is dropped and counted as `rate_limited`.
+    pub max_rate: f64,
+    /// Heartbeats one session may send in a burst.
+    pub burst: u32,
 }
 
 impl Default for Config {
@@ -54,6 +60,9 @@ impl Default for Config {
             interval: Duration::from_secs(120),
             revoked_ttl: Duration::from_secs(3600),
             max_concurrent_writes: 256,
+            // Ten times a 5 s heartbeat.
+            max_rate: 2.0,
+            burst: 10,
         }
     }
 }
@@ -67,6 +76,7 @@ struct Shared {
     nats: async_nats::Client,
     metrics: Metrics,
     flush_tx: mpsc::UnboundedSender<Key>,
+    rate: Mutex<rate::RateLimiter>,
 }
 
 impl Shared {
@@ -97,6 +107,7 @@ pub async fn run(
         nats: nats.clone(),
         metrics,
         flush_tx,
+        rate: Mutex::new(rate::RateLimiter::new(config.max_rate, config.burst)),
     });
 
     // A complete view first: deciding on a partial one would emit false joins.
@@ -154,9 +165,12 @@ pub async fn run(
             },
             _ = tick.tick() => {
                 let now = now_millis();
-                let mut d = shared.dicts();
-                d.prune(now);
-                shared.metrics.sessions.set(d.session_count(now) as i64);
+                {
+                    let mut d = shared.dicts();
+                    d.prune(now);
+                    shared.metrics.sessions.set(d.session_count(now) as i64);
+                }
+                shared.rate.lock().unwrap_or_else(|p| p.into_inner()).prune(now);
             }
         }
     }
@@ -219,6 +233,16 @@ fn on_message(shared: &Shared, subject: &str, payload: &[u8]) {
             return;
         }
     };
+    let now = now_millis();
+    let allowed = shared.rate.lock().unwrap_or_else(|p| p.into_inner()).allow(
+        &ids.account,
+        &ids.session,
+        now,
+    );
+    if !allowed {
+        m.heartbeats.with_label_values(&["rate_limited"]).inc();
+        return;
+    }
     let hb = match Heartbeat::decode(payload) {
         Ok(hb) => hb,
         Err(e) => {
@@ -238,10 +262,9 @@ fn on_message(shared: &Shared, subject: &str, payload: &[u8]) {
         m.heartbeats.with_label_values(&["revoked"]).inc();
         return;
     }
-    let decision =
-        shared
-            .dicts()
-            .on_heartbeat(&ids.account, &ids.device, &ids.session, &hb, now_millis());
+    let decision = shared
+        .dicts()
+        .on_heartbeat(&ids.account, &ids.device, &ids.session, &hb, now);
     match decision {
         Decision::Superseded => {
             m.heartbeats.with_label_values(&["revoked"]).inc();

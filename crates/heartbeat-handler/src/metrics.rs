@@ -4,7 +4,8 @@ use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Regist
 
 #[derive(Clone, Debug)]
 pub struct Metrics {
-    /// Heartbeats by result: accepted, invalid, malformed, revoked.
+    /// Heartbeats by result: accepted, invalid, malformed, revoked,
+    /// rate_limited.
     pub heartbeats: IntCounterVec,
     /// KV writes by result: ok, conflict, error.
     pub kv_writes: IntCounterVec,
@@ -58,7 +59,13 @@ impl Metrics {
         registry.register(Box::new(m.kv_write_seconds.clone()))?;
         registry.register(Box::new(m.sessions.clone()))?;
         registry.register(Box::new(m.events.clone()))?;
-        for r in ["accepted", "invalid", "malformed", "revoked"] {
+        for r in [
+            "accepted",
+            "invalid",
+            "malformed",
+            "revoked",
+            "rate_limited",
+        ] {
             m.heartbeats.with_label_values(&[r]);
         }
         for r in ["ok", "conflict", "error"] {

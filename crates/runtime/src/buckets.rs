@@ -107,26 +107,27 @@ impl Buckets {
     }
 }
 
-/// Opens the existing revocation bucket, waiting (with a log line now and
-/// then) until the handler or the checker has created it. For services that
-/// read revocations but must not decide the bucket's settings.
-pub async fn open_revoked(
+/// Opens an existing bucket, waiting (with a log line now and then) until
+/// the handler or the checker has created it. For services that use a bucket
+/// but must not decide its settings.
+pub async fn open_existing(
     client: &async_nats::Client,
+    bucket: &'static str,
     shutdown: &crate::Shutdown,
 ) -> anyhow::Result<kv::Store> {
     let js = jetstream::new(client.clone());
     let mut delay = Duration::from_millis(100);
     let mut last_log: Option<std::time::Instant> = None;
     loop {
-        match js.get_key_value(keys::REVOKED_BUCKET).await {
+        match js.get_key_value(bucket).await {
             Ok(store) => return Ok(store),
             Err(e) => {
                 if last_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
                     last_log = Some(std::time::Instant::now());
-                    tracing::info!(bucket = keys::REVOKED_BUCKET, error = %e, "waiting for the bucket (created by heartbeat-handler or checker)");
+                    tracing::info!(bucket, error = %e, "waiting for the bucket (created by heartbeat-handler or checker)");
                 }
                 tokio::select! {
-                    _ = shutdown.clone().wait() => anyhow::bail!("stopped while waiting for {}", keys::REVOKED_BUCKET),
+                    _ = shutdown.clone().wait() => anyhow::bail!("stopped while waiting for {bucket}"),
                     _ = tokio::time::sleep(delay) => {}
                 }
                 delay = (delay * 2).min(Duration::from_secs(2));

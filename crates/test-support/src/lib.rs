@@ -197,6 +197,10 @@ pub struct Timings {
     pub interval: Duration,
     pub timeout: Duration,
     pub sweep_every: Duration,
+    /// Heartbeat rate limit per session of handlers started from now on
+    /// (generous: tests beat fast and send bursts).
+    pub max_rate: f64,
+    pub burst: u32,
 }
 
 impl Default for Timings {
@@ -205,6 +209,8 @@ impl Default for Timings {
             interval: Duration::from_secs(3),
             timeout: Duration::from_millis(1500),
             sweep_every: Duration::from_millis(100),
+            max_rate: 100.0,
+            burst: 100,
         }
     }
 }
@@ -297,7 +303,7 @@ impl TestApp {
     /// A server, one handler and one checker with default limit 2
     /// (evict-oldest).
     pub async fn spawn() -> Self {
-        Self::spawn_with(Limit::new(2 as i64, Policy::EvictOldest).expect("limit")).await
+        Self::spawn_with(Limit::new(2, Policy::EvictOldest).expect("limit")).await
     }
 
     pub async fn spawn_with(default_limit: Limit) -> Self {
@@ -352,6 +358,8 @@ impl TestApp {
             interval: self.timings.interval,
             revoked_ttl: Duration::from_secs(600),
             max_concurrent_writes: 64,
+            max_rate: self.timings.max_rate,
+            burst: self.timings.burst,
         };
         let probe = client.clone();
         let task = tokio::spawn(heartbeat_handler::run(
@@ -407,9 +415,9 @@ impl TestApp {
     /// directory that lives as long as the returned handle.
     pub async fn start_token_vendor(&self, operator_key: &str) -> TokenVendor {
         let tmp = tempfile::tempdir().expect("temp dir");
-        let mut tv = self
-            .start_token_vendor_with(token_vendor::Config::new(tmp.path(), operator_key))
-            .await;
+        let mut config = token_vendor::Config::new(tmp.path(), operator_key);
+        config.plans = self.plans.keys().cloned().collect();
+        let mut tv = self.start_token_vendor_with(config).await;
         tv._tmp = Some(tmp);
         tv
     }
@@ -422,6 +430,7 @@ impl TestApp {
         let (client, buckets) = self.connect("test-token-vendor").await;
         let registry = prometheus::Registry::new();
         let vendor = token_vendor::Vendor::new(config, &registry).expect("vendor starts");
+        vendor.set_plan_store(buckets.limits.clone());
         let (trigger, shutdown) = Shutdown::new();
         let (http_addr, _http) = headcount_runtime::http::serve(
             "127.0.0.1:0".parse().expect("addr"),
@@ -460,7 +469,25 @@ impl TestApp {
         }
     }
 
-    /// Publishes one heartbeat as a device would (with the device user).
+    /// Publishes one heartbeat without waiting for the server (floods).
+    pub async fn heartbeat_nowait(
+        &self,
+        client: &async_nats::Client,
+        account: &str,
+        device: &str,
+        session: &str,
+        hb: &Heartbeat,
+    ) {
+        client
+            .publish(
+                format!("hb.{account}.{device}.{session}"),
+                hb.encode().into(),
+            )
+            .await
+            .expect("publish heartbeat");
+    }
+
+    /// Publishes one heartbeat as a device would and flushes.
     pub async fn heartbeat(
         &self,
         device_client: &async_nats::Client,

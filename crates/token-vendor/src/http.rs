@@ -96,8 +96,22 @@ async fn issue_token(
             return error(status, message);
         }
     };
-    match vendor.issue(&request.account, &request.device, "http") {
-        Ok(reply) => (StatusCode::OK, Json(reply)).into_response(),
+    match vendor.issue_with_plan(
+        &request.account,
+        &request.device,
+        request.plan.as_deref(),
+        "http",
+    ) {
+        Ok(reply) => {
+            if let Some(plan) = &request.plan {
+                vendor.record_plan(&request.account, plan).await;
+            }
+            (StatusCode::OK, Json(reply)).into_response()
+        }
+        Err(e @ crate::IssueError::UnknownPlan(..)) => {
+            vendor.count_rejection(BAD_REQUEST);
+            error(StatusCode::BAD_REQUEST, e.to_string())
+        }
         Err(e) => {
             tracing::error!(error = %format!("{e:#}"), "issuing token");
             error(

@@ -77,6 +77,8 @@ pub struct Config {
     /// Bearer secret for `POST /v1/tokens`. When empty, that endpoint refuses
     /// every request; NATS issuing is unaffected.
     pub operator_key: String,
+    /// Plan names a token may carry; empty accepts any valid name.
+    pub plans: Vec<String>,
 }
 
 impl Config {
@@ -88,6 +90,7 @@ impl Config {
             audience: DEFAULT_AUDIENCE.to_string(),
             token_ttl: DEFAULT_TOKEN_TTL,
             operator_key: operator_key.into(),
+            plans: Vec::new(),
         }
     }
 }
@@ -121,7 +124,7 @@ pub struct Claims {
     pub nbf: u64,
     pub iss: String,
     pub aud: String,
-    /// Reserved for per-plan limits; not set by this vendor yet.
+    /// The account's plan, when the backend named one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub plan: Option<String>,
 }
@@ -137,6 +140,23 @@ impl Claims {
 
     pub fn session(&self) -> Result<SessionId, NameError> {
         SessionId::parse(&self.sid)
+    }
+}
+
+/// Why a token could not be issued.
+#[derive(Debug, thiserror::Error)]
+pub enum IssueError {
+    #[error("unknown plan {0:?}{hint}", hint = known_plans(.1))]
+    UnknownPlan(String, Vec<String>),
+    #[error(transparent)]
+    Internal(anyhow::Error),
+}
+
+fn known_plans(plans: &[String]) -> String {
+    if plans.is_empty() {
+        String::new()
+    } else {
+        format!(": known plans are {}", plans.join(", "))
     }
 }
 
@@ -211,6 +231,12 @@ struct Inner {
     ttl_secs: u64,
     operator_key: String,
     data_dir: PathBuf,
+    plans: Vec<String>,
+    /// Where the plan of an account's latest token is recorded for the
+    /// checkers (the limits bucket), once set.
+    plan_store: std::sync::OnceLock<async_nats::jetstream::kv::Store>,
+    /// Plans already recorded, so that issuing does not write each time.
+    recorded_plans: moka::sync::Cache<AccountId, String>,
     /// Behind a lock so that a rotation can swap in a new ring while requests
     /// keep using the one they started with.
     keys: RwLock<Arc<KeyRing>>,
@@ -283,6 +309,12 @@ impl Vendor {
                 ttl_secs: config.token_ttl.as_secs().max(1),
                 operator_key: config.operator_key,
                 data_dir: config.data_dir,
+                plans: config.plans,
+                plan_store: std::sync::OnceLock::new(),
+                recorded_plans: moka::sync::Cache::builder()
+                    .max_capacity(100_000)
+                    .time_to_live(Duration::from_secs(600))
+                    .build(),
                 keys: RwLock::new(Arc::new(ring)),
                 validation,
                 metrics,
@@ -310,6 +342,44 @@ impl Vendor {
         via: &'static str,
         now: u64,
     ) -> anyhow::Result<TokenReply> {
+        self.issue_full(account, device, None, via, now)
+    }
+
+    /// [`Vendor::issue`] for an account on `plan` (carried as the `plan`
+    /// claim). Refuses a plan name that is not a valid name or, when the
+    /// vendor was told the plans, not one of them.
+    pub fn issue_with_plan(
+        &self,
+        account: &AccountId,
+        device: &DeviceId,
+        plan: Option<&str>,
+        via: &'static str,
+    ) -> Result<TokenReply, IssueError> {
+        if let Some(p) = plan {
+            let valid_name = !p.is_empty()
+                && p.len() <= 64
+                && p.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            let known = self.inner.plans.is_empty() || self.inner.plans.iter().any(|k| k == p);
+            if !valid_name || !known {
+                return Err(IssueError::UnknownPlan(
+                    p.to_string(),
+                    self.inner.plans.clone(),
+                ));
+            }
+        }
+        self.issue_full(account, device, plan, via, now_millis() / 1000)
+            .map_err(IssueError::Internal)
+    }
+
+    fn issue_full(
+        &self,
+        account: &AccountId,
+        device: &DeviceId,
+        plan: Option<&str>,
+        via: &'static str,
+        now: u64,
+    ) -> anyhow::Result<TokenReply> {
         let session = SessionId::parse(nuid::next().as_str())?;
         let exp = now.saturating_add(self.inner.ttl_secs);
         let claims = Claims {
@@ -321,7 +391,7 @@ impl Vendor {
             nbf: now,
             iss: self.inner.issuer.clone(),
             aud: self.inner.audience.clone(),
-            plan: None,
+            plan: plan.map(str::to_owned),
         };
         let keys = self.keys();
         let signer = keys.signer();
@@ -428,6 +498,38 @@ impl Vendor {
         }
         tracing::info!(kid = %kid, retired = ?dropped, "signing key rotated");
         Ok(kid)
+    }
+
+    /// Records the plans of issued tokens in `store` (the limits bucket)
+    /// from now on, so that checkers apply them.
+    pub fn set_plan_store(&self, store: async_nats::jetstream::kv::Store) {
+        let _ = self.inner.plan_store.set(store);
+    }
+
+    /// Makes `plan` the account's token plan for the checkers (written only
+    /// when it changed).
+    pub async fn record_plan(&self, account: &AccountId, plan: &str) {
+        if self.inner.recorded_plans.get(account).as_deref() == Some(plan) {
+            return;
+        }
+        let Some(store) = self.inner.plan_store.get() else {
+            tracing::warn!(%account, "a token carries a plan but no limits bucket is connected: checkers will not see it");
+            return;
+        };
+        let body = serde_json::to_vec(plan).unwrap_or_default();
+        match store
+            .put(
+                headcount_protocol::subjects::kv::token_plan(account),
+                body.into(),
+            )
+            .await
+        {
+            Ok(_) => self
+                .inner
+                .recorded_plans
+                .insert(account.clone(), plan.to_string()),
+            Err(e) => tracing::warn!(%account, error = %e, "recording the token plan"),
+        }
     }
 
     /// Whether `presented` is the operator key, compared in constant time.

@@ -67,26 +67,48 @@ pub async fn serve_nats(
 }
 
 async fn answer(vendor: &Vendor, request: async_nats::service::Request) {
-    let reply = handle(vendor, &request.message.payload);
+    let reply = match handle(vendor, &request.message.payload) {
+        Ok((bytes, Some((account, plan)))) => {
+            vendor.record_plan(&account, &plan).await;
+            Ok(bytes)
+        }
+        Ok((bytes, None)) => Ok(bytes),
+        Err(e) => Err(e),
+    };
     if let Err(e) = request.respond(reply).await {
         tracing::warn!(error = %e, "sending token reply");
     }
 }
 
-fn handle(vendor: &Vendor, payload: &[u8]) -> Result<Bytes, async_nats::service::error::Error> {
+/// The reply, and the account's plan to record when the token carries one.
+type Handled = (Bytes, Option<(headcount_protocol::AccountId, String)>);
+
+fn handle(vendor: &Vendor, payload: &[u8]) -> Result<Handled, async_nats::service::error::Error> {
     let request: TokenRequest = wire::parse_request(payload).map_err(|e| {
         vendor.count_rejection(BAD_REQUEST);
         tracing::debug!(error = %e, "refusing token request");
         service_error(error_code::BAD_REQUEST, e)
     })?;
     let reply = vendor
-        .issue(&request.account, &request.device, "nats")
-        .map_err(|e| {
-            tracing::error!(error = %format!("{e:#}"), "issuing token");
-            service_error(error_code::INTERNAL, "issuing the token failed")
+        .issue_with_plan(
+            &request.account,
+            &request.device,
+            request.plan.as_deref(),
+            "nats",
+        )
+        .map_err(|e| match e {
+            crate::IssueError::UnknownPlan(..) => {
+                vendor.count_rejection(BAD_REQUEST);
+                service_error(error_code::BAD_REQUEST, e)
+            }
+            crate::IssueError::Internal(e) => {
+                tracing::error!(error = %format!("{e:#}"), "issuing token");
+                service_error(error_code::INTERNAL, "issuing the token failed")
+            }
         })?;
-    serde_json::to_vec(&reply).map(Into::into).map_err(|e| {
+    let bytes = serde_json::to_vec(&reply).map(Bytes::from).map_err(|e| {
         tracing::error!(error = %e, "encoding token reply");
         service_error(error_code::INTERNAL, "encoding the token reply failed")
-    })
+    })?;
+    Ok((bytes, request.plan.map(|p| (request.account, p))))
 }
