@@ -170,6 +170,7 @@ impl EngineArgs {
             interval: self.interval,
             revoked_ttl: self.revoked_ttl,
             max_rate: self.max_heartbeat_rate,
+            carry_delay: (self.interval / 10).min(Duration::from_secs(5)),
             ..Default::default()
         }
     }

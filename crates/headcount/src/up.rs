@@ -65,8 +65,8 @@ pub struct UpArgs {
 
 /// Secrets generated on first run and kept in the data dir.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct Secrets {
-    service_password: String,
+pub(crate) struct Secrets {
+    pub(crate) service_password: String,
     #[serde(default = "random_secret")]
     backend_password: String,
     /// Used only with `--insecure`.
@@ -88,7 +88,7 @@ fn write_private(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn load_secrets(dir: &Path) -> anyhow::Result<Secrets> {
+pub(crate) fn load_secrets(dir: &Path) -> anyhow::Result<Secrets> {
     let path = dir.join("secrets.json");
     if let Ok(text) = std::fs::read_to_string(&path) {
         return serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()));
@@ -104,12 +104,12 @@ fn load_secrets(dir: &Path) -> anyhow::Result<Secrets> {
 }
 
 /// A nats-server child process, killed when dropped.
-struct NatsProcess {
+pub(crate) struct NatsProcess {
     child: tokio::process::Child,
 }
 
 impl NatsProcess {
-    async fn start(
+    pub(crate) async fn start(
         dir: &Path,
         port: u16,
         secrets: &Secrets,
@@ -173,7 +173,7 @@ impl NatsProcess {
         }
     }
 
-    async fn stop(mut self) {
+    pub(crate) async fn stop(mut self) {
         #[cfg(unix)]
         if let Some(pid) = self.child.id() {
             // SIGTERM lets the server flush JetStream; kill after a grace period.

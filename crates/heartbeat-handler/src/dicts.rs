@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use headcount_protocol::wire::{Heartbeat, SessionDict, SessionRecord};
+use headcount_protocol::wire::{Heartbeat, HeartbeatRef, SessionDict, SessionRecord};
 use headcount_protocol::{AccountId, DeviceId, IntervalClock, SessionId, UnixMillis};
 
 /// One change to one device's entry in one dictionary.
@@ -94,6 +94,18 @@ pub struct Dict {
     pub pending: HashMap<DeviceId, Change>,
     /// A write of this dictionary is under way.
     pub in_flight: bool,
+    /// What is pending waits for a deferred flush (carry-overs only).
+    pub deferred: bool,
+}
+
+/// When a dictionary with a newly queued change should be written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Schedule {
+    /// A flush is already due (or under way and will pick this up).
+    Already,
+    Now,
+    /// After the carry-over delay, so that one write carries many.
+    Later,
 }
 
 impl Dict {
@@ -111,12 +123,29 @@ impl Dict {
         rec
     }
 
-    /// Queues a change; returns true if the dictionary needs a flush
-    /// scheduled (it had nothing pending and no write under way).
-    fn queue(&mut self, device: DeviceId, change: Change) -> bool {
-        let schedule = self.pending.is_empty() && !self.in_flight;
+    /// Queues a change and says when the dictionary must be flushed.
+    /// `defer` marks a change nobody waits for (a live session entering a
+    /// new interval); any other change makes the flush due now, taking the
+    /// deferred ones along.
+    fn queue(&mut self, device: DeviceId, change: Change, defer: bool) -> Schedule {
+        let was_empty = self.pending.is_empty();
         self.pending.insert(device, change);
-        schedule
+        if self.in_flight {
+            // The write under way reschedules what is left when it ends.
+            Schedule::Already
+        } else if was_empty {
+            self.deferred = defer;
+            if defer {
+                Schedule::Later
+            } else {
+                Schedule::Now
+            }
+        } else if self.deferred && !defer {
+            self.deferred = false;
+            Schedule::Now
+        } else {
+            Schedule::Already
+        }
     }
 
     /// Installs a newer copy read from KV (a watch update or a re-read after
@@ -134,8 +163,11 @@ impl Dict {
 pub enum Decision {
     /// Nothing to write: the session is already recorded for this interval.
     Unchanged,
-    /// Changes were queued; flush these dictionaries.
+    /// Changes were queued; flush these dictionaries now.
     Queued(Vec<(AccountId, u64)>),
+    /// A live session entered a new interval: flush after the carry-over
+    /// delay, so that one write carries every session of the account.
+    Deferred(Vec<(AccountId, u64)>),
     /// The session was displaced by a newer session of the same device.
     Superseded,
 }
@@ -169,6 +201,19 @@ impl Dicts {
             .or_default()
             .entry(interval)
             .or_default()
+    }
+
+    /// Every dictionary with changes not written yet.
+    pub fn pending_keys(&self) -> Vec<(AccountId, u64)> {
+        self.accounts
+            .iter()
+            .flat_map(|(a, dicts)| {
+                dicts
+                    .iter()
+                    .filter(|(_, d)| !d.pending.is_empty())
+                    .map(move |(i, _)| (a.clone(), *i))
+            })
+            .collect()
     }
 
     /// Whether any change has not reached KV yet.
@@ -220,6 +265,36 @@ impl Dicts {
         });
     }
 
+    /// The fast path: whether a heartbeat changes nothing (its session is
+    /// recorded for the current interval with the same fields and nothing is
+    /// pending for the device). Borrowed names, no allocation. When false,
+    /// [`Dicts::on_heartbeat`] decides.
+    pub fn unchanged(
+        &self,
+        account: &str,
+        device: &str,
+        session: &str,
+        hb: &HeartbeatRef<'_>,
+        now: UnixMillis,
+    ) -> bool {
+        if hb.leave {
+            return false;
+        }
+        let [_, cur] = self.clock.live_intervals(now);
+        let Some(dict) = self.accounts.get(account).and_then(|d| d.get(&cur)) else {
+            return false;
+        };
+        if dict.pending.contains_key(device) {
+            return false;
+        }
+        dict.entries.get(device).is_some_and(|r| {
+            r.session.as_str() == session
+                && r.content.as_deref() == hb.content
+                && r.kind.as_deref() == hb.kind
+                && r.region.as_deref() == hb.region
+        })
+    }
+
     /// Decides what a valid heartbeat changes. Only the current interval's
     /// dictionary is written for a live session; a leave is written to every
     /// live dictionary that holds the session.
@@ -249,7 +324,9 @@ impl Dicts {
             for (interval, rec) in [(prev, &prev_rec), (cur, &cur_rec)] {
                 if rec.as_ref().is_some_and(|r| &r.session == session) {
                     let dict = dicts.entry(interval).or_default();
-                    if dict.queue(device.clone(), Change::Remove(session.clone())) {
+                    if dict.queue(device.clone(), Change::Remove(session.clone()), false)
+                        == Schedule::Now
+                    {
                         flush.push((account.clone(), interval));
                     }
                 }
@@ -297,11 +374,14 @@ impl Dicts {
             region: hb.region.clone(),
             replaced,
         };
+        // Only the interval changed: the session is live in the previous
+        // dictionary, so nobody waits for this write.
+        let defer = cur_rec.is_none() && carried.is_some_and(same_fields);
         let dict = dicts.entry(cur).or_default();
-        if dict.queue(device.clone(), Change::Upsert(record)) {
-            Decision::Queued(vec![(account.clone(), cur)])
-        } else {
-            Decision::Queued(Vec::new())
+        match dict.queue(device.clone(), Change::Upsert(record), defer) {
+            Schedule::Now => Decision::Queued(vec![(account.clone(), cur)]),
+            Schedule::Later => Decision::Deferred(vec![(account.clone(), cur)]),
+            Schedule::Already => Decision::Queued(Vec::new()),
         }
     }
 }
@@ -353,10 +433,20 @@ mod tests {
         for t in [3_000, 5_000, 9_999] {
             assert_eq!(d.on_heartbeat(&a, &dev, &s, &hb, t), Decision::Unchanged);
         }
-        // A new interval needs one write, and keeps the session's start.
+        // A new interval needs one write (deferred, to carry the account's
+        // other sessions along), and keeps the session's start.
         assert_eq!(
             d.on_heartbeat(&a, &dev, &s, &hb, 10_500),
-            Decision::Queued(vec![(a.clone(), 1)])
+            Decision::Deferred(vec![(a.clone(), 1)])
+        );
+        // Another live session of the account rides along...
+        let tv2 = DeviceId::parse("tv2").unwrap();
+        let s2 = SessionId::parse("s2").unwrap();
+        flush(&mut d);
+        assert_eq!(
+            d.on_heartbeat(&a, &tv2, &s2, &hb, 10_600),
+            Decision::Queued(vec![(a.clone(), 1)]),
+            "a join is written at once"
         );
         flush(&mut d);
         let rec = &d.get_mut(&a, 1).unwrap().entries[&dev];

@@ -28,7 +28,7 @@ use async_nats::jetstream::kv;
 use futures::StreamExt;
 use headcount_protocol::subjects::{self, kv as keys};
 use headcount_protocol::wire::{
-    self, EndReason, EventType, Heartbeat, HeartbeatError, PresenceEvent, Revocation, SessionRef,
+    self, EndReason, EventType, HeartbeatError, HeartbeatRef, PresenceEvent, Revocation, SessionRef,
 };
 use headcount_protocol::{AccountId, IntervalClock, SessionId, now_millis};
 use headcount_runtime::{Buckets, Shutdown};
@@ -52,6 +52,9 @@ pub struct Config {
     pub max_rate: f64,
     /// Heartbeats one session may send in a burst.
     pub burst: u32,
+    /// How long a live session's move into a new interval waits, so that
+    /// one write per account carries every session of it.
+    pub carry_delay: Duration,
 }
 
 impl Default for Config {
@@ -63,6 +66,8 @@ impl Default for Config {
             // Ten times a 5 s heartbeat.
             max_rate: 2.0,
             burst: 10,
+            // One heartbeat period.
+            carry_delay: Duration::from_secs(5),
         }
     }
 }
@@ -71,12 +76,14 @@ type Key = (AccountId, u64);
 
 struct Shared {
     dicts: Mutex<Dicts>,
-    revoked: moka::sync::Cache<(AccountId, SessionId), ()>,
+    /// Ended sessions, by id (session ids are unique across accounts).
+    revoked: moka::sync::Cache<SessionId, ()>,
     buckets: Buckets,
     nats: async_nats::Client,
     metrics: Metrics,
     flush_tx: mpsc::UnboundedSender<Key>,
     rate: Mutex<rate::RateLimiter>,
+    carry_delay: Duration,
 }
 
 impl Shared {
@@ -108,6 +115,7 @@ pub async fn run(
         metrics,
         flush_tx,
         rate: Mutex::new(rate::RateLimiter::new(config.max_rate, config.burst)),
+        carry_delay: config.carry_delay,
     });
 
     // A complete view first: deciding on a partial one would emit false joins.
@@ -129,7 +137,7 @@ pub async fn run(
             if entry.operation == kv::Operation::Put
                 && let Some(k) = keys::parse_revoked(&entry.key)
             {
-                s.revoked.insert(k, ());
+                s.revoked.insert(k.1, ());
             }
         },
         watch_shutdown,
@@ -183,6 +191,10 @@ pub async fn run(
     while let Ok(Some(msg)) = tokio::time::timeout(Duration::from_secs(2), sub.next()).await {
         on_message(&shared, &msg.subject, &msg.payload);
     }
+    // Deferred carry-overs are written now rather than after their delay.
+    for key in shared.dicts().pending_keys() {
+        let _ = shared.flush_tx.send(key);
+    }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while pending_writes(&shared) && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -223,59 +235,73 @@ fn on_dict_entry(shared: &Shared, entry: kv::Entry) {
 }
 
 /// Handles one heartbeat message. Never fails: bad input is counted.
+///
+/// The common case (a known session, nothing new) allocates nothing: names
+/// and fields are borrowed from the message and looked up as `&str`.
 fn on_message(shared: &Shared, subject: &str, payload: &[u8]) {
-    let m = &shared.metrics;
-    let ids = match subjects::parse_heartbeat(subject) {
+    let c = &shared.metrics.hb;
+    let ids = match subjects::parse_heartbeat_ref(subject) {
         Ok(ids) => ids,
         Err(e) => {
-            m.heartbeats.with_label_values(&["invalid"]).inc();
+            c.invalid.inc();
             tracing::debug!(subject, error = %e, "dropping heartbeat");
             return;
         }
     };
     let now = now_millis();
-    let allowed = shared.rate.lock().unwrap_or_else(|p| p.into_inner()).allow(
-        &ids.account,
-        &ids.session,
-        now,
-    );
+    let allowed = shared
+        .rate
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .allow(ids.session, now);
     if !allowed {
-        m.heartbeats.with_label_values(&["rate_limited"]).inc();
+        c.rate_limited.inc();
         return;
     }
-    let hb = match Heartbeat::decode(payload) {
+    let hb = match HeartbeatRef::decode(payload) {
         Ok(hb) => hb,
         Err(e) => {
-            let result = match e {
-                HeartbeatError::FieldTooLong { .. } => "invalid",
-                HeartbeatError::TooLarge(_) | HeartbeatError::Malformed(_) => "malformed",
-            };
-            m.heartbeats.with_label_values(&[result]).inc();
+            match e {
+                HeartbeatError::FieldTooLong { .. } => c.invalid.inc(),
+                HeartbeatError::TooLarge(_) | HeartbeatError::Malformed(_) => c.malformed.inc(),
+            }
             tracing::debug!(subject, error = %e, "dropping heartbeat");
             return;
         }
     };
-    if shared
-        .revoked
-        .contains_key(&(ids.account.clone(), ids.session.clone()))
-    {
-        m.heartbeats.with_label_values(&["revoked"]).inc();
+    if shared.revoked.contains_key(ids.session) {
+        c.revoked.inc();
         return;
     }
-    let decision = shared
-        .dicts()
-        .on_heartbeat(&ids.account, &ids.device, &ids.session, &hb, now);
+    let decision = {
+        let mut d = shared.dicts();
+        if d.unchanged(ids.account, ids.device, ids.session, &hb, now) {
+            drop(d);
+            c.accepted.inc();
+            return;
+        }
+        let ids = ids.to_owned();
+        d.on_heartbeat(&ids.account, &ids.device, &ids.session, &hb.to_owned(), now)
+    };
+    let m = &shared.metrics;
     match decision {
-        Decision::Superseded => {
-            m.heartbeats.with_label_values(&["revoked"]).inc();
-        }
-        Decision::Unchanged => {
-            m.heartbeats.with_label_values(&["accepted"]).inc();
-        }
+        Decision::Superseded => m.hb.revoked.inc(),
+        Decision::Unchanged => m.hb.accepted.inc(),
         Decision::Queued(keys) => {
-            m.heartbeats.with_label_values(&["accepted"]).inc();
+            m.hb.accepted.inc();
             for key in keys {
                 let _ = shared.flush_tx.send(key);
+            }
+        }
+        Decision::Deferred(keys) => {
+            m.hb.accepted.inc();
+            for key in keys {
+                let tx = shared.flush_tx.clone();
+                let delay = shared.carry_delay;
+                tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    let _ = tx.send(key);
+                });
             }
         }
     }
@@ -310,6 +336,7 @@ async fn flush(shared: &Shared, key: Key) {
             return;
         }
         dict.in_flight = true;
+        dict.deferred = false;
         (
             dict.revision,
             dict.entries.clone(),
@@ -436,7 +463,7 @@ async fn announce(
                             session: record.session.clone(),
                         }),
                     };
-                    shared.revoked.insert((account.clone(), old.clone()), ());
+                    shared.revoked.insert(old.clone(), ());
                     let body = serde_json::to_vec(&revocation).unwrap_or_default();
                     match shared
                         .buckets

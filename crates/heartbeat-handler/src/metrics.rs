@@ -1,6 +1,17 @@
 //! The handler's Prometheus collectors.
 
-use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+
+/// The heartbeat counters, resolved once: the ingest path bumps them per
+/// message and must not look labels up each time.
+#[derive(Clone, Debug)]
+pub struct HeartbeatCounters {
+    pub accepted: IntCounter,
+    pub invalid: IntCounter,
+    pub malformed: IntCounter,
+    pub revoked: IntCounter,
+    pub rate_limited: IntCounter,
+}
 
 #[derive(Clone, Debug)]
 pub struct Metrics {
@@ -14,18 +25,28 @@ pub struct Metrics {
     pub sessions: IntGauge,
     /// Presence events published, by type.
     pub events: IntCounterVec,
+    pub hb: HeartbeatCounters,
 }
 
 impl Metrics {
     pub fn new(registry: &Registry) -> anyhow::Result<Self> {
+        let heartbeats = IntCounterVec::new(
+            Opts::new(
+                "headcount_heartbeats_total",
+                "heartbeats received, by result",
+            ),
+            &["result"],
+        )?;
+        let hb = HeartbeatCounters {
+            accepted: heartbeats.with_label_values(&["accepted"]),
+            invalid: heartbeats.with_label_values(&["invalid"]),
+            malformed: heartbeats.with_label_values(&["malformed"]),
+            revoked: heartbeats.with_label_values(&["revoked"]),
+            rate_limited: heartbeats.with_label_values(&["rate_limited"]),
+        };
         let m = Self {
-            heartbeats: IntCounterVec::new(
-                Opts::new(
-                    "headcount_heartbeats_total",
-                    "heartbeats received, by result",
-                ),
-                &["result"],
-            )?,
+            hb,
+            heartbeats,
             kv_writes: IntCounterVec::new(
                 Opts::new(
                     "headcount_kv_writes_total",

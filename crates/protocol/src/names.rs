@@ -56,6 +56,14 @@ macro_rules! name_type {
             }
         }
 
+        // Hash and Eq of the Arc<str> are those of the str, so maps keyed by
+        // the name can be searched with a plain &str.
+        impl std::borrow::Borrow<str> for $name {
+            fn borrow(&self) -> &str {
+                &self.0
+            }
+        }
+
         impl fmt::Display for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str(&self.0)
@@ -105,6 +113,21 @@ name_type!(
     SessionId,
     "session"
 );
+
+/// Validates an account name without building one.
+pub fn check_account(s: &str) -> Result<(), NameError> {
+    check("account", s)
+}
+
+/// Validates a device name without building one.
+pub fn check_device(s: &str) -> Result<(), NameError> {
+    check("device", s)
+}
+
+/// Validates a session id without building one.
+pub fn check_session(s: &str) -> Result<(), NameError> {
+    check("session", s)
+}
 
 #[cfg(test)]
 mod tests {

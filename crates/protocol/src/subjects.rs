@@ -62,6 +62,50 @@ pub struct HeartbeatSubject {
     pub session: SessionId,
 }
 
+/// The three identifiers of a heartbeat subject, validated but borrowed
+/// (the ingest hot path allocates nothing for a known session).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeartbeatSubjectRef<'a> {
+    pub account: &'a str,
+    pub device: &'a str,
+    pub session: &'a str,
+}
+
+impl HeartbeatSubjectRef<'_> {
+    pub fn to_owned(&self) -> HeartbeatSubject {
+        // Validated by parse_heartbeat_ref, so these cannot fail; keep the
+        // checks rather than trust it.
+        HeartbeatSubject {
+            account: AccountId::parse(self.account).unwrap_or_else(|_| unreachable!()),
+            device: DeviceId::parse(self.device).unwrap_or_else(|_| unreachable!()),
+            session: SessionId::parse(self.session).unwrap_or_else(|_| unreachable!()),
+        }
+    }
+}
+
+/// Parses and validates `hb.<account>.<device>.<session>` without
+/// allocating.
+pub fn parse_heartbeat_ref(subject: &str) -> Result<HeartbeatSubjectRef<'_>, SubjectError> {
+    let mut parts = subject.split('.');
+    let (Some("hb"), Some(a), Some(d), Some(s), None) = (
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+    ) else {
+        return Err(SubjectError::Shape);
+    };
+    crate::names::check_account(a)?;
+    crate::names::check_device(d)?;
+    crate::names::check_session(s)?;
+    Ok(HeartbeatSubjectRef {
+        account: a,
+        device: d,
+        session: s,
+    })
+}
+
 /// Parses `hb.<account>.<device>.<session>`.
 pub fn parse_heartbeat(subject: &str) -> Result<HeartbeatSubject, SubjectError> {
     let mut parts = subject.split('.');

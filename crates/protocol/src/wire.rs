@@ -47,9 +47,35 @@ pub enum HeartbeatError {
     FieldTooLong { field: &'static str, max: usize },
 }
 
-impl Heartbeat {
-    /// Decodes and validates a heartbeat payload.
-    pub fn decode(payload: &[u8]) -> Result<Self, HeartbeatError> {
+/// A heartbeat read in place: its strings borrow from the payload.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(default)]
+pub struct HeartbeatRef<'a> {
+    pub seq: Option<u64>,
+    #[serde(borrow)]
+    pub content: Option<&'a str>,
+    #[serde(borrow)]
+    pub kind: Option<&'a str>,
+    #[serde(borrow)]
+    pub region: Option<&'a str>,
+    pub leave: bool,
+}
+
+impl HeartbeatRef<'_> {
+    pub fn to_owned(&self) -> Heartbeat {
+        Heartbeat {
+            seq: self.seq,
+            content: self.content.map(str::to_owned),
+            kind: self.kind.map(str::to_owned),
+            region: self.region.map(str::to_owned),
+            leave: self.leave,
+        }
+    }
+}
+
+impl<'a> HeartbeatRef<'a> {
+    /// Decodes and validates a heartbeat payload without copying it.
+    pub fn decode(payload: &'a [u8]) -> Result<Self, HeartbeatError> {
         if payload.len() > MAX_HEARTBEAT_BYTES {
             return Err(HeartbeatError::TooLarge(payload.len()));
         }
@@ -61,28 +87,36 @@ impl Heartbeat {
         if !matches!(payload[0], 0x80..=0x8f | 0xde | 0xdf) {
             return Err(HeartbeatError::Malformed("not a map".into()));
         }
+        // One whole value and nothing after it (a skim that keeps nothing),
+        // then the fields, borrowed from the payload.
         let mut rest = payload;
-        let hb: Heartbeat = {
-            let mut de = rmp_serde::Deserializer::new(&mut rest);
-            serde::Deserialize::deserialize(&mut de)
-                .map_err(|e: rmp_serde::decode::Error| HeartbeatError::Malformed(e.to_string()))?
-        };
+        serde::de::IgnoredAny::deserialize(&mut rmp_serde::Deserializer::new(&mut rest))
+            .map_err(|e| HeartbeatError::Malformed(e.to_string()))?;
         if !rest.is_empty() {
             return Err(HeartbeatError::Malformed(format!(
                 "{} bytes after the map",
                 rest.len()
             )));
         }
+        let hb: HeartbeatRef<'a> =
+            rmp_serde::from_slice(payload).map_err(|e| HeartbeatError::Malformed(e.to_string()))?;
         for (field, value, max) in [
-            ("content", &hb.content, MAX_CONTENT_LEN),
-            ("kind", &hb.kind, MAX_KIND_LEN),
-            ("region", &hb.region, MAX_REGION_LEN),
+            ("content", hb.content, MAX_CONTENT_LEN),
+            ("kind", hb.kind, MAX_KIND_LEN),
+            ("region", hb.region, MAX_REGION_LEN),
         ] {
-            if value.as_ref().is_some_and(|v| v.len() > max) {
+            if value.is_some_and(|v| v.len() > max) {
                 return Err(HeartbeatError::FieldTooLong { field, max });
             }
         }
         Ok(hb)
+    }
+}
+
+impl Heartbeat {
+    /// Decodes and validates a heartbeat payload.
+    pub fn decode(payload: &[u8]) -> Result<Self, HeartbeatError> {
+        HeartbeatRef::decode(payload).map(|h| h.to_owned())
     }
 
     /// Encodes as a MessagePack map with named keys.

@@ -360,6 +360,7 @@ impl TestApp {
             max_concurrent_writes: 64,
             max_rate: self.timings.max_rate,
             burst: self.timings.burst,
+            carry_delay: self.timings.interval / 10,
         };
         let probe = client.clone();
         let task = tokio::spawn(heartbeat_handler::run(
