@@ -325,8 +325,8 @@ async fn on_sweep(shared: &Shared, round: u64) {
     let now = now_millis();
     let (timed_out, total, expired_grace) = {
         let mut v = shared.view();
-        let t = v.sweep(now);
-        (t, v.total_active(now), v.grace_expired(now))
+        let (t, total) = v.sweep(now);
+        (t, total, v.grace_expired(now))
     };
     shared.metrics.active_sessions.set(total as i64);
     for account in expired_grace {

@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use headcount_protocol::wire::{ActiveSession, SessionDict, SessionRef};
+use headcount_protocol::wire::{ActiveSession, SessionDict, SessionRecord, SessionRef};
 use headcount_protocol::{
     AccountId, AccountLimits, DeviceId, IntervalClock, Limit, Plans, Policy, SessionId, UnixMillis,
 };
@@ -64,7 +64,9 @@ pub struct View {
     /// that just started does not time out sessions it has not heard yet.
     started_at: UnixMillis,
     accounts: HashMap<AccountId, Account>,
-    revoked: HashSet<(AccountId, SessionId)>,
+    /// Ended sessions and their account (session ids are unique across
+    /// accounts, so the id alone is the key).
+    revoked: HashMap<SessionId, AccountId>,
     /// Highest total active count per minute, newest last.
     global_peaks: std::collections::VecDeque<(u64, u32)>,
 }
@@ -143,6 +145,31 @@ fn pick(policy: Policy, group: &[&ActiveSession], cap: usize) -> Vec<Verdict> {
     }
 }
 
+/// Calls `f` with each device's newest record over the live intervals
+/// (`cur`, then `prev` for devices `cur` does not hold), without allocating.
+fn for_each_newest<'a>(
+    dicts: &'a BTreeMap<u64, SessionDict>,
+    prev: u64,
+    cur: u64,
+    mut f: impl FnMut(&'a DeviceId, &'a SessionRecord),
+) {
+    let cur_d = dicts.get(&cur);
+    if let Some(d) = cur_d {
+        for (device, rec) in d {
+            f(device, rec);
+        }
+    }
+    if prev != cur
+        && let Some(d) = dicts.get(&prev)
+    {
+        for (device, rec) in d {
+            if !cur_d.is_some_and(|c| c.contains_key(device)) {
+                f(device, rec);
+            }
+        }
+    }
+}
+
 /// Keeps the highest count of each minute, for the last window.
 fn record_peak(peaks: &mut std::collections::VecDeque<(u64, u32)>, minute: u64, n: u32) {
     match peaks.back_mut() {
@@ -178,7 +205,7 @@ impl View {
             plans,
             started_at,
             accounts: HashMap::new(),
-            revoked: HashSet::new(),
+            revoked: HashMap::new(),
             global_peaks: Default::default(),
         }
     }
@@ -236,16 +263,18 @@ impl View {
     }
 
     pub fn revoke(&mut self, account: &AccountId, session: &SessionId) {
-        self.revoked.insert((account.clone(), session.clone()));
+        self.revoked.insert(session.clone(), account.clone());
     }
 
     /// Forgets a revocation whose KV entry expired.
     pub fn unrevoke(&mut self, account: &AccountId, session: &SessionId) {
-        self.revoked.remove(&(account.clone(), session.clone()));
+        let _ = account;
+        self.revoked.remove(session);
     }
 
     pub fn is_revoked(&self, account: &AccountId, session: &SessionId) -> bool {
-        self.revoked.contains(&(account.clone(), session.clone()))
+        let _ = account;
+        self.revoked.contains_key(session)
     }
 
     /// Records a heartbeat heard on the wire. Only sessions a dictionary
@@ -516,22 +545,45 @@ impl View {
         all
     }
 
-    /// Breakdown over every account.
+    /// Breakdown over every account (one pass, no copies of the sessions).
     pub fn breakdown_all(&self, now: UnixMillis) -> Breakdown {
-        let mut b = Breakdown::default();
-        for a in self.accounts.keys() {
-            for s in self.active(a, now) {
-                b.add(&s);
-            }
+        let [prev, cur] = self.rules.clock.live_intervals(now);
+        let (timeout, floor) = (self.rules.timeout_ms, self.started_at);
+        let mut total = 0u32;
+        let mut counts: [HashMap<&str, u32>; 3] = Default::default();
+        for acct in self.accounts.values() {
+            for_each_newest(&acct.dicts, prev, cur, |_, rec| {
+                if self.revoked.contains_key(&rec.session) {
+                    return;
+                }
+                let heard = acct.heard.get(&rec.session).copied().unwrap_or(0);
+                if now.saturating_sub(rec.last_seen.max(heard).max(floor)) > timeout {
+                    return;
+                }
+                total += 1;
+                for (map, value) in counts
+                    .iter_mut()
+                    .zip([&rec.content, &rec.kind, &rec.region])
+                {
+                    *map.entry(value.as_deref().unwrap_or("unknown"))
+                        .or_default() += 1;
+                }
+            });
         }
-        b.peak = self
-            .global_peaks
-            .iter()
-            .map(|(_, n)| *n)
-            .max()
-            .unwrap_or(0)
-            .max(b.total);
-        b
+        let own = |m: &HashMap<&str, u32>| m.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+        Breakdown {
+            total,
+            peak: self
+                .global_peaks
+                .iter()
+                .map(|(_, n)| *n)
+                .max()
+                .unwrap_or(0)
+                .max(total),
+            by_content: own(&counts[0]),
+            by_kind: own(&counts[1]),
+            by_region: own(&counts[2]),
+        }
     }
 
     /// The device currently holding `session` in a live dictionary, if any.
@@ -551,64 +603,75 @@ impl View {
     }
 
     /// Sessions that crossed the timeout since the last call, each reported
-    /// once; also drops what no live interval refers to any more.
-    pub fn sweep(&mut self, now: UnixMillis) -> Vec<(AccountId, ActiveSession)> {
-        let [prev, _] = self.rules.clock.live_intervals(now);
-        let mut timed_out = Vec::new();
+    /// once, and the number of active sessions over all accounts; also drops
+    /// what no live interval refers to any more. Runs often over every
+    /// session, so it allocates only for what timed out.
+    pub fn sweep(&mut self, now: UnixMillis) -> (Vec<(AccountId, ActiveSession)>, u32) {
+        let [prev, cur] = self.rules.clock.live_intervals(now);
         let minute = now / 60_000;
+        let (timeout, floor) = (self.rules.timeout_ms, self.started_at);
+        let mut timed_out = Vec::new();
         let mut total = 0u32;
-        let accounts: Vec<AccountId> = self.accounts.keys().cloned().collect();
-        for account in accounts {
-            let Some(acct) = self.accounts.get(&account) else {
-                continue;
-            };
-            let (expired, live): (Vec<ActiveSession>, Vec<ActiveSession>) = self
-                .candidates(&account, acct, now, true)
-                .into_iter()
-                .partition(|s| now.saturating_sub(s.last_seen) > self.rules.timeout_ms);
-            let expired: Vec<ActiveSession> = expired
-                .into_iter()
-                .filter(|s| !acct.timed_out.contains(&s.session))
-                .collect();
-            total += live.len() as u32;
-            let Some(acct) = self.accounts.get_mut(&account) else {
-                continue;
-            };
-            record_peak(&mut acct.peaks, minute, live.len() as u32);
-            for s in expired {
-                acct.timed_out.insert(s.session.clone());
-                timed_out.push((account.clone(), s));
-            }
+        let mut pruned = false;
+        let revoked = &self.revoked;
+        for (account, acct) in self.accounts.iter_mut() {
             let before = acct.dicts.len();
             acct.dicts.retain(|i, _| *i >= prev);
             if acct.dicts.len() != before {
                 acct.reindex();
+                let known = &acct.known;
+                acct.heard.retain(|s, _| known.contains(s));
+                acct.timed_out.retain(|s| known.contains(s));
+                pruned = true;
             }
-            let known = &acct.known;
-            acct.heard.retain(|s, _| known.contains(s));
-            acct.timed_out.retain(|s| known.contains(s));
+            let mut live = 0u32;
+            let mut expired: Vec<(DeviceId, SessionRecord, UnixMillis)> = Vec::new();
+            for_each_newest(&acct.dicts, prev, cur, |device, rec| {
+                if revoked.contains_key(&rec.session) {
+                    return;
+                }
+                let heard = acct.heard.get(&rec.session).copied().unwrap_or(0);
+                let last_seen = rec.last_seen.max(heard).max(floor);
+                if now.saturating_sub(last_seen) <= timeout {
+                    live += 1;
+                } else if !acct.timed_out.contains(&rec.session) {
+                    expired.push((device.clone(), rec.clone(), last_seen));
+                }
+            });
+            total += live;
+            record_peak(&mut acct.peaks, minute, live);
+            for (device, rec, last_seen) in expired {
+                acct.timed_out.insert(rec.session.clone());
+                timed_out.push((
+                    account.clone(),
+                    ActiveSession {
+                        device,
+                        session: rec.session,
+                        since: rec.since,
+                        last_seen,
+                        content: rec.content,
+                        kind: rec.kind,
+                        region: rec.region,
+                    },
+                ));
+            }
         }
-        self.accounts
-            .retain(|_, a| !a.dicts.is_empty() || a.overrides.is_some() || a.token_plan.is_some());
-        // A revocation matters only while a live dictionary holds the session.
-        let accounts = &self.accounts;
-        self.revoked
-            .retain(|(a, s)| accounts.get(a).is_some_and(|acct| acct.known.contains(s)));
+        if pruned {
+            self.accounts.retain(|_, a| {
+                !a.dicts.is_empty() || a.overrides.is_some() || a.token_plan.is_some()
+            });
+            // A revocation matters only while a live dictionary holds the session.
+            let accounts = &self.accounts;
+            self.revoked
+                .retain(|s, a| accounts.get(a).is_some_and(|acct| acct.known.contains(s)));
+        }
         record_peak(&mut self.global_peaks, minute, total);
-        timed_out
+        (timed_out, total)
     }
 
     /// Every account the view knows.
     pub fn accounts(&self) -> Vec<AccountId> {
         self.accounts.keys().cloned().collect()
-    }
-
-    /// Active sessions over all accounts (for the gauge).
-    pub fn total_active(&self, now: UnixMillis) -> usize {
-        self.accounts
-            .keys()
-            .map(|a| self.active(a, now).len())
-            .sum()
     }
 }
 
@@ -670,9 +733,9 @@ mod tests {
         assert!(v.heard(&acct(), &s1, 10_000));
         assert!(!v.heard(&acct(), &SessionId::parse("nope").unwrap(), 10_000));
         assert_eq!(v.active(&acct(), 24_000).len(), 1);
-        assert!(v.sweep(24_000).is_empty());
-        assert_eq!(v.sweep(25_001).len(), 1);
-        assert!(v.sweep(26_000).is_empty());
+        assert!(v.sweep(24_000).0.is_empty());
+        assert_eq!(v.sweep(25_001).0.len(), 1);
+        assert!(v.sweep(26_000).0.is_empty());
         assert!(v.active(&acct(), 25_001).is_empty());
     }
 
@@ -777,7 +840,7 @@ mod tests {
         let s1 = SessionId::parse("s1").unwrap();
         v.set_dict(&acct(), 0, dict(&[("a", "s1", 1_000)]));
         assert!(v.heard(&acct(), &s1, 2_000));
-        assert_eq!(v.sweep(20_000).len(), 1);
+        assert_eq!(v.sweep(20_000).0.len(), 1);
         assert!(v.heard(&acct(), &s1, 21_000), "revived");
     }
 
