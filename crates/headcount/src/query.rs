@@ -37,14 +37,8 @@ async fn call<Rep: DeserializeOwned + Serialize>(
     .await
     .context("no answer within 5 s")?
     .with_context(|| format!("calling {}", endpoint_subject(ep)))?;
-    if let Some(h) = &msg.headers
-        && let Some(code) = h.get(async_nats::service::NATS_SERVICE_ERROR_CODE)
-    {
-        let text = h
-            .get(async_nats::service::NATS_SERVICE_ERROR)
-            .map(|v| v.to_string())
-            .unwrap_or_default();
-        bail!("{} ({})", text, code);
+    if let Some((code, text)) = headcount_runtime::service_error_of(&msg) {
+        bail!("{text} ({code})");
     }
     let reply: Rep = serde_json::from_slice(&msg.payload).context("unreadable reply")?;
     if common.json {

@@ -108,21 +108,7 @@ pub fn parse_heartbeat_ref(subject: &str) -> Result<HeartbeatSubjectRef<'_>, Sub
 
 /// Parses `hb.<account>.<device>.<session>`.
 pub fn parse_heartbeat(subject: &str) -> Result<HeartbeatSubject, SubjectError> {
-    let mut parts = subject.split('.');
-    let (Some("hb"), Some(a), Some(d), Some(s), None) = (
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-    ) else {
-        return Err(SubjectError::Shape);
-    };
-    Ok(HeartbeatSubject {
-        account: AccountId::parse(a)?,
-        device: DeviceId::parse(d)?,
-        session: SessionId::parse(s)?,
-    })
+    parse_heartbeat_ref(subject).map(|ids| ids.to_owned())
 }
 
 /// KV bucket names and key layouts.

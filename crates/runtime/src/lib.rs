@@ -41,3 +41,14 @@ pub fn service_error(
         status: status.to_string(),
     }
 }
+
+/// The service error a reply carries (code and message), if it is one.
+pub fn service_error_of(msg: &async_nats::Message) -> Option<(u16, String)> {
+    let h = msg.headers.as_ref()?;
+    let code = h.get(async_nats::service::NATS_SERVICE_ERROR_CODE)?;
+    let text = h
+        .get(async_nats::service::NATS_SERVICE_ERROR)
+        .map(|v| v.to_string())
+        .unwrap_or_default();
+    Some((code.as_str().parse().unwrap_or(0), text))
+}

@@ -530,14 +530,8 @@ impl TestApp {
         .await
         .map_err(|_| (0, "timed out".to_string()))?
         .map_err(|e| (0, e.to_string()))?;
-        if let Some(h) = &msg.headers
-            && let Some(code) = h.get(async_nats::service::NATS_SERVICE_ERROR_CODE)
-        {
-            let text = h
-                .get(async_nats::service::NATS_SERVICE_ERROR)
-                .map(|v| v.to_string())
-                .unwrap_or_default();
-            return Err((code.as_str().parse().unwrap_or(0), text));
+        if let Some(error) = headcount_runtime::service_error_of(&msg) {
+            return Err(error);
         }
         Ok(msg.payload)
     }
