@@ -465,21 +465,7 @@ async fn rotated_keys_keep_old_tokens_valid_and_both_are_published() {
     assert!(app.nats.device_connect(&before.token).await.is_ok());
     assert!(app.nats.device_connect(&after.token).await.is_ok());
     // The JWKS lists both keys, the new one first.
-    let jwks: serde_json::Value = http
-        .get(format!("{}/.well-known/jwks.json", tv.http))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let kids: Vec<String> = jwks["keys"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|k| k["kid"].as_str().unwrap().to_string())
-        .collect();
-    assert_eq!(kids, vec![new_kid, kid_of(&before.token)]);
+    assert_eq!(tv.jwks_kids().await, vec![new_kid, kid_of(&before.token)]);
 }
 
 #[tokio::test]

@@ -120,21 +120,8 @@ async fn http_tokens_need_the_operator_key_and_verify_against_the_jwks() {
     // The token's kid is published in the JWKS.
     let header = jsonwebtoken::decode_header(&reply.token).unwrap();
     let kid = header.kid.expect("tokens carry a kid");
-    let jwks: serde_json::Value = http
-        .get(format!("{}/.well-known/jwks.json", tv.http))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let kids: Vec<&str> = jwks["keys"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|k| k["kid"].as_str())
-        .collect();
-    assert!(kids.contains(&kid.as_str()), "{kid} in {kids:?}");
+    let kids = tv.jwks_kids().await;
+    assert!(kids.contains(&kid), "{kid} in {kids:?}");
 
     assert_eq!(
         tv.running

@@ -104,6 +104,22 @@ pub(crate) fn load_secrets(dir: &Path) -> anyhow::Result<Secrets> {
 }
 
 /// A nats-server child process, killed when dropped.
+/// Asks a child process to stop (SIGTERM, so it can shut down cleanly) and
+/// kills it if it has not exited within `grace`.
+pub(crate) async fn terminate(child: &mut tokio::process::Child, grace: Duration) {
+    #[cfg(unix)]
+    if let Some(pid) = child.id() {
+        let _ = std::process::Command::new("kill")
+            .arg("-TERM")
+            .arg(pid.to_string())
+            .status();
+        if tokio::time::timeout(grace, child.wait()).await.is_ok() {
+            return;
+        }
+    }
+    let _ = child.kill().await;
+}
+
 pub(crate) struct NatsProcess {
     child: tokio::process::Child,
 }
@@ -174,21 +190,8 @@ impl NatsProcess {
     }
 
     pub(crate) async fn stop(mut self) {
-        #[cfg(unix)]
-        if let Some(pid) = self.child.id() {
-            // SIGTERM lets the server flush JetStream; kill after a grace period.
-            let _ = std::process::Command::new("kill")
-                .arg("-TERM")
-                .arg(pid.to_string())
-                .status();
-            if tokio::time::timeout(Duration::from_secs(10), self.child.wait())
-                .await
-                .is_ok()
-            {
-                return;
-            }
-        }
-        let _ = self.child.kill().await;
+        // SIGTERM lets the server flush JetStream.
+        terminate(&mut self.child, Duration::from_secs(10)).await;
     }
 }
 

@@ -228,6 +228,22 @@ pub struct TokenVendor {
 }
 
 impl TokenVendor {
+    /// The key ids its JWKS endpoint publishes, in order.
+    pub async fn jwks_kids(&self) -> Vec<String> {
+        let jwks: serde_json::Value = reqwest::get(format!("{}/.well-known/jwks.json", self.http))
+            .await
+            .expect("jwks answers")
+            .json()
+            .await
+            .expect("jwks is json");
+        jwks["keys"]
+            .as_array()
+            .expect("a key list")
+            .iter()
+            .map(|k| k["kid"].as_str().expect("each key has a kid").to_string())
+            .collect()
+    }
+
     /// A token for `account`/`device`, issued by this vendor.
     pub fn token(&self, account: &str, device: &str) -> headcount_protocol::wire::TokenReply {
         self.vendor
