@@ -225,12 +225,24 @@ impl Dicts {
     }
 
     /// Sessions currently held for the live intervals (for the gauge).
+    /// Sessions held in the live dictionaries (a device counted once, by its
+    /// newest interval), so that the count does not dip at an interval
+    /// boundary before each session's next heartbeat moves it along.
     pub fn session_count(&self, now: UnixMillis) -> usize {
-        let [_, cur] = self.clock.live_intervals(now);
+        let [prev, cur] = self.clock.live_intervals(now);
         self.accounts
             .values()
-            .filter_map(|d| d.get(&cur))
-            .map(|d| d.entries.len())
+            .map(|d| {
+                let cur_d = d.get(&cur).map(|c| &c.entries);
+                let in_cur = cur_d.map_or(0, |c| c.len());
+                let only_prev = d.get(&prev).filter(|_| prev != cur).map_or(0, |p| {
+                    p.entries
+                        .keys()
+                        .filter(|dev| !cur_d.is_some_and(|c| c.contains_key(*dev)))
+                        .count()
+                });
+                in_cur + only_prev
+            })
             .sum()
     }
 
@@ -524,6 +536,21 @@ mod tests {
             Decision::Superseded
         );
         assert_eq!(d.get_mut(&a, 2).unwrap().entries[&dev].session, s2);
+    }
+
+    #[test]
+    fn the_session_count_holds_across_an_interval_boundary() {
+        let (a, dev, s) = ids();
+        let mut d = Dicts::new(clock());
+        d.on_heartbeat(&a, &dev, &s, &Heartbeat::default(), 9_000);
+        flush(&mut d);
+        assert_eq!(d.session_count(9_500), 1);
+        // The next interval has begun, the session has not beaten yet.
+        assert_eq!(d.session_count(10_500), 1);
+        // Once it has, it is still one session.
+        d.on_heartbeat(&a, &dev, &s, &Heartbeat::default(), 10_600);
+        flush(&mut d);
+        assert_eq!(d.session_count(10_700), 1);
     }
 
     #[test]

@@ -21,7 +21,7 @@ pub struct Metrics {
     /// KV writes by result: ok, conflict, error.
     pub kv_writes: IntCounterVec,
     pub kv_write_seconds: Histogram,
-    /// Sessions recorded in the current interval.
+    /// Sessions held in the live interval dictionaries (each device once).
     pub sessions: IntGauge,
     /// Presence events published, by type.
     pub events: IntCounterVec,
@@ -65,7 +65,7 @@ impl Metrics {
             )?,
             sessions: IntGauge::new(
                 "headcount_handler_sessions",
-                "sessions recorded in the current interval",
+                "sessions held in the live interval dictionaries (each device once)",
             )?,
             events: IntCounterVec::new(
                 Opts::new(
