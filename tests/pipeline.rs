@@ -82,9 +82,9 @@ async fn a_new_session_is_counted_with_its_details() {
     assert!(took.is_some(), "never became active: {reply:?}");
     let s = &reply.sessions[0];
     assert_eq!((s.device.as_str(), s.session.as_str()), ("laptop", "s1"));
-    assert_eq!(s.content.as_deref(), Some("movie-42"));
-    assert_eq!(s.kind.as_deref(), Some("web"));
-    assert_eq!(s.region.as_deref(), Some("eu-west"));
+    assert_eq!(s.labels.content(), Some("movie-42"));
+    assert_eq!(s.labels.kind(), Some("web"));
+    assert_eq!(s.labels.region(), Some("eu-west"));
     assert_eq!((reply.limit, reply.policy), (2, Policy::EvictOldest));
     let join = next_event(&mut ev, EventType::Join).await;
     assert_eq!(join.session.as_str(), "s1");

@@ -18,6 +18,8 @@
 pub mod metrics;
 pub mod view;
 
+use std::collections::VecDeque;
+use std::hash::{BuildHasher, RandomState};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -74,17 +76,36 @@ impl Default for Config {
     }
 }
 
+/// The view is split by account over this many independently locked
+/// shards, so that a sweep or a breakdown over millions of sessions never
+/// holds up a request for longer than one shard takes.
+const SHARDS: usize = 32;
+
 struct Shared {
-    view: Mutex<View>,
+    shards: Box<[Mutex<View>]>,
+    shard_keys: RandomState,
+    /// Highest active count over every account, per minute.
+    global_peaks: Mutex<VecDeque<(u64, u32)>>,
     buckets: Buckets,
     nats: async_nats::Client,
     metrics: Metrics,
     enforce_tx: mpsc::UnboundedSender<AccountId>,
 }
 
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 impl Shared {
-    fn view(&self) -> MutexGuard<'_, View> {
-        self.view.lock().unwrap_or_else(|p| p.into_inner())
+    /// The shard holding `account`.
+    fn view(&self, account: &str) -> MutexGuard<'_, View> {
+        let i = self.shard_keys.hash_one(account) as usize % self.shards.len();
+        lock(&self.shards[i])
+    }
+
+    /// Every shard, one at a time.
+    fn each_view(&self) -> impl Iterator<Item = MutexGuard<'_, View>> {
+        self.shards.iter().map(lock)
     }
 }
 
@@ -103,7 +124,14 @@ pub async fn run(
     };
     let (enforce_tx, enforce_rx) = mpsc::unbounded_channel();
     let shared = Arc::new(Shared {
-        view: Mutex::new(View::with_plans(rules, config.plans.clone(), now_millis())),
+        shards: {
+            let started = now_millis();
+            (0..SHARDS)
+                .map(|_| Mutex::new(View::with_plans(rules, config.plans.clone(), started)))
+                .collect()
+        },
+        shard_keys: RandomState::new(),
+        global_peaks: Mutex::new(VecDeque::new()),
         buckets: buckets.clone(),
         nats: nats.clone(),
         metrics,
@@ -136,7 +164,7 @@ pub async fn run(
         "revoked",
         move |e| {
             if let Some((account, session)) = keys::parse_revoked(&e.key) {
-                let mut v = s.view();
+                let mut v = s.view(account.as_str());
                 match e.operation {
                     kv::Operation::Put => v.revoke(&account, &session),
                     _ => v.unrevoke(&account, &session),
@@ -166,7 +194,7 @@ pub async fn run(
 
     let enforcer = tokio::spawn(enforcer(shared.clone(), enforce_rx));
     // Accounts loaded over their limit (e.g. lowered while we were down).
-    let loaded: Vec<AccountId> = shared.view().accounts();
+    let loaded: Vec<AccountId> = shared.each_view().flat_map(|v| v.accounts()).collect();
     for a in loaded {
         let _ = shared.enforce_tx.send(a);
     }
@@ -216,10 +244,12 @@ pub async fn run(
             _ = &mut stop => break,
             msg = heartbeats.next() => match msg {
                 Some(msg) => {
-                    if let Ok(ids) = subjects::parse_heartbeat(&msg.subject) {
-                        let revived = shared.view().heard(&ids.account, &ids.session, now_millis());
-                        if revived {
-                            let _ = shared.enforce_tx.send(ids.account);
+                    if let Ok(ids) = subjects::parse_heartbeat_ref(&msg.subject) {
+                        let revived = shared
+                            .view(ids.account)
+                            .heard(ids.account, ids.session, now_millis());
+                        if revived && let Ok(account) = AccountId::parse(ids.account) {
+                            let _ = shared.enforce_tx.send(account);
                         }
                     }
                 }
@@ -273,7 +303,9 @@ fn on_dict_entry(shared: &Shared, entry: kv::Entry) {
         },
         _ => Default::default(),
     };
-    shared.view().set_dict(&account, interval, dict);
+    shared
+        .view(account.as_str())
+        .set_dict(&account, interval, dict);
     let _ = shared.enforce_tx.send(account);
 }
 
@@ -291,14 +323,14 @@ fn on_limit_entry(shared: &Shared, entry: kv::Entry) {
             let Ok(o) = read::<AccountLimits>(&entry) else {
                 return;
             };
-            shared.view().set_overrides(&account, o);
+            shared.view(account.as_str()).set_overrides(&account, o);
             account
         }
         Some(keys::LimitsKey::TokenPlan(account)) => {
             let Ok(plan) = read::<String>(&entry) else {
                 return;
             };
-            shared.view().set_token_plan(&account, plan);
+            shared.view(account.as_str()).set_token_plan(&account, plan);
             account
         }
         None => return,
@@ -309,7 +341,9 @@ fn on_limit_entry(shared: &Shared, entry: kv::Entry) {
 /// Ends sessions beyond each changed account's limit.
 async fn enforcer(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<AccountId>) {
     while let Some(account) = rx.recv().await {
-        let verdicts = shared.view().over_limit(&account, now_millis());
+        let verdicts = shared
+            .view(account.as_str())
+            .over_limit(&account, now_millis());
         for v in verdicts {
             let reason = if v.rejected {
                 EndReason::Rejected
@@ -323,18 +357,23 @@ async fn enforcer(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<AccountId
 
 async fn on_sweep(shared: &Shared, round: u64) {
     let now = now_millis();
-    let (timed_out, total, expired_grace) = {
-        let mut v = shared.view();
-        let (t, total) = v.sweep(now);
-        (t, total, v.grace_expired(now))
-    };
+    let mut timed_out = Vec::new();
+    let mut total = 0u32;
+    let mut expired_grace = Vec::new();
+    for mut v in shared.each_view() {
+        let (t, n) = v.sweep(now);
+        timed_out.extend(t);
+        total += n;
+        expired_grace.extend(v.grace_expired(now));
+    }
+    view::record_peak(&mut lock(&shared.global_peaks), now / 60_000, total);
     shared.metrics.active_sessions.set(total as i64);
     for account in expired_grace {
         let _ = shared.enforce_tx.send(account);
     }
     // The breakdown gauges cost a pass over every session: every 10th round.
     if round.is_multiple_of(10) {
-        let b = shared.view().breakdown_all(now);
+        let b = breakdown_all(shared, now);
         shared.metrics.set_breakdown(&b);
     }
     for (account, s) in timed_out {
@@ -361,7 +400,7 @@ async fn on_sweep(shared: &Shared, round: u64) {
                 at: now,
                 by: None,
                 reason: None,
-                content: s.content,
+                content: s.labels.content().map(str::to_owned),
             },
         )
         .await;
@@ -399,7 +438,9 @@ async fn end_session(
             return false;
         }
     };
-    shared.view().revoke(account, &victim.session);
+    shared
+        .view(account.as_str())
+        .revoke(account, &victim.session);
     if !won {
         return false;
     }
@@ -533,7 +574,7 @@ async fn serve(shared: &Shared, name: &'static str, req: async_nats::service::Re
 fn active(shared: &Shared, payload: &[u8]) -> Result<Bytes, Failure> {
     let req: AccountRequest = parse(payload)?;
     let (sessions, limit) = {
-        let v = shared.view();
+        let v = shared.view(req.account.as_str());
         (v.active(&req.account, now_millis()), v.limit(&req.account))
     };
     json(&ActiveReply {
@@ -556,7 +597,7 @@ async fn check(shared: &Shared, payload: &[u8]) -> Result<Bytes, Failure> {
         )));
     }
     let outcome = shared
-        .view()
+        .view(req.account.as_str())
         .check(
             &req.account,
             &req.device,
@@ -595,7 +636,7 @@ fn limits_reply(view: &View, account: AccountId) -> LimitsReply {
 
 fn limits_get(shared: &Shared, payload: &[u8]) -> Result<Bytes, Failure> {
     let req: AccountRequest = parse(payload)?;
-    let reply = limits_reply(&shared.view(), req.account);
+    let reply = limits_reply(&shared.view(req.account.as_str()), req.account);
     json(&reply)
 }
 
@@ -649,7 +690,7 @@ fn merge_limits(view: &View, req: &LimitsSetRequest) -> Result<AccountLimits, Fa
 
 async fn limits_set(shared: &Shared, payload: &[u8]) -> Result<Bytes, Failure> {
     let req: LimitsSetRequest = parse(payload)?;
-    let record = merge_limits(&shared.view(), &req)?;
+    let record = merge_limits(&shared.view(req.account.as_str()), &req)?;
     let key = keys::limits(&req.account);
     let stored = if record == AccountLimits::default() {
         shared
@@ -673,7 +714,7 @@ async fn limits_set(shared: &Shared, payload: &[u8]) -> Result<Bytes, Failure> {
     stored.map_err(|e| Failure(error_code::INTERNAL, format!("storing limits: {e}")))?;
     // Apply here at once; the watch brings the same record to every replica.
     let reply = {
-        let mut v = shared.view();
+        let mut v = shared.view(req.account.as_str());
         v.set_overrides(
             &req.account,
             (record != AccountLimits::default()).then_some(record),
@@ -694,24 +735,25 @@ fn stats(shared: &Shared, payload: &[u8]) -> Result<Bytes, Failure> {
         parse(payload)?
     };
     let now = now_millis();
-    let v = shared.view();
     let (b, top) = match &req.account {
-        Some(a) => (v.breakdown(a, now), Vec::new()),
+        Some(a) => (shared.view(a.as_str()).breakdown(a, now), Vec::new()),
         None => {
             let n = req.top.unwrap_or(10).min(1000) as usize;
-            let top = v
-                .top(n, now)
+            let mut top: Vec<(AccountId, u32, Limit)> =
+                shared.each_view().flat_map(|v| v.top(n, now)).collect();
+            top.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+            let top = top
                 .into_iter()
+                .take(n)
                 .map(|(account, active, limit)| AccountUsage {
                     account,
                     active,
                     limit: limit.limit,
                 })
                 .collect();
-            (v.breakdown_all(now), top)
+            (breakdown_all(shared, now), top)
         }
     };
-    drop(v);
     json(&StatsReply {
         account: req.account,
         active: b.total,
@@ -724,10 +766,33 @@ fn stats(shared: &Shared, payload: &[u8]) -> Result<Bytes, Failure> {
     })
 }
 
+/// Active sessions over every account by content, kind and region, shard
+/// by shard, with the peak over every account.
+fn breakdown_all(shared: &Shared, now: headcount_protocol::UnixMillis) -> view::Breakdown {
+    let mut all = view::Breakdown::default();
+    for v in shared.each_view() {
+        let b = v.breakdown_all(now);
+        drop(v);
+        all.total += b.total;
+        for (into, from) in [
+            (&mut all.by_content, b.by_content),
+            (&mut all.by_kind, b.by_kind),
+            (&mut all.by_region, b.by_region),
+        ] {
+            for (k, n) in from {
+                *into.entry(k).or_default() += n;
+            }
+        }
+    }
+    let peak = lock(&shared.global_peaks).iter().map(|(_, n)| *n).max();
+    all.peak = peak.unwrap_or(0).max(all.total);
+    all
+}
+
 async fn kick(shared: &Shared, payload: &[u8]) -> Result<Bytes, Failure> {
     let req: KickRequest = parse(payload)?;
     let device = {
-        let v = shared.view();
+        let v = shared.view(req.account.as_str());
         if v.is_revoked(&req.account, &req.session) {
             None
         } else {

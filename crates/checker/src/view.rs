@@ -6,11 +6,12 @@
 //! dictionary holds it, it is not revoked, and it was heard from within the
 //! timeout.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 use headcount_protocol::wire::{ActiveSession, SessionDict, SessionRecord, SessionRef};
 use headcount_protocol::{
-    AccountId, AccountLimits, DeviceId, IntervalClock, Limit, Plans, Policy, SessionId, UnixMillis,
+    AccountId, AccountLimits, ByInterval, DeviceId, IntervalClock, Limit, Plans, Policy, SessionId,
+    UnixMillis,
 };
 
 /// Liveness and limit defaults.
@@ -27,31 +28,46 @@ pub const PEAK_WINDOW_MINUTES: u64 = 15;
 
 #[derive(Debug, Default)]
 struct Account {
-    dicts: BTreeMap<u64, SessionDict>,
+    dicts: ByInterval<SessionDict>,
     /// What an operator stored for this account.
-    overrides: Option<AccountLimits>,
+    overrides: Option<Box<AccountLimits>>,
     /// The plan its most recent token carried.
-    token_plan: Option<String>,
+    token_plan: Option<Box<str>>,
     /// Since when the account has been over its limit, within a grace.
     over_since: Option<UnixMillis>,
     /// Highest active count per minute, newest last.
-    peaks: std::collections::VecDeque<(u64, u32)>,
-    /// Last heartbeat this checker saw, per session.
-    heard: HashMap<SessionId, UnixMillis>,
+    peaks: VecDeque<(u64, u32)>,
+    /// Every session some live dictionary holds, and when this checker last
+    /// heard its heartbeat (0: not yet). The liveness lookup runs per
+    /// heartbeat, so it must not scan the dictionaries.
+    seen: HashMap<SessionId, UnixMillis>,
     /// Sessions already announced as timed out.
     timed_out: HashSet<SessionId>,
-    /// Every session some dictionary holds (the liveness lookup runs per
-    /// heartbeat, so it must not scan the dictionaries).
-    known: HashSet<SessionId>,
+    /// Active sessions when the sweep last looked.
+    live: u32,
+    /// When the sweep must look again: the earliest moment one of the
+    /// account's sessions could time out (0: at the next sweep).
+    due: UnixMillis,
 }
 
 impl Account {
+    /// Rebuilds the session index after the dictionaries changed, keeping
+    /// what was heard of the sessions that stay.
     fn reindex(&mut self) {
-        self.known = self
-            .dicts
-            .values()
-            .flat_map(|d| d.values().map(|r| r.session.clone()))
-            .collect();
+        let n = self.dicts.values().map(|d| d.len()).max().unwrap_or(0);
+        let mut seen = HashMap::with_capacity(n);
+        for rec in self.dicts.values().flat_map(|d| d.values()) {
+            let heard = self.seen.get(&rec.session).copied().unwrap_or(0);
+            seen.insert(rec.session.clone(), heard);
+        }
+        self.seen = seen;
+        let seen = &self.seen;
+        self.timed_out.retain(|s| seen.contains_key(s));
+        self.due = 0;
+    }
+
+    fn heard(&self, session: &SessionId) -> UnixMillis {
+        self.seen.get(session).copied().unwrap_or(0)
     }
 }
 
@@ -67,8 +83,6 @@ pub struct View {
     /// Ended sessions and their account (session ids are unique across
     /// accounts, so the id alone is the key).
     revoked: HashMap<SessionId, AccountId>,
-    /// Highest total active count per minute, newest last.
-    global_peaks: std::collections::VecDeque<(u64, u32)>,
 }
 
 /// A session that should be ended now, and why.
@@ -92,10 +106,11 @@ pub struct Breakdown {
 impl Breakdown {
     fn add(&mut self, s: &ActiveSession) {
         self.total += 1;
-        let key = |v: &Option<String>| v.clone().unwrap_or_else(|| "unknown".into());
-        *self.by_content.entry(key(&s.content)).or_default() += 1;
-        *self.by_kind.entry(key(&s.kind)).or_default() += 1;
-        *self.by_region.entry(key(&s.region)).or_default() += 1;
+        let key = |v: Option<&str>| v.unwrap_or("unknown").to_string();
+        let l = &s.labels;
+        *self.by_content.entry(key(l.content())).or_default() += 1;
+        *self.by_kind.entry(key(l.kind())).or_default() += 1;
+        *self.by_region.entry(key(l.region())).or_default() += 1;
     }
 }
 
@@ -148,7 +163,7 @@ fn pick(policy: Policy, group: &[&ActiveSession], cap: usize) -> Vec<Verdict> {
 /// Calls `f` with each device's newest record over the live intervals
 /// (`cur`, then `prev` for devices `cur` does not hold), without allocating.
 fn for_each_newest<'a>(
-    dicts: &'a BTreeMap<u64, SessionDict>,
+    dicts: &'a ByInterval<SessionDict>,
     prev: u64,
     cur: u64,
     mut f: impl FnMut(&'a DeviceId, &'a SessionRecord),
@@ -171,7 +186,7 @@ fn for_each_newest<'a>(
 }
 
 /// Keeps the highest count of each minute, for the last window.
-fn record_peak(peaks: &mut std::collections::VecDeque<(u64, u32)>, minute: u64, n: u32) {
+pub fn record_peak(peaks: &mut VecDeque<(u64, u32)>, minute: u64, n: u32) {
     match peaks.back_mut() {
         Some((m, max)) if *m == minute => *max = (*max).max(n),
         _ => peaks.push_back((minute, n)),
@@ -206,7 +221,6 @@ impl View {
             started_at,
             accounts: HashMap::new(),
             revoked: HashMap::new(),
-            global_peaks: Default::default(),
         }
     }
 
@@ -226,18 +240,22 @@ impl View {
 
     /// What an operator stored for the account (None: nothing).
     pub fn set_overrides(&mut self, account: &AccountId, overrides: Option<AccountLimits>) {
-        self.accounts.entry(account.clone()).or_default().overrides = overrides;
+        let acct = self.accounts.entry(account.clone()).or_default();
+        acct.overrides = overrides.map(Box::new);
+        acct.due = 0;
     }
 
     pub fn overrides(&self, account: &AccountId) -> Option<&AccountLimits> {
         self.accounts
             .get(account)
-            .and_then(|a| a.overrides.as_ref())
+            .and_then(|a| a.overrides.as_deref())
     }
 
     /// The plan carried by the account's latest token.
     pub fn set_token_plan(&mut self, account: &AccountId, plan: Option<String>) {
-        self.accounts.entry(account.clone()).or_default().token_plan = plan;
+        let acct = self.accounts.entry(account.clone()).or_default();
+        acct.token_plan = plan.map(Box::from);
+        acct.due = 0;
     }
 
     /// The account's effective limit and the plan it comes from: the
@@ -245,10 +263,10 @@ impl View {
     /// operator's overrides on top.
     pub fn limit_and_plan(&self, account: &AccountId) -> (Limit, Option<String>) {
         let acct = self.accounts.get(account);
-        let overrides = acct.and_then(|a| a.overrides.as_ref());
+        let overrides = acct.and_then(|a| a.overrides.as_deref());
         let plan = overrides
             .and_then(|o| o.plan.clone())
-            .or_else(|| acct.and_then(|a| a.token_plan.clone()))
+            .or_else(|| acct.and_then(|a| a.token_plan.as_deref().map(str::to_owned)))
             .filter(|p| self.plans.contains_key(p));
         let base = plan
             .as_ref()
@@ -264,12 +282,17 @@ impl View {
 
     pub fn revoke(&mut self, account: &AccountId, session: &SessionId) {
         self.revoked.insert(session.clone(), account.clone());
+        if let Some(a) = self.accounts.get_mut(account) {
+            a.due = 0;
+        }
     }
 
     /// Forgets a revocation whose KV entry expired.
     pub fn unrevoke(&mut self, account: &AccountId, session: &SessionId) {
-        let _ = account;
         self.revoked.remove(session);
+        if let Some(a) = self.accounts.get_mut(account) {
+            a.due = 0;
+        }
     }
 
     pub fn is_revoked(&self, account: &AccountId, session: &SessionId) -> bool {
@@ -282,16 +305,21 @@ impl View {
     /// whether the session just became evidently live to this checker (first
     /// heartbeat heard, or back after a timeout): the account's limit must
     /// then be looked at again.
-    pub fn heard(&mut self, account: &AccountId, session: &SessionId, now: UnixMillis) -> bool {
+    pub fn heard(&mut self, account: &str, session: &str, now: UnixMillis) -> bool {
         let Some(acct) = self.accounts.get_mut(account) else {
             return false;
         };
-        if !acct.known.contains(session) {
+        let Some(heard) = acct.seen.get_mut(session) else {
             return false;
+        };
+        let before = std::mem::replace(heard, now);
+        let was_timed_out = !acct.timed_out.is_empty() && acct.timed_out.remove(session);
+        let revived =
+            was_timed_out || before == 0 || now.saturating_sub(before) > self.rules.timeout_ms;
+        if revived {
+            acct.due = 0;
         }
-        let was_timed_out = acct.timed_out.remove(session);
-        let before = acct.heard.insert(session.clone(), now);
-        was_timed_out || before.is_none_or(|t| now.saturating_sub(t) > self.rules.timeout_ms)
+        revived
     }
 
     /// The account's active sessions, oldest first. A checker that started
@@ -335,25 +363,20 @@ impl View {
         // Newest interval wins per device.
         let mut per_device: HashMap<&DeviceId, (&headcount_protocol::wire::SessionRecord, u64)> =
             HashMap::new();
-        for (interval, dict) in acct.dicts.range(prev..=cur) {
+        for (interval, dict) in acct.dicts.iter().filter(|(i, _)| (prev..=cur).contains(i)) {
             for (device, rec) in dict {
-                per_device.insert(device, (rec, *interval));
+                per_device.insert(device, (rec, interval));
             }
         }
         per_device
             .into_iter()
             .filter(|(_, (rec, _))| !self.is_revoked(account, &rec.session))
-            .map(|(device, (rec, _))| {
-                let heard = acct.heard.get(&rec.session).copied().unwrap_or(0);
-                ActiveSession {
-                    device: device.clone(),
-                    session: rec.session.clone(),
-                    since: rec.since,
-                    last_seen: rec.last_seen.max(heard).max(floor),
-                    content: rec.content.clone(),
-                    kind: rec.kind.clone(),
-                    region: rec.region.clone(),
-                }
+            .map(|(device, (rec, _))| ActiveSession {
+                device: device.clone(),
+                session: rec.session.clone(),
+                since: rec.since,
+                last_seen: rec.last_seen.max(acct.heard(&rec.session)).max(floor),
+                labels: rec.labels.clone(),
             })
             .collect()
     }
@@ -370,8 +393,8 @@ impl View {
         if let Some(per_content) = limit.per_content {
             let mut groups: BTreeMap<&str, Vec<&ActiveSession>> = BTreeMap::new();
             for s in &live {
-                if let Some(c) = &s.content {
-                    groups.entry(c.as_str()).or_default().push(s);
+                if let Some(c) = s.labels.content() {
+                    groups.entry(c).or_default().push(s);
                 }
             }
             for group in groups.values() {
@@ -490,7 +513,7 @@ impl View {
             let same: Vec<&ActiveSession> = others
                 .iter()
                 .copied()
-                .filter(|s| s.content.as_deref() == Some(content))
+                .filter(|s| s.labels.content() == Some(content))
                 .collect();
             allowed = make_room(&same, per_content as usize, &mut victims);
         }
@@ -532,20 +555,39 @@ impl View {
         b
     }
 
+    /// Active sessions of one account, counted without copying them.
+    fn count_active(&self, acct: &Account, now: UnixMillis) -> u32 {
+        let [prev, cur] = self.rules.clock.live_intervals(now);
+        let (timeout, floor) = (self.rules.timeout_ms, self.started_at);
+        let mut n = 0;
+        for_each_newest(&acct.dicts, prev, cur, |_, rec| {
+            if !self.revoked.contains_key(&rec.session)
+                && now.saturating_sub(rec.last_seen.max(acct.heard(&rec.session)).max(floor))
+                    <= timeout
+            {
+                n += 1;
+            }
+        });
+        n
+    }
+
     /// The busiest accounts by active sessions, at most `n`.
     pub fn top(&self, n: usize, now: UnixMillis) -> Vec<(AccountId, u32, Limit)> {
-        let mut all: Vec<(AccountId, u32, Limit)> = self
+        let mut all: Vec<(&AccountId, u32)> = self
             .accounts
-            .keys()
-            .map(|a| (a.clone(), self.active(a, now).len() as u32, self.limit(a)))
-            .filter(|(_, n, _)| *n > 0)
+            .iter()
+            .map(|(id, a)| (id, self.count_active(a, now)))
+            .filter(|(_, n)| *n > 0)
             .collect();
-        all.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        all.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0)));
         all.truncate(n);
-        all
+        all.into_iter()
+            .map(|(id, n)| (id.clone(), n, self.limit(id)))
+            .collect()
     }
 
     /// Breakdown over every account (one pass, no copies of the sessions).
+    /// `peak` is left at 0: the peak over every account is the caller's.
     pub fn breakdown_all(&self, now: UnixMillis) -> Breakdown {
         let [prev, cur] = self.rules.clock.live_intervals(now);
         let (timeout, floor) = (self.rules.timeout_ms, self.started_at);
@@ -556,30 +598,21 @@ impl View {
                 if self.revoked.contains_key(&rec.session) {
                     return;
                 }
-                let heard = acct.heard.get(&rec.session).copied().unwrap_or(0);
+                let heard = acct.heard(&rec.session);
                 if now.saturating_sub(rec.last_seen.max(heard).max(floor)) > timeout {
                     return;
                 }
                 total += 1;
-                for (map, value) in counts
-                    .iter_mut()
-                    .zip([&rec.content, &rec.kind, &rec.region])
-                {
-                    *map.entry(value.as_deref().unwrap_or("unknown"))
-                        .or_default() += 1;
+                let l = &rec.labels;
+                for (map, value) in counts.iter_mut().zip([l.content(), l.kind(), l.region()]) {
+                    *map.entry(value.unwrap_or("unknown")).or_default() += 1;
                 }
             });
         }
         let own = |m: &HashMap<&str, u32>| m.iter().map(|(k, v)| (k.to_string(), *v)).collect();
         Breakdown {
             total,
-            peak: self
-                .global_peaks
-                .iter()
-                .map(|(_, n)| *n)
-                .max()
-                .unwrap_or(0)
-                .max(total),
+            peak: 0,
             by_content: own(&counts[0]),
             by_kind: own(&counts[1]),
             by_region: own(&counts[2]),
@@ -596,7 +629,8 @@ impl View {
         let acct = self.accounts.get(account)?;
         let [prev, cur] = self.rules.clock.live_intervals(now);
         acct.dicts
-            .range(prev..=cur)
+            .iter()
+            .filter(|(i, _)| (prev..=cur).contains(i))
             .flat_map(|(_, d)| d.iter())
             .find(|(_, r)| &r.session == session)
             .map(|(d, _)| d.clone())
@@ -604,8 +638,13 @@ impl View {
 
     /// Sessions that crossed the timeout since the last call, each reported
     /// once, and the number of active sessions over all accounts; also drops
-    /// what no live interval refers to any more. Runs often over every
-    /// session, so it allocates only for what timed out.
+    /// what no live interval refers to any more.
+    ///
+    /// Runs often, so it looks only at accounts that are due: an account is
+    /// looked at again when one of its sessions could first time out, or at
+    /// once when anything about it changed (dictionaries, revocations,
+    /// limits, a session heard again). In between, its last count stands.
+    /// It allocates only for what timed out.
     pub fn sweep(&mut self, now: UnixMillis) -> (Vec<(AccountId, ActiveSession)>, u32) {
         let [prev, cur] = self.rules.clock.live_intervals(now);
         let minute = now / 60_000;
@@ -615,46 +654,45 @@ impl View {
         let mut pruned = false;
         let revoked = &self.revoked;
         for (account, acct) in self.accounts.iter_mut() {
-            let before = acct.dicts.len();
-            acct.dicts.retain(|i, _| *i >= prev);
-            if acct.dicts.len() != before {
+            if acct.dicts.iter().next().is_some_and(|(i, _)| i < prev) {
+                acct.dicts.retain(|i, _| i >= prev);
                 acct.reindex();
-                let known = &acct.known;
-                acct.heard.retain(|s, _| known.contains(s));
-                acct.timed_out.retain(|s| known.contains(s));
                 pruned = true;
             }
-            let mut live = 0u32;
-            let mut expired: Vec<(DeviceId, SessionRecord, UnixMillis)> = Vec::new();
-            for_each_newest(&acct.dicts, prev, cur, |device, rec| {
-                if revoked.contains_key(&rec.session) {
-                    return;
+            if acct.due <= now {
+                let mut live = 0u32;
+                let mut due = UnixMillis::MAX;
+                let mut expired: Vec<(DeviceId, SessionRecord, UnixMillis)> = Vec::new();
+                for_each_newest(&acct.dicts, prev, cur, |device, rec| {
+                    if revoked.contains_key(&rec.session) {
+                        return;
+                    }
+                    let last_seen = rec.last_seen.max(acct.heard(&rec.session)).max(floor);
+                    if now.saturating_sub(last_seen) <= timeout {
+                        live += 1;
+                        due = due.min(last_seen + timeout + 1);
+                    } else if !acct.timed_out.contains(&rec.session) {
+                        expired.push((device.clone(), rec.clone(), last_seen));
+                    }
+                });
+                acct.live = live;
+                acct.due = due;
+                for (device, rec, last_seen) in expired {
+                    acct.timed_out.insert(rec.session.clone());
+                    timed_out.push((
+                        account.clone(),
+                        ActiveSession {
+                            device,
+                            session: rec.session,
+                            since: rec.since,
+                            last_seen,
+                            labels: rec.labels,
+                        },
+                    ));
                 }
-                let heard = acct.heard.get(&rec.session).copied().unwrap_or(0);
-                let last_seen = rec.last_seen.max(heard).max(floor);
-                if now.saturating_sub(last_seen) <= timeout {
-                    live += 1;
-                } else if !acct.timed_out.contains(&rec.session) {
-                    expired.push((device.clone(), rec.clone(), last_seen));
-                }
-            });
-            total += live;
-            record_peak(&mut acct.peaks, minute, live);
-            for (device, rec, last_seen) in expired {
-                acct.timed_out.insert(rec.session.clone());
-                timed_out.push((
-                    account.clone(),
-                    ActiveSession {
-                        device,
-                        session: rec.session,
-                        since: rec.since,
-                        last_seen,
-                        content: rec.content,
-                        kind: rec.kind,
-                        region: rec.region,
-                    },
-                ));
             }
+            total += acct.live;
+            record_peak(&mut acct.peaks, minute, acct.live);
         }
         if pruned {
             self.accounts.retain(|_, a| {
@@ -662,10 +700,12 @@ impl View {
             });
             // A revocation matters only while a live dictionary holds the session.
             let accounts = &self.accounts;
-            self.revoked
-                .retain(|s, a| accounts.get(a).is_some_and(|acct| acct.known.contains(s)));
+            self.revoked.retain(|s, a| {
+                accounts
+                    .get(a)
+                    .is_some_and(|acct| acct.seen.contains_key(s))
+            });
         }
-        record_peak(&mut self.global_peaks, minute, total);
         (timed_out, total)
     }
 
@@ -703,9 +743,7 @@ mod tests {
                         session: SessionId::parse(s).unwrap(),
                         since: *since,
                         last_seen: *since,
-                        content: None,
-                        kind: None,
-                        region: None,
+                        labels: Default::default(),
                         replaced: None,
                     },
                 )
@@ -730,13 +768,42 @@ mod tests {
         let mut v = View::new(rules(5, Policy::EvictOldest), 0);
         let s1 = SessionId::parse("s1").unwrap();
         v.set_dict(&acct(), 0, dict(&[("a", "s1", 1_000)]));
-        assert!(v.heard(&acct(), &s1, 10_000));
-        assert!(!v.heard(&acct(), &SessionId::parse("nope").unwrap(), 10_000));
+        assert!(v.heard("acme", s1.as_str(), 10_000));
+        assert!(!v.heard("acme", "nope", 10_000));
         assert_eq!(v.active(&acct(), 24_000).len(), 1);
         assert!(v.sweep(24_000).0.is_empty());
         assert_eq!(v.sweep(25_001).0.len(), 1);
         assert!(v.sweep(26_000).0.is_empty());
         assert!(v.active(&acct(), 25_001).is_empty());
+    }
+
+    #[test]
+    fn the_sweep_counts_right_while_looking_only_at_due_accounts() {
+        let mut v = View::new(rules(5, Policy::EvictOldest), 0);
+        let other = AccountId::parse("other").unwrap();
+        v.set_dict(&acct(), 0, dict(&[("a", "s1", 1_000), ("b", "s2", 1_000)]));
+        v.set_dict(&other, 0, dict(&[("c", "s3", 1_000)]));
+        assert_eq!(v.sweep(2_000).1, 3);
+        // Nothing due: the counts stand.
+        assert_eq!(v.sweep(3_000).1, 3);
+        // A revocation is counted at the next sweep, not at the due time.
+        v.revoke(&acct(), &SessionId::parse("s2").unwrap());
+        assert_eq!(v.sweep(3_500).1, 2);
+        // s1 is kept alive by heartbeats, s3 is not: only s3 times out, on time.
+        v.heard("acme", "s1", 12_000);
+        let (gone, n) = v.sweep(16_001);
+        assert_eq!(n, 1);
+        assert_eq!(gone.len(), 1);
+        assert_eq!(gone[0].1.session.as_str(), "s3");
+        assert_eq!(
+            v.sweep(27_001).0.len(),
+            1,
+            "s1 times out 15 s after it was heard"
+        );
+        assert_eq!(v.sweep(27_500).1, 0);
+        // Heard again: counted again at once.
+        assert!(v.heard("acme", "s1", 28_000));
+        assert_eq!(v.sweep(28_000).1, 1);
     }
 
     #[test]
@@ -822,11 +889,11 @@ mod tests {
             SessionId::parse("sc").unwrap(),
         );
         assert!(
-            v.heard(&acct(), &sb, 101_000),
+            v.heard("acme", sb.as_str(), 101_000),
             "first heartbeat heard: look again"
         );
-        assert!(v.heard(&acct(), &sc, 102_000));
-        assert!(!v.heard(&acct(), &sc, 103_000), "nothing new");
+        assert!(v.heard("acme", sc.as_str(), 102_000));
+        assert!(!v.heard("acme", sc.as_str(), 103_000), "nothing new");
         assert!(v.over_limit(&acct(), 103_000).is_empty(), "two live of two");
         let out = v
             .check(&acct(), &DeviceId::parse("b").unwrap(), None, None, 103_000)
@@ -839,15 +906,15 @@ mod tests {
         let mut v = View::new(rules(5, Policy::EvictOldest), 0);
         let s1 = SessionId::parse("s1").unwrap();
         v.set_dict(&acct(), 0, dict(&[("a", "s1", 1_000)]));
-        assert!(v.heard(&acct(), &s1, 2_000));
+        assert!(v.heard("acme", s1.as_str(), 2_000));
         assert_eq!(v.sweep(20_000).0.len(), 1);
-        assert!(v.heard(&acct(), &s1, 21_000), "revived");
+        assert!(v.heard("acme", s1.as_str(), 21_000), "revived");
     }
 
     fn with_content(mut d: SessionDict, contents: &[(&str, &str)]) -> SessionDict {
         for (dev, c) in contents {
             if let Some(r) = d.get_mut(&DeviceId::parse(dev).unwrap()) {
-                r.content = Some((*c).to_string());
+                r.labels = headcount_protocol::wire::Labels::new(Some(c), None, None);
             }
         }
         d
@@ -900,8 +967,8 @@ mod tests {
             dict(&[("a", "s1", 1_000), ("b", "s2", 2_000), ("c", "s3", 3_000)]),
         );
         // s1 is the oldest but heard most recently; s2 is the quietest.
-        v.heard(&acct(), &SessionId::parse("s1").unwrap(), 9_000);
-        v.heard(&acct(), &SessionId::parse("s3").unwrap(), 8_000);
+        v.heard("acme", "s1", 9_000);
+        v.heard("acme", "s3", 8_000);
         let over = v.over_limit(&acct(), 9_500);
         assert_eq!(over.len(), 1);
         assert_eq!(over[0].victim.session.as_str(), "s2");

@@ -196,8 +196,10 @@ fn session_subjects(run: &str, sessions: usize, per_account: usize) -> anyhow::R
     let mut out = Vec::with_capacity(sessions);
     for i in 0..sessions {
         let account = AccountId::parse(&format!("b{run}-{}", i / per_account))?;
-        let device = DeviceId::parse(&format!("d{}", i % per_account))?;
-        let session = SessionId::parse(&format!("s{run}x{i}"))?;
+        // Ids of realistic length: a device name, a 22-character session
+        // id (the length of a NUID).
+        let device = DeviceId::parse(&format!("device-{}", i % per_account))?;
+        let session = SessionId::parse(&format!("{run}{i:016}"))?;
         out.push(subjects::heartbeat(&account, &device, &session));
     }
     Ok(out)
@@ -763,7 +765,7 @@ async fn at_size(
         .context("subject shape")?
         .to_string();
     let check_body = Bytes::from(serde_json::to_vec(
-        &serde_json::json!({"account": one_account, "device": "d0"}),
+        &serde_json::json!({"account": one_account, "device": "device-0"}),
     )?);
     let active_body = Bytes::from(serde_json::to_vec(
         &serde_json::json!({"account": one_account}),

@@ -89,10 +89,10 @@ pub async fn active(a: ActiveArgs) -> anyhow::Result<()> {
             s.device.as_str(),
             s.session.as_str(),
             ago(s.since),
-            s.kind.as_deref().unwrap_or("-"),
-            s.region.as_deref().unwrap_or("-"),
+            s.labels.kind().unwrap_or("-"),
+            s.labels.region().unwrap_or("-"),
             ago(s.last_seen),
-            s.content.as_deref().unwrap_or("-"),
+            s.labels.content().unwrap_or("-"),
         );
     }
     Ok(())

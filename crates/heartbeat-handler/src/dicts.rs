@@ -6,10 +6,10 @@
 //! outcome back. Because [`apply`] is idempotent, a write retried after a
 //! conflict or a time-out that did commit leaves the same dictionary.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
-use headcount_protocol::wire::{Heartbeat, HeartbeatRef, SessionDict, SessionRecord};
-use headcount_protocol::{AccountId, DeviceId, IntervalClock, SessionId, UnixMillis};
+use headcount_protocol::wire::{Heartbeat, HeartbeatRef, Labels, SessionDict, SessionRecord};
+use headcount_protocol::{AccountId, ByInterval, DeviceId, IntervalClock, SessionId, UnixMillis};
 
 /// One change to one device's entry in one dictionary.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -176,7 +176,7 @@ pub enum Decision {
 #[derive(Debug)]
 pub struct Dicts {
     clock: IntervalClock,
-    accounts: HashMap<AccountId, BTreeMap<u64, Dict>>,
+    accounts: HashMap<AccountId, ByInterval<Dict>>,
 }
 
 impl Dicts {
@@ -199,8 +199,7 @@ impl Dicts {
         self.accounts
             .entry(account.clone())
             .or_default()
-            .entry(interval)
-            .or_default()
+            .entry_or_default(interval)
     }
 
     /// Every dictionary with changes not written yet.
@@ -211,7 +210,7 @@ impl Dicts {
                 dicts
                     .iter()
                     .filter(|(_, d)| !d.pending.is_empty())
-                    .map(move |(i, _)| (a.clone(), *i))
+                    .map(move |(i, _)| (a.clone(), i))
             })
             .collect()
     }
@@ -272,7 +271,7 @@ impl Dicts {
     pub fn prune(&mut self, now: UnixMillis) {
         let [prev, _] = self.clock.live_intervals(now);
         self.accounts.retain(|_, dicts| {
-            dicts.retain(|i, d| *i >= prev || d.in_flight || !d.pending.is_empty());
+            dicts.retain(|i, d| i >= prev || d.in_flight || !d.pending.is_empty());
             !dicts.is_empty()
         });
     }
@@ -300,10 +299,7 @@ impl Dicts {
             return false;
         }
         dict.entries.get(device).is_some_and(|r| {
-            r.session.as_str() == session
-                && r.content.as_deref() == hb.content
-                && r.kind.as_deref() == hb.kind
-                && r.region.as_deref() == hb.region
+            r.session.as_str() == session && r.labels.matches(hb.content, hb.kind, hb.region)
         })
     }
 
@@ -335,7 +331,7 @@ impl Dicts {
             let mut flush = Vec::new();
             for (interval, rec) in [(prev, &prev_rec), (cur, &cur_rec)] {
                 if rec.as_ref().is_some_and(|r| &r.session == session) {
-                    let dict = dicts.entry(interval).or_default();
+                    let dict = dicts.entry_or_default(interval);
                     if dict.queue(device.clone(), Change::Remove(session.clone()), false)
                         == Schedule::Now
                     {
@@ -351,7 +347,11 @@ impl Dicts {
         }
 
         let same_fields = |r: &SessionRecord| {
-            r.content == hb.content && r.kind == hb.kind && r.region == hb.region
+            r.labels.matches(
+                hb.content.as_deref(),
+                hb.kind.as_deref(),
+                hb.region.as_deref(),
+            )
         };
         if let Some(r) = &cur_rec
             && &r.session == session
@@ -381,15 +381,17 @@ impl Dicts {
             session: session.clone(),
             since,
             last_seen: now,
-            content: hb.content.clone(),
-            kind: hb.kind.clone(),
-            region: hb.region.clone(),
+            labels: Labels::new(
+                hb.content.as_deref(),
+                hb.kind.as_deref(),
+                hb.region.as_deref(),
+            ),
             replaced,
         };
         // Only the interval changed: the session is live in the previous
         // dictionary, so nobody waits for this write.
         let defer = cur_rec.is_none() && carried.is_some_and(same_fields);
-        let dict = dicts.entry(cur).or_default();
+        let dict = dicts.entry_or_default(cur);
         match dict.queue(device.clone(), Change::Upsert(record), defer) {
             Schedule::Now => Decision::Queued(vec![(account.clone(), cur)]),
             Schedule::Later => Decision::Deferred(vec![(account.clone(), cur)]),
@@ -560,9 +562,7 @@ mod tests {
             session: s.clone(),
             since: 5,
             last_seen: 5,
-            content: None,
-            kind: None,
-            region: None,
+            labels: Labels::default(),
             replaced: None,
         };
         let mut dict = SessionDict::new();

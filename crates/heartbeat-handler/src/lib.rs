@@ -530,7 +530,7 @@ async fn announce(
                 at: now,
                 by: None,
                 reason: None,
-                content: extra.content,
+                content: extra.labels.content().map(str::to_owned),
             },
         )
         .await;

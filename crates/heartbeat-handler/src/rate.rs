@@ -6,41 +6,49 @@
 //! in the queue group a session's allowance is up to N times the rate.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
 
-use headcount_protocol::{SessionId, UnixMillis};
+use headcount_protocol::UnixMillis;
+use headcount_protocol::names::check_session;
 
 #[derive(Debug)]
 pub struct RateLimiter {
     /// Heartbeats per second a session may keep up.
-    rate: f64,
+    rate: f32,
     /// Heartbeats a session may send at once (reconnect bursts).
-    burst: f64,
-    /// By session id (unique across accounts).
-    buckets: HashMap<SessionId, (f64, UnixMillis)>,
+    burst: f32,
+    /// Keys are a per-process keyed hash of the session id (unique across
+    /// accounts), so an entry costs 16 bytes and no copy of the id. Two
+    /// sessions sharing a hash would share a bucket: with 64-bit keyed hashes
+    /// that is vanishingly rare and only ever makes the limit stricter.
+    keys: RandomState,
+    /// Tokens left, and the last heartbeat's time in milliseconds modulo
+    /// 2^32 (entries idle for a minute are pruned, long before it wraps).
+    buckets: HashMap<u64, (f32, u32)>,
 }
 
 impl RateLimiter {
     pub fn new(rate: f64, burst: u32) -> Self {
         Self {
-            rate: rate.max(0.001),
-            burst: f64::from(burst.max(1)),
+            rate: rate.max(0.001) as f32,
+            burst: burst.max(1) as f32,
+            keys: RandomState::new(),
             buckets: HashMap::new(),
         }
     }
 
     /// Whether one more heartbeat of this session is allowed at `now`.
     pub fn allow(&mut self, session: &str, now: UnixMillis) -> bool {
-        let (rate, burst) = (self.rate, self.burst);
-        if !self.buckets.contains_key(session) {
-            let Ok(id) = SessionId::parse(session) else {
-                return false;
-            };
-            self.buckets.insert(id, (burst, now));
-        }
-        let Some((tokens, last)) = self.buckets.get_mut(session) else {
+        if check_session(session).is_err() {
             return false;
-        };
-        let elapsed = now.saturating_sub(*last) as f64 / 1000.0;
+        }
+        let (rate, burst) = (self.rate, self.burst);
+        let now = now as u32;
+        let (tokens, last) = self
+            .buckets
+            .entry(self.keys.hash_one(session))
+            .or_insert((burst, now));
+        let elapsed = now.wrapping_sub(*last) as f32 / 1000.0;
         *tokens = (*tokens + elapsed * rate).min(burst);
         *last = now;
         if *tokens >= 1.0 {
@@ -53,9 +61,10 @@ impl RateLimiter {
 
     /// Forgets sessions whose bucket has been full for a while.
     pub fn prune(&mut self, now: UnixMillis) {
-        let refill_ms = (self.burst / self.rate * 1000.0) as u64;
+        let refill_ms = (self.burst / self.rate * 1000.0) as u32;
+        let now = now as u32;
         self.buckets
-            .retain(|_, (_, last)| now.saturating_sub(*last) <= refill_ms.max(60_000));
+            .retain(|_, (_, last)| now.wrapping_sub(*last) <= refill_ms.max(60_000));
     }
 
     pub fn len(&self) -> usize {

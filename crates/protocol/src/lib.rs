@@ -18,7 +18,7 @@ pub mod policy;
 pub mod subjects;
 pub mod wire;
 
-pub use interval::IntervalClock;
+pub use interval::{ByInterval, IntervalClock};
 pub use names::{AccountId, DeviceId, NameError, SessionId};
 pub use policy::{AccountLimits, Grace, Limit, Plans, Policy};
 

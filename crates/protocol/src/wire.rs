@@ -4,7 +4,10 @@
 //! records are MessagePack maps with named keys; everything a backend or an
 //! operator reads (requests, replies, presence events) is JSON.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
+
+use internment::ArcIntern;
 
 use serde::{Deserialize, Serialize};
 
@@ -126,24 +129,165 @@ impl Heartbeat {
     }
 }
 
+/// What a session plays, on what kind of device, where: a session's three
+/// optional labels. Sessions with the same labels share one interned copy,
+/// so a record pays one pointer for them however long they are.
+#[derive(Clone, Default, PartialEq, Eq, Hash)]
+pub struct Labels(Option<ArcIntern<LabelSet>>);
+
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct LabelSet {
+    content: Option<Box<str>>,
+    kind: Option<Box<str>>,
+    region: Option<Box<str>>,
+}
+
+impl Labels {
+    pub fn new(content: Option<&str>, kind: Option<&str>, region: Option<&str>) -> Self {
+        if content.is_none() && kind.is_none() && region.is_none() {
+            return Self(None);
+        }
+        Self(Some(ArcIntern::new(LabelSet {
+            content: content.map(Box::from),
+            kind: kind.map(Box::from),
+            region: region.map(Box::from),
+        })))
+    }
+
+    pub fn content(&self) -> Option<&str> {
+        self.0.as_ref().and_then(|l| l.content.as_deref())
+    }
+
+    pub fn kind(&self) -> Option<&str> {
+        self.0.as_ref().and_then(|l| l.kind.as_deref())
+    }
+
+    pub fn region(&self) -> Option<&str> {
+        self.0.as_ref().and_then(|l| l.region.as_deref())
+    }
+
+    /// Whether these are the labels `content`, `kind` and `region`.
+    pub fn matches(&self, content: Option<&str>, kind: Option<&str>, region: Option<&str>) -> bool {
+        self.content() == content && self.kind() == kind && self.region() == region
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct LabelsWire<'a> {
+    #[serde(default, borrow, skip_serializing_if = "Option::is_none")]
+    content: Option<Cow<'a, str>>,
+    #[serde(default, borrow, skip_serializing_if = "Option::is_none")]
+    kind: Option<Cow<'a, str>>,
+    #[serde(default, borrow, skip_serializing_if = "Option::is_none")]
+    region: Option<Cow<'a, str>>,
+}
+
+/// As `content`, `kind` and `region` fields, each left out when absent.
+impl Serialize for Labels {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        LabelsWire {
+            content: self.content().map(Cow::Borrowed),
+            kind: self.kind().map(Cow::Borrowed),
+            region: self.region().map(Cow::Borrowed),
+        }
+        .serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Labels {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let w = LabelsWire::deserialize(d)?;
+        Ok(Self::new(
+            w.content.as_deref(),
+            w.kind.as_deref(),
+            w.region.as_deref(),
+        ))
+    }
+}
+
+impl std::fmt::Debug for Labels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Labels")
+            .field("content", &self.content())
+            .field("kind", &self.kind())
+            .field("region", &self.region())
+            .finish()
+    }
+}
+
 /// One session as recorded in an interval dictionary.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// On the wire (MessagePack map): `session`, `since`, `last_seen`, and when
+/// present `content`, `kind`, `region`, `replaced`.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionRecord {
     pub session: SessionId,
     /// When the session's first heartbeat arrived.
     pub since: UnixMillis,
     /// When the heartbeat that caused this write arrived.
     pub last_seen: UnixMillis,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub content: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub kind: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub region: Option<String>,
+    pub labels: Labels,
     /// The device's previous session, displaced by this one: its late
     /// heartbeats are ignored rather than flipping the entry back.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replaced: Option<SessionId>,
+}
+
+#[derive(Serialize)]
+struct RecordOut<'a> {
+    session: &'a SessionId,
+    since: UnixMillis,
+    last_seen: UnixMillis,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    content: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    kind: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    region: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    replaced: Option<&'a SessionId>,
+}
+
+#[derive(Deserialize)]
+struct RecordIn<'a> {
+    session: SessionId,
+    since: UnixMillis,
+    last_seen: UnixMillis,
+    #[serde(default, borrow)]
+    content: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    kind: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    region: Option<Cow<'a, str>>,
+    #[serde(default)]
+    replaced: Option<SessionId>,
+}
+
+impl Serialize for SessionRecord {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        RecordOut {
+            session: &self.session,
+            since: self.since,
+            last_seen: self.last_seen,
+            content: self.labels.content(),
+            kind: self.labels.kind(),
+            region: self.labels.region(),
+            replaced: self.replaced.as_ref(),
+        }
+        .serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for SessionRecord {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let r = RecordIn::deserialize(d)?;
+        Ok(Self {
+            session: r.session,
+            since: r.since,
+            last_seen: r.last_seen,
+            labels: Labels::new(r.content.as_deref(), r.kind.as_deref(), r.region.as_deref()),
+            replaced: r.replaced,
+        })
+    }
 }
 
 /// An interval dictionary: device -> its session in that interval.
@@ -280,9 +424,9 @@ pub struct ActiveSession {
     pub session: SessionId,
     pub since: UnixMillis,
     pub last_seen: UnixMillis,
-    pub content: Option<String>,
-    pub kind: Option<String>,
-    pub region: Option<String>,
+    /// `content`, `kind` and `region`, each left out when absent.
+    #[serde(flatten)]
+    pub labels: Labels,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -446,6 +590,49 @@ pub mod error_code {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn session_records_keep_their_wire_form_and_share_labels() {
+        // The record as an older writer spelled it: plain string fields.
+        #[derive(Serialize)]
+        struct Plain {
+            session: &'static str,
+            since: u64,
+            last_seen: u64,
+            content: &'static str,
+            region: &'static str,
+        }
+        let plain = rmp_serde::to_vec_named(&Plain {
+            session: "s1",
+            since: 1,
+            last_seen: 2,
+            content: "movie-42",
+            region: "eu",
+        })
+        .unwrap();
+        let rec: SessionRecord = rmp_serde::from_slice(&plain).unwrap();
+        assert_eq!(rec.labels.content(), Some("movie-42"));
+        assert_eq!(rec.labels.kind(), None);
+        assert_eq!(rec.labels.region(), Some("eu"));
+        assert_eq!(rmp_serde::to_vec_named(&rec).unwrap(), plain);
+        let other: SessionRecord = rmp_serde::from_slice(&plain).unwrap();
+        assert_eq!(rec.labels, other.labels);
+        assert!(rec.labels.matches(Some("movie-42"), None, Some("eu")));
+        assert!(!rec.labels.matches(Some("movie-42"), Some("tv"), Some("eu")));
+        // In JSON replies the labels are plain fields, left out when absent.
+        let active = ActiveSession {
+            device: DeviceId::parse("tv").unwrap(),
+            session: SessionId::parse("s1").unwrap(),
+            since: 1,
+            last_seen: 2,
+            labels: rec.labels.clone(),
+        };
+        let json = serde_json::to_value(&active).unwrap();
+        assert_eq!(json["content"], "movie-42");
+        assert!(json.get("kind").is_none());
+        let back: ActiveSession = serde_json::from_value(json).unwrap();
+        assert_eq!(back, active);
+    }
 
     #[test]
     fn request_errors_say_what_was_wrong() {
