@@ -18,7 +18,6 @@
 pub mod metrics;
 pub mod view;
 
-use std::collections::VecDeque;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -85,7 +84,7 @@ struct Shared {
     shards: Box<[Mutex<View>]>,
     shard_keys: RandomState,
     /// Highest active count over every account, per minute.
-    global_peaks: Mutex<VecDeque<(u64, u32)>>,
+    global_peaks: Mutex<view::Peaks>,
     buckets: Buckets,
     nats: async_nats::Client,
     metrics: Metrics,
@@ -131,7 +130,7 @@ pub async fn run(
                 .collect()
         },
         shard_keys: RandomState::new(),
-        global_peaks: Mutex::new(VecDeque::new()),
+        global_peaks: Mutex::new(view::Peaks::default()),
         buckets: buckets.clone(),
         nats: nats.clone(),
         metrics,
@@ -230,8 +229,26 @@ pub async fn run(
         .await
         .context("subscribing for unknown endpoints")?;
 
-    let mut sweep = tokio::time::interval(config.sweep_every);
-    let mut round = 0u64;
+    // The sweep runs on its own task, so that a long pass (a breakdown over
+    // millions of sessions) never delays the dispatch of requests.
+    let sweeper = {
+        let (shared, every, stop) = (shared.clone(), config.sweep_every, shutdown.clone());
+        tokio::spawn(async move {
+            let mut sweep = tokio::time::interval(every);
+            sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut stop = std::pin::pin!(stop.wait());
+            let mut round = 0u64;
+            loop {
+                tokio::select! {
+                    _ = &mut stop => break,
+                    _ = sweep.tick() => {
+                        round += 1;
+                        on_sweep(&shared, round).await;
+                    }
+                }
+            }
+        })
+    };
     tracing::info!(
         timeout = ?config.timeout,
         default_limit = config.default_limit.limit,
@@ -245,9 +262,12 @@ pub async fn run(
             msg = heartbeats.next() => match msg {
                 Some(msg) => {
                     if let Ok(ids) = subjects::parse_heartbeat_ref(&msg.subject) {
-                        let revived = shared
-                            .view(ids.account)
-                            .heard(ids.account, ids.session, now_millis());
+                        let revived = shared.view(ids.account).heard(
+                            ids.account,
+                            ids.device,
+                            ids.session,
+                            now_millis(),
+                        );
                         if revived && let Ok(account) = AccountId::parse(ids.account) {
                             let _ = shared.enforce_tx.send(account);
                         }
@@ -267,10 +287,6 @@ pub async fn run(
                     answer_unknown(&nats, msg).await;
                 }
             }
-            _ = sweep.tick() => {
-                round += 1;
-                on_sweep(&shared, round).await;
-            }
         }
     }
 
@@ -282,6 +298,7 @@ pub async fn run(
     }
     watch_stop.fire();
     enforcer.abort();
+    let _ = sweeper.await;
     for t in tasks {
         let _ = t.await;
     }
@@ -366,7 +383,7 @@ async fn on_sweep(shared: &Shared, round: u64) {
         total += n;
         expired_grace.extend(v.grace_expired(now));
     }
-    view::record_peak(&mut lock(&shared.global_peaks), now / 60_000, total);
+    lock(&shared.global_peaks).record(now / 60_000, total);
     shared.metrics.active_sessions.set(total as i64);
     for account in expired_grace {
         let _ = shared.enforce_tx.send(account);
@@ -784,8 +801,8 @@ fn breakdown_all(shared: &Shared, now: headcount_protocol::UnixMillis) -> view::
             }
         }
     }
-    let peak = lock(&shared.global_peaks).iter().map(|(_, n)| *n).max();
-    all.peak = peak.unwrap_or(0).max(all.total);
+    let peak = lock(&shared.global_peaks).max();
+    all.peak = peak.max(all.total);
     all
 }
 

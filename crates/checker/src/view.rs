@@ -6,7 +6,7 @@
 //! dictionary holds it, it is not revoked, and it was heard from within the
 //! timeout.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use headcount_protocol::wire::{ActiveSession, SessionDict, SessionRecord, SessionRef};
 use headcount_protocol::{
@@ -26,21 +26,65 @@ pub struct Rules {
 /// How long per-minute peaks are kept for `stats`.
 pub const PEAK_WINDOW_MINUTES: u64 = 15;
 
+/// A session as an interval dictionary records it, and when this checker
+/// last heard its heartbeat (0: not yet).
+#[derive(Debug, Clone)]
+struct Seen {
+    rec: SessionRecord,
+    heard: UnixMillis,
+}
+
+impl Seen {
+    /// The session's best-known last sign of life.
+    fn last_seen(&self) -> UnixMillis {
+        self.rec.last_seen.max(self.heard)
+    }
+}
+
+/// One interval dictionary as this checker holds it.
+type Dict = HashMap<DeviceId, Seen>;
+
+/// The highest count of each of the last [`PEAK_WINDOW_MINUTES`] minutes, in
+/// a ring (no allocation: there is one per account).
+#[derive(Debug, Clone, Default)]
+pub struct Peaks {
+    /// The newest minute recorded.
+    minute: u64,
+    counts: [u32; PEAK_WINDOW_MINUTES as usize],
+}
+
+impl Peaks {
+    pub fn record(&mut self, minute: u64, n: u32) {
+        let len = self.counts.len() as u64;
+        if minute > self.minute {
+            // Clear the minutes skipped since the newest one.
+            for m in (self.minute + 1)..=minute.min(self.minute + len) {
+                self.counts[(m % len) as usize] = 0;
+            }
+            self.minute = minute;
+        } else if self.minute - minute >= len {
+            return;
+        }
+        let slot = &mut self.counts[(minute % len) as usize];
+        *slot = (*slot).max(n);
+    }
+
+    /// The highest count within the window.
+    pub fn max(&self) -> u32 {
+        self.counts.iter().copied().max().unwrap_or(0)
+    }
+}
+
 #[derive(Debug, Default)]
 struct Account {
-    dicts: ByInterval<SessionDict>,
+    dicts: ByInterval<Dict>,
     /// What an operator stored for this account.
     overrides: Option<Box<AccountLimits>>,
     /// The plan its most recent token carried.
     token_plan: Option<Box<str>>,
     /// Since when the account has been over its limit, within a grace.
     over_since: Option<UnixMillis>,
-    /// Highest active count per minute, newest last.
-    peaks: VecDeque<(u64, u32)>,
-    /// Every session some live dictionary holds, and when this checker last
-    /// heard its heartbeat (0: not yet). The liveness lookup runs per
-    /// heartbeat, so it must not scan the dictionaries.
-    seen: HashMap<SessionId, UnixMillis>,
+    peaks: Peaks,
     /// Sessions already announced as timed out.
     timed_out: HashSet<SessionId>,
     /// Active sessions when the sweep last looked.
@@ -51,23 +95,25 @@ struct Account {
 }
 
 impl Account {
-    /// Rebuilds the session index after the dictionaries changed, keeping
-    /// what was heard of the sessions that stay.
-    fn reindex(&mut self) {
-        let n = self.dicts.values().map(|d| d.len()).max().unwrap_or(0);
-        let mut seen = HashMap::with_capacity(n);
-        for rec in self.dicts.values().flat_map(|d| d.values()) {
-            let heard = self.seen.get(&rec.session).copied().unwrap_or(0);
-            seen.insert(rec.session.clone(), heard);
-        }
-        self.seen = seen;
-        let seen = &self.seen;
-        self.timed_out.retain(|s| seen.contains_key(s));
-        self.due = 0;
+    /// Whether a live dictionary holds `session`.
+    fn holds(&self, session: &SessionId) -> bool {
+        self.dicts
+            .values()
+            .any(|d| d.values().any(|s| &s.rec.session == session))
     }
 
-    fn heard(&self, session: &SessionId) -> UnixMillis {
-        self.seen.get(session).copied().unwrap_or(0)
+    /// After the dictionaries changed: forget timeouts of sessions gone, and
+    /// look at the account again.
+    fn changed(&mut self) {
+        if !self.timed_out.is_empty() {
+            let held: HashSet<&SessionId> = self
+                .dicts
+                .values()
+                .flat_map(|d| d.values().map(|s| &s.rec.session))
+                .collect();
+            self.timed_out.retain(|s| held.contains(s));
+        }
+        self.due = 0;
     }
 }
 
@@ -163,10 +209,10 @@ fn pick(policy: Policy, group: &[&ActiveSession], cap: usize) -> Vec<Verdict> {
 /// Calls `f` with each device's newest record over the live intervals
 /// (`cur`, then `prev` for devices `cur` does not hold), without allocating.
 fn for_each_newest<'a>(
-    dicts: &'a ByInterval<SessionDict>,
+    dicts: &'a ByInterval<Dict>,
     prev: u64,
     cur: u64,
-    mut f: impl FnMut(&'a DeviceId, &'a SessionRecord),
+    mut f: impl FnMut(&'a DeviceId, &'a Seen),
 ) {
     let cur_d = dicts.get(&cur);
     if let Some(d) = cur_d {
@@ -182,20 +228,6 @@ fn for_each_newest<'a>(
                 f(device, rec);
             }
         }
-    }
-}
-
-/// Keeps the highest count of each minute, for the last window.
-pub fn record_peak(peaks: &mut VecDeque<(u64, u32)>, minute: u64, n: u32) {
-    match peaks.back_mut() {
-        Some((m, max)) if *m == minute => *max = (*max).max(n),
-        _ => peaks.push_back((minute, n)),
-    }
-    while peaks
-        .front()
-        .is_some_and(|(m, _)| minute.saturating_sub(*m) >= PEAK_WINDOW_MINUTES)
-    {
-        peaks.pop_front();
     }
 }
 
@@ -224,14 +256,28 @@ impl View {
         }
     }
 
+    /// Installs an interval dictionary as the KV watch delivered it, keeping
+    /// what this checker heard of the sessions it already knew.
     pub fn set_dict(&mut self, account: &AccountId, interval: u64, dict: SessionDict) {
         let acct = self.accounts.entry(account.clone()).or_default();
         if dict.is_empty() {
             acct.dicts.remove(&interval);
         } else {
-            acct.dicts.insert(interval, dict);
+            let mut held = Dict::with_capacity(dict.len());
+            for (device, rec) in dict {
+                let heard = acct
+                    .dicts
+                    .values()
+                    .filter_map(|d| d.get(&device))
+                    .filter(|s| s.rec.session == rec.session)
+                    .map(|s| s.heard)
+                    .max()
+                    .unwrap_or(0);
+                held.insert(device, Seen { rec, heard });
+            }
+            acct.dicts.insert(interval, held);
         }
-        acct.reindex();
+        acct.changed();
     }
 
     pub fn plans(&self) -> &Plans {
@@ -305,14 +351,25 @@ impl View {
     /// whether the session just became evidently live to this checker (first
     /// heartbeat heard, or back after a timeout): the account's limit must
     /// then be looked at again.
-    pub fn heard(&mut self, account: &str, session: &str, now: UnixMillis) -> bool {
+    pub fn heard(&mut self, account: &str, device: &str, session: &str, now: UnixMillis) -> bool {
         let Some(acct) = self.accounts.get_mut(account) else {
             return false;
         };
-        let Some(heard) = acct.seen.get_mut(session) else {
+        let mut before = None;
+        for d in acct.dicts.values_mut() {
+            if let Some(s) = d.get_mut(device)
+                && s.rec.session.as_str() == session
+            {
+                before = Some(
+                    before
+                        .unwrap_or(0)
+                        .max(std::mem::replace(&mut s.heard, now)),
+                );
+            }
+        }
+        let Some(before) = before else {
             return false;
         };
-        let before = std::mem::replace(heard, now);
         let was_timed_out = !acct.timed_out.is_empty() && acct.timed_out.remove(session);
         let revived =
             was_timed_out || before == 0 || now.saturating_sub(before) > self.rules.timeout_ms;
@@ -361,22 +418,24 @@ impl View {
         let floor = if grace { self.started_at } else { 0 };
         let [prev, cur] = self.rules.clock.live_intervals(now);
         // Newest interval wins per device.
-        let mut per_device: HashMap<&DeviceId, (&headcount_protocol::wire::SessionRecord, u64)> =
-            HashMap::new();
+        let mut per_device: HashMap<&DeviceId, (&Seen, u64)> = HashMap::new();
         for (interval, dict) in acct.dicts.iter().filter(|(i, _)| (prev..=cur).contains(i)) {
-            for (device, rec) in dict {
-                per_device.insert(device, (rec, interval));
+            for (device, seen) in dict {
+                per_device.insert(device, (seen, interval));
             }
         }
         per_device
             .into_iter()
-            .filter(|(_, (rec, _))| !self.is_revoked(account, &rec.session))
-            .map(|(device, (rec, _))| ActiveSession {
-                device: device.clone(),
-                session: rec.session.clone(),
-                since: rec.since,
-                last_seen: rec.last_seen.max(acct.heard(&rec.session)).max(floor),
-                labels: rec.labels.clone(),
+            .filter(|(_, (seen, _))| !self.is_revoked(account, &seen.rec.session))
+            .map(|(device, (seen, _))| {
+                let rec = &seen.rec;
+                ActiveSession {
+                    device: device.clone(),
+                    session: rec.session.clone(),
+                    since: rec.since,
+                    last_seen: seen.last_seen().max(floor),
+                    labels: rec.labels.clone(),
+                }
             })
             .collect()
     }
@@ -547,10 +606,7 @@ impl View {
         for s in self.active(account, now) {
             b.add(&s);
         }
-        b.peak = self
-            .accounts
-            .get(account)
-            .map_or(0, |a| a.peaks.iter().map(|(_, n)| *n).max().unwrap_or(0));
+        b.peak = self.accounts.get(account).map_or(0, |a| a.peaks.max());
         b.peak = b.peak.max(b.total);
         b
     }
@@ -560,10 +616,9 @@ impl View {
         let [prev, cur] = self.rules.clock.live_intervals(now);
         let (timeout, floor) = (self.rules.timeout_ms, self.started_at);
         let mut n = 0;
-        for_each_newest(&acct.dicts, prev, cur, |_, rec| {
-            if !self.revoked.contains_key(&rec.session)
-                && now.saturating_sub(rec.last_seen.max(acct.heard(&rec.session)).max(floor))
-                    <= timeout
+        for_each_newest(&acct.dicts, prev, cur, |_, seen| {
+            if !self.revoked.contains_key(&seen.rec.session)
+                && now.saturating_sub(seen.last_seen().max(floor)) <= timeout
             {
                 n += 1;
             }
@@ -594,16 +649,14 @@ impl View {
         let mut total = 0u32;
         let mut counts: [HashMap<&str, u32>; 3] = Default::default();
         for acct in self.accounts.values() {
-            for_each_newest(&acct.dicts, prev, cur, |_, rec| {
-                if self.revoked.contains_key(&rec.session) {
-                    return;
-                }
-                let heard = acct.heard(&rec.session);
-                if now.saturating_sub(rec.last_seen.max(heard).max(floor)) > timeout {
+            for_each_newest(&acct.dicts, prev, cur, |_, seen| {
+                if self.revoked.contains_key(&seen.rec.session)
+                    || now.saturating_sub(seen.last_seen().max(floor)) > timeout
+                {
                     return;
                 }
                 total += 1;
-                let l = &rec.labels;
+                let l = &seen.rec.labels;
                 for (map, value) in counts.iter_mut().zip([l.content(), l.kind(), l.region()]) {
                     *map.entry(value.unwrap_or("unknown")).or_default() += 1;
                 }
@@ -632,7 +685,7 @@ impl View {
             .iter()
             .filter(|(i, _)| (prev..=cur).contains(i))
             .flat_map(|(_, d)| d.iter())
-            .find(|(_, r)| &r.session == session)
+            .find(|(_, s)| &s.rec.session == session)
             .map(|(d, _)| d.clone())
     }
 
@@ -656,18 +709,19 @@ impl View {
         for (account, acct) in self.accounts.iter_mut() {
             if acct.dicts.iter().next().is_some_and(|(i, _)| i < prev) {
                 acct.dicts.retain(|i, _| i >= prev);
-                acct.reindex();
+                acct.changed();
                 pruned = true;
             }
             if acct.due <= now {
                 let mut live = 0u32;
                 let mut due = UnixMillis::MAX;
                 let mut expired: Vec<(DeviceId, SessionRecord, UnixMillis)> = Vec::new();
-                for_each_newest(&acct.dicts, prev, cur, |device, rec| {
+                for_each_newest(&acct.dicts, prev, cur, |device, seen| {
+                    let rec = &seen.rec;
                     if revoked.contains_key(&rec.session) {
                         return;
                     }
-                    let last_seen = rec.last_seen.max(acct.heard(&rec.session)).max(floor);
+                    let last_seen = seen.last_seen().max(floor);
                     if now.saturating_sub(last_seen) <= timeout {
                         live += 1;
                         due = due.min(last_seen + timeout + 1);
@@ -692,7 +746,7 @@ impl View {
                 }
             }
             total += acct.live;
-            record_peak(&mut acct.peaks, minute, acct.live);
+            acct.peaks.record(minute, acct.live);
         }
         if pruned {
             self.accounts.retain(|_, a| {
@@ -700,11 +754,8 @@ impl View {
             });
             // A revocation matters only while a live dictionary holds the session.
             let accounts = &self.accounts;
-            self.revoked.retain(|s, a| {
-                accounts
-                    .get(a)
-                    .is_some_and(|acct| acct.seen.contains_key(s))
-            });
+            self.revoked
+                .retain(|s, a| accounts.get(a).is_some_and(|acct| acct.holds(s)));
         }
         (timed_out, total)
     }
@@ -768,8 +819,8 @@ mod tests {
         let mut v = View::new(rules(5, Policy::EvictOldest), 0);
         let s1 = SessionId::parse("s1").unwrap();
         v.set_dict(&acct(), 0, dict(&[("a", "s1", 1_000)]));
-        assert!(v.heard("acme", s1.as_str(), 10_000));
-        assert!(!v.heard("acme", "nope", 10_000));
+        assert!(v.heard("acme", "a", s1.as_str(), 10_000));
+        assert!(!v.heard("acme", "a", "nope", 10_000));
         assert_eq!(v.active(&acct(), 24_000).len(), 1);
         assert!(v.sweep(24_000).0.is_empty());
         assert_eq!(v.sweep(25_001).0.len(), 1);
@@ -790,7 +841,7 @@ mod tests {
         v.revoke(&acct(), &SessionId::parse("s2").unwrap());
         assert_eq!(v.sweep(3_500).1, 2);
         // s1 is kept alive by heartbeats, s3 is not: only s3 times out, on time.
-        v.heard("acme", "s1", 12_000);
+        v.heard("acme", "a", "s1", 12_000);
         let (gone, n) = v.sweep(16_001);
         assert_eq!(n, 1);
         assert_eq!(gone.len(), 1);
@@ -802,8 +853,36 @@ mod tests {
         );
         assert_eq!(v.sweep(27_500).1, 0);
         // Heard again: counted again at once.
-        assert!(v.heard("acme", "s1", 28_000));
+        assert!(v.heard("acme", "a", "s1", 28_000));
         assert_eq!(v.sweep(28_000).1, 1);
+    }
+
+    #[test]
+    fn what_was_heard_survives_a_new_copy_of_the_dictionary() {
+        let mut v = View::new(rules(5, Policy::EvictOldest), 0);
+        v.set_dict(&acct(), 0, dict(&[("a", "s1", 1_000)]));
+        assert!(v.heard("acme", "a", "s1", 14_000));
+        // Another device joins: the watch delivers the whole dictionary again.
+        v.set_dict(&acct(), 0, dict(&[("a", "s1", 1_000), ("b", "s2", 14_000)]));
+        assert_eq!(v.active(&acct(), 20_000).len(), 2, "s1 was heard at 14 s");
+        assert!(!v.heard("acme", "b", "s1", 20_000), "wrong device");
+    }
+
+    #[test]
+    fn peaks_keep_the_highest_count_of_each_recent_minute() {
+        let mut p = Peaks::default();
+        p.record(100, 5);
+        p.record(100, 3);
+        p.record(101, 4);
+        assert_eq!(p.max(), 5);
+        p.record(100 + PEAK_WINDOW_MINUTES, 1);
+        assert_eq!(p.max(), 4, "minute 100 left the window");
+        p.record(1_000, 2);
+        assert_eq!(p.max(), 2, "a long gap clears everything");
+        p.record(990, 9);
+        assert_eq!(p.max(), 9, "a minute within the window still counts");
+        p.record(900, 50);
+        assert_eq!(p.max(), 9, "too old to count");
     }
 
     #[test]
@@ -889,11 +968,11 @@ mod tests {
             SessionId::parse("sc").unwrap(),
         );
         assert!(
-            v.heard("acme", sb.as_str(), 101_000),
+            v.heard("acme", "b", sb.as_str(), 101_000),
             "first heartbeat heard: look again"
         );
-        assert!(v.heard("acme", sc.as_str(), 102_000));
-        assert!(!v.heard("acme", sc.as_str(), 103_000), "nothing new");
+        assert!(v.heard("acme", "c", sc.as_str(), 102_000));
+        assert!(!v.heard("acme", "c", sc.as_str(), 103_000), "nothing new");
         assert!(v.over_limit(&acct(), 103_000).is_empty(), "two live of two");
         let out = v
             .check(&acct(), &DeviceId::parse("b").unwrap(), None, None, 103_000)
@@ -906,9 +985,9 @@ mod tests {
         let mut v = View::new(rules(5, Policy::EvictOldest), 0);
         let s1 = SessionId::parse("s1").unwrap();
         v.set_dict(&acct(), 0, dict(&[("a", "s1", 1_000)]));
-        assert!(v.heard("acme", s1.as_str(), 2_000));
+        assert!(v.heard("acme", "a", s1.as_str(), 2_000));
         assert_eq!(v.sweep(20_000).0.len(), 1);
-        assert!(v.heard("acme", s1.as_str(), 21_000), "revived");
+        assert!(v.heard("acme", "a", s1.as_str(), 21_000), "revived");
     }
 
     fn with_content(mut d: SessionDict, contents: &[(&str, &str)]) -> SessionDict {
@@ -967,8 +1046,8 @@ mod tests {
             dict(&[("a", "s1", 1_000), ("b", "s2", 2_000), ("c", "s3", 3_000)]),
         );
         // s1 is the oldest but heard most recently; s2 is the quietest.
-        v.heard("acme", "s1", 9_000);
-        v.heard("acme", "s3", 8_000);
+        v.heard("acme", "a", "s1", 9_000);
+        v.heard("acme", "c", "s3", 8_000);
         let over = v.over_limit(&acct(), 9_500);
         assert_eq!(over.len(), 1);
         assert_eq!(over[0].victim.session.as_str(), "s2");

@@ -38,6 +38,9 @@ enum BenchKind {
     /// amplification, check/active latency and throughput next to a bare
     /// echo responder, freshness, memory per session, at each session count.
     All(AllArgs),
+    /// Steady load for a while, with memory and latency reported at every
+    /// step: resident memory must stay flat.
+    Soak(SoakArgs),
     /// Time from a new session's first heartbeat to it showing in `active`,
     /// and from a `leave` to its seat being free (against a running `up`).
     Freshness {
@@ -98,8 +101,32 @@ pub struct AllArgs {
     dir: Option<PathBuf>,
 }
 
+#[derive(Debug, Args)]
+pub struct SoakArgs {
+    /// Sessions heartbeating every 5 s throughout.
+    #[arg(long, default_value_t = 100_000)]
+    sessions: usize,
+    /// Devices per account.
+    #[arg(long, default_value_t = 10)]
+    devices_per_account: usize,
+    /// How long to run (e.g. 10m).
+    #[arg(long, default_value = "10m", value_parser = crate::config::humantime_secs)]
+    duration: Duration,
+    /// How often to report (e.g. 1m).
+    #[arg(long, default_value = "1m", value_parser = crate::config::humantime_secs)]
+    every: Duration,
+    /// Each step, this share of the sessions leaves and is replaced by new
+    /// ones (churn), in percent.
+    #[arg(long, default_value_t = 5)]
+    churn_percent: usize,
+    /// Scratch directory (default: a new temporary directory).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+}
+
 pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
     match a.what {
+        BenchKind::Soak(a) => soak(a).await,
         BenchKind::Freshness { samples, nats } => {
             let client = nats.options("headcount-bench")?.connect().await?;
             let f = freshness(&client, samples).await?;
@@ -178,6 +205,21 @@ fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
     Ok(kb * 1024)
 }
 
+/// Resident memory once it has settled after a burst: sampled every second
+/// until it stops falling (at most `max` seconds).
+async fn settled_rss(pid: u32, max: u64) -> anyhow::Result<u64> {
+    let mut last = rss_bytes(pid)?;
+    for _ in 0..max {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = rss_bytes(pid)?;
+        if now + now / 200 >= last {
+            return Ok(now.min(last));
+        }
+        last = now;
+    }
+    Ok(last)
+}
+
 /// One ~100-byte heartbeat payload.
 fn payload(seq: u64) -> Bytes {
     Heartbeat {
@@ -220,6 +262,27 @@ async fn publish_all(
     }
     client.flush().await?;
     Ok(start.elapsed())
+}
+
+/// One heartbeat per session spread evenly over `period`, as a fleet with
+/// that heartbeat period sends them (the steady state, no burst).
+async fn publish_paced(
+    client: &async_nats::Client,
+    subjects: &[String],
+    period: Duration,
+) -> anyhow::Result<()> {
+    let p = payload(1);
+    let slices = 50usize;
+    let per_slice = subjects.len().div_ceil(slices);
+    let mut tick = tokio::time::interval(period / slices as u32);
+    for chunk in subjects.chunks(per_slice.max(1)) {
+        tick.tick().await;
+        for s in chunk {
+            client.publish(s.clone(), p.clone()).await?;
+        }
+        client.flush().await?;
+    }
+    Ok(())
 }
 
 /// Publishes `n` heartbeats like [`publish_all`], but never more than
@@ -702,13 +765,19 @@ async fn at_size(
         let m = handler.metrics().await?;
         Ok(sum_prefix(&m, "headcount_heartbeats_total") as u64)
     };
-    publish_windowed(&publisher, &subjects, sessions, window, processed).await?;
+    // A small window: the sessions join at the handler's pace without a
+    // backlog of buffered messages, so the memory figure below is what the
+    // sessions cost, not a burst's buffers.
+    publish_windowed(&publisher, &subjects, sessions, 5_000, processed).await?;
     handler
         .wait_metrics("handler recorded every session", |m| {
             m.get("headcount_handler_sessions").copied().unwrap_or(0.0) >= sessions as f64
         })
         .await?;
     ingest.join_secs = join_start.elapsed().as_secs_f64();
+    // Steady state: every session heartbeats once more, at a 5 s period.
+    publish_paced(&publisher, &subjects, Duration::from_secs(5)).await?;
+    let handler_full = settled_rss(handler.pid()?, 20).await?;
     let base = sum_prefix(&handler.metrics().await?, "headcount_heartbeats_total");
     let start = Instant::now();
     let processed = async || -> anyhow::Result<u64> {
@@ -737,7 +806,6 @@ async fn at_size(
         .get(r#"headcount_kv_writes_total{result="ok"}"#)
         .copied()
         .unwrap_or(0.0);
-    let handler_full = rss_bytes(handler.pid()?)?;
 
     // The checker with every session loaded and heard.
     let checker = env.service("checker", &checker_args)?;
@@ -746,9 +814,9 @@ async fn at_size(
             m.get("headcount_active_sessions").copied().unwrap_or(0.0) >= sessions as f64
         })
         .await?;
-    publish_all(&publisher, &subjects, sessions).await?;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let checker_full = rss_bytes(checker.pid()?)?;
+    // Steady state: each session heard once, at a 5 s heartbeat period.
+    publish_paced(&publisher, &subjects, Duration::from_secs(5)).await?;
+    let checker_full = settled_rss(checker.pid()?, 20).await?;
     let memory = Memory {
         handler: handler_full.saturating_sub(handler_empty) as f64 / sessions as f64,
         checker: checker_full.saturating_sub(checker_empty) as f64 / sessions as f64,
@@ -1030,4 +1098,172 @@ fn nats_version() -> String {
         .and_then(|o| String::from_utf8(o.stdout).ok())
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|| "?".into())
+}
+
+// ---------- soak ----------
+
+/// One report of the soak run.
+#[derive(Debug)]
+struct SoakStep {
+    at: Duration,
+    handler_rss: u64,
+    checker_rss: u64,
+    check: Dist,
+    heartbeats: f64,
+    lost: u64,
+    active: f64,
+}
+
+async fn soak(a: SoakArgs) -> anyhow::Result<()> {
+    let tmp;
+    let dir = match &a.dir {
+        Some(d) => d.clone(),
+        None => {
+            tmp = tempfile::tempdir()?;
+            tmp.path().to_path_buf()
+        }
+    };
+    let env = Env::start(&dir).await?;
+    let handler = env.service("handler", &["--max-heartbeat-rate", "1000000000"])?;
+    let checker = env.service("checker", &["--default-limit", "10000"])?;
+    checker
+        .wait_metrics("checker up", |m| {
+            m.contains_key("headcount_active_sessions")
+        })
+        .await?;
+    handler
+        .wait_metrics("handler up", |m| {
+            m.contains_key("headcount_handler_sessions")
+        })
+        .await?;
+    let publisher = env.client("soak-publisher").await?;
+    let client = env.client("soak-client").await?;
+    let run = nuid::next().to_string()[..6].to_string();
+    let mut subjects = session_subjects(&run, a.sessions, a.devices_per_account)?;
+    let mut next_id = a.sessions;
+    let one_account = subjects[0]
+        .split('.')
+        .nth(1)
+        .context("subject shape")?
+        .to_string();
+    let check_body = Bytes::from(serde_json::to_vec(
+        &serde_json::json!({"account": one_account, "device": "device-0"}),
+    )?);
+    println!(
+        "soak: {} sessions at a 5 s heartbeat, {}% replaced every {:?}, for {:?}",
+        a.sessions, a.churn_percent, a.every, a.duration
+    );
+    println!(
+        "{:>8} {:>12} {:>12} {:>10} {:>10} {:>12} {:>8} {:>10}",
+        "time",
+        "handler RSS",
+        "checker RSS",
+        "check p50",
+        "check p99",
+        "heartbeats/s",
+        "lost",
+        "active"
+    );
+    let start = Instant::now();
+    let mut steps: Vec<SoakStep> = Vec::new();
+    let mut published = 0u64;
+    let processed = async || -> anyhow::Result<f64> {
+        Ok(sum_prefix(
+            &handler.metrics().await?,
+            "headcount_heartbeats_total",
+        ))
+    };
+    let mut last_processed = processed().await?;
+    let mut step_start = Instant::now();
+    while start.elapsed() < a.duration {
+        let step_end = step_start + a.every;
+        // Heartbeats for every session, 5 s apart, until the step ends.
+        while Instant::now() + Duration::from_secs(5) <= step_end && start.elapsed() < a.duration {
+            publish_paced(&publisher, &subjects, Duration::from_secs(5)).await?;
+            published += subjects.len() as u64;
+        }
+        // Churn: some sessions leave, as many new ones join.
+        let n = subjects.len() * a.churn_percent / 100;
+        let leave: Bytes = Heartbeat {
+            leave: true,
+            ..Default::default()
+        }
+        .encode()
+        .into();
+        for i in 0..n {
+            let victim = (i * 7919 + next_id) % subjects.len();
+            publisher
+                .publish(subjects[victim].clone(), leave.clone())
+                .await?;
+            published += 1;
+            let (account, device) = {
+                let mut parts = subjects[victim].split('.');
+                parts.next();
+                (
+                    parts.next().unwrap_or_default().to_string(),
+                    parts.next().unwrap_or_default().to_string(),
+                )
+            };
+            let session = SessionId::parse(&format!("{run}{next_id:016}"))?;
+            next_id += 1;
+            subjects[victim] = subjects::heartbeat(
+                &AccountId::parse(&account)?,
+                &DeviceId::parse(&device)?,
+                &session,
+            );
+        }
+        publisher.flush().await?;
+        let wait = step_end.saturating_duration_since(Instant::now());
+        tokio::time::sleep(wait).await;
+        let now_processed = processed().await?;
+        let secs = step_start.elapsed().as_secs_f64();
+        let check = one_by_one(
+            &client,
+            &endpoint_subject(endpoint::CHECK),
+            check_body.clone(),
+            300,
+        )
+        .await?;
+        let active = checker
+            .metrics()
+            .await?
+            .get("headcount_active_sessions")
+            .copied()
+            .unwrap_or(0.0);
+        let step = SoakStep {
+            at: start.elapsed(),
+            handler_rss: rss_bytes(handler.pid()?)?,
+            checker_rss: rss_bytes(checker.pid()?)?,
+            check,
+            heartbeats: (now_processed - last_processed) / secs,
+            lost: published.saturating_sub(now_processed as u64),
+            active,
+        };
+        println!(
+            "{:>7.0}s {:>9.1} MB {:>9.1} MB {:>10} {:>10} {:>12.0} {:>8} {:>10.0}",
+            step.at.as_secs_f64(),
+            step.handler_rss as f64 / 1e6,
+            step.checker_rss as f64 / 1e6,
+            us(step.check.p50),
+            us(step.check.p99),
+            step.heartbeats,
+            step.lost,
+            step.active
+        );
+        steps.push(step);
+        last_processed = now_processed;
+        step_start = Instant::now();
+    }
+    if let (Some(first), Some(last)) = (steps.get(1).or(steps.first()), steps.last()) {
+        let growth = |a: u64, b: u64| (b as f64 - a as f64) / a.max(1) as f64 * 100.0;
+        println!(
+            "memory from the second report to the last: handler {:+.1}%, checker {:+.1}%",
+            growth(first.handler_rss, last.handler_rss),
+            growth(first.checker_rss, last.checker_rss)
+        );
+    }
+    checker.stop().await;
+    handler.stop().await;
+    env.nats.stop().await;
+    Ok(())
 }

@@ -141,9 +141,10 @@ pub struct EngineArgs {
     /// Policy of accounts with no policy of their own.
     #[arg(long, env = "HEADCOUNT_DEFAULT_POLICY", default_value = "evict-oldest")]
     pub default_policy: Policy,
-    /// KV replicas per bucket (3 on a three-node cluster).
-    #[arg(long, env = "HEADCOUNT_REPLICAS", default_value_t = 1)]
-    pub replicas: usize,
+    /// KV replicas per bucket: 1 on one server, 3 on a cluster (default: 1,
+    /// or 3 with `up --cluster`). Existing buckets are updated to it.
+    #[arg(long, env = "HEADCOUNT_REPLICAS")]
+    pub replicas: Option<usize>,
     /// How long a revocation is kept: at least the token lifetime, so an
     /// ended session's token cannot connect again before it expires.
     #[arg(long, env = "HEADCOUNT_REVOKED_TTL", default_value = "16m", value_parser = humantime_secs)]
@@ -157,7 +158,7 @@ pub struct EngineArgs {
 impl EngineArgs {
     pub fn buckets(&self) -> BucketSettings {
         BucketSettings {
-            replicas: self.replicas,
+            replicas: self.replicas.unwrap_or(1),
             sessions_ttl: headcount_protocol::IntervalClock::new(self.interval).dictionary_ttl(),
             revoked_ttl: self.revoked_ttl,
             timeouts_ttl: (self.timeout * 4).max(Duration::from_secs(30)),

@@ -22,6 +22,8 @@ use crate::simulate::{FleetAccess, FleetSpec, FleetStats, fleet};
 const NATS_CONF: &str = include_str!("../../../nats.conf");
 /// The configuration of `--insecure`: no device authentication.
 const NATS_CONF_INSECURE: &str = include_str!("../../../deploy/nats-insecure.conf");
+/// One node of a cluster: the configuration above plus the cluster block.
+const NATS_CLUSTER_NODE: &str = include_str!("../../../deploy/cluster/node.conf");
 
 #[derive(Debug, Args)]
 pub struct UpArgs {
@@ -33,9 +35,20 @@ pub struct UpArgs {
     nats_user: Option<String>,
     #[arg(long, env = "HEADCOUNT_NATS_PASSWORD", hide_env_values = true)]
     nats_password: Option<String>,
-    /// Client port of the nats-server started here.
+    /// Client port of the nats-server started here (with --cluster, of the
+    /// first node; the others take the next ports).
     #[arg(long, env = "HEADCOUNT_NATS_PORT", default_value_t = 4222)]
     nats_port: u16,
+    /// Start a JetStream cluster of this many nodes on 127.0.0.1 instead of
+    /// one server (3 or 5), with the buckets replicated 3 times.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(3..=5))]
+    cluster: Option<u16>,
+    /// Route port of the first cluster node (the others take the next).
+    #[arg(long, default_value_t = 6222)]
+    cluster_port: u16,
+    /// Monitoring port (/healthz) of the first cluster node.
+    #[arg(long, default_value_t = 8222)]
+    monitor_port: u16,
     /// Port of the token-vendor's HTTP API (POST /v1/tokens, JWKS).
     #[arg(long, env = "HEADCOUNT_HTTP_PORT", default_value_t = 8080)]
     http_port: u16,
@@ -124,6 +137,15 @@ pub(crate) struct NatsProcess {
     child: tokio::process::Child,
 }
 
+/// Where one node of a local cluster listens.
+#[derive(Debug, Clone, Copy)]
+struct Node {
+    index: u16,
+    client: u16,
+    cluster: u16,
+    monitor: u16,
+}
+
 impl NatsProcess {
     pub(crate) async fn start(
         dir: &Path,
@@ -138,18 +160,77 @@ impl NatsProcess {
             NATS_CONF_INSECURE
         };
         std::fs::write(&conf, text).with_context(|| format!("writing {}", conf.display()))?;
-        let log = dir.join("nats.log");
         let mut cmd = tokio::process::Command::new("nats-server");
+        cmd.arg("-c")
+            .arg(&conf)
+            .arg("-sd")
+            .arg(dir.join("jetstream"));
+        Self::spawn(cmd, dir.join("nats.log"), port, secrets, issuer).await
+    }
+
+    /// Starts every node of a cluster on 127.0.0.1 and waits until each one
+    /// accepts clients; JetStream elects its leaders in the background.
+    async fn start_cluster(
+        dir: &Path,
+        nodes: &[Node],
+        secrets: &Secrets,
+        issuer: Option<&str>,
+    ) -> anyhow::Result<Vec<Self>> {
+        let base = if issuer.is_some() {
+            NATS_CONF
+        } else {
+            NATS_CONF_INSECURE
+        };
+        std::fs::write(dir.join("nats.conf"), base)?;
+        let node_conf = dir.join("nats-node.conf");
+        std::fs::write(
+            &node_conf,
+            NATS_CLUSTER_NODE.replace("\"../../nats.conf\"", "\"nats.conf\""),
+        )?;
+        let route_password = &secrets.service_password;
+        let routes: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("nats://route:{route_password}@127.0.0.1:{}", n.cluster))
+            .collect();
+        let mut started = Vec::new();
+        for n in nodes {
+            let name = format!("n{}", n.index);
+            let mut cmd = tokio::process::Command::new("nats-server");
+            cmd.arg("-c")
+                .arg(&node_conf)
+                .arg("-sd")
+                .arg(dir.join(format!("jetstream-{name}")))
+                .arg("--cluster")
+                .arg(format!("nats://127.0.0.1:{}", n.cluster))
+                .env("HEADCOUNT_NODE", &name)
+                .env("HEADCOUNT_CLIENT_PORT", n.client.to_string())
+                .env("HEADCOUNT_MONITOR_PORT", n.monitor.to_string())
+                .env("HEADCOUNT_CLUSTER_PORT", n.cluster.to_string())
+                .env("HEADCOUNT_ROUTE_PASSWORD", route_password);
+            // node.conf names three routes; a five-node cluster lists the
+            // first three as seeds and the others find the rest through them.
+            for (i, route) in routes.iter().cycle().take(3).enumerate() {
+                cmd.env(format!("HEADCOUNT_ROUTE_{}", i + 1), route);
+            }
+            let log = dir.join(format!("nats-{name}.log"));
+            started.push(Self::spawn(cmd, log, n.client, secrets, issuer).await?);
+        }
+        Ok(started)
+    }
+
+    async fn spawn(
+        mut cmd: tokio::process::Command,
+        log: PathBuf,
+        port: u16,
+        secrets: &Secrets,
+        issuer: Option<&str>,
+    ) -> anyhow::Result<Self> {
         // Its own process group: Ctrl-C reaches `up` alone, which drains the
         // services first and then stops the server.
         #[cfg(unix)]
         cmd.process_group(0);
         let child = cmd
-            .arg("-c")
-            .arg(&conf)
             .args(["-a", "127.0.0.1", "-p", &port.to_string()])
-            .arg("-sd")
-            .arg(dir.join("jetstream"))
             .arg("-l")
             .arg(&log)
             .env("HEADCOUNT_SERVICE_PASSWORD", &secrets.service_password)
@@ -233,18 +314,41 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
             trigger.fire();
         });
     }
-    let (nats_process, nats_urls, user, password) = if a.nats_urls.is_empty() {
+    let (nats_processes, nats_urls, user, password) = if a.nats_urls.is_empty()
+        && let Some(size) = a.cluster
+    {
+        let nodes: Vec<Node> = (0..size)
+            .map(|i| Node {
+                index: i + 1,
+                client: a.nats_port + i,
+                cluster: a.cluster_port + i,
+                monitor: a.monitor_port + i,
+            })
+            .collect();
+        let started =
+            NatsProcess::start_cluster(&a.data_dir, &nodes, &secrets, issuer_key.as_deref())
+                .await?;
+        (
+            started,
+            nodes
+                .iter()
+                .map(|n| format!("nats://127.0.0.1:{}", n.client))
+                .collect(),
+            "headcount".to_string(),
+            secrets.service_password.clone(),
+        )
+    } else if a.nats_urls.is_empty() {
         let p =
             NatsProcess::start(&a.data_dir, a.nats_port, &secrets, issuer_key.as_deref()).await?;
         (
-            Some(p),
+            vec![p],
             vec![format!("nats://127.0.0.1:{}", a.nats_port)],
             "headcount".to_string(),
             secrets.service_password.clone(),
         )
     } else {
         (
-            None,
+            Vec::new(),
             a.nats_urls.clone(),
             a.nats_user.clone().unwrap_or_else(|| "headcount".into()),
             a.nats_password
@@ -265,9 +369,7 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
         )
         .await
     };
-    if let Some(p) = nats_process {
-        p.stop().await;
-    }
+    futures::future::join_all(nats_processes.into_iter().map(NatsProcess::stop)).await;
     let _ = std::fs::remove_file(UpInfo::path(&a.data_dir));
     result
 }
@@ -291,7 +393,11 @@ async fn run_services(
     let handler_client = opts("headcount-handler").connect().await?;
     let checker_client = opts("headcount-checker").connect().await?;
     let vendor_client = opts("headcount-token-vendor").connect().await?;
-    let buckets = Buckets::open(&handler_client, &a.engine.buckets()).await?;
+    let mut settings = a.engine.buckets();
+    if a.cluster.is_some() && a.engine.replicas.is_none() {
+        settings.replicas = 3;
+    }
+    let buckets = Buckets::open(&handler_client, &settings).await?;
 
     let handler = tokio::spawn(heartbeat_handler::run(
         a.engine.handler(),

@@ -84,6 +84,7 @@ impl<T> ByInterval<T> {
         let p = match self.position(interval) {
             Ok(p) => p,
             Err(p) => {
+                self.0.reserve_exact(1);
                 self.0.insert(p, (interval, make()));
                 p
             }
@@ -94,7 +95,10 @@ impl<T> ByInterval<T> {
     pub fn insert(&mut self, interval: u64, value: T) {
         match self.position(interval) {
             Ok(p) => self.0[p].1 = value,
-            Err(p) => self.0.insert(p, (interval, value)),
+            Err(p) => {
+                self.0.reserve_exact(1);
+                self.0.insert(p, (interval, value));
+            }
         }
     }
 

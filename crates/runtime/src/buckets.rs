@@ -40,10 +40,17 @@ impl Buckets {
     /// Creates the buckets or brings their settings up to date. Safe to call
     /// from every service at start-up, concurrently.
     pub async fn open(client: &async_nats::Client, s: &BucketSettings) -> anyhow::Result<Self> {
-        let js = jetstream::new(client.clone());
+        // A short timeout for these requests: right after a cluster starts
+        // (or loses its meta leader) they go unanswered for a while, and a
+        // quick retry beats a long wait. The stores themselves keep the
+        // client's usual timeout.
+        let js = jetstream::ContextBuilder::new()
+            .timeout(Duration::from_secs(2))
+            .build(client.clone());
+        let js_default = jetstream::new(client.clone());
         let open =
             |bucket: &'static str, description: &'static str, max_age: Duration, history: i64| {
-                let js = js.clone();
+                let (js, js_default) = (js.clone(), js_default.clone());
                 let cfg = kv::Config {
                     bucket: bucket.to_string(),
                     description: description.to_string(),
@@ -59,7 +66,12 @@ impl Buckets {
                     let mut delay = Duration::from_millis(100);
                     for attempt in 0.. {
                         match js.create_or_update_key_value(cfg.clone()).await {
-                            Ok(store) => return Ok(store),
+                            Ok(_) => {
+                                return js_default
+                                    .get_key_value(bucket)
+                                    .await
+                                    .with_context(|| format!("opening kv bucket {bucket}"));
+                            }
                             Err(e) if attempt < 50 => {
                                 tracing::warn!(bucket, error = %e, "opening kv bucket, retrying");
                                 tokio::time::sleep(delay).await;

@@ -64,8 +64,35 @@ impl NatsOptions {
             })
             .collect::<anyhow::Result<_>>()?;
         anyhow::ensure!(!urls.is_empty(), "no nats url given");
-        opts.connect(urls.as_slice())
+        let client = opts
+            .connect(urls.as_slice())
             .await
-            .with_context(|| format!("connecting to nats at {}", self.urls.join(",")))
+            .with_context(|| format!("connecting to nats at {}", self.urls.join(",")))?;
+        self.wait_connected(&client).await;
+        Ok(client)
+    }
+
+    /// Waits until the client has reached a server. The client keeps trying
+    /// on its own (with a growing delay between attempts); this only says so
+    /// in the log now and then, so that an operator sees why a service is
+    /// not ready instead of a crash loop.
+    async fn wait_connected(&self, client: &async_nats::Client) {
+        use async_nats::connection::State;
+        let started = std::time::Instant::now();
+        let mut next_log = Duration::from_secs(2);
+        while client.connection_state() != State::Connected {
+            if started.elapsed() >= next_log {
+                tracing::warn!(
+                    urls = %self.urls.join(","),
+                    waited_secs = started.elapsed().as_secs(),
+                    "cannot reach NATS yet; retrying with backoff"
+                );
+                next_log = started.elapsed() + Duration::from_secs(10);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if started.elapsed() >= Duration::from_secs(2) {
+            tracing::info!(waited_secs = started.elapsed().as_secs(), "reached NATS");
+        }
     }
 }

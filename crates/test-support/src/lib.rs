@@ -42,7 +42,8 @@ pub struct NatsServer {
     pub issuer_seed: String,
 }
 
-fn free_port() -> u16 {
+/// A loopback port nothing listens on right now.
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -52,11 +53,21 @@ fn free_port() -> u16 {
 impl NatsServer {
     /// Starts a server and waits until it accepts connections.
     pub fn start() -> Self {
+        Self::start_on(free_port())
+    }
+
+    /// Starts a server on `port`.
+    pub fn start_on(port: u16) -> Self {
+        Self::start_on_with_password(port, &format!("svc-{}", nuid_like()))
+    }
+
+    /// Starts a server on `port` whose service user has `service_password`.
+    pub fn start_on_with_password(port: u16, service_password: &str) -> Self {
         let mut s = Self {
             child: None,
-            port: free_port(),
+            port,
             store: tempfile::tempdir().expect("temporary store dir"),
-            service_password: format!("svc-{}", nuid_like()),
+            service_password: service_password.to_string(),
             backend_password: format!("be-{}", nuid_like()),
             issuer_seed: token_vendor::Issuer::generate()
                 .seed()
@@ -671,4 +682,200 @@ fn init_logging() {
         )
         .with_test_writer()
         .try_init();
+}
+
+/// The repository's cluster node configuration.
+pub fn cluster_node_conf() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../deploy/cluster/node.conf")
+}
+
+/// One node of a [`NatsCluster`].
+#[derive(Debug)]
+struct ClusterNode {
+    name: String,
+    client: u16,
+    cluster: u16,
+    monitor: u16,
+    child: Option<Child>,
+}
+
+/// A three-node JetStream cluster on loopback, each node a real
+/// nats-server with `deploy/cluster/node.conf`. Nodes can be killed and
+/// brought back with their store.
+#[derive(Debug)]
+pub struct NatsCluster {
+    nodes: Vec<ClusterNode>,
+    store: tempfile::TempDir,
+    pub service_password: String,
+    pub backend_password: String,
+    route_password: String,
+    pub issuer_seed: String,
+}
+
+impl NatsCluster {
+    /// Starts three nodes and waits until JetStream answers on each.
+    pub async fn start() -> Self {
+        let nodes = (1..=3)
+            .map(|i| ClusterNode {
+                name: format!("n{i}"),
+                client: free_port(),
+                cluster: free_port(),
+                monitor: free_port(),
+                child: None,
+            })
+            .collect();
+        let mut c = Self {
+            nodes,
+            store: tempfile::tempdir().expect("temporary store dir"),
+            service_password: format!("svc-{}", nuid_like()),
+            backend_password: format!("be-{}", nuid_like()),
+            route_password: format!("rt-{}", nuid_like()),
+            issuer_seed: token_vendor::Issuer::generate()
+                .seed()
+                .expect("issuer seed"),
+        };
+        for i in 0..c.nodes.len() {
+            c.spawn(i);
+        }
+        for i in 0..c.nodes.len() {
+            c.wait_healthy(i).await;
+        }
+        c
+    }
+
+    fn spawn(&mut self, i: usize) {
+        let routes: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| {
+                format!(
+                    "nats://route:{}@127.0.0.1:{}",
+                    self.route_password, n.cluster
+                )
+            })
+            .collect();
+        let issuer = token_vendor::Issuer::from_seed(&self.issuer_seed).expect("issuer");
+        let node = &self.nodes[i];
+        let log = self.store.path().join(format!("{}.log", node.name));
+        let mut cmd = Command::new("nats-server");
+        cmd.arg("-c")
+            .arg(cluster_node_conf())
+            .args(["-a", "127.0.0.1"])
+            .arg("--cluster")
+            .arg(format!("nats://127.0.0.1:{}", node.cluster))
+            .arg("-sd")
+            .arg(self.store.path().join(&node.name))
+            .arg("-l")
+            .arg(&log)
+            .env("HEADCOUNT_NODE", &node.name)
+            .env("HEADCOUNT_CLIENT_PORT", node.client.to_string())
+            .env("HEADCOUNT_MONITOR_PORT", node.monitor.to_string())
+            .env("HEADCOUNT_CLUSTER_PORT", node.cluster.to_string())
+            .env("HEADCOUNT_ROUTE_PASSWORD", &self.route_password)
+            .env("HEADCOUNT_SERVICE_PASSWORD", &self.service_password)
+            .env("HEADCOUNT_BACKEND_PASSWORD", &self.backend_password)
+            .env("HEADCOUNT_CALLOUT_ISSUER", issuer.public_key())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        for (k, route) in routes.iter().enumerate() {
+            cmd.env(format!("HEADCOUNT_ROUTE_{}", k + 1), route);
+        }
+        let child = cmd.spawn().unwrap_or_else(|e| {
+            panic!("cannot start nats-server ({e}); run `deploy/dev test` to install it")
+        });
+        self.nodes[i].child = Some(child);
+    }
+
+    /// Waits until node `i` reports JetStream healthy (it has caught up).
+    pub async fn wait_healthy(&self, i: usize) {
+        // Plain /healthz also needs JetStream caught up with the meta leader.
+        let url = format!("http://127.0.0.1:{}/healthz", self.nodes[i].monitor);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(r) = reqwest::get(&url).await
+                && r.status().is_success()
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "cluster node {} did not become healthy",
+                self.nodes[i].name
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Every node's client URL.
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .map(|n| format!("nats://127.0.0.1:{}", n.client))
+            .collect()
+    }
+
+    pub fn node_names(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| n.name.clone()).collect()
+    }
+
+    /// The service user on every node (the client fails over between them).
+    pub fn service_options(&self, name: &str) -> NatsOptions {
+        NatsOptions {
+            urls: self.urls(),
+            user: Some(SERVICE_USER.into()),
+            password: Some(self.service_password.clone()),
+            name: name.into(),
+        }
+    }
+
+    pub async fn service_client(&self, name: &str) -> async_nats::Client {
+        self.service_options(name)
+            .connect()
+            .await
+            .expect("service client connects")
+    }
+
+    /// The node currently leading `stream` (e.g. `KV_headcount-sessions`).
+    pub async fn leader_of(&self, client: &async_nats::Client, stream: &str) -> Option<String> {
+        let js = async_nats::jetstream::new(client.clone());
+        let mut s = js.get_stream(stream).await.ok()?;
+        let info = s.info().await.ok()?;
+        info.cluster.as_ref().and_then(|c| c.leader.clone())
+    }
+
+    /// Kills node `name` at once (SIGKILL: no goodbye to its peers).
+    pub fn kill(&mut self, name: &str) {
+        let node = self
+            .nodes
+            .iter_mut()
+            .find(|n| n.name == name)
+            .expect("a node of this cluster");
+        if let Some(mut c) = node.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts node `name` again with its store, and waits until it is healthy.
+    pub async fn restart(&mut self, name: &str) {
+        let i = self
+            .nodes
+            .iter()
+            .position(|n| n.name == name)
+            .expect("a node of this cluster");
+        self.kill(name);
+        self.spawn(i);
+        self.wait_healthy(i).await;
+    }
+}
+
+impl Drop for NatsCluster {
+    fn drop(&mut self) {
+        for n in &mut self.nodes {
+            if let Some(mut c) = n.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
 }

@@ -1,0 +1,489 @@
+//! Faults on real processes: a three-node NATS cluster (`deploy/cluster/`),
+//! and the `headcount` binary's handler and checker as child processes that
+//! are killed with SIGKILL and started again.
+//!
+//! Each test keeps a fleet heartbeating (core NATS publishes through the
+//! service user, as a load generator would) and watches presence events and
+//! control messages, so a false eviction or a lost session shows up.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use headcount_protocol::subjects;
+use headcount_protocol::wire::{ActiveReply, EventType, Heartbeat, PresenceEvent};
+use test_support::{NatsCluster, NatsServer, free_port};
+use tokio::sync::Mutex;
+
+const TIMEOUT: &str = "3s";
+
+/// The headcount binary as a child process, its log in a file.
+struct Service {
+    args: Vec<String>,
+    child: Option<Child>,
+    log: PathBuf,
+    metrics_port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Service {
+    fn start(kind: &str, urls: &[String], password: &str, extra: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let metrics_port = free_port();
+        let mut args: Vec<String> = vec![
+            kind.into(),
+            "--nats-url".into(),
+            urls.join(","),
+            "--nats-user".into(),
+            "headcount".into(),
+            "--interval".into(),
+            "10s".into(),
+            "--timeout".into(),
+            TIMEOUT.into(),
+            "--metrics-addr".into(),
+            format!("127.0.0.1:{metrics_port}"),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut s = Self {
+            args,
+            child: None,
+            log: dir.path().join(format!("{kind}.log")),
+            metrics_port,
+            _dir: dir,
+        };
+        s.spawn(password);
+        s
+    }
+
+    fn spawn(&mut self, password: &str) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_headcount"))
+            .args(&self.args)
+            .env("HEADCOUNT_NATS_PASSWORD", password)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("headcount binary starts");
+        self.child = Some(child);
+    }
+
+    /// SIGKILL: no drain, no flush.
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    async fn metric(&self, name: &str) -> Option<f64> {
+        let text = reqwest::get(format!("http://127.0.0.1:{}/metrics", self.metrics_port))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        Some(test_support::metric_value(&text, name))
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Devices that keep heartbeating every 500 ms until told to stop; an
+/// account can be silenced on its own.
+struct Fleet {
+    stop: Arc<AtomicBool>,
+    silenced: Arc<Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Fleet {
+    fn start(client: async_nats::Client, accounts: &[String], devices: usize) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let silenced = Arc::new(Mutex::new(Vec::<String>::new()));
+        let subjects: Vec<(String, String)> = accounts
+            .iter()
+            .flat_map(|a| {
+                (0..devices).map(move |d| {
+                    let subject = format!("hb.{a}.tv-{d}.{a}-s{d}");
+                    (a.clone(), subject)
+                })
+            })
+            .collect();
+        let task = {
+            let (stop, silenced) = (stop.clone(), silenced.clone());
+            tokio::spawn(async move {
+                let payload: Bytes = Heartbeat {
+                    content: Some("movie-1".into()),
+                    ..Default::default()
+                }
+                .encode()
+                .into();
+                while !stop.load(Ordering::Relaxed) {
+                    let quiet = silenced.lock().await.clone();
+                    for (account, subject) in &subjects {
+                        if !quiet.contains(account) {
+                            // Publishing is buffered across reconnects.
+                            let _ = client.publish(subject.clone(), payload.clone()).await;
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            })
+        };
+        Self {
+            stop,
+            silenced,
+            task,
+        }
+    }
+
+    async fn silence(&self, account: &str) {
+        self.silenced.lock().await.push(account.to_string());
+    }
+
+    async fn stop(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.task.await;
+    }
+}
+
+/// Collects presence events and control messages from the start.
+struct Watcher {
+    events: Arc<Mutex<Vec<PresenceEvent>>>,
+    controls: Arc<Mutex<Vec<String>>>,
+}
+
+impl Watcher {
+    async fn start(client: &async_nats::Client) -> Self {
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let controls = Arc::new(Mutex::new(Vec::new()));
+        let mut ev = client
+            .subscribe(subjects::EVENTS_WILDCARD)
+            .await
+            .expect("events subscription");
+        let mut ctl = client.subscribe("ctl.>").await.expect("ctl subscription");
+        client.flush().await.expect("flush");
+        {
+            let events = events.clone();
+            tokio::spawn(async move {
+                while let Some(m) = ev.next().await {
+                    if let Ok(e) = serde_json::from_slice::<PresenceEvent>(&m.payload) {
+                        events.lock().await.push(e);
+                    }
+                }
+            });
+        }
+        {
+            let controls = controls.clone();
+            tokio::spawn(async move {
+                while let Some(m) = ctl.next().await {
+                    controls.lock().await.push(m.subject.to_string());
+                }
+            });
+        }
+        Self { events, controls }
+    }
+
+    async fn ended(&self, kind: EventType) -> Vec<PresenceEvent> {
+        self.events
+            .lock()
+            .await
+            .iter()
+            .filter(|e| e.kind == kind)
+            .cloned()
+            .collect()
+    }
+
+    async fn assert_no_false_ends(&self) {
+        let evicted = self.ended(EventType::Evicted).await;
+        let rejected = self.ended(EventType::Rejected).await;
+        let timeouts = self.ended(EventType::Timeout).await;
+        let controls = self.controls.lock().await.clone();
+        assert!(
+            evicted.is_empty() && rejected.is_empty() && timeouts.is_empty() && controls.is_empty(),
+            "sessions that kept heartbeating were ended: evicted {evicted:?}, rejected \
+             {rejected:?}, timed out {timeouts:?}, control messages {controls:?}"
+        );
+    }
+}
+
+async fn active(client: &async_nats::Client, account: &str) -> Option<u32> {
+    let body = serde_json::to_vec(&serde_json::json!({ "account": account })).ok()?;
+    let reply = tokio::time::timeout(
+        Duration::from_secs(1),
+        client.request("headcount.active", body.into()),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    serde_json::from_slice::<ActiveReply>(&reply.payload)
+        .ok()
+        .map(|r| r.active)
+}
+
+/// Polls until every account shows `want` active sessions.
+async fn until_all_active(
+    client: &async_nats::Client,
+    accounts: &[String],
+    want: u32,
+    within: Duration,
+) -> HashMap<String, Option<u32>> {
+    let deadline = Instant::now() + within;
+    loop {
+        let mut seen = HashMap::new();
+        for a in accounts {
+            seen.insert(a.clone(), active(client, a).await);
+        }
+        if seen.values().all(|n| *n == Some(want)) {
+            return seen;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "accounts did not all show {want} active sessions: {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn accounts(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{prefix}-{i}")).collect()
+}
+
+struct Setup {
+    cluster: NatsCluster,
+    handler: Service,
+    checker: Service,
+    client: async_nats::Client,
+}
+
+async fn setup() -> Setup {
+    let cluster = NatsCluster::start().await;
+    let urls = cluster.urls();
+    let pw = cluster.service_password.clone();
+    let handler = Service::start("handler", &urls, &pw, &["--replicas", "3"]);
+    let checker = Service::start(
+        "checker",
+        &urls,
+        &pw,
+        &["--replicas", "3", "--default-limit", "3"],
+    );
+    let client = cluster.service_client("fault-test").await;
+    // Ready when the checker answers.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while active(&client, "probe").await.is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "checker did not answer; handler log:\n{}\nchecker log:\n{}",
+            handler.log(),
+            checker.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Setup {
+        cluster,
+        handler,
+        checker,
+        client,
+    }
+}
+
+/// Kill the node leading the sessions bucket while three devices per account
+/// (the limit) keep heartbeating: `active` answers through the election, a
+/// session that joins afterwards is recorded, and after the node is back every
+/// session is counted and none was ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_a_nats_node_loses_no_session() {
+    let mut s = setup().await;
+    let accts = accounts("node", 5);
+    let fleet = Fleet::start(s.cluster.service_client("fleet").await, &accts, 3);
+    until_all_active(&s.client, &accts, 3, Duration::from_secs(30)).await;
+    let watcher = Watcher::start(&s.client).await;
+
+    let leader = s
+        .cluster
+        .leader_of(&s.client, "KV_headcount-sessions")
+        .await
+        .expect("the sessions bucket has a leader");
+    s.cluster.kill(&leader);
+    let killed_at = Instant::now();
+
+    // `active` keeps answering: the view is in the checker's memory; the
+    // clients of the dead node reconnect to the others.
+    let mut answered_after_kill = None;
+    while answered_after_kill.is_none() && killed_at.elapsed() < Duration::from_secs(15) {
+        if active(&s.client, &accts[0]).await == Some(3) {
+            answered_after_kill = Some(killed_at.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let answered = answered_after_kill.expect("active answered after the node died");
+    assert!(
+        answered < Duration::from_secs(12),
+        "active answered only after {answered:?}"
+    );
+
+    // A session that joins now is written to the bucket's new leader.
+    let late = "node-late".to_string();
+    let late_fleet = Fleet::start(
+        s.cluster.service_client("late").await,
+        std::slice::from_ref(&late),
+        1,
+    );
+    until_all_active(
+        &s.client,
+        std::slice::from_ref(&late),
+        1,
+        Duration::from_secs(30),
+    )
+    .await;
+
+    s.cluster.restart(&leader).await;
+    until_all_active(&s.client, &accts, 3, Duration::from_secs(30)).await;
+    // Twice the timeout with everything back: still all there.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    until_all_active(&s.client, &accts, 3, Duration::from_secs(5)).await;
+    watcher.assert_no_false_ends().await;
+    assert!(s.handler.is_running() && s.checker.is_running());
+    fleet.stop().await;
+    late_fleet.stop().await;
+}
+
+/// SIGKILL the handler and the checker under load, start them again: every
+/// session is counted again, none was ended, and a new session after the
+/// restart is recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_handler_and_checker_loses_no_session() {
+    let mut s = setup().await;
+    let accts = accounts("svc", 5);
+    let fleet = Fleet::start(s.cluster.service_client("fleet").await, &accts, 3);
+    until_all_active(&s.client, &accts, 3, Duration::from_secs(30)).await;
+    let watcher = Watcher::start(&s.client).await;
+    let pw = s.cluster.service_password.clone();
+
+    s.handler.kill();
+    s.checker.kill();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    s.handler.spawn(&pw);
+    s.checker.spawn(&pw);
+
+    until_all_active(&s.client, &accts, 3, Duration::from_secs(30)).await;
+    let late = "svc-late".to_string();
+    let late_fleet = Fleet::start(
+        s.cluster.service_client("late").await,
+        std::slice::from_ref(&late),
+        2,
+    );
+    until_all_active(&s.client, &[late], 2, Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    until_all_active(&s.client, &accts, 3, Duration::from_secs(5)).await;
+    watcher.assert_no_false_ends().await;
+    fleet.stop().await;
+    late_fleet.stop().await;
+}
+
+/// One account's devices all stop: each of its sessions gets a `timeout`
+/// event once the timeout has passed (and not before), the others are
+/// untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_devices_time_out_on_schedule() {
+    let s = setup().await;
+    let accts = accounts("quiet", 3);
+    let fleet = Fleet::start(s.cluster.service_client("fleet").await, &accts, 3);
+    until_all_active(&s.client, &accts, 3, Duration::from_secs(30)).await;
+    let watcher = Watcher::start(&s.client).await;
+
+    fleet.silence(&accts[0]).await;
+    let silenced_at = Instant::now();
+    let deadline = silenced_at + Duration::from_secs(15);
+    loop {
+        let timeouts = watcher.ended(EventType::Timeout).await;
+        if timeouts.len() >= 3 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {} timeouts: {timeouts:?}",
+            timeouts.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let took = silenced_at.elapsed();
+    // The last heartbeat went out at most 500 ms before the silence; the
+    // timeout is 3 s.
+    assert!(
+        took >= Duration::from_millis(2_400),
+        "timed out early: {took:?}"
+    );
+    let timeouts = watcher.ended(EventType::Timeout).await;
+    assert!(
+        timeouts.iter().all(|e| e.account.as_str() == accts[0]),
+        "only the silent account times out: {timeouts:?}"
+    );
+    assert_eq!(active(&s.client, &accts[0]).await, Some(0));
+    until_all_active(&s.client, &accts[1..], 3, Duration::from_secs(5)).await;
+    fleet.stop().await;
+}
+
+/// NATS is not there when the services start: they wait, say so in their
+/// log, do not exit, and serve once a server comes up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_wait_for_nats_at_start_up() {
+    let port = free_port();
+    let url = vec![format!("nats://127.0.0.1:{port}")];
+    // The password is only known once the server exists; any works for
+    // waiting, so start with the one the server will get.
+    let password = format!("pw-{port}");
+    let mut handler = Service::start("handler", &url, &password, &[]);
+    let mut checker = Service::start("checker", &url, &password, &[]);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    for (name, svc) in [("handler", &mut handler), ("checker", &mut checker)] {
+        assert!(svc.is_running(), "{name} exited: {}", svc.log());
+        let log = svc.log();
+        assert!(
+            log.contains("cannot reach NATS yet; retrying with backoff"),
+            "{name} says why it waits: {log}"
+        );
+    }
+    let nats = NatsServer::start_on_with_password(port, &password);
+    let client = nats.service_client().await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while active(&client, "probe").await.is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "checker never served; log: {}",
+            checker.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while handler.metric("headcount_handler_sessions").await.is_none() {
+        assert!(Instant::now() < deadline, "handler never served metrics");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(handler.is_running() && checker.is_running());
+}
