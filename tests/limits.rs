@@ -452,7 +452,7 @@ async fn stats_break_usage_down_and_metrics_carry_bounded_gauges() {
     assert_eq!(all.top[0].account.as_str(), "acme");
     assert_eq!(all.top[0].active, 3);
 
-    // The gauges (refreshed every tenth sweep).
+    // The gauges (refreshed every fifth sweep in tests).
     let checker = &app.checkers[0];
     let deadline = Instant::now() + SOON;
     while checker.metric(r#"headcount_active_sessions_by_kind{kind="web"}"#) != 2.0 {

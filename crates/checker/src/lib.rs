@@ -52,6 +52,9 @@ pub struct Config {
     pub timeout: Duration,
     /// How often timeouts are looked for.
     pub sweep_every: Duration,
+    /// How often the usage gauges by kind and region are recomputed (a
+    /// pass over every session).
+    pub gauges_every: Duration,
     /// Limit of an account with no limit or plan of its own.
     pub default_limit: Limit,
     /// Named plans accounts can be put on.
@@ -64,6 +67,7 @@ impl Default for Config {
             interval: Duration::from_secs(120),
             timeout: Duration::from_secs(15),
             sweep_every: Duration::from_millis(500),
+            gauges_every: Duration::from_secs(30),
             default_limit: Limit::new(3, Policy::EvictOldest).unwrap_or(Limit {
                 limit: 3,
                 policy: Policy::EvictOldest,
@@ -233,17 +237,36 @@ pub async fn run(
     // millions of sessions) never delays the dispatch of requests.
     let sweeper = {
         let (shared, every, stop) = (shared.clone(), config.sweep_every, shutdown.clone());
+        let gauge_rounds =
+            (config.gauges_every.as_millis() / every.as_millis().max(1)).max(1) as u64;
         tokio::spawn(async move {
             let mut sweep = tokio::time::interval(every);
             sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut stop = std::pin::pin!(stop.wait());
             let mut round = 0u64;
+            let mut was_down = false;
             loop {
                 tokio::select! {
                     _ = &mut stop => break,
                     _ = sweep.tick() => {
+                        // No timeouts while this checker cannot hear the
+                        // heartbeats, and a fresh start once it can again.
+                        let up = shared.nats.connection_state()
+                            == async_nats::connection::State::Connected;
+                        if !up {
+                            was_down = true;
+                            continue;
+                        }
+                        if was_down {
+                            was_down = false;
+                            let now = now_millis();
+                            tracing::info!("reconnected: sessions get a fresh timeout");
+                            for mut v in shared.each_view() {
+                                v.heard_nothing_until(now);
+                            }
+                        }
                         round += 1;
-                        on_sweep(&shared, round).await;
+                        on_sweep(&shared, round % gauge_rounds == 1 % gauge_rounds).await;
                     }
                 }
             }
@@ -372,7 +395,7 @@ async fn enforcer(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<AccountId
     }
 }
 
-async fn on_sweep(shared: &Shared, round: u64) {
+async fn on_sweep(shared: &Shared, gauges: bool) {
     let now = now_millis();
     let mut timed_out = Vec::new();
     let mut total = 0u32;
@@ -388,8 +411,9 @@ async fn on_sweep(shared: &Shared, round: u64) {
     for account in expired_grace {
         let _ = shared.enforce_tx.send(account);
     }
-    // The breakdown gauges cost a pass over every session: every 10th round.
-    if round.is_multiple_of(10) {
+    // The breakdown gauges cost a pass over every session (millions, on a
+    // big checker): only every `gauges_every`, starting with the first round.
+    if gauges {
         let b = breakdown_all(shared, now);
         shared.metrics.set_breakdown(&b);
     }

@@ -129,6 +129,11 @@ pub struct View {
     /// Ended sessions and their account (session ids are unique across
     /// accounts, so the id alone is the key).
     revoked: HashMap<SessionId, AccountId>,
+    /// Heartbeats of sessions no dictionary holds yet (their first write is
+    /// still on its way, e.g. during a KV leader election), kept for one
+    /// timeout so that the session is not taken for silent when it lands.
+    /// Bounded, so junk subjects cannot grow it.
+    early: moka::sync::Cache<SessionId, UnixMillis>,
 }
 
 /// A session that should be ended now, and why.
@@ -253,6 +258,10 @@ impl View {
             started_at,
             accounts: HashMap::new(),
             revoked: HashMap::new(),
+            early: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(std::time::Duration::from_millis(rules.timeout_ms.max(1)))
+                .build(),
         }
     }
 
@@ -263,8 +272,21 @@ impl View {
         if dict.is_empty() {
             acct.dicts.remove(&interval);
         } else {
-            let mut held = Dict::with_capacity(dict.len());
+            // A session held by a newer interval is not kept here again,
+            // and this copy replaces the one an older interval held: each
+            // live session is held once (the newest record wins anyway).
+            let newer = |acct: &Account, device: &DeviceId, session: &SessionId| {
+                acct.dicts
+                    .iter()
+                    .filter(|(i, _)| *i > interval)
+                    .any(|(_, d)| d.get(device).is_some_and(|s| &s.rec.session == session))
+            };
+            let mut held = Dict::new();
             for (device, rec) in dict {
+                if newer(acct, &device, &rec.session) {
+                    continue;
+                }
+                let early = self.early.remove(&rec.session).unwrap_or(0);
                 let heard = acct
                     .dicts
                     .values()
@@ -272,12 +294,46 @@ impl View {
                     .filter(|s| s.rec.session == rec.session)
                     .map(|s| s.heard)
                     .max()
-                    .unwrap_or(0);
+                    .unwrap_or(0)
+                    .max(early);
                 held.insert(device, Seen { rec, heard });
             }
-            acct.dicts.insert(interval, held);
+            acct.dicts.retain(|i, older| {
+                if i < interval {
+                    let before = older.len();
+                    older.retain(|device, s| {
+                        held.get(device)
+                            .is_none_or(|h| h.rec.session != s.rec.session)
+                    });
+                    if older.len() != before {
+                        older.shrink_to_fit();
+                    }
+                }
+                i == interval || !older.is_empty()
+            });
+            if held.is_empty() {
+                acct.dicts.remove(&interval);
+            } else {
+                acct.dicts.insert(interval, held);
+            }
         }
         acct.changed();
+    }
+
+    /// After this checker could not hear heartbeats for a while (its NATS
+    /// connection was down), gives every session a fresh timeout from `now`,
+    /// as at start-up: silence it could not hear is not a timeout.
+    pub fn heard_nothing_until(&mut self, now: UnixMillis) {
+        self.started_at = self.started_at.max(now);
+        for acct in self.accounts.values_mut() {
+            acct.due = 0;
+        }
+    }
+
+    fn heard_early(&self, session: &str, now: UnixMillis) {
+        if let Ok(id) = SessionId::parse(session) {
+            self.early.insert(id, now);
+        }
     }
 
     pub fn plans(&self) -> &Plans {
@@ -352,10 +408,11 @@ impl View {
     /// heartbeat heard, or back after a timeout): the account's limit must
     /// then be looked at again.
     pub fn heard(&mut self, account: &str, device: &str, session: &str, now: UnixMillis) -> bool {
+        let mut before = None;
         let Some(acct) = self.accounts.get_mut(account) else {
+            self.heard_early(session, now);
             return false;
         };
-        let mut before = None;
         for d in acct.dicts.values_mut() {
             if let Some(s) = d.get_mut(device)
                 && s.rec.session.as_str() == session
@@ -368,6 +425,7 @@ impl View {
             }
         }
         let Some(before) = before else {
+            self.heard_early(session, now);
             return false;
         };
         let was_timed_out = !acct.timed_out.is_empty() && acct.timed_out.remove(session);
@@ -866,6 +924,41 @@ mod tests {
         v.set_dict(&acct(), 0, dict(&[("a", "s1", 1_000), ("b", "s2", 14_000)]));
         assert_eq!(v.active(&acct(), 20_000).len(), 2, "s1 was heard at 14 s");
         assert!(!v.heard("acme", "b", "s1", 20_000), "wrong device");
+    }
+
+    #[test]
+    fn a_session_in_two_intervals_is_held_once_and_leaves_at_once() {
+        let mut v = View::new(rules(5, Policy::EvictOldest), 0);
+        v.set_dict(&acct(), 0, dict(&[("a", "s1", 1_000), ("b", "s2", 55_000)]));
+        v.heard("acme", "a", "s1", 59_000);
+        // s1 moved on to interval 1; s2 did not (yet).
+        v.set_dict(&acct(), 1, dict(&[("a", "s1", 1_000)]));
+        let held = |v: &View, i: u64| v.accounts[&acct()].dicts.get(&i).map_or(0, |d| d.len());
+        assert_eq!((held(&v, 0), held(&v, 1)), (1, 1), "s1 is held once");
+        let active = v.active(&acct(), 62_000);
+        assert_eq!(active.len(), 2);
+        assert_eq!(active[0].last_seen, 59_000, "what was heard moved along");
+        // s1 leaves (removed from interval 1): gone at once, not found
+        // again in interval 0.
+        v.set_dict(&acct(), 1, SessionDict::new());
+        let active = v.active(&acct(), 62_000);
+        assert_eq!(active.len(), 1);
+        assert_eq!(active[0].session.as_str(), "s2");
+        // An older copy delivered late does not bring back what is newer.
+        v.set_dict(&acct(), 1, dict(&[("b", "s2", 55_000)]));
+        v.set_dict(&acct(), 0, dict(&[("a", "s1", 1_000), ("b", "s2", 55_000)]));
+        assert_eq!((held(&v, 0), held(&v, 1)), (1, 1));
+    }
+
+    #[test]
+    fn heartbeats_heard_before_the_dictionary_lands_count() {
+        let mut v = View::new(rules(5, Policy::EvictOldest), 0);
+        // The first write was held up (a KV election) while the device kept
+        // beating; the record lands with the first heartbeat's time.
+        assert!(!v.heard("acme", "a", "s1", 30_000));
+        v.set_dict(&acct(), 0, dict(&[("a", "s1", 10_000)]));
+        assert!(v.sweep(31_000).0.is_empty(), "no false timeout");
+        assert_eq!(v.active(&acct(), 31_000).len(), 1);
     }
 
     #[test]

@@ -264,6 +264,17 @@ async fn publish_all(
     Ok(start.elapsed())
 }
 
+/// The interval of the memory measurement (see `at_size`).
+const MEMORY_INTERVAL: &str = "30s";
+
+/// Sleeps until just after the next boundary of a `MEMORY_INTERVAL` interval.
+async fn wait_for_boundary() {
+    let ms = 30_000;
+    let now = headcount_protocol::now_millis();
+    let next = (now / ms + 1) * ms + 500;
+    tokio::time::sleep(Duration::from_millis(next - now)).await;
+}
+
 /// One heartbeat per session spread evenly over `period`, as a fleet with
 /// that heartbeat period sends them (the steady state, no burst).
 async fn publish_paced(
@@ -739,7 +750,17 @@ async fn at_size(
     sink.stop().await;
 
     // The checker's memory with nothing loaded.
-    let checker_args = ["--timeout", "1h", "--default-limit", "10000"];
+    // A 30 s interval, so that the memory figures below include an interval
+    // boundary: the steady state, where every session has moved on from the
+    // previous interval's dictionary to the current one.
+    let checker_args = [
+        "--timeout",
+        "1h",
+        "--default-limit",
+        "10000",
+        "--interval",
+        MEMORY_INTERVAL,
+    ];
     let checker = env.service("checker", &checker_args)?;
     checker
         .wait_metrics("checker up", |m| {
@@ -749,15 +770,13 @@ async fn at_size(
     let checker_empty = rss_bytes(checker.pid()?)?;
     checker.stop().await;
 
-    // The handler.
+    // The handler, for ingest (the default interval).
     let handler = env.service("handler", &["--max-heartbeat-rate", "1000000000"])?;
     handler
         .wait_metrics("handler up", |m| {
             m.contains_key("headcount_handler_sessions")
         })
         .await?;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let handler_empty = rss_bytes(handler.pid()?)?;
     // Every session joins first (one heartbeat each, written to KV): the
     // ingest rate below is the steady state, where sessions are known.
     let join_start = Instant::now();
@@ -765,19 +784,19 @@ async fn at_size(
         let m = handler.metrics().await?;
         Ok(sum_prefix(&m, "headcount_heartbeats_total") as u64)
     };
-    // A small window: the sessions join at the handler's pace without a
-    // backlog of buffered messages, so the memory figure below is what the
-    // sessions cost, not a burst's buffers.
-    publish_windowed(&publisher, &subjects, sessions, 5_000, processed).await?;
+    publish_windowed(&publisher, &subjects, sessions, window, processed).await?;
     handler
         .wait_metrics("handler recorded every session", |m| {
             m.get("headcount_handler_sessions").copied().unwrap_or(0.0) >= sessions as f64
         })
         .await?;
     ingest.join_secs = join_start.elapsed().as_secs_f64();
-    // Steady state: every session heartbeats once more, at a 5 s period.
-    publish_paced(&publisher, &subjects, Duration::from_secs(5)).await?;
-    let handler_full = settled_rss(handler.pid()?, 20).await?;
+    ingest.kv_writes = handler
+        .metrics()
+        .await?
+        .get(r#"headcount_kv_writes_total{result="ok"}"#)
+        .copied()
+        .unwrap_or(0.0);
     let base = sum_prefix(&handler.metrics().await?, "headcount_heartbeats_total");
     let start = Instant::now();
     let processed = async || -> anyhow::Result<u64> {
@@ -801,11 +820,43 @@ async fn at_size(
     let processed = sum_prefix(&m, "headcount_heartbeats_total") - base;
     ingest.handler_rate = processed / took.as_secs_f64();
     ingest.handler_lost = (n_f - processed).max(0.0) as u64;
-    let m = handler.metrics().await?;
-    ingest.kv_writes = m
-        .get(r#"headcount_kv_writes_total{result="ok"}"#)
-        .copied()
-        .unwrap_or(0.0);
+    handler.stop().await;
+    // Its dictionaries go, so the next handler starts from nothing.
+    async_nats::jetstream::new(publisher.clone())
+        .delete_key_value(headcount_protocol::subjects::kv::SESSIONS_BUCKET)
+        .await
+        .map_err(|e| anyhow::anyhow!("clearing the sessions bucket: {e}"))?;
+
+    // A fresh handler for memory, with a 30 s interval: the sessions join
+    // at a steady 5 s heartbeat (no burst whose buffers would be counted),
+    // then an interval boundary passes and every session moves on to the
+    // new interval's dictionary: the steady state.
+    let handler = env.service(
+        "handler",
+        &[
+            "--max-heartbeat-rate",
+            "1000000000",
+            "--interval",
+            MEMORY_INTERVAL,
+        ],
+    )?;
+    handler
+        .wait_metrics("handler up", |m| {
+            m.contains_key("headcount_handler_sessions")
+        })
+        .await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let handler_empty = rss_bytes(handler.pid()?)?;
+    publish_paced(&publisher, &subjects, Duration::from_secs(5)).await?;
+    handler
+        .wait_metrics("handler recorded every session", |m| {
+            m.get("headcount_handler_sessions").copied().unwrap_or(0.0) >= sessions as f64
+        })
+        .await?;
+    wait_for_boundary().await;
+    publish_paced(&publisher, &subjects, Duration::from_secs(5)).await?;
+    tokio::time::sleep(Duration::from_secs(4)).await; // the carry-over delay
+    let handler_full = settled_rss(handler.pid()?, 20).await?;
 
     // The checker with every session loaded and heard.
     let checker = env.service("checker", &checker_args)?;
@@ -1178,7 +1229,9 @@ async fn soak(a: SoakArgs) -> anyhow::Result<()> {
     while start.elapsed() < a.duration {
         let step_end = step_start + a.every;
         // Heartbeats for every session, 5 s apart, until the step ends.
-        while Instant::now() + Duration::from_secs(5) <= step_end && start.elapsed() < a.duration {
+        while Instant::now() + Duration::from_millis(4_500) <= step_end
+            && start.elapsed() < a.duration
+        {
             publish_paced(&publisher, &subjects, Duration::from_secs(5)).await?;
             published += subjects.len() as u64;
         }

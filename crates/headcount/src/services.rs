@@ -105,7 +105,7 @@ pub async fn until_signal(trigger: shutdown::Trigger) {
 pub async fn handler(a: HandlerArgs) -> anyhow::Result<()> {
     let client = a.nats.options("headcount-handler")?.connect().await?;
     let buckets = Buckets::open(&client, &a.engine.buckets()).await?;
-    let registry = prometheus::Registry::new();
+    let registry = headcount_runtime::http::registry();
     let metrics = heartbeat_handler::Metrics::new(&registry)?;
     let (trigger, stop) = Shutdown::new();
     let (addr, _server) =
@@ -120,7 +120,7 @@ pub async fn handler(a: HandlerArgs) -> anyhow::Result<()> {
 pub async fn checker(a: CheckerArgs) -> anyhow::Result<()> {
     let client = a.nats.options("headcount-checker")?.connect().await?;
     let buckets = Buckets::open(&client, &a.engine.buckets()).await?;
-    let registry = prometheus::Registry::new();
+    let registry = headcount_runtime::http::registry();
     let metrics = checker::Metrics::new(&registry)?;
     let (trigger, stop) = Shutdown::new();
     let (addr, _server) =
@@ -146,7 +146,7 @@ pub async fn token_vendor(a: TokenVendorArgs) -> anyhow::Result<()> {
         .clone()
         .context("--operator-key (or HEADCOUNT_OPERATOR_KEY) is required")?;
     let client = a.nats.options("headcount-token-vendor")?.connect().await?;
-    let registry = prometheus::Registry::new();
+    let registry = headcount_runtime::http::registry();
     let vendor = token_vendor::Vendor::new(
         a.tokens
             .config(a.nats.data_dir.clone(), operator_key, a.plans.names()),

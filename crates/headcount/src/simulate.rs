@@ -113,7 +113,13 @@ async fn start_session(
             })?;
             let client = async_nats::ConnectOptions::with_token(reply.token)
                 .name(format!("sim {account}/{device}"))
-                .connect(urls.join(","))
+                .connect(
+                    urls.iter()
+                        .map(|u| u.parse::<async_nats::ServerAddr>())
+                        .collect::<Result<Vec<_>, _>>()
+                        .context("bad nats url")?
+                        .as_slice(),
+                )
                 .await
                 .context("connecting with a device token")?;
             (client, reply.session, true)

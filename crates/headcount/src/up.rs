@@ -388,7 +388,7 @@ async fn run_services(
         password: Some(password.to_string()),
         name: name.to_string(),
     };
-    let registry = prometheus::Registry::new();
+    let registry = headcount_runtime::http::registry();
 
     let handler_client = opts("headcount-handler").connect().await?;
     let checker_client = opts("headcount-checker").connect().await?;

@@ -20,7 +20,7 @@ use headcount_protocol::wire::{ActiveReply, EventType, Heartbeat, PresenceEvent}
 use test_support::{NatsCluster, NatsServer, free_port};
 use tokio::sync::Mutex;
 
-const TIMEOUT: &str = "3s";
+const TIMEOUT: &str = "6s";
 
 /// The headcount binary as a child process, its log in a file.
 struct Service {
@@ -110,6 +110,10 @@ impl Service {
 impl Drop for Service {
     fn drop(&mut self) {
         self.kill();
+        // A failed test shows what the service said.
+        if std::thread::panicking() {
+            eprintln!("---- {} log ----\n{}", self.args[0], self.log());
+        }
     }
 }
 
@@ -365,7 +369,7 @@ async fn losing_a_nats_node_loses_no_session() {
     s.cluster.restart(&leader).await;
     until_all_active(&s.client, &accts, 3, Duration::from_secs(30)).await;
     // Twice the timeout with everything back: still all there.
-    tokio::time::sleep(Duration::from_secs(6)).await;
+    tokio::time::sleep(Duration::from_secs(12)).await;
     until_all_active(&s.client, &accts, 3, Duration::from_secs(5)).await;
     watcher.assert_no_false_ends().await;
     assert!(s.handler.is_running() && s.checker.is_running());
@@ -419,7 +423,7 @@ async fn silent_devices_time_out_on_schedule() {
 
     fleet.silence(&accts[0]).await;
     let silenced_at = Instant::now();
-    let deadline = silenced_at + Duration::from_secs(15);
+    let deadline = silenced_at + Duration::from_secs(20);
     loop {
         let timeouts = watcher.ended(EventType::Timeout).await;
         if timeouts.len() >= 3 {
@@ -434,9 +438,9 @@ async fn silent_devices_time_out_on_schedule() {
     }
     let took = silenced_at.elapsed();
     // The last heartbeat went out at most 500 ms before the silence; the
-    // timeout is 3 s.
+    // timeout is 6 s.
     assert!(
-        took >= Duration::from_millis(2_400),
+        took >= Duration::from_millis(5_400),
         "timed out early: {took:?}"
     );
     let timeouts = watcher.ended(EventType::Timeout).await;
@@ -486,4 +490,7 @@ async fn services_wait_for_nats_at_start_up() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert!(handler.is_running() && checker.is_running());
+    // Every process also reports its own resident memory and CPU.
+    let rss = handler.metric("process_resident_memory_bytes").await;
+    assert!(rss.is_some_and(|b| b > 1e6), "process metrics: {rss:?}");
 }

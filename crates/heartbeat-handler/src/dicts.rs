@@ -15,9 +15,18 @@ use headcount_protocol::{AccountId, ByInterval, DeviceId, IntervalClock, Session
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
     /// Record (or refresh) this session for the device.
-    Upsert(SessionRecord),
+    Upsert(Box<SessionRecord>),
+    /// The device's session of the previous interval heartbeated at this
+    /// time: copy its record into this interval. Queued for the many live
+    /// sessions moving on at an interval boundary, so it is small; it is
+    /// turned into an `Upsert` ([`Dicts::resolve`]) when written.
+    Carry(UnixMillis),
     /// The session left: drop the device's entry if it still holds it.
     Remove(SessionId),
+    /// Like `Remove`, for a dictionary this handler had trimmed (the
+    /// session also sat in a newer interval, whose write announces the
+    /// leave): the entry goes, no event.
+    Forget(SessionId),
 }
 
 /// What applying a change did, for events and revocations.
@@ -37,13 +46,15 @@ pub enum Applied {
 /// Applies one change to a dictionary. Idempotent.
 pub fn apply(dict: &mut SessionDict, device: &DeviceId, change: &Change) -> Applied {
     match change {
+        // Resolved into an upsert before anything is applied.
+        Change::Carry(_) => Applied::Nothing,
         Change::Upsert(rec) => match dict.get_mut(device) {
             Some(cur) if cur.session == rec.session => {
                 let merged = SessionRecord {
                     since: cur.since.min(rec.since),
                     last_seen: cur.last_seen.max(rec.last_seen),
                     replaced: cur.replaced.clone().or_else(|| rec.replaced.clone()),
-                    ..rec.clone()
+                    ..(**rec).clone()
                 };
                 if *cur == merged {
                     Applied::Nothing
@@ -59,22 +70,22 @@ pub fn apply(dict: &mut SessionDict, device: &DeviceId, change: &Change) -> Appl
                 let replaced = Some(cur.session.clone());
                 let record = SessionRecord {
                     replaced: replaced.clone(),
-                    ..rec.clone()
+                    ..(**rec).clone()
                 };
                 *cur = record.clone();
                 Applied::Added { record, replaced }
             }
             None => {
-                dict.insert(device.clone(), rec.clone());
+                dict.insert(device.clone(), (**rec).clone());
                 Applied::Added {
-                    record: rec.clone(),
+                    record: (**rec).clone(),
                     // Set when the session it displaced lives in the
                     // previous interval's dictionary.
                     replaced: rec.replaced.clone(),
                 }
             }
         },
-        Change::Remove(session) => match dict.get(device) {
+        Change::Remove(session) | Change::Forget(session) => match dict.get(device) {
             Some(cur) if &cur.session == session => {
                 let gone = dict.remove(device);
                 gone.map_or(Applied::Nothing, Applied::Removed)
@@ -96,6 +107,9 @@ pub struct Dict {
     pub in_flight: bool,
     /// What is pending waits for a deferred flush (carry-overs only).
     pub deferred: bool,
+    /// `entries` lacks what a newer interval's dictionary also holds (to
+    /// save memory): the KV copy must be read before this one is written.
+    pub partial: bool,
 }
 
 /// When a dictionary with a newly queued change should be written.
@@ -109,15 +123,19 @@ pub enum Schedule {
 }
 
 impl Dict {
-    /// The device's entry with pending changes applied.
-    fn effective(&self, device: &DeviceId) -> Option<SessionRecord> {
+    /// The device's entry with pending changes applied (`prev`: the
+    /// previous interval's dictionary, for a pending carry-over).
+    fn effective(&self, device: &DeviceId, prev: Option<&Dict>) -> Option<SessionRecord> {
         let mut rec = self.entries.get(device).cloned();
         if let Some(change) = self.pending.get(device) {
+            let change = carried(change, prev.map(|p| &p.entries), device);
             let mut one = SessionDict::new();
             if let Some(r) = rec.take() {
                 one.insert(device.clone(), r);
             }
-            apply(&mut one, device, change);
+            if let Some(change) = change {
+                apply(&mut one, device, &change);
+            }
             rec = one.remove(device);
         }
         rec
@@ -154,7 +172,53 @@ impl Dict {
         if revision >= self.revision {
             self.revision = revision;
             self.entries = entries;
+            self.partial = false;
         }
+    }
+}
+
+/// `change` ready to apply: a carry-over becomes an upsert of the previous
+/// interval's record (None when that record is gone: nothing to carry).
+fn carried(change: &Change, prev: Option<&SessionDict>, device: &DeviceId) -> Option<Change> {
+    match change {
+        Change::Carry(at) => prev.and_then(|p| p.get(device)).map(|r| {
+            Change::Upsert(Box::new(SessionRecord {
+                last_seen: *at,
+                ..r.clone()
+            }))
+        }),
+        other => Some(other.clone()),
+    }
+}
+
+/// Forgets, in the dictionary of `prev`, every entry whose session the
+/// dictionary of `cur` holds for the same device. Only dictionaries with
+/// nothing pending or in flight are trimmed.
+fn trim(dicts: &mut ByInterval<Dict>, prev: u64, cur: u64) {
+    let Some(cur_entries) = dicts.get(&cur).map(|d| &d.entries) else {
+        return;
+    };
+    let Some(p) = dicts.get(&prev) else {
+        return;
+    };
+    if p.in_flight
+        || !p.pending.is_empty()
+        || !p
+            .entries
+            .iter()
+            .any(|(dev, r)| cur_entries.get(dev).is_some_and(|c| c.session == r.session))
+    {
+        return;
+    }
+    let keep: SessionDict = p
+        .entries
+        .iter()
+        .filter(|(dev, r)| cur_entries.get(*dev).is_none_or(|c| c.session != r.session))
+        .map(|(d, r)| (d.clone(), r.clone()))
+        .collect();
+    if let Some(p) = dicts.get_mut(&prev) {
+        p.entries = keep;
+        p.partial = true;
     }
 }
 
@@ -276,6 +340,43 @@ impl Dicts {
         });
     }
 
+    /// Turns the carry-overs among `changes` (taken from `account`'s
+    /// dictionary of `interval`) into upserts of the previous interval's
+    /// records, dropping those with nothing left to carry.
+    pub fn resolve(
+        &self,
+        account: &AccountId,
+        interval: u64,
+        changes: HashMap<DeviceId, Change>,
+    ) -> HashMap<DeviceId, Change> {
+        let prev = self
+            .accounts
+            .get(account)
+            .and_then(|d| d.get(&interval.wrapping_sub(1)))
+            .map(|d| &d.entries);
+        changes
+            .into_iter()
+            .filter_map(|(device, change)| match change {
+                Change::Carry(_) => carried(&change, prev, &device).map(|c| (device, c)),
+                other => Some((device, other)),
+            })
+            .collect()
+    }
+
+    /// Trims `account`'s previous-interval dictionary: a session that has
+    /// moved on to the current interval is forgotten there, so that a live
+    /// session is held once, not twice. A trimmed dictionary is re-read from
+    /// KV before it is written again. Called when the current dictionary
+    /// changed, so it costs one pass over one account per write.
+    pub fn trim(&mut self, account: &AccountId, now: UnixMillis) {
+        let [prev, cur] = self.clock.live_intervals(now);
+        if prev != cur
+            && let Some(dicts) = self.accounts.get_mut(account)
+        {
+            trim(dicts, prev, cur);
+        }
+    }
+
     /// The fast path: whether a heartbeat changes nothing (its session is
     /// recorded for the current interval with the same fields and nothing is
     /// pending for the device). Borrowed names, no allocation. When false,
@@ -316,8 +417,9 @@ impl Dicts {
     ) -> Decision {
         let [prev, cur] = self.clock.live_intervals(now);
         let dicts = self.accounts.entry(account.clone()).or_default();
-        let prev_rec = dicts.get(&prev).and_then(|d| d.effective(device));
-        let cur_rec = dicts.get(&cur).and_then(|d| d.effective(device));
+        let prev_d = dicts.get(&prev).filter(|_| prev != cur);
+        let prev_rec = prev_d.and_then(|d| d.effective(device, None));
+        let cur_rec = dicts.get(&cur).and_then(|d| d.effective(device, prev_d));
 
         let superseded = |r: &Option<SessionRecord>| {
             r.as_ref()
@@ -329,12 +431,23 @@ impl Dicts {
 
         if hb.leave {
             let mut flush = Vec::new();
-            for (interval, rec) in [(prev, &prev_rec), (cur, &cur_rec)] {
-                if rec.as_ref().is_some_and(|r| &r.session == session) {
+            let holds =
+                |r: &Option<SessionRecord>| r.as_ref().is_some_and(|r| &r.session == session);
+            // A trimmed previous dictionary may still hold the session in KV
+            // when the current one does: remove it there too, quietly.
+            let trimmed = prev != cur
+                && holds(&cur_rec)
+                && !holds(&prev_rec)
+                && dicts.get(&prev).is_some_and(|d| d.partial);
+            let changes = [
+                (prev, holds(&prev_rec), Change::Remove(session.clone())),
+                (prev, trimmed, Change::Forget(session.clone())),
+                (cur, holds(&cur_rec), Change::Remove(session.clone())),
+            ];
+            for (interval, wanted, change) in changes {
+                if wanted {
                     let dict = dicts.entry_or_default(interval);
-                    if dict.queue(device.clone(), Change::Remove(session.clone()), false)
-                        == Schedule::Now
-                    {
+                    if dict.queue(device.clone(), change, false) == Schedule::Now {
                         flush.push((account.clone(), interval));
                     }
                 }
@@ -357,6 +470,14 @@ impl Dicts {
             && &r.session == session
             && same_fields(r)
         {
+            // A write still waiting (KV slow, a leader election) carries the
+            // newest heartbeat's time, so that it does not land stale.
+            if let Some(Change::Upsert(rec)) =
+                dicts.get_mut(&cur).and_then(|d| d.pending.get_mut(device))
+                && &rec.session == session
+            {
+                rec.last_seen = rec.last_seen.max(now);
+            }
             return Decision::Unchanged;
         }
         // Carry the session's start, and which session it displaced, over
@@ -389,10 +510,16 @@ impl Dicts {
             replaced,
         };
         // Only the interval changed: the session is live in the previous
-        // dictionary, so nobody waits for this write.
+        // dictionary, so nobody waits for this write, and the previous
+        // record is all it needs.
         let defer = cur_rec.is_none() && carried.is_some_and(same_fields);
+        let change = if defer {
+            Change::Carry(now)
+        } else {
+            Change::Upsert(Box::new(record))
+        };
         let dict = dicts.entry_or_default(cur);
-        match dict.queue(device.clone(), Change::Upsert(record), defer) {
+        match dict.queue(device.clone(), change, defer) {
             Schedule::Now => Decision::Queued(vec![(account.clone(), cur)]),
             Schedule::Later => Decision::Deferred(vec![(account.clone(), cur)]),
             Schedule::Already => Decision::Queued(Vec::new()),
@@ -419,14 +546,49 @@ mod tests {
 
     /// Simulates a successful flush of everything pending.
     fn flush(d: &mut Dicts) {
-        for dicts in d.accounts.values_mut() {
-            for dict in dicts.values_mut() {
-                for (dev, ch) in std::mem::take(&mut dict.pending) {
-                    apply(&mut dict.entries, &dev, &ch);
-                }
-                dict.revision += 1;
+        let keys: Vec<(AccountId, u64)> = d
+            .accounts
+            .iter()
+            .flat_map(|(a, dicts)| dicts.iter().map(move |(i, _)| (a.clone(), i)))
+            .collect();
+        for (a, i) in keys {
+            let taken = std::mem::take(&mut d.get_mut(&a, i).expect("dict").pending);
+            let changes = d.resolve(&a, i, taken);
+            let dict = d.get_mut(&a, i).expect("dict");
+            for (dev, ch) in changes {
+                apply(&mut dict.entries, &dev, &ch);
             }
+            dict.revision += 1;
         }
+    }
+
+    #[test]
+    fn a_moved_session_is_held_once_and_its_leave_reaches_both_intervals() {
+        let (a, dev, s) = ids();
+        let mut d = Dicts::new(clock());
+        d.on_heartbeat(&a, &dev, &s, &Heartbeat::default(), 1_000);
+        flush(&mut d);
+        // Next interval: the session moves on; the old copy is trimmed.
+        d.on_heartbeat(&a, &dev, &s, &Heartbeat::default(), 10_500);
+        flush(&mut d);
+        d.trim(&a, 10_600);
+        let old = d.get_mut(&a, 0).expect("previous dictionary");
+        assert!(old.partial && old.entries.is_empty());
+        assert_eq!(d.session_count(10_600), 1);
+        // Leaving removes it from the current dictionary and, quietly, from
+        // the trimmed one (whose KV copy still holds it).
+        let leave = Heartbeat {
+            leave: true,
+            ..Default::default()
+        };
+        assert_eq!(
+            d.on_heartbeat(&a, &dev, &s, &leave, 10_700),
+            Decision::Queued(vec![(a.clone(), 0), (a.clone(), 1)])
+        );
+        let old = d.get_mut(&a, 0).expect("previous dictionary");
+        assert_eq!(old.pending.get(&dev), Some(&Change::Forget(s.clone())));
+        let new = d.get_mut(&a, 1).expect("current dictionary");
+        assert_eq!(new.pending.get(&dev), Some(&Change::Remove(s.clone())));
     }
 
     #[test]
@@ -566,7 +728,7 @@ mod tests {
             replaced: None,
         };
         let mut dict = SessionDict::new();
-        let up = Change::Upsert(rec.clone());
+        let up = Change::Upsert(Box::new(rec.clone()));
         assert!(matches!(apply(&mut dict, &dev, &up), Applied::Added { .. }));
         assert_eq!(apply(&mut dict, &dev, &up), Applied::Nothing);
         let rm = Change::Remove(s);

@@ -36,7 +36,7 @@ use tokio::sync::mpsc;
 
 pub use metrics::Metrics;
 
-use dicts::{Applied, Decision, Dicts, apply};
+use dicts::{Applied, Change, Decision, Dicts, apply};
 
 /// Handler settings.
 #[derive(Debug, Clone)]
@@ -228,10 +228,9 @@ fn on_dict_entry(shared: &Shared, entry: kv::Entry) {
         },
         kv::Operation::Delete | kv::Operation::Purge => Default::default(),
     };
-    shared
-        .dicts()
-        .entry(&account, interval)
-        .install(entry.revision, entries);
+    let mut d = shared.dicts();
+    d.entry(&account, interval).install(entry.revision, entries);
+    d.trim(&account, now_millis());
 }
 
 /// Handles one heartbeat message. Never fails: bad input is counted.
@@ -327,7 +326,7 @@ async fn flusher(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Key>, max:
 /// session's change is never dropped.
 async fn flush(shared: &Shared, key: Key) {
     let (account, interval) = &key;
-    let (revision, before, changes) = {
+    let taken = {
         let mut d = shared.dicts();
         let Some(dict) = d.get_mut(account, interval.to_owned()) else {
             return;
@@ -337,24 +336,40 @@ async fn flush(shared: &Shared, key: Key) {
         }
         dict.in_flight = true;
         dict.deferred = false;
-        (
-            dict.revision,
-            dict.entries.clone(),
-            std::mem::take(&mut dict.pending),
-        )
+        if dict.partial {
+            None
+        } else {
+            Some((
+                dict.revision,
+                dict.entries.clone(),
+                std::mem::take(&mut dict.pending),
+            ))
+        }
     };
+    let Some((revision, before, changes)) = taken else {
+        // Trimmed in memory: write on top of the whole KV copy.
+        reread(shared, &key).await;
+        let _ = shared.flush_tx.send(key.clone());
+        return;
+    };
+    let changes = shared.dicts().resolve(account, *interval, changes);
     let mut after = before.clone();
     let mut applied = Vec::with_capacity(changes.len());
+    let mut changed = false;
     for (device, change) in &changes {
         let what = apply(&mut after, device, change);
         if what != Applied::Nothing {
-            applied.push((device.clone(), what));
+            changed = true;
+            // A forgotten entry's leave is announced by the newer interval.
+            if !matches!(change, Change::Forget(_)) {
+                applied.push((device.clone(), what));
+            }
         }
     }
 
     let kv_key = keys::session_dict(account, *interval);
     let m = &shared.metrics;
-    let result = if applied.is_empty() {
+    let result = if !changed {
         Ok(revision)
     } else {
         let timer = m.kv_write_seconds.start_timer();
@@ -383,7 +398,7 @@ async fn flush(shared: &Shared, key: Key) {
 
     match result {
         Ok(new_revision) => {
-            if !applied.is_empty() {
+            if changed {
                 m.kv_writes.with_label_values(&["ok"]).inc();
             }
             let reschedule = {
@@ -391,7 +406,9 @@ async fn flush(shared: &Shared, key: Key) {
                 let dict = d.entry(account, *interval);
                 dict.install(new_revision, after);
                 dict.in_flight = false;
-                !dict.pending.is_empty()
+                let more = !dict.pending.is_empty();
+                d.trim(account, now_millis());
+                more
             };
             if reschedule {
                 let _ = shared.flush_tx.send(key.clone());
@@ -438,6 +455,35 @@ async fn flush(shared: &Shared, key: Key) {
             let _ = shared.flush_tx.send(key);
         }
     }
+}
+
+/// Replaces a trimmed dictionary's copy with the whole one from KV (the
+/// pending changes stay queued) and ends the flush that found it trimmed.
+async fn reread(shared: &Shared, key: &Key) {
+    let (account, interval) = key;
+    let kv_key = keys::session_dict(account, *interval);
+    let fresh = match shared.buckets.sessions.entry(kv_key.clone()).await {
+        Ok(Some(e)) if e.operation == kv::Operation::Put => {
+            wire::decode_dict(&e.value).ok().map(|d| (e.revision, d))
+        }
+        Ok(Some(e)) => Some((e.revision, Default::default())),
+        Ok(None) => Some((0, Default::default())),
+        Err(e) => {
+            tracing::warn!(key = %kv_key, error = %e, "reading a trimmed dictionary");
+            None
+        }
+    };
+    let Some((rev, entries)) = fresh else {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        shared.dicts().entry(account, *interval).in_flight = false;
+        return;
+    };
+    let mut d = shared.dicts();
+    let dict = d.entry(account, *interval);
+    dict.revision = rev;
+    dict.entries = entries;
+    dict.partial = false;
+    dict.in_flight = false;
 }
 
 /// Publishes the presence events of a write that landed and records

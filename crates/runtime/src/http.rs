@@ -8,6 +8,20 @@ use prometheus::{Encoder, Registry, TextEncoder};
 
 use crate::Shutdown;
 
+/// A registry for one process's metrics, with the standard process metrics
+/// (`process_resident_memory_bytes`, CPU seconds, open file descriptors)
+/// already in it.
+pub fn registry() -> Registry {
+    let registry = Registry::new();
+    #[cfg(target_os = "linux")]
+    if let Err(e) = registry.register(Box::new(
+        prometheus::process_collector::ProcessCollector::for_self(),
+    )) {
+        tracing::warn!(error = %e, "process metrics unavailable");
+    }
+    registry
+}
+
 /// A router serving `GET /metrics` from `registry`; merge it into another
 /// router or serve it alone with [`serve`].
 pub fn metrics_router(registry: Registry) -> Router {

@@ -37,6 +37,12 @@ impl NatsOptions {
             .name(&self.name)
             .retry_on_initial_connect()
             .connection_timeout(Duration::from_secs(5))
+            // Fail over to another node quickly: the first retry at once,
+            // then doubling from 50 ms up to 2 s.
+            .reconnect_delay_callback(|attempts| {
+                let step = attempts.saturating_sub(1).min(6) as u32;
+                Duration::from_millis((25u64 << step).min(2_000) * u64::from(attempts > 0))
+            })
             // Heartbeat bursts must queue, not be dropped as a slow consumer.
             .subscription_capacity(1 << 16)
             .client_capacity(1 << 14)

@@ -412,6 +412,7 @@ impl TestApp {
             interval: self.timings.interval,
             timeout: self.timings.timeout,
             sweep_every: self.timings.sweep_every,
+            gauges_every: self.timings.sweep_every * 5,
             default_limit: self.default_limit,
             plans: self.plans.clone(),
         };
