@@ -266,7 +266,7 @@ pub async fn run(
                             }
                         }
                         round += 1;
-                        on_sweep(&shared, round % gauge_rounds == 1 % gauge_rounds).await;
+                        on_sweep(&shared, (round - 1).is_multiple_of(gauge_rounds)).await;
                     }
                 }
             }

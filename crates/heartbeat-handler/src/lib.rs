@@ -423,17 +423,7 @@ async fn flush(shared: &Shared, key: Key) {
             // write that timed out but committed shows up here as a newer
             // revision already holding our change, and re-applying it is a
             // no-op, so it is never applied twice.
-            let fresh = match shared.buckets.sessions.entry(kv_key.clone()).await {
-                Ok(Some(e)) if e.operation == kv::Operation::Put => {
-                    wire::decode_dict(&e.value).ok().map(|d| (e.revision, d))
-                }
-                Ok(Some(e)) => Some((e.revision, Default::default())),
-                Ok(None) => Some((0, Default::default())),
-                Err(e) => {
-                    tracing::warn!(key = %kv_key, error = %e, "re-reading dictionary");
-                    None
-                }
-            };
+            let fresh = read_dict(shared, &kv_key).await;
             {
                 let mut d = shared.dicts();
                 let dict = d.entry(account, *interval);
@@ -457,23 +447,28 @@ async fn flush(shared: &Shared, key: Key) {
     }
 }
 
-/// Replaces a trimmed dictionary's copy with the whole one from KV (the
-/// pending changes stay queued) and ends the flush that found it trimmed.
-async fn reread(shared: &Shared, key: &Key) {
-    let (account, interval) = key;
-    let kv_key = keys::session_dict(account, *interval);
-    let fresh = match shared.buckets.sessions.entry(kv_key.clone()).await {
+/// The dictionary under `kv_key` as KV holds it now, with its revision (0
+/// and empty when there is none); None when it cannot be read.
+async fn read_dict(shared: &Shared, kv_key: &str) -> Option<(u64, wire::SessionDict)> {
+    match shared.buckets.sessions.entry(kv_key).await {
         Ok(Some(e)) if e.operation == kv::Operation::Put => {
             wire::decode_dict(&e.value).ok().map(|d| (e.revision, d))
         }
         Ok(Some(e)) => Some((e.revision, Default::default())),
         Ok(None) => Some((0, Default::default())),
         Err(e) => {
-            tracing::warn!(key = %kv_key, error = %e, "reading a trimmed dictionary");
+            tracing::warn!(key = %kv_key, error = %e, "reading dictionary");
             None
         }
-    };
-    let Some((rev, entries)) = fresh else {
+    }
+}
+
+/// Replaces a trimmed dictionary's copy with the whole one from KV (the
+/// pending changes stay queued) and ends the flush that found it trimmed.
+async fn reread(shared: &Shared, key: &Key) {
+    let (account, interval) = key;
+    let kv_key = keys::session_dict(account, *interval);
+    let Some((rev, entries)) = read_dict(shared, &kv_key).await else {
         tokio::time::sleep(Duration::from_millis(200)).await;
         shared.dicts().entry(account, *interval).in_flight = false;
         return;
