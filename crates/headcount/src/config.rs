@@ -73,14 +73,14 @@ impl NatsArgs {
         } else {
             None
         };
-        let urls =
-            if self.nats_urls.is_empty() {
-                vec![up.as_ref().map(|u| u.nats_url.clone()).context(
-                    "no --nats-url given and no up.json found: start `headcount up` first",
-                )?]
-            } else {
-                self.nats_urls.clone()
-            };
+        let urls = if self.nats_urls.is_empty() {
+            // up.json lists every node of a cluster, comma-separated.
+            up.as_ref()
+                .map(|u| u.nats_url.split(',').map(str::to_owned).collect())
+                .context("no --nats-url given and no up.json found: start `headcount up` first")?
+        } else {
+            self.nats_urls.clone()
+        };
         let user = self
             .nats_user
             .clone()
