@@ -351,7 +351,9 @@ async fn losing_a_nats_node_loses_no_session() {
         "active answered only after {answered:?}"
     );
 
-    // A session that joins now is written to the bucket's new leader.
+    // A session that joins now is written to the bucket's new leader. The
+    // checker sees it once its KV watch runs again, which after losing the
+    // leader can take a few election rounds: up to a minute is allowed.
     let late = "node-late".to_string();
     let late_fleet = Fleet::start(
         s.cluster.service_client("late").await,
@@ -362,7 +364,7 @@ async fn losing_a_nats_node_loses_no_session() {
         &s.client,
         std::slice::from_ref(&late),
         1,
-        Duration::from_secs(30),
+        Duration::from_secs(60),
     )
     .await;
 

@@ -8,6 +8,9 @@ use tokio::sync::oneshot;
 
 use crate::Shutdown;
 
+/// How often a watch compares its position with the bucket's.
+const STALL_CHECK: Duration = Duration::from_secs(3);
+
 /// Spawns a task that feeds every entry of `store` (the latest value of each
 /// key, then each later change, deletes included) to `apply`, in order.
 ///
@@ -36,10 +39,35 @@ where
     let task = tokio::spawn(async move {
         let mut last_revision = 0u64;
         let mut stop = std::pin::pin!(shutdown.wait());
+        // A watch can stall without an error when the stream's leader moves
+        // (a node lost): every few seconds, compare with what the bucket
+        // holds, and resume when it is ahead and nothing arrived meanwhile.
+        let mut check = tokio::time::interval(STALL_CHECK);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut delivered = false;
+        let mut suspect: Option<u64> = None;
         loop {
             let next = tokio::select! {
                 _ = &mut stop => return,
                 next = watch.next() => next,
+                _ = check.tick() => {
+                    let last = store.status().await.map_or(0, |s| s.info.state.last_sequence);
+                    let quiet = !std::mem::replace(&mut delivered, false);
+                    if last <= last_revision || !quiet {
+                        suspect = None;
+                        continue;
+                    }
+                    if suspect == Some(last) {
+                        // Resumed once already and still nothing: what lies
+                        // between has expired (TTL). Nothing to wait for.
+                        last_revision = last;
+                        suspect = None;
+                        continue;
+                    }
+                    suspect = Some(last);
+                    tracing::warn!(bucket = what, last_revision, "kv watch stalled, resuming");
+                    None
+                }
                 // The bucket may have emptied (TTL) between the count above
                 // and the watch: nothing would ever arrive to mark the end of
                 // the replay, so look again now and then while waiting.
@@ -54,6 +82,7 @@ where
             };
             match next {
                 Some(Ok(entry)) => {
+                    delivered = true;
                     let caught_up = entry.delta == 0 || entry.seen_current;
                     last_revision = last_revision.max(entry.revision);
                     apply(entry);
