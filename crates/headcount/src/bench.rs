@@ -457,6 +457,16 @@ impl Proc {
         }
     }
 
+    /// Waits until a handler or checker serves its first metrics.
+    async fn wait_up(&self, which: &str) -> anyhow::Result<()> {
+        let metric = match which {
+            "handler" => "headcount_handler_sessions",
+            _ => "headcount_active_sessions",
+        };
+        self.wait_metrics(&format!("{which} up"), |m| m.contains_key(metric))
+            .await
+    }
+
     async fn stop(mut self) {
         crate::up::terminate(&mut self.child, Duration::from_secs(15)).await;
     }
@@ -762,21 +772,13 @@ async fn at_size(
         MEMORY_INTERVAL,
     ];
     let checker = env.service("checker", &checker_args)?;
-    checker
-        .wait_metrics("checker up", |m| {
-            m.contains_key("headcount_active_sessions")
-        })
-        .await?;
+    checker.wait_up("checker").await?;
     let checker_empty = rss_bytes(checker.pid()?)?;
     checker.stop().await;
 
     // The handler, for ingest (the default interval).
     let handler = env.service("handler", &["--max-heartbeat-rate", "1000000000"])?;
-    handler
-        .wait_metrics("handler up", |m| {
-            m.contains_key("headcount_handler_sessions")
-        })
-        .await?;
+    handler.wait_up("handler").await?;
     // Every session joins first (one heartbeat each, written to KV): the
     // ingest rate below is the steady state, where sessions are known.
     let join_start = Instant::now();
@@ -840,11 +842,7 @@ async fn at_size(
             MEMORY_INTERVAL,
         ],
     )?;
-    handler
-        .wait_metrics("handler up", |m| {
-            m.contains_key("headcount_handler_sessions")
-        })
-        .await?;
+    handler.wait_up("handler").await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let handler_empty = rss_bytes(handler.pid()?)?;
     publish_paced(&publisher, &subjects, Duration::from_secs(5)).await?;
@@ -961,16 +959,8 @@ async fn steady(a: &AllArgs, dir: &Path) -> anyhow::Result<(Steady, Fresh)> {
         "checker",
         &["--interval", &interval_arg, "--default-limit", "10000"],
     )?;
-    handler
-        .wait_metrics("handler up", |m| {
-            m.contains_key("headcount_handler_sessions")
-        })
-        .await?;
-    checker
-        .wait_metrics("checker up", |m| {
-            m.contains_key("headcount_active_sessions")
-        })
-        .await?;
+    handler.wait_up("handler").await?;
+    checker.wait_up("checker").await?;
     let publisher = env.client("bench-publisher").await?;
     let run = &nuid::next().to_string()[..6];
     let sessions = if a.quick { 500 } else { a.steady_sessions };
@@ -1177,16 +1167,8 @@ async fn soak(a: SoakArgs) -> anyhow::Result<()> {
     let env = Env::start(&dir).await?;
     let handler = env.service("handler", &["--max-heartbeat-rate", "1000000000"])?;
     let checker = env.service("checker", &["--default-limit", "10000"])?;
-    checker
-        .wait_metrics("checker up", |m| {
-            m.contains_key("headcount_active_sessions")
-        })
-        .await?;
-    handler
-        .wait_metrics("handler up", |m| {
-            m.contains_key("headcount_handler_sessions")
-        })
-        .await?;
+    checker.wait_up("checker").await?;
+    handler.wait_up("handler").await?;
     let publisher = env.client("soak-publisher").await?;
     let client = env.client("soak-client").await?;
     let run = nuid::next().to_string()[..6].to_string();
