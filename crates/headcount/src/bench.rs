@@ -233,6 +233,14 @@ fn payload(seq: u64) -> Bytes {
     .into()
 }
 
+/// The account of a heartbeat subject and a `check` request for its first
+/// device, as the latency measurements send it.
+fn check_request(subject: &str) -> anyhow::Result<(String, Bytes)> {
+    let account = subjects::parse_heartbeat_ref(subject)?.account.to_string();
+    let body = serde_json::to_vec(&serde_json::json!({"account": account, "device": "device-0"}))?;
+    Ok((account, Bytes::from(body)))
+}
+
 /// Subjects of `sessions` sessions spread over accounts.
 fn session_subjects(run: &str, sessions: usize, per_account: usize) -> anyhow::Result<Vec<String>> {
     let mut out = Vec::with_capacity(sessions);
@@ -876,14 +884,7 @@ async fn at_size(
         .baseline("echo", &["--subject".into(), "bench.echo".into()])
         .await?;
     let client = env.client("bench-client").await?;
-    let one_account = subjects[0]
-        .split('.')
-        .nth(1)
-        .context("subject shape")?
-        .to_string();
-    let check_body = Bytes::from(serde_json::to_vec(
-        &serde_json::json!({"account": one_account, "device": "device-0"}),
-    )?);
+    let (one_account, check_body) = check_request(&subjects[0])?;
     let active_body = Bytes::from(serde_json::to_vec(
         &serde_json::json!({"account": one_account}),
     )?);
@@ -1174,14 +1175,7 @@ async fn soak(a: SoakArgs) -> anyhow::Result<()> {
     let run = nuid::next().to_string()[..6].to_string();
     let mut subjects = session_subjects(&run, a.sessions, a.devices_per_account)?;
     let mut next_id = a.sessions;
-    let one_account = subjects[0]
-        .split('.')
-        .nth(1)
-        .context("subject shape")?
-        .to_string();
-    let check_body = Bytes::from(serde_json::to_vec(
-        &serde_json::json!({"account": one_account, "device": "device-0"}),
-    )?);
+    let (_, check_body) = check_request(&subjects[0])?;
     println!(
         "soak: {} sessions at a 5 s heartbeat, {}% replaced every {:?}, for {:?}",
         a.sessions, a.churn_percent, a.every, a.duration
@@ -1231,21 +1225,10 @@ async fn soak(a: SoakArgs) -> anyhow::Result<()> {
                 .publish(subjects[victim].clone(), leave.clone())
                 .await?;
             published += 1;
-            let (account, device) = {
-                let mut parts = subjects[victim].split('.');
-                parts.next();
-                (
-                    parts.next().unwrap_or_default().to_string(),
-                    parts.next().unwrap_or_default().to_string(),
-                )
-            };
             let session = SessionId::parse(&format!("{run}{next_id:016}"))?;
             next_id += 1;
-            subjects[victim] = subjects::heartbeat(
-                &AccountId::parse(&account)?,
-                &DeviceId::parse(&device)?,
-                &session,
-            );
+            let ids = subjects::parse_heartbeat(&subjects[victim])?;
+            subjects[victim] = subjects::heartbeat(&ids.account, &ids.device, &session);
         }
         publisher.flush().await?;
         let wait = step_end.saturating_duration_since(Instant::now());
