@@ -501,8 +501,13 @@ impl Env {
         let secrets = crate::up::load_secrets(dir)?;
         let issuer = token_vendor::Issuer::open(dir)?;
         let port = free_port()?;
-        let nats =
-            crate::up::NatsProcess::start(dir, port, &secrets, Some(&issuer.public_key())).await?;
+        let nats = crate::up::NatsProcess::start(
+            dir,
+            (port, free_port()?),
+            &secrets,
+            Some(&issuer.public_key()),
+        )
+        .await?;
         Ok(Env {
             nats,
             url: format!("nats://127.0.0.1:{port}"),

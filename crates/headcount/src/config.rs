@@ -42,6 +42,9 @@ pub struct UpInfo {
     /// Public key the server trusts for auth callout responses; empty when
     /// `up` runs with `--insecure`.
     pub callout_issuer: String,
+    /// Where browsers reach NATS (WebSocket URLs, comma-separated).
+    #[serde(default)]
+    pub websocket_url: String,
     /// Set by `up --insecure`: devices share the `device` user instead of
     /// connecting with tokens.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -220,5 +223,53 @@ mod tests {
         assert_eq!(humantime_secs("2m"), Ok(Duration::from_secs(120)));
         assert!(humantime_secs("5 parsecs").is_err());
         assert!(humantime_secs("-1s").is_err());
+    }
+}
+
+/// Browser devices and the pages.
+#[derive(Debug, Clone, Args)]
+pub struct BrowserArgs {
+    /// NATS WebSocket URL as browsers reach it (repeat, or comma-separate,
+    /// for several). `headcount up` defaults to the listener it starts.
+    #[arg(
+        long = "websocket-url",
+        env = "HEADCOUNT_WEBSOCKET_URL",
+        value_delimiter = ','
+    )]
+    pub websocket_urls: Vec<String>,
+    /// How often browser devices heartbeat (keep it well inside --timeout).
+    #[arg(long, env = "HEADCOUNT_BROWSER_HEARTBEAT", default_value = "5s", value_parser = humantime_secs)]
+    pub browser_heartbeat: Duration,
+    /// Hand a device token to anyone at POST /v1/demo/tokens, no key needed:
+    /// for local demos only (`up --demo` turns it on).
+    #[arg(long)]
+    pub demo_tokens: bool,
+    /// Serve the browser pages (/demo/, /live/) from this directory, the
+    /// output of `npm --prefix web run build` (`up` looks for web/dist).
+    #[arg(long, env = "HEADCOUNT_WEB_DIR")]
+    pub web_dir: Option<PathBuf>,
+}
+
+impl BrowserArgs {
+    /// The token-vendor's browser configuration; `default_ws` when no
+    /// WebSocket URL was given.
+    pub fn config(&self, default_ws: Vec<String>, demo: bool) -> token_vendor::BrowserConfig {
+        let web_dir = self.web_dir.clone().filter(|d| {
+            let ok = d.join("demo").join("index.html").is_file();
+            if !ok {
+                tracing::warn!(dir = %d.display(), "no built pages there (npm --prefix web run build): /demo/ and /live/ are not served");
+            }
+            ok
+        });
+        token_vendor::BrowserConfig {
+            websocket_urls: if self.websocket_urls.is_empty() {
+                default_ws
+            } else {
+                self.websocket_urls.clone()
+            },
+            heartbeat_every: self.browser_heartbeat,
+            demo_tokens: self.demo_tokens || demo,
+            web_dir,
+        }
     }
 }

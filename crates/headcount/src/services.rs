@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::Args;
 use headcount_runtime::{Buckets, Shutdown, http, shutdown};
 
-use crate::config::{EngineArgs, NatsArgs, PlanArgs, humantime_secs};
+use crate::config::{BrowserArgs, EngineArgs, NatsArgs, PlanArgs, humantime_secs};
 
 #[derive(Debug, Args)]
 pub struct HandlerArgs {
@@ -41,6 +41,8 @@ pub struct TokenVendorArgs {
     plans: PlanArgs,
     #[command(flatten)]
     tokens: TokenArgs,
+    #[command(flatten)]
+    browser: BrowserArgs,
     /// Serve POST /v1/tokens, the JWKS and /metrics on this address.
     #[arg(long, env = "HEADCOUNT_HTTP_ADDR", default_value = "0.0.0.0:8080")]
     http_addr: SocketAddr,
@@ -153,12 +155,6 @@ pub async fn token_vendor(a: TokenVendorArgs) -> anyhow::Result<()> {
         &registry,
     )?;
     let (trigger, stop) = Shutdown::new();
-    let router = token_vendor::router(vendor.clone()).merge(http::metrics_router(registry));
-    let (addr, _server) = http::serve(a.http_addr, router, stop.clone()).await?;
-    tracing::info!(%addr, "token-vendor http listening");
-    tokio::spawn(until_signal(trigger));
-    let issuer = token_vendor::Issuer::open(&a.nats.data_dir)?;
-    tracing::info!(issuer = %issuer.public_key(), "auth callout issuer (the `issuer` of nats.conf's auth_callout)");
     let revoked = headcount_runtime::buckets::open_existing(
         &client,
         headcount_protocol::subjects::kv::REVOKED_BUCKET,
@@ -173,6 +169,23 @@ pub async fn token_vendor(a: TokenVendorArgs) -> anyhow::Result<()> {
         )
         .await?,
     );
+    let browser = a.browser.config(Vec::new(), false);
+    if browser.websocket_urls.is_empty() {
+        tracing::warn!("no --websocket-url: browser devices are not told where NATS is");
+    }
+    let router = token_vendor::router(vendor.clone())
+        .merge(http::metrics_router(registry))
+        .merge(token_vendor::browser_router(
+            vendor.clone(),
+            client.clone(),
+            revoked.clone(),
+            browser,
+        ));
+    let (addr, _server) = http::serve(a.http_addr, router, stop.clone()).await?;
+    tracing::info!(%addr, "token-vendor http listening");
+    tokio::spawn(until_signal(trigger));
+    let issuer = token_vendor::Issuer::open(&a.nats.data_dir)?;
+    tracing::info!(issuer = %issuer.public_key(), "auth callout issuer (the `issuer` of nats.conf's auth_callout)");
     tokio::try_join!(
         token_vendor::serve_nats(vendor.clone(), client.clone(), stop.clone()),
         token_vendor::serve_callout(vendor, issuer, client.clone(), revoked, stop),

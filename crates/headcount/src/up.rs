@@ -14,7 +14,7 @@ use clap::Args;
 use headcount_runtime::{Buckets, NatsOptions, Shutdown, http, shutdown};
 use serde::{Deserialize, Serialize};
 
-use crate::config::{EngineArgs, PlanArgs, UpInfo};
+use crate::config::{BrowserArgs, EngineArgs, PlanArgs, UpInfo};
 use crate::services::TokenArgs;
 use crate::simulate::{FleetAccess, FleetSpec, FleetStats, fleet};
 
@@ -49,6 +49,10 @@ pub struct UpArgs {
     /// Monitoring port (/healthz) of the first cluster node.
     #[arg(long, default_value_t = 8222)]
     monitor_port: u16,
+    /// WebSocket port (browser devices) of the nats-server started here
+    /// (with --cluster, of the first node; the others take the next ports).
+    #[arg(long, env = "HEADCOUNT_WS_PORT", default_value_t = 4223)]
+    ws_port: u16,
     /// Port of the token-vendor's HTTP API (POST /v1/tokens, JWKS).
     #[arg(long, env = "HEADCOUNT_HTTP_PORT", default_value_t = 8080)]
     http_port: u16,
@@ -61,7 +65,8 @@ pub struct UpArgs {
     /// Keys, secrets, the server's store and up.json live here.
     #[arg(long, env = "HEADCOUNT_DATA_DIR", default_value = ".headcount")]
     data_dir: PathBuf,
-    /// Add a simulated fleet so the numbers move.
+    /// Add a simulated fleet so the numbers move, and hand out demo tokens
+    /// to the demo page (--demo-tokens).
     #[arg(long)]
     demo: bool,
     /// Let devices in WITHOUT tokens (one shared device password, any
@@ -74,6 +79,8 @@ pub struct UpArgs {
     plans: PlanArgs,
     #[command(flatten)]
     tokens: TokenArgs,
+    #[command(flatten)]
+    browser: BrowserArgs,
 }
 
 /// Secrets generated on first run and kept in the data dir.
@@ -144,12 +151,13 @@ struct Node {
     client: u16,
     cluster: u16,
     monitor: u16,
+    ws: u16,
 }
 
 impl NatsProcess {
     pub(crate) async fn start(
         dir: &Path,
-        port: u16,
+        (port, ws_port): (u16, u16),
         secrets: &Secrets,
         issuer: Option<&str>,
     ) -> anyhow::Result<Self> {
@@ -164,7 +172,8 @@ impl NatsProcess {
         cmd.arg("-c")
             .arg(&conf)
             .arg("-sd")
-            .arg(dir.join("jetstream"));
+            .arg(dir.join("jetstream"))
+            .env("HEADCOUNT_WS_PORT", ws_port.to_string());
         Self::spawn(cmd, dir.join("nats.log"), port, secrets, issuer).await
     }
 
@@ -206,6 +215,7 @@ impl NatsProcess {
                 .env("HEADCOUNT_CLIENT_PORT", n.client.to_string())
                 .env("HEADCOUNT_MONITOR_PORT", n.monitor.to_string())
                 .env("HEADCOUNT_CLUSTER_PORT", n.cluster.to_string())
+                .env("HEADCOUNT_WS_PORT", n.ws.to_string())
                 .env("HEADCOUNT_ROUTE_PASSWORD", route_password);
             // node.conf names three routes; a five-node cluster lists the
             // first three as seeds and the others find the rest through them.
@@ -276,6 +286,28 @@ impl NatsProcess {
     }
 }
 
+/// The built pages when `--web-dir` is not given: `web/dist` under the
+/// working directory or under a directory the binary sits in (a checkout's
+/// `target/debug/headcount` finds the checkout's pages).
+fn built_pages() -> Option<PathBuf> {
+    let built = |root: &Path| {
+        let dir = root.join("web").join("dist");
+        dir.join("demo").join("index.html").is_file().then_some(dir)
+    };
+    if let Some(dir) = std::env::current_dir().ok().as_deref().and_then(built) {
+        return Some(dir);
+    }
+    let exe = std::env::current_exe().ok()?;
+    let found = exe.ancestors().skip(1).take(4).find_map(built);
+    if found.is_none() {
+        tracing::warn!(
+            "no built pages found (web/dist): /demo/ and /live/ are not served; \
+             `npm --prefix web ci && npm --prefix web run build` builds them (deploy/dev up does)"
+        );
+    }
+    found
+}
+
 pub async fn run(a: UpArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&a.data_dir)
         .with_context(|| format!("creating {}", a.data_dir.display()))?;
@@ -314,7 +346,7 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
             trigger.fire();
         });
     }
-    let (nats_processes, nats_urls, user, password) = if a.nats_urls.is_empty()
+    let (nats_processes, nats_urls, ws_urls, user, password) = if a.nats_urls.is_empty()
         && let Some(size) = a.cluster
     {
         let nodes: Vec<Node> = (0..size)
@@ -323,6 +355,7 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
                 client: a.nats_port + i,
                 cluster: a.cluster_port + i,
                 monitor: a.monitor_port + i,
+                ws: a.ws_port + i,
             })
             .collect();
         let started =
@@ -334,15 +367,25 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
                 .iter()
                 .map(|n| format!("nats://127.0.0.1:{}", n.client))
                 .collect(),
+            nodes
+                .iter()
+                .map(|n| format!("ws://127.0.0.1:{}", n.ws))
+                .collect(),
             "headcount".to_string(),
             secrets.service_password.clone(),
         )
     } else if a.nats_urls.is_empty() {
-        let p =
-            NatsProcess::start(&a.data_dir, a.nats_port, &secrets, issuer_key.as_deref()).await?;
+        let p = NatsProcess::start(
+            &a.data_dir,
+            (a.nats_port, a.ws_port),
+            &secrets,
+            issuer_key.as_deref(),
+        )
+        .await?;
         (
             vec![p],
             vec![format!("nats://127.0.0.1:{}", a.nats_port)],
+            vec![format!("ws://127.0.0.1:{}", a.ws_port)],
             "headcount".to_string(),
             secrets.service_password.clone(),
         )
@@ -350,6 +393,7 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
         (
             Vec::new(),
             a.nats_urls.clone(),
+            Vec::new(),
             a.nats_user.clone().unwrap_or_else(|| "headcount".into()),
             a.nats_password
                 .clone()
@@ -361,7 +405,7 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
     } else {
         run_services(
             &a,
-            (&nats_urls, &user, &password),
+            (&nats_urls, &ws_urls, &user, &password),
             &secrets,
             operator_key,
             issuer,
@@ -376,7 +420,7 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
 
 async fn run_services(
     a: &UpArgs,
-    (nats_urls, user, password): (&[String], &str, &str),
+    (nats_urls, ws_urls, user, password): (&[String], &[String], &str, &str),
     secrets: &Secrets,
     operator_key: String,
     issuer: Option<token_vendor::Issuer>,
@@ -438,9 +482,21 @@ async fn run_services(
             }
         })
     };
+    let mut browser_args = a.browser.clone();
+    if browser_args.web_dir.is_none() {
+        browser_args.web_dir = built_pages();
+    }
+    let browser = browser_args.config(ws_urls.to_vec(), a.demo);
+    let pages = browser.web_dir.is_some();
+    let websocket_url = browser.websocket_urls.join(",");
     let (http_addr, _http) = http::serve(
         SocketAddr::new(a.bind, a.http_port),
-        token_vendor::router(vendor),
+        token_vendor::router(vendor.clone()).merge(token_vendor::browser_router(
+            vendor,
+            vendor_client.clone(),
+            buckets.revoked.clone(),
+            browser,
+        )),
         stop.clone(),
     )
     .await?;
@@ -493,6 +549,7 @@ async fn run_services(
         operator_key,
         insecure_device_password: a.insecure.then(|| secrets.device_password.clone()),
         callout_issuer,
+        websocket_url,
     };
     write_private(
         &UpInfo::path(&a.data_dir),
@@ -540,6 +597,12 @@ async fn run_services(
         info.metrics_url,
         UpInfo::path(&a.data_dir).display()
     );
+    if pages {
+        println!(
+            "pages: demo player {}/demo/ | live view {}/live/#key={}",
+            info.http_url, info.http_url, info.operator_key
+        );
+    }
     if a.demo {
         println!(
             "demo fleet started: try `headcount active acct-0003` or `curl -s {}`",

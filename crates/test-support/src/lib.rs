@@ -35,6 +35,8 @@ pub const BACKEND_USER: &str = "backend";
 pub struct NatsServer {
     child: Option<Child>,
     port: u16,
+    /// The WebSocket listener's port (browser devices).
+    pub ws_port: u16,
     store: tempfile::TempDir,
     pub service_password: String,
     pub backend_password: String,
@@ -66,6 +68,7 @@ impl NatsServer {
         let mut s = Self {
             child: None,
             port,
+            ws_port: free_port(),
             store: tempfile::tempdir().expect("temporary store dir"),
             service_password: service_password.to_string(),
             backend_password: format!("be-{}", nuid_like()),
@@ -90,6 +93,7 @@ impl NatsServer {
             .env("HEADCOUNT_SERVICE_PASSWORD", &self.service_password)
             .env("HEADCOUNT_BACKEND_PASSWORD", &self.backend_password)
             .env("HEADCOUNT_CALLOUT_ISSUER", self.issuer().public_key())
+            .env("HEADCOUNT_WS_PORT", self.ws_port.to_string())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -461,9 +465,22 @@ impl TestApp {
         let vendor = token_vendor::Vendor::new(config, &registry).expect("vendor starts");
         vendor.set_plan_store(buckets.limits.clone());
         let (trigger, shutdown) = Shutdown::new();
+        // Demo tokens on, so that browser-side endpoints can be tried
+        // without an operator key.
+        let browser = token_vendor::BrowserConfig {
+            websocket_urls: vec![format!("ws://127.0.0.1:{}", self.nats.ws_port)],
+            heartbeat_every: Duration::from_secs(5),
+            demo_tokens: true,
+            web_dir: None,
+        };
         let (http_addr, _http) = headcount_runtime::http::serve(
             "127.0.0.1:0".parse().expect("addr"),
-            token_vendor::router(vendor.clone()),
+            token_vendor::router(vendor.clone()).merge(token_vendor::browser_router(
+                vendor.clone(),
+                client.clone(),
+                buckets.revoked.clone(),
+                browser,
+            )),
             shutdown.clone(),
         )
         .await
@@ -697,6 +714,7 @@ struct ClusterNode {
     client: u16,
     cluster: u16,
     monitor: u16,
+    ws: u16,
     child: Option<Child>,
 }
 
@@ -722,6 +740,7 @@ impl NatsCluster {
                 client: free_port(),
                 cluster: free_port(),
                 monitor: free_port(),
+                ws: free_port(),
                 child: None,
             })
             .collect();
@@ -772,6 +791,7 @@ impl NatsCluster {
             .env("HEADCOUNT_CLIENT_PORT", node.client.to_string())
             .env("HEADCOUNT_MONITOR_PORT", node.monitor.to_string())
             .env("HEADCOUNT_CLUSTER_PORT", node.cluster.to_string())
+            .env("HEADCOUNT_WS_PORT", node.ws.to_string())
             .env("HEADCOUNT_ROUTE_PASSWORD", &self.route_password)
             .env("HEADCOUNT_SERVICE_PASSWORD", &self.service_password)
             .env("HEADCOUNT_BACKEND_PASSWORD", &self.backend_password)

@@ -334,14 +334,71 @@ fn encode<T: Serialize>(mut claims: NatsClaims<T>, key: &KeyPair) -> anyhow::Res
     Ok(format!("{body}.{}", b64(&sig)))
 }
 
-/// The user JWT of a device: its own heartbeat subject, its own control
-/// subject, nothing else, until the token expires.
-fn device_user_jwt(
+/// What a connection may do: subjects it may publish and subscribe to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    /// The user name the server logs for the connection.
+    pub name: String,
+    pub publish: Vec<String>,
+    pub subscribe: Vec<String>,
+}
+
+/// The endpoints an operator's live view may call.
+const OPERATOR_ENDPOINTS: &[&str] = &[
+    subjects::endpoint::ACTIVE,
+    subjects::endpoint::STATS,
+    subjects::endpoint::LIMITS_GET,
+    subjects::endpoint::LIMITS_SET,
+    subjects::endpoint::KICK,
+];
+
+impl Grant {
+    /// A device: its own heartbeat subject and its own control subject,
+    /// nothing else.
+    pub fn device(account: &AccountId, device: &DeviceId, session: &SessionId) -> Grant {
+        Grant {
+            name: format!("{account}/{device}"),
+            publish: vec![subjects::heartbeat(account, device, session)],
+            subscribe: vec![subjects::control(account, device)],
+        }
+    }
+
+    /// An operator's live view: the query and steering endpoints, service
+    /// discovery, every presence event, and replies under its own inbox
+    /// prefix only.
+    pub fn operator(claims: &crate::Claims) -> Grant {
+        let mut publish: Vec<String> = OPERATOR_ENDPOINTS
+            .iter()
+            .map(|ep| subjects::endpoint_subject(ep))
+            .collect();
+        publish.push("$SRV.>".to_string());
+        Grant {
+            name: format!("operator/{}", claims.sid),
+            publish,
+            subscribe: vec![
+                format!("{}.events.>", subjects::SERVICE_PREFIX),
+                format!("{}.>", claims.inbox_prefix()),
+            ],
+        }
+    }
+
+    /// The grant a verified token carries.
+    pub fn of(claims: &crate::Claims) -> Result<Grant, TokenError> {
+        if claims.is_operator() {
+            return Ok(Grant::operator(claims));
+        }
+        match (claims.account(), claims.device(), claims.session()) {
+            (Ok(a), Ok(d), Ok(s)) => Ok(Grant::device(&a, &d, &s)),
+            _ => Err(TokenError::BadClaims),
+        }
+    }
+}
+
+/// The user JWT of a connection: what `grant` allows, until `expires`.
+fn user_jwt(
     issuer: &Issuer,
     user_nkey: &str,
-    account: &AccountId,
-    device: &DeviceId,
-    session: &SessionId,
+    grant: Grant,
     expires: u64,
 ) -> anyhow::Result<String> {
     encode(
@@ -351,14 +408,14 @@ fn device_user_jwt(
             jti: String::new(),
             iat: 0,
             iss: String::new(),
-            name: format!("{account}/{device}"),
+            name: grant.name,
             sub: user_nkey.to_string(),
             nats: UserGrant {
                 publish: Permission {
-                    allow: vec![subjects::heartbeat(account, device, session)],
+                    allow: grant.publish,
                 },
                 sub: Permission {
-                    allow: vec![subjects::control(account, device)],
+                    allow: grant.subscribe,
                 },
                 subs: -1,
                 data: -1,
@@ -464,22 +521,14 @@ pub(crate) async fn answer(
     let host = req.client_info.host.clone().unwrap_or_default();
     let outcome = match authorize(vendor, revoked, &req).await {
         Ok(claims) => {
-            let (account, device, session) =
-                match (claims.account(), claims.device(), claims.session()) {
-                    (Ok(a), Ok(d), Ok(s)) => (a, d, s),
-                    _ => return None,
-                };
-            match device_user_jwt(
-                issuer,
-                &req.user_nkey,
-                &account,
-                &device,
-                &session,
-                claims.exp,
-            ) {
+            let Ok(grant) = Grant::of(&claims) else {
+                return None;
+            };
+            let name = grant.name.clone();
+            match user_jwt(issuer, &req.user_nkey, grant, claims.exp) {
                 Ok(jwt) => {
                     vendor.count_callout("allowed");
-                    tracing::debug!(%account, %device, %session, %host, "device connection allowed");
+                    tracing::debug!(user = %name, %host, "connection allowed");
                     Ok(jwt)
                 }
                 Err(e) => {
@@ -648,7 +697,7 @@ mod tests {
             DeviceId::parse("tv").unwrap(),
             SessionId::parse("s1").unwrap(),
         );
-        let jwt = device_user_jwt(&issuer, &user, &a, &d, &s, 1_900_000_000).unwrap();
+        let jwt = user_jwt(&issuer, &user, Grant::device(&a, &d, &s), 1_900_000_000).unwrap();
         let claims = payload_of(&jwt);
         assert_eq!(claims["sub"], user.as_str());
         assert_eq!(claims["iss"], issuer.public_key().as_str());
@@ -669,6 +718,45 @@ mod tests {
             .unwrap()
             .verify(body.as_bytes(), &URL_SAFE_NO_PAD.decode(sig).unwrap())
             .unwrap();
+    }
+
+    #[test]
+    fn operator_tokens_grant_queries_events_and_their_own_inbox_only() {
+        let claims = crate::Claims {
+            sub: crate::OPERATOR_ROLE.into(),
+            acct: crate::OPERATOR_ROLE.into(),
+            sid: "OPS1".into(),
+            iat: 0,
+            exp: 1,
+            nbf: 0,
+            iss: "headcount".into(),
+            aud: "headcount-devices".into(),
+            plan: None,
+            role: Some(crate::OPERATOR_ROLE.into()),
+        };
+        let grant = Grant::of(&claims).unwrap();
+        assert_eq!(
+            grant.publish,
+            [
+                "headcount.active",
+                "headcount.stats",
+                "headcount.limits.get",
+                "headcount.limits.set",
+                "headcount.kick",
+                "$SRV.>"
+            ]
+        );
+        assert_eq!(grant.subscribe, ["headcount.events.>", "_INBOX_OPS1.>"]);
+        assert!(!grant.publish.iter().any(|s| s.starts_with("hb.")));
+        // The same claims without the role are a device token for a device
+        // named "operator": its own two subjects only.
+        let device = Grant::of(&crate::Claims {
+            role: None,
+            ..claims
+        })
+        .unwrap();
+        assert_eq!(device.publish, ["hb.operator.operator.OPS1"]);
+        assert_eq!(device.subscribe, ["ctl.operator.operator"]);
     }
 
     #[test]

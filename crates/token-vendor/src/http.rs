@@ -31,13 +31,13 @@ pub fn router(vendor: Vendor) -> Router {
         .with_state(vendor)
 }
 
-fn error(status: StatusCode, message: impl Into<String>) -> Response {
+pub(crate) fn error(status: StatusCode, message: impl Into<String>) -> Response {
     let body = serde_json::json!({ "error": message.into() });
     (status, Json(body)).into_response()
 }
 
 /// The token of an `Authorization: Bearer <token>` header.
-fn bearer(headers: &HeaderMap) -> Option<&str> {
+pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = value.trim().split_once(' ')?;
     scheme
@@ -46,7 +46,7 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
 }
 
 /// The 401 answer to a request without the operator key, counted.
-fn unauthorized(vendor: &Vendor) -> Response {
+pub(crate) fn unauthorized(vendor: &Vendor) -> Response {
     vendor.count_rejection(UNAUTHORIZED);
     let mut response = error(StatusCode::UNAUTHORIZED, "missing or wrong operator key");
     response
@@ -123,7 +123,7 @@ async fn issue_token(
 }
 
 /// A status and a readable message for a body that is not a token request.
-fn describe(rejection: &JsonRejection) -> (StatusCode, String) {
+pub(crate) fn describe(rejection: &JsonRejection) -> (StatusCode, String) {
     match rejection {
         JsonRejection::JsonDataError(e) => (
             StatusCode::BAD_REQUEST,

@@ -15,6 +15,9 @@
 //!   every key there verifies, the newest signs; [`SIGNING_KEY_ENV`] may
 //!   supply the signing key instead.
 //! - `http`: [`router`] for the HTTP API.
+//! - `browser`: [`browser_router`], what browser devices and the operator's
+//!   live view need over HTTP (token refresh, leave beacon, operator and
+//!   demo tokens) and the pages themselves.
 //! - `nats`: [`serve_nats`], the `headcount.token` micro service.
 //! - `callout`: [`serve_callout`], NATS auth callout turning a device token
 //!   into permissions for that device's own subjects.
@@ -37,13 +40,15 @@ use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, Header, Validation};
 use serde::{Deserialize, Serialize};
 
+mod browser;
 pub mod callout;
 mod http;
 mod keys;
 mod metrics;
 mod nats;
 
-pub use callout::{Issuer, serve_callout};
+pub use browser::{BrowserConfig, browser_router};
+pub use callout::{Grant, Issuer, serve_callout};
 pub use http::router;
 pub use keys::SIGNING_KEY_ENV;
 pub use nats::{SERVICE_NAME, serve_nats};
@@ -55,6 +60,20 @@ use metrics::Metrics;
 pub const DEFAULT_ISSUER: &str = "headcount";
 /// Default `aud` claim.
 pub const DEFAULT_AUDIENCE: &str = "headcount-devices";
+/// The `role` claim of operator tokens. Such a token names no device: its
+/// `acct` and `sub` are both [`OPERATOR_ROLE`].
+pub const OPERATOR_ROLE: &str = "operator";
+
+/// An operator token, for the live view's NATS connection.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OperatorToken {
+    pub token: String,
+    pub expires_at: u64,
+    /// Replies to this connection's requests must come under this prefix
+    /// (the client's inbox prefix).
+    pub inbox_prefix: String,
+}
+
 /// Default token lifetime.
 pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(15 * 60);
 /// Tokens longer than this are refused before any parsing.
@@ -127,9 +146,24 @@ pub struct Claims {
     /// The account's plan, when the backend named one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub plan: Option<String>,
+    /// [`OPERATOR_ROLE`] on an operator token (the live view); absent on a
+    /// device token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
 }
 
 impl Claims {
+    /// Whether this is an operator token rather than a device's.
+    pub fn is_operator(&self) -> bool {
+        self.role.as_deref() == Some(OPERATOR_ROLE)
+    }
+
+    /// The subject prefix an operator connection's replies must use: its
+    /// permissions allow no other inbox.
+    pub fn inbox_prefix(&self) -> String {
+        format!("_INBOX_{}", self.sid)
+    }
+
     pub fn account(&self) -> Result<AccountId, NameError> {
         AccountId::parse(&self.acct)
     }
@@ -381,31 +415,92 @@ impl Vendor {
         now: u64,
     ) -> anyhow::Result<TokenReply> {
         let session = SessionId::parse(nuid::next().as_str())?;
-        let exp = now.saturating_add(self.inner.ttl_secs);
         let claims = Claims {
             sub: device.to_string(),
             acct: account.to_string(),
             sid: session.to_string(),
             iat: now,
-            exp,
+            exp: now.saturating_add(self.inner.ttl_secs),
             nbf: now,
             iss: self.inner.issuer.clone(),
             aud: self.inner.audience.clone(),
             plan: plan.map(str::to_owned),
+            role: None,
         };
+        let token = self.sign(&claims)?;
+        self.inner.metrics.issued.with_label_values(&[via]).inc();
+        tracing::debug!(%account, %device, %session, via, "token issued");
+        Ok(TokenReply {
+            token,
+            session,
+            expires_at: claims.exp.saturating_mul(1000),
+        })
+    }
+
+    /// A fresh token for the session of `current` (a verified device token):
+    /// the same account, device, session and plan with a new lifetime. The
+    /// caller checks that the session has not been ended.
+    pub fn renew(&self, current: &Claims) -> anyhow::Result<TokenReply> {
+        anyhow::ensure!(!current.is_operator(), "operator tokens are not renewed");
+        let session = current.session()?;
+        let now = now_millis() / 1000;
+        let claims = Claims {
+            iat: now,
+            nbf: now,
+            exp: now.saturating_add(self.inner.ttl_secs),
+            ..current.clone()
+        };
+        let token = self.sign(&claims)?;
+        self.inner
+            .metrics
+            .issued
+            .with_label_values(&["refresh"])
+            .inc();
+        tracing::debug!(account = %claims.acct, device = %claims.sub, %session, "token renewed");
+        Ok(TokenReply {
+            token,
+            session,
+            expires_at: claims.exp.saturating_mul(1000),
+        })
+    }
+
+    /// A token for an operator's live view: through the auth callout it may
+    /// query and steer every account (`active`, `stats`, `limits`, `kick`)
+    /// and watch every presence event, and publish no heartbeat.
+    pub fn issue_operator(&self) -> anyhow::Result<OperatorToken> {
+        let now = now_millis() / 1000;
+        let claims = Claims {
+            sub: OPERATOR_ROLE.to_string(),
+            acct: OPERATOR_ROLE.to_string(),
+            sid: nuid::next().to_string(),
+            iat: now,
+            exp: now.saturating_add(self.inner.ttl_secs),
+            nbf: now,
+            iss: self.inner.issuer.clone(),
+            aud: self.inner.audience.clone(),
+            plan: None,
+            role: Some(OPERATOR_ROLE.to_string()),
+        };
+        let token = self.sign(&claims)?;
+        self.inner
+            .metrics
+            .issued
+            .with_label_values(&["operator"])
+            .inc();
+        Ok(OperatorToken {
+            token,
+            expires_at: claims.exp.saturating_mul(1000),
+            inbox_prefix: claims.inbox_prefix(),
+        })
+    }
+
+    fn sign(&self, claims: &Claims) -> anyhow::Result<String> {
         let keys = self.keys();
         let signer = keys.signer();
         let mut header = Header::new(Algorithm::EdDSA);
         header.kid = Some(signer.kid.clone());
-        let token = jsonwebtoken::encode(&header, &claims, &signer.encoding)
-            .map_err(|e| anyhow::anyhow!("signing token with key {}: {e}", signer.kid))?;
-        self.inner.metrics.issued.with_label_values(&[via]).inc();
-        tracing::debug!(%account, %device, %session, via, kid = %signer.kid, "token issued");
-        Ok(TokenReply {
-            token,
-            session,
-            expires_at: exp.saturating_mul(1000),
-        })
+        jsonwebtoken::encode(&header, claims, &signer.encoding)
+            .map_err(|e| anyhow::anyhow!("signing token with key {}: {e}", signer.kid))
     }
 
     /// Checks a token: size, shape, a known `kid`, the EdDSA signature,

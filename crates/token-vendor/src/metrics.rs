@@ -5,17 +5,21 @@
 
 use prometheus::{IntCounterVec, Opts, Registry};
 
-/// Channels a token can be issued over.
-pub(crate) const VIA: &[&str] = &["http", "nats"];
+/// Channels a token can be issued over: a backend over HTTP or NATS, the
+/// demo page, a device renewing its own token, an operator's live view.
+pub(crate) const VIA: &[&str] = &["http", "nats", "demo", "refresh", "operator"];
+/// A request without a valid device token, or for an ended session.
+pub(crate) const FORBIDDEN: &str = "forbidden";
 /// Why a token request was refused.
 pub(crate) const UNAUTHORIZED: &str = "unauthorized";
 pub(crate) const BAD_REQUEST: &str = "bad_request";
 
 #[derive(Clone, Debug)]
 pub(crate) struct Metrics {
-    /// Tokens issued, by channel: http, nats.
+    /// Tokens issued, by channel ([`VIA`]).
     pub issued: IntCounterVec,
-    /// Token requests refused, by reason: unauthorized, bad_request.
+    /// Token requests refused, by reason: unauthorized, bad_request,
+    /// forbidden.
     pub rejected: IntCounterVec,
     /// Token verifications, by result: ok or the error kind.
     pub verifications: IntCounterVec,
@@ -39,10 +43,7 @@ impl Metrics {
     pub fn new(registry: &Registry) -> anyhow::Result<Self> {
         let m = Self {
             issued: IntCounterVec::new(
-                Opts::new(
-                    "headcount_tokens_issued_total",
-                    "device tokens issued, by channel",
-                ),
+                Opts::new("headcount_tokens_issued_total", "tokens issued, by channel"),
                 &["via"],
             )?,
             rejected: IntCounterVec::new(
@@ -77,7 +78,7 @@ impl Metrics {
         for via in VIA {
             m.issued.with_label_values(&[*via]);
         }
-        for reason in [UNAUTHORIZED, BAD_REQUEST] {
+        for reason in [UNAUTHORIZED, BAD_REQUEST, FORBIDDEN] {
             m.rejected.with_label_values(&[reason]);
         }
         m.verifications.with_label_values(&["ok"]);

@@ -473,8 +473,8 @@ fn metric_series_exist_from_the_start() {
             .map(|f| f.get_metric().len())
             .unwrap_or(0)
     };
-    assert_eq!(series("headcount_tokens_issued_total"), 2);
-    assert_eq!(series("headcount_token_requests_rejected_total"), 2);
+    assert_eq!(series("headcount_tokens_issued_total"), 5);
+    assert_eq!(series("headcount_token_requests_rejected_total"), 3);
     assert_eq!(
         series("headcount_token_verifications_total"),
         1 + TokenError::ALL.len()
