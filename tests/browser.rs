@@ -105,6 +105,30 @@ async fn refresh_renews_the_same_session_until_it_is_ended() {
         1.0
     );
 
+    // A player on another origin may refresh (CORS, no credentials); the
+    // operator endpoints stay same-origin.
+    let preflight = |path: &str| {
+        reqwest::Client::new()
+            .request(reqwest::Method::OPTIONS, format!("{}{path}", tv.http))
+            .header("origin", "https://player.example")
+            .header("access-control-request-method", "POST")
+            .header("access-control-request-headers", "authorization")
+            .send()
+    };
+    let device_side = preflight("/v1/tokens/refresh").await.unwrap();
+    assert_eq!(
+        device_side.headers()["access-control-allow-origin"],
+        "*",
+        "{:?}",
+        device_side.headers()
+    );
+    let operator_side = preflight("/v1/operator-tokens").await.unwrap();
+    assert!(
+        !operator_side
+            .headers()
+            .contains_key("access-control-allow-origin")
+    );
+
     // No token, a forged one, an operator key: 401.
     for bearer in [None, Some("not-a-token"), Some(KEY)] {
         let mut req = post(&tv, "/v1/tokens/refresh");

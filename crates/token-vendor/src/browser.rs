@@ -69,10 +69,23 @@ pub fn browser_router(
     config: BrowserConfig,
 ) -> Router {
     let pages = config.web_dir.clone();
-    let router = Router::new()
+    // A player page may live on another origin than token-vendor: what a
+    // device does with its own token is open to every origin. The token
+    // travels in a header or the body, never in a cookie, so no credentials
+    // are involved.
+    let any_origin = tower_http::cors::CorsLayer::new()
+        .allow_origin(tower_http::cors::Any)
+        .allow_methods([axum::http::Method::GET, axum::http::Method::POST])
+        .allow_headers([
+            axum::http::header::AUTHORIZATION,
+            axum::http::header::CONTENT_TYPE,
+        ]);
+    let devices = Router::new()
         .route("/v1/client-config", get(client_config))
         .route("/v1/tokens/refresh", post(refresh))
         .route("/v1/sessions/leave", post(leave))
+        .layer(any_origin);
+    let router = devices
         .route("/v1/operator-tokens", post(operator_token))
         .route("/v1/demo/tokens", post(demo_token))
         .with_state(Browser {
