@@ -144,14 +144,7 @@ async fn refresh_renews_the_same_session_until_it_is_ended() {
     heartbeat_once(&app.nats.url(), &r, "acme", "tv").await;
     app.wait_active("acme", SOON, |r| r.sessions.len() == 1)
         .await;
-    let kicked: KickReply = app
-        .request(
-            "kick",
-            &json!({"account": "acme", "session": t.session.as_str()}),
-        )
-        .await
-        .unwrap();
-    assert!(kicked.kicked);
+    assert!(app.kick("acme", t.session.as_str()).await);
     for token in [&t.token, &r.token] {
         let (status, message) = error_of(
             post(&tv, "/v1/tokens/refresh")

@@ -581,6 +581,18 @@ impl TestApp {
         Ok(msg.payload)
     }
 
+    /// `headcount.kick`: whether an active session was ended.
+    pub async fn kick(&self, account: &str, session: &str) -> bool {
+        let r: headcount_protocol::wire::KickReply = self
+            .request(
+                subjects::endpoint::KICK,
+                &serde_json::json!({ "account": account, "session": session }),
+            )
+            .await
+            .expect("kick answers");
+        r.kicked
+    }
+
     pub async fn active(&self, account: &str) -> ActiveReply {
         self.request(
             subjects::endpoint::ACTIVE,
