@@ -26,17 +26,14 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use headcount_protocol::now_millis;
-use headcount_protocol::subjects::{self, kv as keys};
+use headcount_protocol::subjects;
 use headcount_protocol::wire::{Heartbeat, TokenRequest};
 use serde::Deserialize;
 
-use crate::http::{bearer, describe, error, unauthorized};
+use crate::callout::Refusal;
+use crate::http::{bearer, describe, error, is_operator, unauthorized};
 use crate::metrics::{BAD_REQUEST, FORBIDDEN};
 use crate::{Claims, TokenError, Vendor};
-
-/// How long the revocation lookup of a refresh may take.
-const REVOCATION_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// What the browser endpoints need besides the vendor.
 #[derive(Debug, Clone)]
@@ -170,35 +167,14 @@ async fn refresh(State(b): State<Browser>, headers: HeaderMap) -> Response {
         Ok(c) => c,
         Err(refusal) => return refusal.respond(&b),
     };
-    // verify() tolerates clock skew; a renewal needs the token still alive.
-    if claims.exp <= now_millis() / 1000 {
-        return bad_token(&b, TokenError::Expired);
-    }
-    let (Ok(account), Ok(session)) = (claims.account(), claims.session()) else {
-        return bad_token(&b, TokenError::BadClaims);
-    };
-    match tokio::time::timeout(
-        REVOCATION_TIMEOUT,
-        b.revoked.get(keys::revoked(&account, &session)),
-    )
-    .await
-    {
-        Ok(Ok(None)) => {}
-        Ok(Ok(Some(_))) => {
+    match crate::callout::still_alive(&b.revoked, &claims).await {
+        Ok(()) => {}
+        Err(Refusal::Token(e)) => return bad_token(&b, e),
+        Err(Refusal::Revoked) => {
             b.vendor.count_rejection(FORBIDDEN);
-            return error(
-                StatusCode::FORBIDDEN,
-                "session was ended (evicted, refused, kicked or replaced)",
-            );
+            return error(StatusCode::FORBIDDEN, Refusal::Revoked.to_string());
         }
-        Ok(Err(e)) => {
-            tracing::error!(error = %e, "reading the revocation list for a refresh");
-            return error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "revocation list unavailable; try again",
-            );
-        }
-        Err(_) => {
+        Err(Refusal::RevocationUnavailable | Refusal::NoToken) => {
             return error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "revocation list unavailable; try again",
@@ -263,7 +239,7 @@ async fn leave(State(b): State<Browser>, body: Bytes) -> Response {
 
 /// `POST /v1/operator-tokens`: the live view's NATS token.
 async fn operator_token(State(b): State<Browser>, headers: HeaderMap) -> Response {
-    if !bearer(&headers).is_some_and(|key| b.vendor.is_operator_key(key)) {
+    if !is_operator(&b.vendor, &headers) {
         return unauthorized(&b.vendor);
     }
     match b.vendor.issue_operator() {

@@ -472,8 +472,20 @@ async fn authorize(
         .filter(|t| !t.is_empty())
         .ok_or(Refusal::NoToken)?;
     let claims = vendor.verify(token).map_err(Refusal::Token)?;
-    // verify() tolerates clock skew between hosts; a connection, though,
-    // would be granted until `exp`, which must still be ahead.
+    still_alive(revoked, &claims).await?;
+    Ok(claims)
+}
+
+/// Whether verified `claims` may still be used for anything new (a
+/// connection, a renewal): not expired without leeway, and its session not
+/// ended (no key in the revocation bucket). Fails closed when the
+/// revocation bucket cannot be read in time.
+pub(crate) async fn still_alive(
+    revoked: &kv::Store,
+    claims: &crate::Claims,
+) -> Result<(), Refusal> {
+    // verify() tolerates clock skew between hosts; a connection or a renewal,
+    // though, would last until `exp`, which must still be ahead.
     if claims.exp <= now_millis() / 1000 {
         return Err(Refusal::Token(TokenError::Expired));
     }
@@ -487,7 +499,7 @@ async fn authorize(
     )
     .await
     {
-        Ok(Ok(None)) => Ok(claims),
+        Ok(Ok(None)) => Ok(()),
         Ok(Ok(Some(_))) => Err(Refusal::Revoked),
         Ok(Err(e)) => {
             tracing::error!(error = %e, "reading the revocation list");

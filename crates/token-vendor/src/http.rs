@@ -55,7 +55,7 @@ pub(crate) fn unauthorized(vendor: &Vendor) -> Response {
     response
 }
 
-fn is_operator(vendor: &Vendor, headers: &HeaderMap) -> bool {
+pub(crate) fn is_operator(vendor: &Vendor, headers: &HeaderMap) -> bool {
     bearer(headers).is_some_and(|key| vendor.is_operator_key(key))
 }
 

@@ -427,8 +427,7 @@ impl Vendor {
             plan: plan.map(str::to_owned),
             role: None,
         };
-        let token = self.sign(&claims)?;
-        self.inner.metrics.issued.with_label_values(&[via]).inc();
+        let token = self.sign(&claims, via)?;
         tracing::debug!(%account, %device, %session, via, "token issued");
         Ok(TokenReply {
             token,
@@ -450,12 +449,7 @@ impl Vendor {
             exp: now.saturating_add(self.inner.ttl_secs),
             ..current.clone()
         };
-        let token = self.sign(&claims)?;
-        self.inner
-            .metrics
-            .issued
-            .with_label_values(&["refresh"])
-            .inc();
+        let token = self.sign(&claims, "refresh")?;
         tracing::debug!(account = %claims.acct, device = %claims.sub, %session, "token renewed");
         Ok(TokenReply {
             token,
@@ -481,12 +475,7 @@ impl Vendor {
             plan: None,
             role: Some(OPERATOR_ROLE.to_string()),
         };
-        let token = self.sign(&claims)?;
-        self.inner
-            .metrics
-            .issued
-            .with_label_values(&["operator"])
-            .inc();
+        let token = self.sign(&claims, "operator")?;
         Ok(OperatorToken {
             token,
             expires_at: claims.exp.saturating_mul(1000),
@@ -494,13 +483,17 @@ impl Vendor {
         })
     }
 
-    fn sign(&self, claims: &Claims) -> anyhow::Result<String> {
+    /// Signs `claims` with the current signing key and counts the token as
+    /// issued over `via`.
+    fn sign(&self, claims: &Claims, via: &'static str) -> anyhow::Result<String> {
         let keys = self.keys();
         let signer = keys.signer();
         let mut header = Header::new(Algorithm::EdDSA);
         header.kid = Some(signer.kid.clone());
-        jsonwebtoken::encode(&header, claims, &signer.encoding)
-            .map_err(|e| anyhow::anyhow!("signing token with key {}: {e}", signer.kid))
+        let token = jsonwebtoken::encode(&header, claims, &signer.encoding)
+            .map_err(|e| anyhow::anyhow!("signing token with key {}: {e}", signer.kid))?;
+        self.inner.metrics.issued.with_label_values(&[via]).inc();
+        Ok(token)
     }
 
     /// Checks a token: size, shape, a known `kid`, the EdDSA signature,
