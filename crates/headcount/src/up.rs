@@ -94,8 +94,17 @@ pub(crate) struct Secrets {
     operator_key: String,
 }
 
+/// A random secret that starts with a letter. nats-server reads the value of
+/// a `$VARIABLE` as a configuration value, not as a string: a secret that
+/// starts with digits may read as a number (`3e5...` is refused outright),
+/// so the passwords handed to it must not.
 fn random_secret() -> String {
-    format!("{}{}", nuid::next(), nuid::next())
+    format!("hc{}{}", nuid::next(), nuid::next())
+}
+
+/// Whether nats-server reads `secret` as the string it is.
+fn nats_safe(secret: &str) -> bool {
+    secret.starts_with(|c: char| c.is_ascii_alphabetic())
 }
 
 fn write_private(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
@@ -111,7 +120,27 @@ fn write_private(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
 pub(crate) fn load_secrets(dir: &Path) -> anyhow::Result<Secrets> {
     let path = dir.join("secrets.json");
     if let Ok(text) = std::fs::read_to_string(&path) {
-        return serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()));
+        let mut s: Secrets =
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        // Secrets written before they started with a letter: a password that
+        // nats-server may misread is replaced. `up` hands the server its
+        // passwords at every start, so only a copy taken from an older
+        // up.json goes stale.
+        let mut changed = false;
+        for p in [
+            &mut s.service_password,
+            &mut s.backend_password,
+            &mut s.device_password,
+        ] {
+            if !nats_safe(p) {
+                *p = random_secret();
+                changed = true;
+            }
+        }
+        if changed {
+            write_private(&path, &serde_json::to_vec_pretty(&s)?)?;
+        }
+        return Ok(s);
     }
     let s = Secrets {
         service_password: random_secret(),
@@ -654,4 +683,33 @@ async fn run_services(
     }
     println!("headcount stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_start_with_a_letter_and_old_unsafe_ones_are_replaced() {
+        for _ in 0..1000 {
+            assert!(nats_safe(&random_secret()));
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let old = serde_json::json!({
+            "service_password": "3e5Old",
+            "backend_password": "backendOk",
+            "device_password": "9device",
+            "operator_key": "1operator",
+        });
+        std::fs::write(dir.path().join("secrets.json"), old.to_string()).unwrap();
+        let s = load_secrets(dir.path()).unwrap();
+        assert!(nats_safe(&s.service_password) && s.service_password != "3e5Old");
+        assert!(nats_safe(&s.device_password));
+        assert_eq!(s.backend_password, "backendOk");
+        // The operator key never reaches nats-server: kept as it is.
+        assert_eq!(s.operator_key, "1operator");
+        // Written back, so the next start reads the same secrets.
+        let again = load_secrets(dir.path()).unwrap();
+        assert_eq!(again.service_password, s.service_password);
+    }
 }
