@@ -281,6 +281,7 @@ async fn a_new_session_of_the_same_device_replaces_the_old_one() {
     let app = TestApp::spawn().await; // limit 2
     let dev = app.nats.fleet_client().await;
     let mut ctl = control(&dev, "acme", "tv").await;
+    let mut ev = events(&app, "acme").await;
     let old = Device::start(dev.clone(), "acme", "tv", "old", BEAT, plain());
     let other = Device::start(dev.clone(), "acme", "phone", "p1", BEAT, plain());
     app.wait_active("acme", SOON, |r| r.active == 2)
@@ -295,6 +296,14 @@ async fn a_new_session_of_the_same_device_replaces_the_old_one() {
         })
         .await;
     assert!(took.is_some(), "{r:?}");
+    // The old session ends as `replaced`, recorded once in the revocations
+    // (by the handler that saw the new one), so its beats are ignored.
+    let left = next_event(&mut ev, EventType::Leave).await;
+    assert_eq!(left.session.as_str(), "old");
+    assert_eq!(left.reason.as_deref(), Some("replaced"));
+    let js = async_nats::jetstream::new(app.client.clone());
+    let revoked = js.get_key_value("headcount-revoked").await.unwrap();
+    assert!(revoked.get("acme.old").await.unwrap().is_some());
     tokio::time::sleep(app.timings.timeout * 2).await;
     assert_eq!(app.active_sessions("acme").await, ["new", "p1"]);
     // No seat was taken, so nobody was evicted.

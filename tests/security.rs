@@ -33,18 +33,7 @@ async fn device(
     app: &TestApp,
     token: &str,
 ) -> (async_nats::Client, mpsc::UnboundedReceiver<Event>) {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let client = async_nats::ConnectOptions::with_token(token.to_string())
-        .event_callback(move |e| {
-            let tx = tx.clone();
-            async move {
-                let _ = tx.send(e);
-            }
-        })
-        .connect(app.nats.url())
-        .await
-        .expect("device with a valid token connects");
-    (client, rx)
+    app.nats.watched_connect(token, None).await
 }
 
 /// Waits for a server error mentioning `what` among the connection events.
@@ -399,8 +388,12 @@ async fn a_kicked_session_cannot_reconnect() {
 
 #[tokio::test]
 async fn backends_may_query_but_not_administer() {
-    let (app, _tv) = app_with_vendor(3).await;
-    let backend = app.nats.backend_client().await;
+    let (app, tv) = app_with_vendor(3).await;
+    let backend = app
+        .nats
+        .client_connect(&tv.backend_token("web"))
+        .await
+        .expect("a backend connects with its token");
     let ok = backend
         .request(
             "headcount.active",
@@ -469,5 +462,71 @@ async fn without_a_callout_responder_devices_are_refused() {
     assert!(
         app.nats.device_connect(&t.token).await.is_err(),
         "a device got in with nobody to vouch for it"
+    );
+}
+
+#[tokio::test]
+async fn authorization_requests_travel_encrypted_to_the_vendors_xkey() {
+    let (app, tv) = app_with_vendor(3).await;
+    // Anyone in the services' account may listen on the callout subject:
+    // what they see must be sealed, not the device's token in a JWT.
+    let mut spy = app
+        .client
+        .subscribe(token_vendor::callout::CALLOUT_SUBJECT)
+        .await
+        .unwrap();
+    app.client.flush().await.unwrap();
+    let t = tv.token("acme", "tv");
+    app.nats
+        .device_connect(&t.token)
+        .await
+        .expect("a device gets in through the encrypted callout");
+    let req = tokio::time::timeout(SOON, spy.next())
+        .await
+        .expect("a request was seen")
+        .unwrap();
+    let header = req
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(token_vendor::callout::SERVER_XKEY_HEADER))
+        .map(|v| v.as_str().to_string())
+        .expect("the request names the server's xkey");
+    assert!(header.starts_with('X'), "{header}");
+    assert!(
+        !req.payload.starts_with(b"eyJ"),
+        "the request is a plain JWT"
+    );
+    let token_part = t.token.split('.').nth(1).unwrap();
+    assert!(
+        !String::from_utf8_lossy(&req.payload).contains(token_part),
+        "the device's token is readable in the request"
+    );
+}
+
+#[tokio::test]
+async fn a_vendor_with_another_xkey_reads_no_request_and_lets_no_one_in() {
+    let app = TestApp::spawn_with(Limit::new(3, Policy::EvictOldest).expect("limit")).await;
+    // The right issuer (its answers would be trusted), the wrong curve key.
+    let trusted = app.nats.issuer();
+    let wrong = token_vendor::Issuer::from_seeds(
+        &trusted.seed().unwrap(),
+        &token_vendor::Issuer::generate().xkey_seed().unwrap(),
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let tv = app
+        .start_token_vendor_as(token_vendor::Config::new(dir.path(), KEY), wrong)
+        .await;
+    let t = tv.token("acme", "tv");
+    assert!(app.nats.device_connect(&t.token).await.is_err());
+    assert!(
+        tv.running
+            .metric(r#"headcount_callout_total{result="bad_request"}"#)
+            >= 1.0
+    );
+    assert_eq!(
+        tv.running
+            .metric(r#"headcount_callout_total{result="allowed"}"#),
+        0.0
     );
 }

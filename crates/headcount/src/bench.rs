@@ -26,6 +26,9 @@ use tokio::io::AsyncBufReadExt;
 
 use crate::config::NatsArgs;
 
+#[path = "bench_callout.rs"]
+mod callout;
+
 #[derive(Debug, Args)]
 pub struct BenchArgs {
     #[command(subcommand)]
@@ -50,6 +53,9 @@ enum BenchKind {
         #[command(flatten)]
         nats: NatsArgs,
     },
+    /// A device's connect latency while another host floods the auth
+    /// callout with bad tokens, with and without the callout's shedding.
+    Callout(callout::CalloutArgs),
     /// Baseline: counts messages on a subject, prints the rate.
     #[command(hide = true)]
     Sink {
@@ -152,6 +158,7 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
         } => sink(&nats, &subject, expect).await,
         BenchKind::Echo { subject, nats } => echo(&nats, &subject).await,
         BenchKind::All(a) => all(a).await,
+        BenchKind::Callout(a) => callout::run(a).await,
     }
 }
 
@@ -475,6 +482,36 @@ impl Proc {
             .await
     }
 
+    /// Waits until a handler serves metrics and hears heartbeats: its
+    /// metrics appear before its subscription does, and heartbeats published
+    /// in between would be lost. It publishes a heartbeat with an invalid
+    /// account name (counted `invalid`, recorded nowhere) until the handler
+    /// has counted one.
+    async fn wait_handler(&self, nats: &async_nats::Client) -> anyhow::Result<()> {
+        self.wait_up("handler").await?;
+        let probe = format!(
+            "hb.{}.bench.probe",
+            "x".repeat(headcount_protocol::names::MAX_NAME_LEN + 1)
+        );
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            nats.publish(probe.clone(), bytes::Bytes::new()).await?;
+            nats.flush().await?;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let m = self.metrics().await?;
+            if m.get(r#"headcount_heartbeats_total{result="invalid"}"#)
+                .copied()
+                .unwrap_or(0.0)
+                >= 1.0
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("the handler did not hear heartbeats within 60 s");
+            }
+        }
+    }
+
     async fn stop(mut self) {
         crate::up::terminate(&mut self.child, Duration::from_secs(15)).await;
     }
@@ -501,13 +538,13 @@ impl Env {
         let secrets = crate::up::load_secrets(dir)?;
         let issuer = token_vendor::Issuer::open(dir)?;
         let port = free_port()?;
-        let nats = crate::up::NatsProcess::start(
-            dir,
-            (port, free_port()?),
-            &secrets,
-            Some(&issuer.public_key()),
-        )
-        .await?;
+        let keys = crate::up::CalloutKeys::of(&issuer);
+        let launch = crate::up::Launch {
+            secrets: &secrets,
+            keys: Some(&keys),
+            bind: std::net::Ipv4Addr::LOCALHOST.into(),
+        };
+        let nats = crate::up::NatsProcess::start(dir, (port, free_port()?), launch).await?;
         Ok(Env {
             nats,
             url: format!("nats://127.0.0.1:{port}"),
@@ -791,7 +828,7 @@ async fn at_size(
 
     // The handler, for ingest (the default interval).
     let handler = env.service("handler", &["--max-heartbeat-rate", "1000000000"])?;
-    handler.wait_up("handler").await?;
+    handler.wait_handler(&publisher).await?;
     // Every session joins first (one heartbeat each, written to KV): the
     // ingest rate below is the steady state, where sessions are known.
     let join_start = Instant::now();
@@ -855,7 +892,7 @@ async fn at_size(
             MEMORY_INTERVAL,
         ],
     )?;
-    handler.wait_up("handler").await?;
+    handler.wait_handler(&publisher).await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let handler_empty = rss_bytes(handler.pid()?)?;
     publish_paced(&publisher, &subjects, Duration::from_secs(5)).await?;
@@ -965,9 +1002,9 @@ async fn steady(a: &AllArgs, dir: &Path) -> anyhow::Result<(Steady, Fresh)> {
         "checker",
         &["--interval", &interval_arg, "--default-limit", "10000"],
     )?;
-    handler.wait_up("handler").await?;
-    checker.wait_up("checker").await?;
     let publisher = env.client("bench-publisher").await?;
+    handler.wait_handler(&publisher).await?;
+    checker.wait_up("checker").await?;
     let run = &nuid::next().to_string()[..6];
     let sessions = if a.quick { 500 } else { a.steady_sessions };
     let subjects = session_subjects(run, sessions, a.devices_per_account)?;
@@ -1174,8 +1211,8 @@ async fn soak(a: SoakArgs) -> anyhow::Result<()> {
     let handler = env.service("handler", &["--max-heartbeat-rate", "1000000000"])?;
     let checker = env.service("checker", &["--default-limit", "10000"])?;
     checker.wait_up("checker").await?;
-    handler.wait_up("handler").await?;
     let publisher = env.client("soak-publisher").await?;
+    handler.wait_handler(&publisher).await?;
     let client = env.client("soak-client").await?;
     let run = nuid::next().to_string()[..6].to_string();
     let mut subjects = session_subjects(&run, a.sessions, a.devices_per_account)?;

@@ -35,9 +35,6 @@ pub struct UpInfo {
     pub metrics_url: String,
     pub service_user: String,
     pub service_password: String,
-    /// The user for application backends (query endpoints, tokens, events).
-    pub backend_user: String,
-    pub backend_password: String,
     pub operator_key: String,
     /// Public key the server trusts for auth callout responses; empty when
     /// `up` runs with `--insecure`.
@@ -248,6 +245,31 @@ pub struct BrowserArgs {
     /// output of `npm --prefix web run build` (`up` looks for web/dist).
     #[arg(long, env = "HEADCOUNT_WEB_DIR")]
     pub web_dir: Option<PathBuf>,
+    /// POST /v1/tokens/refresh requests per client address (RATE/s,BURST:
+    /// BURST at once, then RATE a second; `off` for no limit); above it, 429
+    /// with Retry-After. Browsers behind one NAT address share it.
+    #[arg(
+        long,
+        env = "HEADCOUNT_REFRESH_LIMIT",
+        default_value_t = token_vendor::ThrottleConfig::default().refresh
+    )]
+    pub refresh_limit: token_vendor::Rate,
+    /// POST /v1/sessions/leave requests per client address (RATE/s,BURST;
+    /// `off` for no limit).
+    #[arg(
+        long,
+        env = "HEADCOUNT_LEAVE_LIMIT",
+        default_value_t = token_vendor::ThrottleConfig::default().leave
+    )]
+    pub leave_limit: token_vendor::Rate,
+    /// POST /v1/demo/tokens requests per client address (RATE/s,BURST;
+    /// `off` for no limit).
+    #[arg(
+        long,
+        env = "HEADCOUNT_DEMO_TOKEN_LIMIT",
+        default_value_t = token_vendor::ThrottleConfig::default().demo_tokens
+    )]
+    pub demo_token_limit: token_vendor::Rate,
 }
 
 impl BrowserArgs {

@@ -41,6 +41,10 @@ enum Command {
     Kick(query::KickArgs),
     /// Issue a device token.
     Token(query::TokenArgs),
+    /// Issue a backend token: an application server's NATS credential.
+    BackendToken(query::BackendTokenArgs),
+    /// Print fresh auth callout keys (seeds for token-vendor, public keys for nats-server).
+    CalloutKeys,
     /// Active sessions by content, device kind and region, and the peak.
     Stats(query::StatsArgs),
     /// A live, refreshing view of the busiest accounts.
@@ -74,6 +78,8 @@ fn main() -> std::process::ExitCode {
             | Command::Limits(_)
             | Command::Kick(_)
             | Command::Token(_)
+            | Command::BackendToken(_)
+            | Command::CalloutKeys
             | Command::Stats(_)
             | Command::Top(_)
             | Command::Bench(_)
@@ -90,6 +96,8 @@ fn main() -> std::process::ExitCode {
             Command::Limits(a) => query::limits(a).await,
             Command::Kick(a) => query::kick(a).await,
             Command::Token(a) => query::token(a).await,
+            Command::BackendToken(a) => query::backend_token(a).await,
+            Command::CalloutKeys => query::callout_keys(),
             Command::Stats(a) => query::stats(a).await,
             Command::Top(a) => query::top(a).await,
             Command::Bench(a) => bench::run(a).await,

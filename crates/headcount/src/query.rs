@@ -440,3 +440,91 @@ pub async fn token(a: TokenArgs) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[derive(Debug, Args)]
+pub struct BackendTokenArgs {
+    /// The backend's name (shows in the server's logs), e.g. `web-1`.
+    name: String,
+    /// Lifetime, at most the token-vendor's --client-token-ttl (24h).
+    #[arg(long, value_parser = crate::config::humantime_secs)]
+    ttl: Option<Duration>,
+    /// token-vendor's HTTP API. Default: the one in <data-dir>/up.json.
+    #[arg(long, env = "HEADCOUNT_HTTP_URL")]
+    http_url: Option<String>,
+    /// The operator key. Default: the one in <data-dir>/up.json.
+    #[arg(long, env = "HEADCOUNT_OPERATOR_KEY", hide_env_values = true)]
+    operator_key: Option<String>,
+    /// Directory holding up.json.
+    #[arg(long, env = "HEADCOUNT_DATA_DIR", default_value = ".headcount")]
+    data_dir: std::path::PathBuf,
+    /// Print the raw JSON reply.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `headcount backend-token NAME`: a backend token from token-vendor's HTTP
+/// API (`POST /v1/backend-tokens`, operator key).
+pub async fn backend_token(a: BackendTokenArgs) -> anyhow::Result<()> {
+    let up = if a.http_url.is_none() || a.operator_key.is_none() {
+        Some(crate::config::UpInfo::load(&a.data_dir)?)
+    } else {
+        None
+    };
+    let http = a
+        .http_url
+        .or_else(|| up.as_ref().map(|u| u.http_url.clone()))
+        .context("--http-url is required without up.json")?;
+    let key = a
+        .operator_key
+        .or_else(|| up.as_ref().map(|u| u.operator_key.clone()))
+        .context("--operator-key is required without up.json")?;
+    let mut body = json!({ "name": a.name });
+    if let Some(ttl) = a.ttl {
+        body["ttl_secs"] = json!(ttl.as_secs());
+    }
+    let response = reqwest::Client::new()
+        .post(format!("{}/v1/backend-tokens", http.trim_end_matches('/')))
+        .bearer_auth(key)
+        .json(&body)
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .with_context(|| format!("calling {http}"))?;
+    let status = response.status();
+    let reply: serde_json::Value = response.json().await.context("unreadable reply")?;
+    if !status.is_success() {
+        bail!(
+            "{} ({})",
+            reply["error"].as_str().unwrap_or("refused"),
+            status.as_u16()
+        );
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&reply)?);
+        return Ok(());
+    }
+    let left = reply["expires_at"]
+        .as_u64()
+        .unwrap_or(0)
+        .saturating_sub(headcount_protocol::now_millis())
+        / 1000;
+    println!(
+        "backend token, expires in {}; connect with inbox prefix {}",
+        span(left),
+        reply["inbox_prefix"].as_str().unwrap_or("")
+    );
+    println!("{}", reply["token"].as_str().unwrap_or(""));
+    Ok(())
+}
+
+/// `headcount callout-keys`: fresh keys for the auth callout, as the
+/// environment lines token-vendor (the seeds) and nats-server (the public
+/// keys) read.
+pub fn callout_keys() -> anyhow::Result<()> {
+    let issuer = token_vendor::Issuer::generate();
+    println!("HEADCOUNT_CALLOUT_SEED={}", issuer.seed()?);
+    println!("HEADCOUNT_CALLOUT_ISSUER={}", issuer.public_key());
+    println!("HEADCOUNT_CALLOUT_XKEY_SEED={}", issuer.xkey_seed()?);
+    println!("HEADCOUNT_CALLOUT_XKEY={}", issuer.xkey_public());
+    Ok(())
+}

@@ -65,6 +65,38 @@ pub struct TokenArgs {
         default_value = "headcount-devices"
     )]
     pub audience: String,
+    /// How long a backend token (POST /v1/backend-tokens) lives by default,
+    /// and the longest one may ask for; at most 24h.
+    #[arg(long, env = "HEADCOUNT_CLIENT_TOKEN_TTL", default_value = "24h", value_parser = humantime_secs)]
+    pub client_token_ttl: Duration,
+    /// Wrong operator keys one client address may present (RATE/s,BURST:
+    /// BURST at once, then RATE a second; `off` for no limit). Once spent,
+    /// every operator request from that address gets 429 with Retry-After,
+    /// its key unread, until one has refilled.
+    #[arg(
+        long,
+        env = "HEADCOUNT_OPERATOR_KEY_FAILURE_LIMIT",
+        default_value_t = token_vendor::ThrottleConfig::default().operator_key_failures
+    )]
+    pub operator_key_failure_limit: token_vendor::Rate,
+    /// Refused device connections one client host may cause at the auth
+    /// callout (RATE/s,BURST; `off` for no limit). Once spent, the host's
+    /// connections are refused at once, their tokens unread, until it has
+    /// refilled; other hosts are unaffected. Devices sharing one address
+    /// (NAT, or a load balancer in front of nats-server that hides client
+    /// addresses) share this budget: raise it, or turn it off, there.
+    #[arg(
+        long,
+        env = "HEADCOUNT_CALLOUT_REFUSAL_LIMIT",
+        default_value_t = token_vendor::ThrottleConfig::default().callout_refusals
+    )]
+    pub callout_refusal_limit: token_vendor::Rate,
+    /// Count HTTP clients by the last address of X-Forwarded-For instead of
+    /// the connection's peer. Only behind a reverse proxy that sets that
+    /// header and that clients cannot bypass: otherwise any client can
+    /// claim any address and escape the per-address limits.
+    #[arg(long, env = "HEADCOUNT_TRUST_FORWARDED_FOR")]
+    pub trust_forwarded_for: bool,
 }
 
 impl TokenArgs {
@@ -73,6 +105,7 @@ impl TokenArgs {
         data_dir: PathBuf,
         operator_key: String,
         plans: Vec<String>,
+        browser: &BrowserArgs,
     ) -> token_vendor::Config {
         token_vendor::Config {
             data_dir,
@@ -81,6 +114,15 @@ impl TokenArgs {
             token_ttl: self.token_ttl,
             operator_key,
             plans,
+            client_token_ttl: self.client_token_ttl,
+            throttle: token_vendor::ThrottleConfig {
+                operator_key_failures: self.operator_key_failure_limit,
+                callout_refusals: self.callout_refusal_limit,
+                trust_forwarded_for: self.trust_forwarded_for,
+                refresh: browser.refresh_limit,
+                leave: browser.leave_limit,
+                demo_tokens: browser.demo_token_limit,
+            },
         }
     }
 }
@@ -150,8 +192,12 @@ pub async fn token_vendor(a: TokenVendorArgs) -> anyhow::Result<()> {
     let client = a.nats.options("headcount-token-vendor")?.connect().await?;
     let registry = headcount_runtime::http::registry();
     let vendor = token_vendor::Vendor::new(
-        a.tokens
-            .config(a.nats.data_dir.clone(), operator_key, a.plans.names()),
+        a.tokens.config(
+            a.nats.data_dir.clone(),
+            operator_key,
+            a.plans.names(),
+            &a.browser,
+        ),
         &registry,
     )?;
     let (trigger, stop) = Shutdown::new();
@@ -173,6 +219,13 @@ pub async fn token_vendor(a: TokenVendorArgs) -> anyhow::Result<()> {
     if browser.websocket_urls.is_empty() {
         tracing::warn!("no --websocket-url: browser devices are not told where NATS is");
     }
+    let connections = headcount_runtime::buckets::open_existing(
+        &client,
+        headcount_protocol::subjects::kv::CONNECTIONS_BUCKET,
+        &stop,
+    )
+    .await?;
+    let access = token_vendor::Access::new(client.clone(), connections);
     let router = token_vendor::router(vendor.clone())
         .merge(http::metrics_router(registry))
         .merge(token_vendor::browser_router(
@@ -180,15 +233,26 @@ pub async fn token_vendor(a: TokenVendorArgs) -> anyhow::Result<()> {
             client.clone(),
             revoked.clone(),
             browser,
-        ));
+        ))
+        .merge(token_vendor::access_router(vendor.clone(), access.clone()));
     let (addr, _server) = http::serve(a.http_addr, router, stop.clone()).await?;
     tracing::info!(%addr, "token-vendor http listening");
     tokio::spawn(until_signal(trigger));
     let issuer = token_vendor::Issuer::open(&a.nats.data_dir)?;
-    tracing::info!(issuer = %issuer.public_key(), "auth callout issuer (the `issuer` of nats.conf's auth_callout)");
+    tracing::info!(
+        issuer = %issuer.public_key(),
+        xkey = %issuer.xkey_public(),
+        "auth callout keys (the `issuer` and `xkey` of nats.conf's auth_callout)"
+    );
     tokio::try_join!(
         token_vendor::serve_nats(vendor.clone(), client.clone(), stop.clone()),
-        token_vendor::serve_callout(vendor, issuer, client.clone(), revoked, stop),
+        token_vendor::serve_callout(
+            vendor,
+            issuer,
+            client.clone(),
+            token_vendor::CalloutStores { revoked, access },
+            stop
+        ),
     )?;
     client.drain().await.context("draining nats connection")?;
     Ok(())

@@ -93,6 +93,8 @@ struct Session {
     control: async_nats::Subscriber,
     /// Whether `client` is this session's own connection (closed at its end).
     own: bool,
+    /// When its token expires (Unix ms), for a session with its own token.
+    expires_at: Option<u64>,
 }
 
 async fn start_session(
@@ -100,7 +102,7 @@ async fn start_session(
     account: &AccountId,
     device: &DeviceId,
 ) -> anyhow::Result<Session> {
-    let (client, session, own) = match access {
+    let (client, session, expires_at) = match access {
         FleetAccess::Tokens { tokens, urls } => {
             let body =
                 serde_json::to_vec(&serde_json::json!({"account": account, "device": device}))?;
@@ -122,12 +124,12 @@ async fn start_session(
                 )
                 .await
                 .context("connecting with a device token")?;
-            (client, reply.session, true)
+            (client, reply.session, Some(reply.expires_at))
         }
         FleetAccess::Shared(client) => (
             client.clone(),
             SessionId::parse(&nuid::next().to_string())?,
-            false,
+            None,
         ),
     };
     let control = client.subscribe(subjects::control(account, device)).await?;
@@ -136,7 +138,8 @@ async fn start_session(
         session,
         client,
         control,
-        own,
+        own: expires_at.is_some(),
+        expires_at,
     })
 }
 
@@ -165,6 +168,9 @@ enum End {
     Shutdown,
     ToldOff,
     Left,
+    /// The token is about to expire: the server would close the connection
+    /// and every reconnect with it would be refused.
+    Expiring,
 }
 
 /// One device, for as long as the fleet runs: sessions one after another.
@@ -219,6 +225,11 @@ async fn device_loop(
                     }
                 }
                 _ = tick.tick() => {
+                    if session.expires_at.is_some_and(|at| {
+                        headcount_protocol::now_millis() + 2 * period.as_millis() as u64 >= at
+                    }) {
+                        break End::Expiring;
+                    }
                     if churn {
                         rng ^= rng << 13;
                         rng ^= rng >> 7;
@@ -248,6 +259,11 @@ async fn device_loop(
             End::Left => {
                 session.end(true).await;
                 period * 3
+            }
+            // A user pressing play again: a new token, a new session.
+            End::Expiring => {
+                session.end(true).await;
+                Duration::ZERO
             }
         };
         tokio::select! {

@@ -11,6 +11,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Args;
+use headcount_runtime::secret::{
+    create_private_dir, is_random_secret, random_secret, write_private,
+};
 use headcount_runtime::{Buckets, NatsOptions, Shutdown, http, shutdown};
 use serde::{Deserialize, Serialize};
 
@@ -83,68 +86,78 @@ pub struct UpArgs {
     browser: BrowserArgs,
 }
 
-/// Secrets generated on first run and kept in the data dir.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// Secrets generated on first run and kept in the data dir (mode 0600), each
+/// made by [`random_secret`].
+#[derive(Clone, Serialize, Deserialize)]
 pub(crate) struct Secrets {
+    /// The console user `headcount` (CLI, `up` itself): the whole of the
+    /// services' account.
     pub(crate) service_password: String,
+    /// Each service's own user, with only what it uses.
     #[serde(default = "random_secret")]
-    backend_password: String,
+    pub(crate) handler_password: String,
+    #[serde(default = "random_secret")]
+    pub(crate) checker_password: String,
+    #[serde(default = "random_secret")]
+    pub(crate) vendor_password: String,
     /// Used only with `--insecure`.
     device_password: String,
     operator_key: String,
 }
 
-/// A random secret that starts with a letter. nats-server reads the value of
-/// a `$VARIABLE` as a configuration value, not as a string: a secret that
-/// starts with digits may read as a number (`3e5...` is refused outright),
-/// so the passwords handed to it must not.
-fn random_secret() -> String {
-    format!("hc{}{}", nuid::next(), nuid::next())
-}
-
-/// Whether nats-server reads `secret` as the string it is.
-fn nats_safe(secret: &str) -> bool {
-    secret.starts_with(|c: char| c.is_ascii_alphabetic())
-}
-
-fn write_private(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
-    std::fs::write(path, contents).with_context(|| format!("writing {}", path.display()))?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+/// Never prints the values.
+impl std::fmt::Debug for Secrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Secrets").finish_non_exhaustive()
     }
-    Ok(())
 }
 
 pub(crate) fn load_secrets(dir: &Path) -> anyhow::Result<Secrets> {
     let path = dir.join("secrets.json");
     if let Ok(text) = std::fs::read_to_string(&path) {
-        let mut s: Secrets =
+        let parsed: serde_json::Value =
             serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-        // Secrets written before they started with a letter: a password that
-        // nats-server may misread is replaced. `up` hands the server its
-        // passwords at every start, so only a copy taken from an older
-        // up.json goes stale.
-        let mut changed = false;
-        for p in [
-            &mut s.service_password,
-            &mut s.backend_password,
-            &mut s.device_password,
+        let mut s: Secrets = serde_json::from_value(parsed.clone())
+            .with_context(|| format!("parsing {}", path.display()))?;
+        // Secrets this generator did not make are replaced: NUID-made ones
+        // (guessable from a session id or two) and ones nats-server may
+        // misread. `up` hands the server its passwords at every start, so
+        // only a copy taken from an older up.json goes stale.
+        let mut replaced = Vec::new();
+        for (name, secret) in [
+            ("service_password", &mut s.service_password),
+            ("handler_password", &mut s.handler_password),
+            ("checker_password", &mut s.checker_password),
+            ("vendor_password", &mut s.vendor_password),
+            ("device_password", &mut s.device_password),
+            ("operator_key", &mut s.operator_key),
         ] {
-            if !nats_safe(p) {
-                *p = random_secret();
-                changed = true;
+            if !is_random_secret(secret) {
+                *secret = random_secret();
+                replaced.push(name);
             }
         }
-        if changed {
+        // One the file lacked was just made (serde default): keep it.
+        let added = ["handler_password", "checker_password", "vendor_password"]
+            .into_iter()
+            .any(|name| parsed.get(name).is_none());
+        if !replaced.is_empty() || added {
             write_private(&path, &serde_json::to_vec_pretty(&s)?)?;
+        }
+        if !replaced.is_empty() {
+            tracing::warn!(
+                file = %path.display(),
+                replaced = %replaced.join(","),
+                "replaced secrets of an older, guessable kind; clients holding the old ones must read up.json again"
+            );
         }
         return Ok(s);
     }
     let s = Secrets {
         service_password: random_secret(),
-        backend_password: random_secret(),
+        handler_password: random_secret(),
+        checker_password: random_secret(),
+        vendor_password: random_secret(),
         device_password: random_secret(),
         operator_key: random_secret(),
     };
@@ -183,15 +196,56 @@ struct Node {
     ws: u16,
 }
 
+/// What every nats-server started here is given.
+#[derive(Clone, Copy)]
+pub(crate) struct Launch<'a> {
+    pub(crate) secrets: &'a Secrets,
+    /// The callout's public keys; `None` runs the insecure configuration.
+    pub(crate) keys: Option<&'a CalloutKeys>,
+    /// Where the client and WebSocket listeners bind.
+    pub(crate) bind: std::net::IpAddr,
+}
+
+/// The public keys nats.conf's auth_callout block names.
+#[derive(Debug, Clone)]
+pub(crate) struct CalloutKeys {
+    /// The account key that signs callout responses (`A...`).
+    pub(crate) issuer: String,
+    /// The curve key requests are encrypted to (`X...`).
+    pub(crate) xkey: String,
+}
+
+impl CalloutKeys {
+    pub(crate) fn of(issuer: &token_vendor::Issuer) -> Self {
+        Self {
+            issuer: issuer.public_key(),
+            xkey: issuer.xkey_public(),
+        }
+    }
+}
+
+/// The address to reach a listener bound to `bind` from this machine.
+pub(crate) fn reach(bind: std::net::IpAddr) -> std::net::IpAddr {
+    if bind.is_unspecified() {
+        std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)
+    } else {
+        bind
+    }
+}
+
+/// A URL with `ip` as its host (IPv6 in brackets).
+pub(crate) fn url(scheme: &str, ip: std::net::IpAddr, port: u16) -> String {
+    format!("{scheme}://{}", SocketAddr::new(ip, port))
+}
+
 impl NatsProcess {
     pub(crate) async fn start(
         dir: &Path,
         (port, ws_port): (u16, u16),
-        secrets: &Secrets,
-        issuer: Option<&str>,
+        launch: Launch<'_>,
     ) -> anyhow::Result<Self> {
         let conf = dir.join("nats.conf");
-        let text = if issuer.is_some() {
+        let text = if launch.keys.is_some() {
             NATS_CONF
         } else {
             NATS_CONF_INSECURE
@@ -203,7 +257,7 @@ impl NatsProcess {
             .arg("-sd")
             .arg(dir.join("jetstream"))
             .env("HEADCOUNT_WS_PORT", ws_port.to_string());
-        Self::spawn(cmd, dir.join("nats.log"), port, secrets, issuer).await
+        Self::spawn(cmd, dir.join("nats.log"), port, launch).await
     }
 
     /// Starts every node of a cluster on 127.0.0.1 and waits until each one
@@ -211,10 +265,10 @@ impl NatsProcess {
     async fn start_cluster(
         dir: &Path,
         nodes: &[Node],
-        secrets: &Secrets,
-        issuer: Option<&str>,
+        launch: Launch<'_>,
     ) -> anyhow::Result<Vec<Self>> {
-        let base = if issuer.is_some() {
+        let secrets = launch.secrets;
+        let base = if launch.keys.is_some() {
             NATS_CONF
         } else {
             NATS_CONF_INSECURE
@@ -252,7 +306,7 @@ impl NatsProcess {
                 cmd.env(format!("HEADCOUNT_ROUTE_{}", i + 1), route);
             }
             let log = dir.join(format!("nats-{name}.log"));
-            started.push(Self::spawn(cmd, log, n.client, secrets, issuer).await?);
+            started.push(Self::spawn(cmd, log, n.client, launch).await?);
         }
         Ok(started)
     }
@@ -261,20 +315,31 @@ impl NatsProcess {
         mut cmd: tokio::process::Command,
         log: PathBuf,
         port: u16,
-        secrets: &Secrets,
-        issuer: Option<&str>,
+        launch: Launch<'_>,
     ) -> anyhow::Result<Self> {
+        let secrets = launch.secrets;
+        let bind = launch.bind.to_string();
         // Its own process group: Ctrl-C reaches `up` alone, which drains the
         // services first and then stops the server.
         #[cfg(unix)]
         cmd.process_group(0);
         let child = cmd
-            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+            .args(["-a", &bind, "-p", &port.to_string()])
             .arg("-l")
             .arg(&log)
+            .env("HEADCOUNT_BIND", &bind)
             .env("HEADCOUNT_SERVICE_PASSWORD", &secrets.service_password)
-            .env("HEADCOUNT_BACKEND_PASSWORD", &secrets.backend_password)
-            .env("HEADCOUNT_CALLOUT_ISSUER", issuer.unwrap_or_default())
+            .env("HEADCOUNT_HANDLER_PASSWORD", &secrets.handler_password)
+            .env("HEADCOUNT_CHECKER_PASSWORD", &secrets.checker_password)
+            .env("HEADCOUNT_VENDOR_PASSWORD", &secrets.vendor_password)
+            .env(
+                "HEADCOUNT_CALLOUT_ISSUER",
+                launch.keys.map(|k| k.issuer.as_str()).unwrap_or_default(),
+            )
+            .env(
+                "HEADCOUNT_CALLOUT_XKEY",
+                launch.keys.map(|k| k.xkey.as_str()).unwrap_or_default(),
+            )
             .env("HEADCOUNT_DEVICE_PASSWORD", &secrets.device_password)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -296,7 +361,7 @@ impl NatsProcess {
                     tail.into_iter().rev().collect::<Vec<_>>().join("\n")
                 );
             }
-            if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            if tokio::net::TcpStream::connect((reach(launch.bind), port))
                 .await
                 .is_ok()
             {
@@ -338,8 +403,8 @@ fn built_pages() -> Option<PathBuf> {
 }
 
 pub async fn run(a: UpArgs) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&a.data_dir)
-        .with_context(|| format!("creating {}", a.data_dir.display()))?;
+    // Keys, secrets, up.json and the server's store: the owner's alone.
+    create_private_dir(&a.data_dir)?;
     let secrets = load_secrets(&a.data_dir)?;
     let operator_key = a
         .tokens
@@ -362,7 +427,13 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
     } else {
         Some(token_vendor::Issuer::open(&a.data_dir)?)
     };
-    let issuer_key = issuer.as_ref().map(|i| i.public_key());
+    let callout_keys = issuer.as_ref().map(CalloutKeys::of);
+    let launch = Launch {
+        secrets: &secrets,
+        keys: callout_keys.as_ref(),
+        bind: a.bind,
+    };
+    let here = reach(a.bind);
     // Signals are caught from here on: a Ctrl-C during start-up still stops
     // the server started below.
     let (trigger, stop) = Shutdown::new();
@@ -387,34 +458,20 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
                 ws: a.ws_port + i,
             })
             .collect();
-        let started =
-            NatsProcess::start_cluster(&a.data_dir, &nodes, &secrets, issuer_key.as_deref())
-                .await?;
+        let started = NatsProcess::start_cluster(&a.data_dir, &nodes, launch).await?;
         (
             started,
-            nodes
-                .iter()
-                .map(|n| format!("nats://127.0.0.1:{}", n.client))
-                .collect(),
-            nodes
-                .iter()
-                .map(|n| format!("ws://127.0.0.1:{}", n.ws))
-                .collect(),
+            nodes.iter().map(|n| url("nats", here, n.client)).collect(),
+            nodes.iter().map(|n| url("ws", here, n.ws)).collect(),
             "headcount".to_string(),
             secrets.service_password.clone(),
         )
     } else if a.nats_urls.is_empty() {
-        let p = NatsProcess::start(
-            &a.data_dir,
-            (a.nats_port, a.ws_port),
-            &secrets,
-            issuer_key.as_deref(),
-        )
-        .await?;
+        let p = NatsProcess::start(&a.data_dir, (a.nats_port, a.ws_port), launch).await?;
         (
             vec![p],
-            vec![format!("nats://127.0.0.1:{}", a.nats_port)],
-            vec![format!("ws://127.0.0.1:{}", a.ws_port)],
+            vec![url("nats", here, a.nats_port)],
+            vec![url("ws", here, a.ws_port)],
             "headcount".to_string(),
             secrets.service_password.clone(),
         )
@@ -461,16 +518,38 @@ async fn run_services(
         password: Some(password.to_string()),
         name: name.to_string(),
     };
+    // On a server started here each service logs in as its own user, with
+    // only what it uses; on a server named with --nats-url they share the
+    // user given.
+    let own = a.nats_urls.is_empty();
+    let service = |name: &str, own_user: &str, own_password: &str| {
+        let mut o = opts(name);
+        if own {
+            o.user = Some(own_user.to_string());
+            o.password = Some(own_password.to_string());
+        }
+        o
+    };
     let registry = headcount_runtime::http::registry();
 
-    let handler_client = opts("headcount-handler").connect().await?;
-    let checker_client = opts("headcount-checker").connect().await?;
-    let vendor_client = opts("headcount-token-vendor").connect().await?;
+    let handler_client = service("headcount-handler", "handler", &secrets.handler_password)
+        .connect()
+        .await?;
+    let checker_client = service("headcount-checker", "checker", &secrets.checker_password)
+        .connect()
+        .await?;
+    let vendor_client = service("headcount-token-vendor", "vendor", &secrets.vendor_password)
+        .connect()
+        .await?;
     let mut settings = a.engine.buckets();
     if a.cluster.is_some() && a.engine.replicas.is_none() {
         settings.replicas = 3;
     }
+    // Each service reaches the buckets through its own connection (and so
+    // with its own permissions).
     let buckets = Buckets::open(&handler_client, &settings).await?;
+    let checker_buckets = Buckets::open(&checker_client, &settings).await?;
+    let vendor_buckets = Buckets::open(&vendor_client, &settings).await?;
 
     let handler = tokio::spawn(heartbeat_handler::run(
         a.engine.handler(),
@@ -482,17 +561,23 @@ async fn run_services(
     let checker = tokio::spawn(checker::run(
         a.engine.checker(&a.plans)?,
         checker_client.clone(),
-        buckets.clone(),
+        checker_buckets,
         checker::Metrics::new(&registry)?,
         stop.clone(),
     ));
     let vendor = token_vendor::Vendor::new(
-        a.tokens
-            .config(a.data_dir.clone(), operator_key.clone(), a.plans.names()),
+        a.tokens.config(
+            a.data_dir.clone(),
+            operator_key.clone(),
+            a.plans.names(),
+            &a.browser,
+        ),
         &registry,
     )?;
-    vendor.set_plan_store(buckets.limits.clone());
+    vendor.set_plan_store(vendor_buckets.limits.clone());
     let callout_issuer = issuer.as_ref().map(|i| i.public_key()).unwrap_or_default();
+    let access =
+        token_vendor::Access::new(vendor_client.clone(), vendor_buckets.connections.clone());
     let vendor_task = {
         let tokens = token_vendor::serve_nats(vendor.clone(), vendor_client.clone(), stop.clone());
         let callout = issuer.map(|issuer| {
@@ -500,7 +585,10 @@ async fn run_services(
                 vendor.clone(),
                 issuer,
                 vendor_client.clone(),
-                buckets.revoked.clone(),
+                token_vendor::CalloutStores {
+                    revoked: vendor_buckets.revoked.clone(),
+                    access: access.clone(),
+                },
                 stop.clone(),
             )
         });
@@ -520,12 +608,14 @@ async fn run_services(
     let websocket_url = browser.websocket_urls.join(",");
     let (http_addr, _http) = http::serve(
         SocketAddr::new(a.bind, a.http_port),
-        token_vendor::router(vendor.clone()).merge(token_vendor::browser_router(
-            vendor,
-            vendor_client.clone(),
-            buckets.revoked.clone(),
-            browser,
-        )),
+        token_vendor::router(vendor.clone())
+            .merge(token_vendor::browser_router(
+                vendor.clone(),
+                vendor_client.clone(),
+                vendor_buckets.revoked.clone(),
+                browser,
+            ))
+            .merge(token_vendor::access_router(vendor, access)),
         stop.clone(),
     )
     .await?;
@@ -573,8 +663,6 @@ async fn run_services(
         metrics_url: format!("http://{metrics_addr}/metrics"),
         service_user: user.to_string(),
         service_password: password.to_string(),
-        backend_user: "backend".into(),
-        backend_password: secrets.backend_password.clone(),
         operator_key,
         insecure_device_password: a.insecure.then(|| secrets.device_password.clone()),
         callout_issuer,
@@ -627,9 +715,12 @@ async fn run_services(
         UpInfo::path(&a.data_dir).display()
     );
     if pages {
+        // The operator key is never printed: the live view asks for it.
         println!(
-            "pages: demo player {}/demo/ | live view {}/live/#key={}",
-            info.http_url, info.http_url, info.operator_key
+            "pages: demo player {}/demo/ | live view {}/live/ (operator key: `operator_key` in {})",
+            info.http_url,
+            info.http_url,
+            UpInfo::path(&a.data_dir).display()
         );
     }
     if a.demo {
@@ -690,26 +781,66 @@ mod tests {
     use super::*;
 
     #[test]
-    fn secrets_start_with_a_letter_and_old_unsafe_ones_are_replaced() {
-        for _ in 0..1000 {
-            assert!(nats_safe(&random_secret()));
-        }
+    fn secrets_of_an_older_kind_are_all_replaced_and_saved_privately() {
         let dir = tempfile::tempdir().unwrap();
+        // What `up` wrote before: NUID-made (guessable), or unsafe for
+        // nats-server; the operator key included.
         let old = serde_json::json!({
             "service_password": "3e5Old",
-            "backend_password": "backendOk",
+            "handler_password": format!("hc{}{}", "A".repeat(22), "B".repeat(22)),
             "device_password": "9device",
-            "operator_key": "1operator",
+            "operator_key": "hcOLDOPERATORKEYmadebyNUIDxxxxxxxxxxxxxxxxxxxx",
         });
         std::fs::write(dir.path().join("secrets.json"), old.to_string()).unwrap();
         let s = load_secrets(dir.path()).unwrap();
-        assert!(nats_safe(&s.service_password) && s.service_password != "3e5Old");
-        assert!(nats_safe(&s.device_password));
-        assert_eq!(s.backend_password, "backendOk");
-        // The operator key never reaches nats-server: kept as it is.
-        assert_eq!(s.operator_key, "1operator");
+        for (name, new) in [
+            ("service_password", &s.service_password),
+            ("handler_password", &s.handler_password),
+            ("device_password", &s.device_password),
+            ("operator_key", &s.operator_key),
+        ] {
+            assert!(is_random_secret(new), "{name} not replaced");
+            assert_ne!(old[name].as_str(), Some(new.as_str()));
+        }
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(dir.path().join("secrets.json"))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
         // Written back, so the next start reads the same secrets.
         let again = load_secrets(dir.path()).unwrap();
         assert_eq!(again.service_password, s.service_password);
+        assert_eq!(again.operator_key, s.operator_key);
+        // A fresh data dir gets new-kind secrets, all different.
+        let fresh = tempfile::tempdir().unwrap();
+        let f = load_secrets(fresh.path()).unwrap();
+        let all = [
+            &f.service_password,
+            &f.handler_password,
+            &f.checker_password,
+            &f.vendor_password,
+            &f.device_password,
+            &f.operator_key,
+        ];
+        assert!(all.iter().all(|v| is_random_secret(v)));
+        // A secret the file lacks is made once and kept.
+        let partial = tempfile::tempdir().unwrap();
+        let mut without = serde_json::to_value(&f).unwrap();
+        without.as_object_mut().unwrap().remove("vendor_password");
+        std::fs::write(partial.path().join("secrets.json"), without.to_string()).unwrap();
+        let first = load_secrets(partial.path()).unwrap();
+        let second = load_secrets(partial.path()).unwrap();
+        assert_eq!(first.vendor_password, second.vendor_password);
+        assert_eq!(first.operator_key, f.operator_key);
+        assert_eq!(
+            all.iter().collect::<std::collections::HashSet<_>>().len(),
+            all.len()
+        );
+        // Debug output never shows them.
+        assert!(!format!("{f:?}").contains(&f.operator_key));
     }
 }

@@ -129,6 +129,17 @@ pub mod kv {
     /// Timeouts already announced: key `<account>.<session>`, create-only,
     /// so that one of several checkers publishes each `timeout` event.
     pub const TIMEOUTS_BUCKET: &str = "headcount-timeouts";
+    /// Who is connected with which token, and which operator and backend
+    /// tokens were revoked: key `d.<account>.<session>` holds the one live
+    /// connection of a device session, `c.<token id>` the connections of an
+    /// operator or backend token, `r.<token id>` the revocation of such a
+    /// token. Written only by token-vendor (the auth callout and its HTTP
+    /// API). Its first key token keeps it apart from account names.
+    pub const CONNECTIONS_BUCKET: &str = "headcount-connections";
+    /// How long the connections bucket keeps a record: the longest an
+    /// operator or backend token may live, so a revocation outlives the
+    /// token it ends.
+    pub const CONNECTIONS_TTL: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
     pub fn session_dict(account: &AccountId, interval: u64) -> String {
         format!("{account}.{interval}")
@@ -151,6 +162,24 @@ pub mod kv {
 
     pub fn limits(account: &AccountId) -> String {
         account.to_string()
+    }
+
+    /// The live connection of a device session.
+    pub fn device_connection(account: &AccountId, session: &SessionId) -> String {
+        format!("d.{account}.{session}")
+    }
+
+    /// The live connections of an operator or backend token.
+    pub fn client_connections(token_id: &SessionId) -> String {
+        format!("c.{token_id}")
+    }
+
+    /// Every key of [`client_connections`], for a watch.
+    pub const CLIENT_CONNECTIONS_WILDCARD: &str = "c.*";
+
+    /// The revocation of an operator or backend token.
+    pub fn client_revoked(token_id: &SessionId) -> String {
+        format!("r.{token_id}")
     }
 
     pub fn token_plan(account: &AccountId) -> String {

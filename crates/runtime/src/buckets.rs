@@ -21,13 +21,14 @@ pub struct BucketSettings {
     pub storage: jetstream::stream::StorageType,
 }
 
-/// Handles to the three buckets.
+/// Handles to the buckets.
 #[derive(Clone)]
 pub struct Buckets {
     pub sessions: kv::Store,
     pub revoked: kv::Store,
     pub limits: kv::Store,
     pub timeouts: kv::Store,
+    pub connections: kv::Store,
 }
 
 impl std::fmt::Debug for Buckets {
@@ -112,6 +113,13 @@ impl Buckets {
                 keys::TIMEOUTS_BUCKET,
                 "timeouts already announced (one event per timeout)",
                 s.timeouts_ttl,
+                1,
+            )
+            .await?,
+            connections: open(
+                keys::CONNECTIONS_BUCKET,
+                "live connections per token, revoked operator and backend tokens",
+                keys::CONNECTIONS_TTL,
                 1,
             )
             .await?,

@@ -44,6 +44,9 @@ async fn render(State(registry): State<Registry>) -> impl IntoResponse {
 
 /// Binds `addr` and serves `router` until shutdown. Returns the bound
 /// address (useful with port 0) and the server task.
+///
+/// Every request carries its peer's address as
+/// `axum::extract::ConnectInfo<SocketAddr>` (token-vendor throttles by it).
 pub async fn serve(
     addr: SocketAddr,
     router: Router,
@@ -54,9 +57,12 @@ pub async fn serve(
         .with_context(|| format!("binding http listener on {addr}"))?;
     let local = listener.local_addr()?;
     let task = tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, router)
-            .with_graceful_shutdown(shutdown.wait())
-            .await
+        if let Err(e) = axum::serve(
+            listener,
+            router.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(shutdown.wait())
+        .await
         {
             tracing::error!(error = %e, "http server failed");
         }

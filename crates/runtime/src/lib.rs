@@ -1,5 +1,6 @@
 //! What every headcount process shares: connecting to NATS, opening the KV
-//! buckets, the `/metrics` endpoint, shutdown and logging.
+//! buckets, the `/metrics` endpoint, shutdown and logging, and secrets
+//! (random ones from the OS, and the private files that hold them).
 //!
 //! Nothing here knows what a heartbeat or a limit is; that is the services'
 //! business. Subjects and bucket names come from `headcount-protocol`.
@@ -7,6 +8,7 @@
 pub mod buckets;
 pub mod http;
 pub mod nats;
+pub mod secret;
 pub mod shutdown;
 pub mod watch;
 

@@ -28,7 +28,53 @@ pub fn nats_conf() -> PathBuf {
 }
 
 pub const SERVICE_USER: &str = "headcount";
-pub const BACKEND_USER: &str = "backend";
+
+/// The users of the services' account (nats.conf): the console and each
+/// service with only what it uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Login {
+    Console,
+    Handler,
+    Checker,
+    Vendor,
+}
+
+impl Login {
+    pub const ALL: [Login; 4] = [
+        Login::Console,
+        Login::Handler,
+        Login::Checker,
+        Login::Vendor,
+    ];
+
+    /// The user name in nats.conf.
+    pub fn user(self) -> &'static str {
+        match self {
+            Login::Console => SERVICE_USER,
+            Login::Handler => "handler",
+            Login::Checker => "checker",
+            Login::Vendor => "vendor",
+        }
+    }
+
+    /// The environment variable nats.conf reads its password from.
+    pub fn env(self) -> &'static str {
+        match self {
+            Login::Console => "HEADCOUNT_SERVICE_PASSWORD",
+            Login::Handler => "HEADCOUNT_HANDLER_PASSWORD",
+            Login::Checker => "HEADCOUNT_CHECKER_PASSWORD",
+            Login::Vendor => "HEADCOUNT_VENDOR_PASSWORD",
+        }
+    }
+
+    /// Its password on a server whose console password is `console`.
+    pub fn password(self, console: &str) -> String {
+        match self {
+            Login::Console => console.to_string(),
+            other => format!("{console}-{}", other.user()),
+        }
+    }
+}
 
 /// A nats-server process on a free loopback port.
 #[derive(Debug)]
@@ -39,9 +85,10 @@ pub struct NatsServer {
     pub ws_port: u16,
     store: tempfile::TempDir,
     pub service_password: String,
-    pub backend_password: String,
     /// Seed of the auth callout issuer the server trusts.
     pub issuer_seed: String,
+    /// Seed of the callout's curve key (requests are encrypted to it).
+    pub xkey_seed: String,
 }
 
 /// A loopback port nothing listens on right now.
@@ -71,11 +118,10 @@ impl NatsServer {
             ws_port: free_port(),
             store: tempfile::tempdir().expect("temporary store dir"),
             service_password: service_password.to_string(),
-            backend_password: format!("be-{}", nuid_like()),
-            issuer_seed: token_vendor::Issuer::generate()
-                .seed()
-                .expect("issuer seed"),
+            issuer_seed: String::new(),
+            xkey_seed: String::new(),
         };
+        (s.issuer_seed, s.xkey_seed) = issuer_seeds();
         s.spawn();
         s
     }
@@ -90,9 +136,10 @@ impl NatsServer {
             .arg(self.store.path().join("js"))
             .arg("-l")
             .arg(&log)
-            .env("HEADCOUNT_SERVICE_PASSWORD", &self.service_password)
-            .env("HEADCOUNT_BACKEND_PASSWORD", &self.backend_password)
+            .envs(Login::ALL.map(|l| (l.env(), l.password(&self.service_password))))
             .env("HEADCOUNT_CALLOUT_ISSUER", self.issuer().public_key())
+            .env("HEADCOUNT_CALLOUT_XKEY", self.issuer().xkey_public())
+            .env("HEADCOUNT_BIND", "127.0.0.1")
             .env("HEADCOUNT_WS_PORT", self.ws_port.to_string())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -127,6 +174,14 @@ impl NatsServer {
         )
     }
 
+    /// Options for one of the services' users.
+    pub fn login_options(&self, login: Login, name: &str) -> NatsOptions {
+        NatsOptions::new(self.url(), name).with_credentials(
+            Some(login.user().into()),
+            Some(login.password(&self.service_password)),
+        )
+    }
+
     pub async fn service_client(&self) -> async_nats::Client {
         self.service_options("test")
             .connect()
@@ -136,7 +191,7 @@ impl NatsServer {
 
     /// The callout issuer this server trusts.
     pub fn issuer(&self) -> token_vendor::Issuer {
-        token_vendor::Issuer::from_seed(&self.issuer_seed).expect("issuer")
+        token_vendor::Issuer::from_seeds(&self.issuer_seed, &self.xkey_seed).expect("issuer")
     }
 
     /// A client that publishes heartbeats for many simulated devices at
@@ -149,15 +204,63 @@ impl NatsServer {
             .expect("fleet client connects")
     }
 
-    /// A client with the backend user's permissions.
-    pub async fn backend_client(&self) -> async_nats::Client {
-        async_nats::ConnectOptions::with_user_and_password(
-            BACKEND_USER.into(),
-            self.backend_password.clone(),
-        )
-        .connect(self.url())
-        .await
-        .expect("backend client connects")
+    /// Connects with `opts`, reporting the connection's events (server
+    /// errors such as permission violations, disconnects) on the returned
+    /// channel.
+    pub async fn connect_watched(
+        &self,
+        opts: async_nats::ConnectOptions,
+    ) -> Result<
+        (
+            async_nats::Client,
+            tokio::sync::mpsc::UnboundedReceiver<async_nats::Event>,
+        ),
+        async_nats::ConnectError,
+    > {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let client = opts
+            .event_callback(move |e| {
+                let tx = tx.clone();
+                async move {
+                    let _ = tx.send(e);
+                }
+            })
+            .connect(self.url())
+            .await?;
+        Ok((client, rx))
+    }
+
+    /// [`NatsServer::connect_watched`] with `token` (and `inbox_prefix`, for
+    /// an operator or backend token), which must connect.
+    pub async fn watched_connect(
+        &self,
+        token: &str,
+        inbox_prefix: Option<&str>,
+    ) -> (
+        async_nats::Client,
+        tokio::sync::mpsc::UnboundedReceiver<async_nats::Event>,
+    ) {
+        let mut opts = async_nats::ConnectOptions::with_token(token.to_string());
+        if let Some(p) = inbox_prefix {
+            opts = opts.custom_inbox_prefix(p.to_string());
+        }
+        self.connect_watched(opts)
+            .await
+            .expect("a valid token connects")
+    }
+
+    /// Connects with an operator or backend token, using its inbox prefix
+    /// (the only one its permissions allow), without retrying.
+    pub async fn client_connect(
+        &self,
+        token: &token_vendor::OperatorToken,
+    ) -> Result<async_nats::Client, async_nats::ConnectError> {
+        async_nats::ConnectOptions::with_token(token.token.clone())
+            .custom_inbox_prefix(token.inbox_prefix.clone())
+            .max_reconnects(Some(1))
+            .connection_timeout(Duration::from_secs(5))
+            .connect(self.url())
+            .await
     }
 
     /// Connects as a device presenting `token`, without retrying: the
@@ -191,6 +294,15 @@ impl Drop for NatsServer {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// The seeds of a fresh callout issuer: its account key and its curve key.
+fn issuer_seeds() -> (String, String) {
+    let issuer = token_vendor::Issuer::generate();
+    (
+        issuer.seed().expect("issuer seed"),
+        issuer.xkey_seed().expect("xkey seed"),
+    )
 }
 
 fn nuid_like() -> String {
@@ -257,6 +369,18 @@ impl TokenVendor {
             .iter()
             .map(|k| k["kid"].as_str().expect("each key has a kid").to_string())
             .collect()
+    }
+
+    /// A backend token named `name`, issued by this vendor.
+    pub fn backend_token(&self, name: &str) -> token_vendor::OperatorToken {
+        self.vendor
+            .issue_backend(&DeviceId::parse(name).expect("backend name"), None)
+            .expect("backend token issued")
+    }
+
+    /// An operator token, issued by this vendor.
+    pub fn operator_token(&self) -> token_vendor::OperatorToken {
+        self.vendor.issue_operator().expect("operator token issued")
     }
 
     /// A token for `account`/`device`, issued by this vendor.
@@ -366,10 +490,10 @@ impl TestApp {
         }
     }
 
-    async fn connect(&self, name: &str) -> (async_nats::Client, Buckets) {
+    async fn connect(&self, login: Login, name: &str) -> (async_nats::Client, Buckets) {
         let client = self
             .nats
-            .service_options(name)
+            .login_options(login, name)
             .connect()
             .await
             .expect("service connects");
@@ -381,7 +505,7 @@ impl TestApp {
 
     /// Starts one more heartbeat-handler and waits until it is subscribed.
     pub async fn start_handler(&self) -> Running {
-        let (client, buckets) = self.connect("test-handler").await;
+        let (client, buckets) = self.connect(Login::Handler, "test-handler").await;
         let registry = prometheus::Registry::new();
         let metrics = heartbeat_handler::Metrics::new(&registry).expect("metrics");
         let (trigger, shutdown) = Shutdown::new();
@@ -408,7 +532,7 @@ impl TestApp {
 
     /// Starts one more checker and waits until it answers.
     pub async fn start_checker(&self) -> Running {
-        let (client, buckets) = self.connect("test-checker").await;
+        let (client, buckets) = self.connect(Login::Checker, "test-checker").await;
         let registry = prometheus::Registry::new();
         let metrics = checker::Metrics::new(&registry).expect("metrics");
         let (trigger, shutdown) = Shutdown::new();
@@ -459,8 +583,19 @@ impl TestApp {
     /// (its `data_dir` is used as given); the auth callout runs too, signing
     /// with the issuer the server trusts.
     pub async fn start_token_vendor_with(&self, config: token_vendor::Config) -> TokenVendor {
+        self.start_token_vendor_as(config, self.nats.issuer()).await
+    }
+
+    /// [`TestApp::start_token_vendor_with`] answering the callout with
+    /// `issuer`, which need not be the one the server trusts.
+    pub async fn start_token_vendor_as(
+        &self,
+        config: token_vendor::Config,
+        issuer: token_vendor::Issuer,
+    ) -> TokenVendor {
         let dir = config.data_dir.clone();
-        let (client, buckets) = self.connect("test-token-vendor").await;
+        let (client, buckets) = self.connect(Login::Vendor, "test-token-vendor").await;
+        let access = token_vendor::Access::new(client.clone(), buckets.connections.clone());
         let registry = prometheus::Registry::new();
         let vendor = token_vendor::Vendor::new(config, &registry).expect("vendor starts");
         vendor.set_plan_store(buckets.limits.clone());
@@ -475,12 +610,14 @@ impl TestApp {
         };
         let (http_addr, _http) = headcount_runtime::http::serve(
             "127.0.0.1:0".parse().expect("addr"),
-            token_vendor::router(vendor.clone()).merge(token_vendor::browser_router(
-                vendor.clone(),
-                client.clone(),
-                buckets.revoked.clone(),
-                browser,
-            )),
+            token_vendor::router(vendor.clone())
+                .merge(token_vendor::browser_router(
+                    vendor.clone(),
+                    client.clone(),
+                    buckets.revoked.clone(),
+                    browser,
+                ))
+                .merge(token_vendor::access_router(vendor.clone(), access.clone())),
             shutdown.clone(),
         )
         .await
@@ -488,9 +625,12 @@ impl TestApp {
         let tokens = token_vendor::serve_nats(vendor.clone(), client.clone(), shutdown.clone());
         let callout = token_vendor::serve_callout(
             vendor.clone(),
-            self.nats.issuer(),
+            issuer,
             client,
-            buckets.revoked,
+            token_vendor::CalloutStores {
+                revoked: buckets.revoked,
+                access,
+            },
             shutdown,
         );
         let task = tokio::spawn(async move {
@@ -738,9 +878,9 @@ pub struct NatsCluster {
     nodes: Vec<ClusterNode>,
     store: tempfile::TempDir,
     pub service_password: String,
-    pub backend_password: String,
     route_password: String,
     pub issuer_seed: String,
+    pub xkey_seed: String,
 }
 
 impl NatsCluster {
@@ -760,12 +900,11 @@ impl NatsCluster {
             nodes,
             store: tempfile::tempdir().expect("temporary store dir"),
             service_password: format!("svc-{}", nuid_like()),
-            backend_password: format!("be-{}", nuid_like()),
             route_password: format!("rt-{}", nuid_like()),
-            issuer_seed: token_vendor::Issuer::generate()
-                .seed()
-                .expect("issuer seed"),
+            issuer_seed: String::new(),
+            xkey_seed: String::new(),
         };
+        (c.issuer_seed, c.xkey_seed) = issuer_seeds();
         for i in 0..c.nodes.len() {
             c.spawn(i);
         }
@@ -786,7 +925,8 @@ impl NatsCluster {
                 )
             })
             .collect();
-        let issuer = token_vendor::Issuer::from_seed(&self.issuer_seed).expect("issuer");
+        let issuer =
+            token_vendor::Issuer::from_seeds(&self.issuer_seed, &self.xkey_seed).expect("issuer");
         let node = &self.nodes[i];
         let log = self.store.path().join(format!("{}.log", node.name));
         let mut cmd = Command::new("nats-server");
@@ -805,9 +945,10 @@ impl NatsCluster {
             .env("HEADCOUNT_CLUSTER_PORT", node.cluster.to_string())
             .env("HEADCOUNT_WS_PORT", node.ws.to_string())
             .env("HEADCOUNT_ROUTE_PASSWORD", &self.route_password)
-            .env("HEADCOUNT_SERVICE_PASSWORD", &self.service_password)
-            .env("HEADCOUNT_BACKEND_PASSWORD", &self.backend_password)
+            .envs(Login::ALL.map(|l| (l.env(), l.password(&self.service_password))))
             .env("HEADCOUNT_CALLOUT_ISSUER", issuer.public_key())
+            .env("HEADCOUNT_CALLOUT_XKEY", issuer.xkey_public())
+            .env("HEADCOUNT_BIND", "127.0.0.1")
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         for (k, route) in routes.iter().enumerate() {

@@ -14,6 +14,10 @@
 //!   production.
 //! - everything else: the built pages (`/demo/`, `/live/`) from the web
 //!   directory, when one is configured.
+//!
+//! Refresh, leave and demo tokens are limited to a request rate per client
+//! address, the operator endpoint to a budget of wrong keys per address
+//! (`throttle`); above them the answer is 429 with `Retry-After`.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -23,6 +27,7 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::extract::rejection::JsonRejection;
 use axum::http::{HeaderMap, StatusCode};
+use axum::middleware::from_fn_with_state;
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -33,6 +38,7 @@ use serde::Deserialize;
 use crate::callout::Refusal;
 use crate::http::{bearer, describe, error, is_operator, unauthorized};
 use crate::metrics::{BAD_REQUEST, FORBIDDEN};
+use crate::throttle::{self, Endpoint};
 use crate::{Claims, TokenError, Vendor};
 
 /// What the browser endpoints need besides the vendor.
@@ -76,15 +82,35 @@ pub fn browser_router(
         .allow_headers([
             axum::http::header::AUTHORIZATION,
             axum::http::header::CONTENT_TYPE,
-        ]);
+        ])
+        // A throttled page reads how long to wait.
+        .expose_headers([axum::http::header::RETRY_AFTER]);
+    // Per-address limits (`throttle`): request rates on what devices and
+    // anyone (demo tokens) may call, the wrong-key budget on the operator's.
+    let limited = |endpoint| from_fn_with_state((vendor.clone(), endpoint), throttle::per_address);
     let devices = Router::new()
         .route("/v1/client-config", get(client_config))
-        .route("/v1/tokens/refresh", post(refresh))
-        .route("/v1/sessions/leave", post(leave))
+        .route(
+            "/v1/tokens/refresh",
+            post(refresh).layer(limited(Endpoint::Refresh)),
+        )
+        .route(
+            "/v1/sessions/leave",
+            post(leave).layer(limited(Endpoint::Leave)),
+        )
         .layer(any_origin);
     let router = devices
-        .route("/v1/operator-tokens", post(operator_token))
-        .route("/v1/demo/tokens", post(demo_token))
+        .route(
+            "/v1/operator-tokens",
+            post(operator_token).layer(from_fn_with_state(
+                (vendor.clone(), Endpoint::OperatorTokens),
+                throttle::operator_key,
+            )),
+        )
+        .route(
+            "/v1/demo/tokens",
+            post(demo_token).layer(limited(Endpoint::DemoTokens)),
+        )
         .with_state(Browser {
             vendor,
             nats,
@@ -142,7 +168,7 @@ impl NotADevice {
                 b.vendor.count_rejection(BAD_REQUEST);
                 error(
                     StatusCode::BAD_REQUEST,
-                    "this is an operator token; operators get a new one at /v1/operator-tokens",
+                    "this is an operator or backend token, not a device's; get a new one at /v1/operator-tokens or /v1/backend-tokens",
                 )
             }
         }
@@ -153,7 +179,7 @@ impl NotADevice {
 fn device_claims(b: &Browser, token: Option<&str>) -> Result<Claims, NotADevice> {
     let token = token.filter(|t| !t.is_empty()).ok_or(NotADevice::Missing)?;
     let claims = b.vendor.verify(token).map_err(NotADevice::Refused)?;
-    if claims.is_operator() {
+    if claims.role().is_client() {
         return Err(NotADevice::Operator);
     }
     Ok(claims)
@@ -174,7 +200,7 @@ async fn refresh(State(b): State<Browser>, headers: HeaderMap) -> Response {
             b.vendor.count_rejection(FORBIDDEN);
             return error(StatusCode::FORBIDDEN, Refusal::Revoked.to_string());
         }
-        Err(Refusal::RevocationUnavailable | Refusal::NoToken) => {
+        Err(Refusal::RevocationUnavailable | Refusal::RegistryUnavailable | Refusal::NoToken) => {
             return error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "revocation list unavailable; try again",

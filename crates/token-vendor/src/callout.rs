@@ -1,26 +1,41 @@
-//! NATS auth callout: the server asks, for every device connection, whether
-//! its token lets it in, and with which permissions.
+//! NATS auth callout: the server asks, for every connection that is not one
+//! of the services', whether its token lets it in, where, and with which
+//! permissions.
 //!
 //! nats-server (configured with `authorization { auth_callout { ... } }`)
 //! publishes an authorization request on [`CALLOUT_SUBJECT`]: a JWT signed by
 //! the server's own nkey carrying the client's CONNECT options, among them the
-//! device token as `auth_token`. The answer is an authorization response JWT,
+//! token as `auth_token`. The answer is an authorization response JWT,
 //! signed by the callout issuer (an account nkey whose public half is the
 //! `issuer` of the server configuration), holding either an error or a user
-//! JWT. That user JWT grants exactly:
+//! JWT. That user JWT names the account the connection is placed in (its
+//! `aud`) and grants exactly ([`Grant`]):
 //!
-//! - publish `hb.<account>.<device>.<session>`
-//! - subscribe `ctl.<account>.<device>`
+//! - a device token: account [`DEVICE_ACCOUNT`], publish
+//!   `hb.<account>.<device>.<session>`, subscribe `ctl.<account>.<device>`;
+//! - a backend or operator token: account [`CLIENT_ACCOUNT`], publish the
+//!   endpoints its role may call, subscribe the presence events and its own
+//!   inbox prefix;
 //!
-//! and expires with the device token, so the server closes the connection
-//! when the token runs out. A token that does not verify, a session that was
-//! ended (evicted, refused, kicked, replaced: its key is in the revoked
-//! bucket), or a revocation list that cannot be read all get an error: the
-//! callout fails closed, and so does the server when no vendor answers.
+//! and expires with the token, so the server closes the connection when the
+//! token runs out. A token that does not verify, a session or token that was
+//! ended (its key is in the revoked bucket, or in the connections bucket for
+//! backend and operator tokens), or a store that cannot be read all get an
+//! error: the callout fails closed, and so does the server when no vendor
+//! answers. An admitted connection is recorded first ([`crate::access`]):
+//! it replaces the session's previous connection, if any.
 //!
 //! Requests are decoded defensively (size cap, server-key signature check,
 //! every field optional where nats-server may leave it out): a request that
 //! does not decode is dropped and counted, never a panic.
+//!
+//! With `xkey` in the `auth_callout` block (the issuer's public curve key,
+//! [`Issuer::xkey_public`]) the server seals each request to that key with
+//! its own curve key, named in the [`SERVER_XKEY_HEADER`] header; the
+//! callout opens it ([`open_request`]) and seals the response to the
+//! server's key ([`seal_response`]). A request that does not open is dropped
+//! and counted like one that does not decode. Without the header, request
+//! and response travel in the clear.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -33,21 +48,43 @@ use futures::StreamExt;
 use headcount_protocol::subjects::{self, kv as keys};
 use headcount_protocol::{AccountId, DeviceId, SessionId, now_millis};
 use headcount_runtime::Shutdown;
-use nkeys::KeyPair;
+use nkeys::{KeyPair, XKey};
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
 
-use crate::{TokenError, Vendor};
+use crate::access::{Access, Connection};
+use crate::{Role, TokenError, Vendor};
 
 /// Where nats-server sends authorization requests.
 pub const CALLOUT_SUBJECT: &str = "$SYS.REQ.USER.AUTH";
 /// Queue group of the callout responders: several vendors share the load.
 pub const CALLOUT_QUEUE: &str = "headcount-callout";
-/// The NATS account devices are placed in (named in `nats.conf`).
-pub const DEVICE_ACCOUNT: &str = "HEADCOUNT";
+/// The NATS account devices are placed in (named in `nats.conf`): it can
+/// reach the services' account only through the heartbeat stream it exports
+/// and the control stream it imports.
+pub const DEVICE_ACCOUNT: &str = "DEVICES";
+/// The NATS account operators and backends are placed in: it imports the
+/// query services and the presence events, and nothing else.
+pub const CLIENT_ACCOUNT: &str = "CLIENTS";
+/// Largest message a device may publish: a heartbeat is at most 1 KiB.
+pub const DEVICE_MAX_PAYLOAD: i64 = headcount_protocol::wire::MAX_HEARTBEAT_BYTES as i64;
+/// Subscriptions a device may hold: its control subject, and room for a
+/// client library's own inbox.
+pub const DEVICE_MAX_SUBSCRIPTIONS: i64 = 4;
+/// Largest request an operator or backend may send.
+pub const CLIENT_MAX_PAYLOAD: i64 = 64 * 1024;
+/// Subscriptions an operator or backend connection may hold.
+pub const CLIENT_MAX_SUBSCRIPTIONS: i64 = 256;
 /// Environment variable that may hold the callout issuer's account seed
 /// (`SA...`); otherwise it is generated into `<data_dir>/keys/`.
 pub const ISSUER_SEED_ENV: &str = "HEADCOUNT_CALLOUT_SEED";
+/// Environment variable that may hold the callout's curve seed (`SX...`),
+/// whose public half (`X...`) is the `xkey` of the server's `auth_callout`
+/// block; otherwise it is generated into `<data_dir>/keys/`.
+pub const XKEY_SEED_ENV: &str = "HEADCOUNT_CALLOUT_XKEY_SEED";
+/// Header naming nats-server's public curve key on an encrypted
+/// authorization request.
+pub const SERVER_XKEY_HEADER: &str = "Nats-Server-Xkey";
 /// Authorization requests larger than this are not decoded.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 /// How long the revocation lookup may take before the connection is refused.
@@ -55,66 +92,73 @@ const REVOCATION_TIMEOUT: Duration = Duration::from_secs(1);
 
 const JWT_HEADER: &str = r#"{"typ":"JWT","alg":"ed25519-nkey"}"#;
 
-/// The callout issuer: the account key nats-server trusts for responses.
+/// The callout's keys: the account key nats-server trusts for responses
+/// (the `issuer` of its `auth_callout` block) and the curve key requests are
+/// encrypted to (its `xkey`).
 pub struct Issuer {
     key: KeyPair,
+    xkey: XKey,
 }
 
 impl std::fmt::Debug for Issuer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Issuer")
             .field("public_key", &self.key.public_key())
+            .field("xkey_public", &self.xkey.public_key())
             .finish_non_exhaustive()
     }
 }
 
 impl Issuer {
     /// The issuer from [`ISSUER_SEED_ENV`], else from
-    /// `<data_dir>/keys/callout-issuer.nk`, generated (mode 0600) on first
-    /// use.
+    /// `<data_dir>/keys/callout-issuer.nk`; its curve key from
+    /// [`XKEY_SEED_ENV`], else from `<data_dir>/keys/callout-xkey.nk`. A
+    /// missing file is generated (mode 0600) on first use.
+    ///
+    /// Vendors that share the issuer through the environment but not a data
+    /// directory must share the curve key the same way: the server knows
+    /// one `xkey`.
     pub fn open(data_dir: &Path) -> anyhow::Result<Issuer> {
-        if let Ok(seed) = std::env::var(ISSUER_SEED_ENV)
-            && !seed.trim().is_empty()
-        {
-            return Self::from_seed(seed.trim())
-                .with_context(|| format!("reading {ISSUER_SEED_ENV}"));
-        }
-        let path = Self::path(data_dir);
-        match std::fs::read_to_string(&path) {
-            Ok(seed) => {
-                crate::keys::warn_if_readable_by_others(&path);
-                Self::from_seed(seed.trim())
-                    .with_context(|| format!("reading callout issuer {}", path.display()))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let key = KeyPair::new_account();
-                let seed = key
-                    .seed()
-                    .map_err(|e| anyhow::anyhow!("encoding seed: {e}"))?;
-                crate::keys::create_private_dir(&crate::keys::key_dir(data_dir))?;
-                crate::keys::write_private(&path, seed.as_bytes())?;
-                tracing::info!(issuer = %key.public_key(), file = %path.display(), "generated the auth callout issuer key");
-                Ok(Issuer { key })
-            }
-            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
-        }
+        let key = load_or_generate::<KeyPair>(
+            data_dir,
+            ISSUER_SEED_ENV,
+            &Self::path(data_dir),
+            "auth callout issuer",
+        )?;
+        let xkey = load_or_generate::<XKey>(
+            data_dir,
+            XKEY_SEED_ENV,
+            &Self::xkey_path(data_dir),
+            "auth callout xkey",
+        )?;
+        Ok(Issuer { key, xkey })
     }
 
-    /// An issuer from an account seed (`SA...`).
+    /// An issuer from an account seed (`SA...`). Its curve key is derived
+    /// from that seed, so the same seed always gives the same `xkey`; use
+    /// [`Issuer::from_seeds`] to name the curve key.
     pub fn from_seed(seed: &str) -> anyhow::Result<Issuer> {
-        let key =
-            KeyPair::from_seed(seed).map_err(|e| anyhow::anyhow!("invalid nkey seed: {e}"))?;
-        anyhow::ensure!(
-            key.public_key().starts_with('A'),
-            "the callout issuer must be an account key (seed SA...)"
-        );
-        Ok(Issuer { key })
+        let key = account_key(seed)?;
+        let mut derived = sha2::Sha256::new();
+        derived.update(b"headcount auth callout xkey v1\0");
+        derived.update(seed.trim().as_bytes());
+        let xkey = XKey::new_from_raw(derived.finalize().into());
+        Ok(Issuer { key, xkey })
     }
 
-    /// A fresh issuer, for tests and one-off servers.
+    /// An issuer from an account seed (`SA...`) and a curve seed (`SX...`).
+    pub fn from_seeds(account_seed: &str, xkey_seed: &str) -> anyhow::Result<Issuer> {
+        Ok(Issuer {
+            key: account_key(account_seed)?,
+            xkey: curve_key(xkey_seed)?,
+        })
+    }
+
+    /// A fresh issuer (both keys), for tests and one-off servers.
     pub fn generate() -> Issuer {
         Issuer {
             key: KeyPair::new_account(),
+            xkey: XKey::new(),
         }
     }
 
@@ -130,9 +174,168 @@ impl Issuer {
         self.key.public_key()
     }
 
+    /// Its curve seed (`SX...`): a secret, to hand to another vendor
+    /// instance (as [`XKEY_SEED_ENV`]).
+    pub fn xkey_seed(&self) -> anyhow::Result<String> {
+        self.xkey
+            .seed()
+            .map_err(|e| anyhow::anyhow!("encoding xkey seed: {e}"))
+    }
+
+    /// Its public curve key (`X...`): the `xkey` of the server's
+    /// `auth_callout` block.
+    pub fn xkey_public(&self) -> String {
+        self.xkey.public_key()
+    }
+
     fn path(data_dir: &Path) -> PathBuf {
         crate::keys::key_dir(data_dir).join("callout-issuer.nk")
     }
+
+    fn xkey_path(data_dir: &Path) -> PathBuf {
+        crate::keys::key_dir(data_dir).join("callout-xkey.nk")
+    }
+}
+
+/// An account key pair from its seed (`SA...`).
+fn account_key(seed: &str) -> anyhow::Result<KeyPair> {
+    let key =
+        KeyPair::from_seed(seed.trim()).map_err(|e| anyhow::anyhow!("invalid nkey seed: {e}"))?;
+    anyhow::ensure!(
+        key.public_key().starts_with('A'),
+        "the callout issuer must be an account key (seed SA...)"
+    );
+    Ok(key)
+}
+
+/// A curve key pair from its seed (`SX...`).
+fn curve_key(seed: &str) -> anyhow::Result<XKey> {
+    XKey::from_seed(seed.trim())
+        .map_err(|e| anyhow::anyhow!("invalid xkey seed (expected SX...): {e}"))
+}
+
+/// The two kinds of key the callout keeps: the issuer's account key and its
+/// curve key.
+trait CalloutKey: Sized {
+    fn parse(seed: &str) -> anyhow::Result<Self>;
+    fn generate() -> Self;
+    fn seed_text(&self) -> anyhow::Result<String>;
+    fn public_text(&self) -> String;
+}
+
+impl CalloutKey for KeyPair {
+    fn parse(seed: &str) -> anyhow::Result<Self> {
+        account_key(seed)
+    }
+    fn generate() -> Self {
+        KeyPair::new_account()
+    }
+    fn seed_text(&self) -> anyhow::Result<String> {
+        self.seed()
+            .map_err(|e| anyhow::anyhow!("encoding seed: {e}"))
+    }
+    fn public_text(&self) -> String {
+        self.public_key()
+    }
+}
+
+impl CalloutKey for XKey {
+    fn parse(seed: &str) -> anyhow::Result<Self> {
+        curve_key(seed)
+    }
+    fn generate() -> Self {
+        XKey::new()
+    }
+    fn seed_text(&self) -> anyhow::Result<String> {
+        self.seed()
+            .map_err(|e| anyhow::anyhow!("encoding xkey seed: {e}"))
+    }
+    fn public_text(&self) -> String {
+        self.public_key()
+    }
+}
+
+/// A key from the seed in `env`, else from the seed file `path`, else a new
+/// one whose seed is written to `path` with mode 0600.
+fn load_or_generate<T: CalloutKey>(
+    data_dir: &Path,
+    env: &str,
+    path: &Path,
+    what: &str,
+) -> anyhow::Result<T> {
+    if let Ok(seed) = std::env::var(env)
+        && !seed.trim().is_empty()
+    {
+        return T::parse(seed.trim()).with_context(|| format!("reading {env}"));
+    }
+    match std::fs::read_to_string(path) {
+        Ok(seed) => {
+            crate::keys::warn_if_readable_by_others(path);
+            T::parse(seed.trim()).with_context(|| format!("reading {what} {}", path.display()))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let key = T::generate();
+            let (seed, public) = (key.seed_text()?, key.public_text());
+            headcount_runtime::secret::create_private_dir(&crate::keys::key_dir(data_dir))?;
+            headcount_runtime::secret::write_private(path, seed.as_bytes())?;
+            tracing::info!(public_key = %public, file = %path.display(), "generated the {what} key");
+            Ok(key)
+        }
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+/// The authorization request in the clear. Without `server_xkey` (the
+/// [`SERVER_XKEY_HEADER`] of the request) nats-server sent it unencrypted
+/// and `payload` is the request; with it, `payload` was sealed by that
+/// server key to the issuer's curve key and is opened here. Never panics,
+/// whatever the bytes.
+pub fn open_request(
+    issuer: &Issuer,
+    server_xkey: Option<&str>,
+    payload: &[u8],
+) -> Result<Vec<u8>, RequestError> {
+    let Some(server_xkey) = server_xkey else {
+        return Ok(payload.to_vec());
+    };
+    // Version tag, nonce and tag around the request itself.
+    if payload.len() > MAX_REQUEST_BYTES + SEAL_OVERHEAD {
+        return Err(RequestError::TooLarge);
+    }
+    let server = server_curve_key(server_xkey)?;
+    issuer
+        .xkey
+        .open(payload, &server)
+        .map_err(|_| RequestError::Undecryptable)
+}
+
+/// The response as sent: `jwt` sealed by the issuer's curve key to the
+/// server's `server_xkey` when the request came encrypted, else `jwt`
+/// itself.
+pub fn seal_response(
+    issuer: &Issuer,
+    server_xkey: Option<&str>,
+    jwt: String,
+) -> Result<Vec<u8>, RequestError> {
+    let Some(server_xkey) = server_xkey else {
+        return Ok(jwt.into_bytes());
+    };
+    let server = server_curve_key(server_xkey)?;
+    issuer
+        .xkey
+        .seal(jwt.as_bytes(), &server)
+        .map_err(|_| RequestError::BadServerXkey)
+}
+
+/// What sealing adds to a message: `xkv1`, a 24-byte nonce, a 16-byte tag.
+const SEAL_OVERHEAD: usize = 4 + 24 + 16;
+
+fn server_curve_key(server_xkey: &str) -> Result<XKey, RequestError> {
+    let server_xkey = server_xkey.trim();
+    if !server_xkey.starts_with('X') {
+        return Err(RequestError::BadServerXkey);
+    }
+    XKey::from_public_key(server_xkey).map_err(|_| RequestError::BadServerXkey)
 }
 
 /// Why a connection was refused; the `reason` label of the callout metric.
@@ -146,6 +349,8 @@ pub enum Refusal {
     Revoked,
     #[error("revocation list unavailable")]
     RevocationUnavailable,
+    #[error("connection registry unavailable")]
+    RegistryUnavailable,
 }
 
 impl Refusal {
@@ -155,6 +360,7 @@ impl Refusal {
             Refusal::Token(e) => e.kind(),
             Refusal::Revoked => "revoked",
             Refusal::RevocationUnavailable => "revocation_unavailable",
+            Refusal::RegistryUnavailable => "registry_unavailable",
         }
     }
 }
@@ -176,6 +382,10 @@ pub enum RequestError {
     BadSignature,
     #[error("authorization request names no valid user nkey")]
     BadUserKey,
+    #[error("encrypted authorization request does not open with our xkey")]
+    Undecryptable,
+    #[error("the {SERVER_XKEY_HEADER} header is not a curve public key (X...)")]
+    BadServerXkey,
 }
 
 #[derive(Debug, Deserialize)]
@@ -334,13 +544,21 @@ fn encode<T: Serialize>(mut claims: NatsClaims<T>, key: &KeyPair) -> anyhow::Res
     Ok(format!("{body}.{}", b64(&sig)))
 }
 
-/// What a connection may do: subjects it may publish and subscribe to.
+/// What a connection may do: the NATS account it is placed in, subjects it
+/// may publish and subscribe to, and its limits.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Grant {
     /// The user name the server logs for the connection.
     pub name: String,
+    /// The account the connection is placed in ([`DEVICE_ACCOUNT`] or
+    /// [`CLIENT_ACCOUNT`]); never the services' own.
+    pub account: &'static str,
     pub publish: Vec<String>,
     pub subscribe: Vec<String>,
+    /// Largest message it may publish, in bytes.
+    pub max_payload: i64,
+    /// Subscriptions it may hold.
+    pub max_subscriptions: i64,
 }
 
 /// The endpoints an operator's live view may call.
@@ -352,44 +570,75 @@ const OPERATOR_ENDPOINTS: &[&str] = &[
     subjects::endpoint::KICK,
 ];
 
+/// The endpoints an application backend may call.
+const BACKEND_ENDPOINTS: &[&str] = &[
+    subjects::endpoint::ACTIVE,
+    subjects::endpoint::CHECK,
+    subjects::endpoint::LIMITS_GET,
+    subjects::endpoint::STATS,
+    subjects::endpoint::TOKEN,
+];
+
 impl Grant {
     /// A device: its own heartbeat subject and its own control subject,
-    /// nothing else.
+    /// nothing else, in the devices' account.
     pub fn device(account: &AccountId, device: &DeviceId, session: &SessionId) -> Grant {
         Grant {
             name: format!("{account}/{device}"),
+            account: DEVICE_ACCOUNT,
             publish: vec![subjects::heartbeat(account, device, session)],
             subscribe: vec![subjects::control(account, device)],
+            max_payload: DEVICE_MAX_PAYLOAD,
+            max_subscriptions: DEVICE_MAX_SUBSCRIPTIONS,
         }
     }
 
-    /// An operator's live view: the query and steering endpoints, service
-    /// discovery, every presence event, and replies under its own inbox
-    /// prefix only.
-    pub fn operator(claims: &crate::Claims) -> Grant {
-        let mut publish: Vec<String> = OPERATOR_ENDPOINTS
-            .iter()
-            .map(|ep| subjects::endpoint_subject(ep))
-            .collect();
-        publish.push("$SRV.>".to_string());
+    /// An operator or backend in the clients' account: `endpoints`, every
+    /// presence event, and replies under its own inbox prefix only.
+    fn client(name: String, endpoints: &[&str], claims: &crate::Claims) -> Grant {
         Grant {
-            name: format!("operator/{}", claims.sid),
-            publish,
+            name,
+            account: CLIENT_ACCOUNT,
+            publish: endpoints
+                .iter()
+                .map(|ep| subjects::endpoint_subject(ep))
+                .collect(),
             subscribe: vec![
                 format!("{}.events.>", subjects::SERVICE_PREFIX),
                 format!("{}.>", claims.inbox_prefix()),
             ],
+            max_payload: CLIENT_MAX_PAYLOAD,
+            max_subscriptions: CLIENT_MAX_SUBSCRIPTIONS,
         }
+    }
+
+    /// An operator's live view: the query and steering endpoints.
+    pub fn operator(claims: &crate::Claims) -> Grant {
+        Self::client(
+            format!("operator/{}", claims.sid),
+            OPERATOR_ENDPOINTS,
+            claims,
+        )
+    }
+
+    /// An application backend: queries and device tokens, no steering.
+    pub fn backend(claims: &crate::Claims) -> Grant {
+        Self::client(
+            format!("backend/{}/{}", claims.sub, claims.sid),
+            BACKEND_ENDPOINTS,
+            claims,
+        )
     }
 
     /// The grant a verified token carries.
     pub fn of(claims: &crate::Claims) -> Result<Grant, TokenError> {
-        if claims.is_operator() {
-            return Ok(Grant::operator(claims));
-        }
-        match (claims.account(), claims.device(), claims.session()) {
-            (Ok(a), Ok(d), Ok(s)) => Ok(Grant::device(&a, &d, &s)),
-            _ => Err(TokenError::BadClaims),
+        match claims.role() {
+            Role::Operator => Ok(Grant::operator(claims)),
+            Role::Backend => Ok(Grant::backend(claims)),
+            Role::Device => match (claims.account(), claims.device(), claims.session()) {
+                (Ok(a), Ok(d), Ok(s)) => Ok(Grant::device(&a, &d, &s)),
+                _ => Err(TokenError::BadClaims),
+            },
         }
     }
 }
@@ -403,7 +652,7 @@ fn user_jwt(
 ) -> anyhow::Result<String> {
     encode(
         NatsClaims {
-            aud: DEVICE_ACCOUNT.to_string(),
+            aud: grant.account.to_string(),
             exp: Some(expires),
             jti: String::new(),
             iat: 0,
@@ -417,9 +666,9 @@ fn user_jwt(
                 sub: Permission {
                     allow: grant.subscribe,
                 },
-                subs: -1,
+                subs: grant.max_subscriptions,
                 data: -1,
-                payload: -1,
+                payload: grant.max_payload,
                 kind: "user",
                 version: 2,
             },
@@ -462,7 +711,7 @@ fn response(
 /// token is missing, does not verify, or its session was ended.
 async fn authorize(
     vendor: &Vendor,
-    revoked: &kv::Store,
+    stores: &CalloutStores,
     req: &AuthRequest,
 ) -> Result<crate::Claims, Refusal> {
     let token = req
@@ -472,8 +721,48 @@ async fn authorize(
         .filter(|t| !t.is_empty())
         .ok_or(Refusal::NoToken)?;
     let claims = vendor.verify(token).map_err(Refusal::Token)?;
-    still_alive(revoked, &claims).await?;
+    still_alive(&stores.revoked, &claims).await?;
+    if claims.role().is_client() {
+        let id = claims
+            .token_id()
+            .map_err(|_| Refusal::Token(TokenError::BadClaims))?;
+        match stores.access.client_revoked(&id).await {
+            Ok(false) => {}
+            Ok(true) => return Err(Refusal::Revoked),
+            Err(e) => {
+                tracing::error!(error = %e, "reading operator and backend revocations");
+                return Err(Refusal::RevocationUnavailable);
+            }
+        }
+    }
+    // One live connection per device session: this one replaces any other.
+    let conn = Connection {
+        server: req.server_id.id.clone(),
+        cid: req.client_info.id.ok_or(Refusal::RegistryUnavailable)?,
+        // verify() let an operator or backend token through only if the
+        // current key signed it.
+        kid: claims.role().is_client().then(|| vendor.signing_kid()),
+    };
+    if let Err(e) = stores.access.admit(&claims, conn).await {
+        tracing::error!(error = %e, "recording a connection");
+        return Err(Refusal::RegistryUnavailable);
+    }
     Ok(claims)
+}
+
+/// The buckets the callout reads and writes.
+#[derive(Clone)]
+pub struct CalloutStores {
+    /// Ended device sessions (`headcount-revoked`).
+    pub revoked: kv::Store,
+    /// Live connections and revoked operator/backend tokens.
+    pub access: Access,
+}
+
+impl std::fmt::Debug for CalloutStores {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CalloutStores")
+    }
 }
 
 /// Whether verified `claims` may still be used for anything new (a
@@ -518,7 +807,7 @@ pub(crate) async fn still_alive(
 pub(crate) async fn answer(
     vendor: &Vendor,
     issuer: &Issuer,
-    revoked: &kv::Store,
+    stores: &CalloutStores,
     payload: &[u8],
 ) -> Option<String> {
     let req = match decode_request(payload) {
@@ -531,7 +820,83 @@ pub(crate) async fn answer(
     };
     let client = req.client_info.name.clone().unwrap_or_default();
     let host = req.client_info.host.clone().unwrap_or_default();
-    let outcome = match authorize(vendor, revoked, &req).await {
+    // A host that has been refused too often lately is refused at once,
+    // unread: no token verification, no KV lookup; a flood of garbage from
+    // it costs the request's decoding and the response's signature only.
+    let outcome = if let Some(left) = vendor.throttle().callout_blocked(&host) {
+        shed(vendor, &host, left)
+    } else {
+        decide(vendor, issuer, stores, &req, &host, &client).await?
+    };
+    match response(issuer, &req, outcome) {
+        Ok(jwt) => Some(jwt),
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "signing an authorization response");
+            None
+        }
+    }
+}
+
+/// What a connection from a host that is being shed is told.
+const SHED_ERROR: &str = "too many refused connections from this address; try again later";
+
+/// The refusal of a request from a host being shed (for `left` more),
+/// counted as `throttled` and logged at most once a second.
+fn shed(vendor: &Vendor, host: &str, left: Duration) -> Result<String, String> {
+    vendor.count_callout("throttled");
+    if let Some(suppressed) = vendor.throttle().shed_log.admit() {
+        tracing::warn!(
+            %host,
+            retry_in_ms = left.as_millis() as u64,
+            suppressed,
+            "refusing a connection unread: its host was refused too often"
+        );
+    }
+    Err(SHED_ERROR.to_string())
+}
+
+/// Whether a refusal is the connecting host's doing (charged to its
+/// refusal budget), rather than ours (a store we could not read).
+fn host_at_fault(refusal: &Refusal) -> bool {
+    match refusal {
+        Refusal::NoToken | Refusal::Token(_) | Refusal::Revoked => true,
+        Refusal::RevocationUnavailable | Refusal::RegistryUnavailable => false,
+    }
+}
+
+/// Counts and logs a refused connection (a few lines a second at most, with
+/// the number left out) and charges it to the host's refusal budget when it
+/// was the host's doing.
+fn refused(vendor: &Vendor, refusal: &Refusal, host: &str, client: &str) {
+    vendor.count_callout(refusal.reason());
+    let throttle = vendor.throttle();
+    if let Some(suppressed) = throttle.refusal_log.admit() {
+        tracing::warn!(reason = refusal.reason(), %host, %client, suppressed, "device connection refused: {refusal}");
+    }
+    if host_at_fault(refusal)
+        && let Some(block) = throttle.callout_refused(host)
+        && let Some(suppressed) = throttle.shed_log.admit()
+    {
+        tracing::warn!(
+            %host,
+            block_ms = block.as_millis() as u64,
+            suppressed,
+            "too many refused connections from one host: refusing its connections unread for a while"
+        );
+    }
+}
+
+/// The outcome for a request from a host that is not being shed: the user
+/// JWT or why not; `None` when no answer should be sent.
+async fn decide(
+    vendor: &Vendor,
+    issuer: &Issuer,
+    stores: &CalloutStores,
+    req: &AuthRequest,
+    host: &str,
+    client: &str,
+) -> Option<Result<String, String>> {
+    Some(match authorize(vendor, stores, req).await {
         Ok(claims) => {
             let Ok(grant) = Grant::of(&claims) else {
                 return None;
@@ -551,27 +916,18 @@ pub(crate) async fn answer(
             }
         }
         Err(refusal) => {
-            vendor.count_callout(refusal.reason());
-            tracing::warn!(reason = refusal.reason(), %host, client = %client, "device connection refused: {refusal}");
+            refused(vendor, &refusal, host, client);
             Err(refusal.to_string())
         }
-    };
-    match response(issuer, &req, outcome) {
-        Ok(jwt) => Some(jwt),
-        Err(e) => {
-            tracing::error!(error = %format!("{e:#}"), "signing an authorization response");
-            None
-        }
-    }
+    })
 }
 
-/// Answers authorization requests until `shutdown`. `revoked` is the
-/// revocation bucket (`headcount-revoked`).
+/// Answers authorization requests until `shutdown`.
 pub async fn serve_callout(
     vendor: Vendor,
     issuer: Issuer,
     nats: async_nats::Client,
-    revoked: kv::Store,
+    stores: CalloutStores,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
     let mut requests = nats
@@ -581,8 +937,15 @@ pub async fn serve_callout(
     nats.flush()
         .await
         .context("flushing callout subscription")?;
-    tracing::info!(issuer = %issuer.public_key(), "auth callout ready");
+    tracing::info!(issuer = %issuer.public_key(), xkey = %issuer.xkey_public(), "auth callout ready");
+    tokio::spawn(crate::access::end_clients_on_rotation(
+        vendor.clone(),
+        stores.access.clone(),
+        shutdown.clone(),
+    ));
     let issuer = std::sync::Arc::new(issuer);
+    // A flood of bad requests must not become a flood of log lines.
+    let undecryptable = crate::throttle::LogSampler::new(1);
     let mut stop = std::pin::pin!(shutdown.wait());
     loop {
         let msg = tokio::select! {
@@ -596,27 +959,36 @@ pub async fn serve_callout(
             vendor.count_callout("bad_request");
             continue;
         };
-        if msg
+        // Encrypted (the server has our `xkey`) when it names its own xkey.
+        let server_xkey = msg
             .headers
             .as_ref()
-            .is_some_and(|h| h.get("Nats-Server-Xkey").is_some())
-        {
-            tracing::error!(
-                "encrypted authorization requests are not supported: remove `xkey` from the auth_callout block"
-            );
-            vendor.count_callout("bad_request");
-            continue;
-        }
-        let (vendor, issuer, revoked, nats) = (
-            vendor.clone(),
-            issuer.clone(),
-            revoked.clone(),
-            nats.clone(),
-        );
+            .and_then(|h| h.get(SERVER_XKEY_HEADER))
+            .map(|v| v.as_str().to_string());
+        let payload = match open_request(&issuer, server_xkey.as_deref(), &msg.payload) {
+            Ok(payload) => payload,
+            Err(e) => {
+                vendor.count_callout("bad_request");
+                if let Some(skipped) = undecryptable.admit() {
+                    tracing::warn!(error = %e, skipped, "dropping an authorization request (is the server's auth_callout xkey our xkey?)");
+                }
+                continue;
+            }
+        };
+        let (vendor, issuer, stores, nats) =
+            (vendor.clone(), issuer.clone(), stores.clone(), nats.clone());
         tokio::spawn(async move {
-            if let Some(jwt) = answer(&vendor, &issuer, &revoked, &msg.payload).await
-                && let Err(e) = nats.publish(reply, jwt.into()).await
-            {
+            let Some(jwt) = answer(&vendor, &issuer, &stores, &payload).await else {
+                return;
+            };
+            let response = match seal_response(&issuer, server_xkey.as_deref(), jwt) {
+                Ok(response) => response,
+                Err(e) => {
+                    tracing::error!(error = %e, "sealing an authorization response");
+                    return;
+                }
+            };
+            if let Err(e) = nats.publish(reply, response.into()).await {
                 tracing::warn!(error = %e, "sending an authorization response");
             }
         });
@@ -755,13 +1127,34 @@ mod tests {
                 "headcount.limits.get",
                 "headcount.limits.set",
                 "headcount.kick",
-                "$SRV.>"
             ]
         );
         assert_eq!(grant.subscribe, ["headcount.events.>", "_INBOX_OPS1.>"]);
+        assert_eq!(grant.account, CLIENT_ACCOUNT);
         assert!(!grant.publish.iter().any(|s| s.starts_with("hb.")));
+        // A backend: queries and device tokens, no steering, its own inbox.
+        let backend = Grant::of(&crate::Claims {
+            sub: "shop".into(),
+            acct: crate::BACKEND_ROLE.into(),
+            role: Some(crate::BACKEND_ROLE.into()),
+            ..claims.clone()
+        })
+        .unwrap();
+        assert_eq!(
+            backend.publish,
+            [
+                "headcount.active",
+                "headcount.check",
+                "headcount.limits.get",
+                "headcount.stats",
+                "headcount.token",
+            ]
+        );
+        assert_eq!(backend.subscribe, ["headcount.events.>", "_INBOX_OPS1.>"]);
+        assert_eq!(backend.account, CLIENT_ACCOUNT);
         // The same claims without the role are a device token for a device
-        // named "operator": its own two subjects only.
+        // named "operator": its own two subjects only, in the devices'
+        // account, with the devices' limits.
         let device = Grant::of(&crate::Claims {
             role: None,
             ..claims
@@ -769,6 +1162,8 @@ mod tests {
         .unwrap();
         assert_eq!(device.publish, ["hb.operator.operator.OPS1"]);
         assert_eq!(device.subscribe, ["ctl.operator.operator"]);
+        assert_eq!(device.account, DEVICE_ACCOUNT);
+        assert_eq!(device.max_payload, 1024);
     }
 
     #[test]
@@ -814,6 +1209,212 @@ mod tests {
         fn decoding_json_shaped_claims_never_panics(claims in "\\{[ -~]{0,200}\\}") {
             let jwt = format!("{}.{}.{}", b64(JWT_HEADER.as_bytes()), b64(claims.as_bytes()), b64(&[0u8; 64]));
             prop_assert!(decode_request(jwt.as_bytes()).is_err());
+        }
+    }
+}
+
+#[cfg(test)]
+mod xkey_tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A request as nats-server signs it (what is inside the encryption).
+    fn server_signed_request(server: &KeyPair, user: &str) -> String {
+        let claims = serde_json::json!({
+            "iss": server.public_key(),
+            "sub": user,
+            "nats": {
+                "server_id": {"id": server.public_key(), "name": "n1"},
+                "user_nkey": user,
+                "connect_opts": {"auth_token": "t"},
+                "type": "authorization_request",
+                "version": 2
+            }
+        });
+        let body = format!(
+            "{}.{}",
+            b64(JWT_HEADER.as_bytes()),
+            b64(&serde_json::to_vec(&claims).unwrap())
+        );
+        let sig = server.sign(body.as_bytes()).unwrap();
+        format!("{body}.{}", b64(&sig))
+    }
+
+    /// The issuer's public curve key, as nats-server holds it (`xkey`).
+    fn configured_xkey(issuer: &Issuer) -> XKey {
+        XKey::from_public_key(&issuer.xkey_public()).unwrap()
+    }
+
+    #[test]
+    fn an_encrypted_request_opens_and_its_response_opens_on_the_server() {
+        let issuer = Issuer::generate();
+        let server = XKey::new();
+        let server_nkey = KeyPair::new_server();
+        let user = KeyPair::new_user().public_key();
+        let request = server_signed_request(&server_nkey, &user);
+        let sealed = server
+            .seal(request.as_bytes(), &configured_xkey(&issuer))
+            .unwrap();
+        assert_ne!(sealed, request.as_bytes());
+
+        let opened = open_request(&issuer, Some(&server.public_key()), &sealed).unwrap();
+        assert_eq!(opened, request.as_bytes());
+        let req = decode_request(&opened).unwrap();
+        assert_eq!(req.user_nkey, user);
+
+        // The server opens the response with its own key and the `xkey` it
+        // was configured with; it tells encrypted from plain by the JWT's
+        // leading `eyJ`.
+        let jwt = "eyJhbGciOiJlZDI1NTE5LW5rZXkifQ.e30.c2ln".to_string();
+        let response = seal_response(&issuer, Some(&server.public_key()), jwt.clone()).unwrap();
+        assert!(!response.starts_with(b"eyJ"));
+        let on_server = server.open(&response, &configured_xkey(&issuer)).unwrap();
+        assert_eq!(on_server, jwt.as_bytes());
+        // Nobody else opens it.
+        assert!(
+            XKey::new()
+                .open(&response, &configured_xkey(&issuer))
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn plain_requests_and_responses_pass_unchanged() {
+        let issuer = Issuer::generate();
+        assert_eq!(open_request(&issuer, None, b"eyJ.a.b").unwrap(), b"eyJ.a.b");
+        assert_eq!(
+            seal_response(&issuer, None, "eyJ.c.d".to_string()).unwrap(),
+            b"eyJ.c.d"
+        );
+    }
+
+    #[test]
+    fn tampered_or_wrongly_keyed_requests_are_refused() {
+        let issuer = Issuer::generate();
+        let server = XKey::new();
+        let header = server.public_key();
+        let request =
+            server_signed_request(&KeyPair::new_server(), &KeyPair::new_user().public_key());
+        let sealed = server
+            .seal(request.as_bytes(), &configured_xkey(&issuer))
+            .unwrap();
+
+        // One bit flipped anywhere after the version tag.
+        for i in [4, 4 + 24, sealed.len() - 1] {
+            let mut tampered = sealed.clone();
+            tampered[i] ^= 1;
+            assert_eq!(
+                open_request(&issuer, Some(&header), &tampered).unwrap_err(),
+                RequestError::Undecryptable
+            );
+        }
+        // Sealed to another vendor's xkey.
+        let other = Issuer::generate();
+        let foreign = server
+            .seal(request.as_bytes(), &configured_xkey(&other))
+            .unwrap();
+        assert_eq!(
+            open_request(&issuer, Some(&header), &foreign).unwrap_err(),
+            RequestError::Undecryptable
+        );
+        // The header names another server key than the one that sealed.
+        assert_eq!(
+            open_request(&issuer, Some(&XKey::new().public_key()), &sealed).unwrap_err(),
+            RequestError::Undecryptable
+        );
+        // Claimed encrypted, but sent in the clear, or empty.
+        assert_eq!(
+            open_request(&issuer, Some(&header), request.as_bytes()).unwrap_err(),
+            RequestError::Undecryptable
+        );
+        assert_eq!(
+            open_request(&issuer, Some(&header), b"").unwrap_err(),
+            RequestError::Undecryptable
+        );
+        // A header that is not a curve public key.
+        for bad in [
+            "",
+            "garbage",
+            &KeyPair::new_server().public_key(),
+            &server.seed().unwrap(),
+        ] {
+            assert_eq!(
+                open_request(&issuer, Some(bad), &sealed).unwrap_err(),
+                RequestError::BadServerXkey
+            );
+            assert_eq!(
+                seal_response(&issuer, Some(bad), "eyJ".to_string()).unwrap_err(),
+                RequestError::BadServerXkey
+            );
+        }
+        let huge = vec![0u8; MAX_REQUEST_BYTES + SEAL_OVERHEAD + 1];
+        assert_eq!(
+            open_request(&issuer, Some(&header), &huge).unwrap_err(),
+            RequestError::TooLarge
+        );
+    }
+
+    #[test]
+    fn the_xkey_is_generated_once_private_and_reloads() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Issuer::open(dir.path()).unwrap();
+        let b = Issuer::open(dir.path()).unwrap();
+        assert!(a.xkey_public().starts_with('X'));
+        assert_eq!(a.xkey_public(), b.xkey_public());
+        assert_eq!(a.public_key(), b.public_key());
+        let path = Issuer::xkey_path(dir.path());
+        let stored = std::fs::read_to_string(&path).unwrap();
+        assert!(stored.starts_with("SX"));
+        assert_eq!(stored.trim(), a.xkey_seed().unwrap());
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        // The same two seeds elsewhere make the same issuer.
+        let c = Issuer::from_seeds(&a.seed().unwrap(), &a.xkey_seed().unwrap()).unwrap();
+        assert_eq!(c.xkey_public(), a.xkey_public());
+        assert_eq!(c.public_key(), a.public_key());
+    }
+
+    #[test]
+    fn seeds_are_checked_and_from_seed_derives_a_stable_xkey() {
+        let account = KeyPair::new_account().seed().unwrap();
+        let a = Issuer::from_seed(&account).unwrap();
+        let b = Issuer::from_seed(&account).unwrap();
+        assert_eq!(a.xkey_public(), b.xkey_public());
+        let other = Issuer::from_seed(&KeyPair::new_account().seed().unwrap()).unwrap();
+        assert_ne!(a.xkey_public(), other.xkey_public());
+
+        let xkey = XKey::new().seed().unwrap();
+        assert!(Issuer::from_seeds(&account, &xkey).is_ok());
+        // Swapped, or a curve seed that is not one.
+        assert!(Issuer::from_seeds(&xkey, &account).is_err());
+        assert!(Issuer::from_seeds(&account, &account).is_err());
+        assert!(Issuer::from_seeds(&account, "garbage").is_err());
+        assert!(Issuer::from_seeds(&account, &XKey::new().public_key()).is_err());
+    }
+
+    #[test]
+    fn debug_shows_no_secret() {
+        let issuer = Issuer::generate();
+        let shown = format!("{issuer:?}");
+        assert!(shown.contains(&issuer.xkey_public()));
+        assert!(!shown.contains(&issuer.xkey_seed().unwrap()));
+        assert!(!shown.contains(&issuer.seed().unwrap()));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(500))]
+
+        #[test]
+        fn opening_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512), prefix in any::<bool>()) {
+            let issuer = Issuer::generate();
+            let header = XKey::new().public_key();
+            let mut payload = if prefix { b"xkv1".to_vec() } else { Vec::new() };
+            payload.extend_from_slice(&bytes);
+            prop_assert!(open_request(&issuer, Some(&header), &payload).is_err());
         }
     }
 }

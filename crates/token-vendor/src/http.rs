@@ -1,4 +1,5 @@
-//! The HTTP API: `POST /v1/tokens` and `GET /.well-known/jwks.json`.
+//! The HTTP API: `POST /v1/tokens`, `POST /v1/keys/rotate` and
+//! `GET /.well-known/jwks.json`.
 //!
 //! Every error is a JSON body `{"error": "<message>"}`; axum's plain-text
 //! rejections never reach a client.
@@ -6,6 +7,7 @@
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::from_fn_with_state;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -13,6 +15,7 @@ use headcount_protocol::wire::TokenRequest;
 
 use crate::Vendor;
 use crate::metrics::{BAD_REQUEST, UNAUTHORIZED};
+use crate::throttle::{self, Endpoint, WrongOperatorKey};
 
 /// A token request is two short names; anything much larger is not one.
 const MAX_BODY_BYTES: usize = 16 * 1024;
@@ -21,11 +24,25 @@ const MAX_BODY_BYTES: usize = 16 * 1024;
 const JWKS_CACHE_CONTROL: &str = "public, max-age=300";
 
 /// `POST /v1/tokens` (operator key as `Authorization: Bearer`) and
-/// `GET /.well-known/jwks.json`.
+/// `GET /.well-known/jwks.json`. Wrong operator keys are limited per
+/// address (`throttle`): an address that spent its budget gets 429 without
+/// its key being looked at.
 pub fn router(vendor: Vendor) -> Router {
     Router::new()
-        .route("/v1/tokens", post(issue_token))
-        .route("/v1/keys/rotate", post(rotate_key))
+        .route(
+            "/v1/tokens",
+            post(issue_token).layer(from_fn_with_state(
+                (vendor.clone(), Endpoint::Tokens),
+                throttle::operator_key,
+            )),
+        )
+        .route(
+            "/v1/keys/rotate",
+            post(rotate_key).layer(from_fn_with_state(
+                (vendor.clone(), Endpoint::KeysRotate),
+                throttle::operator_key,
+            )),
+        )
         .route("/.well-known/jwks.json", get(jwks))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(vendor)
@@ -45,13 +62,16 @@ pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {
         .then_some(token.trim())
 }
 
-/// The 401 answer to a request without the operator key, counted.
+/// The 401 answer to a request without the operator key, counted, and
+/// marked for the per-address limit of wrong keys
+/// ([`throttle::operator_key`]).
 pub(crate) fn unauthorized(vendor: &Vendor) -> Response {
     vendor.count_rejection(UNAUTHORIZED);
     let mut response = error(StatusCode::UNAUTHORIZED, "missing or wrong operator key");
     response
         .headers_mut()
         .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    response.extensions_mut().insert(WrongOperatorKey);
     response
 }
 
@@ -77,24 +97,35 @@ async fn rotate_key(State(vendor): State<Vendor>, headers: HeaderMap) -> Respons
     }
 }
 
+/// The body of a JSON request behind the operator key, or the answer that
+/// refuses it. The key is checked before the body, so that an
+/// unauthenticated caller learns nothing about what a valid request looks
+/// like.
+#[allow(clippy::result_large_err)] // the refusal is the response itself
+pub(crate) fn operator_request<T>(
+    vendor: &Vendor,
+    headers: &HeaderMap,
+    body: Result<Json<T>, JsonRejection>,
+) -> Result<T, Response> {
+    if !is_operator(vendor, headers) {
+        return Err(unauthorized(vendor));
+    }
+    body.map(|Json(request)| request).map_err(|rejection| {
+        vendor.count_rejection(BAD_REQUEST);
+        let (status, message) = describe(&rejection);
+        tracing::debug!(%status, error = %message, "refusing an operator request");
+        error(status, message)
+    })
+}
+
 async fn issue_token(
     State(vendor): State<Vendor>,
     headers: HeaderMap,
     body: Result<Json<TokenRequest>, JsonRejection>,
 ) -> Response {
-    // The key is checked before the body, so that an unauthenticated caller
-    // learns nothing about what a valid request looks like.
-    if !is_operator(&vendor, &headers) {
-        return unauthorized(&vendor);
-    }
-    let request = match body {
-        Ok(Json(request)) => request,
-        Err(rejection) => {
-            vendor.count_rejection(BAD_REQUEST);
-            let (status, message) = describe(&rejection);
-            tracing::debug!(%status, error = %message, "refusing token request");
-            return error(status, message);
-        }
+    let request = match operator_request(&vendor, &headers, body) {
+        Ok(request) => request,
+        Err(refused) => return refused,
     };
     match vendor.issue_with_plan(
         &request.account,
@@ -191,8 +222,17 @@ mod tests {
 
     impl TestServer {
         async fn start() -> Self {
+            Self::start_with(|_| {}).await
+        }
+
+        /// With the configuration edited by `edit` (the operator key is
+        /// [`KEY`]).
+        async fn start_with(edit: impl FnOnce(&mut crate::Config)) -> Self {
             let dir = tempfile::tempdir().unwrap();
-            let (vendor, registry) = test_vendor(dir.path(), |c| c.operator_key = KEY.into());
+            let (vendor, registry) = test_vendor(dir.path(), |c| {
+                c.operator_key = KEY.into();
+                edit(c);
+            });
             let (stop, shutdown) = Shutdown::new();
             let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
             let (addr, _task) =
@@ -292,6 +332,47 @@ mod tests {
         }
         assert_eq!(app.rejected("unauthorized"), 5);
         assert_eq!(app.rejected("bad_request"), 0);
+    }
+
+    #[tokio::test]
+    async fn an_address_out_of_wrong_keys_is_refused_without_a_key_check() {
+        let app = TestServer::start_with(|c| {
+            c.throttle.operator_key_failures = crate::Rate::new(0.1, 3);
+        })
+        .await;
+        let request = json!({"account": "acme", "device": "tv-1"});
+        for _ in 0..3 {
+            let r = app.tokens().bearer_auth("wrong").json(&request);
+            assert_eq!(r.send().await.unwrap().status(), 401);
+        }
+        // The fourth spends the budget: from now on 429, keys unread.
+        for key in ["wrong", KEY, "wrong"] {
+            let response = app
+                .tokens()
+                .bearer_auth(key)
+                .json(&request)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status().as_u16(), 429, "{key}");
+            let wait: u64 = response.headers()[header::RETRY_AFTER]
+                .to_str()
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert!((1..=10).contains(&wait), "{wait}");
+            error_message(&response.json().await.unwrap());
+        }
+        assert_eq!(app.rejected("unauthorized"), 4);
+        assert_eq!(
+            crate::tests::counter(
+                &app.registry,
+                "headcount_http_throttled_total",
+                "endpoint",
+                "tokens"
+            ),
+            3
+        );
     }
 
     #[tokio::test]

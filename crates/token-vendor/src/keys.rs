@@ -9,7 +9,6 @@
 //! directory of mode 0700 and never logged.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -19,6 +18,8 @@ use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_S
 use ed25519_dalek::SigningKey;
 use ed25519_dalek::pkcs8::EncodePrivateKey;
 use headcount_protocol::{UnixMillis, now_millis};
+/// Key files are written 0600 from the start, in a 0700 directory.
+pub(crate) use headcount_runtime::secret::{create_private_dir, write_private};
 use jsonwebtoken::{DecodingKey, EncodingKey};
 use serde::{Deserialize, Serialize};
 
@@ -237,43 +238,6 @@ pub(crate) fn save(dir: &Path, key: &KeyPair) -> anyhow::Result<()> {
     };
     let json = serde_json::to_vec_pretty(&file).context("encoding key file")?;
     write_private(&dir.join(format!("{}.json", key.kid)), &json)
-}
-
-/// Writes `path` with mode 0600, through a temporary file so that a crash
-/// never leaves half a secret behind.
-pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
-    }
-    let mut out = options
-        .open(&tmp)
-        .with_context(|| format!("creating key file {}", tmp.display()))?;
-    out.write_all(bytes)
-        .and_then(|()| out.sync_all())
-        .with_context(|| format!("writing key file {}", tmp.display()))?;
-    drop(out);
-    std::fs::rename(&tmp, path).with_context(|| format!("saving key file {}", path.display()))?;
-    Ok(())
-}
-
-pub(crate) fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
-    let mut builder = std::fs::DirBuilder::new();
-    builder.recursive(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::DirBuilderExt;
-        builder.mode(0o700);
-    }
-    builder
-        .create(dir)
-        .with_context(|| format!("creating key dir {}", dir.display()))
 }
 
 #[cfg(unix)]

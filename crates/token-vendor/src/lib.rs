@@ -11,6 +11,8 @@
 //! Layout:
 //! - this file: [`Config`], [`Vendor`] (issue, verify, JWKS), [`Claims`] and
 //!   [`TokenError`].
+//! - `crypto`: the EdDSA-only jsonwebtoken `CryptoProvider` (no RSA, no
+//!   HMAC, no ECDSA in the build), installed before the first signature.
 //! - `keys`: the signing keys in `<data_dir>/keys/<kid>.json` (mode 0600);
 //!   every key there verifies, the newest signs; [`SIGNING_KEY_ENV`] may
 //!   supply the signing key instead.
@@ -22,6 +24,9 @@
 //! - `callout`: [`serve_callout`], NATS auth callout turning a device token
 //!   into permissions for that device's own subjects.
 //! - `metrics`: the Prometheus collectors.
+//! - `throttle`: per-address limits: wrong operator keys, the browser
+//!   endpoints' request rates, the auth callout's refused connections per
+//!   client host.
 //!
 //! This crate must never log or return a key seed or the operator key, never
 //! accept a token that is not EdDSA-signed by one of its own keys (no `none`,
@@ -40,18 +45,23 @@ use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, Header, Validation};
 use serde::{Deserialize, Serialize};
 
+pub mod access;
 mod browser;
 pub mod callout;
+mod crypto;
 mod http;
 mod keys;
 mod metrics;
 mod nats;
+mod throttle;
 
+pub use access::{Access, access_router};
 pub use browser::{BrowserConfig, browser_router};
-pub use callout::{Grant, Issuer, serve_callout};
+pub use callout::{CalloutStores, Grant, Issuer, serve_callout};
 pub use http::router;
 pub use keys::SIGNING_KEY_ENV;
 pub use nats::{SERVICE_NAME, serve_nats};
+pub use throttle::{Rate, ThrottleConfig};
 
 use keys::KeyRing;
 use metrics::Metrics;
@@ -63,6 +73,32 @@ pub const DEFAULT_AUDIENCE: &str = "headcount-devices";
 /// The `role` claim of operator tokens. Such a token names no device: its
 /// `acct` and `sub` are both [`OPERATOR_ROLE`].
 pub const OPERATOR_ROLE: &str = "operator";
+/// The `role` claim of backend tokens: an application server's NATS
+/// credential. Its `acct` is [`BACKEND_ROLE`], its `sub` the backend's name.
+pub const BACKEND_ROLE: &str = "backend";
+
+/// What a verified token lets its holder be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// One session of one device of one account.
+    Device,
+    /// An operator: queries and steering of every account, every event.
+    Operator,
+    /// An application server: queries, device tokens, every event.
+    Backend,
+}
+
+impl Role {
+    /// Operator and backend tokens: NATS clients that are not devices.
+    /// They end at a key rotation or an explicit revocation.
+    pub fn is_client(self) -> bool {
+        matches!(self, Role::Operator | Role::Backend)
+    }
+}
+
+/// Default lifetime of a backend token, and the longest one may ask for.
+/// The connections bucket keeps revocations exactly this long.
+pub const DEFAULT_CLIENT_TOKEN_TTL: Duration = headcount_protocol::subjects::kv::CONNECTIONS_TTL;
 
 /// An operator token, for the live view's NATS connection.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -82,6 +118,19 @@ pub const MAX_TOKEN_BYTES: usize = 4096;
 /// token need not share the vendor's clock exactly.
 pub const LEEWAY_SECS: u64 = 30;
 
+/// Characters of a session id: 22 letters and digits (130 random bits), as
+/// long as the NUIDs they replace, so subjects and keys keep their size.
+pub const SESSION_ID_CHARS: usize = 22;
+/// Characters of an operator token's `sid` (its inbox prefix).
+pub const OPERATOR_SID_CHARS: usize = 22;
+
+/// A new session id, from the OS random source: no session id tells
+/// anything about another one (a NUID did: consecutive ones share their
+/// first 12 characters and count up).
+pub fn new_session_id() -> String {
+    headcount_runtime::secret::random_id(SESSION_ID_CHARS)
+}
+
 /// What the vendor needs to run.
 #[derive(Clone)]
 pub struct Config {
@@ -98,6 +147,12 @@ pub struct Config {
     pub operator_key: String,
     /// Plan names a token may carry; empty accepts any valid name.
     pub plans: Vec<String>,
+    /// Per-address limits of the HTTP API and the auth callout.
+    pub throttle: ThrottleConfig,
+    /// The longest a backend token may live (its default lifetime too); at
+    /// most [`DEFAULT_CLIENT_TOKEN_TTL`], how long the connections bucket
+    /// keeps a revocation.
+    pub client_token_ttl: Duration,
 }
 
 impl Config {
@@ -110,6 +165,8 @@ impl Config {
             token_ttl: DEFAULT_TOKEN_TTL,
             operator_key: operator_key.into(),
             plans: Vec::new(),
+            throttle: ThrottleConfig::default(),
+            client_token_ttl: DEFAULT_CLIENT_TOKEN_TTL,
         }
     }
 }
@@ -158,8 +215,22 @@ impl Claims {
         self.role.as_deref() == Some(OPERATOR_ROLE)
     }
 
-    /// The subject prefix an operator connection's replies must use: its
-    /// permissions allow no other inbox.
+    /// What the token lets its holder be.
+    pub fn role(&self) -> Role {
+        match self.role.as_deref() {
+            Some(OPERATOR_ROLE) => Role::Operator,
+            Some(BACKEND_ROLE) => Role::Backend,
+            _ => Role::Device,
+        }
+    }
+
+    /// The id of an operator or backend token (its `sid`).
+    pub fn token_id(&self) -> Result<SessionId, NameError> {
+        SessionId::parse(&self.sid)
+    }
+
+    /// The subject prefix an operator or backend connection's replies must
+    /// use: its permissions allow no other inbox.
     pub fn inbox_prefix(&self) -> String {
         format!("_INBOX_{}", self.sid)
     }
@@ -220,11 +291,15 @@ pub enum TokenError {
     /// Validly signed, but the account, device or session is not a valid name.
     #[error("token names an invalid account, device or session")]
     BadClaims,
+    /// An operator or backend token signed by a key that no longer signs:
+    /// those end at a key rotation (device tokens do not).
+    #[error("token was signed before the last key rotation")]
+    Superseded,
 }
 
 impl TokenError {
     /// Every variant, e.g. to pre-create metric series.
-    pub const ALL: [TokenError; 9] = [
+    pub const ALL: [TokenError; 10] = [
         TokenError::Malformed,
         TokenError::UnknownKid,
         TokenError::BadSignature,
@@ -234,6 +309,7 @@ impl TokenError {
         TokenError::WrongIssuer,
         TokenError::TooLarge,
         TokenError::BadClaims,
+        TokenError::Superseded,
     ];
 
     /// The snake_case name used as the `result` metric label.
@@ -248,6 +324,7 @@ impl TokenError {
             TokenError::WrongIssuer => "wrong_issuer",
             TokenError::TooLarge => "too_large",
             TokenError::BadClaims => "bad_claims",
+            TokenError::Superseded => "superseded",
         }
     }
 }
@@ -263,6 +340,7 @@ struct Inner {
     issuer: String,
     audience: String,
     ttl_secs: u64,
+    client_ttl_secs: u64,
     operator_key: String,
     data_dir: PathBuf,
     plans: Vec<String>,
@@ -276,6 +354,7 @@ struct Inner {
     keys: RwLock<Arc<KeyRing>>,
     validation: Validation,
     metrics: Metrics,
+    throttle: throttle::Throttle,
 }
 
 impl fmt::Debug for Vendor {
@@ -311,7 +390,7 @@ impl Vendor {
         registry: &prometheus::Registry,
         env_seed: Option<[u8; 32]>,
     ) -> anyhow::Result<Vendor> {
-        install_crypto_provider();
+        crypto::install()?;
         anyhow::ensure!(!config.issuer.is_empty(), "the token issuer is empty");
         anyhow::ensure!(!config.audience.is_empty(), "the token audience is empty");
         let ring = keys::open(&config.data_dir, env_seed)?;
@@ -341,9 +420,15 @@ impl Vendor {
                 issuer: config.issuer,
                 audience: config.audience,
                 ttl_secs: config.token_ttl.as_secs().max(1),
+                client_ttl_secs: config
+                    .client_token_ttl
+                    .min(DEFAULT_CLIENT_TOKEN_TTL)
+                    .as_secs()
+                    .max(1),
                 operator_key: config.operator_key,
                 data_dir: config.data_dir,
                 plans: config.plans,
+                throttle: throttle::Throttle::new(&config.throttle),
                 plan_store: std::sync::OnceLock::new(),
                 recorded_plans: moka::sync::Cache::builder()
                     .max_capacity(100_000)
@@ -414,7 +499,7 @@ impl Vendor {
         via: &'static str,
         now: u64,
     ) -> anyhow::Result<TokenReply> {
-        let session = SessionId::parse(nuid::next().as_str())?;
+        let session = SessionId::parse(&new_session_id())?;
         let claims = Claims {
             sub: device.to_string(),
             acct: account.to_string(),
@@ -440,7 +525,10 @@ impl Vendor {
     /// the same account, device, session and plan with a new lifetime. The
     /// caller checks that the session has not been ended.
     pub fn renew(&self, current: &Claims) -> anyhow::Result<TokenReply> {
-        anyhow::ensure!(!current.is_operator(), "operator tokens are not renewed");
+        anyhow::ensure!(
+            !current.role().is_client(),
+            "operator and backend tokens are not renewed"
+        );
         let session = current.session()?;
         let now = now_millis() / 1000;
         let claims = Claims {
@@ -460,22 +548,58 @@ impl Vendor {
 
     /// A token for an operator's live view: through the auth callout it may
     /// query and steer every account (`active`, `stats`, `limits`, `kick`)
-    /// and watch every presence event, and publish no heartbeat.
+    /// and watch every presence event, and publish no heartbeat. It lives as
+    /// long as a device token and ends at a key rotation or revocation.
     pub fn issue_operator(&self) -> anyhow::Result<OperatorToken> {
+        self.issue_client(Role::Operator, OPERATOR_ROLE, self.inner.ttl_secs)
+    }
+
+    /// A backend token: an application server's NATS credential (queries,
+    /// device tokens over `headcount.token`, every presence event, replies
+    /// under its own inbox prefix only). `name` names the backend in logs;
+    /// `ttl` defaults to, and may not exceed, the configured client token
+    /// lifetime. It ends at a key rotation or revocation.
+    pub fn issue_backend(
+        &self,
+        name: &DeviceId,
+        ttl: Option<Duration>,
+    ) -> anyhow::Result<OperatorToken> {
+        let max = self.inner.client_ttl_secs;
+        let ttl = ttl.map_or(max, |t| t.as_secs().clamp(1, max));
+        self.issue_client(Role::Backend, name.as_str(), ttl)
+    }
+
+    /// The longest a backend token may live.
+    pub fn client_token_ttl(&self) -> Duration {
+        Duration::from_secs(self.inner.client_ttl_secs)
+    }
+
+    /// The id of the key that signs now.
+    pub fn signing_kid(&self) -> String {
+        self.keys().signer().kid.clone()
+    }
+
+    fn issue_client(&self, role: Role, name: &str, ttl: u64) -> anyhow::Result<OperatorToken> {
+        let (role, via) = match role {
+            Role::Operator => (OPERATOR_ROLE, "operator"),
+            Role::Backend => (BACKEND_ROLE, "backend"),
+            Role::Device => anyhow::bail!("device tokens are issued with issue()"),
+        };
         let now = now_millis() / 1000;
         let claims = Claims {
-            sub: OPERATOR_ROLE.to_string(),
-            acct: OPERATOR_ROLE.to_string(),
-            sid: nuid::next().to_string(),
+            sub: name.to_string(),
+            acct: role.to_string(),
+            // Alphanumeric: it is also the token of the inbox prefix.
+            sid: headcount_runtime::secret::random_id(OPERATOR_SID_CHARS),
             iat: now,
-            exp: now.saturating_add(self.inner.ttl_secs),
+            exp: now.saturating_add(ttl),
             nbf: now,
             iss: self.inner.issuer.clone(),
             aud: self.inner.audience.clone(),
             plan: None,
-            role: Some(OPERATOR_ROLE.to_string()),
+            role: Some(role.to_string()),
         };
-        let token = self.sign(&claims, "operator")?;
+        let token = self.sign(&claims, via)?;
         Ok(OperatorToken {
             token,
             expires_at: claims.exp.saturating_mul(1000),
@@ -533,6 +657,11 @@ impl Vendor {
         if let Err(e) = claims.account().and(claims.device()).and(claims.session()) {
             tracing::debug!(error = %e, "token names are invalid");
             return Err(TokenError::BadClaims);
+        }
+        // Operator and backend tokens end at a key rotation: only the key
+        // that signs now vouches for them.
+        if claims.role().is_client() && kid != keys.signer().kid {
+            return Err(TokenError::Superseded);
         }
         Ok(claims)
     }
@@ -634,6 +763,18 @@ impl Vendor {
             .inc();
     }
 
+    pub(crate) fn count_throttled(&self, endpoint: &'static str) {
+        self.inner
+            .metrics
+            .throttled
+            .with_label_values(&[endpoint])
+            .inc();
+    }
+
+    pub(crate) fn throttle(&self) -> &throttle::Throttle {
+        &self.inner.throttle
+    }
+
     pub(crate) fn count_rejection(&self, reason: &'static str) {
         self.inner
             .metrics
@@ -650,15 +791,6 @@ impl Vendor {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .clone()
     }
-}
-
-/// Selects jsonwebtoken's RustCrypto backend for this process. jsonwebtoken
-/// picks it on its own when it is the only backend compiled in, but panics
-/// at the first signature if some other crate of the build also enables its
-/// `aws_lc_rs` feature; installing it explicitly keeps that from mattering.
-/// A provider installed earlier by someone else is kept.
-fn install_crypto_provider() {
-    let _ = jsonwebtoken::crypto::rust_crypto::DEFAULT_PROVIDER.install_default();
 }
 
 /// Reads `alg` and `kid` from a token's header without trusting anything.

@@ -7,7 +7,7 @@ use prometheus::{IntCounterVec, Opts, Registry};
 
 /// Channels a token can be issued over: a backend over HTTP or NATS, the
 /// demo page, a device renewing its own token, an operator's live view.
-pub(crate) const VIA: &[&str] = &["http", "nats", "demo", "refresh", "operator"];
+pub(crate) const VIA: &[&str] = &["http", "nats", "demo", "refresh", "operator", "backend"];
 /// A request without a valid device token, or for an ended session.
 pub(crate) const FORBIDDEN: &str = "forbidden";
 /// Why a token request was refused.
@@ -25,7 +25,23 @@ pub(crate) struct Metrics {
     pub verifications: IntCounterVec,
     /// Device connections decided by the auth callout, by result.
     pub callout: IntCounterVec,
+    /// HTTP requests answered 429 by the per-address limits, by endpoint
+    /// ([`THROTTLED_ENDPOINTS`]).
+    pub throttled: IntCounterVec,
 }
+
+/// The `endpoint` labels of [`Metrics::throttled`]: the HTTP endpoints with
+/// a per-address limit.
+pub(crate) const THROTTLED_ENDPOINTS: &[&str] = &[
+    "tokens",
+    "keys_rotate",
+    "operator_tokens",
+    "backend_tokens",
+    "tokens_revoke",
+    "refresh",
+    "leave",
+    "demo_tokens",
+];
 
 /// Results of the auth callout besides the token error kinds.
 pub(crate) const CALLOUT_RESULTS: &[&str] = &[
@@ -33,8 +49,10 @@ pub(crate) const CALLOUT_RESULTS: &[&str] = &[
     "no_token",
     "revoked",
     "revocation_unavailable",
+    "registry_unavailable",
     "bad_request",
     "internal",
+    "throttled",
 ];
 
 impl Metrics {
@@ -61,6 +79,14 @@ impl Metrics {
                 ),
                 &["result"],
             )?,
+            throttled: IntCounterVec::new(
+                Opts::new(
+                    "headcount_http_throttled_total",
+                    "HTTP requests refused with 429 by the per-address limits \
+                     (wrong operator keys, refresh, leave, demo tokens), by endpoint",
+                ),
+                &["endpoint"],
+            )?,
             verifications: IntCounterVec::new(
                 Opts::new(
                     "headcount_token_verifications_total",
@@ -73,6 +99,7 @@ impl Metrics {
         registry.register(Box::new(m.issued.clone()))?;
         registry.register(Box::new(m.rejected.clone()))?;
         registry.register(Box::new(m.verifications.clone()))?;
+        registry.register(Box::new(m.throttled.clone()))?;
         // Every series exists from the start, so a scrape shows zeros rather
         // than nothing and rate() works from the first increment.
         for via in VIA {
@@ -85,6 +112,9 @@ impl Metrics {
         for kind in crate::TokenError::ALL {
             m.verifications.with_label_values(&[kind.kind()]);
             m.callout.with_label_values(&[kind.kind()]);
+        }
+        for endpoint in THROTTLED_ENDPOINTS {
+            m.throttled.with_label_values(&[*endpoint]);
         }
         for result in CALLOUT_RESULTS {
             m.callout.with_label_values(&[*result]);

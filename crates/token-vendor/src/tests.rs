@@ -286,15 +286,49 @@ fn hmac_with_the_public_key_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let (vendor, _) = test_vendor(dir.path(), |_| {});
     let keys = vendor.keys();
+    let header = b64(&json!({"alg": "HS256", "typ": "JWT", "kid": keys.signer().kid}));
+    let payload = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims(&vendor)).unwrap());
+    let message = format!("{header}.{payload}");
+    // By hand: the vendor's jsonwebtoken signs nothing but EdDSA.
+    let mac = hmac_sha256(&keys.signer().public, message.as_bytes());
+    let token = format!("{message}.{}", URL_SAFE_NO_PAD.encode(mac));
+    assert_eq!(vendor.verify(&token), Err(TokenError::BadSignature));
+    // Nor will jsonwebtoken make such a token here.
     let mut header = Header::new(Algorithm::HS256);
     header.kid = Some(keys.signer().kid.clone());
-    let token = jsonwebtoken::encode(
-        &header,
-        &claims(&vendor),
-        &EncodingKey::from_secret(&keys.signer().public),
-    )
-    .unwrap();
-    assert_eq!(vendor.verify(&token), Err(TokenError::BadSignature));
+    let secret = EncodingKey::from_secret(&keys.signer().public);
+    assert!(jsonwebtoken::encode(&header, &claims(&vendor), &secret).is_err());
+}
+
+/// HMAC-SHA256 (RFC 2104), to forge the tokens an attacker would.
+fn hmac_sha256(key: &[u8], message: &[u8]) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut block = [0u8; 64];
+    if key.len() > block.len() {
+        block[..32].copy_from_slice(&Sha256::digest(key));
+    } else {
+        block[..key.len()].copy_from_slice(key);
+    }
+    let pad = |byte: u8| block.map(|b| b ^ byte);
+    let inner = Sha256::new()
+        .chain_update(pad(0x36))
+        .chain_update(message)
+        .finalize();
+    Sha256::new()
+        .chain_update(pad(0x5c))
+        .chain_update(inner)
+        .finalize()
+        .into()
+}
+
+#[test]
+fn hmac_sha256_matches_rfc_4231() {
+    // Test case 2 of RFC 4231.
+    let mac = hmac_sha256(b"Jefe", b"what do ya want for nothing?");
+    assert_eq!(
+        data_encoding::HEXLOWER.encode(&mac),
+        "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+    );
 }
 
 #[test]
@@ -473,7 +507,7 @@ fn metric_series_exist_from_the_start() {
             .map(|f| f.get_metric().len())
             .unwrap_or(0)
     };
-    assert_eq!(series("headcount_tokens_issued_total"), 5);
+    assert_eq!(series("headcount_tokens_issued_total"), 6);
     assert_eq!(series("headcount_token_requests_rejected_total"), 3);
     assert_eq!(
         series("headcount_token_verifications_total"),
@@ -508,6 +542,39 @@ fn error_kinds_are_distinct_snake_case() {
 #[test]
 fn session_ids_are_valid_names() {
     for _ in 0..100 {
-        assert!(SessionId::parse(nuid::next().as_str()).is_ok());
+        assert!(SessionId::parse(&new_session_id()).is_ok());
+    }
+}
+
+/// Session ids and operator inbox prefixes come from the OS random source:
+/// one tells nothing about the next (NUIDs shared 12 characters).
+#[test]
+fn issued_session_ids_and_operator_sids_are_unguessable() {
+    let dir = tempfile::tempdir().unwrap();
+    let (vendor, _) = test_vendor(dir.path(), |_| {});
+    let common = |a: &str, b: &str| a.bytes().zip(b.bytes()).take_while(|(x, y)| x == y).count();
+    let sessions: Vec<String> = (0..200)
+        .map(|_| {
+            vendor
+                .issue(&acme(), &tv(), "http")
+                .unwrap()
+                .session
+                .to_string()
+        })
+        .collect();
+    for pair in sessions.windows(2) {
+        assert_eq!(pair[0].len(), SESSION_ID_CHARS);
+        assert!(common(&pair[0], &pair[1]) < 8, "{pair:?}");
+    }
+    let prefixes: Vec<String> = (0..200)
+        .map(|_| vendor.issue_operator().unwrap().inbox_prefix)
+        .collect();
+    for pair in prefixes.windows(2) {
+        let sid = pair[0].strip_prefix("_INBOX_").unwrap();
+        assert_eq!(sid.len(), OPERATOR_SID_CHARS);
+        // One subject token: letters and digits only.
+        assert!(sid.bytes().all(|b| b.is_ascii_alphanumeric()), "{sid}");
+        let next = pair[1].strip_prefix("_INBOX_").unwrap();
+        assert!(common(sid, next) < 8, "{pair:?}");
     }
 }

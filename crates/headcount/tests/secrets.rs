@@ -1,0 +1,407 @@
+//! Secrets on a real `headcount up`: the data dir and the files holding
+//! secrets are the owner's alone, no secret shows up in what `up` prints or
+//! in the server's log, session ids tell nothing about each other, and
+//! secrets of the older, guessable kind are replaced.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use test_support::free_port;
+
+/// `headcount up` as a child process, stopped (SIGTERM, then SIGKILL) when
+/// dropped.
+struct Up {
+    child: Child,
+    stdout: PathBuf,
+    stderr: PathBuf,
+    /// Every port `up` was told to listen on.
+    ports: Vec<u16>,
+}
+
+impl Up {
+    fn start(data_dir: &Path, logs: &Path, web_dir: &Path) -> Up {
+        Self::start_with(data_dir, logs, web_dir, &[])
+    }
+
+    /// `up` with `extra` flags besides the ports, data dir and pages.
+    fn start_with(data_dir: &Path, logs: &Path, web_dir: &Path, extra: &[&str]) -> Up {
+        let stdout = logs.join("up.stdout");
+        let stderr = logs.join("up.stderr");
+        let tools = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.tools/venv/bin");
+        let path = match std::env::var_os("PATH") {
+            Some(p) => {
+                let mut dirs = vec![tools];
+                dirs.extend(std::env::split_paths(&p));
+                std::env::join_paths(dirs).unwrap()
+            }
+            None => tools.into_os_string(),
+        };
+        let ports: Vec<u16> = (0..4).map(|_| free_port()).collect();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_headcount"));
+        // Nothing from the caller's environment decides the secrets.
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("HEADCOUNT_") {
+                cmd.env_remove(key);
+            }
+        }
+        let child = cmd
+            .arg("up")
+            .args(["--nats-port", &ports[0].to_string()])
+            .args(["--ws-port", &ports[1].to_string()])
+            .args(["--http-port", &ports[2].to_string()])
+            .args(["--metrics-port", &ports[3].to_string()])
+            .arg("--data-dir")
+            .arg(data_dir)
+            .arg("--web-dir")
+            .arg(web_dir)
+            .args(extra)
+            .env("PATH", path)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&stdout).unwrap())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .expect("headcount binary starts");
+        Up {
+            child,
+            stdout,
+            stderr,
+            ports,
+        }
+    }
+
+    /// Waits for the `ready` line; panics with the output if `up` exits or
+    /// takes too long.
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            let out = std::fs::read_to_string(&self.stdout).unwrap_or_default();
+            if out.lines().any(|l| l.contains("ready")) {
+                return;
+            }
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!(
+                    "headcount up exited ({status}) before ready:\n{out}\n{}",
+                    self.output()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "headcount up not ready in time:\n{}",
+                self.output()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Asks `up` to stop and waits for it (it removes up.json on the way out).
+    fn stop(&mut self) {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.child.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn output(&self) -> String {
+        format!(
+            "{}{}",
+            std::fs::read_to_string(&self.stdout).unwrap_or_default(),
+            std::fs::read_to_string(&self.stderr).unwrap_or_default()
+        )
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            self.stop();
+        }
+    }
+}
+
+#[cfg(unix)]
+fn mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .permissions()
+        .mode()
+        & 0o777
+}
+
+/// Every file under `dir`, recursively.
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(files_under(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
+
+fn common_prefix(a: &str, b: &str) -> usize {
+    a.bytes().zip(b.bytes()).take_while(|(x, y)| x == y).count()
+}
+
+/// What `up` wrote before secrets came from the OS: `hc` and two NUIDs.
+fn nuid_made(tail: &str) -> String {
+    format!("hcQ0Zu1nLIhbJ4fWmGs8zXAB{tail}")
+}
+
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread")]
+async fn up_keeps_its_secrets_private_and_unguessable() {
+    use std::os::unix::fs::PermissionsExt;
+
+    let root = tempfile::tempdir().unwrap();
+    let data_dir = root.path().join("data");
+    // A data dir that others may read, holding secrets of the old kind in a
+    // file others may read: `up` must tighten the one and replace the other.
+    std::fs::create_dir(&data_dir).unwrap();
+    std::fs::set_permissions(&data_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let old = serde_json::json!({
+        "service_password": nuid_made("Q0Zu1nLIhbJ4fWmGs8zXA1"),
+        "handler_password": nuid_made("Q0Zu1nLIhbJ4fWmGs8zXB2"),
+        "device_password": nuid_made("Q0Zu1nLIhbJ4fWmGs8zXC3"),
+        "operator_key": nuid_made("Q0Zu1nLIhbJ4fWmGs8zXD4"),
+    });
+    let secrets_path = data_dir.join("secrets.json");
+    std::fs::write(&secrets_path, old.to_string()).unwrap();
+    std::fs::set_permissions(&secrets_path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    // Pages to serve, so that `up` prints the line about the live view.
+    let web = root.path().join("web");
+    for page in ["demo", "live"] {
+        std::fs::create_dir_all(web.join(page)).unwrap();
+        std::fs::write(web.join(page).join("index.html"), "<!doctype html>").unwrap();
+    }
+
+    let mut up = Up::start(&data_dir, root.path(), &web);
+    up.wait_ready();
+
+    // The data dir and everything secret in it: the owner's alone.
+    assert_eq!(mode(&data_dir), 0o700, "data dir");
+    assert_eq!(mode(&secrets_path), 0o600, "secrets.json");
+    let up_json = data_dir.join("up.json");
+    assert_eq!(mode(&up_json), 0o600, "up.json");
+    assert_eq!(mode(&data_dir.join("keys")), 0o700, "keys dir");
+    let keys = files_under(&data_dir.join("keys"));
+    assert!(
+        keys.iter()
+            .any(|k| k.extension().is_some_and(|e| e == "json"))
+            && keys
+                .iter()
+                .any(|k| k.extension().is_some_and(|e| e == "nk")),
+        "{keys:?}"
+    );
+    for key in &keys {
+        assert_eq!(mode(key), 0o600, "{}", key.display());
+    }
+
+    // Every secret of the old kind was replaced, the operator key too.
+    let info: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&up_json).unwrap()).unwrap();
+    let saved: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&secrets_path).unwrap()).unwrap();
+    for name in [
+        "service_password",
+        "handler_password",
+        "checker_password",
+        "vendor_password",
+        "device_password",
+        "operator_key",
+    ] {
+        let new = saved[name].as_str().unwrap();
+        assert_ne!(Some(new), old[name].as_str(), "{name} kept");
+        assert!(
+            new.starts_with("hk_") && new.len() >= 40,
+            "{name}: new kind"
+        );
+    }
+    let operator_key = info["operator_key"].as_str().unwrap().to_string();
+    assert_eq!(saved["operator_key"].as_str(), Some(operator_key.as_str()));
+    // Every secret: the values of secrets.json, the passwords and keys of
+    // up.json, and the seeds under keys/.
+    let mut secrets: Vec<(String, String)> = Vec::new();
+    for (name, value) in saved.as_object().unwrap() {
+        secrets.push((
+            format!("secrets.json {name}"),
+            value.as_str().unwrap().into(),
+        ));
+    }
+    for (name, value) in info.as_object().unwrap() {
+        if (name.ends_with("_password") || name.ends_with("_key"))
+            && let Some(v) = value.as_str()
+        {
+            assert!(v.len() >= 40, "up.json {name} is short");
+            secrets.push((format!("up.json {name}"), v.into()));
+        }
+    }
+    for key in &keys {
+        let text = std::fs::read_to_string(key).unwrap();
+        let seed = match serde_json::from_str::<serde_json::Value>(&text) {
+            Ok(file) => file["seed"].as_str().unwrap().to_string(),
+            Err(_) => text.trim().to_string(),
+        };
+        assert!(seed.len() >= 40, "{}", key.display());
+        secrets.push((key.display().to_string(), seed));
+    }
+
+    // Two session ids from POST /v1/tokens: unrelated, not NUID-shaped
+    // (consecutive NUIDs share their first 12 characters).
+    let http_url = info["http_url"].as_str().unwrap();
+    let client = reqwest::Client::new();
+    let mut sessions = Vec::new();
+    for _ in 0..2 {
+        let reply = client
+            .post(format!("{http_url}/v1/tokens"))
+            .bearer_auth(&operator_key)
+            .json(&serde_json::json!({"account": "acct-1", "device": "tv"}))
+            .send()
+            .await
+            .unwrap();
+        assert!(reply.status().is_success(), "{}", reply.status());
+        let body: serde_json::Value = reply.json().await.unwrap();
+        sessions.push(body["session"].as_str().unwrap().to_string());
+    }
+    let (a, b) = (&sessions[0], &sessions[1]);
+    assert_ne!(a, b);
+    assert!(
+        common_prefix(a, b) <= 4,
+        "session ids share a prefix: {a} {b}"
+    );
+    for s in &sessions {
+        assert!(s.bytes().all(|c| c.is_ascii_alphanumeric()), "{s}");
+    }
+
+    up.stop();
+
+    // No secret in what `up` printed, nor in the server's logs.
+    secrets.extend(
+        ["service_password", "operator_key"]
+            .iter()
+            .map(|n| (format!("old {n}"), old[n].as_str().unwrap().to_string())),
+    );
+    let output = up.output();
+    assert!(output.contains("ready"), "{output}");
+    assert!(
+        output.contains("/live/") && output.contains("up.json"),
+        "the live view line says where the key is:\n{output}"
+    );
+    assert!(
+        output.contains("replaced secrets"),
+        "the replacement is logged:\n{output}"
+    );
+    let mut logs = vec![("up output".to_string(), output)];
+    for file in std::fs::read_dir(&data_dir).unwrap() {
+        let path = file.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if name.starts_with("nats") && name.ends_with(".log") {
+            logs.push((name, std::fs::read_to_string(&path).unwrap()));
+        }
+    }
+    assert!(
+        logs.len() >= 2,
+        "no nats log found in {}",
+        data_dir.display()
+    );
+    for (where_, text) in &logs {
+        for (name, value) in &secrets {
+            assert!(!text.contains(value.as_str()), "{name} appears in {where_}");
+        }
+    }
+}
+
+/// The local addresses of the listening TCP sockets on `port`, from the
+/// kernel's tables (IPv4 and IPv6).
+fn listeners_on(port: u16) -> Vec<String> {
+    let mut found = Vec::new();
+    for (table, v6) in [("/proc/net/tcp", false), ("/proc/net/tcp6", true)] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            // local_address is "ADDR:PORT" in hex; state 0A is LISTEN.
+            let (Some(local), Some(state)) = (cols.get(1), cols.get(3)) else {
+                continue;
+            };
+            let Some((addr, p)) = local.split_once(':') else {
+                continue;
+            };
+            if *state != "0A" || u16::from_str_radix(p, 16).ok() != Some(port) {
+                continue;
+            }
+            found.push(if v6 {
+                format!("[{addr}]")
+            } else {
+                // Little-endian IPv4.
+                let n = u32::from_str_radix(addr, 16).unwrap_or(0);
+                std::net::Ipv4Addr::from(n.swap_bytes()).to_string()
+            });
+        }
+    }
+    found
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn every_listener_of_up_follows_bind() {
+    let root = tempfile::tempdir().unwrap();
+    let web = root.path().join("web");
+    std::fs::create_dir_all(&web).unwrap();
+    let mut up = Up::start(&root.path().join("data"), root.path(), &web);
+    up.wait_ready();
+    // NATS clients, WebSocket (browsers), HTTP API, metrics: each one
+    // listens, and only on the loopback address `--bind` names by default.
+    for port in up.ports.clone() {
+        let addrs = listeners_on(port);
+        assert!(!addrs.is_empty(), "nothing listens on {port}");
+        assert!(
+            addrs.iter().all(|a| a == "127.0.0.1"),
+            "port {port} listens on {addrs:?}"
+        );
+    }
+    up.stop();
+}
+
+#[test]
+fn up_insecure_runs_its_services_and_answers() {
+    let root = tempfile::tempdir().unwrap();
+    let web = root.path().join("web");
+    std::fs::create_dir_all(&web).unwrap();
+    let data_dir = root.path().join("data");
+    let mut up = Up::start_with(&data_dir, root.path(), &web, &["--insecure"]);
+    up.wait_ready();
+    // Each service logged in as its own user on the insecure server too:
+    // the checker answers the console.
+    let out = Command::new(env!("CARGO_BIN_EXE_headcount"))
+        .args(["active", "acme", "--json", "--data-dir"])
+        .arg(&data_dir)
+        .output()
+        .expect("the CLI runs");
+    assert!(
+        out.status.success(),
+        "active failed: {}{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        up.output()
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"account\""));
+    up.stop();
+}
