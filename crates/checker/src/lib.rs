@@ -34,7 +34,7 @@ use headcount_protocol::wire::{
     PresenceEvent, Revocation, SessionRef, StatsReply, StatsRequest, error_code,
 };
 use headcount_protocol::{AccountId, AccountLimits, IntervalClock, Limit, Policy, now_millis};
-use headcount_runtime::{Buckets, Shutdown, service_error};
+use headcount_runtime::{Buckets, Health, Shutdown, service_error};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
@@ -113,13 +113,22 @@ impl Shared {
 }
 
 /// Runs one checker until `shutdown`.
+///
+/// Readiness goes to `health` (a scope of the caller's, which tracks the
+/// NATS connection): components `sessions`, `revoked` and `limits`, ready
+/// once their watch has replayed what the bucket held, and the scope
+/// itself, serving from the moment the endpoints are up until it stops.
 pub async fn run(
     config: Config,
     nats: async_nats::Client,
     buckets: Buckets,
     metrics: Metrics,
+    health: Health,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
+    let sessions_health = health.component("sessions");
+    let revoked_health = health.component("revoked");
+    let limits_health = health.component("limits");
     let rules = Rules {
         clock: IntervalClock::new(config.interval),
         timeout_ms: config.timeout.as_millis() as u64,
@@ -160,7 +169,7 @@ pub async fn run(
     .await
     .context("watching sessions bucket")?;
     tasks.push(t);
-    ready.push(r);
+    ready.push((sessions_health, r));
     let s = shared.clone();
     let (t, r) = headcount_runtime::watch::follow(
         buckets.revoked.clone(),
@@ -179,7 +188,7 @@ pub async fn run(
     .await
     .context("watching revoked bucket")?;
     tasks.push(t);
-    ready.push(r);
+    ready.push((revoked_health, r));
     let s = shared.clone();
     let (t, r) = headcount_runtime::watch::follow(
         buckets.limits.clone(),
@@ -190,9 +199,11 @@ pub async fn run(
     .await
     .context("watching limits bucket")?;
     tasks.push(t);
-    ready.push(r);
-    for r in ready {
-        let _ = r.await;
+    ready.push((limits_health, r));
+    for (component, r) in ready {
+        if r.await.is_ok() {
+            component.set_ready(true);
+        }
     }
 
     let enforcer = tokio::spawn(enforcer(shared.clone(), enforce_rx));
@@ -272,6 +283,7 @@ pub async fn run(
             }
         })
     };
+    let serving = health.serving();
     tracing::info!(
         timeout = ?config.timeout,
         default_limit = config.default_limit.limit,
@@ -313,6 +325,7 @@ pub async fn run(
         }
     }
 
+    drop(serving);
     let _ = heartbeats.unsubscribe().await;
     let _ = unknown.unsubscribe().await;
     drop(requests);

@@ -472,14 +472,24 @@ impl Proc {
         }
     }
 
-    /// Waits until a handler or checker serves its first metrics.
+    /// Waits until a handler or checker is ready: its `/readyz` (next to
+    /// its `/metrics`, which it serves from the start) answers 200 once it
+    /// is connected, has replayed the buckets and is serving.
     async fn wait_up(&self, which: &str) -> anyhow::Result<()> {
-        let metric = match which {
-            "handler" => "headcount_handler_sessions",
-            _ => "headcount_active_sessions",
-        };
-        self.wait_metrics(&format!("{which} up"), |m| m.contains_key(metric))
-            .await
+        let metrics = self.metrics.as_deref().context("no metrics")?;
+        let url = format!("{}/readyz", metrics.trim_end_matches("/metrics"));
+        let deadline = Instant::now() + Duration::from_secs(600);
+        loop {
+            if let Ok(r) = reqwest::get(&url).await
+                && r.status().is_success()
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("{which} up: not ready in 600 s");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Waits until a handler serves metrics and hears heartbeats: its

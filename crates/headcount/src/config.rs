@@ -1,6 +1,6 @@
 //! Flags shared by several commands, each also read from `HEADCOUNT_*`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -9,22 +9,46 @@ use headcount_protocol::{Limit, Policy};
 use headcount_runtime::{BucketSettings, NatsOptions};
 use serde::{Deserialize, Serialize};
 
+use crate::exit::CliError;
+
 /// Where to find NATS.
 #[derive(Debug, Clone, Args)]
 pub struct NatsArgs {
-    /// NATS server URL; repeat for a cluster. Default: the one in
-    /// <data-dir>/up.json, written by `headcount up`.
+    /// NATS server URL; repeat, or comma-separate, for a cluster. Default:
+    /// `nats_url` of <data-dir>/up.json, written by `headcount up`.
     #[arg(long = "nats-url", env = "HEADCOUNT_NATS_URL", value_delimiter = ',')]
     pub nats_urls: Vec<String>,
-    /// NATS user (default: the service user from up.json).
+    /// NATS user. Default: `service_user` of <data-dir>/up.json (the
+    /// console user `headcount`).
     #[arg(long, env = "HEADCOUNT_NATS_USER")]
     pub nats_user: Option<String>,
-    /// NATS password (default: from up.json).
+    /// NATS password. Default: `service_password` of <data-dir>/up.json.
     #[arg(long, env = "HEADCOUNT_NATS_PASSWORD", hide_env_values = true)]
     pub nats_password: Option<String>,
-    /// Directory holding up.json, keys and the server's store.
+    /// The data directory of `headcount up`: its up.json gives the NATS URL,
+    /// user and password not given as flags (token-vendor also keeps its
+    /// keys there). A relative path is taken from the working directory.
     #[arg(long, env = "HEADCOUNT_DATA_DIR", default_value = ".headcount")]
     pub data_dir: PathBuf,
+}
+
+/// Where a query command connects, and where that came from (for its
+/// messages).
+#[derive(Debug, Clone)]
+pub struct NatsTarget {
+    pub options: NatsOptions,
+    /// Where the URLs came from: `--nats-url`, `HEADCOUNT_NATS_URL` or the
+    /// absolute path of the up.json read.
+    pub url_from: String,
+    /// Where the user and password came from, when there are any.
+    pub credentials_from: Option<String>,
+}
+
+impl NatsTarget {
+    /// The URLs, comma-separated.
+    pub fn urls(&self) -> String {
+        self.options.urls.join(",")
+    }
 }
 
 /// What `headcount up` writes for tools and tests: how to reach everything.
@@ -49,20 +73,68 @@ pub struct UpInfo {
 }
 
 impl UpInfo {
-    pub fn path(data_dir: &std::path::Path) -> PathBuf {
+    pub fn path(data_dir: &Path) -> PathBuf {
         data_dir.join("up.json")
     }
 
-    pub fn load(data_dir: &std::path::Path) -> anyhow::Result<Self> {
-        let p = Self::path(data_dir);
-        let text = std::fs::read_to_string(&p).with_context(|| {
-            format!(
-                "reading {} (start `headcount up` first, or pass --nats-url)",
-                p.display()
-            )
-        })?;
-        serde_json::from_str(&text).with_context(|| format!("parsing {}", p.display()))
+    /// [`UpInfo::read`] for commands that report errors with anyhow.
+    pub fn load(data_dir: &Path) -> anyhow::Result<Self> {
+        Ok(Self::read(data_dir)?)
     }
+
+    /// Reads <data_dir>/up.json. Missing, unreadable or not up.json is a
+    /// usage error naming the absolute path looked at and what to do.
+    pub fn read(data_dir: &Path) -> Result<Self, CliError> {
+        let p = absolute(&Self::path(data_dir));
+        let text = match std::fs::read_to_string(&p) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let mut msg = format!(
+                    "no up.json at {}: start `headcount up` (it writes up.json into its \
+                     --data-dir), pass --data-dir (or HEADCOUNT_DATA_DIR) naming the data dir \
+                     of the `headcount up` you mean, or pass --nats-url",
+                    p.display()
+                );
+                if let Some(found) = up_json_above(data_dir) {
+                    msg.push_str(&format!(
+                        " (there is one at {}: --data-dir {})",
+                        found.display(),
+                        found.parent().unwrap_or(&found).display()
+                    ));
+                }
+                return Err(CliError::usage(msg).with("path", p.display().to_string()));
+            }
+            Err(e) => {
+                return Err(CliError::usage(format!("cannot read {}: {e}", p.display()))
+                    .with("path", p.display().to_string()));
+            }
+        };
+        serde_json::from_str(&text).map_err(|e| {
+            CliError::usage(format!(
+                "{} is not an up.json written by `headcount up`: {e}",
+                p.display()
+            ))
+            .with("path", p.display().to_string())
+        })
+    }
+}
+
+/// `path` made absolute from the working directory (not resolving links).
+pub fn absolute(path: &Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
+}
+
+/// An up.json under a relative `data_dir` of a directory above the working
+/// one (a command run in a subdirectory of the checkout `up` runs in).
+fn up_json_above(data_dir: &Path) -> Option<PathBuf> {
+    if data_dir.is_absolute() {
+        return None;
+    }
+    let cwd = std::env::current_dir().ok()?;
+    cwd.ancestors()
+        .skip(1)
+        .map(|dir| UpInfo::path(&dir.join(data_dir)))
+        .find(|p| p.is_file())
 }
 
 impl NatsArgs {
@@ -96,6 +168,85 @@ impl NatsArgs {
             name: name.to_string(),
         })
     }
+
+    /// Where a query command connects: flags (or their variables) win,
+    /// then <data-dir>/up.json. Without a URL from either, the error names
+    /// the up.json looked for.
+    pub fn target(&self, name: &str) -> Result<NatsTarget, CliError> {
+        let up_path = absolute(&UpInfo::path(&self.data_dir))
+            .display()
+            .to_string();
+        let up = if self.nats_urls.is_empty() {
+            Some(UpInfo::read(&self.data_dir)?)
+        } else if self.nats_user.is_none() || self.nats_password.is_none() {
+            // Only the credentials are missing: up.json's, if there is one.
+            UpInfo::read(&self.data_dir).ok()
+        } else {
+            None
+        };
+        let (urls, url_from) = if self.nats_urls.is_empty() {
+            let u = up.as_ref().map(|u| u.nats_url.as_str()).unwrap_or_default();
+            // up.json lists every node of a cluster, comma-separated.
+            let urls: Vec<String> = u
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect();
+            if urls.is_empty() {
+                return Err(
+                    CliError::usage(format!("{up_path} names no NATS URL (`nats_url`)"))
+                        .with("path", up_path),
+                );
+            }
+            (urls, up_path.clone())
+        } else {
+            (
+                self.nats_urls.clone(),
+                flag_or_env(
+                    "--nats-url",
+                    "HEADCOUNT_NATS_URL",
+                    &self.nats_urls.join(","),
+                ),
+            )
+        };
+        let (user, password, credentials_from) = match (&self.nats_user, &self.nats_password) {
+            (Some(user), Some(password)) => {
+                let from = flag_or_env("--nats-user", "HEADCOUNT_NATS_USER", user);
+                (Some(user.clone()), Some(password.clone()), Some(from))
+            }
+            (user, password) => match &up {
+                Some(u) => (
+                    Some(user.clone().unwrap_or_else(|| u.service_user.clone())),
+                    Some(
+                        password
+                            .clone()
+                            .unwrap_or_else(|| u.service_password.clone()),
+                    ),
+                    Some(up_path.clone()),
+                ),
+                None => (user.clone(), password.clone(), None),
+            },
+        };
+        Ok(NatsTarget {
+            options: NatsOptions {
+                urls,
+                user,
+                password,
+                name: name.to_string(),
+            },
+            url_from,
+            credentials_from,
+        })
+    }
+}
+
+/// `env` when the value came from that variable (it is set to `value`;
+/// several values comma-separated), else `flag`. clap prefers the flag when
+/// both are given, so a variable holding something else means the flag.
+pub fn flag_or_env(flag: &str, env: &str, value: &str) -> String {
+    let from_env = std::env::var(env).is_ok_and(|v| v == value);
+    if from_env { env } else { flag }.to_string()
 }
 
 /// The plans accounts can be put on.

@@ -7,6 +7,8 @@
 
 mod bench;
 mod config;
+mod exit;
+mod lock;
 mod query;
 mod services;
 mod simulate;
@@ -16,7 +18,7 @@ use clap::{Parser, Subcommand};
 
 /// Real-time device counting and per-account device limits on NATS.
 #[derive(Debug, Parser)]
-#[command(name = "headcount", version, about)]
+#[command(name = "headcount", version, about, after_help = exit::EXIT_STATUS_HELP)]
 struct Cli {
     /// Log as JSON lines (for log shippers).
     #[arg(long, global = true, env = "HEADCOUNT_LOG_JSON")]
@@ -32,22 +34,30 @@ enum Command {
     /// Simulate accounts x devices heartbeating.
     Simulate(simulate::SimulateArgs),
     /// Show an account's active sessions.
+    #[command(after_help = exit::EXIT_STATUS_HELP)]
     Active(query::ActiveArgs),
     /// Ask whether a device may play now (applies the account's policy).
+    #[command(after_help = exit::EXIT_STATUS_HELP)]
     Check(query::CheckArgs),
     /// Read or change an account's limit and policy.
+    #[command(after_help = exit::EXIT_STATUS_HELP)]
     Limits(query::LimitsArgs),
     /// End one session now (the device is told, its heartbeats are ignored).
+    #[command(after_help = exit::EXIT_STATUS_HELP)]
     Kick(query::KickArgs),
     /// Issue a device token.
+    #[command(after_help = exit::EXIT_STATUS_HELP)]
     Token(query::TokenArgs),
     /// Issue a backend token: an application server's NATS credential.
+    #[command(after_help = exit::EXIT_STATUS_HELP)]
     BackendToken(query::BackendTokenArgs),
     /// Print fresh auth callout keys (seeds for token-vendor, public keys for nats-server).
     CalloutKeys,
     /// Active sessions by content, device kind and region, and the peak.
+    #[command(after_help = exit::EXIT_STATUS_HELP)]
     Stats(query::StatsArgs),
     /// A live, refreshing view of the busiest accounts.
+    #[command(after_help = exit::EXIT_STATUS_HELP)]
     Top(query::TopArgs),
     /// Measure a running headcount (see docs/BENCHMARKS.md).
     Bench(bench::BenchArgs),
@@ -60,7 +70,10 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(e),
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -87,25 +100,31 @@ fn main() -> std::process::ExitCode {
     if !quiet {
         headcount_runtime::init_logging(cli.log_json);
     }
-    let result = runtime.block_on(async move {
+    runtime.block_on(async move {
+        // The query commands end with their own exit statuses (exit.rs).
+        let query = |json: bool| move |r| exit::finish(r, json);
         match cli.command {
-            Command::Up(a) => up::run(a).await,
-            Command::Simulate(a) => simulate::run(a).await,
-            Command::Active(a) => query::active(a).await,
-            Command::Check(a) => query::check(a).await,
-            Command::Limits(a) => query::limits(a).await,
-            Command::Kick(a) => query::kick(a).await,
-            Command::Token(a) => query::token(a).await,
-            Command::BackendToken(a) => query::backend_token(a).await,
-            Command::CalloutKeys => query::callout_keys(),
-            Command::Stats(a) => query::stats(a).await,
-            Command::Top(a) => query::top(a).await,
-            Command::Bench(a) => bench::run(a).await,
-            Command::Handler(a) => services::handler(a).await,
-            Command::Checker(a) => services::checker(a).await,
-            Command::TokenVendor(a) => services::token_vendor(a).await,
+            Command::Up(a) => finish(up::run(a).await),
+            Command::Simulate(a) => finish(simulate::run(a).await),
+            Command::Active(a) => query(a.json())(query::active(a).await),
+            Command::Check(a) => query(a.json())(query::check(a).await),
+            Command::Limits(a) => query(a.json())(query::limits(a).await),
+            Command::Kick(a) => query(a.json())(query::kick(a).await),
+            Command::Token(a) => query(a.json())(query::token(a).await),
+            Command::BackendToken(a) => query(a.json())(query::backend_token(a).await),
+            Command::CalloutKeys => finish(query::callout_keys()),
+            Command::Stats(a) => query(a.json())(query::stats(a).await),
+            Command::Top(a) => query(a.json())(query::top(a).await),
+            Command::Bench(a) => finish(bench::run(a).await),
+            Command::Handler(a) => finish(services::handler(a).await),
+            Command::Checker(a) => finish(services::checker(a).await),
+            Command::TokenVendor(a) => finish(services::token_vendor(a).await),
         }
-    });
+    })
+}
+
+/// The end of a command that is not a query: 1 on any error.
+fn finish(result: anyhow::Result<()>) -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -113,6 +132,28 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// clap could not make sense of the arguments (exit status 2), or was
+/// asked for help or the version (0). Under `--json` the error is also one
+/// JSON object on stdout, as every query command's errors are.
+fn usage_error(e: clap::Error) -> std::process::ExitCode {
+    let code = e.exit_code();
+    if code != 0 && std::env::args_os().any(|a| a == "--json") {
+        let text = e.render().to_string();
+        let first = text
+            .lines()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or_default()
+            .trim_start_matches("error: ");
+        let object = serde_json::json!({ "error": first, "code": code });
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&object).unwrap_or_default()
+        );
+    }
+    let _ = e.print();
+    std::process::ExitCode::from(u8::try_from(code).unwrap_or(2))
 }
 
 /// Millions of small session records: mimalloc keeps them about a quarter

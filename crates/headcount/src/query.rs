@@ -1,50 +1,208 @@
-//! The request-reply commands: `active`, `check`, `limits`, `kick`, `token`.
+//! The request-reply commands: `active`, `check`, `limits`, `kick`, `token`,
+//! `backend-token`, `stats`, `top`.
+//!
+//! Each returns a [`CliError`] when it does not succeed, whose [`Exit`]
+//! status is the command's (`headcount --help`, README "Exit status"):
+//! NATS is reached with one short attempt (`--connect-timeout`), never the
+//! services' retry-forever connect, so a dead server is an answer (exit
+//! status 3) rather than a hang.
+//!
+//! [`Exit`]: crate::exit::Exit
 
 use std::time::Duration;
 
-use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use headcount_protocol::subjects::{endpoint, endpoint_subject};
 use headcount_protocol::wire::{
     ActiveReply, CheckReply, KickReply, LimitsReply, StatsReply, TokenReply,
 };
-use serde::Serialize;
 use serde::de::DeserializeOwned;
-use serde_json::json;
+use serde_json::{Value, json};
 
-use crate::config::NatsArgs;
+use crate::config::{NatsArgs, NatsTarget, humantime_secs};
+use crate::exit::CliError;
+
+/// How long a request may wait for its answer.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The most accounts the checker lists in a `stats` reply: `stats` and
+/// `top` ask for this many, show what was asked for, and count the rest.
+const MOST_LISTED: u32 = 1000;
 
 #[derive(Debug, Args)]
 pub struct Common {
     #[command(flatten)]
     nats: NatsArgs,
-    /// Print the raw JSON reply.
+    /// Give up when NATS has not accepted the connection within this long
+    /// (exit status 3), instead of waiting for it.
+    #[arg(
+        long,
+        env = "HEADCOUNT_CONNECT_TIMEOUT",
+        default_value = "3s",
+        value_parser = humantime_secs
+    )]
+    connect_timeout: Duration,
+    /// Print the service's reply as JSON. An error, too, is one JSON object
+    /// on stdout: `{"error": "...", "code": <exit status>, ...}`.
     #[arg(long)]
     json: bool,
 }
 
-/// Sends one request; a service error becomes a readable error.
-async fn call<Rep: DeserializeOwned + Serialize>(
+/// One command's connection to NATS, and where its address came from.
+struct Conn {
+    client: async_nats::Client,
+    target: NatsTarget,
+}
+
+impl Common {
+    /// Connects once, within `--connect-timeout`.
+    async fn connect(&self, name: &str) -> Result<Conn, CliError> {
+        let target = self.nats.target(name)?;
+        match target.options.connect_once(self.connect_timeout).await {
+            Ok(client) => Ok(Conn { client, target }),
+            Err(e) => Err(connect_error(&target, &e, self.connect_timeout)),
+        }
+    }
+}
+
+/// Why NATS could not be used, naming its URL and where that came from.
+fn connect_error(t: &NatsTarget, e: &async_nats::ConnectError, timeout: Duration) -> CliError {
+    use async_nats::ConnectErrorKind as Kind;
+    let (urls, from) = (t.urls(), t.url_from.as_str());
+    let hint = if from.ends_with("up.json") {
+        " (is `headcount up` running? an up.json outlives an `up` that crashed)"
+    } else {
+        ""
+    };
+    let error = match e.kind() {
+        Kind::ServerParse => {
+            return CliError::usage(format!("bad NATS URL {urls} (from {from}): {e}"))
+                .with("nats_url", urls.clone())
+                .with("from", from);
+        }
+        Kind::AuthorizationViolation | Kind::Authentication => {
+            let who = match (&t.options.user, &t.credentials_from) {
+                (Some(user), Some(src)) => format!("user {user:?} from {src}"),
+                _ => "no user given: pass --nats-user and --nats-password".to_string(),
+            };
+            CliError::unreachable(format!(
+                "NATS at {urls} (from {from}) refused the connection: {e} ({who})"
+            ))
+        }
+        Kind::TimedOut => CliError::unreachable(format!(
+            "cannot reach NATS at {urls} (from {from}): no answer within {timeout:?}{hint}"
+        )),
+        _ => CliError::unreachable(format!(
+            "cannot reach NATS at {urls} (from {from}): {}{hint}",
+            error_chain(e)
+        )),
+    };
+    error.with("nats_url", urls).with("from", from)
+}
+
+/// An error and its sources, `: `-separated.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let more = s.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = s.source();
+    }
+    text
+}
+
+/// Which service answers an endpoint, for "nobody answered" messages.
+fn server_of(ep: &str) -> &'static str {
+    if ep == endpoint::TOKEN {
+        "token-vendor"
+    } else {
+        "checker"
+    }
+}
+
+impl Conn {
+    /// Sends one request; the reply both typed and as JSON. No answer is
+    /// exit status 3, a service error 4.
+    async fn request<Rep: DeserializeOwned>(
+        &self,
+        ep: &str,
+        body: &Value,
+    ) -> Result<(Rep, Value), CliError> {
+        use async_nats::RequestErrorKind as Kind;
+        let subject = endpoint_subject(ep);
+        let urls = self.target.urls();
+        let no_answer = |what: String| {
+            CliError::unreachable(what)
+                .with("nats_url", urls.clone())
+                .with("subject", subject.clone())
+        };
+        let msg = match tokio::time::timeout(
+            REQUEST_TIMEOUT,
+            self.client
+                .request(subject.clone(), body.to_string().into_bytes().into()),
+        )
+        .await
+        {
+            Ok(Ok(msg)) => msg,
+            Ok(Err(e)) if e.kind() == Kind::NoResponders => {
+                return Err(no_answer(format!(
+                    "no service answers {subject} on NATS at {urls} (is the {} running?)",
+                    server_of(ep)
+                )));
+            }
+            Ok(Err(e)) if e.kind() == Kind::TimedOut => {
+                return Err(no_answer(format!(
+                    "no answer from {subject}: {e} (is the {} running?)",
+                    server_of(ep)
+                )));
+            }
+            Ok(Err(e)) => {
+                return Err(no_answer(format!(
+                    "calling {subject} on NATS at {urls}: {}",
+                    error_chain(&e)
+                )));
+            }
+            Err(_) => {
+                return Err(no_answer(format!(
+                    "no answer from {subject} within {REQUEST_TIMEOUT:?} (is the {} running?)",
+                    server_of(ep)
+                )));
+            }
+        };
+        if let Some((code, text)) = headcount_runtime::service_error_of(&msg) {
+            return Err(CliError::service(format!("{text} ({code})"), Some(code)));
+        }
+        let unreadable = |e: serde_json::Error| {
+            CliError::service(format!("unreadable reply from {subject}: {e}"), None)
+        };
+        let raw: Value = serde_json::from_slice(&msg.payload).map_err(unreadable)?;
+        let reply = serde_json::from_value(raw.clone()).map_err(unreadable)?;
+        Ok((reply, raw))
+    }
+}
+
+/// Connects and sends one request.
+async fn call<Rep: DeserializeOwned>(
     common: &Common,
     ep: &str,
-    body: serde_json::Value,
-) -> anyhow::Result<Rep> {
-    let client = common.nats.options("headcount-cli")?.connect().await?;
-    let msg = tokio::time::timeout(
-        Duration::from_secs(5),
-        client.request(endpoint_subject(ep), serde_json::to_vec(&body)?.into()),
-    )
-    .await
-    .context("no answer within 5 s")?
-    .with_context(|| format!("calling {}", endpoint_subject(ep)))?;
-    if let Some((code, text)) = headcount_runtime::service_error_of(&msg) {
-        bail!("{text} ({code})");
-    }
-    let reply: Rep = serde_json::from_slice(&msg.payload).context("unreadable reply")?;
-    if common.json {
-        println!("{}", serde_json::to_string_pretty(&reply)?);
-    }
-    Ok(reply)
+    body: Value,
+) -> Result<(Rep, Value), CliError> {
+    common
+        .connect("headcount-cli")
+        .await?
+        .request(ep, &body)
+        .await
+}
+
+fn print_json(v: &Value) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string())
+    );
 }
 
 fn span(s: u64) -> String {
@@ -62,14 +220,23 @@ fn ago(ms: u64) -> String {
 
 #[derive(Debug, Args)]
 pub struct ActiveArgs {
+    /// The account, e.g. `acct-0003`.
     account: String,
     #[command(flatten)]
     common: Common,
 }
 
-pub async fn active(a: ActiveArgs) -> anyhow::Result<()> {
-    let r: ActiveReply = call(&a.common, endpoint::ACTIVE, json!({"account": a.account})).await?;
+impl ActiveArgs {
+    pub fn json(&self) -> bool {
+        self.common.json
+    }
+}
+
+pub async fn active(a: ActiveArgs) -> Result<(), CliError> {
+    let (r, raw): (ActiveReply, _) =
+        call(&a.common, endpoint::ACTIVE, json!({"account": a.account})).await?;
     if a.common.json {
+        print_json(&raw);
         return Ok(());
     }
     println!(
@@ -100,7 +267,9 @@ pub async fn active(a: ActiveArgs) -> anyhow::Result<()> {
 
 #[derive(Debug, Args)]
 pub struct CheckArgs {
+    /// The account, e.g. `acct-0003`.
     account: String,
+    /// The device asking to play, e.g. `phone-7`.
     device: String,
     /// The session about to play (named as `by` in eviction notices).
     #[arg(long)]
@@ -115,31 +284,46 @@ pub struct CheckArgs {
     common: Common,
 }
 
-pub async fn check(a: CheckArgs) -> anyhow::Result<()> {
-    let r: CheckReply = call(
+impl CheckArgs {
+    pub fn json(&self) -> bool {
+        self.common.json
+    }
+}
+
+/// `check`: exit status 0 when the device may play, 1 when it is refused.
+pub async fn check(a: CheckArgs) -> Result<(), CliError> {
+    let (r, raw): (CheckReply, _) = call(
         &a.common,
         endpoint::CHECK,
         json!({"account": a.account, "device": a.device, "session": a.session,
                "content": a.content, "evict": a.evict}),
     )
     .await?;
-    if !a.common.json {
-        let verdict = if r.allowed {
-            "may play"
+    let seats = format!("{} of {} seats taken, {}", r.active, r.limit, r.policy);
+    if !r.allowed {
+        let why = if r.active >= r.limit {
+            format!("account {} is at its limit", a.account)
         } else {
-            "is refused: the account is at its limit"
+            "its content is at the account's per-content limit".to_string()
         };
-        println!(
-            "{} {verdict} ({} of {} seats taken, {})",
-            a.device, r.active, r.limit, r.policy
-        );
-        for e in r.evicted {
-            println!(
-                "  evicted {} (session {}) to make room",
-                e.device.as_str(),
-                e.session.as_str()
-            );
+        let refused = CliError::refused(format!("{} is refused: {why} ({seats})", a.device));
+        if a.common.json {
+            return Err(refused.with_reply(raw));
         }
+        println!("{}", refused.message);
+        return Err(refused.already_said());
+    }
+    if a.common.json {
+        print_json(&raw);
+        return Ok(());
+    }
+    println!("{} may play ({seats})", a.device);
+    for e in r.evicted {
+        println!(
+            "  evicted {} (session {}) to make room",
+            e.device.as_str(),
+            e.session.as_str()
+        );
     }
     Ok(())
 }
@@ -150,10 +334,19 @@ pub struct LimitsArgs {
     command: LimitsCommand,
 }
 
+impl LimitsArgs {
+    pub fn json(&self) -> bool {
+        match &self.command {
+            LimitsCommand::Get { common, .. } | LimitsCommand::Set { common, .. } => common.json,
+        }
+    }
+}
+
 #[derive(Debug, Subcommand)]
 enum LimitsCommand {
     /// Show an account's limit and policy.
     Get {
+        /// The account, e.g. `acct-0003`.
         account: String,
         #[command(flatten)]
         common: Common,
@@ -161,11 +354,13 @@ enum LimitsCommand {
     /// Change an account's plan, limit, policy, per-content limit or grace
     /// (what is not given stays as it was).
     Set {
+        /// The account, e.g. `acct-0003`.
         account: String,
         /// The number of sessions allowed at once.
         #[arg(allow_negative_numbers = true)]
         limit: Option<i64>,
-        /// A plan by name (see `--plan` of the checker).
+        /// A plan by name (the checker's `--plan`s; default basic, standard,
+        /// premium).
         #[arg(long)]
         plan: Option<String>,
         /// evict-oldest, reject-new or evict-least-active.
@@ -177,7 +372,8 @@ enum LimitsCommand {
         /// Allow SEATS extra sessions for SECS seconds, e.g. `1/60`.
         #[arg(long, value_parser = parse_grace)]
         grace: Option<(i64, i64)>,
-        /// Forget everything set before (back to the token's plan or the default).
+        /// Forget everything set before (back to the token's plan or the
+        /// default); the other flags given then apply on top.
         #[arg(long)]
         reset: bool,
         #[command(flatten)]
@@ -198,8 +394,8 @@ fn parse_grace(s: &str) -> Result<(i64, i64), String> {
     Ok((n(a)?, n(b)?))
 }
 
-pub async fn limits(a: LimitsArgs) -> anyhow::Result<()> {
-    let (r, common): (LimitsReply, Common) = match a.command {
+pub async fn limits(a: LimitsArgs) -> Result<(), CliError> {
+    let ((r, raw), common): ((LimitsReply, Value), Common) = match a.command {
         LimitsCommand::Get { account, common } => (
             call(&common, endpoint::LIMITS_GET, json!({"account": account})).await?,
             common,
@@ -232,19 +428,21 @@ pub async fn limits(a: LimitsArgs) -> anyhow::Result<()> {
             (call(&common, endpoint::LIMITS_SET, body).await?, common)
         }
     };
-    if !common.json {
-        let mut line = format!("account {}: limit {} ({})", r.account, r.limit, r.policy);
-        if let Some(p) = &r.plan {
-            line.push_str(&format!(", plan {p}"));
-        }
-        if let Some(n) = r.per_content {
-            line.push_str(&format!(", at most {n} per content"));
-        }
-        if let Some(g) = r.grace {
-            line.push_str(&format!(", grace {} extra for {}s", g.seats, g.secs));
-        }
-        println!("{line}");
+    if common.json {
+        print_json(&raw);
+        return Ok(());
     }
+    let mut line = format!("account {}: limit {} ({})", r.account, r.limit, r.policy);
+    if let Some(p) = &r.plan {
+        line.push_str(&format!(", plan {p}"));
+    }
+    if let Some(n) = r.per_content {
+        line.push_str(&format!(", at most {n} per content"));
+    }
+    if let Some(g) = r.grace {
+        line.push_str(&format!(", grace {} extra for {}s", g.seats, g.secs));
+    }
+    println!("{line}");
     Ok(())
 }
 
@@ -252,11 +450,18 @@ pub async fn limits(a: LimitsArgs) -> anyhow::Result<()> {
 pub struct StatsArgs {
     /// One account (default: all accounts, with the busiest listed).
     account: Option<String>,
-    /// How many of the busiest accounts to list.
+    /// How many of the busiest accounts to list (all accounts only); the
+    /// rest are counted (`... and 37 more accounts`).
     #[arg(long, default_value_t = 10)]
     top: u32,
     #[command(flatten)]
     common: Common,
+}
+
+impl StatsArgs {
+    pub fn json(&self) -> bool {
+        self.common.json
+    }
 }
 
 fn print_counts(title: &str, counts: &std::collections::BTreeMap<String, u32>) {
@@ -273,37 +478,85 @@ fn print_counts(title: &str, counts: &std::collections::BTreeMap<String, u32>) {
     );
 }
 
-pub async fn stats(a: StatsArgs) -> anyhow::Result<()> {
-    let r: StatsReply = call(
+/// Accounts a `stats` reply listed beyond the first `shown`: how many, and
+/// whether there may be more still (the checker lists at most
+/// [`MOST_LISTED`]).
+fn not_shown(r: &StatsReply, shown: usize) -> (usize, bool) {
+    let rest = r.top.len().saturating_sub(shown);
+    (rest, r.top.len() >= MOST_LISTED as usize)
+}
+
+/// `... and 37 more accounts` (or `1000+ more`), or nothing.
+fn more_accounts_line(rest: usize, capped: bool) -> Option<String> {
+    match (rest, capped) {
+        (0, false) => None,
+        (n, false) => Some(format!(
+            "... and {n} more account{}",
+            if n == 1 { "" } else { "s" }
+        )),
+        (n, true) => Some(format!("... and {n}+ more accounts")),
+    }
+}
+
+/// Cuts the reply's `top` to the first `shown` and says how many are left
+/// out (`more_accounts`, and `more_accounts_at_least` when the checker
+/// listed all it lists).
+fn json_with_top(mut raw: Value, r: &StatsReply, shown: usize) -> Value {
+    let (rest, capped) = not_shown(r, shown);
+    if let Some(top) = raw.get_mut("top").and_then(Value::as_array_mut) {
+        top.truncate(shown);
+    }
+    if let Value::Object(obj) = &mut raw {
+        obj.insert("more_accounts".into(), json!(rest));
+        if capped {
+            obj.insert("more_accounts_at_least".into(), json!(true));
+        }
+    }
+    raw
+}
+
+pub async fn stats(a: StatsArgs) -> Result<(), CliError> {
+    let (r, raw): (StatsReply, _) = call(
         &a.common,
         endpoint::STATS,
-        json!({"account": a.account, "top": a.top}),
+        json!({"account": a.account, "top": MOST_LISTED}),
     )
     .await?;
-    if !a.common.json {
-        match &r.account {
-            Some(acct) => println!(
-                "account {acct}: {} active, peak {} over the last {} min",
-                r.active, r.peak, r.window_minutes
-            ),
-            None => println!(
-                "all accounts: {} active, peak {} over the last {} min",
-                r.active, r.peak, r.window_minutes
-            ),
+    let shown = a.top as usize;
+    if a.common.json {
+        if r.account.is_some() {
+            print_json(&raw);
+        } else {
+            print_json(&json_with_top(raw, &r, shown));
         }
-        print_counts("content", &r.by_content);
-        print_counts("kind", &r.by_kind);
-        print_counts("region", &r.by_region);
-        if !r.top.is_empty() {
-            println!("  busiest:");
-            for u in &r.top {
-                println!(
-                    "    {:<24} {:>5} / {}",
-                    u.account.as_str(),
-                    u.active,
-                    u.limit
-                );
-            }
+        return Ok(());
+    }
+    match &r.account {
+        Some(acct) => println!(
+            "account {acct}: {} active, peak {} over the last {} min",
+            r.active, r.peak, r.window_minutes
+        ),
+        None => println!(
+            "all accounts: {} active, peak {} over the last {} min",
+            r.active, r.peak, r.window_minutes
+        ),
+    }
+    print_counts("content", &r.by_content);
+    print_counts("kind", &r.by_kind);
+    print_counts("region", &r.by_region);
+    if !r.top.is_empty() {
+        println!("  busiest:");
+        for u in r.top.iter().take(shown) {
+            println!(
+                "    {:<24} {:>5} / {}",
+                u.account.as_str(),
+                u.active,
+                u.limit
+            );
+        }
+        let (rest, capped) = not_shown(&r, shown);
+        if let Some(line) = more_accounts_line(rest, capped) {
+            println!("    {line}");
         }
     }
     Ok(())
@@ -311,111 +564,152 @@ pub async fn stats(a: StatsArgs) -> anyhow::Result<()> {
 
 #[derive(Debug, Args)]
 pub struct TopArgs {
-    /// Refresh period.
-    #[arg(long, default_value = "1s", value_parser = crate::config::humantime_secs)]
+    /// Refresh period (at least 100ms).
+    #[arg(long, default_value = "1s", value_parser = humantime_secs)]
     every: Duration,
-    /// Accounts shown.
+    /// How many of the busiest accounts to list; the rest are counted in a
+    /// last line (`... and 37 more accounts`).
     #[arg(long, default_value_t = 20)]
     rows: u32,
+    /// Print one snapshot and exit, without clearing the screen (scripts,
+    /// pipes).
+    #[arg(long)]
+    once: bool,
     #[command(flatten)]
     common: Common,
 }
 
-/// A live view of the busiest accounts, redrawn in place like `top`.
-pub async fn top(a: TopArgs) -> anyhow::Result<()> {
-    let client = a.common.nats.options("headcount-top")?.connect().await?;
+impl TopArgs {
+    pub fn json(&self) -> bool {
+        self.common.json
+    }
+}
+
+/// One screen of `top`: totals, the first `rows` accounts, how many more
+/// there are, kinds and regions.
+fn render_top(r: &StatsReply, rows: usize) -> String {
+    let mut out = format!(
+        "headcount top - {} active, peak {} (last {} min)\n\n",
+        r.active, r.peak, r.window_minutes
+    );
+    out.push_str(&format!(
+        "{:<28} {:>7} {:>7}  {}\n",
+        "ACCOUNT", "ACTIVE", "LIMIT", "USE"
+    ));
+    for u in r.top.iter().take(rows) {
+        let width = 20usize;
+        let filled = (u.active as usize * width / u.limit.max(1) as usize).min(width);
+        let over = if u.active > u.limit { " OVER" } else { "" };
+        out.push_str(&format!(
+            "{:<28} {:>7} {:>7}  [{}{}]{over}\n",
+            u.account.as_str(),
+            u.active,
+            u.limit,
+            "#".repeat(filled),
+            " ".repeat(width - filled)
+        ));
+    }
+    let (rest, capped) = not_shown(r, rows);
+    if let Some(line) = more_accounts_line(rest, capped) {
+        out.push_str(&format!("{line} (--rows shows more)\n"));
+    }
+    let kinds: Vec<String> = r.by_kind.iter().map(|(k, n)| format!("{k} {n}")).collect();
+    let regions: Vec<String> = r
+        .by_region
+        .iter()
+        .map(|(k, n)| format!("{k} {n}"))
+        .collect();
+    out.push_str(&format!(
+        "\nkinds:   {}\nregions: {}\n",
+        kinds.join(", "),
+        regions.join(", ")
+    ));
+    out
+}
+
+/// A live view of the busiest accounts, redrawn in place like `top`; with
+/// `--json`, one JSON line per refresh; with `--once`, one snapshot.
+pub async fn top(a: TopArgs) -> Result<(), CliError> {
+    use std::io::Write;
+    let conn = a.common.connect("headcount-top").await?;
+    let rows = a.rows as usize;
+    let body = json!({ "top": MOST_LISTED });
     let mut tick = tokio::time::interval(a.every.max(Duration::from_millis(100)));
     loop {
         tokio::select! {
             _ = crate::services::until_signal_quiet() => break,
             _ = tick.tick() => {}
         }
-        let body = serde_json::to_vec(&json!({"top": a.rows}))?;
-        let r: StatsReply = match client
-            .request(endpoint_subject(endpoint::STATS), body.into())
-            .await
-        {
-            Ok(msg) => match serde_json::from_slice(&msg.payload) {
-                Ok(r) => r,
-                Err(e) => bail!("unreadable stats reply: {e}"),
-            },
+        let (r, raw): (StatsReply, Value) = match conn.request(endpoint::STATS, &body).await {
+            Ok(reply) => reply,
+            Err(e) if a.once => return Err(e),
             Err(e) => {
-                eprintln!("stats request failed: {e}");
+                // The live view keeps trying; the next refresh may answer.
+                eprintln!("error: {e}");
                 continue;
             }
         };
-        // Clear the screen and draw from the top-left corner.
-        let mut out = String::from("\x1b[2J\x1b[H");
-        out.push_str(&format!(
-            "headcount top - {} active, peak {} (last {} min)\n\n",
-            r.active, r.peak, r.window_minutes
-        ));
-        out.push_str(&format!(
-            "{:<28} {:>7} {:>7}  {}\n",
-            "ACCOUNT", "ACTIVE", "LIMIT", "USE"
-        ));
-        for u in &r.top {
-            let width = 20usize;
-            let filled = (u.active as usize * width / u.limit.max(1) as usize).min(width);
-            let over = if u.active > u.limit { " OVER" } else { "" };
-            out.push_str(&format!(
-                "{:<28} {:>7} {:>7}  [{}{}]{over}\n",
-                u.account.as_str(),
-                u.active,
-                u.limit,
-                "#".repeat(filled),
-                " ".repeat(width - filled)
-            ));
+        if a.common.json {
+            println!("{}", json_with_top(raw, &r, rows));
+        } else if a.once {
+            print!("{}", render_top(&r, rows));
+        } else {
+            // Clear the screen and draw from the top-left corner.
+            print!("\x1b[2J\x1b[H{}", render_top(&r, rows));
         }
-        let kinds: Vec<String> = r.by_kind.iter().map(|(k, n)| format!("{k} {n}")).collect();
-        let regions: Vec<String> = r
-            .by_region
-            .iter()
-            .map(|(k, n)| format!("{k} {n}"))
-            .collect();
-        out.push_str(&format!(
-            "\nkinds:   {}\nregions: {}\n",
-            kinds.join(", "),
-            regions.join(", ")
-        ));
-        print!("{out}");
-        use std::io::Write;
         let _ = std::io::stdout().flush();
+        if a.once {
+            break;
+        }
     }
     Ok(())
 }
 
 #[derive(Debug, Args)]
 pub struct KickArgs {
+    /// The account, e.g. `acct-0003`.
     account: String,
+    /// The session to end (the SESSION column of `headcount active`).
     session: String,
     #[command(flatten)]
     common: Common,
 }
 
-pub async fn kick(a: KickArgs) -> anyhow::Result<()> {
-    let r: KickReply = call(
+impl KickArgs {
+    pub fn json(&self) -> bool {
+        self.common.json
+    }
+}
+
+/// `kick`: exit status 0 when the session was ended, 1 when no active
+/// session of the account has that id.
+pub async fn kick(a: KickArgs) -> Result<(), CliError> {
+    let (r, raw): (KickReply, _) = call(
         &a.common,
         endpoint::KICK,
         json!({"account": a.account, "session": a.session}),
     )
     .await?;
-    if !a.common.json {
-        println!(
-            "{}",
-            if r.kicked {
-                "kicked"
-            } else {
-                "no such active session"
-            }
-        );
+    if !r.kicked {
+        return Err(CliError::refused(format!(
+            "no active session {} on account {}: nothing kicked",
+            a.session, a.account
+        ))
+        .with_reply(raw));
+    }
+    if a.common.json {
+        print_json(&raw);
+    } else {
+        println!("kicked session {} of account {}", a.session, a.account);
     }
     Ok(())
 }
 
 #[derive(Debug, Args)]
 pub struct TokenArgs {
+    /// The account, e.g. `acct-0003`.
     account: String,
+    /// The device the token is for, e.g. `tv-livingroom`.
     device: String,
     /// The account's plan, carried in the token.
     #[arg(long)]
@@ -424,20 +718,29 @@ pub struct TokenArgs {
     common: Common,
 }
 
-pub async fn token(a: TokenArgs) -> anyhow::Result<()> {
+impl TokenArgs {
+    pub fn json(&self) -> bool {
+        self.common.json
+    }
+}
+
+/// `token`: a device token from token-vendor's `headcount.token`.
+pub async fn token(a: TokenArgs) -> Result<(), CliError> {
     let mut body = json!({"account": a.account, "device": a.device});
     if let Some(p) = &a.plan {
         body["plan"] = json!(p);
     }
-    let r: TokenReply = call(&a.common, endpoint::TOKEN, body).await?;
-    if !a.common.json {
-        let left = r
-            .expires_at
-            .saturating_sub(headcount_protocol::now_millis())
-            / 1000;
-        println!("session {}, expires in {}", r.session.as_str(), span(left));
-        println!("{}", r.token);
+    let (r, raw): (TokenReply, _) = call(&a.common, endpoint::TOKEN, body).await?;
+    if a.common.json {
+        print_json(&raw);
+        return Ok(());
     }
+    let left = r
+        .expires_at
+        .saturating_sub(headcount_protocol::now_millis())
+        / 1000;
+    println!("session {}, expires in {}", r.session.as_str(), span(left));
+    println!("{}", r.token);
     Ok(())
 }
 
@@ -446,61 +749,126 @@ pub struct BackendTokenArgs {
     /// The backend's name (shows in the server's logs), e.g. `web-1`.
     name: String,
     /// Lifetime, at most the token-vendor's --client-token-ttl (24h).
-    #[arg(long, value_parser = crate::config::humantime_secs)]
+    #[arg(long, value_parser = humantime_secs)]
     ttl: Option<Duration>,
-    /// token-vendor's HTTP API. Default: the one in <data-dir>/up.json.
+    /// token-vendor's HTTP API. Default: `http_url` of <data-dir>/up.json.
     #[arg(long, env = "HEADCOUNT_HTTP_URL")]
     http_url: Option<String>,
-    /// The operator key. Default: the one in <data-dir>/up.json.
+    /// The operator key. Default: `operator_key` of <data-dir>/up.json.
     #[arg(long, env = "HEADCOUNT_OPERATOR_KEY", hide_env_values = true)]
     operator_key: Option<String>,
-    /// Directory holding up.json.
+    /// The data directory of `headcount up`, whose up.json gives the HTTP
+    /// URL and operator key not given as flags.
     #[arg(long, env = "HEADCOUNT_DATA_DIR", default_value = ".headcount")]
     data_dir: std::path::PathBuf,
-    /// Print the raw JSON reply.
+    /// Give up when token-vendor has not accepted the connection within
+    /// this long (exit status 3).
+    #[arg(
+        long,
+        env = "HEADCOUNT_CONNECT_TIMEOUT",
+        default_value = "3s",
+        value_parser = humantime_secs
+    )]
+    connect_timeout: Duration,
+    /// Print token-vendor's reply as JSON. An error, too, is one JSON object
+    /// on stdout: `{"error": "...", "code": <exit status>, ...}`.
     #[arg(long)]
     json: bool,
 }
 
+impl BackendTokenArgs {
+    pub fn json(&self) -> bool {
+        self.json
+    }
+}
+
 /// `headcount backend-token NAME`: a backend token from token-vendor's HTTP
 /// API (`POST /v1/backend-tokens`, operator key).
-pub async fn backend_token(a: BackendTokenArgs) -> anyhow::Result<()> {
+pub async fn backend_token(a: BackendTokenArgs) -> Result<(), CliError> {
+    let up_path = crate::config::absolute(&crate::config::UpInfo::path(&a.data_dir))
+        .display()
+        .to_string();
     let up = if a.http_url.is_none() || a.operator_key.is_none() {
-        Some(crate::config::UpInfo::load(&a.data_dir)?)
+        Some(crate::config::UpInfo::read(&a.data_dir)?)
     } else {
         None
     };
-    let http = a
-        .http_url
-        .or_else(|| up.as_ref().map(|u| u.http_url.clone()))
-        .context("--http-url is required without up.json")?;
-    let key = a
-        .operator_key
-        .or_else(|| up.as_ref().map(|u| u.operator_key.clone()))
-        .context("--operator-key is required without up.json")?;
+    // up.json was read whenever a flag is missing.
+    let (http, from) = match &a.http_url {
+        Some(h) => (
+            h.clone(),
+            crate::config::flag_or_env("--http-url", "HEADCOUNT_HTTP_URL", h),
+        ),
+        None => (
+            up.as_ref().map(|u| u.http_url.clone()).unwrap_or_default(),
+            up_path,
+        ),
+    };
+    let key = match &a.operator_key {
+        Some(k) => k.clone(),
+        None => up
+            .as_ref()
+            .map(|u| u.operator_key.clone())
+            .unwrap_or_default(),
+    };
     let mut body = json!({ "name": a.name });
     if let Some(ttl) = a.ttl {
         body["ttl_secs"] = json!(ttl.as_secs());
     }
-    let response = reqwest::Client::new()
-        .post(format!("{}/v1/backend-tokens", http.trim_end_matches('/')))
+    let url = format!("{}/v1/backend-tokens", http.trim_end_matches('/'));
+    let client = reqwest::Client::builder()
+        .connect_timeout(a.connect_timeout)
+        .timeout(a.connect_timeout + REQUEST_TIMEOUT)
+        .build()
+        .map_err(|e| CliError::usage(format!("HTTP client: {}", error_chain(&e))))?;
+    let response = client
+        .post(&url)
         .bearer_auth(key)
         .json(&body)
-        .timeout(Duration::from_secs(5))
         .send()
         .await
-        .with_context(|| format!("calling {http}"))?;
+        .map_err(|e| {
+            if e.is_builder() {
+                return CliError::usage(format!(
+                    "bad token-vendor URL {http} (from {from}): {}",
+                    error_chain(&e)
+                ));
+            }
+            let why = if e.is_timeout() {
+                format!("no answer within {:?}", a.connect_timeout + REQUEST_TIMEOUT)
+            } else {
+                error_chain(&e)
+            };
+            let hint = if from.ends_with("up.json") {
+                " (is `headcount up` running? an up.json outlives an `up` that crashed)"
+            } else {
+                ""
+            };
+            CliError::unreachable(format!(
+                "cannot reach token-vendor at {http} (from {from}): {why}{hint}"
+            ))
+            .with("http_url", http.clone())
+            .with("from", from.clone())
+        })?;
     let status = response.status();
-    let reply: serde_json::Value = response.json().await.context("unreadable reply")?;
+    let reply: Value = response.json().await.map_err(|e| {
+        CliError::service(
+            format!("unreadable reply from {url} ({status}): {e}"),
+            Some(status.as_u16()),
+        )
+    })?;
     if !status.is_success() {
-        bail!(
-            "{} ({})",
-            reply["error"].as_str().unwrap_or("refused"),
-            status.as_u16()
-        );
+        return Err(CliError::service(
+            format!(
+                "{} ({})",
+                reply["error"].as_str().unwrap_or("refused"),
+                status.as_u16()
+            ),
+            Some(status.as_u16()),
+        ));
     }
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&reply)?);
+        print_json(&reply);
         return Ok(());
     }
     let left = reply["expires_at"]
@@ -527,4 +895,52 @@ pub fn callout_keys() -> anyhow::Result<()> {
     println!("HEADCOUNT_CALLOUT_XKEY_SEED={}", issuer.xkey_seed()?);
     println!("HEADCOUNT_CALLOUT_XKEY={}", issuer.xkey_public());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use headcount_protocol::AccountId;
+    use headcount_protocol::wire::AccountUsage;
+
+    fn stats_with(accounts: usize) -> StatsReply {
+        StatsReply {
+            account: None,
+            active: accounts as u32,
+            peak: accounts as u32,
+            window_minutes: 15,
+            by_content: Default::default(),
+            by_kind: Default::default(),
+            by_region: Default::default(),
+            top: (0..accounts)
+                .map(|i| AccountUsage {
+                    account: AccountId::parse(&format!("acct-{i:04}")).expect("account"),
+                    active: 1,
+                    limit: 3,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn top_counts_the_accounts_it_does_not_list() {
+        let screen = render_top(&stats_with(57), 20);
+        assert!(screen.contains("acct-0019") && !screen.contains("acct-0020"));
+        assert!(screen.contains("... and 37 more accounts"), "{screen}");
+        assert!(!render_top(&stats_with(20), 20).contains("more account"));
+        assert!(render_top(&stats_with(21), 20).contains("... and 1 more account "));
+        // The checker lists at most MOST_LISTED: there may be more.
+        let capped = render_top(&stats_with(MOST_LISTED as usize), 20);
+        assert!(capped.contains("... and 980+ more accounts"), "{capped}");
+    }
+
+    #[test]
+    fn json_top_is_cut_to_the_rows_shown() {
+        let r = stats_with(5);
+        let raw = serde_json::to_value(&r).expect("json");
+        let v = json_with_top(raw, &r, 2);
+        assert_eq!(v["top"].as_array().map(Vec::len), Some(2));
+        assert_eq!(v["more_accounts"], 3);
+        assert!(v.get("more_accounts_at_least").is_none());
+    }
 }

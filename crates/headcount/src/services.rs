@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use headcount_runtime::{Buckets, Shutdown, http, shutdown};
+use headcount_runtime::{Buckets, Health, NatsOptions, Shutdown, http, shutdown};
 
 use crate::config::{BrowserArgs, EngineArgs, NatsArgs, PlanArgs, humantime_secs};
 
@@ -16,7 +16,7 @@ pub struct HandlerArgs {
     nats: NatsArgs,
     #[command(flatten)]
     engine: EngineArgs,
-    /// Serve /metrics on this address.
+    /// Serve /metrics, /healthz and /readyz on this address.
     #[arg(long, env = "HEADCOUNT_METRICS_ADDR", default_value = "0.0.0.0:9091")]
     metrics_addr: SocketAddr,
 }
@@ -29,6 +29,7 @@ pub struct CheckerArgs {
     engine: EngineArgs,
     #[command(flatten)]
     plans: PlanArgs,
+    /// Serve /metrics, /healthz and /readyz on this address.
     #[arg(long, env = "HEADCOUNT_METRICS_ADDR", default_value = "0.0.0.0:9092")]
     metrics_addr: SocketAddr,
 }
@@ -43,7 +44,8 @@ pub struct TokenVendorArgs {
     tokens: TokenArgs,
     #[command(flatten)]
     browser: BrowserArgs,
-    /// Serve POST /v1/tokens, the JWKS and /metrics on this address.
+    /// Serve POST /v1/tokens, the JWKS, /metrics, /healthz and /readyz on
+    /// this address.
     #[arg(long, env = "HEADCOUNT_HTTP_ADDR", default_value = "0.0.0.0:8080")]
     http_addr: SocketAddr,
 }
@@ -51,14 +53,23 @@ pub struct TokenVendorArgs {
 /// Token settings.
 #[derive(Debug, Clone, Args)]
 pub struct TokenArgs {
-    /// Bearer secret protecting POST /v1/tokens.
+    /// Bearer secret of token-vendor's operator endpoints: device tokens
+    /// (POST /v1/tokens), backend and operator tokens (POST
+    /// /v1/backend-tokens, /v1/operator-tokens), revoking them (POST
+    /// /v1/tokens/revoke) and key rotation (POST /v1/keys/rotate).
+    /// `token-vendor` requires it; `up` generates one when not given
+    /// (`operator_key` in <data-dir>/up.json).
     #[arg(long, env = "HEADCOUNT_OPERATOR_KEY", hide_env_values = true)]
     pub operator_key: Option<String>,
     /// How long a device token lives.
     #[arg(long, env = "HEADCOUNT_TOKEN_TTL", default_value = "15m", value_parser = humantime_secs)]
     pub token_ttl: Duration,
+    /// The `iss` claim of the tokens issued, and the only one accepted
+    /// (every token-vendor of a deployment must agree).
     #[arg(long, env = "HEADCOUNT_TOKEN_ISSUER", default_value = "headcount")]
     pub issuer: String,
+    /// The `aud` claim of the tokens issued, and the only one accepted
+    /// (every token-vendor of a deployment must agree).
     #[arg(
         long,
         env = "HEADCOUNT_TOKEN_AUDIENCE",
@@ -146,39 +157,70 @@ pub async fn until_signal(trigger: shutdown::Trigger) {
     std::process::exit(1);
 }
 
+/// Connects `opts` for the service of `health`, whose `nats` component says
+/// whether it is connected: not ready until it first is, then following the
+/// connection.
+async fn connect(opts: NatsOptions, health: &Health) -> anyhow::Result<async_nats::Client> {
+    health.component(headcount_runtime::health::NATS);
+    let client = opts.connect().await?;
+    health.track_nats(&client);
+    Ok(client)
+}
+
+/// Opens the buckets for the service of `health`, whose `buckets`
+/// component is ready once they are.
+async fn open_buckets(
+    client: &async_nats::Client,
+    settings: &headcount_runtime::BucketSettings,
+    health: &Health,
+) -> anyhow::Result<Buckets> {
+    let open = health.component("buckets");
+    let buckets = Buckets::open(client, settings).await?;
+    open.set_ready(true);
+    Ok(buckets)
+}
+
 pub async fn handler(a: HandlerArgs) -> anyhow::Result<()> {
-    let client = a.nats.options("headcount-handler")?.connect().await?;
-    let buckets = Buckets::open(&client, &a.engine.buckets()).await?;
+    let health = Health::new();
+    let scope = health.scope("heartbeat-handler");
     let registry = headcount_runtime::http::registry();
     let metrics = heartbeat_handler::Metrics::new(&registry)?;
     let (trigger, stop) = Shutdown::new();
-    let (addr, _server) =
-        http::serve(a.metrics_addr, http::metrics_router(registry), stop.clone()).await?;
+    // Listening before NATS is reached: /healthz answers, and /readyz says
+    // what is being waited for.
+    let router = http::metrics_router(registry).merge(http::health_router(health));
+    let (addr, _server) = http::serve(a.metrics_addr, router, stop.clone()).await?;
     tracing::info!(%addr, "metrics listening");
+    let client = connect(a.nats.options("headcount-handler")?, &scope).await?;
+    let buckets = open_buckets(&client, &a.engine.buckets(), &scope).await?;
     tokio::spawn(until_signal(trigger));
-    heartbeat_handler::run(a.engine.handler(), client.clone(), buckets, metrics, stop).await?;
+    heartbeat_handler::run(
+        a.engine.handler(),
+        client.clone(),
+        buckets,
+        metrics,
+        scope,
+        stop,
+    )
+    .await?;
     client.drain().await.context("draining nats connection")?;
     Ok(())
 }
 
 pub async fn checker(a: CheckerArgs) -> anyhow::Result<()> {
-    let client = a.nats.options("headcount-checker")?.connect().await?;
-    let buckets = Buckets::open(&client, &a.engine.buckets()).await?;
+    let config = a.engine.checker(&a.plans)?;
+    let health = Health::new();
+    let scope = health.scope("checker");
     let registry = headcount_runtime::http::registry();
     let metrics = checker::Metrics::new(&registry)?;
     let (trigger, stop) = Shutdown::new();
-    let (addr, _server) =
-        http::serve(a.metrics_addr, http::metrics_router(registry), stop.clone()).await?;
+    let router = http::metrics_router(registry).merge(http::health_router(health));
+    let (addr, _server) = http::serve(a.metrics_addr, router, stop.clone()).await?;
     tracing::info!(%addr, "metrics listening");
+    let client = connect(a.nats.options("headcount-checker")?, &scope).await?;
+    let buckets = open_buckets(&client, &a.engine.buckets(), &scope).await?;
     tokio::spawn(until_signal(trigger));
-    checker::run(
-        a.engine.checker(&a.plans)?,
-        client.clone(),
-        buckets,
-        metrics,
-        stop,
-    )
-    .await?;
+    checker::run(config, client.clone(), buckets, metrics, scope, stop).await?;
     client.drain().await.context("draining nats connection")?;
     Ok(())
 }
@@ -189,7 +231,11 @@ pub async fn token_vendor(a: TokenVendorArgs) -> anyhow::Result<()> {
         .operator_key
         .clone()
         .context("--operator-key (or HEADCOUNT_OPERATOR_KEY) is required")?;
-    let client = a.nats.options("headcount-token-vendor")?.connect().await?;
+    // The HTTP listener (API, /metrics, /healthz, /readyz) needs the NATS
+    // connection and the buckets, so it comes up only once they are there.
+    let health = Health::new();
+    let scope = health.scope("token-vendor");
+    let client = connect(a.nats.options("headcount-token-vendor")?, &scope).await?;
     let registry = headcount_runtime::http::registry();
     let vendor = token_vendor::Vendor::new(
         a.tokens.config(
@@ -228,6 +274,7 @@ pub async fn token_vendor(a: TokenVendorArgs) -> anyhow::Result<()> {
     let access = token_vendor::Access::new(client.clone(), connections);
     let router = token_vendor::router(vendor.clone())
         .merge(http::metrics_router(registry))
+        .merge(http::health_router(health))
         .merge(token_vendor::browser_router(
             vendor.clone(),
             client.clone(),
@@ -244,13 +291,22 @@ pub async fn token_vendor(a: TokenVendorArgs) -> anyhow::Result<()> {
         xkey = %issuer.xkey_public(),
         "auth callout keys (the `issuer` and `xkey` of nats.conf's auth_callout)"
     );
+    // Ready once the token endpoint and the callout are serving too.
+    let (endpoint_health, callout_health) = (scope.scope("token-endpoint"), scope.scope("callout"));
+    let _serving = scope.serving();
     tokio::try_join!(
-        token_vendor::serve_nats(vendor.clone(), client.clone(), stop.clone()),
+        token_vendor::serve_nats(
+            vendor.clone(),
+            client.clone(),
+            endpoint_health,
+            stop.clone()
+        ),
         token_vendor::serve_callout(
             vendor,
             issuer,
             client.clone(),
             token_vendor::CalloutStores { revoked, access },
+            callout_health,
             stop
         ),
     )?;

@@ -1,12 +1,17 @@
 //! `headcount up`: nats-server (unless `--nats-url` names a running one),
 //! then every service in this process, then `<data-dir>/up.json` and a line
-//! containing `ready`. SIGTERM or Ctrl-C stops all of it, nats-server too.
+//! containing `ready`. SIGTERM or Ctrl-C stops all of it, nats-server too;
+//! so does SIGKILL, through the parent-death signal (see [`nats_command`]).
+//!
+//! Before it starts anything, `up` locks its data dir (a second `up` on it
+//! leaves at once, see [`crate::lock`]), refuses a store whose nats-server
+//! is still running, and checks that every port it will listen on is free.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -18,6 +23,7 @@ use headcount_runtime::{Buckets, NatsOptions, Shutdown, http, shutdown};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{BrowserArgs, EngineArgs, PlanArgs, UpInfo};
+use crate::lock::{self, DataDirLock};
 use crate::services::TokenArgs;
 use crate::simulate::{FleetAccess, FleetSpec, FleetStats, fleet};
 
@@ -33,9 +39,11 @@ pub struct UpArgs {
     /// Use this running NATS server instead of starting one (repeat for a cluster).
     #[arg(long = "nats-url", env = "HEADCOUNT_NATS_URL", value_delimiter = ',')]
     nats_urls: Vec<String>,
-    /// User and password for --nats-url (default: the generated service user).
+    /// User for --nats-url (default: `headcount`, the console user).
     #[arg(long, env = "HEADCOUNT_NATS_USER")]
     nats_user: Option<String>,
+    /// Password for --nats-url (default: the console password generated in
+    /// <data-dir>).
     #[arg(long, env = "HEADCOUNT_NATS_PASSWORD", hide_env_values = true)]
     nats_password: Option<String>,
     /// Client port of the nats-server started here (with --cluster, of the
@@ -46,23 +54,29 @@ pub struct UpArgs {
     /// one server (3 or 5), with the buckets replicated 3 times.
     #[arg(long, value_parser = clap::value_parser!(u16).range(3..=5))]
     cluster: Option<u16>,
-    /// Route port of the first cluster node (the others take the next).
+    /// With --cluster: route port of the first node (the others take the
+    /// next).
     #[arg(long, default_value_t = 6222)]
     cluster_port: u16,
-    /// Monitoring port (/healthz) of the first cluster node.
+    /// With --cluster: monitoring port (/healthz) of the first node (the
+    /// others take the next).
     #[arg(long, default_value_t = 8222)]
     monitor_port: u16,
     /// WebSocket port (browser devices) of the nats-server started here
-    /// (with --cluster, of the first node; the others take the next ports).
-    #[arg(long, env = "HEADCOUNT_WS_PORT", default_value_t = 4223)]
-    ws_port: u16,
-    /// Port of the token-vendor's HTTP API (POST /v1/tokens, JWKS).
+    /// [default: 4223; with --cluster, the first port after the nodes'
+    /// client ports (4225 for three nodes from 4222), the others take the
+    /// next ports].
+    #[arg(long, env = "HEADCOUNT_WS_PORT")]
+    ws_port: Option<u16>,
+    /// Port of token-vendor's HTTP API: tokens, the JWKS, the browser
+    /// endpoints and pages (/demo/, /live/).
     #[arg(long, env = "HEADCOUNT_HTTP_PORT", default_value_t = 8080)]
     http_port: u16,
     /// Port of /metrics (all services of this process).
     #[arg(long, env = "HEADCOUNT_METRICS_PORT", default_value_t = 9090)]
     metrics_port: u16,
-    /// Address the HTTP listeners bind to.
+    /// Address every listener started here binds to: NATS (client and
+    /// WebSocket), the HTTP API and /metrics.
     #[arg(long, env = "HEADCOUNT_BIND", default_value = "127.0.0.1")]
     bind: std::net::IpAddr,
     /// Keys, secrets, the server's store and up.json live here.
@@ -165,7 +179,6 @@ pub(crate) fn load_secrets(dir: &Path) -> anyhow::Result<Secrets> {
     Ok(s)
 }
 
-/// A nats-server child process, killed when dropped.
 /// Asks a child process to stop (SIGTERM, so it can shut down cleanly) and
 /// kills it if it has not exited within `grace`.
 pub(crate) async fn terminate(child: &mut tokio::process::Child, grace: Duration) {
@@ -182,8 +195,12 @@ pub(crate) async fn terminate(child: &mut tokio::process::Child, grace: Duration
     let _ = child.kill().await;
 }
 
+/// A nats-server child process, killed when dropped, and stopped by the
+/// kernel when `up` dies (see [`nats_command`]).
 pub(crate) struct NatsProcess {
     child: tokio::process::Child,
+    pid: u32,
+    port: u16,
 }
 
 /// Where one node of a local cluster listens.
@@ -238,6 +255,109 @@ pub(crate) fn url(scheme: &str, ip: std::net::IpAddr, port: u16) -> String {
     format!("{scheme}://{}", SocketAddr::new(ip, port))
 }
 
+const INSTALL_HINT: &str = "starting nats-server: is it installed? `pip install -r deploy/requirements.txt` \
+     installs the pinned version (deploy/dev up does it for you)";
+
+/// `name` as the shell would find it on `PATH`.
+fn find_program(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|candidate| {
+            let Ok(meta) = std::fs::metadata(candidate) else {
+                return false;
+            };
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                meta.is_file() && meta.permissions().mode() & 0o111 != 0
+            }
+            #[cfg(not(unix))]
+            meta.is_file()
+        })
+}
+
+/// util-linux `setpriv`, if there is one that can set the parent-death
+/// signal (`--pdeathsig`, util-linux 2.33 and later). Looked up once; its
+/// absence is said once.
+fn pdeathsig_wrapper() -> Option<&'static Path> {
+    static WRAPPER: OnceLock<Option<PathBuf>> = OnceLock::new();
+    WRAPPER
+        .get_or_init(|| {
+            #[cfg(target_os = "linux")]
+            let found = find_program("setpriv").filter(|setpriv| {
+                std::process::Command::new(setpriv)
+                    .arg("--help")
+                    .stdin(Stdio::null())
+                    .stderr(Stdio::null())
+                    .output()
+                    .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("--pdeathsig"))
+            });
+            #[cfg(not(target_os = "linux"))]
+            let found = None;
+            if found.is_none() {
+                tracing::warn!(
+                    "no `setpriv --pdeathsig` (util-linux) here: nats-server stops when `up` \
+                     stops, but outlives an `up` that is killed (SIGKILL); the next `up` on \
+                     this data dir then refuses to start until that server is stopped"
+                );
+            }
+            found
+        })
+        .as_deref()
+}
+
+/// The command that starts nats-server so that it dies with `up`, however
+/// `up` ends, SIGKILL included: on Linux, through `setpriv --pdeathsig TERM
+/// -- nats-server ...`, which asks the kernel (PR_SET_PDEATHSIG) to send the
+/// server SIGTERM when its parent goes, then execs the server in its place
+/// (same pid). SIGTERM lets the server flush its store on the way out.
+/// Without `setpriv`, a plain spawn (and a warning).
+///
+/// The parent the kernel watches is the *thread* that spawned the child,
+/// not the process: the signal fires when that thread exits, even if `up`
+/// lives on. `tokio::process::Command::spawn` spawns synchronously on the
+/// calling thread (it is std's `Command::spawn` underneath, with no hop to
+/// the blocking pool), so the thread is whichever polls the future that
+/// calls [`NatsProcess::start`]. In `up` that is the main thread: `run` is
+/// the future `main` hands to `Runtime::block_on`, which polls it on the
+/// calling thread, and the main thread lives exactly as long as the process.
+/// (A tokio worker thread would do too: workers live as long as the
+/// runtime. A `spawn_blocking` thread would not: the blocking pool ends
+/// idle threads after 10 s, and the server would go with it. Never start
+/// nats-server from there.)
+fn nats_command() -> anyhow::Result<tokio::process::Command> {
+    // Found here rather than by exec, so that a missing server is told as
+    // such and not as a failing `setpriv`.
+    let server = find_program("nats-server").context(INSTALL_HINT)?;
+    if let Some(setpriv) = pdeathsig_wrapper() {
+        let mut cmd = tokio::process::Command::new(setpriv);
+        cmd.args(["--pdeathsig", "TERM", "--"]).arg(server);
+        return Ok(cmd);
+    }
+    Ok(tokio::process::Command::new(server))
+}
+
+/// Whether the log of nats-server `pid` says it is ready, in what was
+/// written to `log` after `offset`.
+fn log_says_ready(log: &Path, offset: u64, pid: u32) -> bool {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut file) = std::fs::File::open(log) else {
+        return false;
+    };
+    // A log that shrank was replaced: read it whole.
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let from = if len < offset { 0 } else { offset };
+    let mut text = Vec::new();
+    if file.seek(SeekFrom::Start(from)).is_err() || file.read_to_end(&mut text).is_err() {
+        return false;
+    }
+    let prefix = format!("[{pid}]");
+    String::from_utf8_lossy(&text).lines().any(|line| {
+        line.contains("Server is ready") && (line.starts_with(&prefix) || !line.starts_with('['))
+    })
+}
+
 impl NatsProcess {
     pub(crate) async fn start(
         dir: &Path,
@@ -251,13 +371,13 @@ impl NatsProcess {
             NATS_CONF_INSECURE
         };
         std::fs::write(&conf, text).with_context(|| format!("writing {}", conf.display()))?;
-        let mut cmd = tokio::process::Command::new("nats-server");
+        let mut cmd = nats_command()?;
         cmd.arg("-c")
             .arg(&conf)
             .arg("-sd")
             .arg(dir.join("jetstream"))
             .env("HEADCOUNT_WS_PORT", ws_port.to_string());
-        Self::spawn(cmd, dir.join("nats.log"), port, launch).await
+        Self::spawn(cmd, dir, dir.join("nats.log"), port, launch).await
     }
 
     /// Starts every node of a cluster on 127.0.0.1 and waits until each one
@@ -287,7 +407,7 @@ impl NatsProcess {
         let mut started = Vec::new();
         for n in nodes {
             let name = format!("n{}", n.index);
-            let mut cmd = tokio::process::Command::new("nats-server");
+            let mut cmd = nats_command()?;
             cmd.arg("-c")
                 .arg(&node_conf)
                 .arg("-sd")
@@ -306,13 +426,17 @@ impl NatsProcess {
                 cmd.env(format!("HEADCOUNT_ROUTE_{}", i + 1), route);
             }
             let log = dir.join(format!("nats-{name}.log"));
-            started.push(Self::spawn(cmd, log, n.client, launch).await?);
+            started.push(Self::spawn(cmd, dir, log, n.client, launch).await?);
         }
         Ok(started)
     }
 
+    /// Spawns the server `cmd` names (see [`nats_command`]: the thread that
+    /// polls this must outlive the server), records its pid in the data
+    /// dir, and waits until it says it is ready and accepts connections.
     async fn spawn(
         mut cmd: tokio::process::Command,
+        dir: &Path,
         log: PathBuf,
         port: u16,
         launch: Launch<'_>,
@@ -323,6 +447,8 @@ impl NatsProcess {
         // services first and then stops the server.
         #[cfg(unix)]
         cmd.process_group(0);
+        // Only what this server writes counts: the log is appended to.
+        let offset = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
         let child = cmd
             .args(["-a", &bind, "-p", &port.to_string()])
             .arg("-l")
@@ -346,24 +472,27 @@ impl NatsProcess {
             .stderr(Stdio::inherit())
             .kill_on_drop(true)
             .spawn()
-            .context(
-                "starting nats-server: is it installed? `pip install -r deploy/requirements.txt` \
-                 installs the pinned version (deploy/dev up does it for you)",
-            )?;
-        let mut p = Self { child };
+            .context(INSTALL_HINT)?;
+        let pid = child.id().context("nats-server exited at once")?;
+        let mut p = Self { child, pid, port };
+        lock::record_server(dir, pid)?;
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             if let Some(status) = p.child.try_wait()? {
                 let tail = std::fs::read_to_string(&log).unwrap_or_default();
                 let tail: Vec<&str> = tail.lines().rev().take(5).collect();
                 bail!(
-                    "nats-server exited ({status}); is port {port} in use? last log lines:\n{}",
+                    "nats-server exited ({status}); last lines of {}:\n{}",
+                    log.display(),
                     tail.into_iter().rev().collect::<Vec<_>>().join("\n")
                 );
             }
-            if tokio::net::TcpStream::connect((reach(launch.bind), port))
-                .await
-                .is_ok()
+            // Ready is this server saying so in its own log, not just
+            // something answering on the port.
+            if log_says_ready(&log, offset, pid)
+                && tokio::net::TcpStream::connect((reach(launch.bind), port))
+                    .await
+                    .is_ok()
             {
                 return Ok(p);
             }
@@ -377,6 +506,7 @@ impl NatsProcess {
     pub(crate) async fn stop(mut self) {
         // SIGTERM lets the server flush JetStream.
         terminate(&mut self.child, Duration::from_secs(10)).await;
+        tracing::info!(pid = self.pid, port = self.port, "nats-server stopped");
     }
 }
 
@@ -402,9 +532,151 @@ fn built_pages() -> Option<PathBuf> {
     found
 }
 
+impl UpArgs {
+    /// The WebSocket port of the (first) server: `--ws-port`, else 4223 for
+    /// one server and, for a cluster, the port after the nodes' client
+    /// ports, so the two ranges never overlap.
+    fn ws_base(&self) -> u16 {
+        match (self.ws_port, self.cluster) {
+            (Some(p), _) => p,
+            (None, Some(size)) => self.nats_port.saturating_add(size),
+            (None, None) => 4223,
+        }
+    }
+}
+
+/// The nodes of `--cluster`: consecutive ports from each flag's.
+fn cluster_nodes(a: &UpArgs, size: u16) -> anyhow::Result<Vec<Node>> {
+    let port = |base: u16, i: u16, flag: &str| {
+        base.checked_add(i)
+            .with_context(|| format!("--cluster {size} needs {size} ports from {flag} {base}"))
+    };
+    (0..size)
+        .map(|i| {
+            Ok(Node {
+                index: i + 1,
+                client: port(a.nats_port, i, "--nats-port")?,
+                cluster: port(a.cluster_port, i, "--cluster-port")?,
+                monitor: port(a.monitor_port, i, "--monitor-port")?,
+                ws: port(a.ws_base(), i, "--ws-port")?,
+            })
+        })
+        .collect()
+}
+
+/// A port `up` is about to listen on: where, and the flag that chose it.
+#[derive(Debug)]
+struct Listener {
+    ip: IpAddr,
+    port: u16,
+    flag: String,
+}
+
+/// Every port `up` will listen on: nats-server's (unless `--nats-url`),
+/// the HTTP API and /metrics.
+fn planned_listeners(a: &UpArgs, nodes: &[Node]) -> Vec<Listener> {
+    let at = |ip: IpAddr, port: u16, flag: String| Listener { ip, port, flag };
+    let mut out = Vec::new();
+    if a.nats_urls.is_empty() {
+        if nodes.is_empty() {
+            out.push(at(a.bind, a.nats_port, "--nats-port".into()));
+            out.push(at(a.bind, a.ws_base(), "--ws-port".into()));
+        }
+        for n in nodes {
+            let i = n.index - 1;
+            let flag = |name: &str| match i {
+                0 => format!("{name} for node n1"),
+                _ => format!("{name} + {i} for node n{}", n.index),
+            };
+            out.push(at(a.bind, n.client, flag("--nats-port")));
+            out.push(at(a.bind, n.ws, flag("--ws-port")));
+            // Routes are always on loopback (`--cluster nats://127.0.0.1:..`);
+            // the monitor binds where the client listener does.
+            out.push(at(
+                Ipv4Addr::LOCALHOST.into(),
+                n.cluster,
+                flag("--cluster-port"),
+            ));
+            out.push(at(a.bind, n.monitor, flag("--monitor-port")));
+        }
+    }
+    out.push(at(a.bind, a.http_port, "--http-port".into()));
+    out.push(at(a.bind, a.metrics_port, "--metrics-port".into()));
+    out
+}
+
+/// Fails, naming the port and its flag, if two listeners were given the
+/// same port or a port is taken already. Port 0 (any free one) is left out.
+fn check_ports(listeners: &[Listener], cluster: Option<u16>) -> anyhow::Result<()> {
+    let overlap = |x: IpAddr, y: IpAddr| x == y || x.is_unspecified() || y.is_unspecified();
+    for (i, l) in listeners.iter().enumerate().filter(|(_, l)| l.port != 0) {
+        if let Some(other) = listeners[..i]
+            .iter()
+            .find(|o| o.port == l.port && overlap(o.ip, l.ip))
+        {
+            let hint = cluster.map_or(String::new(), |size| {
+                format!(
+                    "; with --cluster {size}, --nats-port, --ws-port, --cluster-port and \
+                     --monitor-port each take {size} consecutive ports"
+                )
+            });
+            bail!(
+                "port {} is both {} and {}: give each listener its own port{hint}",
+                l.port,
+                other.flag,
+                l.flag
+            );
+        }
+    }
+    for l in listeners.iter().filter(|l| l.port != 0) {
+        // Bound and let go at once; std sets SO_REUSEADDR, so only a
+        // listening socket (not a connection closing) makes this fail.
+        if let Err(e) = std::net::TcpListener::bind((l.ip, l.port)) {
+            if e.kind() == std::io::ErrorKind::AddrInUse {
+                bail!(
+                    "port {} ({}) is in use on {}: stop what listens there or choose another port",
+                    l.port,
+                    l.flag,
+                    l.ip
+                );
+            }
+            bail!(
+                "cannot listen on port {} ({}) on {}: {e}",
+                l.port,
+                l.flag,
+                l.ip
+            );
+        }
+    }
+    Ok(())
+}
+
 pub async fn run(a: UpArgs) -> anyhow::Result<()> {
+    let here = reach(a.bind);
+    let nodes = match a.cluster {
+        Some(size) if a.nats_urls.is_empty() => cluster_nodes(&a, size)?,
+        _ => Vec::new(),
+    };
+    let own_server = a.nats_urls.is_empty();
+    let planned_url = if !own_server {
+        a.nats_urls.join(",")
+    } else if nodes.is_empty() {
+        url("nats", here, a.nats_port)
+    } else {
+        let urls: Vec<String> = nodes.iter().map(|n| url("nats", here, n.client)).collect();
+        urls.join(",")
+    };
+    // Before anything else: the data dir is this `up`'s alone until it
+    // ends. A second `up` on it leaves here, having touched nothing.
+    let lock = DataDirLock::acquire(&a.data_dir, &planned_url)?;
     // Keys, secrets, up.json and the server's store: the owner's alone.
     create_private_dir(&a.data_dir)?;
+    if own_server {
+        // A server an `up` left running must not get a twin on its store.
+        lock::refuse_running_servers(&a.data_dir)?;
+        lock::forget_servers(&a.data_dir);
+    }
+    check_ports(&planned_listeners(&a, &nodes), a.cluster)?;
     let secrets = load_secrets(&a.data_dir)?;
     let operator_key = a
         .tokens
@@ -433,7 +705,6 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
         keys: callout_keys.as_ref(),
         bind: a.bind,
     };
-    let here = reach(a.bind);
     // Signals are caught from here on: a Ctrl-C during start-up still stops
     // the server started below.
     let (trigger, stop) = Shutdown::new();
@@ -446,19 +717,12 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
             trigger.fire();
         });
     }
-    let (nats_processes, nats_urls, ws_urls, user, password) = if a.nats_urls.is_empty()
-        && let Some(size) = a.cluster
-    {
-        let nodes: Vec<Node> = (0..size)
-            .map(|i| Node {
-                index: i + 1,
-                client: a.nats_port + i,
-                cluster: a.cluster_port + i,
-                monitor: a.monitor_port + i,
-                ws: a.ws_port + i,
-            })
-            .collect();
-        let started = NatsProcess::start_cluster(&a.data_dir, &nodes, launch).await?;
+    // Started here, on the main thread `block_on` runs this future on: the
+    // thread the servers' parent-death signal watches (see nats_command).
+    let (nats_processes, nats_urls, ws_urls, user, password) = if own_server && !nodes.is_empty() {
+        let started = NatsProcess::start_cluster(&a.data_dir, &nodes, launch)
+            .await
+            .inspect_err(|_| lock::forget_servers(&a.data_dir))?;
         (
             started,
             nodes.iter().map(|n| url("nats", here, n.client)).collect(),
@@ -466,12 +730,14 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
             "headcount".to_string(),
             secrets.service_password.clone(),
         )
-    } else if a.nats_urls.is_empty() {
-        let p = NatsProcess::start(&a.data_dir, (a.nats_port, a.ws_port), launch).await?;
+    } else if own_server {
+        let p = NatsProcess::start(&a.data_dir, (a.nats_port, a.ws_base()), launch)
+            .await
+            .inspect_err(|_| lock::forget_servers(&a.data_dir))?;
         (
             vec![p],
             vec![url("nats", here, a.nats_port)],
-            vec![url("ws", here, a.ws_port)],
+            vec![url("ws", here, a.ws_base())],
             "headcount".to_string(),
             secrets.service_password.clone(),
         )
@@ -500,7 +766,19 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
         .await
     };
     futures::future::join_all(nats_processes.into_iter().map(NatsProcess::stop)).await;
+    if own_server {
+        lock::forget_servers(&a.data_dir);
+    }
     let _ = std::fs::remove_file(UpInfo::path(&a.data_dir));
+    drop(lock);
+    if result.is_ok() {
+        // Last: every service and server has said it stopped (above), and
+        // nothing of `up` runs any more that could print after this.
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "headcount stopped");
+        let _ = out.flush();
+    }
     result
 }
 
@@ -551,11 +829,14 @@ async fn run_services(
     let checker_buckets = Buckets::open(&checker_client, &settings).await?;
     let vendor_buckets = Buckets::open(&vendor_client, &settings).await?;
 
+    // One readiness for all services, on the metrics listener (/readyz).
+    let health = headcount_runtime::Health::new();
     let handler = tokio::spawn(heartbeat_handler::run(
         a.engine.handler(),
         handler_client.clone(),
         buckets.clone(),
         heartbeat_handler::Metrics::new(&registry)?,
+        health.service("heartbeat-handler", &handler_client),
         stop.clone(),
     ));
     let checker = tokio::spawn(checker::run(
@@ -563,6 +844,7 @@ async fn run_services(
         checker_client.clone(),
         checker_buckets,
         checker::Metrics::new(&registry)?,
+        health.service("checker", &checker_client),
         stop.clone(),
     ));
     let vendor = token_vendor::Vendor::new(
@@ -578,8 +860,14 @@ async fn run_services(
     let callout_issuer = issuer.as_ref().map(|i| i.public_key()).unwrap_or_default();
     let access =
         token_vendor::Access::new(vendor_client.clone(), vendor_buckets.connections.clone());
+    let vendor_health = health.service("token-vendor", &vendor_client);
     let vendor_task = {
-        let tokens = token_vendor::serve_nats(vendor.clone(), vendor_client.clone(), stop.clone());
+        let tokens = token_vendor::serve_nats(
+            vendor.clone(),
+            vendor_client.clone(),
+            vendor_health.scope("token-endpoint"),
+            stop.clone(),
+        );
         let callout = issuer.map(|issuer| {
             token_vendor::serve_callout(
                 vendor.clone(),
@@ -589,6 +877,7 @@ async fn run_services(
                     revoked: vendor_buckets.revoked.clone(),
                     access: access.clone(),
                 },
+                vendor_health.scope("callout"),
                 stop.clone(),
             )
         });
@@ -606,7 +895,7 @@ async fn run_services(
     let browser = browser_args.config(ws_urls.to_vec(), a.demo);
     let pages = browser.web_dir.is_some();
     let websocket_url = browser.websocket_urls.join(",");
-    let (http_addr, _http) = http::serve(
+    let (http_addr, http_task) = http::serve(
         SocketAddr::new(a.bind, a.http_port),
         token_vendor::router(vendor.clone())
             .merge(token_vendor::browser_router(
@@ -619,9 +908,10 @@ async fn run_services(
         stop.clone(),
     )
     .await?;
-    let (metrics_addr, _metrics) = http::serve(
+    let _vendor_serving = vendor_health.serving();
+    let (metrics_addr, metrics_task) = http::serve(
         SocketAddr::new(a.bind, a.metrics_port),
-        http::metrics_router(registry),
+        http::metrics_router(registry).merge(http::health_router(health)),
         stop.clone(),
     )
     .await?;
@@ -757,9 +1047,16 @@ async fn run_services(
             let _ = task.await;
         }
         let (h, c, v) = (handler.await, checker.await, vendor_task.await);
-        for client in [handler_client, checker_client, vendor_client, probe] {
+        // The listeners stop on the same signal; wait for them to finish.
+        let _ = futures::future::join(http_task, metrics_task).await;
+        tracing::info!("http api and metrics endpoint stopped");
+        let clients = [handler_client, checker_client, vendor_client, probe];
+        for client in &clients {
             let _ = client.drain().await;
         }
+        // Drained connections close on their own time and log it: let them
+        // finish before `up` says it stopped.
+        futures::future::join_all(clients.iter().map(closed)).await;
         h.context("handler panicked")??;
         c.context("checker panicked")??;
         v.context("token-vendor panicked")??;
@@ -772,8 +1069,22 @@ async fn run_services(
         },
         _ = shutdown::signal() => tracing::warn!("second signal: stopping without draining"),
     }
-    println!("headcount stopped");
     Ok(())
+}
+
+/// Waits until a drained client's connection has closed (its handler is
+/// gone, so it refuses commands), for at most a few seconds, and then a
+/// moment for the last events it queued to be logged.
+async fn closed(client: &async_nats::Client) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_millis(200), client.flush()).await {
+            Ok(Err(_)) => break,
+            // Still open (draining), or waiting on a server that is gone.
+            Ok(Ok(())) | Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(20)).await;
 }
 
 #[cfg(test)]

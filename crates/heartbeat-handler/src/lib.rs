@@ -31,7 +31,7 @@ use headcount_protocol::wire::{
     self, EndReason, EventType, HeartbeatError, HeartbeatRef, PresenceEvent, Revocation, SessionRef,
 };
 use headcount_protocol::{AccountId, IntervalClock, SessionId, now_millis};
-use headcount_runtime::{Buckets, Shutdown};
+use headcount_runtime::{Buckets, Health, Shutdown};
 use tokio::sync::mpsc;
 
 pub use metrics::Metrics;
@@ -96,13 +96,21 @@ impl Shared {
 
 /// Runs one handler instance until `shutdown`, then stops taking heartbeats
 /// and writes everything still pending before returning.
+///
+/// Readiness goes to `health` (a scope of the caller's, which tracks the
+/// NATS connection): components `sessions` and `revoked`, ready once their
+/// watch has replayed what the bucket held, and the scope itself, serving
+/// from the moment the heartbeat subscription is up until the drain starts.
 pub async fn run(
     config: Config,
     nats: async_nats::Client,
     buckets: Buckets,
     metrics: Metrics,
+    health: Health,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
+    let sessions_health = health.component("sessions");
+    let revoked_health = health.component("revoked");
     let clock = IntervalClock::new(config.interval);
     let (flush_tx, flush_rx) = mpsc::unbounded_channel();
     let shared = Arc::new(Shared {
@@ -144,8 +152,12 @@ pub async fn run(
     )
     .await
     .context("watching revoked bucket")?;
-    let _ = sessions_ready.await;
-    let _ = revoked_ready.await;
+    if sessions_ready.await.is_ok() {
+        sessions_health.set_ready(true);
+    }
+    if revoked_ready.await.is_ok() {
+        revoked_health.set_ready(true);
+    }
 
     let flusher = tokio::spawn(flusher(
         shared.clone(),
@@ -160,6 +172,7 @@ pub async fn run(
         )
         .await
         .context("subscribing to heartbeats")?;
+    let serving = health.serving();
     tracing::info!(interval = ?config.interval, "heartbeat-handler ready");
 
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -185,6 +198,7 @@ pub async fn run(
 
     // Drain: take no new heartbeats, handle those already delivered, then
     // let every pending write land.
+    drop(serving);
     if let Err(e) = sub.drain().await {
         tracing::warn!(error = %e, "draining heartbeat subscription");
     }

@@ -78,6 +78,60 @@ impl NatsOptions {
         Ok(client)
     }
 
+    /// Connects once, for a command someone is waiting on: every server is
+    /// tried once, all within `timeout`, and the first failure to reach any
+    /// of them is the answer (a wrong password at once, an unreachable
+    /// server after `timeout` at most) instead of [`NatsOptions::connect`]'s
+    /// retrying until a server answers. Once connected, the client still
+    /// reconnects by itself if the connection drops.
+    ///
+    /// A bad URL is a [`async_nats::ConnectErrorKind::ServerParse`] error,
+    /// running out of time a [`async_nats::ConnectErrorKind::TimedOut`] one.
+    pub async fn connect_once(
+        &self,
+        timeout: Duration,
+    ) -> Result<async_nats::Client, async_nats::ConnectError> {
+        use async_nats::{ConnectError, ConnectErrorKind};
+        let timeout = timeout.max(Duration::from_millis(1));
+        let urls: Vec<async_nats::ServerAddr> = self
+            .urls
+            .iter()
+            .map(|u| {
+                u.parse::<async_nats::ServerAddr>().map_err(|e| {
+                    ConnectError::with_source(
+                        ConnectErrorKind::ServerParse,
+                        format!("bad nats url {u:?}: {e}"),
+                    )
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        if urls.is_empty() {
+            return Err(ConnectError::with_source(
+                ConnectErrorKind::ServerParse,
+                "no nats url given",
+            ));
+        }
+        let mut opts = async_nats::ConnectOptions::new()
+            .name(&self.name)
+            .connection_timeout(timeout)
+            // The first attempt of each server at once; later reconnects
+            // (after a drop) back off up to 2 s.
+            .reconnect_delay_callback(|attempts| {
+                let step = attempts.saturating_sub(1).min(6) as u32;
+                Duration::from_millis((25u64 << step).min(2_000) * u64::from(attempts > 1))
+            })
+            .event_callback(|event| async move {
+                tracing::debug!(event = %event, "nats event");
+            });
+        if let (Some(user), Some(password)) = (&self.user, &self.password) {
+            opts = opts.user_and_password(user.clone(), password.clone());
+        }
+        match tokio::time::timeout(timeout, opts.connect(urls.as_slice())).await {
+            Ok(result) => result,
+            Err(_) => Err(ConnectError::new(ConnectErrorKind::TimedOut)),
+        }
+    }
+
     /// Waits until the client has reached a server. The client keeps trying
     /// on its own (with a growing delay between attempts); this only says so
     /// in the log now and then, so that an operator sees why a service is
@@ -100,5 +154,56 @@ impl NatsOptions {
         if started.elapsed() >= Duration::from_secs(2) {
             tracing::info!(waited_secs = started.elapsed().as_secs(), "reached NATS");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(port: u16) -> NatsOptions {
+        NatsOptions::new(format!("nats://127.0.0.1:{port}"), "test")
+    }
+
+    #[tokio::test]
+    async fn connect_once_gives_up_on_a_closed_port() {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            l.local_addr().expect("addr").port()
+        };
+        let started = std::time::Instant::now();
+        let err = options(port)
+            .connect_once(Duration::from_secs(5))
+            .await
+            .expect_err("nothing listens there");
+        assert_eq!(err.kind(), async_nats::ConnectErrorKind::Io, "{err}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    #[tokio::test]
+    async fn connect_once_times_out_on_a_silent_server() {
+        // Accepts TCP connections (the kernel's backlog) but never says INFO.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = silent.local_addr().expect("addr").port();
+        let err = options(port)
+            .connect_once(Duration::from_millis(300))
+            .await
+            .expect_err("the server never answers");
+        assert_eq!(err.kind(), async_nats::ConnectErrorKind::TimedOut, "{err}");
+        drop(silent);
+    }
+
+    #[tokio::test]
+    async fn connect_once_rejects_a_bad_url() {
+        let opts = NatsOptions::new("nats://[::1", "test");
+        let err = opts
+            .connect_once(Duration::from_secs(1))
+            .await
+            .expect_err("not a url");
+        assert_eq!(err.kind(), async_nats::ConnectErrorKind::ServerParse);
+        let none = NatsOptions::default()
+            .connect_once(Duration::from_secs(1))
+            .await;
+        assert!(none.is_err());
     }
 }

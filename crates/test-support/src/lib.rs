@@ -16,7 +16,7 @@ use headcount_protocol::subjects;
 use headcount_protocol::wire::{ActiveReply, Heartbeat};
 use headcount_protocol::{AccountId, DeviceId, Limit, Policy, SessionId};
 use headcount_runtime::shutdown::Trigger;
-use headcount_runtime::{BucketSettings, Buckets, NatsOptions, Shutdown};
+use headcount_runtime::{BucketSettings, Buckets, Health, NatsOptions, Shutdown};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -401,6 +401,8 @@ pub struct Running {
     trigger: Trigger,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
     pub registry: prometheus::Registry,
+    /// The service's readiness, as its `/readyz` would report it.
+    pub health: Health,
 }
 
 impl Running {
@@ -518,8 +520,14 @@ impl TestApp {
             carry_delay: self.timings.interval / 10,
         };
         let probe = client.clone();
+        let health = Health::new();
         let task = tokio::spawn(heartbeat_handler::run(
-            config, client, buckets, metrics, shutdown,
+            config,
+            client.clone(),
+            buckets,
+            metrics,
+            health.service("heartbeat-handler", &client),
+            shutdown,
         ));
         // An invalid name: counted as invalid, never recorded as a session.
         wait_for_interest(&probe, "hb.!.!.!").await;
@@ -527,6 +535,7 @@ impl TestApp {
             trigger,
             task,
             registry,
+            health,
         }
     }
 
@@ -544,7 +553,15 @@ impl TestApp {
             default_limit: self.default_limit,
             plans: self.plans.clone(),
         };
-        let task = tokio::spawn(checker::run(config, client, buckets, metrics, shutdown));
+        let health = Health::new();
+        let task = tokio::spawn(checker::run(
+            config,
+            client.clone(),
+            buckets,
+            metrics,
+            health.service("checker", &client),
+            shutdown,
+        ));
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             let r = self
@@ -564,6 +581,7 @@ impl TestApp {
             trigger,
             task,
             registry,
+            health,
         }
     }
 
@@ -608,9 +626,12 @@ impl TestApp {
             demo_tokens: true,
             web_dir: None,
         };
+        let health = Health::new();
+        let scope = health.service("token-vendor", &client);
         let (http_addr, _http) = headcount_runtime::http::serve(
             "127.0.0.1:0".parse().expect("addr"),
             token_vendor::router(vendor.clone())
+                .merge(headcount_runtime::http::health_router(health.clone()))
                 .merge(token_vendor::browser_router(
                     vendor.clone(),
                     client.clone(),
@@ -622,7 +643,12 @@ impl TestApp {
         )
         .await
         .expect("http listens");
-        let tokens = token_vendor::serve_nats(vendor.clone(), client.clone(), shutdown.clone());
+        let tokens = token_vendor::serve_nats(
+            vendor.clone(),
+            client.clone(),
+            scope.scope("token-endpoint"),
+            shutdown.clone(),
+        );
         let callout = token_vendor::serve_callout(
             vendor.clone(),
             issuer,
@@ -631,9 +657,12 @@ impl TestApp {
                 revoked: buckets.revoked,
                 access,
             },
+            scope.scope("callout"),
             shutdown,
         );
+        let serving = scope.serving();
         let task = tokio::spawn(async move {
+            let _serving = serving;
             tokio::try_join!(tokens, callout)?;
             Ok(())
         });
@@ -647,6 +676,7 @@ impl TestApp {
                 trigger,
                 task,
                 registry,
+                health,
             },
             vendor,
             http: format!("http://{http_addr}"),

@@ -47,7 +47,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use futures::StreamExt;
 use headcount_protocol::subjects::{self, kv as keys};
 use headcount_protocol::{AccountId, DeviceId, SessionId, now_millis};
-use headcount_runtime::Shutdown;
+use headcount_runtime::{Health, Shutdown};
 use nkeys::{KeyPair, XKey};
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
@@ -923,11 +923,16 @@ async fn decide(
 }
 
 /// Answers authorization requests until `shutdown`.
+///
+/// `health` is the callout's scope (the caller's, which tracks the NATS
+/// connection): serving from the moment the subscription has reached the
+/// server until it stops.
 pub async fn serve_callout(
     vendor: Vendor,
     issuer: Issuer,
     nats: async_nats::Client,
     stores: CalloutStores,
+    health: Health,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
     let mut requests = nats
@@ -937,6 +942,7 @@ pub async fn serve_callout(
     nats.flush()
         .await
         .context("flushing callout subscription")?;
+    let serving = health.serving();
     tracing::info!(issuer = %issuer.public_key(), xkey = %issuer.xkey_public(), "auth callout ready");
     tokio::spawn(crate::access::end_clients_on_rotation(
         vendor.clone(),
@@ -993,6 +999,7 @@ pub async fn serve_callout(
             }
         });
     }
+    drop(serving);
     let _ = requests.unsubscribe().await;
     tracing::info!("auth callout stopped");
     Ok(())

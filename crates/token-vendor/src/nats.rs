@@ -5,7 +5,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use headcount_protocol::subjects::{self, endpoint};
 use headcount_protocol::wire::{self, TokenRequest, error_code};
-use headcount_runtime::{Shutdown, service_error};
+use headcount_runtime::{Health, Shutdown, service_error};
 
 use crate::Vendor;
 use crate::metrics::BAD_REQUEST;
@@ -16,9 +16,13 @@ pub const SERVICE_NAME: &str = "headcount-token-vendor";
 /// Serves `headcount.token` until `shutdown`, then stops the service (its
 /// endpoint unsubscribes) and returns. Every instance joins the default
 /// queue group, so several vendors share the requests.
+///
+/// `health` is this endpoint's scope (the caller's, which tracks the NATS
+/// connection): serving from the moment the endpoint is up until it stops.
 pub async fn serve_nats(
     vendor: Vendor,
     nats: async_nats::Client,
+    health: Health,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
     let service = nats
@@ -38,6 +42,7 @@ pub async fn serve_nats(
             anyhow::bail!("adding endpoint {}: {e}", endpoint::TOKEN);
         }
     };
+    let serving = health.serving();
     tracing::info!(
         subject = %subjects::endpoint_subject(endpoint::TOKEN),
         "token endpoint ready"
@@ -56,6 +61,7 @@ pub async fn serve_nats(
         }
     };
 
+    drop(serving);
     if let Err(e) = requests.stop().await {
         tracing::warn!(error = %e, "stopping token endpoint");
     }
