@@ -513,6 +513,10 @@ async fn a_leaked_service_password_cannot_do_another_services_work_or_stream_sur
                 "$JS.API.STREAM.DELETE.KV_headcount-revoked",
                 "$JS.API.STREAM.PURGE.KV_headcount-revoked",
                 "$SYS.REQ.SERVER.PING",
+                // A stream of its own, republishing onto control subjects.
+                "$JS.API.STREAM.CREATE.EVIL",
+                "$JS.API.STREAM.UPDATE.KV_headcount-sessions",
+                "headcount.x.y",
             ],
         ),
         (
@@ -523,6 +527,8 @@ async fn a_leaked_service_password_cannot_do_another_services_work_or_stream_sur
                 "$KV.headcount-connections.d.acme.s1",
                 "$JS.API.STREAM.DELETE.KV_headcount-sessions",
                 "$JS.API.STREAM.MSG.DELETE.KV_headcount-revoked",
+                "$JS.API.STREAM.CREATE.EVIL",
+                "$JS.API.STREAM.UPDATE.KV_headcount-revoked",
             ],
         ),
         (
@@ -533,6 +539,8 @@ async fn a_leaked_service_password_cannot_do_another_services_work_or_stream_sur
                 "$KV.headcount-sessions.acme.1",
                 "$JS.API.STREAM.PURGE.KV_headcount-sessions",
                 "$JS.API.ACCOUNT.PURGE.HEADCOUNT",
+                "$JS.API.STREAM.CREATE.EVIL",
+                "$JS.API.STREAM.UPDATE.KV_headcount-connections",
             ],
         ),
     ];
@@ -555,6 +563,25 @@ async fn a_leaked_service_password_cannot_do_another_services_work_or_stream_sur
                 .await
                 .unwrap_or_else(|| panic!("{login:?} may publish {subject}"));
             assert!(err.contains(subject), "{login:?} {subject}: {err}");
+        }
+        // Nor read another service's (or the console's) replies.
+        let other = if login == Login::Handler {
+            "checker"
+        } else {
+            "handler"
+        };
+        for subject in [
+            "_INBOX.>".to_string(),
+            "_INBOX_headcount.>".to_string(),
+            format!("_INBOX_{other}.>"),
+            ">".to_string(),
+        ] {
+            let _sub = client.subscribe(subject.clone()).await.expect("sent");
+            client.flush().await.expect("flush");
+            let err = event_where(&mut events, SOON, server_error_containing("permissions"))
+                .await
+                .unwrap_or_else(|| panic!("{login:?} may subscribe to {subject}"));
+            assert!(err.contains("ubscription"), "{login:?} {subject}: {err}");
         }
     }
     // Nothing happened: both streams are there, the device still gets in.
@@ -588,4 +615,109 @@ async fn a_vendor_restarted_with_a_new_signing_key_ends_older_operator_and_backe
         .client_connect(&new_vendor.operator_token())
         .await
         .expect("a token of the new key connects");
+}
+
+/// Reconnects with `token` in a tight loop (for at most ten seconds) until
+/// `stop`, keeping every connection it got in `kept`.
+fn reconnecting(
+    app: &TestApp,
+    token: &token_vendor::OperatorToken,
+    stop: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+    kept: &std::sync::Arc<std::sync::Mutex<Vec<async_nats::Client>>>,
+) -> tokio::task::JoinHandle<usize> {
+    let (url, token, stop, kept) = (app.nats.url(), token.clone(), stop.clone(), kept.clone());
+    tokio::spawn(async move {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let mut refused = 0;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed)
+            && std::time::Instant::now() < deadline
+        {
+            match async_nats::ConnectOptions::with_token(token.token.clone())
+                .custom_inbox_prefix(token.inbox_prefix.clone())
+                .max_reconnects(Some(1))
+                .connection_timeout(Duration::from_secs(5))
+                .connect(&url)
+                .await
+            {
+                Ok(c) => kept.lock().unwrap().push(c),
+                Err(_) => refused += 1,
+            }
+        }
+        refused
+    })
+}
+
+#[tokio::test]
+async fn a_backend_token_revoked_while_it_reconnects_keeps_no_connection() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    const ROUNDS: usize = 10;
+    let app = TestApp::spawn_with(Limit::new(3, Policy::EvictOldest).expect("limit")).await;
+    // The connects refused once the token is revoked are this test's own:
+    // the callout must not shed the host for them.
+    let tmp = tempfile::tempdir().unwrap();
+    let mut config = token_vendor::Config::new(tmp.path(), KEY);
+    config.throttle = token_vendor::ThrottleConfig {
+        callout_refusals: token_vendor::Rate::OFF,
+        ..token_vendor::ThrottleConfig::default()
+    };
+    let tv = app.start_token_vendor_with(config).await;
+    let mut survived = Vec::new();
+    for round in 0..ROUNDS {
+        let token = tv.backend_token(&format!("shop-{round}"));
+        let stop = Arc::new(AtomicBool::new(false));
+        let kept = Arc::new(Mutex::new(Vec::new()));
+        let tasks: Vec<_> = (0..3)
+            .map(|_| reconnecting(&app, &token, &stop, &kept))
+            .collect();
+        // Revoke in the middle of the reconnects, which go on a little
+        // after it: the connects in flight at the revocation are the race.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let (status, body) = post(&tv, "/v1/tokens/revoke", json!({"token": token.token})).await;
+        assert_eq!(status, 200, "{body}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        stop.store(true, Ordering::Relaxed);
+        let mut refused = 0;
+        for t in tasks {
+            refused += t.await.unwrap();
+        }
+        let clients = std::mem::take(&mut *kept.lock().unwrap());
+        assert!(refused > 0, "round {round}: no connect was refused");
+        assert!(!clients.is_empty(), "round {round}: no connect got in");
+        // Within a few seconds, every connection made with the token is
+        // closed (a kick takes a moment).
+        let deadline = std::time::Instant::now() + SOON;
+        let open = loop {
+            let open: Vec<_> = clients.iter().filter(|c| connected(c)).collect();
+            if open.is_empty() || std::time::Instant::now() > deadline {
+                break open;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let mut answered = 0;
+        for c in &open {
+            let reply = tokio::time::timeout(
+                Duration::from_secs(2),
+                c.request(
+                    "headcount.active",
+                    Bytes::from_static(br#"{"account":"acme"}"#),
+                ),
+            )
+            .await;
+            if matches!(reply, Ok(Ok(_))) {
+                answered += 1;
+            }
+        }
+        if !open.is_empty() {
+            survived.push(format!(
+                "round {round}: {} of {} connections still open ({answered} answered a request)",
+                open.len(),
+                clients.len()
+            ));
+        }
+    }
+    assert!(
+        survived.is_empty(),
+        "a revoked backend token kept connections: {survived:?}"
+    );
 }

@@ -872,6 +872,13 @@ async fn answer_unknown(nats: &async_nats::Client, msg: async_nats::Message) {
     let Some(reply) = msg.reply else {
         return; // events and other publications are not requests
     };
+    // Answer only what looks like a reply subject: an inbox, or the
+    // server's rewritten reply of a request from another account. A
+    // request naming, say, a control subject as its reply gets no answer:
+    // this service publishes there for real.
+    if !(reply.starts_with("_INBOX") || reply.starts_with("_R_.")) {
+        return;
+    }
     let name = msg
         .subject
         .strip_prefix(subjects::SERVICE_PREFIX)

@@ -67,6 +67,8 @@ enum Command {
     Checker(services::CheckerArgs),
     /// Run the token-vendor alone.
     TokenVendor(services::TokenVendorArgs),
+    /// Create the KV buckets or apply changed settings (replicas, TTLs), as the console user.
+    Buckets(services::BucketsArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -119,6 +121,7 @@ fn main() -> std::process::ExitCode {
             Command::Handler(a) => finish(services::handler(a).await),
             Command::Checker(a) => finish(services::checker(a).await),
             Command::TokenVendor(a) => finish(services::token_vendor(a).await),
+            Command::Buckets(a) => finish(services::buckets(a).await),
         }
     })
 }

@@ -92,10 +92,11 @@ pub struct TokenArgs {
     pub operator_key_failure_limit: token_vendor::Rate,
     /// Refused device connections one client host may cause at the auth
     /// callout (RATE/s,BURST; `off` for no limit). Once spent, the host's
-    /// connections are refused at once, their tokens unread, until it has
-    /// refilled; other hosts are unaffected. Devices sharing one address
-    /// (NAT, or a load balancer in front of nats-server that hides client
-    /// addresses) share this budget: raise it, or turn it off, there.
+    /// connections whose tokens do not verify are refused at once (no
+    /// revocation lookup, no log line) until it has refilled; a valid token
+    /// is never shed, so garbage sent from an address that devices share
+    /// (NAT, the TLS proxy in front of the WebSocket listener) does not lock
+    /// them out. Other hosts are unaffected.
     #[arg(
         long,
         env = "HEADCOUNT_CALLOUT_REFUSAL_LIMIT",
@@ -317,4 +318,28 @@ pub async fn token_vendor(a: TokenVendorArgs) -> anyhow::Result<()> {
 /// Resolves on SIGINT or SIGTERM, without logging.
 pub async fn until_signal_quiet() {
     shutdown::signal().await;
+}
+
+#[derive(Debug, Args)]
+pub struct BucketsArgs {
+    #[command(flatten)]
+    nats: NatsArgs,
+    #[command(flatten)]
+    engine: EngineArgs,
+}
+
+/// `headcount buckets`: creates the KV buckets or brings their settings
+/// (TTLs, replicas) up to date, as the console user. The services create a
+/// missing bucket themselves but change none: their NATS users may not
+/// update a stream.
+pub async fn buckets(a: BucketsArgs) -> anyhow::Result<()> {
+    let client = a.nats.options("headcount-buckets")?.connect().await?;
+    let settings = a.engine.buckets();
+    Buckets::ensure(&client, &settings).await?;
+    println!(
+        "buckets up to date: {} replica(s), sessions TTL {:?}, revocations TTL {:?}",
+        settings.replicas, settings.sessions_ttl, settings.revoked_ttl
+    );
+    client.drain().await.context("draining nats connection")?;
+    Ok(())
 }

@@ -126,11 +126,15 @@ impl std::fmt::Debug for Secrets {
     }
 }
 
+/// The secrets of `<dir>/secrets.json`, made (and saved) when there is none.
+/// A file another user could have planted or changed (not this user's or
+/// root's, or writable by others, see
+/// [`headcount_runtime::secret::read_private`]) stops the start.
 pub(crate) fn load_secrets(dir: &Path) -> anyhow::Result<Secrets> {
     let path = dir.join("secrets.json");
-    if let Ok(text) = std::fs::read_to_string(&path) {
+    if let Some(text) = headcount_runtime::secret::read_private(&path)? {
         let parsed: serde_json::Value =
-            serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+            serde_json::from_slice(&text).with_context(|| format!("parsing {}", path.display()))?;
         let mut s: Secrets = serde_json::from_value(parsed.clone())
             .with_context(|| format!("parsing {}", path.display()))?;
         // Secrets this generator did not make are replaced: NUID-made ones
@@ -823,8 +827,12 @@ async fn run_services(
     if a.cluster.is_some() && a.engine.replicas.is_none() {
         settings.replicas = 3;
     }
-    // Each service reaches the buckets through its own connection (and so
-    // with its own permissions).
+    // The console creates the buckets or brings their settings up to date
+    // (the services' users may create a missing bucket but change none);
+    // each service then reaches them through its own connection, and so
+    // with its own permissions.
+    let probe = opts("headcount-up").connect().await?;
+    Buckets::ensure(&probe, &settings).await?;
     let buckets = Buckets::open(&handler_client, &settings).await?;
     let checker_buckets = Buckets::open(&checker_client, &settings).await?;
     let vendor_buckets = Buckets::open(&vendor_client, &settings).await?;
@@ -917,12 +925,13 @@ async fn run_services(
     .await?;
 
     // Ready means answering: wait for the checker to reply.
-    let probe = opts("headcount-up").connect().await?;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let r = probe
             .request(
-                "headcount.limits.get",
+                headcount_protocol::subjects::endpoint_subject(
+                    headcount_protocol::subjects::endpoint::LIMITS_GET,
+                ),
                 bytes::Bytes::from_static(br#"{"account":"ready-probe"}"#),
             )
             .await;
@@ -1028,7 +1037,7 @@ async fn run_services(
             _ = &mut signal => break,
             _ = status.tick(), if demo.is_some() => {
                 if let Some((_, stats)) = &demo {
-                    let r = probe.request("headcount.active", bytes::Bytes::from_static(br#"{"account":"acct-0003"}"#)).await;
+                    let r = probe.request(headcount_protocol::subjects::endpoint_subject(headcount_protocol::subjects::endpoint::ACTIVE), bytes::Bytes::from_static(br#"{"account":"acct-0003"}"#)).await;
                     let active = r.ok().and_then(|m| serde_json::from_slice::<serde_json::Value>(&m.payload).ok())
                         .and_then(|v| v["active"].as_u64()).unwrap_or(0);
                     println!(

@@ -286,3 +286,153 @@ fn up_insecure_runs_its_services_and_answers() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("\"account\""));
     up.stop();
 }
+
+/// One entry of a [`Snapshot`]: name, owner, mode, contents.
+#[cfg(unix)]
+type Entry = (String, u32, u32, Vec<u8>);
+
+/// A directory's owner and mode, and its entries.
+#[cfg(unix)]
+type Snapshot = (u32, u32, Vec<Entry>);
+
+/// What a directory holds and how it is set: names with their owner, mode
+/// and contents, and the directory's own owner and mode.
+#[cfg(unix)]
+fn snapshot(dir: &Path) -> Snapshot {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(dir).unwrap();
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let path = e.unwrap().path();
+            let m = std::fs::symlink_metadata(&path).unwrap();
+            (
+                path.file_name().unwrap().to_string_lossy().into_owned(),
+                m.uid(),
+                m.mode(),
+                std::fs::read(&path).unwrap_or_default(),
+            )
+        })
+        .collect();
+    entries.sort();
+    (meta.uid(), meta.mode(), entries)
+}
+
+/// `up` on a data dir it may not trust: it leaves within seconds, non-zero,
+/// with a message naming the path, its owner and mode and the way out,
+/// having written nothing into it and changed nothing about it.
+#[cfg(unix)]
+fn up_refuses(data_dir: &Path, logs: &Path, expect: &[&str]) {
+    let web = logs.join("web");
+    std::fs::create_dir_all(&web).unwrap();
+    let before = snapshot(data_dir);
+    let started = std::time::Instant::now();
+    let mut up = Up::start(data_dir, logs, &web);
+    let status = up.wait_exit(std::time::Duration::from_secs(20));
+    let output = up.output();
+    assert!(!status.success(), "up ran on it:\n{output}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(15),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(!output.contains("ready"), "{output}");
+    for part in expect {
+        assert!(output.contains(part), "{part:?} not in:\n{output}");
+    }
+    assert!(
+        output.contains(&data_dir.display().to_string()),
+        "the path is named:\n{output}"
+    );
+    assert_eq!(
+        snapshot(data_dir),
+        before,
+        "up touched {}",
+        data_dir.display()
+    );
+}
+
+/// The security review's attack: `nobody` makes a world-writable directory
+/// holding a `secrets.json` of known values; root runs `up` on it. `up`
+/// must refuse it (not use the planted operator key, not tighten a
+/// directory its owner can loosen again), whatever the directory's mode.
+#[cfg(unix)]
+#[test]
+fn up_refuses_a_data_dir_another_user_owns() {
+    use std::os::unix::fs::PermissionsExt;
+    let nobody = 65534;
+    let root = tempfile::tempdir().unwrap();
+    let evil = root.path().join("evil");
+    std::fs::create_dir(&evil).unwrap();
+    let planted = serde_json::json!({
+        "service_password": format!("hk_{}", "s".repeat(43)),
+        "handler_password": format!("hk_{}", "h".repeat(43)),
+        "checker_password": format!("hk_{}", "c".repeat(43)),
+        "vendor_password": format!("hk_{}", "v".repeat(43)),
+        "device_password": format!("hk_{}", "d".repeat(43)),
+        "operator_key": format!("hk_{}", "k".repeat(43)),
+    });
+    let secrets = evil.join("secrets.json");
+    std::fs::write(&secrets, planted.to_string()).unwrap();
+    for path in [&evil, &secrets] {
+        match std::os::unix::fs::chown(path, Some(nobody), Some(nobody)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                eprintln!("skipped: making a directory of another user needs root ({e})");
+                return;
+            }
+            Err(e) => panic!("chown {}: {e}", path.display()),
+        }
+    }
+    std::fs::set_permissions(&secrets, std::fs::Permissions::from_mode(0o644)).unwrap();
+    for mode in [0o777, 0o700] {
+        std::fs::set_permissions(&evil, std::fs::Permissions::from_mode(mode)).unwrap();
+        up_refuses(
+            &evil,
+            root.path(),
+            &[
+                "owned by",
+                "uid 65534",
+                &format!("mode {mode:04o}"),
+                "chown",
+                "--data-dir",
+            ],
+        );
+    }
+}
+
+/// A data dir of this user's that others may write into: they may have
+/// planted its secrets.json, so `up` refuses it rather than tighten it.
+#[cfg(unix)]
+#[test]
+fn up_refuses_a_data_dir_others_may_write() {
+    use std::os::unix::fs::PermissionsExt;
+    let root = tempfile::tempdir().unwrap();
+    let shared = root.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    let secrets = shared.join("secrets.json");
+    std::fs::write(&secrets, "{}").unwrap();
+    std::fs::set_permissions(&secrets, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
+    up_refuses(
+        &shared,
+        root.path(),
+        &["writable", "mode 0777", "chmod 700"],
+    );
+    // A secrets.json others may write, in a private data dir: refused too.
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::fs::set_permissions(&secrets, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let web = root.path().join("web");
+    std::fs::create_dir_all(&web).unwrap();
+    let mut up = Up::start(&shared, root.path(), &web);
+    let status = up.wait_exit(std::time::Duration::from_secs(20));
+    let output = up.output();
+    assert!(!status.success(), "{output}");
+    assert!(
+        output.contains(&secrets.display().to_string())
+            && output.contains("mode 0666")
+            && output.contains("chmod 600"),
+        "{output}"
+    );
+    assert_eq!(std::fs::read(&secrets).unwrap(), b"{}");
+}

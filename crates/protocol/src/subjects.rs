@@ -111,6 +111,13 @@ pub fn parse_heartbeat(subject: &str) -> Result<HeartbeatSubject, SubjectError> 
     parse_heartbeat_ref(subject).map(|ids| ids.to_owned())
 }
 
+/// The nats-server system service that closes one client connection
+/// (request `{"cid": <client id>}`), on the server `server_id` (`N...`).
+/// The services' account imports it from the system account.
+pub fn server_kick(server_id: &str) -> String {
+    format!("$SYS.REQ.SERVER.{server_id}.KICK")
+}
+
 /// KV bucket names and key layouts.
 pub mod kv {
     use super::*;

@@ -37,10 +37,37 @@ impl std::fmt::Debug for Buckets {
     }
 }
 
+/// What opening a bucket may do to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Create it when missing; never change an existing one (a service: its
+    /// NATS user may create the buckets but not update any stream, so that
+    /// a leaked service password cannot reconfigure one).
+    CreateMissing,
+    /// Create it, or bring its settings up to date (the console user).
+    CreateOrUpdate,
+}
+
 impl Buckets {
-    /// Creates the buckets or brings their settings up to date. Safe to call
-    /// from every service at start-up, concurrently.
+    /// Opens the buckets, creating the missing ones with `s`; an existing
+    /// bucket keeps its settings (a difference is logged: apply it with
+    /// [`Buckets::ensure`], `headcount buckets`). Safe to call from every
+    /// service at start-up, concurrently.
     pub async fn open(client: &async_nats::Client, s: &BucketSettings) -> anyhow::Result<Self> {
+        Self::open_with(client, s, Mode::CreateMissing).await
+    }
+
+    /// Creates the buckets or brings their settings up to date: for the
+    /// console user (`headcount up`, `headcount buckets`).
+    pub async fn ensure(client: &async_nats::Client, s: &BucketSettings) -> anyhow::Result<Self> {
+        Self::open_with(client, s, Mode::CreateOrUpdate).await
+    }
+
+    async fn open_with(
+        client: &async_nats::Client,
+        s: &BucketSettings,
+        mode: Mode,
+    ) -> anyhow::Result<Self> {
         // A short timeout for these requests: right after a cluster starts
         // (or loses its meta leader) they go unanswered for a while, and a
         // quick retry beats a long wait. The stores themselves keep the
@@ -66,8 +93,16 @@ impl Buckets {
                     // up as an error from the server, so try again a few times.
                     let mut delay = Duration::from_millis(100);
                     for attempt in 0.. {
-                        match js.create_or_update_key_value(cfg.clone()).await {
-                            Ok(_) => {
+                        let made = match mode {
+                            Mode::CreateOrUpdate => js
+                                .create_or_update_key_value(cfg.clone())
+                                .await
+                                .map(|_| ())
+                                .map_err(anyhow::Error::from),
+                            Mode::CreateMissing => create_missing(&js, &cfg).await,
+                        };
+                        match made {
+                            Ok(()) => {
                                 return js_default
                                     .get_key_value(bucket)
                                     .await
@@ -154,4 +189,34 @@ pub async fn open_existing(
             }
         }
     }
+}
+
+/// Creates `cfg`'s bucket unless it exists. An existing bucket is left as it
+/// is (creating a stream that exists with other settings fails, and
+/// updating one is not this user's to do), and a difference from `cfg` in
+/// what matters (TTL, replicas) is logged.
+async fn create_missing(js: &jetstream::Context, cfg: &kv::Config) -> anyhow::Result<()> {
+    let created = match js.create_key_value(cfg.clone()).await {
+        Ok(_) => return Ok(()),
+        Err(e) => e,
+    };
+    // It exists (with other settings), or the server did not answer.
+    let store = js
+        .get_key_value(&cfg.bucket)
+        .await
+        .map_err(|_| anyhow::Error::from(created))?;
+    if let Ok(info) = store.status().await {
+        let c = &info.info.config;
+        if c.max_age != cfg.max_age || c.num_replicas != cfg.num_replicas.max(1) {
+            tracing::warn!(
+                bucket = %cfg.bucket,
+                ttl = ?c.max_age,
+                wanted_ttl = ?cfg.max_age,
+                replicas = c.num_replicas,
+                wanted_replicas = cfg.num_replicas,
+                "bucket settings differ from this service's; run `headcount buckets` as the console user to apply them"
+            );
+        }
+    }
+    Ok(())
 }

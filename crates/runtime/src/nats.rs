@@ -30,6 +30,19 @@ impl NatsOptions {
         self
     }
 
+    /// The inbox prefix of a connection as `user`: `_INBOX_<user>`, the only
+    /// inbox nats.conf lets each service user subscribe to (so that one
+    /// service cannot read another's replies). A user name that is not one
+    /// subject token keeps the default prefix.
+    pub fn inbox_prefix(&self) -> Option<String> {
+        let user = self.user.as_deref()?;
+        let token = !user.is_empty()
+            && user
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        token.then(|| format!("_INBOX_{user}"))
+    }
+
     /// Connects, retrying with backoff until a server answers: services start
     /// in any order, and a NATS restart must not turn into a crash loop.
     pub async fn connect(&self) -> anyhow::Result<async_nats::Client> {
@@ -46,6 +59,7 @@ impl NatsOptions {
             // Heartbeat bursts must queue, not be dropped as a slow consumer.
             .subscription_capacity(1 << 16)
             .client_capacity(1 << 14)
+            .custom_inbox_prefix(self.inbox_prefix().unwrap_or_else(|| "_INBOX".into()))
             .event_callback(|event| async move {
                 match event {
                     async_nats::Event::Connected => tracing::info!("connected to nats"),
@@ -113,6 +127,7 @@ impl NatsOptions {
         }
         let mut opts = async_nats::ConnectOptions::new()
             .name(&self.name)
+            .custom_inbox_prefix(self.inbox_prefix().unwrap_or_else(|| "_INBOX".into()))
             .connection_timeout(timeout)
             // The first attempt of each server at once; later reconnects
             // (after a drop) back off up to 2 s.

@@ -519,7 +519,8 @@ impl TestApp {
             burst: self.timings.burst,
             carry_delay: self.timings.interval / 10,
         };
-        let probe = client.clone();
+        // The console probes: the handler's own user may not publish heartbeats.
+        let probe = self.client.clone();
         let health = Health::new();
         let task = tokio::spawn(heartbeat_handler::run(
             config,

@@ -32,6 +32,8 @@ pub const MAX_CLIENT_CONNECTIONS: usize = 32;
 const KICK_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long one bucket operation may take before the connection is refused.
 const KV_TIMEOUT: Duration = Duration::from_secs(1);
+/// The header marking a deleted or purged key in a KV bucket's stream.
+const KV_OPERATION: &str = "KV-Operation";
 /// Compare-and-set attempts before giving up (then the connection is
 /// refused: only many connects with one token at once get there).
 const ATTEMPTS: u32 = 16;
@@ -114,6 +116,85 @@ impl Access {
         Ok(found.is_some())
     }
 
+    /// [`Access::client_revoked`], read from the bucket's stream leader: it
+    /// sees every revocation written before it was asked, which a direct
+    /// read (possibly served by a lagging replica on a cluster) need not.
+    /// What the callout asks once it has recorded a connection.
+    pub async fn client_revoked_now(&self, token_id: &SessionId) -> Result<bool, AccessError> {
+        Ok(self
+            .latest(&keys::client_revoked(token_id))
+            .await?
+            .is_some())
+    }
+
+    /// The value of `key` as the stream leader holds it (`None`: absent,
+    /// deleted or purged). Unlike `get`, never a replica's stale copy: each
+    /// side of the revoke-versus-connect race reads what the other wrote
+    /// first (see [`Access::revoke_client`]).
+    async fn latest(&self, key: &str) -> Result<Option<bytes::Bytes>, AccessError> {
+        use async_nats::jetstream::stream::LastRawMessageErrorKind;
+        let subject = format!("{}{key}", self.connections.prefix);
+        let got = tokio::time::timeout(
+            KV_TIMEOUT,
+            self.connections
+                .stream
+                .get_last_raw_message_by_subject(&subject),
+        )
+        .await
+        .map_err(|_| unavailable("timed out"))?;
+        match got {
+            Ok(msg) => {
+                let removed = msg
+                    .headers
+                    .get(KV_OPERATION)
+                    .is_some_and(|op| matches!(op.as_str(), "DEL" | "PURGE"));
+                Ok((!removed).then_some(msg.payload))
+            }
+            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    /// Removes `conn` from the connections recorded for the token behind
+    /// `claims`: one the callout recorded and then refused (its token was
+    /// revoked, or its key rotated, meanwhile). A record already gone, or
+    /// replaced, is left as it is.
+    pub async fn forget(&self, claims: &Claims, conn: &Connection) -> Result<(), AccessError> {
+        let key = Self::key(claims)?;
+        for _ in 0..ATTEMPTS {
+            let Some(entry) = timed(self.connections.entry(key.clone())).await? else {
+                return Ok(());
+            };
+            if entry.operation != kv::Operation::Put {
+                return Ok(());
+            }
+            let mut list: Vec<Connection> =
+                serde_json::from_slice(&entry.value).unwrap_or_default();
+            let before = list.len();
+            list.retain(|c| (&c.server, c.cid) != (&conn.server, conn.cid));
+            if list.len() == before {
+                return Ok(());
+            }
+            let value: bytes::Bytes = serde_json::to_vec(&list).map_err(unavailable)?.into();
+            match tokio::time::timeout(
+                KV_TIMEOUT,
+                self.connections.update(&key, value, entry.revision),
+            )
+            .await
+            {
+                Ok(Ok(_)) => return Ok(()),
+                // Changed meanwhile: read again.
+                Ok(Err(e)) => {
+                    tracing::debug!(%key, error = %e, "connection record changed; retrying")
+                }
+                Err(_) => return Err(unavailable("timed out")),
+            }
+        }
+        Err(unavailable(
+            "too many concurrent changes of one connection record",
+        ))
+    }
+
     /// Records `conn` as a connection of the token behind `claims`, then
     /// closes the connections it replaces: the previous one of a device
     /// session, the oldest beyond [`MAX_CLIENT_CONNECTIONS`] of an operator
@@ -181,6 +262,14 @@ impl Access {
     /// Ends an operator or backend token: new connections with it are
     /// refused from now on and its live connections are closed. Returns how
     /// many connections were closed.
+    ///
+    /// The revocation is written before the connections are read, and read
+    /// from the stream leader; the callout does the mirror image (it records
+    /// a connection, then reads the revocation from the leader). Both go
+    /// through the one stream, which orders them: whichever of the two
+    /// writes comes second, the read after it sees the other write. So a
+    /// connection admitted concurrently is either among those read here
+    /// (and closed) or refused by the callout.
     pub async fn revoke_client(&self, claims: &Claims) -> Result<usize, AccessError> {
         let id = claims.token_id().map_err(|_| AccessError::BadClaims)?;
         timed(self.connections.put(
@@ -188,7 +277,7 @@ impl Access {
             bytes::Bytes::from_static(b"revoked"),
         ))
         .await?;
-        let list = timed(self.connections.get(keys::client_connections(&id))).await?;
+        let list = self.latest(&keys::client_connections(&id)).await?;
         let list: Vec<Connection> = list
             .and_then(|v| serde_json::from_slice(&v).ok())
             .unwrap_or_default();
@@ -233,7 +322,7 @@ impl Access {
         for c in conns {
             let nats = self.nats.clone();
             tokio::spawn(async move {
-                let subject = format!("$SYS.REQ.SERVER.{}.KICK", c.server);
+                let subject = headcount_protocol::subjects::server_kick(&c.server);
                 let body = serde_json::json!({ "cid": c.cid }).to_string();
                 match tokio::time::timeout(KICK_TIMEOUT, nats.request(subject, body.into())).await {
                     Ok(Ok(_)) => {

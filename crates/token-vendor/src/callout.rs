@@ -256,7 +256,9 @@ impl CalloutKey for XKey {
 }
 
 /// A key from the seed in `env`, else from the seed file `path`, else a new
-/// one whose seed is written to `path` with mode 0600.
+/// one whose seed is written to `path` with mode 0600. The seed file and its
+/// directory must be ones no other user could have written
+/// ([`headcount_runtime::secret::read_private`]); the start fails otherwise.
 fn load_or_generate<T: CalloutKey>(
     data_dir: &Path,
     env: &str,
@@ -268,12 +270,12 @@ fn load_or_generate<T: CalloutKey>(
     {
         return T::parse(seed.trim()).with_context(|| format!("reading {env}"));
     }
-    match std::fs::read_to_string(path) {
-        Ok(seed) => {
-            crate::keys::warn_if_readable_by_others(path);
-            T::parse(seed.trim()).with_context(|| format!("reading {what} {}", path.display()))
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+    match headcount_runtime::secret::read_private(path)? {
+        Some(seed) => String::from_utf8(seed)
+            .map_err(anyhow::Error::from)
+            .and_then(|seed| T::parse(seed.trim()))
+            .with_context(|| format!("reading {what} {}", path.display())),
+        None => {
             let key = T::generate();
             let (seed, public) = (key.seed_text()?, key.public_text());
             headcount_runtime::secret::create_private_dir(&crate::keys::key_dir(data_dir))?;
@@ -281,7 +283,6 @@ fn load_or_generate<T: CalloutKey>(
             tracing::info!(public_key = %public, file = %path.display(), "generated the {what} key");
             Ok(key)
         }
-        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
     }
 }
 
@@ -707,6 +708,15 @@ fn response(
     )
 }
 
+/// The token a request presents, if any.
+fn token_of(req: &AuthRequest) -> Result<&str, Refusal> {
+    req.connect_opts
+        .auth_token
+        .as_deref()
+        .filter(|t| !t.is_empty())
+        .ok_or(Refusal::NoToken)
+}
+
 /// Decides one connection: the verified claims of its token, unless the
 /// token is missing, does not verify, or its session was ended.
 async fn authorize(
@@ -714,40 +724,77 @@ async fn authorize(
     stores: &CalloutStores,
     req: &AuthRequest,
 ) -> Result<crate::Claims, Refusal> {
-    let token = req
-        .connect_opts
-        .auth_token
-        .as_deref()
-        .filter(|t| !t.is_empty())
-        .ok_or(Refusal::NoToken)?;
+    let token = token_of(req)?;
     let claims = vendor.verify(token).map_err(Refusal::Token)?;
     still_alive(&stores.revoked, &claims).await?;
-    if claims.role().is_client() {
+    let client = if claims.role().is_client() {
         let id = claims
             .token_id()
             .map_err(|_| Refusal::Token(TokenError::BadClaims))?;
-        match stores.access.client_revoked(&id).await {
-            Ok(false) => {}
-            Ok(true) => return Err(Refusal::Revoked),
-            Err(e) => {
-                tracing::error!(error = %e, "reading operator and backend revocations");
-                return Err(Refusal::RevocationUnavailable);
-            }
-        }
-    }
+        client_not_revoked(stores.access.client_revoked(&id).await)?;
+        // verify() let an operator or backend token through only if the key
+        // that signed it was the signing key at that moment: the key to
+        // record, not the signing key of now (a rotation may have happened
+        // since).
+        let kid = crate::peek_header(token)
+            .ok()
+            .and_then(|h| h.kid)
+            .ok_or(Refusal::Token(TokenError::UnknownKid))?;
+        Some((id, kid))
+    } else {
+        None
+    };
     // One live connection per device session: this one replaces any other.
     let conn = Connection {
         server: req.server_id.id.clone(),
         cid: req.client_info.id.ok_or(Refusal::RegistryUnavailable)?,
-        // verify() let an operator or backend token through only if the
-        // current key signed it.
-        kid: claims.role().is_client().then(|| vendor.signing_kid()),
+        kid: client.as_ref().map(|(_, kid)| kid.clone()),
     };
-    if let Err(e) = stores.access.admit(&claims, conn).await {
+    if let Err(e) = stores.access.admit(&claims, conn.clone()).await {
         tracing::error!(error = %e, "recording a connection");
         return Err(Refusal::RegistryUnavailable);
     }
+    // The checks above raced with `POST /v1/tokens/revoke` and with key
+    // rotations, which end an operator or backend token by writing (the
+    // revocation, the new signing key) and then reading the recorded
+    // connections to close them. Were they to run between our checks and
+    // our record, they would miss this connection and it would live on.
+    // So, now that it is recorded, check again, in the opposite order of
+    // theirs: they write, then read the records; we wrote the record, now
+    // we read what they write. Each pair is ordered (the revocation and the
+    // record are in one stream, read from its leader; the signing key is
+    // one lock in this process), so one side sees the other: either our
+    // record was written before their read (they close this connection:
+    // the server has registered it while it awaits our answer) or their
+    // write came before our read here (we refuse it).
+    if let Some((id, kid)) = &client {
+        let recheck = if vendor.signing_kid() != *kid {
+            Err(Refusal::Token(TokenError::Superseded))
+        } else {
+            client_not_revoked(stores.access.client_revoked_now(id).await)
+        };
+        if let Err(refusal) = recheck {
+            // Refused, so the server drops the connection; its record goes.
+            if let Err(e) = stores.access.forget(&claims, &conn).await {
+                tracing::warn!(error = %e, "removing the record of a refused connection");
+            }
+            return Err(refusal);
+        }
+    }
     Ok(claims)
+}
+
+/// The refusal, if any, that the answer to "was this operator or backend
+/// token revoked?" calls for.
+fn client_not_revoked(revoked: Result<bool, crate::access::AccessError>) -> Result<(), Refusal> {
+    match revoked {
+        Ok(false) => Ok(()),
+        Ok(true) => Err(Refusal::Revoked),
+        Err(e) => {
+            tracing::error!(error = %e, "reading operator and backend revocations");
+            Err(Refusal::RevocationUnavailable)
+        }
+    }
 }
 
 /// The buckets the callout reads and writes.
@@ -820,13 +867,17 @@ pub(crate) async fn answer(
     };
     let client = req.client_info.name.clone().unwrap_or_default();
     let host = req.client_info.host.clone().unwrap_or_default();
-    // A host that has been refused too often lately is refused at once,
-    // unread: no token verification, no KV lookup; a flood of garbage from
-    // it costs the request's decoding and the response's signature only.
-    let outcome = if let Some(left) = vendor.throttle().callout_blocked(&host) {
-        shed(vendor, &host, left)
-    } else {
-        decide(vendor, issuer, stores, &req, &host, &client).await?
+    // A host that has been refused too often lately has its bad tokens
+    // refused at once: no KV lookup, no refusal log line; a flood of
+    // garbage from it costs the request's decoding, a signature check and
+    // the response's signature only. A token that verifies is never shed:
+    // a host address is often shared (NAT, the TLS proxy in front of the
+    // WebSocket listener), and whoever floods it with garbage must not lock
+    // out the valid devices behind it. Such a token gets the usual decision
+    // (revocation lookup, admission).
+    let outcome = match vendor.throttle().callout_blocked(&host) {
+        Some(left) if !verifies(vendor, &req) => shed(vendor, &host, left),
+        _ => decide(vendor, issuer, stores, &req, &host, &client).await?,
     };
     match response(issuer, &req, outcome) {
         Ok(jwt) => Some(jwt),
@@ -837,11 +888,20 @@ pub(crate) async fn answer(
     }
 }
 
+/// Whether the request's token verifies (signature, claims, key), checked
+/// without a side effect: no verification counted (the decision that
+/// follows counts its own), nothing logged. What a host being shed must
+/// present to be let through.
+fn verifies(vendor: &Vendor, req: &AuthRequest) -> bool {
+    token_of(req).is_ok_and(|token| vendor.check(token).is_ok())
+}
+
 /// What a connection from a host that is being shed is told.
 const SHED_ERROR: &str = "too many refused connections from this address; try again later";
 
-/// The refusal of a request from a host being shed (for `left` more),
-/// counted as `throttled` and logged at most once a second.
+/// The refusal of a request whose token does not verify from a host being
+/// shed (for `left` more), counted as `throttled` and logged at most once a
+/// second.
 fn shed(vendor: &Vendor, host: &str, left: Duration) -> Result<String, String> {
     vendor.count_callout("throttled");
     if let Some(suppressed) = vendor.throttle().shed_log.admit() {
@@ -849,7 +909,7 @@ fn shed(vendor: &Vendor, host: &str, left: Duration) -> Result<String, String> {
             %host,
             retry_in_ms = left.as_millis() as u64,
             suppressed,
-            "refusing a connection unread: its host was refused too often"
+            "refusing a bad token at once: its host was refused too often (valid tokens still get in)"
         );
     }
     Err(SHED_ERROR.to_string())
@@ -881,13 +941,14 @@ fn refused(vendor: &Vendor, refusal: &Refusal, host: &str, client: &str) {
             %host,
             block_ms = block.as_millis() as u64,
             suppressed,
-            "too many refused connections from one host: refusing its connections unread for a while"
+            "too many refused connections from one host: refusing its bad tokens at once for a while"
         );
     }
 }
 
-/// The outcome for a request from a host that is not being shed: the user
-/// JWT or why not; `None` when no answer should be sent.
+/// The outcome for a request from a host that is not being shed, or whose
+/// token verifies: the user JWT or why not; `None` when no answer should be
+/// sent.
 async fn decide(
     vendor: &Vendor,
     issuer: &Issuer,

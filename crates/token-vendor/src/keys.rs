@@ -6,7 +6,10 @@
 //! operator does once the longest-lived of them has expired.
 //!
 //! A key file holds the 32-byte seed, so it is written with mode 0600 in a
-//! directory of mode 0700 and never logged.
+//! directory of mode 0700 and never logged. Whoever can write a key file
+//! can sign tokens, so the directory and every key file in it must pass the
+//! checks of [`headcount_runtime::secret`] (owned by this user or root, not
+//! writable by others) before a key is loaded; the start fails otherwise.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -18,8 +21,9 @@ use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_S
 use ed25519_dalek::SigningKey;
 use ed25519_dalek::pkcs8::EncodePrivateKey;
 use headcount_protocol::{UnixMillis, now_millis};
-/// Key files are written 0600 from the start, in a 0700 directory.
-pub(crate) use headcount_runtime::secret::{create_private_dir, write_private};
+/// Key files are written 0600 from the start, in a 0700 directory, and read
+/// only from a directory and files no other user could have written.
+pub(crate) use headcount_runtime::secret::{create_private_dir, read_private, write_private};
 use jsonwebtoken::{DecodingKey, EncodingKey};
 use serde::{Deserialize, Serialize};
 
@@ -192,9 +196,10 @@ pub(crate) fn open(data_dir: &Path, env_seed: Option<[u8; 32]>) -> anyhow::Resul
     }
 }
 
-/// Reads every `*.json` key file of `dir`. A file that cannot be read or does
-/// not hold a valid key stops the start: skipping it would silently turn
-/// every token it signed into an unknown-key error.
+/// Reads every `*.json` key file of `dir`. A file that cannot be read, may
+/// not be trusted ([`read_private`]: another user's, or writable by others)
+/// or does not hold a valid key stops the start: skipping it would silently
+/// turn every token it signed into an unknown-key error.
 fn load_dir(dir: &Path) -> anyhow::Result<Vec<KeyPair>> {
     let mut keys = Vec::new();
     let entries =
@@ -208,14 +213,13 @@ fn load_dir(dir: &Path) -> anyhow::Result<Vec<KeyPair>> {
         }
         let key =
             load_file(&path).with_context(|| format!("loading key file {}", path.display()))?;
-        warn_if_readable_by_others(&path);
         keys.push(key);
     }
     Ok(keys)
 }
 
 fn load_file(path: &Path) -> anyhow::Result<KeyPair> {
-    let bytes = std::fs::read(path)?;
+    let bytes = read_private(path)?.context("the file is gone")?;
     let file: KeyFile = serde_json::from_slice(&bytes).context("parsing key file")?;
     let seed = decode_seed(&file.seed).context("reading the seed")?;
     let key = KeyPair::from_seed(seed, file.created_at)?;
@@ -239,24 +243,6 @@ pub(crate) fn save(dir: &Path, key: &KeyPair) -> anyhow::Result<()> {
     let json = serde_json::to_vec_pretty(&file).context("encoding key file")?;
     write_private(&dir.join(format!("{}.json", key.kid)), &json)
 }
-
-#[cfg(unix)]
-pub(crate) fn warn_if_readable_by_others(path: &Path) {
-    use std::os::unix::fs::PermissionsExt;
-    if let Ok(meta) = std::fs::metadata(path) {
-        let mode = meta.permissions().mode() & 0o777;
-        if mode & 0o077 != 0 {
-            tracing::warn!(
-                file = %path.display(),
-                mode = format_args!("{mode:o}"),
-                "key file is readable by other users; chmod 600 it"
-            );
-        }
-    }
-}
-
-#[cfg(not(unix))]
-pub(crate) fn warn_if_readable_by_others(_path: &Path) {}
 
 /// Decodes a base64 seed in any of the usual alphabets, padded or not.
 pub(crate) fn decode_seed(text: &str) -> anyhow::Result<[u8; 32]> {
@@ -375,5 +361,64 @@ mod tests {
         std::fs::write(keys.join("broken.json"), lying.to_string()).unwrap();
         let err = open(dir.path(), None).err().unwrap();
         assert!(format!("{err:#}").contains(&key.kid));
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn key_files_another_user_could_have_written_stop_the_start() {
+        use std::os::unix::fs::PermissionsExt;
+        let set_mode = |path: &Path, mode: u32| {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let keys = key_dir(dir.path());
+        create_private_dir(&keys).unwrap();
+        let planted = KeyPair::from_seed([4; 32], 9).unwrap();
+        save(&keys, &planted).unwrap();
+        let path = keys.join(format!("{}.json", planted.kid));
+
+        // Writable by others: refused (not merely warned about).
+        set_mode(&path, 0o666);
+        let err = format!("{:#}", open(dir.path(), None).err().unwrap());
+        assert!(err.contains(&path.display().to_string()), "{err}");
+        assert!(err.contains("writable") && err.contains("0666"), "{err}");
+        // The keys dir writable by others: refused as well.
+        set_mode(&path, 0o600);
+        set_mode(&keys, 0o777);
+        let err = format!("{:#}", open(dir.path(), None).err().unwrap());
+        assert!(err.contains("writable") && err.contains("0777"), "{err}");
+        set_mode(&keys, 0o700);
+        // Ours and only readable by others: used, and made private.
+        set_mode(&path, 0o644);
+        assert_eq!(open(dir.path(), None).unwrap().signer().kid, planted.kid);
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+
+        // Another user's key file (needs root to make one): refused.
+        let nobody = 65534;
+        match std::os::unix::fs::chown(&path, Some(nobody), Some(nobody)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                eprintln!("skipped the other-user part: chown needs root");
+                return;
+            }
+            Err(e) => panic!("{e}"),
+        }
+        let err = format!("{:#}", open(dir.path(), None).err().unwrap());
+        assert!(err.contains("uid 65534"), "{err}");
+        assert!(err.contains(&path.display().to_string()), "{err}");
+        // Another user's keys dir: refused before any file in it is read.
+        let me = headcount_runtime::secret::current_uid().unwrap();
+        std::os::unix::fs::chown(&path, Some(me), None).unwrap();
+        std::os::unix::fs::chown(&keys, Some(nobody), Some(nobody)).unwrap();
+        let err = format!("{:#}", open(dir.path(), None).err().unwrap());
+        assert!(err.contains("uid 65534"), "{err}");
+        assert!(err.contains(&keys.display().to_string()), "{err}");
+        assert_eq!(
+            std::fs::metadata(&keys).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
     }
 }

@@ -14,9 +14,12 @@
 //!   429 with `Retry-After` above it.
 //! - The auth callout: a budget of refused connections per client host
 //!   (`client_info.host` of the authorization request). A host that spent
-//!   it has its further connections refused at once, before any token is
-//!   verified or any revocation read, until the budget refills; other hosts
-//!   are not affected.
+//!   it is shed until the budget refills: a connection from it whose token
+//!   does not verify is refused at once (a signature check, no revocation
+//!   read, no log line), but a valid token is never shed: it gets the usual
+//!   decision. A host address is often shared (NAT, the TLS proxy in front
+//!   of the WebSocket listener), and garbage sent from it must not lock out
+//!   the valid devices behind it. Other hosts are not affected.
 //!
 //! The address is the TCP peer (`ConnectInfo<SocketAddr>`, which
 //! `headcount_runtime::http::serve` provides); with
@@ -137,7 +140,8 @@ pub struct ThrottleConfig {
     /// `POST /v1/demo/tokens` per address: 5/s, bursts of 20.
     pub demo_tokens: Rate,
     /// Refused auth-callout connections per client host: 200 at once, then
-    /// 20 per second; above it the host's connections are refused unread.
+    /// 20 per second; above it the host's tokens that do not verify are
+    /// refused at once (valid tokens never are).
     pub callout_refusals: Rate,
     /// Take the client address from `X-Forwarded-For` (the last entry of
     /// the last header) instead of the TCP peer. Only behind a trusted proxy
@@ -407,7 +411,8 @@ impl Throttle {
         host.trim().parse().map_or(UNKNOWN, address_key)
     }
 
-    /// How long the auth callout keeps refusing `host` unread, if it does.
+    /// How long the auth callout keeps shedding `host` (refusing its tokens
+    /// that do not verify at once), if it does.
     pub(crate) fn callout_blocked(&self, host: &str) -> Option<Duration> {
         self.callout.blocked(Self::host_key(host))
     }
