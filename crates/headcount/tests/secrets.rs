@@ -8,7 +8,6 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use common::Up;
 
@@ -271,19 +270,8 @@ fn up_insecure_runs_its_services_and_answers() {
     up.wait_ready();
     // Each service logged in as its own user on the insecure server too:
     // the checker answers the console.
-    let out = Command::new(env!("CARGO_BIN_EXE_headcount"))
-        .args(["active", "acme", "--json", "--data-dir"])
-        .arg(&data_dir)
-        .output()
-        .expect("the CLI runs");
-    assert!(
-        out.status.success(),
-        "active failed: {}{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-        up.output()
-    );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("\"account\""));
+    let printed = common::answers(&data_dir, &up);
+    assert!(printed.contains("\"account\""), "{printed}");
     up.stop();
 }
 

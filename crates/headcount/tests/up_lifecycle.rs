@@ -15,7 +15,7 @@ use std::time::Duration;
 #[cfg(target_os = "linux")]
 use std::time::Instant;
 
-use common::{Up, UpOptions, headcount};
+use common::{Up, UpOptions, answers};
 use test_support::free_port;
 
 /// A temp root holding the data dir, the output files and (empty) pages.
@@ -41,23 +41,6 @@ impl Scene {
     fn web(&self) -> PathBuf {
         self.root.path().join("web")
     }
-}
-
-/// `headcount active <account> --data-dir <dir>` succeeds: the `up` that
-/// wrote up.json answers.
-fn answers(data_dir: &Path, up: &Up) {
-    let out = headcount()
-        .args(["active", "x", "--data-dir"])
-        .arg(data_dir)
-        .output()
-        .expect("the CLI runs");
-    assert!(
-        out.status.success(),
-        "active failed: {}{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-        up.output()
-    );
 }
 
 /// The pids in `<data-dir>/nats.pid`.

@@ -259,3 +259,21 @@ impl Drop for Up {
         }
     }
 }
+
+/// Asserts that the `up` of `data_dir` answers the console: `headcount
+/// active x --json` through its up.json succeeds. Returns what it printed.
+pub fn answers(data_dir: &Path, up: &Up) -> String {
+    let out = headcount()
+        .args(["active", "x", "--json", "--data-dir"])
+        .arg(data_dir)
+        .output()
+        .expect("the CLI runs");
+    assert!(
+        out.status.success(),
+        "active failed: {}{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        up.output()
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
