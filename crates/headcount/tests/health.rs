@@ -6,9 +6,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
+
+use common::{Up, headcount};
 
 use test_support::{Login, NatsServer, TestApp, free_port};
 
@@ -25,13 +29,7 @@ impl Service {
         let dir = tempfile::tempdir().expect("temp dir");
         let metrics_port = free_port();
         let log = dir.path().join(format!("{kind}.log"));
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_headcount"));
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("HEADCOUNT_") {
-                cmd.env_remove(key);
-            }
-        }
-        let child = cmd
+        let child = headcount()
             .arg(kind)
             .args(["--nats-url", &format!("nats://127.0.0.1:{nats_port}")])
             .args(["--nats-user", login.user()])
@@ -189,52 +187,11 @@ async fn a_token_vendor_is_ready_while_connected_and_serving() {
 /// `headcount up`: one listener answers for every service.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn up_is_ready_on_its_metrics_listener_when_all_its_services_are() {
-    let data = tempfile::tempdir().unwrap();
-    let tools = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.tools/venv/bin");
-    let path = match std::env::var_os("PATH") {
-        Some(p) => {
-            let mut dirs = vec![tools];
-            dirs.extend(std::env::split_paths(&p));
-            std::env::join_paths(dirs).unwrap()
-        }
-        None => tools.into_os_string(),
-    };
-    let ports: Vec<u16> = (0..4).map(|_| free_port()).collect();
-    let log = data.path().join("up.log");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_headcount"));
-    for (key, _) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with("HEADCOUNT_") {
-            cmd.env_remove(key);
-        }
-    }
-    let child = cmd
-        .arg("up")
-        .args(["--nats-port", &ports[0].to_string()])
-        .args(["--ws-port", &ports[1].to_string()])
-        .args(["--http-port", &ports[2].to_string()])
-        .args(["--metrics-port", &ports[3].to_string()])
-        .arg("--data-dir")
-        .arg(data.path().join("data"))
-        .env("PATH", path)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .expect("headcount binary starts");
-    struct Up(Child, PathBuf);
-    impl Drop for Up {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-            if std::thread::panicking() {
-                eprintln!(
-                    "---- up log ----\n{}",
-                    std::fs::read_to_string(&self.1).unwrap_or_default()
-                );
-            }
-        }
-    }
-    let _up = Up(child, log);
+    let root = tempfile::tempdir().unwrap();
+    let web = root.path().join("web");
+    std::fs::create_dir_all(&web).unwrap();
+    let up = Up::start(&root.path().join("data"), root.path(), &web);
+    let ports = up.ports.clone();
 
     let base = format!("http://127.0.0.1:{}", ports[3]);
     assert_eq!(
