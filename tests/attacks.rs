@@ -15,8 +15,8 @@ use std::time::Duration;
 use async_nats::Event;
 use bytes::Bytes;
 use futures::StreamExt;
-use headcount_protocol::wire::Heartbeat;
-use headcount_protocol::{Limit, Policy};
+use headcount_protocol::wire::{Heartbeat, TokenRequest};
+use headcount_protocol::{AccountId, DeviceId, Limit, Policy};
 use serde_json::json;
 use test_support::{TestApp, TokenVendor};
 use tokio::sync::mpsc;
@@ -281,14 +281,15 @@ async fn a_backend_cannot_read_another_backends_replies_nor_any_jetstream_traffi
         assert!(err.contains("ubscription"), "{subject}: {err}");
     }
     // The victim asks for a device token; the attacker sees nothing of it.
-    let reply = victim
-        .request(
-            "headcount.token",
-            Bytes::from_static(br#"{"account":"acme","device":"tv"}"#),
-        )
+    let reply = headcount_client::Client::new(victim.clone())
+        .token(&TokenRequest {
+            account: AccountId::parse("acme").unwrap(),
+            device: DeviceId::parse("tv").unwrap(),
+            plan: None,
+        })
         .await
         .expect("the victim gets its token");
-    assert!(String::from_utf8_lossy(&reply.payload).contains("token"));
+    assert!(!reply.token.is_empty());
     for sub in subs.iter_mut() {
         let got = tokio::time::timeout(Duration::from_millis(300), sub.next()).await;
         assert!(
@@ -444,11 +445,8 @@ async fn a_revoked_operator_or_backend_token_is_disconnected_and_refused() {
     let (app, tv) = app_with_vendor(3, Policy::EvictOldest).await;
     for token in [tv.operator_token(), tv.backend_token("shop")] {
         let (client, mut events) = watched(&app, &token.token, Some(&token.inbox_prefix)).await;
-        client
-            .request(
-                "headcount.active",
-                Bytes::from_static(br#"{"account":"acme"}"#),
-            )
+        headcount_client::Client::new(client.clone())
+            .active(&AccountId::parse("acme").unwrap())
             .await
             .expect("works before the revocation");
         let (status, body) = post(&tv, "/v1/tokens/revoke", json!({"token": token.token})).await;
@@ -549,7 +547,7 @@ async fn a_leaked_service_password_cannot_do_another_services_work_or_stream_sur
             .nats
             .connect_watched(async_nats::ConnectOptions::with_user_and_password(
                 login.user().into(),
-                login.password(&app.nats.service_password),
+                test_support::password_of(login, &app.nats.service_password),
             ))
             .await
             .expect("the service user logs in");

@@ -10,7 +10,8 @@ use std::time::Duration;
 use async_nats::Event;
 use async_nats::connection::State;
 use futures::StreamExt;
-use headcount_protocol::wire::{Heartbeat, KickReply, PresenceEvent, StatsReply, TokenReply};
+use headcount_protocol::AccountId;
+use headcount_protocol::wire::{Heartbeat, KickRequest, PresenceEvent, StatsRequest, TokenReply};
 use headcount_protocol::{Limit, Policy};
 use serde_json::json;
 use test_support::{TestApp, TokenVendor};
@@ -98,7 +99,10 @@ async fn refresh_renews_the_same_session_until_it_is_ended() {
     assert_eq!(r.session, t.session, "a refresh keeps the session");
     assert!(r.expires_at >= t.expires_at);
     let claims = tv.vendor.verify(&r.token).unwrap();
-    assert_eq!((claims.acct.as_str(), claims.sub.as_str()), ("acme", "tv"));
+    assert_eq!(
+        (claims.account.as_str(), claims.device.as_str()),
+        ("acme", "tv")
+    );
     assert_eq!(
         tv.running
             .metric(r#"headcount_tokens_issued_total{via="refresh"}"#),
@@ -348,24 +352,24 @@ async fn operator_tokens_query_watch_and_kick_but_publish_no_heartbeat() {
     let join: PresenceEvent = serde_json::from_slice(&join.payload).unwrap();
     assert_eq!(join.session, t.session);
 
-    let stats = op
-        .request("headcount.stats", json!({"top": 10}).to_string().into())
+    let api = headcount_client::Client::new(op.clone());
+    let stats = api
+        .stats(&StatsRequest {
+            account: None,
+            top: Some(10),
+        })
         .await
         .expect("stats answers the operator");
-    let stats: StatsReply = serde_json::from_slice(&stats.payload).unwrap();
     assert_eq!(stats.active, 1);
     assert_eq!(stats.top[0].account.as_str(), "acme");
 
-    let kicked = op
-        .request(
-            "headcount.kick",
-            json!({"account": "acme", "session": t.session.as_str()})
-                .to_string()
-                .into(),
-        )
+    let kicked = api
+        .kick(&KickRequest {
+            account: AccountId::parse("acme").unwrap(),
+            session: t.session.clone(),
+        })
         .await
         .expect("the operator may kick");
-    let kicked: KickReply = serde_json::from_slice(&kicked.payload).unwrap();
     assert!(kicked.kicked);
 
     // No heartbeats, no tokens, no other inbox.

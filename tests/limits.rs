@@ -7,6 +7,7 @@
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use headcount_client::{ClientError, ServiceError};
 use headcount_protocol::wire::{
     CheckReply, ControlMessage, ControlType, EventType, Heartbeat, LimitsReply, PresenceEvent,
     StatsReply, TokenReply,
@@ -29,7 +30,7 @@ fn plain() -> Heartbeat {
     Heartbeat::default()
 }
 
-async fn limits_set(app: &TestApp, body: serde_json::Value) -> Result<LimitsReply, (u16, String)> {
+async fn limits_set(app: &TestApp, body: serde_json::Value) -> Result<LimitsReply, ClientError> {
     app.request("limits.set", &body).await
 }
 
@@ -119,8 +120,11 @@ async fn plans_and_overrides_are_set_validated_and_applied_by_every_replica() {
             "colour",
         ),
     ] {
-        let (code, msg) = limits_set(&app, body.clone()).await.expect_err("refused");
-        assert_eq!(code, 400, "{body}");
+        let e = limits_set(&app, body.clone()).await.expect_err("refused");
+        let Some(ServiceError { code, message: msg }) = e.service_error() else {
+            panic!("{body}: {e:?}");
+        };
+        assert_eq!(*code, 400, "{body}");
         assert!(msg.contains(mentions), "{msg:?} should mention {mentions}");
     }
     let after = limits_get(&app, "acme").await;
@@ -156,14 +160,17 @@ async fn a_plan_carried_in_a_token_sets_the_limit() {
         .unwrap();
     assert_eq!(limits_get(&app, "acme").await.limit, 4);
     // An unknown plan in a token request is refused.
-    let (code, msg) = app
+    let e = app
         .request::<_, TokenReply>(
             "token",
             &json!({"account": "acme", "device": "tv", "plan": "gold"}),
         )
         .await
         .unwrap_err();
-    assert_eq!(code, 400);
+    let Some(ServiceError { code, message: msg }) = e.service_error() else {
+        panic!("{e:?}");
+    };
+    assert_eq!(*code, 400);
     assert!(msg.contains("unknown plan"), "{msg}");
 }
 
@@ -285,14 +292,17 @@ async fn takeover_signs_out_the_chosen_device_and_says_who_took_over() {
     assert!(!r.allowed && r.evicted.is_empty());
     // Naming a session of another account (or none at all) is an error,
     // and nothing changes.
-    let (code, msg) = app
+    let e = app
         .request::<_, CheckReply>(
             "check",
             &json!({"account": "other", "device": "phone", "evict": "s1"}),
         )
         .await
         .unwrap_err();
-    assert_eq!(code, 400);
+    let Some(ServiceError { code, message: msg }) = e.service_error() else {
+        panic!("{e:?}");
+    };
+    assert_eq!(*code, 400);
     assert!(msg.contains("not an active session"), "{msg}");
     assert_eq!(app.active("acme").await.active, 2);
 

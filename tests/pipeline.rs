@@ -17,7 +17,7 @@ use test_support::{Device, TestApp};
 
 const BEAT: Duration = Duration::from_millis(300);
 /// Generous bound for "eventually": these tests check outcomes; the
-/// latency itself is measured by `headcount bench` (docs/BENCHMARKS.md).
+/// latency itself is measured by `headcount-bench` (docs/BENCHMARKS.md).
 const SOON: Duration = Duration::from_secs(5);
 
 fn plain() -> Heartbeat {
@@ -350,7 +350,7 @@ async fn limits_can_be_read_and_set_and_bad_values_change_nothing() {
             .request::<_, LimitsReply>("limits.set", &bad)
             .await
             .unwrap_err();
-        assert_eq!(e.0, 400, "{bad}: {e:?}");
+        assert!(e.is_bad_request(), "{bad}: {e:?}");
     }
     let r: LimitsReply = app
         .request("limits.get", &json!({"account": "acme"}))
@@ -598,14 +598,14 @@ async fn bad_requests_get_clear_errors() {
         ("limits.get", Bytes::from_static(b"\xff\xfe")),
     ] {
         let err = app.request_raw(endpoint, body.clone()).await.unwrap_err();
-        assert_eq!(err.0, 400, "{endpoint} {body:?}: {err:?}");
-        assert!(!err.1.is_empty());
+        assert!(err.is_bad_request(), "{endpoint} {body:?}: {err:?}");
+        assert!(err.service_error().is_some_and(|e| !e.message.is_empty()));
     }
     let err = app
         .request_raw("no-such-thing", Bytes::new())
         .await
         .unwrap_err();
-    assert_eq!(err.0, 404, "{err:?}");
+    assert!(err.is_not_found(), "{err:?}");
     // The service still answers afterwards.
     assert_eq!(app.active("acme").await.active, 0);
     assert!(

@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use bytes::Bytes;
+use headcount_client::ServiceError;
 use headcount_protocol::now_millis;
 use headcount_protocol::subjects::endpoint;
 use headcount_protocol::wire::TokenReply;
@@ -38,9 +39,9 @@ async fn tokens_over_nats_name_account_device_and_a_fresh_session() {
         .vendor
         .verify(&a.token)
         .expect("the vendor's own token verifies");
-    assert_eq!(claims.account().unwrap().as_str(), "acme");
-    assert_eq!(claims.device().unwrap().as_str(), "tv-1");
-    assert_eq!(claims.session().unwrap(), a.session);
+    assert_eq!(claims.account.as_str(), "acme");
+    assert_eq!(claims.device.as_str(), "tv-1");
+    assert_eq!(claims.session, a.session);
     // Default lifetime 15 minutes.
     let ttl = a.expires_at - before;
     assert!(
@@ -68,11 +69,14 @@ async fn bad_token_requests_over_nats_get_400_and_no_token() {
         (br#"{"account":"acme","device":"tv.1"}"#, "device"),
     ];
     for (body, mentions) in cases {
-        let (code, message) = app
+        let error = app
             .request_raw(endpoint::TOKEN, Bytes::from_static(body))
             .await
             .expect_err("refused");
-        assert_eq!(code, 400, "{}", String::from_utf8_lossy(body));
+        let Some(ServiceError { code, message }) = error.service_error() else {
+            panic!("{}: {error:?}", String::from_utf8_lossy(body));
+        };
+        assert_eq!(*code, 400, "{}", String::from_utf8_lossy(body));
         assert!(
             message.to_lowercase().contains(mentions),
             "{message:?} should mention {mentions}"
@@ -115,7 +119,7 @@ async fn http_tokens_need_the_operator_key_and_verify_against_the_jwks() {
     assert_eq!(ok.status(), 200);
     let reply: TokenReply = ok.json().await.unwrap();
     let claims = tv.vendor.verify(&reply.token).unwrap();
-    assert_eq!(claims.device().unwrap().as_str(), "laptop");
+    assert_eq!(claims.device.as_str(), "laptop");
 
     // The token's kid is published in the JWKS.
     let header = jsonwebtoken::decode_header(&reply.token).unwrap();

@@ -14,6 +14,8 @@ use headcount_protocol::{
     UnixMillis,
 };
 
+use crate::victims::choose;
+
 /// Liveness and limit defaults.
 #[derive(Debug, Clone, Copy)]
 pub struct Rules {
@@ -172,43 +174,33 @@ pub enum CheckError {
     NotActive(SessionId),
 }
 
-/// Picks the sessions beyond `cap` in `group` (oldest first) by `policy`.
-fn pick(policy: Policy, group: &[&ActiveSession], cap: usize) -> Vec<Verdict> {
-    let excess = group.len().saturating_sub(cap);
-    if excess == 0 {
-        return Vec::new();
-    }
-    let as_ref = |s: &ActiveSession| SessionRef {
+fn as_ref(s: &ActiveSession) -> SessionRef {
+    SessionRef {
         device: s.device.clone(),
         session: s.session.clone(),
-    };
-    let newest = group.last().map(|s| as_ref(s));
-    let evict = |victims: Vec<&&ActiveSession>| {
-        victims
-            .into_iter()
-            .map(|s| Verdict {
-                victim: as_ref(s),
-                rejected: false,
-                by: newest.clone(),
-            })
-            .collect()
-    };
-    match policy {
-        Policy::EvictOldest => evict(group[..excess].iter().collect()),
-        Policy::EvictLeastActive => {
-            let mut order: Vec<&&ActiveSession> = group.iter().collect();
-            order.sort_by_key(|s| (s.last_seen, s.since));
-            evict(order.into_iter().take(excess).collect())
-        }
-        Policy::RejectNew => group[group.len() - excess..]
-            .iter()
-            .map(|s| Verdict {
-                victim: as_ref(s),
-                rejected: true,
-                by: None,
-            })
-            .collect(),
     }
+}
+
+/// The verdicts on the sessions beyond `cap` in `group` (oldest first), as
+/// [`choose`] picks them for `policy`. An eviction names the
+/// group's newest session as the one it made room for.
+fn pick(policy: Policy, group: &[&ActiveSession], cap: usize) -> Vec<Verdict> {
+    let chosen = choose(policy, group, cap, 0);
+    let rejected = policy == Policy::RejectNew;
+    let by = if rejected {
+        None
+    } else {
+        group.last().map(|s| as_ref(s))
+    };
+    chosen
+        .ended
+        .into_iter()
+        .map(|s| Verdict {
+            victim: as_ref(s),
+            rejected,
+            by: by.clone(),
+        })
+        .collect()
 }
 
 /// Calls `f` with each device's newest record over the live intervals
@@ -531,9 +523,7 @@ impl View {
             match (limit.grace, over) {
                 (Some(g), true) => {
                     let since = *acct.over_since.get_or_insert(now);
-                    if now.saturating_sub(since) < u64::from(g.secs) * 1000 {
-                        allowed += g.seats as usize;
-                    }
+                    allowed += g.extra_seats(Some(since), now) as usize;
                 }
                 _ => acct.over_since = None,
             }
@@ -548,8 +538,11 @@ impl View {
             .iter()
             .filter(|(id, a)| {
                 a.over_since.is_some_and(|since| {
-                    let secs = self.limit(id).grace.map_or(0, |g| g.secs);
-                    now.saturating_sub(since) >= u64::from(secs) * 1000
+                    // Without a grace (any more), being over is expired at once.
+                    !self
+                        .limit(id)
+                        .grace
+                        .is_some_and(|g| g.open(Some(since), now))
                 })
             })
             .map(|(id, _)| id.clone())
@@ -578,10 +571,6 @@ impl View {
             ),
             None => None,
         };
-        let as_ref = |s: &ActiveSession| SessionRef {
-            device: s.device.clone(),
-            session: s.session.clone(),
-        };
         // The device's own session (a reload) never needs a new seat.
         let others: Vec<&ActiveSession> = live.iter().filter(|s| &s.device != device).collect();
         let mut victims: Vec<SessionRef> = Vec::new();
@@ -609,21 +598,12 @@ impl View {
                     .into_iter()
                     .filter(|s| !victims.iter().any(|v| v.session == s.session))
                     .collect();
-                let need = (pool.len() + 1).saturating_sub(cap);
-                if need == 0 {
-                    return true;
+                let choice = choose(limit.policy, &pool, cap, 1);
+                if choice.refused > 0 {
+                    return false;
                 }
-                match limit.policy {
-                    Policy::RejectNew => false,
-                    Policy::EvictOldest | Policy::EvictLeastActive => {
-                        let mut order = pool.clone();
-                        if limit.policy == Policy::EvictLeastActive {
-                            order.sort_by_key(|s| (s.last_seen, s.since));
-                        }
-                        victims.extend(order.iter().take(need).map(|s| as_ref(s)));
-                        true
-                    }
-                }
+                victims.extend(choice.ended.into_iter().map(as_ref));
+                true
             };
         let mut allowed = true;
         if let (Some(per_content), Some(content)) = (limit.per_content, content) {
@@ -637,12 +617,9 @@ impl View {
         if allowed && others.len() < live.len() {
             // Already active: no account-wide seat needed.
         } else if allowed {
-            let in_grace = limit.grace.and_then(|g| {
-                let since = self.accounts.get(account).and_then(|a| a.over_since);
-                let open = since.is_none_or(|t| now.saturating_sub(t) < u64::from(g.secs) * 1000);
-                open.then_some(g.seats as usize)
-            });
-            let cap = limit.limit as usize + in_grace.unwrap_or(0);
+            let since = self.accounts.get(account).and_then(|a| a.over_since);
+            let in_grace = limit.grace.map_or(0, |g| g.extra_seats(since, now));
+            let cap = limit.limit as usize + in_grace as usize;
             allowed = make_room(&others, cap, &mut victims);
         }
         if !allowed {
@@ -824,13 +801,14 @@ impl View {
     }
 }
 
+/// What the tests of the checker's modules build views from.
 #[cfg(test)]
-mod tests {
+pub(crate) mod testing {
     use super::*;
-    use headcount_protocol::wire::SessionRecord;
     use std::time::Duration;
 
-    fn rules(limit: u32, policy: Policy) -> Rules {
+    /// One-minute intervals, a 15 s timeout and the given default limit.
+    pub fn rules(limit: u32, policy: Policy) -> Rules {
         Rules {
             clock: IntervalClock::new(Duration::from_secs(60)),
             timeout_ms: 15_000,
@@ -838,11 +816,13 @@ mod tests {
         }
     }
 
-    fn acct() -> AccountId {
+    pub fn acct() -> AccountId {
         AccountId::parse("acme").unwrap()
     }
 
-    fn dict(entries: &[(&str, &str, u64)]) -> SessionDict {
+    /// A dictionary of `(device, session, since)`, each last seen when it
+    /// began.
+    pub fn dict(entries: &[(&str, &str, u64)]) -> SessionDict {
         entries
             .iter()
             .map(|(d, s, since)| {
@@ -859,6 +839,22 @@ mod tests {
             })
             .collect()
     }
+
+    /// `d` with the given devices playing the given content.
+    pub fn with_content(mut d: SessionDict, contents: &[(&str, &str)]) -> SessionDict {
+        for (dev, c) in contents {
+            if let Some(r) = d.get_mut(&DeviceId::parse(dev).unwrap()) {
+                r.labels = headcount_protocol::wire::Labels::new(Some(c), None, None);
+            }
+        }
+        d
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::{acct, dict, rules, with_content};
+    use super::*;
 
     #[test]
     fn newest_interval_wins_and_revoked_are_hidden() {
@@ -1081,15 +1077,6 @@ mod tests {
         assert!(v.heard("acme", "a", s1.as_str(), 2_000));
         assert_eq!(v.sweep(20_000).0.len(), 1);
         assert!(v.heard("acme", "a", s1.as_str(), 21_000), "revived");
-    }
-
-    fn with_content(mut d: SessionDict, contents: &[(&str, &str)]) -> SessionDict {
-        for (dev, c) in contents {
-            if let Some(r) = d.get_mut(&DeviceId::parse(dev).unwrap()) {
-                r.labels = headcount_protocol::wire::Labels::new(Some(c), None, None);
-            }
-        }
-        d
     }
 
     fn set(v: &mut View, o: AccountLimits) {

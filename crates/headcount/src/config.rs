@@ -297,7 +297,8 @@ pub struct EngineArgs {
     #[arg(long, env = "HEADCOUNT_REPLICAS")]
     pub replicas: Option<usize>,
     /// How long a revocation is kept: at least the token lifetime, so an
-    /// ended session's token cannot connect again before it expires.
+    /// ended session's token cannot connect again before it expires
+    /// (`up` refuses a --token-ttl longer than this).
     #[arg(long, env = "HEADCOUNT_REVOKED_TTL", default_value = "16m", value_parser = humantime_secs)]
     pub revoked_ttl: Duration,
     /// Heartbeats per second one session may send (per handler); the excess
@@ -363,6 +364,14 @@ pub fn humantime_secs(s: &str) -> Result<Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_revoked_ttl_flag_defaults_to_the_one_default() {
+        assert_eq!(
+            humantime_secs("16m"),
+            Ok(headcount_app::settings::DEFAULT_REVOKED_TTL)
+        );
+    }
 
     #[test]
     fn durations() {

@@ -5,6 +5,7 @@
 //! README's "Exit status"; `crates/headcount/tests/cli.rs` holds the
 //! commands to it.
 
+use headcount_client::ClientError;
 use serde_json::{Map, Value, json};
 
 /// The exit status of a query command.
@@ -94,6 +95,41 @@ impl CliError {
         }
     }
 
+    /// A call to an endpoint that did not get its reply: no answer is exit
+    /// status 3 (naming the NATS URLs `urls` and the service, `server`,
+    /// that should have answered), the endpoint's error (its code as
+    /// `status`) or an unreadable reply 4.
+    pub fn of_call(e: ClientError, urls: &str, server: &str) -> Self {
+        let no_answer = |message: String, subject: String| {
+            Self::unreachable(message)
+                .with("nats_url", urls)
+                .with("subject", subject)
+        };
+        match e {
+            ClientError::Service(e) => Self::service(e.to_string(), Some(e.code)),
+            e @ ClientError::Unreadable { .. } => Self::service(e.to_string(), None),
+            ClientError::NoResponders { subject } => no_answer(
+                format!(
+                    "no service answers {subject} on NATS at {urls} (is the {server} running?)"
+                ),
+                subject,
+            ),
+            ClientError::Timeout { subject, after } => no_answer(
+                format!("no answer from {subject} within {after:?} (is the {server} running?)"),
+                subject,
+            ),
+            ClientError::Transport { subject, source } => no_answer(
+                format!(
+                    "calling {subject} on NATS at {urls}: {}",
+                    error_chain(&source)
+                ),
+                subject,
+            ),
+            // Every body the commands send is JSON by construction.
+            e @ ClientError::Encode { .. } => Self::usage(e.to_string()),
+        }
+    }
+
     /// Adds a field to the `--json` object.
     pub fn with(mut self, key: &str, value: impl Into<Value>) -> Self {
         self.fields.insert(key.to_string(), value.into());
@@ -145,6 +181,21 @@ impl std::fmt::Display for CliError {
 
 impl std::error::Error for CliError {}
 
+/// An error and its sources, `: `-separated.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let more = s.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = s.source();
+    }
+    text
+}
+
 /// The end of a query command: its status, and under `--json` the error
 /// object on stdout.
 pub fn finish(result: Result<(), CliError>, json: bool) -> std::process::ExitCode {
@@ -175,6 +226,65 @@ mod tests {
         assert_eq!(r.to_json()["kicked"], false);
         assert_eq!(r.to_json()["error"], "no");
         assert_eq!(CliError::service("bad", Some(400)).to_json()["status"], 400);
+    }
+
+    #[test]
+    fn failed_calls_exit_by_whose_fault_it_was() {
+        use headcount_protocol::ServiceError;
+        let urls = "nats://x:1";
+        let refused = CliError::of_call(
+            ServiceError::bad_request("unknown plan \"gold\"").into(),
+            urls,
+            "checker",
+        );
+        assert_eq!(refused.exit, Exit::ServiceError);
+        assert_eq!(refused.message, "unknown plan \"gold\" (400)");
+        assert_eq!(refused.to_json()["status"], 400);
+
+        let nobody = CliError::of_call(
+            ClientError::NoResponders {
+                subject: "headcount.active".into(),
+            },
+            urls,
+            "checker",
+        );
+        assert_eq!(nobody.exit, Exit::Unreachable);
+        assert_eq!(
+            nobody.message,
+            "no service answers headcount.active on NATS at nats://x:1 (is the checker running?)"
+        );
+        assert_eq!(nobody.to_json()["subject"], "headcount.active");
+        assert_eq!(nobody.to_json()["nats_url"], urls);
+
+        let late = CliError::of_call(
+            ClientError::Timeout {
+                subject: "headcount.token".into(),
+                after: std::time::Duration::from_secs(5),
+            },
+            urls,
+            "token-vendor",
+        );
+        assert_eq!(late.exit, Exit::Unreachable);
+        assert_eq!(
+            late.message,
+            "no answer from headcount.token within 5s (is the token-vendor running?)"
+        );
+
+        let garbled = CliError::of_call(
+            ClientError::Unreadable {
+                subject: "headcount.stats".into(),
+                source: serde_json::from_str::<Value>("{").unwrap_err(),
+            },
+            urls,
+            "checker",
+        );
+        assert_eq!(garbled.exit, Exit::ServiceError);
+        assert!(
+            garbled
+                .message
+                .starts_with("unreadable reply from headcount.stats: ")
+        );
+        assert!(garbled.to_json().get("status").is_none());
     }
 
     #[test]

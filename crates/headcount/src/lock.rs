@@ -27,7 +27,7 @@ use crate::config::UpInfo;
 /// The lock file, which also says who holds it.
 pub(crate) const LOCK_FILE: &str = "up.lock";
 /// The pids of the nats-servers the lock holder started, one a line.
-pub(crate) const PID_FILE: &str = "nats.pid";
+pub(crate) use headcount_app::server::PID_FILE;
 
 /// What the holder writes into the lock file, for the message of the next.
 #[derive(Debug, Serialize, Deserialize)]
@@ -121,27 +121,9 @@ fn already_running(dir: &Path, lock: &Path) -> String {
     )
 }
 
-/// Notes that `pid`, a nats-server on `dir`'s store, was started.
-pub(crate) fn record_server(dir: &Path, pid: u32) -> anyhow::Result<()> {
-    let path = dir.join(PID_FILE);
-    let mut options = OpenOptions::new();
-    options.append(true).create(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
-    }
-    options
-        .open(&path)
-        .and_then(|mut f| writeln!(f, "{pid}"))
-        .with_context(|| format!("writing {}", path.display()))
-}
-
-/// Forgets the servers recorded on `dir` (they are stopped, or were found
-/// gone).
-pub(crate) fn forget_servers(dir: &Path) {
-    let _ = std::fs::remove_file(dir.join(PID_FILE));
-}
+pub(crate) use headcount_app::server::forget_servers;
+#[cfg(test)]
+use headcount_app::server::record_server;
 
 /// Fails, naming them, if nats-servers on `dir`'s store are still running:
 /// the ones in nats.pid that are alive and are nats-servers, and (on Linux)

@@ -5,7 +5,6 @@
 //! alone, [`query`] the request-reply commands, [`simulate`] a device fleet.
 //! This binary only parses arguments and calls the service crates.
 
-mod bench;
 mod config;
 mod exit;
 mod lock;
@@ -59,8 +58,6 @@ enum Command {
     /// A live, refreshing view of the busiest accounts.
     #[command(after_help = exit::EXIT_STATUS_HELP)]
     Top(query::TopArgs),
-    /// Measure a running headcount (see docs/BENCHMARKS.md).
-    Bench(bench::BenchArgs),
     /// Run the heartbeat-handler alone.
     Handler(services::HandlerArgs),
     /// Run the checker alone.
@@ -97,7 +94,6 @@ fn main() -> std::process::ExitCode {
             | Command::CalloutKeys
             | Command::Stats(_)
             | Command::Top(_)
-            | Command::Bench(_)
     );
     if !quiet {
         headcount_runtime::init_logging(cli.log_json);
@@ -117,7 +113,6 @@ fn main() -> std::process::ExitCode {
             Command::CalloutKeys => finish(query::callout_keys()),
             Command::Stats(a) => query(a.json())(query::stats(a).await),
             Command::Top(a) => query(a.json())(query::top(a).await),
-            Command::Bench(a) => finish(bench::run(a).await),
             Command::Handler(a) => finish(services::handler(a).await),
             Command::Checker(a) => finish(services::checker(a).await),
             Command::TokenVendor(a) => finish(services::token_vendor(a).await),

@@ -12,15 +12,18 @@
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
+use headcount_client::endpoint::{self as ep, Endpoint};
+use headcount_client::{Client, ClientError};
 use headcount_protocol::subjects::{endpoint, endpoint_subject};
 use headcount_protocol::wire::{
-    ActiveReply, CheckReply, KickReply, LimitsReply, StatsReply, TokenReply,
+    AccountRequest, CheckRequest, GraceRequest, KickRequest, LimitsReply, LimitsSetRequest,
+    StatsReply, StatsRequest, TokenRequest,
 };
-use serde::de::DeserializeOwned;
+use headcount_protocol::{AccountId, DeviceId, NameError, SessionId};
 use serde_json::{Value, json};
 
 use crate::config::{NatsArgs, NatsTarget, humantime_secs};
-use crate::exit::CliError;
+use crate::exit::{CliError, error_chain};
 
 /// How long a request may wait for its answer.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -50,7 +53,7 @@ pub struct Common {
 
 /// One command's connection to NATS, and where its address came from.
 struct Conn {
-    client: async_nats::Client,
+    client: Client,
     target: NatsTarget,
 }
 
@@ -59,7 +62,10 @@ impl Common {
     async fn connect(&self, name: &str) -> Result<Conn, CliError> {
         let target = self.nats.target(name)?;
         match target.options.connect_once(self.connect_timeout).await {
-            Ok(client) => Ok(Conn { client, target }),
+            Ok(nats) => Ok(Conn {
+                client: Client::new(nats).with_timeout(REQUEST_TIMEOUT),
+                target,
+            }),
             Err(e) => Err(connect_error(&target, &e, self.connect_timeout)),
         }
     }
@@ -100,24 +106,9 @@ fn connect_error(t: &NatsTarget, e: &async_nats::ConnectError, timeout: Duration
     error.with("nats_url", urls).with("from", from)
 }
 
-/// An error and its sources, `: `-separated.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let more = s.to_string();
-        if !text.contains(&more) {
-            text.push_str(": ");
-            text.push_str(&more);
-        }
-        source = s.source();
-    }
-    text
-}
-
 /// Which service answers an endpoint, for "nobody answered" messages.
-fn server_of(ep: &str) -> &'static str {
-    if ep == endpoint::TOKEN {
+fn server_of(name: &str) -> &'static str {
+    if name == endpoint::TOKEN {
         "token-vendor"
     } else {
         "checker"
@@ -125,77 +116,56 @@ fn server_of(ep: &str) -> &'static str {
 }
 
 impl Conn {
-    /// Sends one request; the reply both typed and as JSON. No answer is
-    /// exit status 3, a service error 4.
-    async fn request<Rep: DeserializeOwned>(
+    /// Calls endpoint `E`; the reply both typed and as JSON.
+    async fn call<E: Endpoint>(&self, request: &E::Request) -> Result<(E::Reply, Value), CliError> {
+        self.client
+            .call_with_json::<E>(request)
+            .await
+            .map_err(|e| self.failed(E::NAME, e))
+    }
+
+    /// Calls endpoint `E` with a body its typed request cannot hold (a
+    /// name that does not parse); the reply as [`Conn::call`] gives it.
+    async fn call_as_typed<E: Endpoint>(
         &self,
-        ep: &str,
         body: &Value,
-    ) -> Result<(Rep, Value), CliError> {
-        use async_nats::RequestErrorKind as Kind;
-        let subject = endpoint_subject(ep);
-        let urls = self.target.urls();
-        let no_answer = |what: String| {
-            CliError::unreachable(what)
-                .with("nats_url", urls.clone())
-                .with("subject", subject.clone())
-        };
-        let msg = match tokio::time::timeout(
-            REQUEST_TIMEOUT,
-            self.client
-                .request(subject.clone(), body.to_string().into_bytes().into()),
-        )
-        .await
-        {
-            Ok(Ok(msg)) => msg,
-            Ok(Err(e)) if e.kind() == Kind::NoResponders => {
-                return Err(no_answer(format!(
-                    "no service answers {subject} on NATS at {urls} (is the {} running?)",
-                    server_of(ep)
-                )));
-            }
-            Ok(Err(e)) if e.kind() == Kind::TimedOut => {
-                return Err(no_answer(format!(
-                    "no answer from {subject}: {e} (is the {} running?)",
-                    server_of(ep)
-                )));
-            }
-            Ok(Err(e)) => {
-                return Err(no_answer(format!(
-                    "calling {subject} on NATS at {urls}: {}",
-                    error_chain(&e)
-                )));
-            }
-            Err(_) => {
-                return Err(no_answer(format!(
-                    "no answer from {subject} within {REQUEST_TIMEOUT:?} (is the {} running?)",
-                    server_of(ep)
-                )));
-            }
-        };
-        if let Some((code, text)) = headcount_runtime::service_error_of(&msg) {
-            return Err(CliError::service(format!("{text} ({code})"), Some(code)));
-        }
-        let unreadable = |e: serde_json::Error| {
-            CliError::service(format!("unreadable reply from {subject}: {e}"), None)
-        };
-        let raw: Value = serde_json::from_slice(&msg.payload).map_err(unreadable)?;
-        let reply = serde_json::from_value(raw.clone()).map_err(unreadable)?;
-        Ok((reply, raw))
+    ) -> Result<(E::Reply, Value), CliError> {
+        let result = self
+            .client
+            .request_json::<_, Value>(E::NAME, body)
+            .await
+            .and_then(|raw| {
+                let reply = serde_json::from_value(raw.clone()).map_err(|source| {
+                    ClientError::Unreadable {
+                        subject: endpoint_subject(E::NAME),
+                        source,
+                    }
+                })?;
+                Ok((reply, raw))
+            });
+        result.map_err(|e| self.failed(E::NAME, e))
+    }
+
+    /// What a failed call of endpoint `name` tells the user.
+    fn failed(&self, name: &str, e: ClientError) -> CliError {
+        CliError::of_call(e, &self.target.urls(), server_of(name))
     }
 }
 
-/// Connects and sends one request.
-async fn call<Rep: DeserializeOwned>(
+/// Connects and calls endpoint `E` with `request`, or, when a name on the
+/// command line does not parse, with the fields as the user typed them
+/// (`as_typed`): the service judges names, so a bad one gets its 400
+/// (exit status 4), worded as for any other caller.
+async fn call<E: Endpoint>(
     common: &Common,
-    ep: &str,
-    body: Value,
-) -> Result<(Rep, Value), CliError> {
-    common
-        .connect("headcount-cli")
-        .await?
-        .request(ep, &body)
-        .await
+    request: Result<E::Request, NameError>,
+    as_typed: impl FnOnce() -> Value,
+) -> Result<(E::Reply, Value), CliError> {
+    let conn = common.connect("headcount-cli").await?;
+    match request {
+        Ok(request) => conn.call::<E>(&request).await,
+        Err(_) => conn.call_as_typed::<E>(&as_typed()).await,
+    }
 }
 
 fn print_json(v: &Value) {
@@ -233,8 +203,8 @@ impl ActiveArgs {
 }
 
 pub async fn active(a: ActiveArgs) -> Result<(), CliError> {
-    let (r, raw): (ActiveReply, _) =
-        call(&a.common, endpoint::ACTIVE, json!({"account": a.account})).await?;
+    let request = AccountId::parse(&a.account).map(|account| AccountRequest { account });
+    let (r, raw) = call::<ep::Active>(&a.common, request, || json!({"account": a.account})).await?;
     if a.common.json {
         print_json(&raw);
         return Ok(());
@@ -288,16 +258,25 @@ impl CheckArgs {
     pub fn json(&self) -> bool {
         self.common.json
     }
+
+    /// The request the command line names, when its names parse.
+    fn request(&self) -> Result<CheckRequest, NameError> {
+        Ok(CheckRequest {
+            account: AccountId::parse(&self.account)?,
+            device: DeviceId::parse(&self.device)?,
+            session: self.session.as_deref().map(SessionId::parse).transpose()?,
+            content: self.content.clone(),
+            evict: self.evict.as_deref().map(SessionId::parse).transpose()?,
+        })
+    }
 }
 
 /// `check`: exit status 0 when the device may play, 1 when it is refused.
 pub async fn check(a: CheckArgs) -> Result<(), CliError> {
-    let (r, raw): (CheckReply, _) = call(
-        &a.common,
-        endpoint::CHECK,
+    let (r, raw) = call::<ep::Check>(&a.common, a.request(), || {
         json!({"account": a.account, "device": a.device, "session": a.session,
-               "content": a.content, "evict": a.evict}),
-    )
+               "content": a.content, "evict": a.evict})
+    })
     .await?;
     let seats = format!("{} of {} seats taken, {}", r.active, r.limit, r.policy);
     if !r.allowed {
@@ -382,24 +361,18 @@ enum LimitsCommand {
 }
 
 fn parse_grace(s: &str) -> Result<(i64, i64), String> {
-    let (a, b) = s
-        .split_once('/')
-        .ok_or_else(|| "grace is SEATS/SECS, e.g. 1/60".to_string())?;
-    let n = |x: &str| {
-        x.trim()
-            .trim_end_matches('s')
-            .parse::<i64>()
-            .map_err(|_| "grace is SEATS/SECS, e.g. 1/60".to_string())
-    };
-    Ok((n(a)?, n(b)?))
+    headcount_protocol::policy::parse_grace(s)
+        .ok_or_else(|| "grace is SEATS/SECS, e.g. 1/60".to_string())
 }
 
 pub async fn limits(a: LimitsArgs) -> Result<(), CliError> {
     let ((r, raw), common): ((LimitsReply, Value), Common) = match a.command {
-        LimitsCommand::Get { account, common } => (
-            call(&common, endpoint::LIMITS_GET, json!({"account": account})).await?,
-            common,
-        ),
+        LimitsCommand::Get { account, common } => {
+            let request = AccountId::parse(&account).map(|account| AccountRequest { account });
+            let reply =
+                call::<ep::LimitsGet>(&common, request, || json!({"account": account})).await?;
+            (reply, common)
+        }
         LimitsCommand::Set {
             account,
             limit,
@@ -410,22 +383,37 @@ pub async fn limits(a: LimitsArgs) -> Result<(), CliError> {
             reset,
             common,
         } => {
-            let mut body = json!({"account": account, "reset": reset});
-            for (k, v) in [
-                ("limit", json!(limit)),
-                ("plan", json!(plan)),
-                ("policy", json!(policy)),
-                ("per_content", json!(per_content)),
-                (
-                    "grace",
-                    json!(grace.map(|(seats, secs)| json!({"seats": seats, "secs": secs}))),
-                ),
-            ] {
-                if !v.is_null() {
-                    body[k] = v;
+            let request = AccountId::parse(&account).map(|account| LimitsSetRequest {
+                account,
+                limit,
+                policy: policy.clone(),
+                plan: plan.clone(),
+                per_content,
+                grace: grace.map(|(seats, secs)| GraceRequest { seats, secs }),
+                reset,
+            });
+            let as_typed = || {
+                let mut body = json!({"account": account, "reset": reset});
+                for (k, v) in [
+                    ("limit", json!(limit)),
+                    ("plan", json!(plan)),
+                    ("policy", json!(policy)),
+                    ("per_content", json!(per_content)),
+                    (
+                        "grace",
+                        json!(grace.map(|(seats, secs)| json!({"seats": seats, "secs": secs}))),
+                    ),
+                ] {
+                    if !v.is_null() {
+                        body[k] = v;
+                    }
                 }
-            }
-            (call(&common, endpoint::LIMITS_SET, body).await?, common)
+                body
+            };
+            (
+                call::<ep::LimitsSet>(&common, request, as_typed).await?,
+                common,
+            )
         }
     };
     if common.json {
@@ -516,10 +504,19 @@ fn json_with_top(mut raw: Value, r: &StatsReply, shown: usize) -> Value {
 }
 
 pub async fn stats(a: StatsArgs) -> Result<(), CliError> {
-    let (r, raw): (StatsReply, _) = call(
+    let request = a
+        .account
+        .as_deref()
+        .map(AccountId::parse)
+        .transpose()
+        .map(|account| StatsRequest {
+            account,
+            top: Some(MOST_LISTED),
+        });
+    let (r, raw) = call::<ep::Stats>(
         &a.common,
-        endpoint::STATS,
-        json!({"account": a.account, "top": MOST_LISTED}),
+        request,
+        || json!({"account": a.account, "top": MOST_LISTED}),
     )
     .await?;
     let shown = a.top as usize;
@@ -633,14 +630,17 @@ pub async fn top(a: TopArgs) -> Result<(), CliError> {
     use std::io::Write;
     let conn = a.common.connect("headcount-top").await?;
     let rows = a.rows as usize;
-    let body = json!({ "top": MOST_LISTED });
+    let request = StatsRequest {
+        account: None,
+        top: Some(MOST_LISTED),
+    };
     let mut tick = tokio::time::interval(a.every.max(Duration::from_millis(100)));
     loop {
         tokio::select! {
             _ = crate::services::until_signal_quiet() => break,
             _ = tick.tick() => {}
         }
-        let (r, raw): (StatsReply, Value) = match conn.request(endpoint::STATS, &body).await {
+        let (r, raw): (StatsReply, Value) = match conn.call::<ep::Stats>(&request).await {
             Ok(reply) => reply,
             Err(e) if a.once => return Err(e),
             Err(e) => {
@@ -684,10 +684,16 @@ impl KickArgs {
 /// `kick`: exit status 0 when the session was ended, 1 when no active
 /// session of the account has that id.
 pub async fn kick(a: KickArgs) -> Result<(), CliError> {
-    let (r, raw): (KickReply, _) = call(
+    let request = AccountId::parse(&a.account).and_then(|account| {
+        Ok(KickRequest {
+            account,
+            session: SessionId::parse(&a.session)?,
+        })
+    });
+    let (r, raw) = call::<ep::Kick>(
         &a.common,
-        endpoint::KICK,
-        json!({"account": a.account, "session": a.session}),
+        request,
+        || json!({"account": a.account, "session": a.session}),
     )
     .await?;
     if !r.kicked {
@@ -726,11 +732,21 @@ impl TokenArgs {
 
 /// `token`: a device token from token-vendor's `headcount.token`.
 pub async fn token(a: TokenArgs) -> Result<(), CliError> {
-    let mut body = json!({"account": a.account, "device": a.device});
-    if let Some(p) = &a.plan {
-        body["plan"] = json!(p);
-    }
-    let (r, raw): (TokenReply, _) = call(&a.common, endpoint::TOKEN, body).await?;
+    let request = AccountId::parse(&a.account).and_then(|account| {
+        Ok(TokenRequest {
+            account,
+            device: DeviceId::parse(&a.device)?,
+            plan: a.plan.clone(),
+        })
+    });
+    let (r, raw) = call::<ep::Token>(&a.common, request, || {
+        let mut body = json!({"account": a.account, "device": a.device});
+        if let Some(p) = &a.plan {
+            body["plan"] = json!(p);
+        }
+        body
+    })
+    .await?;
     if a.common.json {
         print_json(&raw);
         return Ok(());

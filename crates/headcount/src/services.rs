@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use headcount_runtime::{Buckets, Health, NatsOptions, Shutdown, http, shutdown};
+use headcount_app::{App, CheckerSettings, HandlerSettings, Settings, VendorSettings};
+use headcount_runtime::{Buckets, Shutdown, shutdown};
 
 use crate::config::{BrowserArgs, EngineArgs, NatsArgs, PlanArgs, humantime_secs};
 
@@ -158,72 +159,40 @@ pub async fn until_signal(trigger: shutdown::Trigger) {
     std::process::exit(1);
 }
 
-/// Connects `opts` for the service of `health`, whose `nats` component says
-/// whether it is connected: not ready until it first is, then following the
-/// connection.
-async fn connect(opts: NatsOptions, health: &Health) -> anyhow::Result<async_nats::Client> {
-    health.component(headcount_runtime::health::NATS);
-    let client = opts.connect().await?;
-    health.track_nats(&client);
-    Ok(client)
-}
-
-/// Opens the buckets for the service of `health`, whose `buckets`
-/// component is ready once they are.
-async fn open_buckets(
-    client: &async_nats::Client,
-    settings: &headcount_runtime::BucketSettings,
-    health: &Health,
-) -> anyhow::Result<Buckets> {
-    let open = health.component("buckets");
-    let buckets = Buckets::open(client, settings).await?;
-    open.set_ready(true);
-    Ok(buckets)
+/// Runs the services `settings` names until SIGINT or SIGTERM, then
+/// drains them. The listeners come up first, so `/healthz` answers and
+/// `/readyz` says what is being waited for while NATS is reached.
+async fn run(settings: Settings) -> anyhow::Result<()> {
+    let (trigger, stop) = Shutdown::new();
+    let app = App::build(settings, stop).await?;
+    tokio::spawn(until_signal(trigger));
+    app.join().await
 }
 
 pub async fn handler(a: HandlerArgs) -> anyhow::Result<()> {
-    let health = Health::new();
-    let scope = health.scope("heartbeat-handler");
-    let registry = headcount_runtime::http::registry();
-    let metrics = heartbeat_handler::Metrics::new(&registry)?;
-    let (trigger, stop) = Shutdown::new();
-    // Listening before NATS is reached: /healthz answers, and /readyz says
-    // what is being waited for.
-    let router = http::metrics_router(registry).merge(http::health_router(health));
-    let (addr, _server) = http::serve(a.metrics_addr, router, stop.clone()).await?;
-    tracing::info!(%addr, "metrics listening");
-    let client = connect(a.nats.options("headcount-handler")?, &scope).await?;
-    let buckets = open_buckets(&client, &a.engine.buckets(), &scope).await?;
-    tokio::spawn(until_signal(trigger));
-    heartbeat_handler::run(
-        a.engine.handler(),
-        client.clone(),
-        buckets,
-        metrics,
-        scope,
-        stop,
-    )
-    .await?;
-    client.drain().await.context("draining nats connection")?;
-    Ok(())
+    run(Settings {
+        buckets: Some(a.engine.buckets()),
+        handler: Some(HandlerSettings {
+            nats: a.nats.options("headcount-handler")?,
+            config: a.engine.handler(),
+        }),
+        metrics_addr: Some(a.metrics_addr),
+        ..Settings::default()
+    })
+    .await
 }
 
 pub async fn checker(a: CheckerArgs) -> anyhow::Result<()> {
-    let config = a.engine.checker(&a.plans)?;
-    let health = Health::new();
-    let scope = health.scope("checker");
-    let registry = headcount_runtime::http::registry();
-    let metrics = checker::Metrics::new(&registry)?;
-    let (trigger, stop) = Shutdown::new();
-    let router = http::metrics_router(registry).merge(http::health_router(health));
-    let (addr, _server) = http::serve(a.metrics_addr, router, stop.clone()).await?;
-    tracing::info!(%addr, "metrics listening");
-    let client = connect(a.nats.options("headcount-checker")?, &scope).await?;
-    let buckets = open_buckets(&client, &a.engine.buckets(), &scope).await?;
-    tokio::spawn(until_signal(trigger));
-    checker::run(config, client.clone(), buckets, metrics, scope, stop).await?;
-    client.drain().await.context("draining nats connection")?;
-    Ok(())
+    run(Settings {
+        buckets: Some(a.engine.buckets()),
+        checker: Some(CheckerSettings {
+            nats: a.nats.options("headcount-checker")?,
+            config: a.engine.checker(&a.plans)?,
+        }),
+        metrics_addr: Some(a.metrics_addr),
+        ..Settings::default()
+    })
+    .await
 }
 
 pub async fn token_vendor(a: TokenVendorArgs) -> anyhow::Result<()> {
@@ -232,87 +201,29 @@ pub async fn token_vendor(a: TokenVendorArgs) -> anyhow::Result<()> {
         .operator_key
         .clone()
         .context("--operator-key (or HEADCOUNT_OPERATOR_KEY) is required")?;
-    // The HTTP listener (API, /metrics, /healthz, /readyz) needs the NATS
-    // connection and the buckets, so it comes up only once they are there.
-    let health = Health::new();
-    let scope = health.scope("token-vendor");
-    let client = connect(a.nats.options("headcount-token-vendor")?, &scope).await?;
-    let registry = headcount_runtime::http::registry();
-    let vendor = token_vendor::Vendor::new(
-        a.tokens.config(
-            a.nats.data_dir.clone(),
-            operator_key,
-            a.plans.names(),
-            &a.browser,
-        ),
-        &registry,
-    )?;
-    let (trigger, stop) = Shutdown::new();
-    let revoked = headcount_runtime::buckets::open_existing(
-        &client,
-        headcount_protocol::subjects::kv::REVOKED_BUCKET,
-        &stop,
-    )
-    .await?;
-    vendor.set_plan_store(
-        headcount_runtime::buckets::open_existing(
-            &client,
-            headcount_protocol::subjects::kv::LIMITS_BUCKET,
-            &stop,
-        )
-        .await?,
-    );
     let browser = a.browser.config(Vec::new(), false);
     if browser.websocket_urls.is_empty() {
         tracing::warn!("no --websocket-url: browser devices are not told where NATS is");
     }
-    let connections = headcount_runtime::buckets::open_existing(
-        &client,
-        headcount_protocol::subjects::kv::CONNECTIONS_BUCKET,
-        &stop,
-    )
-    .await?;
-    let access = token_vendor::Access::new(client.clone(), connections);
-    let router = token_vendor::router(vendor.clone())
-        .merge(http::metrics_router(registry))
-        .merge(http::health_router(health))
-        .merge(token_vendor::browser_router(
-            vendor.clone(),
-            client.clone(),
-            revoked.clone(),
+    // A token-vendor alone knows no interval: it waits for the buckets the
+    // handler and the checker make, and serves /metrics, /healthz and
+    // /readyz on its HTTP listener.
+    run(Settings {
+        vendor: Some(VendorSettings {
+            nats: a.nats.options("headcount-token-vendor")?,
+            config: a.tokens.config(
+                a.nats.data_dir.clone(),
+                operator_key,
+                a.plans.names(),
+                &a.browser,
+            ),
+            issuer: Some(token_vendor::Issuer::open(&a.nats.data_dir)?),
             browser,
-        ))
-        .merge(token_vendor::access_router(vendor.clone(), access.clone()));
-    let (addr, _server) = http::serve(a.http_addr, router, stop.clone()).await?;
-    tracing::info!(%addr, "token-vendor http listening");
-    tokio::spawn(until_signal(trigger));
-    let issuer = token_vendor::Issuer::open(&a.nats.data_dir)?;
-    tracing::info!(
-        issuer = %issuer.public_key(),
-        xkey = %issuer.xkey_public(),
-        "auth callout keys (the `issuer` and `xkey` of nats.conf's auth_callout)"
-    );
-    // Ready once the token endpoint and the callout are serving too.
-    let (endpoint_health, callout_health) = (scope.scope("token-endpoint"), scope.scope("callout"));
-    let _serving = scope.serving();
-    tokio::try_join!(
-        token_vendor::serve_nats(
-            vendor.clone(),
-            client.clone(),
-            endpoint_health,
-            stop.clone()
-        ),
-        token_vendor::serve_callout(
-            vendor,
-            issuer,
-            client.clone(),
-            token_vendor::CalloutStores { revoked, access },
-            callout_health,
-            stop
-        ),
-    )?;
-    client.drain().await.context("draining nats connection")?;
-    Ok(())
+            http_addr: a.http_addr,
+        }),
+        ..Settings::default()
+    })
+    .await
 }
 
 /// Resolves on SIGINT or SIGTERM, without logging.

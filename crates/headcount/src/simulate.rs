@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Args;
 use futures::StreamExt;
-use headcount_protocol::subjects::{self, endpoint, endpoint_subject};
-use headcount_protocol::wire::{ControlMessage, Heartbeat, TokenReply};
+use headcount_protocol::subjects;
+use headcount_protocol::wire::{ControlMessage, Heartbeat, TokenRequest};
 use headcount_protocol::{AccountId, DeviceId, SessionId};
 use headcount_runtime::Shutdown;
 
@@ -104,15 +104,19 @@ async fn start_session(
 ) -> anyhow::Result<Session> {
     let (client, session, expires_at) = match access {
         FleetAccess::Tokens { tokens, urls } => {
-            let body =
-                serde_json::to_vec(&serde_json::json!({"account": account, "device": device}))?;
-            let msg = tokens
-                .request(endpoint_subject(endpoint::TOKEN), body.into())
+            let mut api = headcount_client::Client::new(tokens.clone());
+            // As long as the connection's own requests may take.
+            if let Some(timeout) = tokens.timeout() {
+                api = api.with_timeout(timeout);
+            }
+            let reply = api
+                .token(&TokenRequest {
+                    account: account.clone(),
+                    device: device.clone(),
+                    plan: None,
+                })
                 .await
                 .context("requesting a device token")?;
-            let reply: TokenReply = serde_json::from_slice(&msg.payload).with_context(|| {
-                format!("token refused: {}", String::from_utf8_lossy(&msg.payload))
-            })?;
             let client = async_nats::ConnectOptions::with_token(reply.token)
                 .name(format!("sim {account}/{device}"))
                 .connect(

@@ -15,8 +15,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::StreamExt;
+use headcount_protocol::AccountId;
 use headcount_protocol::subjects;
-use headcount_protocol::wire::{ActiveReply, EventType, Heartbeat, PresenceEvent};
+use headcount_protocol::wire::{EventType, Heartbeat, PresenceEvent};
 use test_support::{NatsCluster, NatsServer, free_port};
 use tokio::sync::Mutex;
 
@@ -237,15 +238,11 @@ impl Watcher {
 }
 
 async fn active(client: &async_nats::Client, account: &str) -> Option<u32> {
-    let body = serde_json::to_vec(&serde_json::json!({ "account": account })).ok()?;
-    let reply = tokio::time::timeout(
-        Duration::from_secs(1),
-        client.request("headcount.active", body.into()),
-    )
-    .await
-    .ok()?
-    .ok()?;
-    serde_json::from_slice::<ActiveReply>(&reply.payload)
+    let account = AccountId::parse(account).ok()?;
+    headcount_client::Client::new(client.clone())
+        .with_timeout(Duration::from_secs(1))
+        .active(&account)
+        .await
         .ok()
         .map(|r| r.active)
 }

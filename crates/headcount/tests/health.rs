@@ -36,7 +36,10 @@ impl Service {
             .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
             .arg("--data-dir")
             .arg(dir.path())
-            .env("HEADCOUNT_NATS_PASSWORD", login.password(console_password))
+            .env(
+                "HEADCOUNT_NATS_PASSWORD",
+                test_support::password_of(login, console_password),
+            )
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -1,10 +1,13 @@
 //! The handler's copy of the interval dictionaries and the pending changes
 //! that have not reached KV yet.
 //!
-//! Pure data and rules, no I/O: the ingest loop records changes here, the
-//! flusher takes them out, writes them with compare-and-set and puts the
-//! outcome back. Because [`apply`] is idempotent, a write retried after a
-//! conflict or a time-out that did commit leaves the same dictionary.
+//! Pure data and rules, no I/O: the ingest loop records changes here
+//! ([`Dicts::on_heartbeat`]); the flusher takes them out
+//! ([`Dicts::take_for_write`]), writes them with compare-and-set and hands
+//! the outcome back ([`Dict::on_written`], [`Dict::on_conflict`],
+//! [`Dict::on_failed`]). Because [`apply`] is idempotent, a write retried
+//! after a conflict or a time-out that did commit leaves the same
+//! dictionary.
 
 use std::collections::HashMap;
 
@@ -19,7 +22,8 @@ pub enum Change {
     /// The device's session of the previous interval heartbeated at this
     /// time: copy its record into this interval. Queued for the many live
     /// sessions moving on at an interval boundary, so it is small; it is
-    /// turned into an `Upsert` ([`Dicts::resolve`]) when written.
+    /// turned into an `Upsert` when taken for a write
+    /// ([`Dict::take_for_write`]).
     Carry(UnixMillis),
     /// The session left: drop the device's entry if it still holds it.
     Remove(SessionId),
@@ -95,21 +99,30 @@ pub fn apply(dict: &mut SessionDict, device: &DeviceId, change: &Change) -> Appl
     }
 }
 
-/// One account's dictionary for one interval, as the handler knows it.
+/// One account's dictionary for one interval, as the handler knows it, and
+/// the changes on their way to KV.
+///
+/// A write goes through four steps, all methods here, so that the flusher
+/// only does the I/O: [`Dict::take_for_write`] hands out what to write and
+/// the revision KV must still be at, and the outcome comes back through
+/// exactly one of [`Dict::on_written`], [`Dict::on_conflict`] or
+/// [`Dict::on_failed`] (or, after [`Take::Reread`], [`Dict::on_reread`]).
+/// Until then the dictionary is in flight: changes queued meanwhile wait
+/// for that write to end.
 #[derive(Debug, Default)]
 pub struct Dict {
     /// KV revision of `entries`; 0 when the key does not exist.
-    pub revision: u64,
-    pub entries: SessionDict,
+    revision: u64,
+    entries: SessionDict,
     /// Changes not yet written, newest per device.
-    pub pending: HashMap<DeviceId, Change>,
-    /// A write of this dictionary is under way.
-    pub in_flight: bool,
+    pending: HashMap<DeviceId, Change>,
+    /// A write (or the re-read of a trimmed copy) is under way.
+    in_flight: bool,
     /// What is pending waits for a deferred flush (carry-overs only).
-    pub deferred: bool,
+    deferred: bool,
     /// `entries` lacks what a newer interval's dictionary also holds (to
     /// save memory): the KV copy must be read before this one is written.
-    pub partial: bool,
+    partial: bool,
 }
 
 /// When a dictionary with a newly queued change should be written.
@@ -120,6 +133,64 @@ pub enum Schedule {
     Now,
     /// After the carry-over delay, so that one write carries many.
     Later,
+}
+
+/// What [`Dict::take_for_write`] found to do.
+#[derive(Debug)]
+#[must_use]
+pub enum Take {
+    /// Nothing: no change is pending, or a write is under way (it asks for
+    /// another flush when it ends if changes are left).
+    Idle,
+    /// Every pending change was already in the copy: they are done, and
+    /// there is nothing to write.
+    Unchanged,
+    /// The copy is trimmed: read the whole dictionary from KV, hand it to
+    /// [`Dict::on_reread`] and flush again. The pending changes wait.
+    Reread,
+    /// Write this with compare-and-set and hand back the outcome.
+    Write(Write),
+}
+
+/// A write taken from a dictionary: the value, the revision KV must still
+/// be at, and the changes it carries, which go back to the dictionary with
+/// the outcome.
+#[derive(Debug)]
+#[must_use = "a write ends with on_written, on_conflict or on_failed"]
+pub struct Write {
+    revision: u64,
+    value: SessionDict,
+    /// The changes written, carry-overs resolved; pending again if the
+    /// write does not land.
+    changes: HashMap<DeviceId, Change>,
+    /// What they did, to announce once the write lands.
+    applied: Vec<(DeviceId, Applied)>,
+}
+
+impl Write {
+    /// The revision KV must hold for the write to land (0: no key yet).
+    pub fn revision(&self) -> u64 {
+        self.revision
+    }
+
+    /// The whole dictionary to write.
+    pub fn value(&self) -> &SessionDict {
+        &self.value
+    }
+}
+
+/// A write that landed.
+#[derive(Debug)]
+pub struct Written {
+    /// What the write did to each device's entry, for events and
+    /// revocations: only the writer whose compare-and-set landed announces.
+    /// The flag says whether the session is also recorded in another live
+    /// interval, looked at before that interval is trimmed of what this
+    /// write carried: a carried session's arrival, or a leave written
+    /// while the session is still recorded elsewhere, is not news.
+    pub applied: Vec<(DeviceId, Applied, bool)>,
+    /// Changes were queued while the write was under way: flush again.
+    pub more: bool,
 }
 
 impl Dict {
@@ -175,6 +246,119 @@ impl Dict {
             self.partial = false;
         }
     }
+
+    /// Takes every pending change for one write on top of the copy held
+    /// (`prev`: the previous interval's entries, which carry-overs copy).
+    /// Unless [`Take::Idle`], the dictionary is in flight until the outcome
+    /// comes back; [`Take::Unchanged`] has already ended it.
+    pub fn take_for_write(&mut self, prev: Option<&SessionDict>) -> Take {
+        if self.in_flight || self.pending.is_empty() {
+            return Take::Idle;
+        }
+        self.in_flight = true;
+        self.deferred = false;
+        if self.partial {
+            return Take::Reread;
+        }
+        let changes = resolve(std::mem::take(&mut self.pending), prev);
+        let mut value = self.entries.clone();
+        let mut applied = Vec::with_capacity(changes.len());
+        let mut changed = false;
+        for (device, change) in &changes {
+            let what = apply(&mut value, device, change);
+            if what != Applied::Nothing {
+                changed = true;
+                // A forgotten entry's leave is announced by the newer interval.
+                if !matches!(change, Change::Forget(_)) {
+                    applied.push((device.clone(), what));
+                }
+            }
+        }
+        if !changed {
+            // `value` is the copy held: nothing to write or install.
+            self.in_flight = false;
+            return Take::Unchanged;
+        }
+        Take::Write(Write {
+            revision: self.revision,
+            value,
+            changes,
+            applied,
+        })
+    }
+
+    /// The write landed at `revision`: its value becomes the copy (unless
+    /// the watch already brought a newer one).
+    pub fn on_written(&mut self, write: Write, revision: u64) -> Written {
+        self.install(revision, write.value);
+        self.in_flight = false;
+        Written {
+            applied: write
+                .applied
+                .into_iter()
+                .map(|(device, applied)| (device, applied, false))
+                .collect(),
+            more: !self.pending.is_empty(),
+        }
+    }
+
+    /// Another write landed first. `current` is the copy KV holds now (None
+    /// when it could not be read); the write's changes are pending again,
+    /// to be applied on top of it by the next flush.
+    pub fn on_conflict(&mut self, write: Write, current: Option<(u64, SessionDict)>) {
+        self.put_back(write, current);
+    }
+
+    /// The write failed or timed out, so it may have landed all the same.
+    /// `current` is the copy KV holds now (None when it could not be read
+    /// either): a write that landed shows up there, or through the watch,
+    /// as a newer revision already holding the changes, and applying them
+    /// again changes nothing, so they are never applied twice. Otherwise
+    /// they are pending again and retried until they land.
+    pub fn on_failed(&mut self, write: Write, current: Option<(u64, SessionDict)>) {
+        self.put_back(write, current);
+    }
+
+    fn put_back(&mut self, write: Write, current: Option<(u64, SessionDict)>) {
+        if let Some((revision, entries)) = current {
+            // Take the server's copy as is: a KV entry that expired leaves
+            // no revision behind, so this may go backwards.
+            self.revision = revision;
+            self.entries = entries;
+        }
+        // Newer changes queued meanwhile win over the ones taken.
+        for (device, change) in write.changes {
+            self.pending.entry(device).or_insert(change);
+        }
+        self.in_flight = false;
+    }
+
+    /// The whole copy of a trimmed dictionary, read after [`Take::Reread`]
+    /// (None when it could not be read: the next flush tries again). The
+    /// pending changes stay queued.
+    pub fn on_reread(&mut self, current: Option<(u64, SessionDict)>) {
+        if let Some((revision, entries)) = current {
+            self.revision = revision;
+            self.entries = entries;
+            self.partial = false;
+        }
+        self.in_flight = false;
+    }
+}
+
+/// Turns the carry-overs among `changes` into upserts of the previous
+/// interval's records (`prev`), dropping those with nothing left to carry.
+fn resolve(
+    changes: HashMap<DeviceId, Change>,
+    prev: Option<&SessionDict>,
+) -> HashMap<DeviceId, Change> {
+    changes
+        .into_iter()
+        .filter_map(|(device, change)| match change {
+            Change::Carry(_) => carried(&change, prev, &device).map(|c| (device, c)),
+            other => Some((device, other)),
+        })
+        .collect()
 }
 
 /// `change` ready to apply: a carry-over becomes an upsert of the previous
@@ -340,27 +524,79 @@ impl Dicts {
         });
     }
 
-    /// Turns the carry-overs among `changes` (taken from `account`'s
-    /// dictionary of `interval`) into upserts of the previous interval's
-    /// records, dropping those with nothing left to carry.
-    pub fn resolve(
-        &self,
+    /// [`Dict::take_for_write`] for `account`'s dictionary of `interval`,
+    /// carry-overs copied from the previous interval's. A take that finds
+    /// nothing to write trims like a write that landed.
+    pub fn take_for_write(&mut self, account: &AccountId, interval: u64, now: UnixMillis) -> Take {
+        let Some(dicts) = self.accounts.get_mut(account) else {
+            return Take::Idle;
+        };
+        // Lifted out for a moment so that the previous dictionary can be
+        // read beside it.
+        let Some(mut dict) = dicts.remove(&interval) else {
+            return Take::Idle;
+        };
+        let prev = dicts.get(&interval.wrapping_sub(1)).map(|p| &p.entries);
+        let take = dict.take_for_write(prev);
+        dicts.insert(interval, dict);
+        if matches!(take, Take::Unchanged) {
+            self.trim(account, now);
+        }
+        take
+    }
+
+    /// [`Dict::on_written`] for `account`'s dictionary of `interval`, then
+    /// the trim its new copy allows.
+    pub fn on_written(
+        &mut self,
         account: &AccountId,
         interval: u64,
-        changes: HashMap<DeviceId, Change>,
-    ) -> HashMap<DeviceId, Change> {
-        let prev = self
-            .accounts
-            .get(account)
-            .and_then(|d| d.get(&interval.wrapping_sub(1)))
-            .map(|d| &d.entries);
-        changes
-            .into_iter()
-            .filter_map(|(device, change)| match change {
-                Change::Carry(_) => carried(&change, prev, &device).map(|c| (device, c)),
-                other => Some((device, other)),
-            })
-            .collect()
+        write: Write,
+        revision: u64,
+        now: UnixMillis,
+    ) -> Written {
+        let mut written = self.entry(account, interval).on_written(write, revision);
+        for (device, applied, elsewhere) in &mut written.applied {
+            let session = match applied {
+                Applied::Added { record, .. } | Applied::Removed(record) => &record.session,
+                Applied::Updated | Applied::Nothing => continue,
+            };
+            *elsewhere = self.recorded_elsewhere(account, device, session, interval, now);
+        }
+        self.trim(account, now);
+        written
+    }
+
+    /// [`Dict::on_conflict`] for `account`'s dictionary of `interval`.
+    pub fn on_conflict(
+        &mut self,
+        account: &AccountId,
+        interval: u64,
+        write: Write,
+        current: Option<(u64, SessionDict)>,
+    ) {
+        self.entry(account, interval).on_conflict(write, current);
+    }
+
+    /// [`Dict::on_failed`] for `account`'s dictionary of `interval`.
+    pub fn on_failed(
+        &mut self,
+        account: &AccountId,
+        interval: u64,
+        write: Write,
+        current: Option<(u64, SessionDict)>,
+    ) {
+        self.entry(account, interval).on_failed(write, current);
+    }
+
+    /// [`Dict::on_reread`] for `account`'s dictionary of `interval`.
+    pub fn on_reread(
+        &mut self,
+        account: &AccountId,
+        interval: u64,
+        current: Option<(u64, SessionDict)>,
+    ) {
+        self.entry(account, interval).on_reread(current);
     }
 
     /// Trims `account`'s previous-interval dictionary: a session that has
@@ -544,33 +780,115 @@ mod tests {
         IntervalClock::new(Duration::from_secs(10))
     }
 
-    /// Simulates a successful flush of everything pending.
-    fn flush(d: &mut Dicts) {
-        let keys: Vec<(AccountId, u64)> = d
-            .accounts
-            .iter()
-            .flat_map(|(a, dicts)| dicts.iter().map(move |(i, _)| (a.clone(), i)))
-            .collect();
-        for (a, i) in keys {
-            let taken = std::mem::take(&mut d.get_mut(&a, i).expect("dict").pending);
-            let changes = d.resolve(&a, i, taken);
-            let dict = d.get_mut(&a, i).expect("dict");
-            for (dev, ch) in changes {
-                apply(&mut dict.entries, &dev, &ch);
-            }
-            dict.revision += 1;
+    /// The sessions bucket in memory: one revision sequence for the whole
+    /// bucket, as a KV stream has, and compare-and-set writes.
+    #[derive(Default)]
+    struct Kv {
+        seq: u64,
+        dicts: HashMap<(AccountId, u64), (u64, SessionDict)>,
+    }
+
+    impl Kv {
+        /// The dictionary with its revision (0 and empty when there is none).
+        fn read(&self, account: &AccountId, interval: u64) -> (u64, SessionDict) {
+            self.dicts
+                .get(&(account.clone(), interval))
+                .cloned()
+                .unwrap_or_default()
         }
+
+        /// Writes `write` if the key is still at its revision: the new
+        /// revision, or None on a conflict.
+        fn update(&mut self, account: &AccountId, interval: u64, write: &Write) -> Option<u64> {
+            let (revision, _) = self.read(account, interval);
+            (revision == write.revision())
+                .then(|| self.put(account, interval, write.value().clone()))
+        }
+
+        /// Writes unconditionally (another handler's write that landed).
+        fn put(&mut self, account: &AccountId, interval: u64, value: SessionDict) -> u64 {
+            self.seq += 1;
+            self.dicts
+                .insert((account.clone(), interval), (self.seq, value));
+            self.seq
+        }
+    }
+
+    /// Writes everything pending as a lone handler would, every write
+    /// landing in `kv`.
+    fn flush(d: &mut Dicts, kv: &mut Kv, now: UnixMillis) {
+        for _ in 0..10 {
+            let keys = d.pending_keys();
+            if keys.is_empty() {
+                return;
+            }
+            for (a, i) in keys {
+                match d.take_for_write(&a, i, now) {
+                    Take::Idle | Take::Unchanged => {}
+                    Take::Reread => d.on_reread(&a, i, Some(kv.read(&a, i))),
+                    Take::Write(w) => {
+                        let rev = kv.update(&a, i, &w).expect("a lone handler's write lands");
+                        let _ = d.on_written(&a, i, w, rev, now);
+                    }
+                }
+            }
+        }
+        panic!("changes still pending after ten rounds of writes");
+    }
+
+    fn device(name: &str) -> DeviceId {
+        DeviceId::parse(name).unwrap()
+    }
+
+    fn session(name: &str) -> SessionId {
+        SessionId::parse(name).unwrap()
+    }
+
+    fn leave() -> Heartbeat {
+        Heartbeat {
+            leave: true,
+            ..Default::default()
+        }
+    }
+
+    fn content(c: &str) -> Heartbeat {
+        Heartbeat {
+            content: Some(c.into()),
+            ..Default::default()
+        }
+    }
+
+    fn write_of(take: Take) -> Write {
+        match take {
+            Take::Write(w) => w,
+            other => panic!("expected a write, got {other:?}"),
+        }
+    }
+
+    /// Device and session names a dictionary holds, sorted.
+    fn held(dict: &SessionDict) -> Vec<(String, String)> {
+        let mut v: Vec<_> = dict
+            .iter()
+            .map(|(d, r)| (d.as_str().to_owned(), r.session.as_str().to_owned()))
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn pair(device: &str, session: &str) -> (String, String) {
+        (device.to_owned(), session.to_owned())
     }
 
     #[test]
     fn a_moved_session_is_held_once_and_its_leave_reaches_both_intervals() {
         let (a, dev, s) = ids();
         let mut d = Dicts::new(clock());
+        let mut kv = Kv::default();
         d.on_heartbeat(&a, &dev, &s, &Heartbeat::default(), 1_000);
-        flush(&mut d);
+        flush(&mut d, &mut kv, 1_000);
         // Next interval: the session moves on; the old copy is trimmed.
         d.on_heartbeat(&a, &dev, &s, &Heartbeat::default(), 10_500);
-        flush(&mut d);
+        flush(&mut d, &mut kv, 10_500);
         d.trim(&a, 10_600);
         let old = d.get_mut(&a, 0).expect("previous dictionary");
         assert!(old.partial && old.entries.is_empty());
@@ -595,6 +913,7 @@ mod tests {
     fn one_write_per_session_per_interval() {
         let (a, dev, s) = ids();
         let mut d = Dicts::new(clock());
+        let mut kv = Kv::default();
         let hb = Heartbeat::default();
         assert_eq!(
             d.on_heartbeat(&a, &dev, &s, &hb, 1_000),
@@ -605,7 +924,7 @@ mod tests {
             d.on_heartbeat(&a, &dev, &s, &hb, 2_000),
             Decision::Unchanged
         );
-        flush(&mut d);
+        flush(&mut d, &mut kv, 2_000);
         for t in [3_000, 5_000, 9_999] {
             assert_eq!(d.on_heartbeat(&a, &dev, &s, &hb, t), Decision::Unchanged);
         }
@@ -618,25 +937,53 @@ mod tests {
         // Another live session of the account rides along...
         let tv2 = DeviceId::parse("tv2").unwrap();
         let s2 = SessionId::parse("s2").unwrap();
-        flush(&mut d);
+        flush(&mut d, &mut kv, 10_500);
         assert_eq!(
             d.on_heartbeat(&a, &tv2, &s2, &hb, 10_600),
             Decision::Queued(vec![(a.clone(), 1)]),
             "a join is written at once"
         );
-        flush(&mut d);
+        flush(&mut d, &mut kv, 10_600);
         let rec = &d.get_mut(&a, 1).unwrap().entries[&dev];
         assert_eq!(rec.since, 1_000);
+    }
+
+    #[test]
+    fn a_carried_session_is_flagged_as_known_and_a_new_one_is_not() {
+        let (a, dev, s) = ids();
+        let (tv2, s2) = (device("tv2"), session("s2"));
+        let mut d = Dicts::new(clock());
+        let mut kv = Kv::default();
+        d.on_heartbeat(&a, &dev, &s, &Heartbeat::default(), 9_000);
+        flush(&mut d, &mut kv, 9_000);
+        // Next interval: s is carried and s2 joins, in one write.
+        d.on_heartbeat(&a, &dev, &s, &Heartbeat::default(), 10_500);
+        d.on_heartbeat(&a, &tv2, &s2, &Heartbeat::default(), 10_500);
+        let w = write_of(d.take_for_write(&a, 1, 10_500));
+        let rev = kv.update(&a, 1, &w).expect("lands");
+        let written = d.on_written(&a, 1, w, rev, 10_500);
+        let mut flags: Vec<(String, bool)> = written
+            .applied
+            .iter()
+            .filter(|(_, applied, _)| matches!(applied, Applied::Added { .. }))
+            .map(|(device, _, elsewhere)| (device.as_str().to_owned(), *elsewhere))
+            .collect();
+        flags.sort();
+        // Only s2 is news: s was in the previous interval (which the write
+        // then trimmed of it).
+        assert_eq!(flags, [("tv".to_owned(), true), ("tv2".to_owned(), false)]);
+        assert!(d.get_mut(&a, 0).expect("previous").partial);
     }
 
     #[test]
     fn leave_clears_every_live_interval() {
         let (a, dev, s) = ids();
         let mut d = Dicts::new(clock());
+        let mut kv = Kv::default();
         d.on_heartbeat(&a, &dev, &s, &Heartbeat::default(), 9_000);
-        flush(&mut d);
+        flush(&mut d, &mut kv, 9_000);
         d.on_heartbeat(&a, &dev, &s, &Heartbeat::default(), 10_001);
-        flush(&mut d);
+        flush(&mut d, &mut kv, 10_001);
         let leave = Heartbeat {
             leave: true,
             ..Default::default()
@@ -645,7 +992,7 @@ mod tests {
             d.on_heartbeat(&a, &dev, &s, &leave, 10_002),
             Decision::Queued(vec![(a.clone(), 0), (a.clone(), 1)])
         );
-        flush(&mut d);
+        flush(&mut d, &mut kv, 10_002);
         assert!(d.get_mut(&a, 0).unwrap().entries.is_empty());
         assert!(d.get_mut(&a, 1).unwrap().entries.is_empty());
     }
@@ -655,10 +1002,11 @@ mod tests {
         let (a, dev, s1) = ids();
         let s2 = SessionId::parse("s2").unwrap();
         let mut d = Dicts::new(clock());
+        let mut kv = Kv::default();
         d.on_heartbeat(&a, &dev, &s1, &Heartbeat::default(), 1_000);
-        flush(&mut d);
+        flush(&mut d, &mut kv, 1_000);
         d.on_heartbeat(&a, &dev, &s2, &Heartbeat::default(), 2_000);
-        flush(&mut d);
+        flush(&mut d, &mut kv, 2_000);
         let rec = d.get_mut(&a, 0).unwrap().entries[&dev].clone();
         assert_eq!(rec.session, s2);
         assert_eq!(rec.replaced, Some(s1.clone()));
@@ -673,9 +1021,10 @@ mod tests {
         let (a, dev, s1) = ids();
         let s2 = SessionId::parse("s2").unwrap();
         let mut d = Dicts::new(clock());
+        let mut kv = Kv::default();
         // s1 lives in interval 0 only; s2 starts in interval 1.
         d.on_heartbeat(&a, &dev, &s1, &Heartbeat::default(), 9_000);
-        flush(&mut d);
+        flush(&mut d, &mut kv, 9_000);
         d.on_heartbeat(&a, &dev, &s2, &Heartbeat::default(), 10_500);
         let cur = d.get_mut(&a, 1).unwrap();
         let (device, change) = cur.pending.iter().next().unwrap();
@@ -686,7 +1035,7 @@ mod tests {
             matches!(&applied, Applied::Added { replaced: Some(old), .. } if *old == s1),
             "{applied:?}"
         );
-        flush(&mut d);
+        flush(&mut d, &mut kv, 10_500);
         // A late s1 heartbeat cannot take the seat back...
         assert_eq!(
             d.on_heartbeat(&a, &dev, &s1, &Heartbeat::default(), 11_000),
@@ -694,7 +1043,7 @@ mod tests {
         );
         // ...nor later, once s2 has been carried into the next interval.
         d.on_heartbeat(&a, &dev, &s2, &Heartbeat::default(), 20_500);
-        flush(&mut d);
+        flush(&mut d, &mut kv, 20_500);
         assert_eq!(
             d.on_heartbeat(&a, &dev, &s1, &Heartbeat::default(), 21_000),
             Decision::Superseded
@@ -706,14 +1055,15 @@ mod tests {
     fn the_session_count_holds_across_an_interval_boundary() {
         let (a, dev, s) = ids();
         let mut d = Dicts::new(clock());
+        let mut kv = Kv::default();
         d.on_heartbeat(&a, &dev, &s, &Heartbeat::default(), 9_000);
-        flush(&mut d);
+        flush(&mut d, &mut kv, 9_000);
         assert_eq!(d.session_count(9_500), 1);
         // The next interval has begun, the session has not beaten yet.
         assert_eq!(d.session_count(10_500), 1);
         // Once it has, it is still one session.
         d.on_heartbeat(&a, &dev, &s, &Heartbeat::default(), 10_600);
-        flush(&mut d);
+        flush(&mut d, &mut kv, 10_600);
         assert_eq!(d.session_count(10_700), 1);
     }
 
@@ -734,5 +1084,224 @@ mod tests {
         let rm = Change::Remove(s);
         assert_eq!(apply(&mut dict, &dev, &rm), Applied::Removed(rec));
         assert_eq!(apply(&mut dict, &dev, &rm), Applied::Nothing);
+    }
+
+    #[test]
+    fn a_conflict_reapplies_the_pending_change_on_the_newer_copy_and_writes_again() {
+        let a = AccountId::parse("acme").unwrap();
+        let (tv, radio) = (device("tv"), device("radio"));
+        let mut kv = Kv::default();
+        // Two handlers, each with a join for the same dictionary.
+        let mut h1 = Dicts::new(clock());
+        let mut h2 = Dicts::new(clock());
+        h1.on_heartbeat(&a, &tv, &session("s1"), &Heartbeat::default(), 1_000);
+        h2.on_heartbeat(&a, &radio, &session("s2"), &Heartbeat::default(), 1_000);
+        let w1 = write_of(h1.take_for_write(&a, 0, 1_000));
+        let w2 = write_of(h2.take_for_write(&a, 0, 1_000));
+        assert_eq!((w1.revision(), w2.revision()), (0, 0));
+
+        let rev1 = kv.update(&a, 0, &w1).expect("the first write lands");
+        let applied = h1.on_written(&a, 0, w1, rev1, 1_000).applied;
+        assert_eq!(applied.len(), 1);
+        assert_eq!(applied[0].0, tv);
+        assert_eq!(kv.update(&a, 0, &w2), None, "the second one is stale");
+        h2.on_conflict(&a, 0, w2, Some(kv.read(&a, 0)));
+
+        // The join is pending again and goes on top of the newer copy.
+        assert!(h2.has_pending());
+        let retry = write_of(h2.take_for_write(&a, 0, 1_000));
+        assert_eq!(retry.revision(), rev1);
+        assert_eq!(held(retry.value()), [pair("radio", "s2"), pair("tv", "s1")]);
+        let rev2 = kv.update(&a, 0, &retry).expect("the retry lands");
+        let written = h2.on_written(&a, 0, retry, rev2, 1_000);
+        // Each join is announced by the handler whose write carried it.
+        assert!(
+            matches!(&written.applied[..], [(d, Applied::Added { .. }, _)] if *d == radio),
+            "{:?}",
+            written.applied
+        );
+        assert!(!written.more);
+        assert!(!h2.has_pending());
+        assert_eq!(
+            held(&kv.read(&a, 0).1),
+            [pair("radio", "s2"), pair("tv", "s1")]
+        );
+    }
+
+    #[test]
+    fn a_change_queued_during_a_write_wins_over_the_one_put_back() {
+        let (a, dev, s) = ids();
+        let mut d = Dicts::new(clock());
+        let mut kv = Kv::default();
+        d.on_heartbeat(&a, &dev, &s, &content("film"), 1_000);
+        let w = write_of(d.take_for_write(&a, 0, 1_000));
+        // The write under way asks for the next flush when it ends.
+        assert_eq!(
+            d.on_heartbeat(&a, &dev, &s, &content("news"), 2_000),
+            Decision::Queued(Vec::new())
+        );
+        kv.put(&a, 0, SessionDict::new());
+        assert_eq!(kv.update(&a, 0, &w), None);
+        d.on_conflict(&a, 0, w, Some(kv.read(&a, 0)));
+
+        let retry = write_of(d.take_for_write(&a, 0, 2_000));
+        assert_eq!(retry.revision(), 1);
+        assert_eq!(retry.value()[&dev].labels.content(), Some("news"));
+    }
+
+    #[test]
+    fn a_write_that_timed_out_but_landed_is_not_applied_twice() {
+        // The landed value shows up through the watch (and the re-read
+        // fails), or through the re-read.
+        for through_watch in [true, false] {
+            let (a, dev, s) = ids();
+            let mut d = Dicts::new(clock());
+            let mut kv = Kv::default();
+            d.on_heartbeat(&a, &dev, &s, &Heartbeat::default(), 1_000);
+            let w = write_of(d.take_for_write(&a, 0, 1_000));
+            // It commits, but its answer never arrives.
+            let landed = kv.update(&a, 0, &w).expect("the write lands");
+            let current = if through_watch {
+                let (rev, entries) = kv.read(&a, 0);
+                d.entry(&a, 0).install(rev, entries);
+                None
+            } else {
+                Some(kv.read(&a, 0))
+            };
+            d.on_failed(&a, 0, w, current);
+            assert!(d.has_pending(), "the change is kept until known written");
+
+            // The retry finds it in the copy: no second write, so no second
+            // join either.
+            let retry = d.take_for_write(&a, 0, 1_500);
+            assert!(
+                matches!(retry, Take::Unchanged),
+                "through_watch {through_watch}: {retry:?}"
+            );
+            assert_eq!(kv.seq, landed);
+            assert!(!d.has_pending());
+            let dict = d.get_mut(&a, 0).expect("dictionary");
+            assert_eq!(dict.revision, landed);
+            assert_eq!(held(&dict.entries), [pair("tv", "s1")]);
+        }
+    }
+
+    #[test]
+    fn a_failed_write_is_kept_and_retried_until_it_lands() {
+        let (a, dev, s) = ids();
+        let mut d = Dicts::new(clock());
+        let mut kv = Kv::default();
+        d.on_heartbeat(&a, &dev, &s, &Heartbeat::default(), 1_000);
+        let w = write_of(d.take_for_write(&a, 0, 1_000));
+        let value = w.value().clone();
+        // It fails without landing, and KV cannot be read either.
+        d.on_failed(&a, 0, w, None);
+        assert!(d.has_pending());
+        // It fails again; this time KV answers that there is no key yet.
+        let w = write_of(d.take_for_write(&a, 0, 1_200));
+        assert_eq!((w.revision(), w.value()), (0, &value));
+        d.on_failed(&a, 0, w, Some(kv.read(&a, 0)));
+
+        let w = write_of(d.take_for_write(&a, 0, 1_400));
+        assert_eq!((w.revision(), w.value()), (0, &value));
+        let rev = kv.update(&a, 0, &w).expect("the write lands");
+        let written = d.on_written(&a, 0, w, rev, 1_400);
+        assert!(
+            matches!(&written.applied[..], [(d, Applied::Added { record, .. }, _)] if *d == dev && record.session == s),
+            "{:?}",
+            written.applied
+        );
+        assert!(!d.has_pending());
+        assert_eq!(held(&kv.read(&a, 0).1), [pair("tv", "s1")]);
+    }
+
+    #[test]
+    fn a_leave_while_another_write_of_the_dictionary_is_under_way_is_written_next() {
+        let (a, tv, s1) = ids();
+        let (radio, s2) = (device("radio"), session("s2"));
+        let mut d = Dicts::new(clock());
+        let mut kv = Kv::default();
+        d.on_heartbeat(&a, &tv, &s1, &Heartbeat::default(), 1_000);
+        flush(&mut d, &mut kv, 1_000);
+        d.on_heartbeat(&a, &radio, &s2, &Heartbeat::default(), 2_000);
+        let w = write_of(d.take_for_write(&a, 0, 2_000));
+
+        // The leave waits for the write under way, which asks for the next
+        // flush when it lands: nothing to flush now.
+        assert_eq!(
+            d.on_heartbeat(&a, &tv, &s1, &leave(), 2_100),
+            Decision::Unchanged
+        );
+        assert_eq!(
+            d.get_mut(&a, 0).expect("dictionary").pending.get(&tv),
+            Some(&Change::Remove(s1.clone()))
+        );
+        let rev = kv.update(&a, 0, &w).expect("the write lands");
+        assert!(d.on_written(&a, 0, w, rev, 2_100).more);
+
+        let w = write_of(d.take_for_write(&a, 0, 2_100));
+        let rev = kv.update(&a, 0, &w).expect("the leave lands");
+        let written = d.on_written(&a, 0, w, rev, 2_100);
+        assert!(
+            matches!(&written.applied[..], [(d, Applied::Removed(r), _)] if *d == tv && r.session == s1),
+            "{:?}",
+            written.applied
+        );
+        assert_eq!(held(&kv.read(&a, 0).1), [pair("radio", "s2")]);
+    }
+
+    /// The copy holds a session once its first write has landed, and a
+    /// leave removes what the copy and the pending changes hold: a leave
+    /// arriving while that first write is under way finds nothing to remove
+    /// and is not queued. The session stays recorded and ends by timeout.
+    #[test]
+    fn a_leave_during_the_sessions_first_write_is_not_queued() {
+        let (a, dev, s) = ids();
+        let mut d = Dicts::new(clock());
+        let mut kv = Kv::default();
+        d.on_heartbeat(&a, &dev, &s, &Heartbeat::default(), 1_000);
+        let w = write_of(d.take_for_write(&a, 0, 1_000));
+
+        assert_eq!(
+            d.on_heartbeat(&a, &dev, &s, &leave(), 1_100),
+            Decision::Unchanged
+        );
+        let rev = kv.update(&a, 0, &w).expect("the join lands");
+        assert!(!d.on_written(&a, 0, w, rev, 1_100).more);
+        assert!(!d.has_pending());
+        assert_eq!(held(&kv.read(&a, 0).1), [pair("tv", "s1")]);
+    }
+
+    #[test]
+    fn a_trimmed_dictionary_is_read_whole_before_it_is_written() {
+        let (a, dev, s) = ids();
+        let mut d = Dicts::new(clock());
+        let mut kv = Kv::default();
+        d.on_heartbeat(&a, &dev, &s, &Heartbeat::default(), 1_000);
+        flush(&mut d, &mut kv, 1_000);
+        // Carried into interval 1, the session is trimmed from interval 0.
+        d.on_heartbeat(&a, &dev, &s, &Heartbeat::default(), 10_500);
+        flush(&mut d, &mut kv, 10_500);
+        assert!(d.get_mut(&a, 0).expect("previous dictionary").partial);
+        assert_eq!(
+            d.on_heartbeat(&a, &dev, &s, &leave(), 10_700),
+            Decision::Queued(vec![(a.clone(), 0), (a.clone(), 1)])
+        );
+
+        // Interval 0's KV copy still holds the session: read it first.
+        assert!(matches!(d.take_for_write(&a, 0, 10_700), Take::Reread));
+        // A read that fails leaves the change pending and the copy trimmed.
+        d.on_reread(&a, 0, None);
+        assert!(matches!(d.take_for_write(&a, 0, 10_700), Take::Reread));
+        let whole = kv.read(&a, 0);
+        assert_eq!(held(&whole.1), [pair("tv", "s1")]);
+        d.on_reread(&a, 0, Some(whole.clone()));
+
+        let w = write_of(d.take_for_write(&a, 0, 10_700));
+        assert_eq!(w.revision(), whole.0);
+        assert!(w.value().is_empty());
+        let rev = kv.update(&a, 0, &w).expect("the write lands");
+        // Interval 1's write announces the leave; this one is quiet.
+        assert!(d.on_written(&a, 0, w, rev, 10_700).applied.is_empty());
     }
 }

@@ -10,8 +10,12 @@
 //! instances never lose each other's writes and KV load follows sessions and
 //! intervals, not heartbeats.
 //!
-//! Layout: [`dicts`] holds the rules (pure), [`metrics`] the collectors, and
-//! this file the I/O: subscription, KV watches and the flusher.
+//! Layout: [`dicts`] holds the rules (pure), including the steps of a
+//! dictionary write; [`metrics`] the collectors; this file the I/O:
+//! subscription, KV watches and the flusher, which writes what [`dicts`]
+//! hands out and hands the outcome back. Presence events, revocations and
+//! the decoding of watched dictionaries go through
+//! [`headcount_runtime::effects`], shared with the checker.
 //!
 //! Never: write a dictionary without an expected revision, or drop a valid
 //! session's change on a failed write (it is retried until it lands).
@@ -31,12 +35,13 @@ use headcount_protocol::wire::{
     self, EndReason, EventType, HeartbeatError, HeartbeatRef, PresenceEvent, Revocation, SessionRef,
 };
 use headcount_protocol::{AccountId, IntervalClock, SessionId, now_millis};
-use headcount_runtime::{Buckets, Health, Shutdown};
+use headcount_runtime::effects::{self, Once};
+use headcount_runtime::{Buckets, Shutdown, Wiring};
 use tokio::sync::mpsc;
 
 pub use metrics::Metrics;
 
-use dicts::{Applied, Change, Decision, Dicts, apply};
+use dicts::{Applied, Decision, Dicts, Take};
 
 /// Handler settings.
 #[derive(Debug, Clone)]
@@ -61,7 +66,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             interval: Duration::from_secs(120),
-            revoked_ttl: Duration::from_secs(3600),
+            revoked_ttl: headcount_runtime::buckets::DEFAULT_REVOKED_TTL,
             max_concurrent_writes: 256,
             // Ten times a 5 s heartbeat.
             max_rate: 2.0,
@@ -94,6 +99,13 @@ impl Shared {
     }
 }
 
+/// Starts one handler instance on its own task (see [`run`]): ready once
+/// its watches have caught up and it takes heartbeats.
+pub fn start(config: Config, metrics: Metrics, wiring: Wiring) -> headcount_runtime::Running {
+    let health = wiring.health.clone();
+    headcount_runtime::Running::spawn("heartbeat-handler", health, run(config, metrics, wiring))
+}
+
 /// Runs one handler instance until `shutdown`, then stops taking heartbeats
 /// and writes everything still pending before returning.
 ///
@@ -101,14 +113,13 @@ impl Shared {
 /// NATS connection): components `sessions` and `revoked`, ready once their
 /// watch has replayed what the bucket held, and the scope itself, serving
 /// from the moment the heartbeat subscription is up until the drain starts.
-pub async fn run(
-    config: Config,
-    nats: async_nats::Client,
-    buckets: Buckets,
-    metrics: Metrics,
-    health: Health,
-    shutdown: Shutdown,
-) -> anyhow::Result<()> {
+async fn run(config: Config, metrics: Metrics, wiring: Wiring) -> anyhow::Result<()> {
+    let Wiring {
+        nats,
+        buckets,
+        health,
+        shutdown,
+    } = wiring;
     let sessions_health = health.component("sessions");
     let revoked_health = health.component("revoked");
     let clock = IntervalClock::new(config.interval);
@@ -229,22 +240,13 @@ fn pending_writes(shared: &Shared) -> bool {
 }
 
 fn on_dict_entry(shared: &Shared, entry: kv::Entry) {
-    let Some((account, interval)) = keys::parse_session_dict(&entry.key) else {
+    let Some(e) = effects::dict_entry(&entry) else {
         return;
     };
-    let entries = match entry.operation {
-        kv::Operation::Put => match wire::decode_dict(&entry.value) {
-            Ok(d) => d,
-            Err(e) => {
-                tracing::warn!(key = %entry.key, error = %e, "unreadable interval dictionary");
-                return;
-            }
-        },
-        kv::Operation::Delete | kv::Operation::Purge => Default::default(),
-    };
     let mut d = shared.dicts();
-    d.entry(&account, interval).install(entry.revision, entries);
-    d.trim(&account, now_millis());
+    d.entry(&e.account, e.interval)
+        .install(e.revision, e.entries);
+    d.trim(&e.account, now_millis());
 }
 
 /// Handles one heartbeat message. Never fails: bad input is counted.
@@ -296,23 +298,29 @@ fn on_message(shared: &Shared, subject: &str, payload: &[u8]) {
         let ids = ids.to_owned();
         d.on_heartbeat(&ids.account, &ids.device, &ids.session, &hb.to_owned(), now)
     };
-    let m = &shared.metrics;
     match decision {
-        Decision::Superseded => m.hb.revoked.inc(),
-        Decision::Unchanged => m.hb.accepted.inc(),
+        Decision::Superseded => c.revoked.inc(),
+        _ => c.accepted.inc(),
+    }
+    schedule(&shared.flush_tx, shared.carry_delay, decision);
+}
+
+/// Hands the dictionaries a heartbeat changed to the flusher: at once, or
+/// after `carry_delay` for a live session moving into a new interval, so
+/// that one write carries every session of the account that moves along.
+fn schedule(flush_tx: &mpsc::UnboundedSender<Key>, carry_delay: Duration, decision: Decision) {
+    match decision {
+        Decision::Superseded | Decision::Unchanged => {}
         Decision::Queued(keys) => {
-            m.hb.accepted.inc();
             for key in keys {
-                let _ = shared.flush_tx.send(key);
+                let _ = flush_tx.send(key);
             }
         }
         Decision::Deferred(keys) => {
-            m.hb.accepted.inc();
             for key in keys {
-                let tx = shared.flush_tx.clone();
-                let delay = shared.carry_delay;
+                let tx = flush_tx.clone();
                 tokio::spawn(async move {
-                    tokio::time::sleep(delay).await;
+                    tokio::time::sleep(carry_delay).await;
                     let _ = tx.send(key);
                 });
             }
@@ -334,129 +342,98 @@ async fn flusher(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Key>, max:
     }
 }
 
-/// Writes one dictionary's pending changes with compare-and-set. On a
-/// conflict it re-reads, re-applies and schedules itself again; on any other
-/// failure it puts the changes back and retries after a pause, so a valid
-/// session's change is never dropped.
+/// How one compare-and-set write of a dictionary ended.
+#[derive(Debug, Clone, Copy)]
+enum Outcome {
+    /// It landed at this revision.
+    Written(u64),
+    /// Another write landed first: the expected revision was stale.
+    Conflict,
+    /// It failed or timed out; it may have landed all the same.
+    Failed,
+}
+
+/// Writes one dictionary's pending changes with compare-and-set and hands
+/// the outcome to [`dicts::Dict`]. On a conflict it re-reads and schedules
+/// itself again; on any other failure it re-reads and retries after a
+/// pause, so a valid session's change is never dropped.
 async fn flush(shared: &Shared, key: Key) {
     let (account, interval) = &key;
-    let taken = {
-        let mut d = shared.dicts();
-        let Some(dict) = d.get_mut(account, interval.to_owned()) else {
-            return;
-        };
-        if dict.in_flight || dict.pending.is_empty() {
-            return;
-        }
-        dict.in_flight = true;
-        dict.deferred = false;
-        if dict.partial {
-            None
-        } else {
-            Some((
-                dict.revision,
-                dict.entries.clone(),
-                std::mem::take(&mut dict.pending),
-            ))
-        }
-    };
-    let Some((revision, before, changes)) = taken else {
-        // Trimmed in memory: write on top of the whole KV copy.
-        reread(shared, &key).await;
-        let _ = shared.flush_tx.send(key.clone());
-        return;
-    };
-    let changes = shared.dicts().resolve(account, *interval, changes);
-    let mut after = before.clone();
-    let mut applied = Vec::with_capacity(changes.len());
-    let mut changed = false;
-    for (device, change) in &changes {
-        let what = apply(&mut after, device, change);
-        if what != Applied::Nothing {
-            changed = true;
-            // A forgotten entry's leave is announced by the newer interval.
-            if !matches!(change, Change::Forget(_)) {
-                applied.push((device.clone(), what));
-            }
-        }
-    }
-
     let kv_key = keys::session_dict(account, *interval);
-    let m = &shared.metrics;
-    let result = if !changed {
-        Ok(revision)
-    } else {
-        let timer = m.kv_write_seconds.start_timer();
-        let r = tokio::time::timeout(
-            Duration::from_secs(5),
-            shared
-                .buckets
-                .sessions
-                .update(&kv_key, wire::encode_dict(&after).into(), revision),
-        )
-        .await;
-        timer.observe_duration();
-        match r {
-            Ok(Ok(rev)) => Ok(rev),
-            Ok(Err(e)) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Err(true),
-            Ok(Err(e)) => {
-                tracing::warn!(key = %kv_key, error = %e, "dictionary write failed, retrying");
-                Err(false)
-            }
-            Err(_) => {
-                tracing::warn!(key = %kv_key, "dictionary write timed out, retrying");
-                Err(false)
-            }
-        }
-    };
-
-    match result {
-        Ok(new_revision) => {
-            if changed {
-                m.kv_writes.with_label_values(&["ok"]).inc();
-            }
-            let reschedule = {
-                let mut d = shared.dicts();
-                let dict = d.entry(account, *interval);
-                dict.install(new_revision, after);
-                dict.in_flight = false;
-                let more = !dict.pending.is_empty();
-                d.trim(account, now_millis());
-                more
-            };
-            if reschedule {
-                let _ = shared.flush_tx.send(key.clone());
-            }
-            announce(shared, account, *interval, applied).await;
-        }
-        Err(conflict) => {
-            m.kv_writes
-                .with_label_values(&[if conflict { "conflict" } else { "error" }])
-                .inc();
-            // Learn the current value so the retry applies on top of it. A
-            // write that timed out but committed shows up here as a newer
-            // revision already holding our change, and re-applying it is a
-            // no-op, so it is never applied twice.
-            let fresh = read_dict(shared, &kv_key).await;
-            {
-                let mut d = shared.dicts();
-                let dict = d.entry(account, *interval);
-                if let Some((rev, entries)) = fresh {
-                    // Take the server's copy as is: a KV entry that expired
-                    // leaves no revision behind, so this may go backwards.
-                    dict.revision = rev;
-                    dict.entries = entries;
-                }
-                // Newer changes queued meanwhile win over the ones we took.
-                for (device, change) in changes {
-                    dict.pending.entry(device).or_insert(change);
-                }
-                dict.in_flight = false;
-            }
-            if !conflict {
+    let take = shared
+        .dicts()
+        .take_for_write(account, *interval, now_millis());
+    let write = match take {
+        Take::Idle | Take::Unchanged => return,
+        Take::Reread => {
+            // Trimmed in memory: write on top of the whole KV copy.
+            let current = read_dict(shared, &kv_key).await;
+            if current.is_none() {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
+            shared.dicts().on_reread(account, *interval, current);
+            let _ = shared.flush_tx.send(key.clone());
+            return;
+        }
+        Take::Write(write) => write,
+    };
+
+    let m = &shared.metrics;
+    match write_dict(shared, &kv_key, &write).await {
+        Outcome::Written(revision) => {
+            m.kv_writes.with_label_values(&["ok"]).inc();
+            let written =
+                shared
+                    .dicts()
+                    .on_written(account, *interval, write, revision, now_millis());
+            if written.more {
+                let _ = shared.flush_tx.send(key.clone());
+            }
+            announce(shared, account, written.applied).await;
+        }
+        Outcome::Conflict => {
+            m.kv_writes.with_label_values(&["conflict"]).inc();
+            // The retry applies on top of what landed first.
+            let current = read_dict(shared, &kv_key).await;
+            shared
+                .dicts()
+                .on_conflict(account, *interval, write, current);
             let _ = shared.flush_tx.send(key);
+        }
+        Outcome::Failed => {
+            m.kv_writes.with_label_values(&["error"]).inc();
+            // What KV holds now tells whether the write landed after all.
+            let current = read_dict(shared, &kv_key).await;
+            shared.dicts().on_failed(account, *interval, write, current);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let _ = shared.flush_tx.send(key);
+        }
+    }
+}
+
+/// Writes `write` under `kv_key`, expecting the revision it was taken at.
+async fn write_dict(shared: &Shared, kv_key: &str, write: &dicts::Write) -> Outcome {
+    let timer = shared.metrics.kv_write_seconds.start_timer();
+    let r = tokio::time::timeout(
+        Duration::from_secs(5),
+        shared.buckets.sessions.update(
+            kv_key,
+            wire::encode_dict(write.value()).into(),
+            write.revision(),
+        ),
+    )
+    .await;
+    timer.observe_duration();
+    match r {
+        Ok(Ok(revision)) => Outcome::Written(revision),
+        Ok(Err(e)) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Outcome::Conflict,
+        Ok(Err(e)) => {
+            tracing::warn!(key = %kv_key, error = %e, "dictionary write failed, retrying");
+            Outcome::Failed
+        }
+        Err(_) => {
+            tracing::warn!(key = %kv_key, "dictionary write timed out, retrying");
+            Outcome::Failed
         }
     }
 }
@@ -477,35 +454,16 @@ async fn read_dict(shared: &Shared, kv_key: &str) -> Option<(u64, wire::SessionD
     }
 }
 
-/// Replaces a trimmed dictionary's copy with the whole one from KV (the
-/// pending changes stay queued) and ends the flush that found it trimmed.
-async fn reread(shared: &Shared, key: &Key) {
-    let (account, interval) = key;
-    let kv_key = keys::session_dict(account, *interval);
-    let Some((rev, entries)) = read_dict(shared, &kv_key).await else {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        shared.dicts().entry(account, *interval).in_flight = false;
-        return;
-    };
-    let mut d = shared.dicts();
-    let dict = d.entry(account, *interval);
-    dict.revision = rev;
-    dict.entries = entries;
-    dict.partial = false;
-    dict.in_flight = false;
-}
-
 /// Publishes the presence events of a write that landed and records
 /// sessions displaced by a newer session of the same device. Only the
 /// instance whose compare-and-set succeeded gets here, so each happens once.
 async fn announce(
     shared: &Shared,
     account: &AccountId,
-    interval: u64,
-    applied: Vec<(headcount_protocol::DeviceId, Applied)>,
+    applied: Vec<(headcount_protocol::DeviceId, Applied, bool)>,
 ) {
     let now = now_millis();
-    for (device, what) in applied {
+    for (device, what, elsewhere) in applied {
         let (event, extra) = match what {
             Applied::Added { record, replaced } => {
                 if let Some(old) = &replaced {
@@ -519,14 +477,10 @@ async fn announce(
                         }),
                     };
                     shared.revoked.insert(old.clone(), ());
-                    let body = serde_json::to_vec(&revocation).unwrap_or_default();
-                    match shared
-                        .buckets
-                        .revoked
-                        .create(keys::revoked(account, old), body.into())
+                    match effects::revoke_once(&shared.buckets.revoked, account, old, &revocation)
                         .await
                     {
-                        Ok(_) => {
+                        Ok(Once::Won) => {
                             publish_event(
                                 shared,
                                 PresenceEvent {
@@ -542,33 +496,20 @@ async fn announce(
                             )
                             .await;
                         }
-                        Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
+                        Ok(Once::Lost) => {}
                         Err(e) => {
                             tracing::warn!(%account, session = %old, error = %e, "recording replaced session")
                         }
                     }
                 }
-                let known = shared.dicts().recorded_elsewhere(
-                    account,
-                    &device,
-                    &record.session,
-                    interval,
-                    now,
-                );
-                if known {
+                // Carried from the previous interval: not a join.
+                if elsewhere {
                     continue;
                 }
                 (EventType::Join, record)
             }
             Applied::Removed(record) => {
-                let still = shared.dicts().recorded_elsewhere(
-                    account,
-                    &device,
-                    &record.session,
-                    interval,
-                    now,
-                );
-                if still {
+                if elsewhere {
                     continue;
                 }
                 (EventType::Leave, record)
@@ -592,19 +533,70 @@ async fn announce(
     }
 }
 
+/// Publishes a presence event and counts it.
 async fn publish_event(shared: &Shared, event: PresenceEvent) {
-    let kind = serde_json::to_value(event.kind)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_owned))
-        .unwrap_or_default();
-    let body = serde_json::to_vec(&event).unwrap_or_default();
-    if let Err(e) = shared
-        .nats
-        .publish(subjects::events(&event.account), body.into())
-        .await
-    {
+    if let Err(e) = effects::publish_event(&shared.nats, &event).await {
         tracing::warn!(error = %e, "publishing presence event");
         return;
     }
-    shared.metrics.events.with_label_values(&[&kind]).inc();
+    shared
+        .metrics
+        .events
+        .with_label_values(&[&effects::event_label(event.kind)])
+        .inc();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use headcount_protocol::DeviceId;
+    use headcount_protocol::wire::Heartbeat;
+
+    #[tokio::test(start_paused = true)]
+    async fn carried_sessions_are_written_once_per_account_after_the_carry_delay() {
+        let account = AccountId::parse("acme").unwrap();
+        let sessions = [("tv", "s1"), ("radio", "s2")]
+            .map(|(d, s)| (DeviceId::parse(d).unwrap(), SessionId::parse(s).unwrap()));
+        let hb = Heartbeat::default();
+        let mut d = Dicts::new(IntervalClock::new(Duration::from_secs(10)));
+        // Both sessions are live in interval 0, written.
+        for (dev, s) in &sessions {
+            let _ = d.on_heartbeat(&account, dev, s, &hb, 1_000);
+        }
+        let Take::Write(w) = d.take_for_write(&account, 0, 1_000) else {
+            panic!("the joins make a write");
+        };
+        let _ = d.on_written(&account, 0, w, 1, 1_000);
+
+        // Interval 1 begins and both heartbeat, as on_message hands them on.
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let delay = Duration::from_secs(5);
+        let start = tokio::time::Instant::now();
+        for (dev, s) in &sessions {
+            schedule(&tx, delay, d.on_heartbeat(&account, dev, s, &hb, 10_500));
+        }
+        tokio::time::sleep(delay - Duration::from_millis(1)).await;
+        assert!(
+            rx.try_recv().is_err(),
+            "nothing is flushed before the delay"
+        );
+        assert_eq!(rx.recv().await, Some((account.clone(), 1)));
+        assert!(start.elapsed() >= delay);
+        tokio::time::sleep(delay * 2).await;
+        assert!(rx.try_recv().is_err(), "one flush for the account");
+
+        // That flush is one write carrying both records as they were.
+        let Take::Write(w) = d.take_for_write(&account, 1, 15_500) else {
+            panic!("the carry-overs make a write");
+        };
+        assert_eq!(w.revision(), 0);
+        assert_eq!(w.value().len(), 2);
+        for (dev, s) in &sessions {
+            let r = &w.value()[dev];
+            assert_eq!((&r.session, r.since, r.last_seen), (s, 1_000, 10_500));
+        }
+        let written = d.on_written(&account, 1, w, 2, 15_500);
+        assert!(!written.more);
+        assert!(!d.has_pending());
+    }
 }

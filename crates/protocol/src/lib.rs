@@ -8,16 +8,19 @@
 //!   and request/reply bodies (JSON).
 //! - [`interval`]: the interval arithmetic behind the interval dictionaries.
 //! - [`policy`]: limit policies and the per-account limit.
+//! - [`error`]: the error an endpoint answers with.
 //!
 //! This crate does no I/O and must never depend on a NATS client: services and
 //! tools share it so that a subject or a field is spelled in one place only.
 
+pub mod error;
 pub mod interval;
 pub mod names;
 pub mod policy;
 pub mod subjects;
 pub mod wire;
 
+pub use error::ServiceError;
 pub use interval::{ByInterval, IntervalClock};
 pub use names::{AccountId, DeviceId, NameError, SessionId};
 pub use policy::{AccountLimits, Grace, Limit, Plans, Policy};

@@ -5,6 +5,8 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::UnixMillis;
+
 /// The largest limit accepted; anything larger is a typo, not a plan.
 pub const MAX_LIMIT: u32 = 10_000;
 
@@ -70,6 +72,38 @@ pub const MAX_GRACE_SECS: u32 = 24 * 3600;
 pub struct Grace {
     pub seats: u32,
     pub secs: u32,
+}
+
+impl Grace {
+    /// How long the overage is tolerated.
+    pub fn window_ms(&self) -> u64 {
+        u64::from(self.secs) * 1000
+    }
+
+    /// Whether the grace still holds at `now` for an account over its limit
+    /// since `over_since`. An account not over yet (`None`) would start a
+    /// fresh grace, so it holds.
+    pub fn open(&self, over_since: Option<UnixMillis>, now: UnixMillis) -> bool {
+        over_since.is_none_or(|since| now.saturating_sub(since) < self.window_ms())
+    }
+
+    /// The seats beyond the limit allowed at `now`: all of them while the
+    /// grace holds, none after.
+    pub fn extra_seats(&self, over_since: Option<UnixMillis>, now: UnixMillis) -> u32 {
+        if self.open(over_since, now) {
+            self.seats
+        } else {
+            0
+        }
+    }
+}
+
+/// Reads a grace written as `SEATS/SECS` (`1/60`, or `1/60s`), unchecked:
+/// [`Limit::with_grace`] bounds the numbers.
+pub fn parse_grace(spec: &str) -> Option<(i64, i64)> {
+    let (seats, secs) = spec.split_once('/')?;
+    let num = |x: &str| x.trim().trim_end_matches('s').parse::<i64>().ok();
+    Some((num(seats)?, num(secs)?))
 }
 
 /// An account's limit: how many sessions may be active at once, and what
@@ -163,6 +197,52 @@ pub fn default_plans() -> Plans {
         .collect()
 }
 
+/// The longest plan name accepted.
+pub const MAX_PLAN_NAME_LEN: usize = 64;
+
+/// Whether `name` is spelled as a plan name: 1 to [`MAX_PLAN_NAME_LEN`]
+/// letters, digits, `-` or `_`.
+pub fn is_plan_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_PLAN_NAME_LEN
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// A plan that is not one of those a deployment knows.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown plan {name:?}{hint}", hint = known_hint(known))]
+pub struct UnknownPlan {
+    pub name: String,
+    /// The plans there are, to say so (none: not listed).
+    pub known: Vec<String>,
+}
+
+fn known_hint(known: &[String]) -> String {
+    if known.is_empty() {
+        String::new()
+    } else {
+        format!(": known plans are {}", known.join(", "))
+    }
+}
+
+/// Checks a plan named by a request or a token: spelled as a plan name and
+/// one of `known`.
+pub fn check_plan<'a>(
+    name: &str,
+    known: impl IntoIterator<Item = &'a str>,
+) -> Result<(), UnknownPlan> {
+    let known: Vec<&str> = known.into_iter().collect();
+    if is_plan_name(name) && known.contains(&name) {
+        return Ok(());
+    }
+    Err(UnknownPlan {
+        name: name.to_string(),
+        known: known.into_iter().map(str::to_owned).collect(),
+    })
+}
+
 /// Parses a plan definition: `name=limit[,policy=P][,per-content=N][,grace=SEATS/SECS]`,
 /// e.g. `premium=4,per-content=2,grace=1/60`.
 pub fn parse_plan(spec: &str) -> Result<(String, Limit), String> {
@@ -172,12 +252,7 @@ pub fn parse_plan(spec: &str) -> Result<(String, Limit), String> {
         )
     })?;
     let name = name.trim();
-    if name.is_empty()
-        || name.len() > 64
-        || !name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-    {
+    if !is_plan_name(name) {
         return Err(format!(
             "plan name {name:?}: use 1-64 letters, digits, - or _"
         ));
@@ -206,16 +281,10 @@ pub fn parse_plan(spec: &str) -> Result<(String, Limit), String> {
                 )
             }
             "grace" => {
-                let (seats, secs) = v
-                    .split_once('/')
-                    .ok_or_else(|| format!("plan {name}: grace is seats/seconds, e.g. 1/60"))?;
-                let num = |x: &str| {
-                    x.trim()
-                        .trim_end_matches('s')
-                        .parse::<i64>()
-                        .map_err(|_| format!("plan {name}: grace is seats/seconds, e.g. 1/60"))
-                };
-                grace = Some((num(seats)?, num(secs)?));
+                grace =
+                    Some(parse_grace(v).ok_or_else(|| {
+                        format!("plan {name}: grace is seats/seconds, e.g. 1/60")
+                    })?);
             }
             other => return Err(format!("plan {name}: unknown setting {other:?}")),
         }
@@ -307,6 +376,65 @@ mod tests {
         };
         let l = o.apply(base);
         assert_eq!((l.limit, l.policy), (2, Policy::RejectNew));
+    }
+
+    #[test]
+    fn a_grace_holds_for_its_seconds_from_going_over() {
+        let g = Grace { seats: 2, secs: 10 };
+        assert_eq!(g.window_ms(), 10_000);
+        assert!(g.open(None, 5_000), "not over yet: a grace would start now");
+        assert!(g.open(Some(1_000), 10_999));
+        assert!(!g.open(Some(1_000), 11_000), "over at exactly secs");
+        assert!(
+            g.open(Some(9_000), 1_000),
+            "a clock step back keeps it open"
+        );
+        assert_eq!(g.extra_seats(Some(1_000), 10_999), 2);
+        assert_eq!(g.extra_seats(Some(1_000), 11_000), 0);
+        assert_eq!(g.extra_seats(None, 50_000), 2);
+    }
+
+    #[test]
+    fn graces_are_read_as_seats_over_seconds() {
+        assert_eq!(parse_grace("1/60"), Some((1, 60)));
+        assert_eq!(parse_grace(" 2 / 30s "), Some((2, 30)));
+        assert_eq!(parse_grace("-1/0"), Some((-1, 0)), "bounds are Limit's job");
+        for bad in ["1", "1/", "/60", "a/60", "1/60/2"] {
+            assert_eq!(parse_grace(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn plan_names_are_checked_in_one_place() {
+        for good in ["basic", "Gold-2", "a_b", &"p".repeat(MAX_PLAN_NAME_LEN)] {
+            assert!(is_plan_name(good), "{good}");
+        }
+        for bad in [
+            "",
+            "b c",
+            "plan.x",
+            "pl\u{e4}n",
+            &"p".repeat(MAX_PLAN_NAME_LEN + 1),
+        ] {
+            assert!(!is_plan_name(bad), "{bad}");
+        }
+        let plans = default_plans();
+        let known = || plans.keys().map(String::as_str);
+        assert_eq!(check_plan("premium", known()), Ok(()));
+        let e = check_plan("gold", known()).unwrap_err();
+        assert_eq!(e.name, "gold");
+        assert_eq!(
+            e.to_string(),
+            "unknown plan \"gold\": known plans are basic, premium, standard"
+        );
+        assert!(
+            check_plan("b c", ["b c"]).is_err(),
+            "a known but misspelt name"
+        );
+        assert_eq!(
+            check_plan("gold", []).unwrap_err().to_string(),
+            "unknown plan \"gold\""
+        );
     }
 
     #[test]

@@ -21,6 +21,25 @@ pub struct BucketSettings {
     pub storage: jetstream::stream::StorageType,
 }
 
+/// How long a revocation is kept unless told otherwise: a minute longer
+/// than a device token lives by default (15 minutes), so an ended
+/// session's token cannot connect again before it expires.
+pub const DEFAULT_REVOKED_TTL: Duration = Duration::from_secs(16 * 60);
+
+impl Default for BucketSettings {
+    /// One server, the default interval's dictionaries (120 s), file storage.
+    fn default() -> Self {
+        Self {
+            replicas: 1,
+            sessions_ttl: headcount_protocol::IntervalClock::new(Duration::from_secs(120))
+                .dictionary_ttl(),
+            revoked_ttl: DEFAULT_REVOKED_TTL,
+            timeouts_ttl: Duration::from_secs(60),
+            storage: jetstream::stream::StorageType::File,
+        }
+    }
+}
+
 /// Handles to the buckets.
 #[derive(Clone)]
 pub struct Buckets {
@@ -101,13 +120,18 @@ impl Buckets {
                                 .map_err(anyhow::Error::from),
                             Mode::CreateMissing => create_missing(&js, &cfg).await,
                         };
-                        match made {
-                            Ok(()) => {
-                                return js_default
-                                    .get_key_value(bucket)
-                                    .await
-                                    .with_context(|| format!("opening kv bucket {bucket}"));
-                            }
+                        // Getting the store asks the server again: on a
+                        // cluster still electing leaders that can time out
+                        // too, and is retried like the create.
+                        let opened = match made {
+                            Ok(()) => js_default
+                                .get_key_value(bucket)
+                                .await
+                                .map_err(anyhow::Error::from),
+                            Err(e) => Err(e),
+                        };
+                        match opened {
+                            Ok(store) => return Ok(store),
                             Err(e) if attempt < 50 => {
                                 tracing::warn!(bucket, error = %e, "opening kv bucket, retrying");
                                 tokio::time::sleep(delay).await;

@@ -27,6 +27,9 @@ pub struct Health {
     parts: Arc<Mutex<BTreeMap<String, Part>>>,
     /// `""` for the whole set, else the scope's name (`a` or `a/b`).
     prefix: Arc<str>,
+    /// Bumped whenever a component changes, so [`Health::ready`] waits
+    /// without polling.
+    changed: Arc<tokio::sync::Notify>,
 }
 
 #[derive(Clone)]
@@ -59,11 +62,13 @@ impl Part {
 #[derive(Clone, Debug)]
 pub struct Component {
     ready: Arc<AtomicBool>,
+    changed: Arc<tokio::sync::Notify>,
 }
 
 impl Component {
     pub fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::Release);
+        self.changed.notify_waiters();
     }
 
     pub fn is_ready(&self) -> bool {
@@ -127,6 +132,7 @@ impl Health {
         let scope = Health {
             parts: self.parts.clone(),
             prefix: self.full_name(name).into(),
+            changed: self.changed.clone(),
         };
         scope.own();
         scope
@@ -156,7 +162,11 @@ impl Health {
                 ready
             }
         };
-        Component { ready }
+        self.changed.notify_waiters();
+        Component {
+            ready,
+            changed: self.changed.clone(),
+        }
     }
 
     /// The scope's own component (see [`Health::serving`]).
@@ -171,6 +181,7 @@ impl Health {
     pub fn track_nats(&self, client: &async_nats::Client) {
         self.parts()
             .insert(self.full_name(NATS), Part::Nats(client.clone()));
+        self.changed.notify_waiters();
     }
 
     /// Says this scope's service is serving, until the returned guard is
@@ -210,6 +221,19 @@ impl Health {
 
     pub fn is_ready(&self) -> bool {
         self.status().is_ready()
+    }
+
+    /// Resolves once this scope is ready (see [`Health::status`]). A
+    /// component's change wakes it; the NATS connection's state is not a
+    /// component's change, so it also looks again every 100 ms.
+    pub async fn ready(&self) {
+        loop {
+            let changed = self.changed.notified();
+            if self.is_ready() {
+                return;
+            }
+            let _ = tokio::time::timeout(std::time::Duration::from_millis(100), changed).await;
+        }
     }
 }
 

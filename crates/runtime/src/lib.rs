@@ -1,22 +1,26 @@
 //! What every headcount process shares: connecting to NATS, opening the KV
 //! buckets, the `/metrics`, `/healthz` and `/readyz` endpoints and the
 //! readiness behind them ([`Health`]), shutdown and logging, and secrets
-//! (random ones from the OS, and the private files that hold them).
+//! (random ones from the OS, and the private files that hold them), and
+//! [`effects`]: the publications and create-only writes the services share.
 //!
 //! Nothing here knows what a heartbeat or a limit is; that is the services'
-//! business. Subjects and bucket names come from `headcount-protocol`.
+//! business ([`effects`] carries out what they decided, it decides nothing). Subjects and bucket names come from `headcount-protocol`.
 
 pub mod buckets;
+pub mod effects;
 pub mod health;
 pub mod http;
 pub mod nats;
 pub mod secret;
+pub mod service;
 pub mod shutdown;
 pub mod watch;
 
 pub use buckets::{BucketSettings, Buckets};
 pub use health::Health;
 pub use nats::NatsOptions;
+pub use service::{Running, Wiring};
 pub use shutdown::Shutdown;
 
 /// Installs the tracing subscriber: human-readable lines, filtered by
@@ -51,15 +55,4 @@ pub fn service_error(
         code,
         status: status.to_string(),
     }
-}
-
-/// The service error a reply carries (code and message), if it is one.
-pub fn service_error_of(msg: &async_nats::Message) -> Option<(u16, String)> {
-    let h = msg.headers.as_ref()?;
-    let code = h.get(async_nats::service::NATS_SERVICE_ERROR_CODE)?;
-    let text = h
-        .get(async_nats::service::NATS_SERVICE_ERROR)
-        .map(|v| v.to_string())
-        .unwrap_or_default();
-    Some((code.as_str().parse().unwrap_or(0), text))
 }

@@ -10,16 +10,19 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use bytes::Bytes;
+use headcount_app::settings::DEFAULT_REVOKED_TTL;
+use headcount_app::{App, CheckerSettings, HandlerSettings, Settings, VendorSettings};
+use headcount_client::ClientError;
 use headcount_protocol::subjects;
-use headcount_protocol::wire::{ActiveReply, Heartbeat};
+use headcount_protocol::wire::{ActiveReply, Heartbeat, KickRequest};
 use headcount_protocol::{AccountId, DeviceId, Limit, Policy, SessionId};
 use headcount_runtime::shutdown::Trigger;
-use headcount_runtime::{BucketSettings, Buckets, Health, NatsOptions, Shutdown};
+use headcount_runtime::{BucketSettings, Health, NatsOptions, Shutdown};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+pub use headcount_client;
 pub use headcount_protocol;
 
 /// The repository's server configuration.
@@ -29,51 +32,49 @@ pub fn nats_conf() -> PathBuf {
 
 pub const SERVICE_USER: &str = "headcount";
 
-/// The users of the services' account (nats.conf): the console and each
-/// service with only what it uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Login {
-    Console,
-    Handler,
-    Checker,
-    Vendor,
+pub use headcount_app::server::Login;
+
+/// The password of `login` on a test server whose console password is
+/// `console`.
+pub fn password_of(login: Login, console: &str) -> String {
+    match login {
+        Login::Console => console.to_string(),
+        other => format!("{console}-{}", other.user()),
+    }
 }
 
-impl Login {
-    pub const ALL: [Login; 4] = [
-        Login::Console,
-        Login::Handler,
-        Login::Checker,
-        Login::Vendor,
-    ];
-
-    /// The user name in nats.conf.
-    pub fn user(self) -> &'static str {
-        match self {
-            Login::Console => SERVICE_USER,
-            Login::Handler => "handler",
-            Login::Checker => "checker",
-            Login::Vendor => "vendor",
-        }
-    }
-
-    /// The environment variable nats.conf reads its password from.
-    pub fn env(self) -> &'static str {
-        match self {
-            Login::Console => "HEADCOUNT_SERVICE_PASSWORD",
-            Login::Handler => "HEADCOUNT_HANDLER_PASSWORD",
-            Login::Checker => "HEADCOUNT_CHECKER_PASSWORD",
-            Login::Vendor => "HEADCOUNT_VENDOR_PASSWORD",
-        }
-    }
-
-    /// Its password on a server whose console password is `console`.
-    pub fn password(self, console: &str) -> String {
-        match self {
-            Login::Console => console.to_string(),
-            other => format!("{console}-{}", other.user()),
-        }
-    }
+/// A nats-server on loopback as headcount starts every server
+/// ([`headcount_app::server::Launch`]: the command line and the
+/// environment nats.conf reads), for a test server whose console password
+/// is `console` and whose callout issuer is `issuer`. Its output is
+/// dropped; the log goes to `log`.
+fn server_command(
+    console: &str,
+    issuer: &token_vendor::Issuer,
+    conf: &std::path::Path,
+    store: &std::path::Path,
+    port: u16,
+    log: &std::path::Path,
+) -> Command {
+    let passwords = headcount_app::server::Passwords {
+        console: console.to_string(),
+        handler: password_of(Login::Handler, console),
+        checker: password_of(Login::Checker, console),
+        vendor: password_of(Login::Vendor, console),
+        device: String::new(),
+    };
+    let keys = headcount_app::server::CalloutKeys::of(issuer);
+    let launch = headcount_app::server::Launch {
+        passwords: &passwords,
+        keys: Some(&keys),
+        bind: std::net::Ipv4Addr::LOCALHOST.into(),
+    };
+    let mut cmd = Command::new("nats-server");
+    cmd.args(launch.args(conf, store, port, log))
+        .envs(launch.env())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    cmd
 }
 
 /// A nats-server process on a free loopback port.
@@ -128,28 +129,22 @@ impl NatsServer {
 
     fn spawn(&mut self) {
         let log = self.store.path().join("nats.log");
-        let child = Command::new("nats-server")
-            .arg("-c")
-            .arg(nats_conf())
-            .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
-            .arg("-sd")
-            .arg(self.store.path().join("js"))
-            .arg("-l")
-            .arg(&log)
-            .envs(Login::ALL.map(|l| (l.env(), l.password(&self.service_password))))
-            .env("HEADCOUNT_CALLOUT_ISSUER", self.issuer().public_key())
-            .env("HEADCOUNT_CALLOUT_XKEY", self.issuer().xkey_public())
-            .env("HEADCOUNT_BIND", "127.0.0.1")
-            .env("HEADCOUNT_WS_PORT", self.ws_port.to_string())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "cannot start nats-server ({e}); install it with \
+        let child = server_command(
+            &self.service_password,
+            &self.issuer(),
+            &nats_conf(),
+            &self.store.path().join("js"),
+            self.port,
+            &log,
+        )
+        .env("HEADCOUNT_WS_PORT", self.ws_port.to_string())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot start nats-server ({e}); install it with \
                      `pip install -r deploy/requirements.txt` or run `deploy/dev test`"
-                )
-            });
+            )
+        });
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(15);
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
@@ -178,7 +173,7 @@ impl NatsServer {
     pub fn login_options(&self, login: Login, name: &str) -> NatsOptions {
         NatsOptions::new(self.url(), name).with_credentials(
             Some(login.user().into()),
-            Some(login.password(&self.service_password)),
+            Some(password_of(login, &self.service_password)),
         )
     }
 
@@ -395,26 +390,44 @@ impl TokenVendor {
     }
 }
 
-/// A running service task and its own stop switch.
+/// Services started through [`headcount_app::App`], with their own stop
+/// switch.
 #[derive(Debug)]
 pub struct Running {
     trigger: Trigger,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    app: App,
     pub registry: prometheus::Registry,
-    /// The service's readiness, as its `/readyz` would report it.
+    /// The services' readiness, as their `/readyz` would report it.
     pub health: Health,
 }
 
 impl Running {
-    /// Stops the service gracefully and returns its result.
-    pub async fn stop(self) -> anyhow::Result<()> {
-        self.trigger.fire();
-        self.task.await.context("service task panicked")?
+    /// Starts what `settings` names and waits until it says it is ready.
+    pub async fn start(settings: Settings) -> Self {
+        let (trigger, shutdown) = Shutdown::new();
+        let mut app = App::build(settings, shutdown)
+            .await
+            .expect("services start");
+        app.ready_within(Duration::from_secs(15))
+            .await
+            .expect("services ready");
+        Running {
+            trigger,
+            registry: app.registry.clone(),
+            health: app.health.clone(),
+            app,
+        }
     }
 
-    /// Kills the service without a graceful stop.
+    /// Stops the services gracefully and returns their result.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.trigger.fire();
+        self.app.join().await
+    }
+
+    /// Kills the services without a graceful stop.
     pub fn abort(self) {
-        self.task.abort();
+        self.app.abort();
     }
 
     /// The service's metrics in Prometheus text format.
@@ -486,66 +499,42 @@ impl TestApp {
             replicas: 1,
             sessions_ttl: headcount_protocol::IntervalClock::new(self.timings.interval)
                 .dictionary_ttl(),
-            revoked_ttl: Duration::from_secs(600),
+            revoked_ttl: DEFAULT_REVOKED_TTL,
             timeouts_ttl: Duration::from_secs(30),
             storage: async_nats::jetstream::stream::StorageType::File,
         }
     }
 
-    async fn connect(&self, login: Login, name: &str) -> (async_nats::Client, Buckets) {
-        let client = self
-            .nats
-            .login_options(login, name)
-            .connect()
-            .await
-            .expect("service connects");
-        let buckets = Buckets::open(&client, &self.bucket_settings())
-            .await
-            .expect("buckets open");
-        (client, buckets)
+    /// Settings with this app's buckets and nothing to run yet.
+    fn settings(&self) -> Settings {
+        Settings {
+            buckets: Some(self.bucket_settings()),
+            ..Settings::default()
+        }
     }
 
-    /// Starts one more heartbeat-handler and waits until it is subscribed.
+    /// Starts one more heartbeat-handler and waits until it is ready.
     pub async fn start_handler(&self) -> Running {
-        let (client, buckets) = self.connect(Login::Handler, "test-handler").await;
-        let registry = prometheus::Registry::new();
-        let metrics = heartbeat_handler::Metrics::new(&registry).expect("metrics");
-        let (trigger, shutdown) = Shutdown::new();
         let config = heartbeat_handler::Config {
             interval: self.timings.interval,
-            revoked_ttl: Duration::from_secs(600),
+            revoked_ttl: DEFAULT_REVOKED_TTL,
             max_concurrent_writes: 64,
             max_rate: self.timings.max_rate,
             burst: self.timings.burst,
             carry_delay: self.timings.interval / 10,
         };
-        // The console probes: the handler's own user may not publish heartbeats.
-        let probe = self.client.clone();
-        let health = Health::new();
-        let task = tokio::spawn(heartbeat_handler::run(
-            config,
-            client.clone(),
-            buckets,
-            metrics,
-            health.service("heartbeat-handler", &client),
-            shutdown,
-        ));
-        // An invalid name: counted as invalid, never recorded as a session.
-        wait_for_interest(&probe, "hb.!.!.!").await;
-        Running {
-            trigger,
-            task,
-            registry,
-            health,
-        }
+        Running::start(Settings {
+            handler: Some(HandlerSettings {
+                nats: self.nats.login_options(Login::Handler, "test-handler"),
+                config,
+            }),
+            ..self.settings()
+        })
+        .await
     }
 
-    /// Starts one more checker and waits until it answers.
+    /// Starts one more checker and waits until it is ready.
     pub async fn start_checker(&self) -> Running {
-        let (client, buckets) = self.connect(Login::Checker, "test-checker").await;
-        let registry = prometheus::Registry::new();
-        let metrics = checker::Metrics::new(&registry).expect("metrics");
-        let (trigger, shutdown) = Shutdown::new();
         let config = checker::Config {
             interval: self.timings.interval,
             timeout: self.timings.timeout,
@@ -554,36 +543,14 @@ impl TestApp {
             default_limit: self.default_limit,
             plans: self.plans.clone(),
         };
-        let health = Health::new();
-        let task = tokio::spawn(checker::run(
-            config,
-            client.clone(),
-            buckets,
-            metrics,
-            health.service("checker", &client),
-            shutdown,
-        ));
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            let r = self
-                .client
-                .request(
-                    subjects::endpoint_subject(subjects::endpoint::LIMITS_GET),
-                    Bytes::from_static(br#"{"account":"probe"}"#),
-                )
-                .await;
-            if r.is_ok_and(|m| m.headers.is_none()) {
-                break;
-            }
-            assert!(Instant::now() < deadline, "checker did not start");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        Running {
-            trigger,
-            task,
-            registry,
-            health,
-        }
+        Running::start(Settings {
+            checker: Some(CheckerSettings {
+                nats: self.nats.login_options(Login::Checker, "test-checker"),
+                config,
+            }),
+            ..self.settings()
+        })
+        .await
     }
 
     /// Starts a token vendor serving `headcount.token` on this server and
@@ -613,12 +580,6 @@ impl TestApp {
         issuer: token_vendor::Issuer,
     ) -> TokenVendor {
         let dir = config.data_dir.clone();
-        let (client, buckets) = self.connect(Login::Vendor, "test-token-vendor").await;
-        let access = token_vendor::Access::new(client.clone(), buckets.connections.clone());
-        let registry = prometheus::Registry::new();
-        let vendor = token_vendor::Vendor::new(config, &registry).expect("vendor starts");
-        vendor.set_plan_store(buckets.limits.clone());
-        let (trigger, shutdown) = Shutdown::new();
         // Demo tokens on, so that browser-side endpoints can be tried
         // without an operator key.
         let browser = token_vendor::BrowserConfig {
@@ -627,58 +588,21 @@ impl TestApp {
             demo_tokens: true,
             web_dir: None,
         };
-        let health = Health::new();
-        let scope = health.service("token-vendor", &client);
-        let (http_addr, _http) = headcount_runtime::http::serve(
-            "127.0.0.1:0".parse().expect("addr"),
-            token_vendor::router(vendor.clone())
-                .merge(headcount_runtime::http::health_router(health.clone()))
-                .merge(token_vendor::browser_router(
-                    vendor.clone(),
-                    client.clone(),
-                    buckets.revoked.clone(),
-                    browser,
-                ))
-                .merge(token_vendor::access_router(vendor.clone(), access.clone())),
-            shutdown.clone(),
-        )
-        .await
-        .expect("http listens");
-        let tokens = token_vendor::serve_nats(
-            vendor.clone(),
-            client.clone(),
-            scope.scope("token-endpoint"),
-            shutdown.clone(),
-        );
-        let callout = token_vendor::serve_callout(
-            vendor.clone(),
-            issuer,
-            client,
-            token_vendor::CalloutStores {
-                revoked: buckets.revoked,
-                access,
-            },
-            scope.scope("callout"),
-            shutdown,
-        );
-        let serving = scope.serving();
-        let task = tokio::spawn(async move {
-            let _serving = serving;
-            tokio::try_join!(tokens, callout)?;
-            Ok(())
-        });
-        wait_for_interest(
-            &self.client,
-            &subjects::endpoint_subject(subjects::endpoint::TOKEN),
-        )
+        let running = Running::start(Settings {
+            vendor: Some(VendorSettings {
+                nats: self.nats.login_options(Login::Vendor, "test-token-vendor"),
+                config,
+                issuer: Some(issuer),
+                browser,
+                http_addr: "127.0.0.1:0".parse().expect("addr"),
+            }),
+            ..self.settings()
+        })
         .await;
+        let vendor = running.app.vendor().cloned().expect("a vendor runs");
+        let http_addr = running.app.http_addr.expect("the vendor listens");
         TokenVendor {
-            running: Running {
-                trigger,
-                task,
-                registry,
-                health,
-            },
+            running,
             vendor,
             http: format!("http://{http_addr}"),
             dir,
@@ -687,6 +611,7 @@ impl TestApp {
     }
 
     /// Publishes one heartbeat without waiting for the server (floods).
+    /// Names are not checked: tests send bad ones on purpose.
     pub async fn heartbeat_nowait(
         &self,
         client: &async_nats::Client,
@@ -713,64 +638,49 @@ impl TestApp {
         session: &str,
         hb: &Heartbeat,
     ) {
-        device_client
-            .publish(
-                format!("hb.{account}.{device}.{session}"),
-                hb.encode().into(),
-            )
-            .await
-            .expect("publish heartbeat");
+        self.heartbeat_nowait(device_client, account, device, session, hb)
+            .await;
         device_client.flush().await.expect("flush");
     }
 
-    /// Sends a JSON request to `headcount.<endpoint>`; Err holds the service
-    /// error code and message.
+    /// The endpoints, over the console's connection ([`TestApp::client`]).
+    pub fn api(&self) -> headcount_client::Client {
+        headcount_client::Client::new(self.client.clone())
+    }
+
+    /// Sends a JSON request to `headcount.<endpoint>`: any body, so that
+    /// tests may send what no typed request would.
     pub async fn request<Req: Serialize, Rep: DeserializeOwned>(
         &self,
         endpoint: &str,
         body: &Req,
-    ) -> Result<Rep, (u16, String)> {
-        let raw = serde_json::to_vec(body).expect("json");
-        self.request_raw(endpoint, raw.into()).await.and_then(|b| {
-            serde_json::from_slice(&b).map_err(|e| (0, format!("unreadable reply: {e}")))
-        })
+    ) -> Result<Rep, ClientError> {
+        self.api().request_json(endpoint, body).await
     }
 
     /// Sends raw bytes to `headcount.<endpoint>`.
-    pub async fn request_raw(&self, endpoint: &str, body: Bytes) -> Result<Bytes, (u16, String)> {
-        let msg = tokio::time::timeout(
-            Duration::from_secs(5),
-            self.client
-                .request(subjects::endpoint_subject(endpoint), body),
-        )
-        .await
-        .map_err(|_| (0, "timed out".to_string()))?
-        .map_err(|e| (0, e.to_string()))?;
-        if let Some(error) = headcount_runtime::service_error_of(&msg) {
-            return Err(error);
-        }
-        Ok(msg.payload)
+    pub async fn request_raw(&self, endpoint: &str, body: Bytes) -> Result<Bytes, ClientError> {
+        self.api().request_raw(endpoint, body).await
     }
 
     /// `headcount.kick`: whether an active session was ended.
     pub async fn kick(&self, account: &str, session: &str) -> bool {
-        let r: headcount_protocol::wire::KickReply = self
-            .request(
-                subjects::endpoint::KICK,
-                &serde_json::json!({ "account": account, "session": session }),
-            )
+        let request = KickRequest {
+            account: AccountId::parse(account).expect("account"),
+            session: SessionId::parse(session).expect("session"),
+        };
+        self.api()
+            .kick(&request)
             .await
-            .expect("kick answers");
-        r.kicked
+            .expect("kick answers")
+            .kicked
     }
 
     pub async fn active(&self, account: &str) -> ActiveReply {
-        self.request(
-            subjects::endpoint::ACTIVE,
-            &serde_json::json!({ "account": account }),
-        )
-        .await
-        .expect("active answers")
+        self.api()
+            .active(&AccountId::parse(account).expect("account"))
+            .await
+            .expect("active answers")
     }
 
     /// Active session ids of an account, sorted.
@@ -853,28 +763,6 @@ impl Device {
     }
 }
 
-/// Waits until somebody subscribes to `subject` (a request gets a reply or
-/// "no responders" otherwise).
-async fn wait_for_interest(client: &async_nats::Client, subject: &str) {
-    // Heartbeat subscribers never reply: a request on a subject with a
-    // subscriber times out instead of failing with "no responders".
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let r = tokio::time::timeout(
-            Duration::from_millis(200),
-            client.request(subject.to_string(), Bytes::new()),
-        )
-        .await;
-        match r {
-            Err(_) => return, // timed out: someone is subscribed
-            Ok(Err(e)) if e.kind() == async_nats::client::RequestErrorKind::NoResponders => {}
-            Ok(_) => return,
-        }
-        assert!(Instant::now() < deadline, "no subscriber on {subject}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 fn init_logging() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
@@ -945,46 +833,38 @@ impl NatsCluster {
         c
     }
 
+    /// Node `i` as `headcount up --cluster` describes its nodes.
+    fn node(&self, i: usize) -> headcount_app::server::Node {
+        let n = &self.nodes[i];
+        headcount_app::server::Node {
+            index: u16::try_from(i + 1).expect("a few nodes"),
+            client: n.client,
+            cluster: n.cluster,
+            monitor: n.monitor,
+            ws: n.ws,
+        }
+    }
+
     fn spawn(&mut self, i: usize) {
-        let routes: Vec<String> = self
-            .nodes
-            .iter()
-            .map(|n| {
-                format!(
-                    "nats://route:{}@127.0.0.1:{}",
-                    self.route_password, n.cluster
-                )
-            })
+        let routes: Vec<String> = (0..self.nodes.len())
+            .map(|j| self.node(j).route(&self.route_password))
             .collect();
         let issuer =
             token_vendor::Issuer::from_seeds(&self.issuer_seed, &self.xkey_seed).expect("issuer");
-        let node = &self.nodes[i];
-        let log = self.store.path().join(format!("{}.log", node.name));
-        let mut cmd = Command::new("nats-server");
-        cmd.arg("-c")
-            .arg(cluster_node_conf())
-            .args(["-a", "127.0.0.1"])
-            .arg("--cluster")
+        let node = self.node(i);
+        let name = &self.nodes[i].name;
+        let log = self.store.path().join(format!("{name}.log"));
+        let mut cmd = server_command(
+            &self.service_password,
+            &issuer,
+            &cluster_node_conf(),
+            &self.store.path().join(name),
+            node.client,
+            &log,
+        );
+        cmd.arg("--cluster")
             .arg(format!("nats://127.0.0.1:{}", node.cluster))
-            .arg("-sd")
-            .arg(self.store.path().join(&node.name))
-            .arg("-l")
-            .arg(&log)
-            .env("HEADCOUNT_NODE", &node.name)
-            .env("HEADCOUNT_CLIENT_PORT", node.client.to_string())
-            .env("HEADCOUNT_MONITOR_PORT", node.monitor.to_string())
-            .env("HEADCOUNT_CLUSTER_PORT", node.cluster.to_string())
-            .env("HEADCOUNT_WS_PORT", node.ws.to_string())
-            .env("HEADCOUNT_ROUTE_PASSWORD", &self.route_password)
-            .envs(Login::ALL.map(|l| (l.env(), l.password(&self.service_password))))
-            .env("HEADCOUNT_CALLOUT_ISSUER", issuer.public_key())
-            .env("HEADCOUNT_CALLOUT_XKEY", issuer.xkey_public())
-            .env("HEADCOUNT_BIND", "127.0.0.1")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        for (k, route) in routes.iter().enumerate() {
-            cmd.env(format!("HEADCOUNT_ROUTE_{}", k + 1), route);
-        }
+            .envs(node.env(&self.route_password, &routes));
         let child = cmd.spawn().unwrap_or_else(|e| {
             panic!("cannot start nats-server ({e}); run `deploy/dev test` to install it")
         });

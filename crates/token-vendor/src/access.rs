@@ -57,8 +57,6 @@ pub struct Connection {
 pub enum AccessError {
     #[error("connection registry unavailable: {0}")]
     Unavailable(String),
-    #[error("token names an invalid account or session")]
-    BadClaims,
 }
 
 /// The connection registry and the means to end connections.
@@ -94,18 +92,10 @@ impl Access {
         Self { nats, connections }
     }
 
-    fn key(claims: &Claims) -> Result<String, AccessError> {
+    fn key(claims: &Claims) -> String {
         match claims.role() {
-            Role::Device => {
-                let (Ok(a), Ok(s)) = (claims.account(), claims.session()) else {
-                    return Err(AccessError::BadClaims);
-                };
-                Ok(keys::device_connection(&a, &s))
-            }
-            Role::Operator | Role::Backend => {
-                let id = claims.token_id().map_err(|_| AccessError::BadClaims)?;
-                Ok(keys::client_connections(&id))
-            }
+            Role::Device => keys::device_connection(&claims.account, &claims.session),
+            Role::Operator | Role::Backend => keys::client_connections(claims.token_id()),
         }
     }
 
@@ -160,7 +150,7 @@ impl Access {
     /// revoked, or its key rotated, meanwhile). A record already gone, or
     /// replaced, is left as it is.
     pub async fn forget(&self, claims: &Claims, conn: &Connection) -> Result<(), AccessError> {
-        let key = Self::key(claims)?;
+        let key = Self::key(claims);
         for _ in 0..ATTEMPTS {
             let Some(entry) = timed(self.connections.entry(key.clone())).await? else {
                 return Ok(());
@@ -200,7 +190,7 @@ impl Access {
     /// session, the oldest beyond [`MAX_CLIENT_CONNECTIONS`] of an operator
     /// or backend token. Returns how many it closes.
     pub async fn admit(&self, claims: &Claims, conn: Connection) -> Result<usize, AccessError> {
-        let key = Self::key(claims)?;
+        let key = Self::key(claims);
         let single = claims.role() == Role::Device;
         for attempt in 0..ATTEMPTS {
             if attempt > 0 {
@@ -271,13 +261,13 @@ impl Access {
     /// connection admitted concurrently is either among those read here
     /// (and closed) or refused by the callout.
     pub async fn revoke_client(&self, claims: &Claims) -> Result<usize, AccessError> {
-        let id = claims.token_id().map_err(|_| AccessError::BadClaims)?;
+        let id = claims.token_id();
         timed(self.connections.put(
-            keys::client_revoked(&id),
+            keys::client_revoked(id),
             bytes::Bytes::from_static(b"revoked"),
         ))
         .await?;
-        let list = self.latest(&keys::client_connections(&id)).await?;
+        let list = self.latest(&keys::client_connections(id)).await?;
         let list: Vec<Connection> = list
             .and_then(|v| serde_json::from_slice(&v).ok())
             .unwrap_or_default();
@@ -469,7 +459,7 @@ async fn revoke_token(
     }
     match access.revoke_client(&claims).await {
         Ok(closed) => {
-            tracing::info!(token = %claims.sid, role = ?claims.role(), closed, "token revoked");
+            tracing::info!(token = %claims.session, role = ?claims.role(), closed, "token revoked");
             axum::Json(serde_json::json!({ "revoked": true, "connections_closed": closed }))
                 .into_response()
         }

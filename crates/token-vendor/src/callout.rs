@@ -616,7 +616,7 @@ impl Grant {
     /// An operator's live view: the query and steering endpoints.
     pub fn operator(claims: &crate::Claims) -> Grant {
         Self::client(
-            format!("operator/{}", claims.sid),
+            format!("operator/{}", claims.session),
             OPERATOR_ENDPOINTS,
             claims,
         )
@@ -625,21 +625,18 @@ impl Grant {
     /// An application backend: queries and device tokens, no steering.
     pub fn backend(claims: &crate::Claims) -> Grant {
         Self::client(
-            format!("backend/{}/{}", claims.sub, claims.sid),
+            format!("backend/{}/{}", claims.device, claims.session),
             BACKEND_ENDPOINTS,
             claims,
         )
     }
 
     /// The grant a verified token carries.
-    pub fn of(claims: &crate::Claims) -> Result<Grant, TokenError> {
+    pub fn of(claims: &crate::Claims) -> Grant {
         match claims.role() {
-            Role::Operator => Ok(Grant::operator(claims)),
-            Role::Backend => Ok(Grant::backend(claims)),
-            Role::Device => match (claims.account(), claims.device(), claims.session()) {
-                (Ok(a), Ok(d), Ok(s)) => Ok(Grant::device(&a, &d, &s)),
-                _ => Err(TokenError::BadClaims),
-            },
+            Role::Operator => Grant::operator(claims),
+            Role::Backend => Grant::backend(claims),
+            Role::Device => Grant::device(&claims.account, &claims.device, &claims.session),
         }
     }
 }
@@ -728,9 +725,7 @@ async fn authorize(
     let claims = vendor.verify(token).map_err(Refusal::Token)?;
     still_alive(&stores.revoked, &claims).await?;
     let client = if claims.role().is_client() {
-        let id = claims
-            .token_id()
-            .map_err(|_| Refusal::Token(TokenError::BadClaims))?;
+        let id = claims.token_id().clone();
         client_not_revoked(stores.access.client_revoked(&id).await)?;
         // verify() let an operator or backend token through only if the key
         // that signed it was the signing key at that moment: the key to
@@ -825,13 +820,9 @@ pub(crate) async fn still_alive(
     if claims.exp <= now_millis() / 1000 {
         return Err(Refusal::Token(TokenError::Expired));
     }
-    // verify() has checked the names.
-    let (Ok(account), Ok(session)) = (claims.account(), claims.session()) else {
-        return Err(Refusal::Token(TokenError::BadClaims));
-    };
     match tokio::time::timeout(
         REVOCATION_TIMEOUT,
-        revoked.get(keys::revoked(&account, &session)),
+        revoked.get(keys::revoked(&claims.account, &claims.session)),
     )
     .await
     {
@@ -877,7 +868,7 @@ pub(crate) async fn answer(
     // (revocation lookup, admission).
     let outcome = match vendor.throttle().callout_blocked(&host) {
         Some(left) if !verifies(vendor, &req) => shed(vendor, &host, left),
-        _ => decide(vendor, issuer, stores, &req, &host, &client).await?,
+        _ => decide(vendor, issuer, stores, &req, &host, &client).await,
     };
     match response(issuer, &req, outcome) {
         Ok(jwt) => Some(jwt),
@@ -947,8 +938,7 @@ fn refused(vendor: &Vendor, refusal: &Refusal, host: &str, client: &str) {
 }
 
 /// The outcome for a request from a host that is not being shed, or whose
-/// token verifies: the user JWT or why not; `None` when no answer should be
-/// sent.
+/// token verifies: the user JWT or why not.
 async fn decide(
     vendor: &Vendor,
     issuer: &Issuer,
@@ -956,12 +946,10 @@ async fn decide(
     req: &AuthRequest,
     host: &str,
     client: &str,
-) -> Option<Result<String, String>> {
-    Some(match authorize(vendor, stores, req).await {
+) -> Result<String, String> {
+    match authorize(vendor, stores, req).await {
         Ok(claims) => {
-            let Ok(grant) = Grant::of(&claims) else {
-                return None;
-            };
+            let grant = Grant::of(&claims);
             let name = grant.name.clone();
             match user_jwt(issuer, &req.user_nkey, grant, claims.exp) {
                 Ok(jwt) => {
@@ -980,7 +968,7 @@ async fn decide(
             refused(vendor, &refusal, host, client);
             Err(refusal.to_string())
         }
-    })
+    }
 }
 
 /// Answers authorization requests until `shutdown`.
@@ -1175,9 +1163,9 @@ mod tests {
     #[test]
     fn operator_tokens_grant_queries_events_and_their_own_inbox_only() {
         let claims = crate::Claims {
-            sub: crate::OPERATOR_ROLE.into(),
-            acct: crate::OPERATOR_ROLE.into(),
-            sid: "OPS1".into(),
+            device: DeviceId::parse(crate::OPERATOR_ROLE).unwrap(),
+            account: AccountId::parse(crate::OPERATOR_ROLE).unwrap(),
+            session: SessionId::parse("OPS1").unwrap(),
             iat: 0,
             exp: 1,
             nbf: 0,
@@ -1186,7 +1174,7 @@ mod tests {
             plan: None,
             role: Some(crate::OPERATOR_ROLE.into()),
         };
-        let grant = Grant::of(&claims).unwrap();
+        let grant = Grant::of(&claims);
         assert_eq!(
             grant.publish,
             [
@@ -1202,12 +1190,11 @@ mod tests {
         assert!(!grant.publish.iter().any(|s| s.starts_with("hb.")));
         // A backend: queries and device tokens, no steering, its own inbox.
         let backend = Grant::of(&crate::Claims {
-            sub: "shop".into(),
-            acct: crate::BACKEND_ROLE.into(),
+            device: DeviceId::parse("shop").unwrap(),
+            account: AccountId::parse(crate::BACKEND_ROLE).unwrap(),
             role: Some(crate::BACKEND_ROLE.into()),
             ..claims.clone()
-        })
-        .unwrap();
+        });
         assert_eq!(
             backend.publish,
             [
@@ -1226,8 +1213,7 @@ mod tests {
         let device = Grant::of(&crate::Claims {
             role: None,
             ..claims
-        })
-        .unwrap();
+        });
         assert_eq!(device.publish, ["hb.operator.operator.OPS1"]);
         assert_eq!(device.subscribe, ["ctl.operator.operator"]);
         assert_eq!(device.account, DEVICE_ACCOUNT);

@@ -293,9 +293,9 @@ mod tests {
         assert_eq!(status, 200);
         let reply: TokenReply = serde_json::from_value(body).unwrap();
         let claims = app.vendor.verify(&reply.token).unwrap();
-        assert_eq!(claims.acct, "acme");
-        assert_eq!(claims.sub, "tv-1");
-        assert_eq!(claims.sid, reply.session.as_str());
+        assert_eq!(claims.account.as_str(), "acme");
+        assert_eq!(claims.device.as_str(), "tv-1");
+        assert_eq!(claims.session, reply.session);
         assert_eq!(reply.expires_at, claims.exp * 1000);
         assert_eq!(
             crate::tests::counter(

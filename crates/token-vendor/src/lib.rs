@@ -9,8 +9,8 @@
 //! way NATS auth callout must before granting a device its subjects.
 //!
 //! Layout:
-//! - this file: [`Config`], [`Vendor`] (issue, verify, JWKS), [`Claims`] and
-//!   [`TokenError`].
+//! - this file: [`Config`], [`Vendor`] (issue, verify, JWKS), [`Claims`]
+//!   (the names of a verified token, parsed once) and [`TokenError`].
 //! - `crypto`: the EdDSA-only jsonwebtoken `CryptoProvider` (no RSA, no
 //!   HMAC, no ECDSA in the build), installed before the first signature.
 //! - `keys`: the signing keys in `<data_dir>/keys/<kid>.json` (mode 0600);
@@ -53,6 +53,7 @@ mod http;
 mod keys;
 mod metrics;
 mod nats;
+mod service;
 mod throttle;
 
 pub use access::{Access, access_router};
@@ -61,7 +62,8 @@ pub use callout::{CalloutStores, Grant, Issuer, serve_callout};
 pub use http::router;
 pub use keys::SIGNING_KEY_ENV;
 pub use nats::{SERVICE_NAME, serve_nats};
-pub use throttle::{Rate, ThrottleConfig};
+pub use service::start;
+pub use throttle::{Rate, RateError, ThrottleConfig};
 
 use keys::KeyRing;
 use metrics::Metrics;
@@ -183,15 +185,23 @@ impl fmt::Debug for Config {
     }
 }
 
-/// The claims of a device token.
+/// The claims of a token, its names parsed once, at verification: whoever
+/// holds `Claims` holds a valid account, device and session.
+///
+/// Serde reads and writes them as the JWT carries them, the names as the
+/// strings `sub`, `acct` and `sid`, and refuses a name that does not parse.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(into = "WireClaims", try_from = "WireClaims")]
 pub struct Claims {
-    /// The device.
-    pub sub: String,
-    /// The account.
-    pub acct: String,
-    /// The session this token starts.
-    pub sid: String,
+    /// The device (`sub`); on a backend token the backend's name, on an
+    /// operator token [`OPERATOR_ROLE`].
+    pub device: DeviceId,
+    /// The account (`acct`); [`OPERATOR_ROLE`] or [`BACKEND_ROLE`] on those
+    /// tokens.
+    pub account: AccountId,
+    /// The session this token starts (`sid`); on an operator or backend
+    /// token, the token's id.
+    pub session: SessionId,
     /// Issued at, Unix seconds.
     pub iat: u64,
     /// Expires at, Unix seconds.
@@ -225,44 +235,80 @@ impl Claims {
     }
 
     /// The id of an operator or backend token (its `sid`).
-    pub fn token_id(&self) -> Result<SessionId, NameError> {
-        SessionId::parse(&self.sid)
+    pub fn token_id(&self) -> &SessionId {
+        &self.session
     }
 
     /// The subject prefix an operator or backend connection's replies must
     /// use: its permissions allow no other inbox.
     pub fn inbox_prefix(&self) -> String {
-        format!("_INBOX_{}", self.sid)
+        format!("_INBOX_{}", self.session)
     }
+}
 
-    pub fn account(&self) -> Result<AccountId, NameError> {
-        AccountId::parse(&self.acct)
+/// [`Claims`] as the JWT's payload spells them, in the order they are
+/// signed: the names as plain strings, so that a verified payload whose
+/// names do not parse is told apart from one that does not read at all
+/// ([`TokenError::BadClaims`], not [`TokenError::Malformed`]).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub(crate) struct WireClaims {
+    pub(crate) sub: String,
+    pub(crate) acct: String,
+    pub(crate) sid: String,
+    pub(crate) iat: u64,
+    pub(crate) exp: u64,
+    pub(crate) nbf: u64,
+    pub(crate) iss: String,
+    pub(crate) aud: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) plan: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) role: Option<String>,
+}
+
+impl From<Claims> for WireClaims {
+    fn from(c: Claims) -> Self {
+        WireClaims {
+            sub: c.device.to_string(),
+            acct: c.account.to_string(),
+            sid: c.session.to_string(),
+            iat: c.iat,
+            exp: c.exp,
+            nbf: c.nbf,
+            iss: c.iss,
+            aud: c.aud,
+            plan: c.plan,
+            role: c.role,
+        }
     }
+}
 
-    pub fn device(&self) -> Result<DeviceId, NameError> {
-        DeviceId::parse(&self.sub)
-    }
+impl TryFrom<WireClaims> for Claims {
+    type Error = NameError;
 
-    pub fn session(&self) -> Result<SessionId, NameError> {
-        SessionId::parse(&self.sid)
+    fn try_from(w: WireClaims) -> Result<Self, NameError> {
+        Ok(Claims {
+            device: DeviceId::parse(&w.sub)?,
+            account: AccountId::parse(&w.acct)?,
+            session: SessionId::parse(&w.sid)?,
+            iat: w.iat,
+            exp: w.exp,
+            nbf: w.nbf,
+            iss: w.iss,
+            aud: w.aud,
+            plan: w.plan,
+            role: w.role,
+        })
     }
 }
 
 /// Why a token could not be issued.
 #[derive(Debug, thiserror::Error)]
 pub enum IssueError {
-    #[error("unknown plan {0:?}{hint}", hint = known_plans(.1))]
-    UnknownPlan(String, Vec<String>),
+    #[error(transparent)]
+    UnknownPlan(#[from] headcount_protocol::policy::UnknownPlan),
     #[error(transparent)]
     Internal(anyhow::Error),
-}
-
-fn known_plans(plans: &[String]) -> String {
-    if plans.is_empty() {
-        String::new()
-    } else {
-        format!(": known plans are {}", plans.join(", "))
-    }
 }
 
 /// Why a token was refused.
@@ -345,8 +391,8 @@ struct Inner {
     data_dir: PathBuf,
     plans: Vec<String>,
     /// Where the plan of an account's latest token is recorded for the
-    /// checkers (the limits bucket), once set.
-    plan_store: std::sync::OnceLock<async_nats::jetstream::kv::Store>,
+    /// checkers (the limits bucket).
+    plan_store: Option<async_nats::jetstream::kv::Store>,
     /// Plans already recorded, so that issuing does not write each time.
     recorded_plans: moka::sync::Cache<AccountId, String>,
     /// Behind a lock so that a rotation can swap in a new ring while requests
@@ -379,16 +425,31 @@ struct PeekedHeader {
 impl Vendor {
     /// Loads the keys of `<data_dir>/keys/` (generating and saving one if
     /// there is none, or using [`SIGNING_KEY_ENV`] when set) and registers
-    /// the metrics on `registry`.
+    /// the metrics on `registry`. It records no token plans: for tools and
+    /// tests that issue none (a plan token is then issued with a warning
+    /// that checkers will not see its plan); services use
+    /// [`Vendor::recording_plans`].
     pub fn new(config: Config, registry: &prometheus::Registry) -> anyhow::Result<Vendor> {
         let env_seed = keys::seed_from_env()?;
-        Self::build(config, registry, env_seed)
+        Self::build(config, registry, env_seed, None)
+    }
+
+    /// [`Vendor::new`], recording the plan of each account's latest token
+    /// in `plans` (the limits bucket), where the checkers read it.
+    pub fn recording_plans(
+        config: Config,
+        plans: async_nats::jetstream::kv::Store,
+        registry: &prometheus::Registry,
+    ) -> anyhow::Result<Vendor> {
+        let env_seed = keys::seed_from_env()?;
+        Self::build(config, registry, env_seed, Some(plans))
     }
 
     fn build(
         config: Config,
         registry: &prometheus::Registry,
         env_seed: Option<[u8; 32]>,
+        plan_store: Option<async_nats::jetstream::kv::Store>,
     ) -> anyhow::Result<Vendor> {
         crypto::install()?;
         anyhow::ensure!(!config.issuer.is_empty(), "the token issuer is empty");
@@ -429,7 +490,7 @@ impl Vendor {
                 data_dir: config.data_dir,
                 plans: config.plans,
                 throttle: throttle::Throttle::new(&config.throttle),
-                plan_store: std::sync::OnceLock::new(),
+                plan_store,
                 recorded_plans: moka::sync::Cache::builder()
                     .max_capacity(100_000)
                     .time_to_live(Duration::from_secs(600))
@@ -475,16 +536,20 @@ impl Vendor {
         via: &'static str,
     ) -> Result<TokenReply, IssueError> {
         if let Some(p) = plan {
-            let valid_name = !p.is_empty()
-                && p.len() <= 64
-                && p.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-            let known = self.inner.plans.is_empty() || self.inner.plans.iter().any(|k| k == p);
-            if !valid_name || !known {
-                return Err(IssueError::UnknownPlan(
-                    p.to_string(),
-                    self.inner.plans.clone(),
-                ));
+            // No plans told: any well-spelled name.
+            if self.inner.plans.is_empty() {
+                if !headcount_protocol::policy::is_plan_name(p) {
+                    return Err(headcount_protocol::policy::UnknownPlan {
+                        name: p.to_string(),
+                        known: Vec::new(),
+                    }
+                    .into());
+                }
+            } else {
+                headcount_protocol::policy::check_plan(
+                    p,
+                    self.inner.plans.iter().map(String::as_str),
+                )?;
             }
         }
         self.issue_full(account, device, plan, via, now_millis() / 1000)
@@ -501,9 +566,9 @@ impl Vendor {
     ) -> anyhow::Result<TokenReply> {
         let session = SessionId::parse(&new_session_id())?;
         let claims = Claims {
-            sub: device.to_string(),
-            acct: account.to_string(),
-            sid: session.to_string(),
+            device: device.clone(),
+            account: account.clone(),
+            session: session.clone(),
             iat: now,
             exp: now.saturating_add(self.inner.ttl_secs),
             nbf: now,
@@ -529,7 +594,6 @@ impl Vendor {
             !current.role().is_client(),
             "operator and backend tokens are not renewed"
         );
-        let session = current.session()?;
         let now = now_millis() / 1000;
         let claims = Claims {
             iat: now,
@@ -538,11 +602,11 @@ impl Vendor {
             ..current.clone()
         };
         let token = self.sign(&claims, "refresh")?;
-        tracing::debug!(account = %claims.acct, device = %claims.sub, %session, "token renewed");
+        tracing::debug!(account = %claims.account, device = %claims.device, session = %claims.session, "token renewed");
         Ok(TokenReply {
             token,
-            session,
             expires_at: claims.exp.saturating_mul(1000),
+            session: claims.session,
         })
     }
 
@@ -587,10 +651,10 @@ impl Vendor {
         };
         let now = now_millis() / 1000;
         let claims = Claims {
-            sub: name.to_string(),
-            acct: role.to_string(),
+            device: DeviceId::parse(name)?,
+            account: AccountId::parse(role)?,
             // Alphanumeric: it is also the token of the inbox prefix.
-            sid: headcount_runtime::secret::random_id(OPERATOR_SID_CHARS),
+            session: SessionId::parse(&headcount_runtime::secret::random_id(OPERATOR_SID_CHARS))?,
             iat: now,
             exp: now.saturating_add(ttl),
             nbf: now,
@@ -651,13 +715,14 @@ impl Vendor {
         let kid = header.kid.ok_or(TokenError::UnknownKid)?;
         let keys = self.keys();
         let key = keys.get(&kid).ok_or(TokenError::UnknownKid)?;
-        let data = jsonwebtoken::decode::<Claims>(token, &key.decoding, &self.inner.validation)
+        // Read as strings first: a name that does not parse is a token
+        // with bad claims, not a malformed one.
+        let data = jsonwebtoken::decode::<WireClaims>(token, &key.decoding, &self.inner.validation)
             .map_err(|e| token_error(&e))?;
-        let claims = data.claims;
-        if let Err(e) = claims.account().and(claims.device()).and(claims.session()) {
+        let claims = Claims::try_from(data.claims).map_err(|e| {
             tracing::debug!(error = %e, "token names are invalid");
-            return Err(TokenError::BadClaims);
-        }
+            TokenError::BadClaims
+        })?;
         // Operator and backend tokens end at a key rotation: only the key
         // that signs now vouches for them.
         if claims.role().is_client() && kid != keys.signer().kid {
@@ -717,19 +782,13 @@ impl Vendor {
         Ok(kid)
     }
 
-    /// Records the plans of issued tokens in `store` (the limits bucket)
-    /// from now on, so that checkers apply them.
-    pub fn set_plan_store(&self, store: async_nats::jetstream::kv::Store) {
-        let _ = self.inner.plan_store.set(store);
-    }
-
     /// Makes `plan` the account's token plan for the checkers (written only
     /// when it changed).
     pub async fn record_plan(&self, account: &AccountId, plan: &str) {
         if self.inner.recorded_plans.get(account).as_deref() == Some(plan) {
             return;
         }
-        let Some(store) = self.inner.plan_store.get() else {
+        let Some(store) = &self.inner.plan_store else {
             tracing::warn!(%account, "a token carries a plan but no limits bucket is connected: checkers will not see it");
             return;
         };

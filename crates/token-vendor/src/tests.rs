@@ -19,7 +19,7 @@ pub(crate) fn test_vendor(
     let mut config = Config::new(dir, "operator");
     edit(&mut config);
     let registry = prometheus::Registry::new();
-    let vendor = Vendor::build(config, &registry, None).unwrap();
+    let vendor = Vendor::build(config, &registry, None, None).unwrap();
     (vendor, registry)
 }
 
@@ -94,9 +94,9 @@ fn issued_tokens_verify_with_their_claims() {
     let before = now();
     let reply = vendor.issue(&acme(), &tv(), "nats").unwrap();
     let claims = vendor.verify(&reply.token).unwrap();
-    assert_eq!(claims.sub, "tv-1");
-    assert_eq!(claims.acct, "acme");
-    assert_eq!(claims.sid, reply.session.as_str());
+    assert_eq!(claims.device.as_str(), "tv-1");
+    assert_eq!(claims.account.as_str(), "acme");
+    assert_eq!(claims.session.as_str(), reply.session.as_str());
     assert_eq!(claims.iss, DEFAULT_ISSUER);
     assert_eq!(claims.aud, DEFAULT_AUDIENCE);
     assert_eq!(claims.plan, None);
@@ -105,9 +105,9 @@ fn issued_tokens_verify_with_their_claims() {
     assert_eq!(claims.exp - claims.iat, DEFAULT_TOKEN_TTL.as_secs());
     assert_eq!(reply.expires_at, claims.exp * 1000);
     assert_eq!(reply.session.as_str().len(), 22);
-    assert_eq!(claims.session().unwrap(), reply.session);
-    assert_eq!(claims.account().unwrap(), acme());
-    assert_eq!(claims.device().unwrap(), tv());
+    assert_eq!(claims.session, reply.session);
+    assert_eq!(claims.account, acme());
+    assert_eq!(claims.device, tv());
 
     let header = jsonwebtoken::decode_header(&reply.token).unwrap();
     assert_eq!(header.alg, Algorithm::EdDSA);
@@ -247,7 +247,7 @@ fn tampered_tokens_are_refused() {
 
     // The claims changed under the original signature.
     let (header, _) = message.split_once('.').unwrap();
-    let mut forged = claims(&vendor);
+    let mut forged = WireClaims::from(claims(&vendor));
     forged.acct = "other-account".into();
     let forged = format!(
         "{header}.{}.{signature}",
@@ -387,17 +387,41 @@ fn signed_claims_of_the_wrong_shape_are_malformed() {
 }
 
 #[test]
+fn claims_are_signed_in_their_wire_form() {
+    let dir = tempfile::tempdir().unwrap();
+    let (vendor, _) = test_vendor(dir.path(), |_| {});
+    let reply = vendor
+        .issue_with_plan(&acme(), &tv(), Some("basic"), "nats")
+        .unwrap();
+    let claims = vendor.verify(&reply.token).unwrap();
+    // The payload is the claims' JSON: names as strings, in this order.
+    let payload = reply.token.split('.').nth(1).unwrap();
+    let payload = String::from_utf8(URL_SAFE_NO_PAD.decode(payload).unwrap()).unwrap();
+    assert_eq!(payload, serde_json::to_string(&claims).unwrap());
+    let expected = format!(
+        r#"{{"sub":"tv-1","acct":"acme","sid":"{}","iat":{},"exp":{},"nbf":{},"iss":"{DEFAULT_ISSUER}","aud":"{DEFAULT_AUDIENCE}","plan":"basic"}}"#,
+        reply.session, claims.iat, claims.exp, claims.nbf
+    );
+    assert_eq!(payload, expected);
+    assert_eq!(serde_json::from_str::<Claims>(&payload).unwrap(), claims);
+    // Read through serde, a name that does not parse is an error.
+    let bad = payload.replace(r#""acct":"acme""#, r#""acct":"ac.me""#);
+    let e = serde_json::from_str::<Claims>(&bad).unwrap_err();
+    assert!(e.to_string().contains("account may only contain"), "{e}");
+}
+
+#[test]
 fn signed_claims_with_invalid_names_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let (vendor, registry) = test_vendor(dir.path(), |_| {});
-    let edits: [fn(&mut Claims); 4] = [
+    let edits: [fn(&mut WireClaims); 4] = [
         |c| c.acct = "a.b".into(),
         |c| c.sub = String::new(),
         |c| c.sid = "s*".into(),
         |c| c.acct = "x".repeat(65),
     ];
     for edit in edits {
-        let mut c = claims(&vendor);
+        let mut c = WireClaims::from(claims(&vendor));
         edit(&mut c);
         let token = sign_by_hand(&vendor, &eddsa_header(&vendor), &c);
         assert_eq!(vendor.verify(&token), Err(TokenError::BadClaims), "{c:?}");
@@ -417,7 +441,7 @@ fn the_key_survives_a_restart() {
     let (second, _) = test_vendor(dir.path(), |_| {});
     assert_eq!(second.keys().signer().kid, kid);
     assert_eq!(second.jwks(), jwks);
-    assert_eq!(second.verify(&token).unwrap().acct, "acme");
+    assert_eq!(second.verify(&token).unwrap().account.as_str(), "acme");
     let path = keys::key_dir(dir.path()).join(format!("{kid}.json"));
     assert!(path.is_file());
 }
@@ -456,7 +480,8 @@ fn an_older_key_keeps_verifying_after_a_newer_one_appears() {
 fn a_key_from_the_environment_signs() {
     let dir = tempfile::tempdir().unwrap();
     let registry = prometheus::Registry::new();
-    let vendor = Vendor::build(Config::new(dir.path(), "k"), &registry, Some([5; 32])).unwrap();
+    let vendor =
+        Vendor::build(Config::new(dir.path(), "k"), &registry, Some([5; 32]), None).unwrap();
     let expected = keys::KeyPair::from_seed([5; 32], 0).unwrap();
     let jwks = vendor.jwks();
     assert_eq!(jwks["keys"][0]["kid"], expected.kid.as_str());
@@ -491,8 +516,8 @@ fn jwks_lists_the_public_key() {
 fn one_registry_holds_one_vendor() {
     let dir = tempfile::tempdir().unwrap();
     let registry = prometheus::Registry::new();
-    Vendor::build(Config::new(dir.path(), "k"), &registry, None).unwrap();
-    assert!(Vendor::build(Config::new(dir.path(), "k"), &registry, None).is_err());
+    Vendor::build(Config::new(dir.path(), "k"), &registry, None, None).unwrap();
+    assert!(Vendor::build(Config::new(dir.path(), "k"), &registry, None, None).is_err());
 }
 
 #[test]

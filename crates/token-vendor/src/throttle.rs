@@ -91,17 +91,22 @@ impl Rate {
     }
 }
 
+/// Text that is not a [`Rate`]; it says what was expected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("expected RATE/s,BURST (like 20/s,100) or off, not {0:?}")]
+pub struct RateError(String);
+
 /// `RATE/s,BURST` (`20/s,100`; the `/s` may be left out), or `off` (also
 /// `0`).
 impl std::str::FromStr for Rate {
-    type Err = String;
+    type Err = RateError;
 
-    fn from_str(s: &str) -> Result<Rate, String> {
+    fn from_str(s: &str) -> Result<Rate, RateError> {
         let s = s.trim();
         if s.eq_ignore_ascii_case("off") || s == "0" {
             return Ok(Rate::OFF);
         }
-        let expected = || format!("expected RATE/s,BURST (like 20/s,100) or off, not {s:?}");
+        let expected = || RateError(s.to_string());
         let (rate, burst) = s.split_once(',').ok_or_else(expected)?;
         let rate = rate.trim();
         let rate = rate.strip_suffix("/s").unwrap_or(rate).trim();
@@ -535,6 +540,10 @@ mod tests {
         for bad in ["", "20", "x/s,1", "-1/s,5", "1/s,-5", "inf/s,1", "1/m,5"] {
             assert!(bad.parse::<Rate>().is_err(), "{bad:?}");
         }
+        assert_eq!(
+            " 20 ".parse::<Rate>().unwrap_err().to_string(),
+            "expected RATE/s,BURST (like 20/s,100) or off, not \"20\""
+        );
         let defaults = ThrottleConfig::default();
         for rate in [
             defaults.operator_key_failures,

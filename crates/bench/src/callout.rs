@@ -1,4 +1,4 @@
-//! `headcount bench callout`: how fast a legitimate device connects while
+//! `headcount-bench callout`: how fast a legitimate device connects while
 //! another host floods the auth callout with bad tokens.
 //!
 //! One nats-server (the repository's configuration, auth callout on), a
@@ -23,14 +23,15 @@ use anyhow::Context;
 use clap::Args;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
-use super::{Dist, Env, Proc, dist, free_port, ms};
+use crate::measure::{Dist, dist, ms};
+use crate::procs::{Env, Proc, free_port, nats_version};
 
 /// Garbage connections in flight at most; the flood skips (and counts) a
 /// connection rather than queue beyond it.
 const MAX_IN_FLIGHT: usize = 512;
 /// Where the flood comes from: a loopback address other than the device's.
 const FLOOD_SOURCE: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
-/// The target of the review: a device's connect p99 under a flood.
+/// What a device's connect p99 under the flood, with shedding, must stay under.
 const TARGET_P99: Duration = Duration::from_millis(50);
 const OPERATOR_KEY: &str = "bench-callout-operator-key";
 
@@ -72,7 +73,7 @@ struct FloodCount {
     skipped: u64,
 }
 
-pub async fn run(a: CalloutArgs) -> anyhow::Result<()> {
+pub async fn run(a: CalloutArgs, headcount: &Path) -> anyhow::Result<()> {
     anyhow::ensure!(a.rate > 0, "--rate must be positive");
     anyhow::ensure!(
         (2..=120).contains(&a.flood_secs),
@@ -85,8 +86,8 @@ pub async fn run(a: CalloutArgs) -> anyhow::Result<()> {
     check_flood_source().await?;
     let tmp = tempfile::tempdir()?;
     let base = a.dir.clone().unwrap_or_else(|| tmp.path().to_path_buf());
-    let env = Env::start(&base.join("nats")).await?;
-    let checker = env.service("checker", &[])?;
+    let env = Env::start(&base.join("nats"), headcount).await?;
+    let mut checker = env.service("checker", &[])?;
     checker.wait_up("checker").await?;
     let nats_addr: SocketAddr = env
         .url
@@ -95,10 +96,10 @@ pub async fn run(a: CalloutArgs) -> anyhow::Result<()> {
         .context("nats url")?;
 
     println!(
-        "headcount bench callout: {} cores, nats-server {}; device from 127.0.0.1, \
+        "headcount-bench callout: {} cores, nats-server {}; device from 127.0.0.1, \
          flood of {}/s forged tokens from {FLOOD_SOURCE} for {} s",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
-        super::nats_version(),
+        nats_version(),
         a.rate,
         a.flood_secs
     );
@@ -186,7 +187,7 @@ async fn start_vendor(env: &Env, dir: &Path, extra: &[&str]) -> anyhow::Result<(
     let port = free_port()?;
     let http = format!("http://127.0.0.1:{port}");
     let log = std::fs::File::create(dir.join("vendor.log"))?;
-    let mut cmd = tokio::process::Command::new(std::env::current_exe()?);
+    let mut cmd = tokio::process::Command::new(&env.headcount);
     cmd.arg("token-vendor")
         .args(env.nats_args())
         .args(["--operator-key", OPERATOR_KEY])
@@ -204,6 +205,7 @@ async fn start_vendor(env: &Env, dir: &Path, extra: &[&str]) -> anyhow::Result<(
         child: cmd.spawn()?,
         metrics: Some(format!("{http}/metrics")),
         stdout: None,
+        log: Some(dir.join("vendor.log")),
     };
     proc.wait_metrics("token-vendor up", |m| {
         m.keys().any(|k| k.starts_with("headcount_callout_total"))

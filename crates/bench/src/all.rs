@@ -1,0 +1,534 @@
+//! `headcount-bench all`: every measurement in one run. First the steady
+//! state at a 5 s heartbeat (KV writes per heartbeat, freshness), then, per
+//! session count, on a nats-server of its own: ingest of the heartbeat-handler
+//! next to a bare subscriber, the memory per session of handler and checker,
+//! and `check` / `active` latency and throughput next to a bare echo
+//! responder. Prints Markdown tables (docs/BENCHMARKS.md has a run).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use bytes::Bytes;
+use clap::Args;
+use headcount_protocol::subjects::{self, endpoint, endpoint_subject};
+
+use crate::measure::{
+    Dist, Fresh, check_request, concurrent, freshness, ms, one_by_one, payload, publish_all,
+    publish_paced, publish_windowed, session_subjects, us,
+};
+use crate::procs::{Env, nats_version, rss_bytes, settled_rss, sum_prefix};
+
+#[derive(Debug, Args)]
+pub struct AllArgs {
+    /// Session counts to measure (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "10000,100000,1000000")]
+    sessions: Vec<usize>,
+    /// Devices per account.
+    #[arg(long, default_value_t = 10)]
+    devices_per_account: usize,
+    /// Heartbeats published in each ingest run (at least one per session).
+    #[arg(long, default_value_t = 1_000_000)]
+    heartbeats: usize,
+    /// Seconds of each throughput run.
+    #[arg(long, default_value_t = 5)]
+    throughput_secs: u64,
+    /// Sessions and seconds of the steady-state KV-write run (5 s heartbeat).
+    #[arg(long, default_value_t = 10_000)]
+    steady_sessions: usize,
+    #[arg(long, default_value_t = 35)]
+    steady_secs: u64,
+    /// A small, fast run (seconds) that exercises every measurement; the
+    /// numbers are not meant to be quoted.
+    #[arg(long)]
+    quick: bool,
+    /// Also write the results as a Markdown table here.
+    #[arg(long)]
+    markdown: Option<PathBuf>,
+    /// Scratch directory (default: a new temporary directory).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+}
+
+/// The interval of the memory measurement (see `at_size`).
+const MEMORY_INTERVAL: &str = "30s";
+
+/// Sleeps until just after the next boundary of a `MEMORY_INTERVAL` interval.
+async fn wait_for_boundary() {
+    let ms = 30_000;
+    let now = headcount_protocol::now_millis();
+    let next = (now / ms + 1) * ms + 500;
+    tokio::time::sleep(Duration::from_millis(next - now)).await;
+}
+
+#[derive(Debug, Default, Clone)]
+struct Ingest {
+    sent: usize,
+    bare_rate: f64,
+    bare_lost: u64,
+    handler_rate: f64,
+    handler_lost: u64,
+    kv_writes: f64,
+    join_secs: f64,
+}
+
+#[derive(Debug, Default, Clone)]
+struct Latency {
+    one: BTreeMap<&'static str, Dist>,
+    throughput: BTreeMap<&'static str, f64>,
+}
+
+#[derive(Debug, Default, Clone)]
+struct Memory {
+    handler: f64,
+    checker: f64,
+}
+
+#[derive(Debug, Default)]
+struct Steady {
+    sessions: usize,
+    heartbeats: f64,
+    writes: f64,
+    interval_secs: u64,
+}
+
+/// Deletes the sessions bucket: the dictionaries go, and the next service
+/// creates the bucket for its own interval.
+async fn clear_sessions(console: &async_nats::Client) -> anyhow::Result<()> {
+    async_nats::jetstream::new(console.clone())
+        .delete_key_value(subjects::kv::SESSIONS_BUCKET)
+        .await
+        .map_err(|e| anyhow::anyhow!("clearing the sessions bucket: {e}"))?;
+    Ok(())
+}
+
+/// One session count: ingest (bare, then handler), memory, latency.
+async fn at_size(
+    a: &AllArgs,
+    dir: &Path,
+    headcount: &Path,
+    sessions: usize,
+) -> anyhow::Result<(Ingest, Memory, Latency)> {
+    let env = Env::start(dir, headcount).await?;
+    let publisher = env.client("bench-publisher").await?;
+    let run = &nuid::next().to_string()[..6];
+    let subjects = session_subjects(run, sessions, a.devices_per_account)?;
+    let n = a.heartbeats.max(sessions);
+    let mut ingest = Ingest {
+        sent: n,
+        ..Default::default()
+    };
+
+    // Bare: a subscriber that only counts.
+    let mut sink = env
+        .baseline(
+            "sink",
+            &[
+                "--subject".into(),
+                subjects::HEARTBEAT_WILDCARD.into(),
+                "--expect".into(),
+                n.to_string(),
+            ],
+        )
+        .await?;
+    let mut lines = sink.stdout.take().context("sink stdout")?;
+    let seen = Arc::new(AtomicU64::new(0));
+    let (final_tx, final_rx) = tokio::sync::oneshot::channel::<String>();
+    let reader = {
+        let seen = seen.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Some(c) = line.strip_prefix("count ") {
+                    seen.store(c.parse().unwrap_or(0), Ordering::Relaxed);
+                } else {
+                    let _ = final_tx.send(line);
+                    return;
+                }
+            }
+        })
+    };
+    // Below the subscription buffer (65536 messages) of both consumers.
+    let window = 50_000;
+    publish_windowed(&publisher, &subjects, n, window, async || {
+        Ok(seen.load(Ordering::Relaxed))
+    })
+    .await?;
+    let line = tokio::time::timeout(Duration::from_secs(120), final_rx)
+        .await
+        .context("sink did not finish")??;
+    reader.abort();
+    let v: serde_json::Value = serde_json::from_str(&line)?;
+    let count = v["count"].as_u64().unwrap_or(0);
+    ingest.bare_rate = count as f64 / v["secs"].as_f64().unwrap_or(f64::MAX).max(1e-9);
+    ingest.bare_lost = n as u64 - count;
+    sink.stop().await;
+
+    // The checker's memory with nothing loaded.
+    // A 30 s interval, so that the memory figures below include an interval
+    // boundary: the steady state, where every session has moved on from the
+    // previous interval's dictionary to the current one.
+    let checker_args = [
+        "--timeout",
+        "1h",
+        "--default-limit",
+        "10000",
+        "--interval",
+        MEMORY_INTERVAL,
+    ];
+    let mut checker = env.service("checker", &checker_args)?;
+    checker.wait_up("checker").await?;
+    let checker_empty = rss_bytes(checker.pid()?)?;
+    checker.stop().await;
+    // The checker made the sessions bucket for its interval; a service with
+    // another interval refuses a bucket made for a different one.
+    clear_sessions(&publisher).await?;
+
+    // The handler, for ingest (the default interval).
+    let mut handler = env.service("handler", &["--max-heartbeat-rate", "1000000000"])?;
+    handler.wait_handler(&publisher).await?;
+    // Every session joins first (one heartbeat each, written to KV): the
+    // ingest rate below is the steady state, where sessions are known.
+    let join_start = Instant::now();
+    let processed = async || -> anyhow::Result<u64> {
+        let m = handler.metrics().await?;
+        Ok(sum_prefix(&m, "headcount_heartbeats_total") as u64)
+    };
+    publish_windowed(&publisher, &subjects, sessions, window, processed).await?;
+    handler
+        .wait_metrics("handler recorded every session", |m| {
+            m.get("headcount_handler_sessions").copied().unwrap_or(0.0) >= sessions as f64
+        })
+        .await?;
+    ingest.join_secs = join_start.elapsed().as_secs_f64();
+    ingest.kv_writes = handler
+        .metrics()
+        .await?
+        .get(r#"headcount_kv_writes_total{result="ok"}"#)
+        .copied()
+        .unwrap_or(0.0);
+    let base = sum_prefix(&handler.metrics().await?, "headcount_heartbeats_total");
+    let start = Instant::now();
+    let processed = async || -> anyhow::Result<u64> {
+        let m = handler.metrics().await?;
+        Ok((sum_prefix(&m, "headcount_heartbeats_total") - base) as u64)
+    };
+    publish_windowed(&publisher, &subjects, n, window, processed).await?;
+    let n_f = n as f64;
+    handler
+        .wait_metrics("handler processed every heartbeat", |m| {
+            sum_prefix(m, "headcount_heartbeats_total") - base >= n_f
+        })
+        .await
+        .or_else(|e| {
+            // Report what was lost rather than stopping.
+            eprintln!("bench: {e:#}");
+            Ok::<(), anyhow::Error>(())
+        })?;
+    let took = start.elapsed();
+    let m = handler.metrics().await?;
+    let processed = sum_prefix(&m, "headcount_heartbeats_total") - base;
+    ingest.handler_rate = processed / took.as_secs_f64();
+    ingest.handler_lost = (n_f - processed).max(0.0) as u64;
+    handler.stop().await;
+    // Its dictionaries go, so the next handler starts from nothing (and
+    // makes the bucket again for its own interval).
+    clear_sessions(&publisher).await?;
+
+    // A fresh handler for memory, with a 30 s interval: the sessions join
+    // at a steady 5 s heartbeat (no burst whose buffers would be counted),
+    // then an interval boundary passes and every session moves on to the
+    // new interval's dictionary: the steady state.
+    let mut handler = env.service(
+        "handler",
+        &[
+            "--max-heartbeat-rate",
+            "1000000000",
+            "--interval",
+            MEMORY_INTERVAL,
+        ],
+    )?;
+    handler.wait_handler(&publisher).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let handler_empty = rss_bytes(handler.pid()?)?;
+    publish_paced(&publisher, &subjects, Duration::from_secs(5)).await?;
+    handler
+        .wait_metrics("handler recorded every session", |m| {
+            m.get("headcount_handler_sessions").copied().unwrap_or(0.0) >= sessions as f64
+        })
+        .await?;
+    wait_for_boundary().await;
+    publish_paced(&publisher, &subjects, Duration::from_secs(5)).await?;
+    tokio::time::sleep(Duration::from_secs(4)).await; // the carry-over delay
+    let handler_full = settled_rss(handler.pid()?, 20).await?;
+
+    // The checker with every session loaded and heard.
+    let mut checker = env.service("checker", &checker_args)?;
+    checker.wait_up("checker").await?;
+    checker
+        .wait_metrics("checker loaded every session", |m| {
+            m.get("headcount_active_sessions").copied().unwrap_or(0.0) >= sessions as f64
+        })
+        .await?;
+    // Steady state: each session heard once, at a 5 s heartbeat period.
+    publish_paced(&publisher, &subjects, Duration::from_secs(5)).await?;
+    let checker_full = settled_rss(checker.pid()?, 20).await?;
+    let memory = Memory {
+        handler: handler_full.saturating_sub(handler_empty) as f64 / sessions as f64,
+        checker: checker_full.saturating_sub(checker_empty) as f64 / sessions as f64,
+    };
+
+    // Latency: the checker next to a bare echo responder.
+    let echo = env
+        .baseline("echo", &["--subject".into(), "bench.echo".into()])
+        .await?;
+    let client = env.client("bench-client").await?;
+    let (one_account, check_body) = check_request(&subjects[0])?;
+    let active_body = Bytes::from(serde_json::to_vec(
+        &serde_json::json!({"account": one_account}),
+    )?);
+    let reps = if a.quick { 300 } else { 5000 };
+    let mut latency = Latency::default();
+    latency.one.insert(
+        "echo",
+        one_by_one(&client, "bench.echo", check_body.clone(), reps).await?,
+    );
+    latency.one.insert(
+        "check",
+        one_by_one(
+            &client,
+            &endpoint_subject(endpoint::CHECK),
+            check_body.clone(),
+            reps,
+        )
+        .await?,
+    );
+    latency.one.insert(
+        "active",
+        one_by_one(
+            &client,
+            &endpoint_subject(endpoint::ACTIVE),
+            active_body.clone(),
+            reps,
+        )
+        .await?,
+    );
+    let secs = a.throughput_secs;
+    latency.throughput.insert(
+        "echo",
+        concurrent(&client, "bench.echo", check_body.clone(), 50, secs).await?,
+    );
+    latency.throughput.insert(
+        "check",
+        concurrent(
+            &client,
+            &endpoint_subject(endpoint::CHECK),
+            check_body.clone(),
+            50,
+            secs,
+        )
+        .await?,
+    );
+    latency.throughput.insert(
+        "active",
+        concurrent(
+            &client,
+            &endpoint_subject(endpoint::ACTIVE),
+            active_body,
+            50,
+            secs,
+        )
+        .await?,
+    );
+
+    echo.stop().await;
+    checker.stop().await;
+    handler.stop().await;
+    env.nats.stop().await;
+    Ok((ingest, memory, latency))
+}
+
+/// Steady state at a 5 s heartbeat: KV writes per heartbeat, and freshness.
+async fn steady(a: &AllArgs, dir: &Path, headcount: &Path) -> anyhow::Result<(Steady, Fresh)> {
+    let env = Env::start(dir, headcount).await?;
+    let interval = if a.quick { 6 } else { 30 };
+    let secs = if a.quick { 8 } else { a.steady_secs };
+    let interval_arg = format!("{interval}s");
+    let mut handler = env.service("handler", &["--interval", &interval_arg])?;
+    let mut checker = env.service(
+        "checker",
+        &["--interval", &interval_arg, "--default-limit", "10000"],
+    )?;
+    let publisher = env.client("bench-publisher").await?;
+    handler.wait_handler(&publisher).await?;
+    checker.wait_up("checker").await?;
+    let run = &nuid::next().to_string()[..6];
+    let sessions = if a.quick { 500 } else { a.steady_sessions };
+    let subjects = session_subjects(run, sessions, a.devices_per_account)?;
+
+    // Joining: one beat each, then wait until recorded.
+    publish_all(&publisher, &subjects, sessions).await?;
+    handler
+        .wait_metrics("sessions recorded", |m| {
+            m.get("headcount_handler_sessions").copied().unwrap_or(0.0) >= sessions as f64
+        })
+        .await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = handler.metrics().await?;
+    // Steady: every session beats every 5 s, spread evenly.
+    let period = Duration::from_secs(5);
+    let slots = 50u32;
+    let mut tick = tokio::time::interval(period / slots);
+    let until = Instant::now() + Duration::from_secs(secs);
+    let mut slot = 0usize;
+    let p = payload(2);
+    while Instant::now() < until {
+        tick.tick().await;
+        for s in subjects.iter().skip(slot).step_by(slots as usize) {
+            publisher.publish(s.clone(), p.clone()).await?;
+        }
+        slot = (slot + 1) % slots as usize;
+    }
+    publisher.flush().await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = handler.metrics().await?;
+    let writes = |m: &BTreeMap<String, f64>| {
+        m.get(r#"headcount_kv_writes_total{result="ok"}"#)
+            .copied()
+            .unwrap_or(0.0)
+    };
+    let hbs = |m: &BTreeMap<String, f64>| {
+        m.get(r#"headcount_heartbeats_total{result="accepted"}"#)
+            .copied()
+            .unwrap_or(0.0)
+    };
+    let steady = Steady {
+        sessions,
+        heartbeats: hbs(&after) - hbs(&before),
+        writes: writes(&after) - writes(&before),
+        interval_secs: interval,
+    };
+    let fresh = freshness(&publisher, if a.quick { 30 } else { 300 }).await?;
+    checker.stop().await;
+    handler.stop().await;
+    env.nats.stop().await;
+    Ok((steady, fresh))
+}
+
+pub async fn run(mut a: AllArgs, headcount: &Path) -> anyhow::Result<()> {
+    if a.quick {
+        a.sessions = vec![2_000];
+        a.heartbeats = 20_000;
+        a.throughput_secs = 1;
+    }
+    let tmp = tempfile::tempdir()?;
+    let base = a.dir.clone().unwrap_or_else(|| tmp.path().to_path_buf());
+    let mut out = String::new();
+    let mut line = |s: String| {
+        println!("{s}");
+        out.push_str(&s);
+        out.push('\n');
+    };
+    line(format!(
+        "headcount-bench all{}: {} cores, nats-server {}",
+        if a.quick { " --quick" } else { "" },
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        nats_version()
+    ));
+    line(String::new());
+
+    let (steady, fresh) = steady(&a, &base.join("steady"), headcount).await?;
+    line("### KV write amplification (steady state, 5 s heartbeat)".into());
+    line(String::new());
+    line("| sessions | interval | heartbeats | KV writes | writes per heartbeat |".into());
+    line("|---|---|---|---|---|".into());
+    line(format!(
+        "| {} | {} s | {:.0} | {:.0} | {:.4} |",
+        steady.sessions,
+        steady.interval_secs,
+        steady.heartbeats,
+        steady.writes,
+        steady.writes / steady.heartbeats.max(1.0)
+    ));
+    line(String::new());
+    line("### Freshness".into());
+    line(String::new());
+    line("| | p50 | p99 | max |".into());
+    line("|---|---|---|---|".into());
+    line(format!(
+        "| first heartbeat -> in `active` | {} | {} | {} |",
+        ms(fresh.join.p50),
+        ms(fresh.join.p99),
+        ms(fresh.join.max)
+    ));
+    line(format!(
+        "| `leave` -> seat free | {} | {} | {} |",
+        ms(fresh.leave.p50),
+        ms(fresh.leave.p99),
+        ms(fresh.leave.max)
+    ));
+    line(String::new());
+
+    let mut rows = Vec::new();
+    for &s in &a.sessions {
+        eprintln!("bench: {s} sessions ...");
+        let r = at_size(&a, &base.join(format!("s{s}")), headcount, s).await?;
+        rows.push((s, r));
+    }
+    line("### Ingest (heartbeats per second, 100-byte payloads)".into());
+    line(String::new());
+    line("| sessions | heartbeats | bare subscriber | heartbeat-handler | ratio | lost (bare / handler) | joining every session | KV writes to record them |".into());
+    line("|---|---|---|---|---|---|---|---|".into());
+    for (s, (i, _, _)) in &rows {
+        line(format!(
+            "| {s} | {} | {:.0}/s | {:.0}/s | {:.0}% | {} / {} | {:.1} s ({:.0}/s) | {:.0} ({:.3} per session) |",
+            i.sent,
+            i.bare_rate,
+            i.handler_rate,
+            100.0 * i.handler_rate / i.bare_rate.max(1.0),
+            i.bare_lost,
+            i.handler_lost,
+            i.join_secs,
+            *s as f64 / i.join_secs.max(1e-9),
+            i.kv_writes,
+            i.kv_writes / *s as f64
+        ));
+    }
+    line(String::new());
+    line("### Request latency (one client) and throughput (50 concurrent clients)".into());
+    line(String::new());
+    line("| sessions | bare echo p50 / p99 | check p50 / p99 | active p50 / p99 | check p99 vs bare | echo req/s | check req/s | active req/s | check vs bare |".into());
+    line("|---|---|---|---|---|---|---|---|---|".into());
+    for (s, (_, _, l)) in &rows {
+        let d = |k: &str| l.one.get(k).copied().unwrap_or_default();
+        let t = |k: &str| l.throughput.get(k).copied().unwrap_or_default();
+        line(format!(
+            "| {s} | {} / {} | {} / {} | {} / {} | {:.2}x | {:.0} | {:.0} | {:.0} | {:.0}% |",
+            us(d("echo").p50),
+            us(d("echo").p99),
+            us(d("check").p50),
+            us(d("check").p99),
+            us(d("active").p50),
+            us(d("active").p99),
+            d("check").p99.as_secs_f64() / d("echo").p99.as_secs_f64().max(1e-9),
+            t("echo"),
+            t("check"),
+            t("active"),
+            100.0 * t("check") / t("echo").max(1.0)
+        ));
+    }
+    line(String::new());
+    line("### Memory per active session (resident, loaded minus empty)".into());
+    line(String::new());
+    line("| sessions | heartbeat-handler | checker |".into());
+    line("|---|---|---|".into());
+    for (s, (_, m, _)) in &rows {
+        line(format!("| {s} | {:.0} B | {:.0} B |", m.handler, m.checker));
+    }
+    if let Some(path) = &a.markdown {
+        std::fs::write(path, &out).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}

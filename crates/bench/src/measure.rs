@@ -1,0 +1,275 @@
+//! What the runs share: heartbeat subjects and payloads, publishers (as
+//! fast as possible, paced like a fleet, or windowed behind a slower
+//! consumer), request latency and throughput, freshness, percentiles.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use bytes::Bytes;
+use headcount_protocol::subjects::{self, endpoint, endpoint_subject};
+use headcount_protocol::wire::{ActiveReply, Heartbeat};
+use headcount_protocol::{AccountId, DeviceId, SessionId};
+
+/// Median, 99th percentile and maximum of a set of durations.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Dist {
+    pub p50: Duration,
+    pub p99: Duration,
+    pub max: Duration,
+}
+
+pub fn dist(mut v: Vec<Duration>) -> Dist {
+    v.sort();
+    let at = |p: f64| {
+        if v.is_empty() {
+            Duration::ZERO
+        } else {
+            v[(((v.len() - 1) as f64) * p).round() as usize]
+        }
+    };
+    Dist {
+        p50: at(0.50),
+        p99: at(0.99),
+        max: v.last().copied().unwrap_or_default(),
+    }
+}
+
+/// Milliseconds, two decimals.
+pub fn ms(d: Duration) -> String {
+    format!("{:.2}ms", d.as_secs_f64() * 1000.0)
+}
+
+/// Whole microseconds.
+pub fn us(d: Duration) -> String {
+    format!("{:.0}µs", d.as_secs_f64() * 1e6)
+}
+
+/// One ~100-byte heartbeat payload.
+pub fn payload(seq: u64) -> Bytes {
+    Heartbeat {
+        seq: Some(seq),
+        content: Some("catalogue/series-0042/episode-07".into()),
+        kind: Some("web".into()),
+        region: Some("eu-west-1".into()),
+        leave: false,
+    }
+    .encode()
+    .into()
+}
+
+/// The account of a heartbeat subject and a `check` request for its first
+/// device, as the latency measurements send it.
+pub fn check_request(subject: &str) -> anyhow::Result<(String, Bytes)> {
+    let account = subjects::parse_heartbeat_ref(subject)?.account.to_string();
+    let body = serde_json::to_vec(&serde_json::json!({"account": account, "device": "device-0"}))?;
+    Ok((account, Bytes::from(body)))
+}
+
+/// Subjects of `sessions` sessions spread over accounts.
+pub fn session_subjects(
+    run: &str,
+    sessions: usize,
+    per_account: usize,
+) -> anyhow::Result<Vec<String>> {
+    let mut out = Vec::with_capacity(sessions);
+    for i in 0..sessions {
+        let account = AccountId::parse(&format!("b{run}-{}", i / per_account))?;
+        // Ids of realistic length: a device name, a 22-character session
+        // id (the length of a NUID).
+        let device = DeviceId::parse(&format!("device-{}", i % per_account))?;
+        let session = SessionId::parse(&format!("{run}{i:016}"))?;
+        out.push(subjects::heartbeat(&account, &device, &session));
+    }
+    Ok(out)
+}
+
+/// Publishes `n` heartbeats round-robin over `subjects` as fast as the
+/// client takes them; returns when all are flushed to the server.
+pub async fn publish_all(
+    client: &async_nats::Client,
+    subjects: &[String],
+    n: usize,
+) -> anyhow::Result<Duration> {
+    let start = Instant::now();
+    let p = payload(1);
+    for i in 0..n {
+        let s = &subjects[i % subjects.len()];
+        client.publish(s.clone(), p.clone()).await?;
+    }
+    client.flush().await?;
+    Ok(start.elapsed())
+}
+
+/// One heartbeat per session spread evenly over `period`, as a fleet with
+/// that heartbeat period sends them (the steady state, no burst).
+pub async fn publish_paced(
+    client: &async_nats::Client,
+    subjects: &[String],
+    period: Duration,
+) -> anyhow::Result<()> {
+    let p = payload(1);
+    let slices = 50usize;
+    let per_slice = subjects.len().div_ceil(slices);
+    let mut tick = tokio::time::interval(period / slices as u32);
+    for chunk in subjects.chunks(per_slice.max(1)) {
+        tick.tick().await;
+        for s in chunk {
+            client.publish(s.clone(), p.clone()).await?;
+        }
+        client.flush().await?;
+    }
+    Ok(())
+}
+
+/// Publishes `n` heartbeats like [`publish_all`], but never more than
+/// `window` ahead of what the consumer reports processed, so that a consumer
+/// slower than the publisher is measured at its own pace instead of being
+/// overrun (the server would drop what no buffer holds).
+pub async fn publish_windowed(
+    client: &async_nats::Client,
+    subjects: &[String],
+    n: usize,
+    window: usize,
+    mut processed: impl AsyncFnMut() -> anyhow::Result<u64>,
+) -> anyhow::Result<()> {
+    let p = payload(1);
+    let chunk = (window / 4).max(1);
+    let mut sent = 0usize;
+    while sent < n {
+        while sent as u64 > processed().await? + (window - chunk) as u64 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let end = (sent + chunk).min(n);
+        for i in sent..end {
+            client
+                .publish(subjects[i % subjects.len()].clone(), p.clone())
+                .await?;
+        }
+        client.flush().await?;
+        sent = end;
+    }
+    Ok(())
+}
+
+/// How long a join and a leave took to show in `active`.
+#[derive(Debug, Clone)]
+pub struct Fresh {
+    pub join: Dist,
+    pub leave: Dist,
+}
+
+/// Latency of `n` requests sent one after another from one client (after
+/// a warm-up); an error reply fails the run.
+pub async fn one_by_one(
+    client: &async_nats::Client,
+    subject: &str,
+    body: Bytes,
+    n: usize,
+) -> anyhow::Result<Dist> {
+    let mut times = Vec::with_capacity(n);
+    for _ in 0..n.min(200) {
+        client.request(subject.to_string(), body.clone()).await?; // warm-up
+    }
+    for _ in 0..n {
+        let t = Instant::now();
+        let r = client.request(subject.to_string(), body.clone()).await?;
+        times.push(t.elapsed());
+        anyhow::ensure!(
+            r.headers.is_none(),
+            "error reply from {subject}: {:?}",
+            r.payload
+        );
+    }
+    Ok(dist(times))
+}
+
+/// Replies per second to `clients` concurrent callers, each sending its
+/// next request as soon as the last is answered, for `secs` seconds.
+pub async fn concurrent(
+    client: &async_nats::Client,
+    subject: &str,
+    body: Bytes,
+    clients: usize,
+    secs: u64,
+) -> anyhow::Result<f64> {
+    let done = Arc::new(AtomicU64::new(0));
+    let until = Instant::now() + Duration::from_secs(secs);
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let (client, subject, body, done) = (
+            client.clone(),
+            subject.to_string(),
+            body.clone(),
+            done.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            while Instant::now() < until {
+                if client.request(subject.clone(), body.clone()).await.is_ok() {
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await?;
+    }
+    Ok(done.load(Ordering::Relaxed) as f64 / secs as f64)
+}
+
+/// `samples` sessions, one after another, each on an account of its own:
+/// from its first heartbeat until `active` counts it, and from its `leave`
+/// until `active` no longer does (polled every 0.5 ms).
+pub async fn freshness(client: &async_nats::Client, samples: usize) -> anyhow::Result<Fresh> {
+    async fn until(
+        client: &async_nats::Client,
+        account: &AccountId,
+        start: Instant,
+        want: u32,
+    ) -> anyhow::Result<Duration> {
+        let body = Bytes::from(serde_json::to_vec(
+            &serde_json::json!({ "account": account }),
+        )?);
+        loop {
+            let msg = client
+                .request(endpoint_subject(endpoint::ACTIVE), body.clone())
+                .await?;
+            let r: ActiveReply =
+                serde_json::from_slice(&msg.payload).context("unreadable active reply")?;
+            if r.active == want {
+                return Ok(start.elapsed());
+            }
+            anyhow::ensure!(
+                start.elapsed() < Duration::from_secs(10),
+                "not seen within 10 s"
+            );
+            tokio::time::sleep(Duration::from_micros(500)).await;
+        }
+    }
+    let run = nuid::next().to_string();
+    let (mut joins, mut leaves) = (Vec::new(), Vec::new());
+    for i in 0..samples {
+        let account = AccountId::parse(&format!("fresh-{}-{i}", &run[..8]))?;
+        let session = SessionId::parse(&nuid::next().to_string())?;
+        let subject = subjects::heartbeat(&account, &DeviceId::parse("d")?, &session);
+        let start = Instant::now();
+        client
+            .publish(subject.clone(), Heartbeat::default().encode().into())
+            .await?;
+        client.flush().await?;
+        joins.push(until(client, &account, start, 1).await?);
+        let leave = Heartbeat {
+            leave: true,
+            ..Default::default()
+        };
+        let start = Instant::now();
+        client.publish(subject, leave.encode().into()).await?;
+        client.flush().await?;
+        leaves.push(until(client, &account, start, 0).await?);
+    }
+    Ok(Fresh {
+        join: dist(joins),
+        leave: dist(leaves),
+    })
+}
