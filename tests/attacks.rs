@@ -17,18 +17,13 @@ use bytes::Bytes;
 use futures::StreamExt;
 use headcount_protocol::wire::{Heartbeat, TokenRequest};
 use headcount_protocol::{AccountId, DeviceId, Limit, Policy};
+use headcount_tests::app_with_vendor;
 use serde_json::json;
 use test_support::{TestApp, TokenVendor};
 use tokio::sync::mpsc;
 
 const KEY: &str = "operator-key-for-attacks";
 const SOON: Duration = Duration::from_secs(5);
-
-async fn app_with_vendor(limit: i64, policy: Policy) -> (TestApp, TokenVendor) {
-    let app = TestApp::spawn_with(Limit::new(limit, policy).expect("limit")).await;
-    let tv = app.start_token_vendor(KEY).await;
-    (app, tv)
-}
 
 /// A connection with `token` (and `inbox_prefix`, for operator and backend
 /// tokens) that reports its events.
@@ -59,20 +54,17 @@ async fn event_where(
     .ok()
 }
 
-/// Waits until `account` has `n` active sessions.
-async fn wait_count(app: &TestApp, account: &str, n: usize) {
-    let (reply, within) = app
-        .wait_active(account, SOON, |r| r.sessions.len() == n)
-        .await;
-    assert!(
-        within.is_some(),
-        "{account}: {} sessions, not {n}",
-        reply.sessions.len()
-    );
-}
-
 fn is_disconnect(e: &Event) -> bool {
     matches!(e, Event::Disconnected)
+}
+
+/// Waits until the connection reporting on `events` is closed, which must
+/// come soon; `open` says what it means if it stays open.
+async fn assert_closed(events: &mut mpsc::UnboundedReceiver<Event>, open: &str) {
+    assert!(
+        event_where(events, SOON, is_disconnect).await.is_some(),
+        "{open}"
+    );
 }
 
 fn server_error_containing(what: &'static str) -> impl Fn(&Event) -> bool {
@@ -146,7 +138,7 @@ async fn assert_no_harm(
             .unwrap_or_else(|e| panic!("{stream} is gone: {e}"));
     }
     let _fresh = beating_device(app, tv, "globex", "phone").await;
-    wait_count(app, "globex", 1).await;
+    app.wait_count("globex", 1).await;
 }
 
 /// A device of `account` connected with its own token, after its first
@@ -178,9 +170,9 @@ async fn beating_device(
 async fn victims(app: &TestApp, tv: &TokenVendor) -> (async_nats::Client, String, String) {
     let (device, session, _) = beating_device(app, tv, "acme", "tv").await;
     let (old, ended, ended_token) = beating_device(app, tv, "acme", "old-phone").await;
-    wait_count(app, "acme", 2).await;
+    app.wait_count("acme", 2).await;
     assert!(app.kick("acme", &ended).await);
-    wait_count(app, "acme", 1).await;
+    app.wait_count("acme", 1).await;
     drop(old);
     (device, session, ended_token)
 }
@@ -214,7 +206,7 @@ async fn replies_cannot_be_steered(
     token: impl FnOnce(&TokenVendor) -> token_vendor::OperatorToken,
     endpoints: &[&str],
 ) {
-    let (app, tv) = app_with_vendor(2, Policy::EvictOldest).await;
+    let (app, tv) = app_with_vendor(2, Policy::EvictOldest, KEY).await;
     let mut spy = app.client.subscribe("hb.>").await.expect("spy");
     let (device, session, revoked) = victims(&app, &tv).await;
     let _beating = keep_beating(device, session.clone());
@@ -247,7 +239,7 @@ async fn an_operator_cannot_steer_service_replies_onto_heartbeats_or_jetstream()
 
 #[tokio::test]
 async fn a_backend_cannot_read_another_backends_replies_nor_any_jetstream_traffic() {
-    let (app, tv) = app_with_vendor(3, Policy::EvictOldest).await;
+    let (app, tv) = app_with_vendor(3, Policy::EvictOldest, KEY).await;
     let victim_token = tv.backend_token("shop");
     let victim = app
         .nats
@@ -310,7 +302,7 @@ async fn a_backend_cannot_read_another_backends_replies_nor_any_jetstream_traffi
 
 #[tokio::test]
 async fn a_device_cannot_publish_a_large_message() {
-    let (app, tv) = app_with_vendor(3, Policy::EvictOldest).await;
+    let (app, tv) = app_with_vendor(3, Policy::EvictOldest, KEY).await;
     let mut spy = app.client.subscribe("hb.>").await.expect("spy");
     let t = tv.token("acme", "tv");
     let (device, mut events) = watched(&app, &t.token, None).await;
@@ -338,7 +330,7 @@ async fn a_device_cannot_publish_a_large_message() {
 
 #[tokio::test]
 async fn a_device_cannot_hold_many_subscriptions() {
-    let (app, tv) = app_with_vendor(3, Policy::EvictOldest).await;
+    let (app, tv) = app_with_vendor(3, Policy::EvictOldest, KEY).await;
     let t = tv.token("acme", "tv");
     let (device, mut events) = watched(&app, &t.token, None).await;
     let mut subs = Vec::new();
@@ -375,17 +367,12 @@ fn connected(c: &async_nats::Client) -> bool {
 
 #[tokio::test]
 async fn a_second_connection_with_one_device_token_replaces_the_first() {
-    let (app, tv) = app_with_vendor(3, Policy::EvictOldest).await;
+    let (app, tv) = app_with_vendor(3, Policy::EvictOldest, KEY).await;
     let t = tv.token("acme", "tv");
     let (first, mut first_events) = short_lived(&app, &t.token).await;
     first.flush().await.expect("first is up");
     let (second, _) = short_lived(&app, &t.token).await;
-    assert!(
-        event_where(&mut first_events, SOON, is_disconnect)
-            .await
-            .is_some(),
-        "the first connection was not closed"
-    );
+    assert_closed(&mut first_events, "the first connection was not closed").await;
     // Ten more at once with the same token: when the knocking-off settles
     // (each reconnects once), at most one connection of the session is open.
     let mut clients = vec![first, second];
@@ -424,7 +411,7 @@ async fn a_second_connection_with_one_device_token_replaces_the_first() {
         &Heartbeat::default(),
     )
     .await;
-    wait_count(&app, "acme", 1).await;
+    app.wait_count("acme", 1).await;
 }
 
 /// POST to token-vendor with the operator key.
@@ -442,7 +429,7 @@ async fn post(tv: &TokenVendor, path: &str, body: serde_json::Value) -> (u16, se
 
 #[tokio::test]
 async fn a_revoked_operator_or_backend_token_is_disconnected_and_refused() {
-    let (app, tv) = app_with_vendor(3, Policy::EvictOldest).await;
+    let (app, tv) = app_with_vendor(3, Policy::EvictOldest, KEY).await;
     for token in [tv.operator_token(), tv.backend_token("shop")] {
         let (client, mut events) = watched(&app, &token.token, Some(&token.inbox_prefix)).await;
         headcount_client::Client::new(client.clone())
@@ -452,12 +439,7 @@ async fn a_revoked_operator_or_backend_token_is_disconnected_and_refused() {
         let (status, body) = post(&tv, "/v1/tokens/revoke", json!({"token": token.token})).await;
         assert_eq!(status, 200, "{body}");
         assert_eq!(body["connections_closed"], 1, "{body}");
-        assert!(
-            event_where(&mut events, SOON, is_disconnect)
-                .await
-                .is_some(),
-            "the revoked token's connection stayed open"
-        );
+        assert_closed(&mut events, "the revoked token's connection stayed open").await;
         assert!(app.nats.client_connect(&token).await.is_err());
     }
     // A device token is not revoked this way.
@@ -468,7 +450,7 @@ async fn a_revoked_operator_or_backend_token_is_disconnected_and_refused() {
 
 #[tokio::test]
 async fn a_key_rotation_ends_operator_and_backend_tokens_but_not_device_tokens() {
-    let (app, tv) = app_with_vendor(3, Policy::EvictOldest).await;
+    let (app, tv) = app_with_vendor(3, Policy::EvictOldest, KEY).await;
     let operator = tv.operator_token();
     let backend = tv.backend_token("shop");
     let device = tv.token("acme", "tv");
@@ -477,10 +459,7 @@ async fn a_key_rotation_ends_operator_and_backend_tokens_but_not_device_tokens()
     let (status, _) = post(&tv, "/v1/keys/rotate", json!({})).await;
     assert_eq!(status, 200);
     for events in [&mut op_events, &mut be_events] {
-        assert!(
-            event_where(events, SOON, is_disconnect).await.is_some(),
-            "a client connection outlived the rotation"
-        );
+        assert_closed(events, "a client connection outlived the rotation").await;
     }
     assert!(app.nats.client_connect(&operator).await.is_err());
     assert!(app.nats.client_connect(&backend).await.is_err());
@@ -499,7 +478,7 @@ async fn a_key_rotation_ends_operator_and_backend_tokens_but_not_device_tokens()
 #[tokio::test]
 async fn a_leaked_service_password_cannot_do_another_services_work_or_stream_surgery() {
     use test_support::Login;
-    let (app, tv) = app_with_vendor(3, Policy::EvictOldest).await;
+    let (app, tv) = app_with_vendor(3, Policy::EvictOldest, KEY).await;
     let t = tv.token("acme", "tv");
     let cases: [(Login, &[&str]); 3] = [
         (
@@ -595,19 +574,18 @@ async fn a_leaked_service_password_cannot_do_another_services_work_or_stream_sur
 
 #[tokio::test]
 async fn a_vendor_restarted_with_a_new_signing_key_ends_older_operator_and_backend_tokens() {
-    let (app, old_vendor) = app_with_vendor(3, Policy::EvictOldest).await;
+    let (app, old_vendor) = app_with_vendor(3, Policy::EvictOldest, KEY).await;
     let operator = old_vendor.operator_token();
     let (_op, mut events) = watched(&app, &operator.token, Some(&operator.inbox_prefix)).await;
     // The way a fleet of vendors rotates: stop them, start them with a new
     // signing key.
     old_vendor.running.stop().await.expect("old vendor stops");
     let new_vendor = app.start_token_vendor(KEY).await;
-    assert!(
-        event_where(&mut events, SOON, is_disconnect)
-            .await
-            .is_some(),
-        "the old operator token's connection stayed open"
-    );
+    assert_closed(
+        &mut events,
+        "the old operator token's connection stayed open",
+    )
+    .await;
     assert!(app.nats.client_connect(&operator).await.is_err());
     app.nats
         .client_connect(&new_vendor.operator_token())

@@ -11,26 +11,28 @@ use async_nats::Event;
 use async_nats::connection::State;
 use futures::StreamExt;
 use headcount_protocol::AccountId;
-use headcount_protocol::wire::{Heartbeat, KickRequest, PresenceEvent, StatsRequest, TokenReply};
-use headcount_protocol::{Limit, Policy};
+use headcount_protocol::Policy;
+use headcount_protocol::wire::{
+    EventType, Heartbeat, KickRequest, PresenceEvent, StatsRequest, TokenReply,
+};
+use headcount_tests::{app_with_vendor, events, next_event};
 use serde_json::json;
-use test_support::{TestApp, TokenVendor};
+use test_support::{TestApp, TokenVendor, ok_json};
 use tokio::sync::mpsc;
 
 const KEY: &str = "operator-key-for-tests";
 const SOON: Duration = Duration::from_secs(5);
 
+/// Services whose accounts have three devices by default, and a token
+/// vendor.
 async fn app() -> (TestApp, TokenVendor) {
-    let app = TestApp::spawn_with(Limit::new(3, Policy::EvictOldest).expect("limit")).await;
-    let tv = app.start_token_vendor(KEY).await;
-    (app, tv)
+    app_with_vendor(3, Policy::EvictOldest, KEY).await
 }
 
-fn post(tv: &TokenVendor, path: &str) -> reqwest::RequestBuilder {
-    reqwest::Client::new().post(format!("{}{path}", tv.http))
-}
-
-async fn error_of(r: reqwest::Response) -> (u16, String) {
+/// Sends `request` and returns the status of the answer and its error
+/// message.
+async fn error_of(request: reqwest::RequestBuilder) -> (u16, String) {
+    let r = request.send().await.expect("the server answers");
     let status = r.status().as_u16();
     let body: serde_json::Value = r.json().await.expect("errors are json");
     (
@@ -89,13 +91,7 @@ async fn a_browser_device_connects_over_websocket_with_its_token() {
 async fn refresh_renews_the_same_session_until_it_is_ended() {
     let (app, tv) = app().await;
     let t = tv.token("acme", "tv");
-    let refreshed = post(&tv, "/v1/tokens/refresh")
-        .bearer_auth(&t.token)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(refreshed.status(), 200);
-    let r: TokenReply = refreshed.json().await.unwrap();
+    let r: TokenReply = ok_json(tv.post("/v1/tokens/refresh").bearer_auth(&t.token)).await;
     assert_eq!(r.session, t.session, "a refresh keeps the session");
     assert!(r.expires_at >= t.expires_at);
     let claims = tv.vendor.verify(&r.token).unwrap();
@@ -103,11 +99,7 @@ async fn refresh_renews_the_same_session_until_it_is_ended() {
         (claims.account.as_str(), claims.device.as_str()),
         ("acme", "tv")
     );
-    assert_eq!(
-        tv.running
-            .metric(r#"headcount_tokens_issued_total{via="refresh"}"#),
-        1.0
-    );
+    assert_eq!(tv.issued("refresh"), 1.0);
 
     // A player on another origin may refresh (CORS, no credentials); the
     // operator endpoints stay same-origin.
@@ -135,11 +127,7 @@ async fn refresh_renews_the_same_session_until_it_is_ended() {
 
     // No token, a forged one, an operator key: 401.
     for bearer in [None, Some("not-a-token"), Some(KEY)] {
-        let mut req = post(&tv, "/v1/tokens/refresh");
-        if let Some(b) = bearer {
-            req = req.bearer_auth(b);
-        }
-        let (status, message) = error_of(req.send().await.unwrap()).await;
+        let (status, message) = error_of(tv.post_bearing("/v1/tokens/refresh", bearer)).await;
         assert_eq!(status, 401, "{bearer:?}: {message}");
         assert!(!message.is_empty());
     }
@@ -150,14 +138,7 @@ async fn refresh_renews_the_same_session_until_it_is_ended() {
         .await;
     assert!(app.kick("acme", t.session.as_str()).await);
     for token in [&t.token, &r.token] {
-        let (status, message) = error_of(
-            post(&tv, "/v1/tokens/refresh")
-                .bearer_auth(token)
-                .send()
-                .await
-                .unwrap(),
-        )
-        .await;
+        let (status, message) = error_of(tv.post("/v1/tokens/refresh").bearer_auth(token)).await;
         assert_eq!(status, 403, "{message}");
         assert!(message.contains("ended"), "{message}");
     }
@@ -166,15 +147,15 @@ async fn refresh_renews_the_same_session_until_it_is_ended() {
 #[tokio::test]
 async fn the_leave_beacon_ends_the_session_at_once() {
     let (app, tv) = app().await;
-    let mut events = app.client.subscribe("headcount.events.acme").await.unwrap();
-    app.client.flush().await.unwrap();
+    let mut events = events(&app, "acme").await;
     let t = tv.token("acme", "laptop");
     heartbeat_once(&app.nats.url(), &t, "acme", "laptop").await;
     app.wait_active("acme", SOON, |r| r.sessions.len() == 1)
         .await;
 
     // sendBeacon posts the JSON as text/plain.
-    let gone = post(&tv, "/v1/sessions/leave")
+    let gone = tv
+        .post("/v1/sessions/leave")
         .header("content-type", "text/plain;charset=UTF-8")
         .body(json!({"token": t.token}).to_string())
         .send()
@@ -185,39 +166,15 @@ async fn the_leave_beacon_ends_the_session_at_once() {
         .wait_active("acme", SOON, |r| r.sessions.is_empty())
         .await;
     assert!(took.is_some(), "the seat is freed: {r:?}");
-    let kinds: Vec<PresenceEvent> = tokio::time::timeout(SOON, async {
-        let mut seen = Vec::new();
-        while let Some(m) = events.next().await {
-            let e: PresenceEvent = serde_json::from_slice(&m.payload).unwrap();
-            let done = e.kind == headcount_protocol::wire::EventType::Leave;
-            seen.push(e);
-            if done {
-                return seen;
-            }
-        }
-        seen
-    })
-    .await
-    .expect("a leave event");
-    let leave = kinds.last().unwrap();
+    let leave = next_event(&mut events, EventType::Leave).await;
     assert_eq!(leave.session, t.session);
 
     // Bad bodies and tokens get a clear 400 or 401, and nothing is published.
-    let (status, message) = error_of(
-        post(&tv, "/v1/sessions/leave")
-            .body("{not json")
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (status, message) = error_of(tv.post("/v1/sessions/leave").body("{not json")).await;
     assert_eq!(status, 400, "{message}");
     let (status, _) = error_of(
-        post(&tv, "/v1/sessions/leave")
-            .body(json!({"token": "forged"}).to_string())
-            .send()
-            .await
-            .unwrap(),
+        tv.post("/v1/sessions/leave")
+            .body(json!({"token": "forged"}).to_string()),
     )
     .await;
     assert_eq!(status, 401);
@@ -226,28 +183,19 @@ async fn the_leave_beacon_ends_the_session_at_once() {
 #[tokio::test]
 async fn demo_tokens_are_device_tokens_with_checked_names() {
     let (app, tv) = app().await;
-    let ok = post(&tv, "/v1/demo/tokens")
-        .json(&json!({"account": "demo", "device": "browser-1"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(ok.status(), 200);
-    let t: TokenReply = ok.json().await.unwrap();
+    let t: TokenReply = ok_json(
+        tv.post("/v1/demo/tokens")
+            .json(&json!({"account": "demo", "device": "browser-1"})),
+    )
+    .await;
     let claims = tv.vendor.verify(&t.token).unwrap();
     assert!(!claims.is_operator());
     assert!(app.nats.device_connect(&t.token).await.is_ok());
-    assert_eq!(
-        tv.running
-            .metric(r#"headcount_tokens_issued_total{via="demo"}"#),
-        1.0
-    );
+    assert_eq!(tv.issued("demo"), 1.0);
 
     let (status, message) = error_of(
-        post(&tv, "/v1/demo/tokens")
-            .json(&json!({"account": "no spaces", "device": "d"}))
-            .send()
-            .await
-            .unwrap(),
+        tv.post("/v1/demo/tokens")
+            .json(&json!({"account": "no spaces", "device": "d"})),
     )
     .await;
     assert_eq!(status, 400);
@@ -280,17 +228,16 @@ async fn demo_tokens_are_off_unless_turned_on() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum_serve(listener, router).await });
-    let r = reqwest::Client::new()
-        .post(format!("http://{addr}/v1/demo/tokens"))
-        .json(&json!({"account": "demo", "device": "d"}))
-        .send()
-        .await
-        .unwrap();
-    let (status, message) = error_of(r).await;
+    let http = reqwest::Client::new();
+    let (status, message) = error_of(
+        http.post(format!("http://{addr}/v1/demo/tokens"))
+            .json(&json!({"account": "demo", "device": "d"})),
+    )
+    .await;
     assert_eq!(status, 404);
     assert!(message.contains("demo tokens are off"), "{message}");
     // And no pages without a web directory: a JSON 404, not a crash.
-    let (status, _) = error_of(reqwest::get(format!("http://{addr}/demo/")).await.unwrap()).await;
+    let (status, _) = error_of(http.get(format!("http://{addr}/demo/"))).await;
     assert_eq!(status, 404);
 }
 
@@ -303,13 +250,8 @@ async fn operator(
     app: &TestApp,
     tv: &TokenVendor,
 ) -> (async_nats::Client, mpsc::UnboundedReceiver<Event>) {
-    let r = post(tv, "/v1/operator-tokens")
-        .bearer_auth(KEY)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let op: token_vendor::OperatorToken = r.json().await.unwrap();
+    let op: token_vendor::OperatorToken =
+        ok_json(tv.post("/v1/operator-tokens").bearer_auth(KEY)).await;
     let (tx, rx) = mpsc::unbounded_channel();
     let client = async_nats::ConnectOptions::with_token(op.token)
         .custom_inbox_prefix(op.inbox_prefix)
@@ -329,14 +271,7 @@ async fn operator(
 async fn operator_tokens_query_watch_and_kick_but_publish_no_heartbeat() {
     let (app, tv) = app().await;
     // Without the operator key: 401.
-    let (status, _) = error_of(
-        post(&tv, "/v1/operator-tokens")
-            .bearer_auth("guess")
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (status, _) = error_of(tv.post("/v1/operator-tokens").bearer_auth("guess")).await;
     assert_eq!(status, 401);
 
     let (op, mut op_events) = operator(&app, &tv).await;

@@ -7,12 +7,12 @@
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use headcount_client::{ClientError, ServiceError};
+use headcount_client::ClientError;
 use headcount_protocol::wire::{
-    CheckReply, ControlMessage, ControlType, EventType, Heartbeat, LimitsReply, PresenceEvent,
-    StatsReply, TokenReply,
+    ControlType, EventType, Heartbeat, LimitsReply, PresenceEvent, StatsReply, TokenReply,
 };
 use headcount_protocol::{Limit, Policy};
+use headcount_tests::{bad_request, check, control, events, next_control, next_event};
 use serde_json::json;
 use test_support::{Device, TestApp};
 
@@ -120,11 +120,7 @@ async fn plans_and_overrides_are_set_validated_and_applied_by_every_replica() {
             "colour",
         ),
     ] {
-        let e = limits_set(&app, body.clone()).await.expect_err("refused");
-        let Some(ServiceError { code, message: msg }) = e.service_error() else {
-            panic!("{body}: {e:?}");
-        };
-        assert_eq!(*code, 400, "{body}");
+        let msg = bad_request(&app, "limits.set", body.to_string()).await;
         assert!(msg.contains(mentions), "{msg:?} should mention {mentions}");
     }
     let after = limits_get(&app, "acme").await;
@@ -141,13 +137,8 @@ async fn plans_and_overrides_are_set_validated_and_applied_by_every_replica() {
 async fn a_plan_carried_in_a_token_sets_the_limit() {
     let app = TestApp::spawn().await;
     let _tv = app.start_token_vendor("key").await;
-    let _t: TokenReply = app
-        .request(
-            "token",
-            &json!({"account": "acme", "device": "tv", "plan": "basic"}),
-        )
-        .await
-        .unwrap();
+    let token_on = |plan: &str| json!({"account": "acme", "device": "tv", "plan": plan});
+    let _t: TokenReply = app.request("token", &token_on("basic")).await.unwrap();
     let deadline = Instant::now() + SOON;
     while limits_get(&app, "acme").await.plan.as_deref() != Some("basic") {
         assert!(Instant::now() < deadline, "token plan not applied");
@@ -160,17 +151,7 @@ async fn a_plan_carried_in_a_token_sets_the_limit() {
         .unwrap();
     assert_eq!(limits_get(&app, "acme").await.limit, 4);
     // An unknown plan in a token request is refused.
-    let e = app
-        .request::<_, TokenReply>(
-            "token",
-            &json!({"account": "acme", "device": "tv", "plan": "gold"}),
-        )
-        .await
-        .unwrap_err();
-    let Some(ServiceError { code, message: msg }) = e.service_error() else {
-        panic!("{e:?}");
-    };
-    assert_eq!(*code, 400);
+    let msg = bad_request(&app, "token", token_on("gold").to_string()).await;
     assert!(msg.contains("unknown plan"), "{msg}");
 }
 
@@ -199,9 +180,7 @@ async fn per_content_limits_evict_within_one_content_only() {
         took.is_some(),
         "s1 evicted for s2 on class-1, s3 untouched: {r:?}"
     );
-    for d in [a, b, c] {
-        d.silence().await;
-    }
+    Device::silence_all([a, b, c]).await;
 }
 
 #[tokio::test]
@@ -239,8 +218,7 @@ async fn grace_allows_an_overage_for_a_while_then_enforces() {
     )
     .await
     .unwrap();
-    let mut events = app.client.subscribe("headcount.events.acme").await.unwrap();
-    app.client.flush().await.unwrap();
+    let mut events = events(&app, "acme").await;
     let dev = app.nats.fleet_client().await;
     let first = Device::start(dev.clone(), "acme", "first", "s1", BEAT, plain());
     app.wait_active("acme", SOON, |r| r.active == 1).await;
@@ -258,17 +236,7 @@ async fn grace_allows_an_overage_for_a_while_then_enforces() {
         })
         .await;
     assert!(took.is_some(), "enforced after the grace: {r:?}");
-    let ev = tokio::time::timeout(SOON, async {
-        loop {
-            let m = events.next().await.unwrap();
-            let e: PresenceEvent = serde_json::from_slice(&m.payload).unwrap();
-            if e.kind == EventType::Evicted {
-                return e;
-            }
-        }
-    })
-    .await
-    .expect("evicted event");
+    let ev = next_event(&mut events, EventType::Evicted).await;
     assert_eq!(ev.session.as_str(), "s1");
     first.silence().await;
     second.silence().await;
@@ -278,50 +246,31 @@ async fn grace_allows_an_overage_for_a_while_then_enforces() {
 async fn takeover_signs_out_the_chosen_device_and_says_who_took_over() {
     let app = TestApp::spawn_with(Limit::new(2, Policy::RejectNew).unwrap()).await;
     let dev = app.nats.fleet_client().await;
-    let mut ctl = dev.subscribe("ctl.acme.kitchen").await.unwrap();
-    dev.flush().await.unwrap();
+    let mut ctl = control(&dev, "acme", "kitchen").await;
     let a = Device::start(dev.clone(), "acme", "kitchen", "s1", BEAT, plain());
     let b = Device::start(dev.clone(), "acme", "bedroom", "s2", BEAT, plain());
     app.wait_active("acme", SOON, |r| r.active == 2).await;
 
     // Without a choice, reject-new refuses the third device.
-    let r: CheckReply = app
-        .request("check", &json!({"account": "acme", "device": "phone"}))
-        .await
-        .unwrap();
+    let r = check(&app, json!({"account": "acme", "device": "phone"})).await;
     assert!(!r.allowed && r.evicted.is_empty());
     // Naming a session of another account (or none at all) is an error,
     // and nothing changes.
-    let e = app
-        .request::<_, CheckReply>(
-            "check",
-            &json!({"account": "other", "device": "phone", "evict": "s1"}),
-        )
-        .await
-        .unwrap_err();
-    let Some(ServiceError { code, message: msg }) = e.service_error() else {
-        panic!("{e:?}");
-    };
-    assert_eq!(*code, 400);
+    let elsewhere = json!({"account": "other", "device": "phone", "evict": "s1"});
+    let msg = bad_request(&app, "check", elsewhere.to_string()).await;
     assert!(msg.contains("not an active session"), "{msg}");
     assert_eq!(app.active("acme").await.active, 2);
 
     // The user picks the kitchen TV to sign out.
-    let r: CheckReply = app
-        .request(
-            "check",
-            &json!({"account": "acme", "device": "phone", "session": "p1", "evict": "s1"}),
-        )
-        .await
-        .unwrap();
+    let r = check(
+        &app,
+        json!({"account": "acme", "device": "phone", "session": "p1", "evict": "s1"}),
+    )
+    .await;
     assert!(r.allowed);
     assert_eq!(r.evicted.len(), 1);
     assert_eq!(r.evicted[0].session.as_str(), "s1");
-    let msg = tokio::time::timeout(SOON, ctl.next())
-        .await
-        .unwrap()
-        .unwrap();
-    let c = ControlMessage::decode(&msg.payload).unwrap();
+    let c = next_control(&mut ctl).await;
     assert_eq!(c.kind, ControlType::DeviceLimitExceeded);
     let by = c.by.expect("the notice says who took over");
     assert_eq!((by.device.as_str(), by.session.as_str()), ("phone", "p1"));
@@ -341,10 +290,8 @@ async fn with_three_checkers_and_two_handlers_each_ending_happens_once() {
     assert_eq!((app.checkers.len(), app.handlers.len()), (3, 2));
 
     let dev = app.nats.fleet_client().await;
-    let mut ctl = dev.subscribe("ctl.acme.first").await.unwrap();
-    let mut evicted = app.client.subscribe("headcount.events.acme").await.unwrap();
-    dev.flush().await.unwrap();
-    app.client.flush().await.unwrap();
+    let mut ctl = control(&dev, "acme", "first").await;
+    let mut evicted = events(&app, "acme").await;
 
     let first = Device::start(dev.clone(), "acme", "first", "s1", BEAT, plain());
     app.wait_active("acme", SOON, |r| r.active == 1).await;
@@ -473,7 +420,5 @@ async fn stats_break_usage_down_and_metrics_carry_bounded_gauges() {
         checker.metric(r#"headcount_active_sessions_by_region{region="us"}"#),
         2.0
     );
-    for d in devices {
-        d.silence().await;
-    }
+    Device::silence_all(devices).await;
 }

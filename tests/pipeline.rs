@@ -7,11 +7,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::StreamExt;
-use headcount_protocol::wire::{
-    ActiveReply, CheckReply, ControlMessage, ControlType, EventType, Heartbeat, LimitsReply,
-    PresenceEvent,
-};
+use headcount_protocol::wire::{ActiveReply, ControlType, EventType, Heartbeat, LimitsReply};
 use headcount_protocol::{Limit, Policy};
+use headcount_tests::{check, control, events, next_control, next_event};
 use serde_json::json;
 use test_support::{Device, TestApp};
 
@@ -24,46 +22,46 @@ fn plain() -> Heartbeat {
     Heartbeat::default()
 }
 
-async fn events(app: &TestApp, account: &str) -> async_nats::Subscriber {
-    let sub = app
-        .client
-        .subscribe(format!("headcount.events.{account}"))
-        .await
-        .unwrap();
-    app.client.flush().await.unwrap();
-    sub
+fn limit(n: i64, policy: Policy) -> Limit {
+    Limit::new(n, policy).expect("limit")
 }
 
-/// Next event of `kind`, skipping others, within 5 s.
-async fn next_event(sub: &mut async_nats::Subscriber, kind: EventType) -> PresenceEvent {
-    tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            let msg = sub.next().await.expect("event stream open");
-            let ev: PresenceEvent = serde_json::from_slice(&msg.payload).expect("event is json");
-            if ev.kind == kind {
-                return ev;
-            }
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("no {kind:?} event"))
+/// Services with `limit` as every account's default, the fleet connection
+/// devices beat on, and from the start what acme's `device` is told and
+/// acme's presence events, in that order.
+async fn watched(
+    limit: Limit,
+    device: &str,
+) -> (
+    TestApp,
+    async_nats::Client,
+    async_nats::Subscriber,
+    async_nats::Subscriber,
+) {
+    let app = TestApp::spawn_with(limit).await;
+    let dev = app.nats.fleet_client().await;
+    let ctl = control(&dev, "acme", device).await;
+    let ev = events(&app, "acme").await;
+    (app, dev, ctl, ev)
 }
 
-async fn control(device: &async_nats::Client, account: &str, dev: &str) -> async_nats::Subscriber {
-    let sub = device
-        .subscribe(format!("ctl.{account}.{dev}"))
-        .await
-        .unwrap();
-    device.flush().await.unwrap();
-    sub
+/// acme's `device` beating plain heartbeats as `session` on `dev`, once
+/// acme counts `active` sessions with it.
+async fn joined(
+    app: &TestApp,
+    dev: &async_nats::Client,
+    device: &str,
+    session: &str,
+    active: u32,
+) -> Device {
+    let d = Device::start(dev.clone(), "acme", device, session, BEAT, plain());
+    app.wait_count("acme", active).await;
+    d
 }
 
-async fn next_control(sub: &mut async_nats::Subscriber) -> ControlMessage {
-    let msg = tokio::time::timeout(Duration::from_secs(5), sub.next())
-        .await
-        .expect("control message within 5 s")
-        .expect("control stream open");
-    ControlMessage::decode(&msg.payload).expect("control message is msgpack")
+/// How many sessions the checker has evicted.
+fn evictions(app: &TestApp) -> f64 {
+    app.checkers[0].metric(r#"headcount_enforcements_total{action="evicted"}"#)
 }
 
 #[tokio::test]
@@ -78,8 +76,7 @@ async fn a_new_session_is_counted_with_its_details() {
         ..Default::default()
     };
     app.heartbeat(&dev, "acme", "laptop", "s1", &hb).await;
-    let (reply, took) = app.wait_active("acme", SOON, |r| r.active == 1).await;
-    assert!(took.is_some(), "never became active: {reply:?}");
+    let reply = app.wait_count("acme", 1).await;
     let s = &reply.sessions[0];
     assert_eq!((s.device.as_str(), s.session.as_str()), ("laptop", "s1"));
     assert_eq!(s.labels.content(), Some("movie-42"));
@@ -104,10 +101,7 @@ async fn heartbeats_are_coalesced_into_one_write_per_interval() {
         };
         app.heartbeat(&dev, "acme", "tv", "s1", &hb).await;
     }
-    app.wait_active("acme", SOON, |r| r.active == 1)
-        .await
-        .1
-        .expect("active");
+    app.wait_count("acme", 1).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(
         handler.metric(r#"headcount_heartbeats_total{result="accepted"}"#),
@@ -124,17 +118,13 @@ async fn leave_frees_the_seat_at_once() {
     let dev = app.nats.fleet_client().await;
     let mut ev = events(&app, "acme").await;
     app.heartbeat(&dev, "acme", "tv", "s1", &plain()).await;
-    app.wait_active("acme", SOON, |r| r.active == 1)
-        .await
-        .1
-        .expect("joined");
+    app.wait_count("acme", 1).await;
     let leave = Heartbeat {
         leave: true,
         ..Default::default()
     };
     app.heartbeat(&dev, "acme", "tv", "s1", &leave).await;
-    let (r, took) = app.wait_active("acme", SOON, |r| r.active == 0).await;
-    assert!(took.is_some(), "still active after leave: {r:?}");
+    app.wait_count("acme", 0).await;
     let e = next_event(&mut ev, EventType::Leave).await;
     assert_eq!(e.session.as_str(), "s1");
 }
@@ -145,11 +135,7 @@ async fn a_silent_device_times_out() {
     let dev = app.nats.fleet_client().await;
     let mut ev = events(&app, "acme").await;
     let quiet = Device::start(dev.clone(), "acme", "tv", "s1", BEAT, plain());
-    let stays = Device::start(dev.clone(), "acme", "phone", "s2", BEAT, plain());
-    app.wait_active("acme", SOON, |r| r.active == 2)
-        .await
-        .1
-        .expect("both active");
+    let stays = joined(&app, &dev, "phone", "s2", 2).await;
     // Longer than the timeout while both beat: nobody drops out.
     tokio::time::sleep(app.timings.timeout * 2).await;
     assert_eq!(app.active("acme").await.active, 2);
@@ -162,20 +148,9 @@ async fn a_silent_device_times_out() {
 
 #[tokio::test]
 async fn evict_oldest_tells_the_evicted_device_and_ignores_it_afterwards() {
-    let app = TestApp::spawn().await; // limit 2, evict-oldest
-    let dev = app.nats.fleet_client().await;
-    let mut ctl = control(&dev, "acme", "first").await;
-    let mut ev = events(&app, "acme").await;
-    let first = Device::start(dev.clone(), "acme", "first", "s1", BEAT, plain());
-    app.wait_active("acme", SOON, |r| r.active == 1)
-        .await
-        .1
-        .expect("first");
-    let second = Device::start(dev.clone(), "acme", "second", "s2", BEAT, plain());
-    app.wait_active("acme", SOON, |r| r.active == 2)
-        .await
-        .1
-        .expect("second");
+    let (app, dev, mut ctl, mut ev) = watched(limit(2, Policy::EvictOldest), "first").await;
+    let first = joined(&app, &dev, "first", "s1", 1).await;
+    let second = joined(&app, &dev, "second", "s2", 2).await;
     let third = Device::start(dev.clone(), "acme", "third", "s3", BEAT, plain());
 
     let msg = next_control(&mut ctl).await;
@@ -189,26 +164,14 @@ async fn evict_oldest_tells_the_evicted_device_and_ignores_it_afterwards() {
     tokio::time::sleep(app.timings.timeout * 2).await;
     assert_eq!(app.active_sessions("acme").await, ["s2", "s3"]);
     assert!(app.handlers[0].metric(r#"headcount_heartbeats_total{result="revoked"}"#) >= 1.0);
-    assert_eq!(
-        app.checkers[0].metric(r#"headcount_enforcements_total{action="evicted"}"#),
-        1.0
-    );
-    for d in [first, second, third] {
-        d.silence().await;
-    }
+    assert_eq!(evictions(&app), 1.0);
+    Device::silence_all([first, second, third]).await;
 }
 
 #[tokio::test]
 async fn reject_new_refuses_the_session_beyond_the_limit() {
-    let app = TestApp::spawn_with(Limit::new(1, Policy::RejectNew).expect("limit")).await;
-    let dev = app.nats.fleet_client().await;
-    let mut ctl = control(&dev, "acme", "late").await;
-    let mut ev = events(&app, "acme").await;
-    let early = Device::start(dev.clone(), "acme", "early", "s1", BEAT, plain());
-    app.wait_active("acme", SOON, |r| r.active == 1)
-        .await
-        .1
-        .expect("early");
+    let (app, dev, mut ctl, mut ev) = watched(limit(1, Policy::RejectNew), "late").await;
+    let early = joined(&app, &dev, "early", "s1", 1).await;
     let late = Device::start(dev.clone(), "acme", "late", "s2", BEAT, plain());
     let msg = next_control(&mut ctl).await;
     assert_eq!(msg.kind, ControlType::DeviceLimitExceeded);
@@ -219,43 +182,24 @@ async fn reject_new_refuses_the_session_beyond_the_limit() {
     assert_eq!(app.active_sessions("acme").await, ["s1"]);
 
     // check agrees: a new device may not play, the active one may.
-    let r: CheckReply = app
-        .request("check", &json!({"account": "acme", "device": "other"}))
-        .await
-        .unwrap();
+    let r = check(&app, json!({"account": "acme", "device": "other"})).await;
     assert!(!r.allowed);
     assert_eq!((r.active, r.limit, r.policy), (1, 1, Policy::RejectNew));
-    let r: CheckReply = app
-        .request("check", &json!({"account": "acme", "device": "early"}))
-        .await
-        .unwrap();
+    let r = check(&app, json!({"account": "acme", "device": "early"})).await;
     assert!(r.allowed && r.evicted.is_empty());
-    early.silence().await;
-    late.silence().await;
+    Device::silence_all([early, late]).await;
 }
 
 #[tokio::test]
 async fn check_under_evict_oldest_makes_room_for_the_newcomer() {
-    let app = TestApp::spawn().await; // limit 2
-    let dev = app.nats.fleet_client().await;
-    let mut ctl = control(&dev, "acme", "a").await;
-    let a = Device::start(dev.clone(), "acme", "a", "s1", BEAT, plain());
-    app.wait_active("acme", SOON, |r| r.active == 1)
-        .await
-        .1
-        .expect("a");
-    let b = Device::start(dev.clone(), "acme", "b", "s2", BEAT, plain());
-    app.wait_active("acme", SOON, |r| r.active == 2)
-        .await
-        .1
-        .expect("b");
-    let r: CheckReply = app
-        .request(
-            "check",
-            &json!({"account": "acme", "device": "c", "session": "s3"}),
-        )
-        .await
-        .unwrap();
+    let (app, dev, mut ctl, _) = watched(limit(2, Policy::EvictOldest), "a").await;
+    let a = joined(&app, &dev, "a", "s1", 1).await;
+    let b = joined(&app, &dev, "b", "s2", 2).await;
+    let r = check(
+        &app,
+        json!({"account": "acme", "device": "c", "session": "s3"}),
+    )
+    .await;
     assert!(r.allowed);
     assert_eq!(r.evicted.len(), 1);
     assert_eq!(r.evicted[0].session.as_str(), "s1");
@@ -267,27 +211,16 @@ async fn check_under_evict_oldest_makes_room_for_the_newcomer() {
         Some(("c".into(), "s3".into()))
     );
     // An active device is allowed without evicting anyone.
-    let r: CheckReply = app
-        .request("check", &json!({"account": "acme", "device": "b"}))
-        .await
-        .unwrap();
+    let r = check(&app, json!({"account": "acme", "device": "b"})).await;
     assert!(r.allowed && r.evicted.is_empty());
-    a.silence().await;
-    b.silence().await;
+    Device::silence_all([a, b]).await;
 }
 
 #[tokio::test]
 async fn a_new_session_of_the_same_device_replaces_the_old_one() {
-    let app = TestApp::spawn().await; // limit 2
-    let dev = app.nats.fleet_client().await;
-    let mut ctl = control(&dev, "acme", "tv").await;
-    let mut ev = events(&app, "acme").await;
+    let (app, dev, mut ctl, mut ev) = watched(limit(2, Policy::EvictOldest), "tv").await;
     let old = Device::start(dev.clone(), "acme", "tv", "old", BEAT, plain());
-    let other = Device::start(dev.clone(), "acme", "phone", "p1", BEAT, plain());
-    app.wait_active("acme", SOON, |r| r.active == 2)
-        .await
-        .1
-        .expect("two");
+    let other = joined(&app, &dev, "phone", "p1", 2).await;
     // A reload: new session, same device; the old tab still beats a while.
     let new = Device::start(dev.clone(), "acme", "tv", "new", BEAT, plain());
     let (r, took) = app
@@ -313,13 +246,8 @@ async fn a_new_session_of_the_same_device_replaces_the_old_one() {
             .is_err(),
         "replacement must not evict"
     );
-    assert_eq!(
-        app.checkers[0].metric(r#"headcount_enforcements_total{action="evicted"}"#),
-        0.0
-    );
-    for d in [old, other, new] {
-        d.silence().await;
-    }
+    assert_eq!(evictions(&app), 0.0);
+    Device::silence_all([old, other, new]).await;
 }
 
 #[tokio::test]
@@ -369,55 +297,28 @@ async fn limits_can_be_read_and_set_and_bad_values_change_nothing() {
 
 #[tokio::test]
 async fn lowering_a_limit_enforces_it_at_once() {
-    let app = TestApp::spawn_with(Limit::new(3, Policy::EvictOldest).expect("limit")).await;
-    let dev = app.nats.fleet_client().await;
-    let mut ctl = control(&dev, "acme", "d1").await;
+    let (app, dev, mut ctl, _) = watched(limit(3, Policy::EvictOldest), "d1").await;
     let mut devices = Vec::new();
     for i in 1..=3 {
-        devices.push(Device::start(
-            dev.clone(),
-            "acme",
-            &format!("d{i}"),
-            &format!("s{i}"),
-            BEAT,
-            plain(),
-        ));
-        app.wait_active("acme", SOON, |r| r.active == i)
-            .await
-            .1
-            .expect("joined");
+        devices.push(joined(&app, &dev, &format!("d{i}"), &format!("s{i}"), i).await);
     }
     let _: LimitsReply = app
         .request("limits.set", &json!({"account": "acme", "limit": 2}))
         .await
         .unwrap();
     assert_eq!(next_control(&mut ctl).await.session.as_str(), "s1");
-    app.wait_active("acme", SOON, |r| r.active == 2)
-        .await
-        .1
-        .expect("two left");
-    for d in devices {
-        d.silence().await;
-    }
+    app.wait_count("acme", 2).await;
+    Device::silence_all(devices).await;
 }
 
 #[tokio::test]
 async fn kick_revokes_a_session_once() {
-    let app = TestApp::spawn().await;
-    let dev = app.nats.fleet_client().await;
-    let mut ctl = control(&dev, "acme", "tv").await;
-    let tv = Device::start(dev.clone(), "acme", "tv", "s1", BEAT, plain());
-    app.wait_active("acme", SOON, |r| r.active == 1)
-        .await
-        .1
-        .expect("tv");
+    let (app, dev, mut ctl, _) = watched(limit(2, Policy::EvictOldest), "tv").await;
+    let tv = joined(&app, &dev, "tv", "s1", 1).await;
     assert!(app.kick("acme", "s1").await);
     let msg = next_control(&mut ctl).await;
     assert_eq!(msg.kind, ControlType::Revoked);
-    app.wait_active("acme", SOON, |r| r.active == 0)
-        .await
-        .1
-        .expect("gone");
+    app.wait_count("acme", 0).await;
     assert!(
         !app.kick("acme", "s1").await,
         "a second kick finds nothing to do"
@@ -434,7 +335,7 @@ async fn kick_revokes_a_session_once() {
 
 #[tokio::test]
 async fn restarting_handler_and_checker_loses_no_session() {
-    let mut app = TestApp::spawn_with(Limit::new(50, Policy::EvictOldest).expect("limit")).await;
+    let mut app = TestApp::spawn_with(limit(50, Policy::EvictOldest)).await;
     let dev = app.nats.fleet_client().await;
     let devices: Vec<Device> = (0..10)
         .map(|i| {
@@ -448,10 +349,7 @@ async fn restarting_handler_and_checker_loses_no_session() {
             )
         })
         .collect();
-    app.wait_active("acme", SOON, |r| r.active == 10)
-        .await
-        .1
-        .expect("all ten");
+    app.wait_count("acme", 10).await;
 
     let handler = app.handlers.remove(0);
     handler.stop().await.unwrap();
@@ -470,14 +368,12 @@ async fn restarting_handler_and_checker_loses_no_session() {
     checker.abort();
     app.checkers.push(app.start_checker().await);
     assert_eq!(app.active("acme").await.active, 10);
-    for d in devices {
-        d.silence().await;
-    }
+    Device::silence_all(devices).await;
 }
 
 #[tokio::test]
 async fn two_handlers_share_the_load_without_losing_sessions() {
-    let mut app = TestApp::spawn_with(Limit::new(100, Policy::EvictOldest).expect("limit")).await;
+    let mut app = TestApp::spawn_with(limit(100, Policy::EvictOldest)).await;
     app.handlers.push(app.start_handler().await);
     let dev = app.nats.fleet_client().await;
     let devices: Vec<Device> = (0..40)
@@ -494,10 +390,7 @@ async fn two_handlers_share_the_load_without_losing_sessions() {
         })
         .collect();
     for a in 0..4 {
-        let (r, took) = app
-            .wait_active(&format!("acct{a}"), SOON, |r| r.active == 10)
-            .await;
-        assert!(took.is_some(), "acct{a}: {}", r.active);
+        app.wait_count(&format!("acct{a}"), 10).await;
     }
     // Let an interval boundary pass under load, then count again.
     tokio::time::sleep(app.timings.interval + Duration::from_millis(500)).await;
@@ -524,20 +417,14 @@ async fn two_handlers_share_the_load_without_losing_sessions() {
         writes < accepted / 5.0,
         "writes {writes} must grow with sessions, not heartbeats ({accepted})"
     );
-    for d in devices {
-        d.silence().await;
-    }
+    Device::silence_all(devices).await;
 }
 
 #[tokio::test]
 async fn bad_heartbeats_are_counted_and_never_disturb_valid_sessions() {
     let app = TestApp::spawn().await;
     let dev = app.nats.fleet_client().await;
-    let good = Device::start(dev.clone(), "acme", "tv", "s1", BEAT, plain());
-    app.wait_active("acme", SOON, |r| r.active == 1)
-        .await
-        .1
-        .expect("tv");
+    let good = joined(&app, &dev, "tv", "s1", 1).await;
     let h = &app.handlers[0];
     let invalid0 = h.metric(r#"headcount_heartbeats_total{result="invalid"}"#);
     let malformed0 = h.metric(r#"headcount_heartbeats_total{result="malformed"}"#);
@@ -619,15 +506,8 @@ async fn bad_requests_get_clear_errors() {
 async fn metrics_track_heartbeats_sessions_and_checks() {
     let app = TestApp::spawn().await;
     let dev = app.nats.fleet_client().await;
-    let d = Device::start(dev.clone(), "acme", "tv", "s1", BEAT, plain());
-    app.wait_active("acme", SOON, |r| r.active == 1)
-        .await
-        .1
-        .expect("tv");
-    let _: CheckReply = app
-        .request("check", &json!({"account": "acme", "device": "tv"}))
-        .await
-        .unwrap();
+    let d = joined(&app, &dev, "tv", "s1", 1).await;
+    check(&app, json!({"account": "acme", "device": "tv"})).await;
     // The gauges refresh on their own timers (the handler's every second).
     let h = &app.handlers[0];
     let c = &app.checkers[0];

@@ -11,20 +11,20 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use bytes::Bytes;
 use futures::StreamExt;
-use headcount_protocol::wire::{ControlMessage, ControlType, Heartbeat};
+use headcount_protocol::wire::{ControlType, Heartbeat, TokenReply};
 use headcount_protocol::{AccountId, DeviceId, Limit, Policy, now_millis};
+use headcount_tests::{app_with_vendor, control, next_control};
 use serde_json::json;
-use test_support::{TestApp, TokenVendor};
+use test_support::{TestApp, TokenVendor, ok_json};
 use tokio::sync::mpsc;
 
 const KEY: &str = "operator-key-for-tests";
 const SOON: Duration = Duration::from_secs(5);
 
-async fn app_with_vendor(limit: u32) -> (TestApp, TokenVendor) {
-    let app =
-        TestApp::spawn_with(Limit::new(limit as i64, Policy::EvictOldest).expect("limit")).await;
-    let tv = app.start_token_vendor(KEY).await;
-    (app, tv)
+/// Services whose accounts have `limit` devices by default (evict-oldest),
+/// and a token vendor.
+async fn app(limit: i64) -> (TestApp, TokenVendor) {
+    app_with_vendor(limit, Policy::EvictOldest, KEY).await
 }
 
 /// A device connection that reports the server's errors (permission
@@ -34,6 +34,42 @@ async fn device(
     token: &str,
 ) -> (async_nats::Client, mpsc::UnboundedReceiver<Event>) {
     app.nats.watched_connect(token, None).await
+}
+
+/// Services (limit 3) and a token vendor, and acme's tv connected with a
+/// token of its own.
+struct Connected {
+    app: TestApp,
+    tv: TokenVendor,
+    /// The device's token.
+    t: TokenReply,
+    dev: async_nats::Client,
+    /// What happens to the device's connection.
+    events: mpsc::UnboundedReceiver<Event>,
+}
+
+impl Connected {
+    /// One heartbeat of the device's session.
+    async fn beat(&self) {
+        let session = self.t.session.as_str();
+        self.app
+            .heartbeat(&self.dev, "acme", "tv", session, &hb())
+            .await;
+    }
+}
+
+/// A fresh [`Connected`].
+async fn tv_connected() -> Connected {
+    let (app, tv) = app(3).await;
+    let t = tv.token("acme", "tv");
+    let (dev, events) = device(&app, &t.token).await;
+    Connected {
+        app,
+        tv,
+        t,
+        dev,
+        events,
+    }
 }
 
 /// Waits for a server error mentioning `what` among the connection events.
@@ -69,43 +105,36 @@ fn hb() -> Heartbeat {
 
 #[tokio::test]
 async fn a_device_with_a_valid_token_heartbeats_and_is_counted() {
-    let (app, tv) = app_with_vendor(3).await;
-    let t = tv.token("acme", "tv");
-    let (dev, _events) = device(&app, &t.token).await;
-    let subject = format!("hb.acme.tv.{}", t.session.as_str());
-    dev.publish(subject, hb().encode().into()).await.unwrap();
-    dev.flush().await.unwrap();
-    let (r, took) = app
+    let c = tv_connected().await;
+    c.beat().await;
+    let (r, took) = c
+        .app
         .wait_active("acme", SOON, |r| {
-            r.sessions.iter().any(|s| s.session == t.session)
+            r.sessions.iter().any(|s| s.session == c.t.session)
         })
         .await;
     assert!(took.is_some(), "session counted: {r:?}");
-    assert_eq!(
-        tv.running
-            .metric(r#"headcount_callout_total{result="allowed"}"#),
-        1.0
-    );
+    assert_eq!(c.tv.callouts("allowed"), 1.0);
 }
 
 #[tokio::test]
 async fn a_device_may_not_publish_as_another_device_or_account() {
-    let (app, tv) = app_with_vendor(3).await;
-    let t = tv.token("acme", "tv");
-    let (dev, mut events) = device(&app, &t.token).await;
-    let sid = t.session.as_str();
+    let mut c = tv_connected().await;
+    let sid = c.t.session.as_str();
     for subject in [
         format!("hb.acme.phone.{sid}"),           // another device
         format!("hb.other.tv.{sid}"),             // another account
         "hb.acme.tv.another-session".to_string(), // another session
         "headcount.events.acme".to_string(),
     ] {
-        dev.publish(subject.clone(), hb().encode().into())
+        c.dev
+            .publish(subject.clone(), hb().encode().into())
             .await
             .unwrap();
-        violation(&mut events, &subject).await;
+        violation(&mut c.events, &subject).await;
     }
     // Nothing of it reached the handler: no session for either account.
+    let app = &c.app;
     app.wait_active("acme", Duration::from_millis(500), |_| false)
         .await;
     assert!(app.active("acme").await.sessions.is_empty());
@@ -119,17 +148,17 @@ async fn a_device_may_not_publish_as_another_device_or_account() {
 
 #[tokio::test]
 async fn a_device_may_only_read_its_own_control_subject() {
-    let (app, tv) = app_with_vendor(3).await;
-    let t = tv.token("acme", "tv");
-    let (dev, mut events) = device(&app, &t.token).await;
+    let mut c = tv_connected().await;
+    let dev = &c.dev;
 
     let mut own = dev.subscribe("ctl.acme.tv").await.unwrap();
     let mut other = dev.subscribe("ctl.acme.phone").await.unwrap();
-    violation(&mut events, "ctl.acme.phone").await;
+    violation(&mut c.events, "ctl.acme.phone").await;
     let mut everything = dev.subscribe("headcount.>").await.unwrap();
-    violation(&mut events, "headcount.>").await;
+    violation(&mut c.events, "headcount.>").await;
     dev.flush().await.unwrap();
 
+    let app = &c.app;
     for subject in ["ctl.acme.tv", "ctl.acme.phone", "headcount.events.acme"] {
         app.client
             .publish(subject, Bytes::from_static(b"x"))
@@ -153,9 +182,7 @@ async fn a_device_may_only_read_its_own_control_subject() {
 
 #[tokio::test]
 async fn a_device_cannot_call_endpoints_or_read_kv() {
-    let (app, tv) = app_with_vendor(3).await;
-    let t = tv.token("acme", "tv");
-    let (dev, mut events) = device(&app, &t.token).await;
+    let mut c = tv_connected().await;
     for subject in [
         "headcount.active",
         "$JS.API.STREAM.INFO.KV_headcount-sessions",
@@ -163,7 +190,8 @@ async fn a_device_cannot_call_endpoints_or_read_kv() {
     ] {
         let r = tokio::time::timeout(
             Duration::from_secs(2),
-            dev.request(subject, Bytes::from_static(br#"{"account":"acme"}"#)),
+            c.dev
+                .request(subject, Bytes::from_static(br#"{"account":"acme"}"#)),
         )
         .await;
         assert!(
@@ -171,12 +199,12 @@ async fn a_device_cannot_call_endpoints_or_read_kv() {
             "{subject}: a device must get no answer, got {r:?}"
         );
     }
-    violation(&mut events, "_INBOX").await;
+    violation(&mut c.events, "_INBOX").await;
 }
 
 #[tokio::test]
 async fn bad_tokens_and_anonymous_connections_are_refused() {
-    let (app, tv) = app_with_vendor(3).await;
+    let (app, tv) = app(3).await;
     let good = tv.token("acme", "tv").token;
     let now = now_millis() / 1000;
     let (acme, tv_dev) = (
@@ -246,9 +274,7 @@ async fn bad_tokens_and_anonymous_connections_are_refused() {
         );
     }
     for (reason, _) in &cases {
-        let n = tv
-            .running
-            .metric(&format!(r#"headcount_callout_total{{result="{reason}"}}"#));
+        let n = tv.callouts(reason);
         assert!(n >= 1.0, "{reason} refusals counted: {n}");
     }
 
@@ -266,11 +292,7 @@ async fn bad_tokens_and_anonymous_connections_are_refused() {
             .connect(app.nats.url())
             .await;
     assert!(refused(guess), "wrong password let in");
-    assert!(
-        tv.running
-            .metric(r#"headcount_callout_total{result="no_token"}"#)
-            >= 1.0
-    );
+    assert!(tv.callouts("no_token") >= 1.0);
 
     // And the good token still works.
     assert!(app.nats.device_connect(&good).await.is_ok());
@@ -278,7 +300,7 @@ async fn bad_tokens_and_anonymous_connections_are_refused() {
 
 #[tokio::test]
 async fn the_connection_closes_when_the_token_expires() {
-    let (app, tv) = app_with_vendor(3).await;
+    let (app, tv) = app(3).await;
     let now = now_millis() / 1000;
     let ttl = token_vendor::DEFAULT_TOKEN_TTL.as_secs();
     // Issued so that it expires two seconds from now.
@@ -310,59 +332,30 @@ async fn the_connection_closes_when_the_token_expires() {
     );
     // And the same token cannot come back.
     assert!(refused(app.nats.device_connect(&t.token).await));
-    assert!(
-        tv.running
-            .metric(r#"headcount_callout_total{result="expired"}"#)
-            >= 1.0
-    );
-}
-
-async fn next_control(sub: &mut async_nats::Subscriber) -> ControlMessage {
-    let msg = tokio::time::timeout(SOON, sub.next())
-        .await
-        .expect("control message")
-        .expect("subscription open");
-    ControlMessage::decode(&msg.payload).expect("control message decodes")
+    assert!(tv.callouts("expired") >= 1.0);
 }
 
 #[tokio::test]
 async fn an_evicted_session_cannot_reconnect_but_a_new_token_can() {
-    let (app, tv) = app_with_vendor(1).await;
+    let (app, tv) = app(1).await;
     let first = tv.token("acme", "tv");
     let (tv_dev, _e1) = device(&app, &first.token).await;
-    let mut ctl = tv_dev.subscribe("ctl.acme.tv").await.unwrap();
-    tv_dev.flush().await.unwrap();
-    tv_dev
-        .publish(
-            format!("hb.acme.tv.{}", first.session.as_str()),
-            hb().encode().into(),
-        )
-        .await
-        .unwrap();
-    tv_dev.flush().await.unwrap();
+    let mut ctl = control(&tv_dev, "acme", "tv").await;
+    app.heartbeat(&tv_dev, "acme", "tv", first.session.as_str(), &hb())
+        .await;
     app.wait_active("acme", SOON, |r| r.sessions.len() == 1)
         .await;
 
     let second = tv.token("acme", "phone");
     let (phone, _e2) = device(&app, &second.token).await;
-    phone
-        .publish(
-            format!("hb.acme.phone.{}", second.session.as_str()),
-            hb().encode().into(),
-        )
-        .await
-        .unwrap();
-    phone.flush().await.unwrap();
+    app.heartbeat(&phone, "acme", "phone", second.session.as_str(), &hb())
+        .await;
     let msg = next_control(&mut ctl).await;
     assert_eq!(msg.kind, ControlType::DeviceLimitExceeded);
 
     // The evicted session's token no longer opens a connection...
     assert!(refused(app.nats.device_connect(&first.token).await));
-    assert!(
-        tv.running
-            .metric(r#"headcount_callout_total{result="revoked"}"#)
-            >= 1.0
-    );
+    assert!(tv.callouts("revoked") >= 1.0);
     // ...while a fresh token for the same device does.
     let again = tv.token("acme", "tv");
     assert!(app.nats.device_connect(&again.token).await.is_ok());
@@ -370,25 +363,18 @@ async fn an_evicted_session_cannot_reconnect_but_a_new_token_can() {
 
 #[tokio::test]
 async fn a_kicked_session_cannot_reconnect() {
-    let (app, tv) = app_with_vendor(3).await;
-    let t = tv.token("acme", "tv");
-    let (dev, _events) = device(&app, &t.token).await;
-    dev.publish(
-        format!("hb.acme.tv.{}", t.session.as_str()),
-        hb().encode().into(),
-    )
-    .await
-    .unwrap();
-    dev.flush().await.unwrap();
-    app.wait_active("acme", SOON, |r| r.sessions.len() == 1)
+    let c = tv_connected().await;
+    c.beat().await;
+    c.app
+        .wait_active("acme", SOON, |r| r.sessions.len() == 1)
         .await;
-    assert!(app.kick("acme", t.session.as_str()).await);
-    assert!(refused(app.nats.device_connect(&t.token).await));
+    assert!(c.app.kick("acme", c.t.session.as_str()).await);
+    assert!(refused(c.app.nats.device_connect(&c.t.token).await));
 }
 
 #[tokio::test]
 async fn backends_may_query_but_not_administer() {
-    let (app, tv) = app_with_vendor(3).await;
+    let (app, tv) = app(3).await;
     let backend = app
         .nats
         .client_connect(&tv.backend_token("web"))
@@ -419,24 +405,11 @@ async fn backends_may_query_but_not_administer() {
 
 #[tokio::test]
 async fn rotated_keys_keep_old_tokens_valid_and_both_are_published() {
-    let (app, tv) = app_with_vendor(3).await;
+    let (app, tv) = app(3).await;
     let before = tv.token("acme", "tv");
-    let http = reqwest::Client::new();
-    let refused = http
-        .post(format!("{}/v1/keys/rotate", tv.http))
-        .send()
-        .await
-        .unwrap();
+    let refused = tv.post("/v1/keys/rotate").send().await.unwrap();
     assert_eq!(refused.status(), 401);
-    let rotated: serde_json::Value = http
-        .post(format!("{}/v1/keys/rotate", tv.http))
-        .bearer_auth(KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let rotated: serde_json::Value = ok_json(tv.post("/v1/keys/rotate").bearer_auth(KEY)).await;
     let new_kid = rotated["kid"].as_str().unwrap().to_string();
     let after = tv.token("acme", "phone");
     let kid_of = |t: &str| jsonwebtoken::decode_header(t).unwrap().kid.unwrap();
@@ -452,7 +425,7 @@ async fn rotated_keys_keep_old_tokens_valid_and_both_are_published() {
 
 #[tokio::test]
 async fn without_a_callout_responder_devices_are_refused() {
-    let (app, tv) = app_with_vendor(3).await;
+    let (app, tv) = app(3).await;
     let t = tv.token("acme", "tv");
     tv.running.stop().await.unwrap();
     assert!(
@@ -463,7 +436,7 @@ async fn without_a_callout_responder_devices_are_refused() {
 
 #[tokio::test]
 async fn authorization_requests_travel_encrypted_to_the_vendors_xkey() {
-    let (app, tv) = app_with_vendor(3).await;
+    let (app, tv) = app(3).await;
     // Anyone in the services' account may listen on the callout subject:
     // what they see must be sealed, not the device's token in a JWT.
     let mut spy = app
@@ -515,14 +488,6 @@ async fn a_vendor_with_another_xkey_reads_no_request_and_lets_no_one_in() {
         .await;
     let t = tv.token("acme", "tv");
     assert!(app.nats.device_connect(&t.token).await.is_err());
-    assert!(
-        tv.running
-            .metric(r#"headcount_callout_total{result="bad_request"}"#)
-            >= 1.0
-    );
-    assert_eq!(
-        tv.running
-            .metric(r#"headcount_callout_total{result="allowed"}"#),
-        0.0
-    );
+    assert!(tv.callouts("bad_request") >= 1.0);
+    assert_eq!(tv.callouts("allowed"), 0.0);
 }

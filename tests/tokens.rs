@@ -3,36 +3,45 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use bytes::Bytes;
-use headcount_client::ServiceError;
+use headcount_protocol::Policy;
 use headcount_protocol::now_millis;
 use headcount_protocol::subjects::endpoint;
 use headcount_protocol::wire::TokenReply;
+use headcount_tests::{app_with_vendor, bad_request};
 use serde_json::json;
-use test_support::TestApp;
+use test_support::{TestApp, TokenVendor, ok_json};
 
 const OPERATOR_KEY: &str = "operator-key-for-tests";
 
+/// Services with their default limit and a token vendor.
+async fn app() -> (TestApp, TokenVendor) {
+    app_with_vendor(2, Policy::EvictOldest, OPERATOR_KEY).await
+}
+
+/// How each test here ends: `tv` issued `n` tokens `via` one way in all,
+/// and it stops cleanly.
+async fn issued_then_stops(tv: TokenVendor, via: &str, n: f64) {
+    assert_eq!(tv.issued(via), n, "tokens issued via {via}");
+    tv.running.stop().await.unwrap();
+}
+
+/// A token for acme's tv-1, asked for over NATS.
+async fn token_over_nats(app: &TestApp) -> TokenReply {
+    app.request(
+        endpoint::TOKEN,
+        &json!({"account": "acme", "device": "tv-1"}),
+    )
+    .await
+    .expect("token issued")
+}
+
 #[tokio::test]
 async fn tokens_over_nats_name_account_device_and_a_fresh_session() {
-    let app = TestApp::spawn().await;
-    let tv = app.start_token_vendor(OPERATOR_KEY).await;
+    let (app, tv) = app().await;
 
     let before = now_millis();
-    let a: TokenReply = app
-        .request(
-            endpoint::TOKEN,
-            &json!({"account": "acme", "device": "tv-1"}),
-        )
-        .await
-        .expect("token issued");
-    let b: TokenReply = app
-        .request(
-            endpoint::TOKEN,
-            &json!({"account": "acme", "device": "tv-1"}),
-        )
-        .await
-        .expect("token issued");
+    let a = token_over_nats(&app).await;
+    let b = token_over_nats(&app).await;
     assert_ne!(a.session, b.session, "every token starts its own session");
 
     let claims = tv
@@ -49,18 +58,12 @@ async fn tokens_over_nats_name_account_device_and_a_fresh_session() {
         "ttl {ttl} ms"
     );
 
-    assert_eq!(
-        tv.running
-            .metric(r#"headcount_tokens_issued_total{via="nats"}"#),
-        2.0
-    );
-    tv.running.stop().await.unwrap();
+    issued_then_stops(tv, "nats", 2.0).await;
 }
 
 #[tokio::test]
 async fn bad_token_requests_over_nats_get_400_and_no_token() {
-    let app = TestApp::spawn().await;
-    let tv = app.start_token_vendor(OPERATOR_KEY).await;
+    let (app, tv) = app().await;
 
     let cases: [(&[u8], &str); 4] = [
         (b"not json", "json"),
@@ -69,55 +72,28 @@ async fn bad_token_requests_over_nats_get_400_and_no_token() {
         (br#"{"account":"acme","device":"tv.1"}"#, "device"),
     ];
     for (body, mentions) in cases {
-        let error = app
-            .request_raw(endpoint::TOKEN, Bytes::from_static(body))
-            .await
-            .expect_err("refused");
-        let Some(ServiceError { code, message }) = error.service_error() else {
-            panic!("{}: {error:?}", String::from_utf8_lossy(body));
-        };
-        assert_eq!(*code, 400, "{}", String::from_utf8_lossy(body));
+        let message = bad_request(&app, endpoint::TOKEN, body).await;
         assert!(
             message.to_lowercase().contains(mentions),
             "{message:?} should mention {mentions}"
         );
     }
-    assert_eq!(
-        tv.running
-            .metric(r#"headcount_tokens_issued_total{via="nats"}"#),
-        0.0
-    );
-    tv.running.stop().await.unwrap();
+    issued_then_stops(tv, "nats", 0.0).await;
 }
 
 #[tokio::test]
 async fn http_tokens_need_the_operator_key_and_verify_against_the_jwks() {
-    let app = TestApp::spawn().await;
-    let tv = app.start_token_vendor(OPERATOR_KEY).await;
-    let http = reqwest::Client::new();
-    let url = format!("{}/v1/tokens", tv.http);
+    let (_app, tv) = app().await;
     let body = json!({"account": "acme", "device": "laptop"});
+    let asked_with = |key| tv.post_bearing("/v1/tokens", key).json(&body);
 
-    let anonymous = http.post(&url).json(&body).send().await.unwrap();
-    assert_eq!(anonymous.status(), 401);
-    let wrong = http
-        .post(&url)
-        .bearer_auth("guess")
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(wrong.status(), 401);
+    // No key, and a wrong one.
+    for key in [None, Some("guess")] {
+        let refused = asked_with(key).send().await.unwrap();
+        assert_eq!(refused.status(), 401, "{key:?}");
+    }
 
-    let ok = http
-        .post(&url)
-        .bearer_auth(OPERATOR_KEY)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(ok.status(), 200);
-    let reply: TokenReply = ok.json().await.unwrap();
+    let reply: TokenReply = ok_json(asked_with(Some(OPERATOR_KEY))).await;
     let claims = tv.vendor.verify(&reply.token).unwrap();
     assert_eq!(claims.device.as_str(), "laptop");
 
@@ -127,10 +103,5 @@ async fn http_tokens_need_the_operator_key_and_verify_against_the_jwks() {
     let kids = tv.jwks_kids().await;
     assert!(kids.contains(&kid), "{kid} in {kids:?}");
 
-    assert_eq!(
-        tv.running
-            .metric(r#"headcount_tokens_issued_total{via="http"}"#),
-        1.0
-    );
-    tv.running.stop().await.unwrap();
+    issued_then_stops(tv, "http", 1.0).await;
 }

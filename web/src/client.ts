@@ -370,15 +370,8 @@ export class HeadcountDevice {
       }
       if (!this.alive) break;
       // Is the session still alive? A refresh answers that and gives a fresh token.
-      try {
-        await this.refreshNow();
-      } catch (err) {
-        if (err instanceof SessionEndedError) {
-          this.finish("ended", `session over: ${err.message}`);
-          break;
-        }
-        // Network trouble: keep trying with the current token.
-      }
+      // Another failure is network trouble: keep trying with the current token.
+      if ((await this.refreshOrEnd()) === "ended") break;
       await sleep(backoffMs(failures++));
     }
     if (!everUp) firstFail(new Error(this.st.reason ?? "stopped before connecting"));
@@ -501,6 +494,21 @@ export class HeadcountDevice {
     this.refreshTimer = setTimeout(() => void this.refreshAndReconnect(), delay);
   }
 
+  /**
+   * Refreshes the token; when the server says the session is over, ends it
+   * here and resolves to "ended". Any other failure resolves to its error.
+   */
+  private async refreshOrEnd(): Promise<"refreshed" | "ended" | Error> {
+    try {
+      await this.refreshNow();
+      return "refreshed";
+    } catch (err) {
+      if (!(err instanceof SessionEndedError)) return err as Error;
+      this.finish("ended", `session over: ${err.message}`);
+      return "ended";
+    }
+  }
+
   private async refreshNow(): Promise<void> {
     if (!this.token) return;
     const refresh =
@@ -518,14 +526,10 @@ export class HeadcountDevice {
   private async refreshAndReconnect(): Promise<void> {
     this.refreshTimer = undefined;
     if (!this.alive) return;
-    try {
-      await this.refreshNow();
-    } catch (err) {
-      if (err instanceof SessionEndedError) {
-        this.finish("ended", `session over: ${err.message}`);
-        return;
-      }
-      this.set({ reason: `token refresh failed: ${(err as Error).message}` });
+    const outcome = await this.refreshOrEnd();
+    if (outcome === "ended") return;
+    if (outcome !== "refreshed") {
+      this.set({ reason: `token refresh failed: ${outcome.message}` });
       // Retry soon, well before expiry if possible.
       const left = (this.token?.expires_at ?? 0) - Date.now();
       this.refreshTimer = setTimeout(

@@ -173,38 +173,19 @@ impl App {
             app.console = Some(console);
         }
         if let (Some(h), Some(scope)) = (handler, handler_health) {
-            let client = connect(&h.nats, &scope).await?;
-            app.clients.push(client.clone());
-            let buckets = open_buckets(&client, bucket_settings(buckets.as_ref())?, &scope).await?;
-            check_interval(&buckets.sessions, h.config.interval).await?;
+            let wiring = app
+                .wire(&h.nats, buckets.as_ref(), h.config.interval, scope, &stop)
+                .await?;
             let metrics = heartbeat_handler::Metrics::new(&registry)?;
-            app.services.push(heartbeat_handler::start(
-                h.config,
-                metrics,
-                Wiring {
-                    nats: client,
-                    buckets,
-                    health: scope,
-                    shutdown: stop.clone(),
-                },
-            ));
+            app.services
+                .push(heartbeat_handler::start(h.config, metrics, wiring));
         }
         if let (Some(c), Some(scope)) = (checker, checker_health) {
-            let client = connect(&c.nats, &scope).await?;
-            app.clients.push(client.clone());
-            let buckets = open_buckets(&client, bucket_settings(buckets.as_ref())?, &scope).await?;
-            check_interval(&buckets.sessions, c.config.interval).await?;
+            let wiring = app
+                .wire(&c.nats, buckets.as_ref(), c.config.interval, scope, &stop)
+                .await?;
             let metrics = checker::Metrics::new(&registry)?;
-            app.services.push(checker::start(
-                c.config,
-                metrics,
-                Wiring {
-                    nats: client,
-                    buckets,
-                    health: scope,
-                    shutdown: stop.clone(),
-                },
-            ));
+            app.services.push(checker::start(c.config, metrics, wiring));
         }
         if let (Some(v), Some(scope)) = (vendor, vendor_health) {
             let client = connect(&v.nats, &scope).await?;
@@ -244,6 +225,29 @@ impl App {
             app.vendor = Some(vendor);
         }
         Ok(app)
+    }
+
+    /// Connects a handler or checker as `opts` says, opens the buckets
+    /// through that connection and checks that they were made for
+    /// `interval`: what the service is then started with.
+    async fn wire(
+        &mut self,
+        opts: &NatsOptions,
+        buckets: Option<&BucketSettings>,
+        interval: Duration,
+        health: Health,
+        stop: &Shutdown,
+    ) -> anyhow::Result<Wiring> {
+        let nats = connect(opts, &health).await?;
+        self.clients.push(nats.clone());
+        let buckets = open_buckets(&nats, bucket_settings(buckets)?, &health).await?;
+        check_interval(&buckets.sessions, interval).await?;
+        Ok(Wiring {
+            nats,
+            buckets,
+            health,
+            shutdown: stop.clone(),
+        })
     }
 
     /// Waits until every service here says it is ready, or fails with the

@@ -10,8 +10,11 @@
 //! - [`server`]: starting nats-server (the users' passwords, the callout's
 //!   keys, a child that dies with its parent).
 //! - [`secrets`]: the secrets `up` keeps in its data dir.
+//! - [`cli`]: what the command-line programs share: where NATS is, a
+//!   command's runtime and exit status.
 
 mod app;
+pub mod cli;
 pub mod secrets;
 pub mod server;
 pub mod settings;

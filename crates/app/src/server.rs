@@ -52,7 +52,8 @@ impl Login {
 }
 
 /// The passwords a server started here is given, one per user of
-/// nats.conf (the device password serves `--insecure` alone).
+/// nats.conf (the device password serves `--insecure` alone). No `Debug`:
+/// nothing should print them.
 #[derive(Clone, Default)]
 pub struct Passwords {
     pub console: String,
@@ -60,13 +61,6 @@ pub struct Passwords {
     pub checker: String,
     pub vendor: String,
     pub device: String,
-}
-
-/// Never prints the values.
-impl std::fmt::Debug for Passwords {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Passwords").finish_non_exhaustive()
-    }
 }
 
 impl Passwords {

@@ -216,40 +216,73 @@ mod tests {
         assert_eq!(engine(Duration::from_secs(120)).validate(), Ok(()));
     }
 
-    #[test]
-    fn handler_and_checker_must_share_the_interval() {
-        let mut s = engine(Duration::from_secs(120));
-        if let Some(c) = s.checker.as_mut() {
-            c.config.interval = Duration::from_secs(60);
-        }
-        assert!(matches!(
-            s.validate(),
-            Err(SettingsError::IntervalMismatch { .. })
-        ));
+    /// A deployment whose vendor issues tokens living `token_ttl`.
+    fn with_vendor(mut s: Settings, token_ttl: Duration) -> Settings {
+        let mut config = token_vendor::Config::new("/nonexistent", "key");
+        config.token_ttl = token_ttl;
+        s.vendor = Some(VendorSettings {
+            nats: nats(),
+            config,
+            issuer: None,
+            browser: token_vendor::BrowserConfig {
+                websocket_urls: Vec::new(),
+                heartbeat_every: Duration::from_secs(5),
+                demo_tokens: false,
+                web_dir: None,
+            },
+            http_addr: "127.0.0.1:0".parse().expect("addr"),
+        });
+        s
     }
 
     #[test]
-    fn the_sessions_ttl_must_follow_the_interval() {
-        let mut s = engine(Duration::from_secs(120));
-        if let Some(b) = s.buckets.as_mut() {
-            b.sessions_ttl = IntervalClock::new(Duration::from_secs(10)).dictionary_ttl();
+    fn each_disagreement_is_refused_by_name() {
+        type Change = fn(&mut Settings);
+        type Expected = fn(&SettingsError) -> bool;
+        let cases: [(&str, Change, Expected); 4] = [
+            (
+                "checker of another interval",
+                |s| {
+                    if let Some(c) = s.checker.as_mut() {
+                        c.config.interval = Duration::from_secs(60);
+                    }
+                },
+                |e| matches!(e, SettingsError::IntervalMismatch { .. }),
+            ),
+            (
+                "sessions TTL of another interval",
+                |s| {
+                    if let Some(b) = s.buckets.as_mut() {
+                        b.sessions_ttl =
+                            IntervalClock::new(Duration::from_secs(10)).dictionary_ttl();
+                    }
+                },
+                |e| matches!(e, SettingsError::SessionsTtl { .. }),
+            ),
+            (
+                "handler forgetting revocations early",
+                |s| {
+                    if let Some(h) = s.handler.as_mut() {
+                        h.config.revoked_ttl = Duration::from_secs(60);
+                    }
+                },
+                |e| matches!(e, SettingsError::RevokedTtlMismatch { .. }),
+            ),
+            (
+                "tokens outliving their revocation",
+                |s| *s = with_vendor(std::mem::take(s), DEFAULT_REVOKED_TTL * 2),
+                |e| matches!(e, SettingsError::RevocationOutlivedByToken { .. }),
+            ),
+        ];
+        for (what, change, expected) in cases {
+            let mut s = engine(Duration::from_secs(120));
+            change(&mut s);
+            let e = s.validate().expect_err(what);
+            assert!(expected(&e), "{what}: {e}");
         }
-        assert!(matches!(
-            s.validate(),
-            Err(SettingsError::SessionsTtl { .. })
-        ));
-    }
-
-    #[test]
-    fn the_handler_remembers_revocations_as_long_as_the_bucket() {
-        let mut s = engine(Duration::from_secs(120));
-        if let Some(h) = s.handler.as_mut() {
-            h.config.revoked_ttl = Duration::from_secs(60);
-        }
-        assert!(matches!(
-            s.validate(),
-            Err(SettingsError::RevokedTtlMismatch { .. })
-        ));
+        // A vendor whose tokens end before their revocation does is fine.
+        let s = with_vendor(engine(Duration::from_secs(120)), DEFAULT_REVOKED_TTL);
+        assert_eq!(s.validate(), Ok(()));
     }
 
     #[test]

@@ -14,11 +14,12 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use bytes::Bytes;
 use clap::Args;
-use headcount_protocol::subjects::{self, endpoint, endpoint_subject};
+use headcount_client::Client;
+use headcount_protocol::subjects::{self, endpoint};
 
 use crate::measure::{
-    Dist, Fresh, check_request, concurrent, freshness, ms, one_by_one, payload, publish_all,
-    publish_paced, publish_windowed, session_subjects, us,
+    Bodies, Dist, ECHO_SUBJECT, Fresh, Target, concurrent, freshness, ms, one_by_one, payload,
+    publish_all, publish_paced, publish_windowed, session_subjects, us,
 };
 use crate::procs::{Env, nats_version, rss_bytes, settled_rss, sum_prefix};
 
@@ -280,68 +281,37 @@ async fn at_size(
         checker: checker_full.saturating_sub(checker_empty) as f64 / sessions as f64,
     };
 
-    // Latency: the checker next to a bare echo responder.
+    // Latency: the checker next to a bare echo responder, which answers
+    // the bytes of a `check`.
     let echo = env
-        .baseline("echo", &["--subject".into(), "bench.echo".into()])
+        .baseline("echo", &["--subject".into(), ECHO_SUBJECT.into()])
         .await?;
     let client = env.client("bench-client").await?;
-    let (one_account, check_body) = check_request(&subjects[0])?;
-    let active_body = Bytes::from(serde_json::to_vec(
-        &serde_json::json!({"account": one_account}),
-    )?);
+    let api = Client::new(client.clone());
+    let bodies = Bodies::of(&subjects[0])?;
+    let targets = [
+        ("echo", Target::Bare(client, ECHO_SUBJECT), &bodies.check),
+        (
+            "check",
+            Target::Endpoint(api.clone(), endpoint::CHECK),
+            &bodies.check,
+        ),
+        (
+            "active",
+            Target::Endpoint(api, endpoint::ACTIVE),
+            &bodies.active,
+        ),
+    ];
     let reps = if a.quick { 300 } else { 5000 };
     let mut latency = Latency::default();
-    latency.one.insert(
-        "echo",
-        one_by_one(&client, "bench.echo", check_body.clone(), reps).await?,
-    );
-    latency.one.insert(
-        "check",
-        one_by_one(
-            &client,
-            &endpoint_subject(endpoint::CHECK),
-            check_body.clone(),
-            reps,
-        )
-        .await?,
-    );
-    latency.one.insert(
-        "active",
-        one_by_one(
-            &client,
-            &endpoint_subject(endpoint::ACTIVE),
-            active_body.clone(),
-            reps,
-        )
-        .await?,
-    );
-    let secs = a.throughput_secs;
-    latency.throughput.insert(
-        "echo",
-        concurrent(&client, "bench.echo", check_body.clone(), 50, secs).await?,
-    );
-    latency.throughput.insert(
-        "check",
-        concurrent(
-            &client,
-            &endpoint_subject(endpoint::CHECK),
-            check_body.clone(),
-            50,
-            secs,
-        )
-        .await?,
-    );
-    latency.throughput.insert(
-        "active",
-        concurrent(
-            &client,
-            &endpoint_subject(endpoint::ACTIVE),
-            active_body,
-            50,
-            secs,
-        )
-        .await?,
-    );
+    for (name, target, body) in &targets {
+        let d = one_by_one(target, Bytes::clone(body), reps).await?;
+        latency.one.insert(name, d);
+    }
+    for (name, target, body) in &targets {
+        let rate = concurrent(target, Bytes::clone(body), 50, a.throughput_secs).await?;
+        latency.throughput.insert(name, rate);
+    }
 
     echo.stop().await;
     checker.stop().await;
@@ -417,6 +387,32 @@ async fn steady(a: &AllArgs, dir: &Path, headcount: &Path) -> anyhow::Result<(St
     Ok((steady, fresh))
 }
 
+/// The report: each line printed as it comes, and kept for `--markdown`.
+#[derive(Debug, Default)]
+struct Report {
+    out: String,
+}
+
+impl Report {
+    fn line(&mut self, s: impl Into<String>) {
+        let s = s.into();
+        println!("{s}");
+        self.out.push_str(&s);
+        self.out.push('\n');
+    }
+
+    /// Starts a section: after a blank line, its heading, a blank line and
+    /// the head of its table, `header` and the rule under it.
+    fn table(&mut self, title: &str, header: &str) {
+        let columns = header.matches('|').count().saturating_sub(1);
+        self.line("");
+        self.line(format!("### {title}"));
+        self.line("");
+        self.line(header);
+        self.line(format!("{}|", "|---".repeat(columns)));
+    }
+}
+
 pub async fn run(mut a: AllArgs, headcount: &Path) -> anyhow::Result<()> {
     if a.quick {
         a.sessions = vec![2_000];
@@ -425,26 +421,20 @@ pub async fn run(mut a: AllArgs, headcount: &Path) -> anyhow::Result<()> {
     }
     let tmp = tempfile::tempdir()?;
     let base = a.dir.clone().unwrap_or_else(|| tmp.path().to_path_buf());
-    let mut out = String::new();
-    let mut line = |s: String| {
-        println!("{s}");
-        out.push_str(&s);
-        out.push('\n');
-    };
-    line(format!(
+    let mut report = Report::default();
+    report.line(format!(
         "headcount-bench all{}: {} cores, nats-server {}",
         if a.quick { " --quick" } else { "" },
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         nats_version()
     ));
-    line(String::new());
 
     let (steady, fresh) = steady(&a, &base.join("steady"), headcount).await?;
-    line("### KV write amplification (steady state, 5 s heartbeat)".into());
-    line(String::new());
-    line("| sessions | interval | heartbeats | KV writes | writes per heartbeat |".into());
-    line("|---|---|---|---|---|".into());
-    line(format!(
+    report.table(
+        "KV write amplification (steady state, 5 s heartbeat)",
+        "| sessions | interval | heartbeats | KV writes | writes per heartbeat |",
+    );
+    report.line(format!(
         "| {} | {} s | {:.0} | {:.0} | {:.4} |",
         steady.sessions,
         steady.interval_secs,
@@ -452,24 +442,18 @@ pub async fn run(mut a: AllArgs, headcount: &Path) -> anyhow::Result<()> {
         steady.writes,
         steady.writes / steady.heartbeats.max(1.0)
     ));
-    line(String::new());
-    line("### Freshness".into());
-    line(String::new());
-    line("| | p50 | p99 | max |".into());
-    line("|---|---|---|---|".into());
-    line(format!(
-        "| first heartbeat -> in `active` | {} | {} | {} |",
-        ms(fresh.join.p50),
-        ms(fresh.join.p99),
-        ms(fresh.join.max)
-    ));
-    line(format!(
-        "| `leave` -> seat free | {} | {} | {} |",
-        ms(fresh.leave.p50),
-        ms(fresh.leave.p99),
-        ms(fresh.leave.max)
-    ));
-    line(String::new());
+    report.table("Freshness", "| | p50 | p99 | max |");
+    for (what, d) in [
+        ("first heartbeat -> in `active`", &fresh.join),
+        ("`leave` -> seat free", &fresh.leave),
+    ] {
+        report.line(format!(
+            "| {what} | {} | {} | {} |",
+            ms(d.p50),
+            ms(d.p99),
+            ms(d.max)
+        ));
+    }
 
     let mut rows = Vec::new();
     for &s in &a.sessions {
@@ -477,12 +461,12 @@ pub async fn run(mut a: AllArgs, headcount: &Path) -> anyhow::Result<()> {
         let r = at_size(&a, &base.join(format!("s{s}")), headcount, s).await?;
         rows.push((s, r));
     }
-    line("### Ingest (heartbeats per second, 100-byte payloads)".into());
-    line(String::new());
-    line("| sessions | heartbeats | bare subscriber | heartbeat-handler | ratio | lost (bare / handler) | joining every session | KV writes to record them |".into());
-    line("|---|---|---|---|---|---|---|---|".into());
+    report.table(
+        "Ingest (heartbeats per second, 100-byte payloads)",
+        "| sessions | heartbeats | bare subscriber | heartbeat-handler | ratio | lost (bare / handler) | joining every session | KV writes to record them |",
+    );
     for (s, (i, _, _)) in &rows {
-        line(format!(
+        report.line(format!(
             "| {s} | {} | {:.0}/s | {:.0}/s | {:.0}% | {} / {} | {:.1} s ({:.0}/s) | {:.0} ({:.3} per session) |",
             i.sent,
             i.bare_rate,
@@ -496,15 +480,14 @@ pub async fn run(mut a: AllArgs, headcount: &Path) -> anyhow::Result<()> {
             i.kv_writes / *s as f64
         ));
     }
-    line(String::new());
-    line("### Request latency (one client) and throughput (50 concurrent clients)".into());
-    line(String::new());
-    line("| sessions | bare echo p50 / p99 | check p50 / p99 | active p50 / p99 | check p99 vs bare | echo req/s | check req/s | active req/s | check vs bare |".into());
-    line("|---|---|---|---|---|---|---|---|---|".into());
+    report.table(
+        "Request latency (one client) and throughput (50 concurrent clients)",
+        "| sessions | bare echo p50 / p99 | check p50 / p99 | active p50 / p99 | check p99 vs bare | echo req/s | check req/s | active req/s | check vs bare |",
+    );
     for (s, (_, _, l)) in &rows {
         let d = |k: &str| l.one.get(k).copied().unwrap_or_default();
         let t = |k: &str| l.throughput.get(k).copied().unwrap_or_default();
-        line(format!(
+        report.line(format!(
             "| {s} | {} / {} | {} / {} | {} / {} | {:.2}x | {:.0} | {:.0} | {:.0} | {:.0}% |",
             us(d("echo").p50),
             us(d("echo").p99),
@@ -519,16 +502,15 @@ pub async fn run(mut a: AllArgs, headcount: &Path) -> anyhow::Result<()> {
             100.0 * t("check") / t("echo").max(1.0)
         ));
     }
-    line(String::new());
-    line("### Memory per active session (resident, loaded minus empty)".into());
-    line(String::new());
-    line("| sessions | heartbeat-handler | checker |".into());
-    line("|---|---|---|".into());
+    report.table(
+        "Memory per active session (resident, loaded minus empty)",
+        "| sessions | heartbeat-handler | checker |",
+    );
     for (s, (_, m, _)) in &rows {
-        line(format!("| {s} | {:.0} B | {:.0} B |", m.handler, m.checker));
+        report.line(format!("| {s} | {:.0} B | {:.0} B |", m.handler, m.checker));
     }
     if let Some(path) = &a.markdown {
-        std::fs::write(path, &out).with_context(|| format!("writing {}", path.display()))?;
+        std::fs::write(path, &report.out).with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
 }

@@ -6,10 +6,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use bytes::Bytes;
-use headcount_protocol::subjects::{self, endpoint, endpoint_subject};
-use headcount_protocol::wire::{ActiveReply, Heartbeat};
+use headcount_client::Client;
+use headcount_protocol::subjects;
+use headcount_protocol::wire::{AccountRequest, CheckRequest, Heartbeat};
 use headcount_protocol::{AccountId, DeviceId, SessionId};
 
 /// Median, 99th percentile and maximum of a set of durations.
@@ -59,12 +59,67 @@ pub fn payload(seq: u64) -> Bytes {
     .into()
 }
 
-/// The account of a heartbeat subject and a `check` request for its first
-/// device, as the latency measurements send it.
-pub fn check_request(subject: &str) -> anyhow::Result<(String, Bytes)> {
-    let account = subjects::parse_heartbeat_ref(subject)?.account.to_string();
-    let body = serde_json::to_vec(&serde_json::json!({"account": account, "device": "device-0"}))?;
-    Ok((account, Bytes::from(body)))
+/// The subject the bare echo baseline answers on.
+pub const ECHO_SUBJECT: &str = "bench.echo";
+
+/// The bodies the latency measurements send, encoded once so that the
+/// loops time the round trip alone.
+#[derive(Debug, Clone)]
+pub struct Bodies {
+    /// `check` for the device of a heartbeat subject.
+    pub check: Bytes,
+    /// `active` for its account.
+    pub active: Bytes,
+}
+
+impl Bodies {
+    /// The bodies for the session of heartbeat subject `subject`.
+    pub fn of(subject: &str) -> anyhow::Result<Bodies> {
+        let ids = subjects::parse_heartbeat(subject)?;
+        let check = CheckRequest {
+            account: ids.account.clone(),
+            device: ids.device,
+            session: None,
+            content: None,
+            evict: None,
+        };
+        let active = AccountRequest {
+            account: ids.account,
+        };
+        Ok(Bodies {
+            check: serde_json::to_vec(&check)?.into(),
+            active: serde_json::to_vec(&active)?.into(),
+        })
+    }
+}
+
+/// What a latency or throughput measurement asks, with a body encoded
+/// beforehand: an endpoint of the services through [`Client`], or a
+/// subject of a bare baseline through NATS alone.
+#[derive(Debug, Clone)]
+pub enum Target {
+    Endpoint(Client, &'static str),
+    Bare(async_nats::Client, &'static str),
+}
+
+impl Target {
+    /// Sends `body` and waits for the answer; an error reply fails.
+    async fn ask(&self, body: Bytes) -> anyhow::Result<()> {
+        match self {
+            Target::Endpoint(client, endpoint) => {
+                client.request_raw(endpoint, body).await?;
+            }
+            Target::Bare(nats, subject) => {
+                let r = nats.request(*subject, body).await?;
+                anyhow::ensure!(
+                    r.headers.is_none(),
+                    "error reply from {subject}: {:?}",
+                    r.payload
+                );
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Subjects of `sessions` sessions spread over accounts.
@@ -162,34 +217,23 @@ pub struct Fresh {
 
 /// Latency of `n` requests sent one after another from one client (after
 /// a warm-up); an error reply fails the run.
-pub async fn one_by_one(
-    client: &async_nats::Client,
-    subject: &str,
-    body: Bytes,
-    n: usize,
-) -> anyhow::Result<Dist> {
+pub async fn one_by_one(target: &Target, body: Bytes, n: usize) -> anyhow::Result<Dist> {
     let mut times = Vec::with_capacity(n);
     for _ in 0..n.min(200) {
-        client.request(subject.to_string(), body.clone()).await?; // warm-up
+        target.ask(body.clone()).await?; // warm-up
     }
     for _ in 0..n {
         let t = Instant::now();
-        let r = client.request(subject.to_string(), body.clone()).await?;
+        target.ask(body.clone()).await?;
         times.push(t.elapsed());
-        anyhow::ensure!(
-            r.headers.is_none(),
-            "error reply from {subject}: {:?}",
-            r.payload
-        );
     }
     Ok(dist(times))
 }
 
-/// Replies per second to `clients` concurrent callers, each sending its
+/// Answers per second to `clients` concurrent callers, each sending its
 /// next request as soon as the last is answered, for `secs` seconds.
 pub async fn concurrent(
-    client: &async_nats::Client,
-    subject: &str,
+    target: &Target,
     body: Bytes,
     clients: usize,
     secs: u64,
@@ -198,15 +242,10 @@ pub async fn concurrent(
     let until = Instant::now() + Duration::from_secs(secs);
     let mut tasks = Vec::new();
     for _ in 0..clients {
-        let (client, subject, body, done) = (
-            client.clone(),
-            subject.to_string(),
-            body.clone(),
-            done.clone(),
-        );
+        let (target, body, done) = (target.clone(), body.clone(), done.clone());
         tasks.push(tokio::spawn(async move {
             while Instant::now() < until {
-                if client.request(subject.clone(), body.clone()).await.is_ok() {
+                if target.ask(body.clone()).await.is_ok() {
                     done.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -223,21 +262,13 @@ pub async fn concurrent(
 /// until `active` no longer does (polled every 0.5 ms).
 pub async fn freshness(client: &async_nats::Client, samples: usize) -> anyhow::Result<Fresh> {
     async fn until(
-        client: &async_nats::Client,
+        client: &Client,
         account: &AccountId,
         start: Instant,
         want: u32,
     ) -> anyhow::Result<Duration> {
-        let body = Bytes::from(serde_json::to_vec(
-            &serde_json::json!({ "account": account }),
-        )?);
         loop {
-            let msg = client
-                .request(endpoint_subject(endpoint::ACTIVE), body.clone())
-                .await?;
-            let r: ActiveReply =
-                serde_json::from_slice(&msg.payload).context("unreadable active reply")?;
-            if r.active == want {
+            if client.active(account).await?.active == want {
                 return Ok(start.elapsed());
             }
             anyhow::ensure!(
@@ -247,6 +278,7 @@ pub async fn freshness(client: &async_nats::Client, samples: usize) -> anyhow::R
             tokio::time::sleep(Duration::from_micros(500)).await;
         }
     }
+    let api = Client::new(client.clone());
     let run = nuid::next().to_string();
     let (mut joins, mut leaves) = (Vec::new(), Vec::new());
     for i in 0..samples {
@@ -258,7 +290,7 @@ pub async fn freshness(client: &async_nats::Client, samples: usize) -> anyhow::R
             .publish(subject.clone(), Heartbeat::default().encode().into())
             .await?;
         client.flush().await?;
-        joins.push(until(client, &account, start, 1).await?);
+        joins.push(until(&api, &account, start, 1).await?);
         let leave = Heartbeat {
             leave: true,
             ..Default::default()
@@ -266,7 +298,7 @@ pub async fn freshness(client: &async_nats::Client, samples: usize) -> anyhow::R
         let start = Instant::now();
         client.publish(subject, leave.encode().into()).await?;
         client.flush().await?;
-        leaves.push(until(client, &account, start, 0).await?);
+        leaves.push(until(&api, &account, start, 0).await?);
     }
     Ok(Fresh {
         join: dist(joins),

@@ -8,11 +8,12 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use clap::Args;
+use headcount_client::Client;
 use headcount_protocol::SessionId;
-use headcount_protocol::subjects::{self, endpoint, endpoint_subject};
+use headcount_protocol::subjects::{self, endpoint};
 use headcount_protocol::wire::Heartbeat;
 
-use crate::measure::{Dist, check_request, one_by_one, publish_paced, session_subjects, us};
+use crate::measure::{Bodies, Dist, Target, one_by_one, publish_paced, session_subjects, us};
 use crate::procs::{Env, rss_bytes, sum_prefix};
 
 #[derive(Debug, Args)]
@@ -65,11 +66,14 @@ pub async fn run(a: SoakArgs, headcount: &Path) -> anyhow::Result<()> {
     checker.wait_up("checker").await?;
     let publisher = env.client("soak-publisher").await?;
     handler.wait_handler(&publisher).await?;
-    let client = env.client("soak-client").await?;
+    let check_endpoint = Target::Endpoint(
+        Client::new(env.client("soak-client").await?),
+        endpoint::CHECK,
+    );
     let run = nuid::next().to_string()[..6].to_string();
     let mut subjects = session_subjects(&run, a.sessions, a.devices_per_account)?;
     let mut next_id = a.sessions;
-    let (_, check_body) = check_request(&subjects[0])?;
+    let check_body = Bodies::of(&subjects[0])?.check;
     println!(
         "soak: {} sessions at a 5 s heartbeat, {}% replaced every {:?}, for {:?}",
         a.sessions, a.churn_percent, a.every, a.duration
@@ -129,13 +133,7 @@ pub async fn run(a: SoakArgs, headcount: &Path) -> anyhow::Result<()> {
         tokio::time::sleep(wait).await;
         let now_processed = processed().await?;
         let secs = step_start.elapsed().as_secs_f64();
-        let check = one_by_one(
-            &client,
-            &endpoint_subject(endpoint::CHECK),
-            check_body.clone(),
-            300,
-        )
-        .await?;
+        let check = one_by_one(&check_endpoint, check_body.clone(), 300).await?;
         let active = checker
             .metrics()
             .await?

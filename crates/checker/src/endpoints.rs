@@ -378,7 +378,7 @@ fn unknown_endpoint(subject: &str, reply: &str) -> Option<ServiceError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::view::testing::{acct, dict, rules};
+    use crate::view::testing::{acct, dict, rules, view_of};
     use headcount_protocol::{DeviceId, Grace};
 
     fn plans_view() -> View {
@@ -471,8 +471,7 @@ mod tests {
 
     #[test]
     fn check_refuses_long_content_and_strangers_with_a_400() {
-        let mut v = View::new(rules(2, Policy::EvictOldest), 0);
-        v.set_dict(&acct(), 0, dict(&[("a", "s1", 1_000)]));
+        let v = view_of(2, Policy::EvictOldest, &[("a", "s1", 1_000)]);
         let req = |content: Option<String>, evict: Option<&str>| CheckRequest {
             account: acct(),
             device: DeviceId::parse("b").unwrap(),
@@ -499,8 +498,7 @@ mod tests {
 
     #[test]
     fn a_kick_ends_only_a_live_session_not_ended_yet() {
-        let mut v = View::new(rules(2, Policy::EvictOldest), 0);
-        v.set_dict(&acct(), 0, dict(&[("a", "s1", 1_000)]));
+        let mut v = view_of(2, Policy::EvictOldest, &[("a", "s1", 1_000)]);
         let s1 = SessionId::parse("s1").unwrap();
         assert_eq!(
             kick_target(&v, &acct(), &s1, 2_000),

@@ -155,18 +155,16 @@ pub(crate) async fn end_session(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::view::testing::{acct, dict, rules, with_content};
+    use crate::view::testing::{acct, dict, rules, view_of, with_content};
     use headcount_protocol::{AccountLimits, Policy};
 
     /// Three sessions, oldest first, on a limit of two.
     fn three_on_two(policy: Policy) -> View {
-        let mut v = View::new(rules(2, policy), 0);
-        v.set_dict(
-            &acct(),
-            0,
-            dict(&[("a", "s1", 1_000), ("b", "s2", 2_000), ("c", "s3", 3_000)]),
-        );
-        v
+        view_of(
+            2,
+            policy,
+            &[("a", "s1", 1_000), ("b", "s2", 2_000), ("c", "s3", 3_000)],
+        )
     }
 
     fn sessions(e: &[Ending]) -> Vec<(&str, EndReason, Option<&str>)> {

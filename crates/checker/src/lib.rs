@@ -34,6 +34,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use async_nats::jetstream::kv;
 use async_nats::service::ServiceExt;
 use futures::StreamExt;
 use headcount_protocol::subjects;
@@ -95,12 +96,8 @@ pub fn start(config: Config, metrics: Metrics, wiring: Wiring) -> headcount_runt
 /// once their watch has replayed what the bucket held, and the scope
 /// itself, serving from the moment the endpoints are up until it stops.
 async fn run(config: Config, metrics: Metrics, wiring: Wiring) -> anyhow::Result<()> {
-    let Wiring {
-        nats,
-        buckets,
-        health,
-        shutdown,
-    } = wiring;
+    let (nats, buckets) = (wiring.nats, wiring.buckets);
+    let (health, shutdown) = (wiring.health, wiring.shutdown);
     let sessions_health = health.component("sessions");
     let revoked_health = health.component("revoked");
     let limits_health = health.component("limits");
@@ -127,39 +124,41 @@ async fn run(config: Config, metrics: Metrics, wiring: Wiring) -> anyhow::Result
     let (watch_stop, watch_shutdown) = Shutdown::new();
     let mut tasks = Vec::new();
     let mut ready = Vec::new();
-    let s = shared.clone();
-    let (t, r) = headcount_runtime::watch::follow(
-        buckets.sessions.clone(),
-        "sessions",
-        move |e| watches::on_dict_entry(&s, e),
-        watch_shutdown.clone(),
-    )
-    .await
-    .context("watching sessions bucket")?;
-    tasks.push(t);
-    ready.push((sessions_health, r));
-    let s = shared.clone();
-    let (t, r) = headcount_runtime::watch::follow(
-        buckets.revoked.clone(),
-        "revoked",
-        move |e| watches::on_revoked_entry(&s, e),
-        watch_shutdown.clone(),
-    )
-    .await
-    .context("watching revoked bucket")?;
-    tasks.push(t);
-    ready.push((revoked_health, r));
-    let s = shared.clone();
-    let (t, r) = headcount_runtime::watch::follow(
-        buckets.limits.clone(),
-        "limits",
-        move |e| watches::on_limit_entry(&s, e),
-        watch_shutdown,
-    )
-    .await
-    .context("watching limits bucket")?;
-    tasks.push(t);
-    ready.push((limits_health, r));
+    // Each bucket, what applies its entries to the view, and the component
+    // that is ready once its watch has replayed what the bucket held.
+    let watched: [(&kv::Store, &str, watches::OnEntry, _); 3] = [
+        (
+            &buckets.sessions,
+            "sessions",
+            watches::on_dict_entry,
+            sessions_health,
+        ),
+        (
+            &buckets.revoked,
+            "revoked",
+            watches::on_revoked_entry,
+            revoked_health,
+        ),
+        (
+            &buckets.limits,
+            "limits",
+            watches::on_limit_entry,
+            limits_health,
+        ),
+    ];
+    for (store, what, apply, component) in watched {
+        let s = shared.clone();
+        let (t, r) = headcount_runtime::watch::follow(
+            store.clone(),
+            what,
+            move |e| apply(&s, e),
+            watch_shutdown.clone(),
+        )
+        .await
+        .with_context(|| format!("watching {what} bucket"))?;
+        tasks.push(t);
+        ready.push((component, r));
+    }
     for (component, r) in ready {
         if r.await.is_ok() {
             component.set_ready(true);

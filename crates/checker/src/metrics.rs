@@ -1,5 +1,6 @@
 //! The checker's Prometheus collectors.
 
+use headcount_runtime::metrics::{Register, WithSeries};
 use prometheus::{
     HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
@@ -30,25 +31,29 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn new(registry: &Registry) -> anyhow::Result<Self> {
-        let m = Self {
+        Ok(Self {
             active_sessions: IntGauge::new(
                 "headcount_active_sessions",
                 "active sessions over all accounts",
-            )?,
+            )?
+            .register(registry)?,
             enforcements: IntCounterVec::new(
                 Opts::new(
                     "headcount_enforcements_total",
                     "sessions ended by limit enforcement or an operator, by action",
                 ),
                 &["action"],
-            )?,
+            )?
+            .register(registry)?
+            .with_series(["evicted", "rejected", "revoked"]),
             requests: IntCounterVec::new(
                 Opts::new(
                     "headcount_requests_total",
                     "requests answered, by endpoint and result",
                 ),
                 &["endpoint", "result"],
-            )?,
+            )?
+            .register(registry)?,
             request_seconds: HistogramVec::new(
                 HistogramOpts::new(
                     "headcount_request_duration_seconds",
@@ -59,40 +64,33 @@ impl Metrics {
                     0.25, 1.0,
                 ]),
                 &["endpoint"],
-            )?,
+            )?
+            .register(registry)?,
             events: IntCounterVec::new(
                 Opts::new(
                     "headcount_checker_events_total",
                     "presence events published by the checker, by type",
                 ),
                 &["type"],
-            )?,
+            )?
+            .register(registry)?,
             by_kind: IntGaugeVec::new(
                 Opts::new(
                     "headcount_active_sessions_by_kind",
                     "active sessions by device kind (the busiest kinds, the rest as other)",
                 ),
                 &["kind"],
-            )?,
+            )?
+            .register(registry)?,
             by_region: IntGaugeVec::new(
                 Opts::new(
                     "headcount_active_sessions_by_region",
                     "active sessions by region (the busiest regions, the rest as other)",
                 ),
                 &["region"],
-            )?,
-        };
-        registry.register(Box::new(m.by_kind.clone()))?;
-        registry.register(Box::new(m.by_region.clone()))?;
-        registry.register(Box::new(m.active_sessions.clone()))?;
-        registry.register(Box::new(m.enforcements.clone()))?;
-        registry.register(Box::new(m.requests.clone()))?;
-        registry.register(Box::new(m.request_seconds.clone()))?;
-        registry.register(Box::new(m.events.clone()))?;
-        for a in ["evicted", "rejected", "revoked"] {
-            m.enforcements.with_label_values(&[a]);
-        }
-        Ok(m)
+            )?
+            .register(registry)?,
+        })
     }
 
     /// Replaces the kind and region gauges with `b`'s counts.

@@ -58,6 +58,7 @@ pub fn choose<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use headcount_protocol::Policy::{EvictLeastActive, EvictOldest, RejectNew};
     use headcount_protocol::{DeviceId, SessionId};
 
     /// Sessions `s0`, `s1`, ... oldest first, last heard at `heard[i]`.
@@ -75,60 +76,57 @@ mod tests {
             .collect()
     }
 
-    fn names<'a>(c: &Choice<'a>) -> Vec<&'a str> {
-        c.ended.iter().map(|s| s.session.as_str()).collect()
+    /// Who `policy` ends among sessions last heard at `heard` (all of
+    /// them the group), by name, and how many newcomers it refuses.
+    fn outcome(policy: Policy, heard: &[u64], cap: usize, joining: usize) -> (Vec<String>, usize) {
+        let all = sessions(heard);
+        let group: Vec<&ActiveSession> = all.iter().collect();
+        let c = choose(policy, &group, cap, joining);
+        let ended = c.ended.iter().map(|s| s.session.to_string()).collect();
+        (ended, c.refused)
+    }
+
+    /// The outcome that ends `sessions` and refuses `refused` newcomers.
+    fn ends(sessions: &[&str], refused: usize) -> (Vec<String>, usize) {
+        (sessions.iter().map(|s| s.to_string()).collect(), refused)
     }
 
     #[test]
     fn nothing_goes_while_the_group_fits() {
-        let all = sessions(&[5, 4, 3]);
-        let group: Vec<&ActiveSession> = all.iter().collect();
         for policy in Policy::ALL {
-            let c = choose(policy, &group, 3, 0);
-            assert!(c.ended.is_empty() && c.refused == 0, "{policy}");
-            let c = choose(policy, &group, 4, 1);
-            assert!(c.ended.is_empty() && c.refused == 0, "{policy}");
+            assert_eq!(outcome(policy, &[5, 4, 3], 3, 0), ends(&[], 0), "{policy}");
+            assert_eq!(outcome(policy, &[5, 4, 3], 4, 1), ends(&[], 0), "{policy}");
         }
     }
 
     #[test]
     fn evict_oldest_ends_the_oldest_beyond_the_cap() {
-        let all = sessions(&[9, 9, 9, 9]);
-        let group: Vec<&ActiveSession> = all.iter().collect();
-        assert_eq!(
-            names(&choose(Policy::EvictOldest, &group, 2, 0)),
-            ["s0", "s1"]
-        );
+        let heard = [9, 9, 9, 9];
+        assert_eq!(outcome(EvictOldest, &heard, 2, 0), ends(&["s0", "s1"], 0));
         // A newcomer needs a seat as well: one more goes.
-        let c = choose(Policy::EvictOldest, &group, 2, 1);
-        assert_eq!((names(&c), c.refused), (vec!["s0", "s1", "s2"], 0));
+        assert_eq!(
+            outcome(EvictOldest, &heard, 2, 1),
+            ends(&["s0", "s1", "s2"], 0)
+        );
     }
 
     #[test]
     fn evict_least_active_ends_the_longest_silent_then_the_oldest() {
         // s1 and s3 were heard least recently, s1 and s3 tie: s1 is older.
-        let all = sessions(&[8_000, 2_000, 9_000, 2_000]);
-        let group: Vec<&ActiveSession> = all.iter().collect();
+        let heard = [8_000, 2_000, 9_000, 2_000];
+        assert_eq!(outcome(EvictLeastActive, &heard, 3, 0), ends(&["s1"], 0));
         assert_eq!(
-            names(&choose(Policy::EvictLeastActive, &group, 3, 0)),
-            ["s1"]
-        );
-        assert_eq!(
-            names(&choose(Policy::EvictLeastActive, &group, 3, 1)),
-            ["s1", "s3"]
+            outcome(EvictLeastActive, &heard, 3, 1),
+            ends(&["s1", "s3"], 0)
         );
     }
 
     #[test]
     fn reject_new_refuses_newcomers_before_ending_anyone() {
-        let all = sessions(&[9, 9, 9]);
-        let group: Vec<&ActiveSession> = all.iter().collect();
-        let c = choose(Policy::RejectNew, &group, 3, 1);
-        assert_eq!((names(&c), c.refused), (vec![], 1));
+        let heard = [9, 9, 9];
+        assert_eq!(outcome(RejectNew, &heard, 3, 1), ends(&[], 1));
         // Over the cap already: the newest of the group go.
-        let c = choose(Policy::RejectNew, &group, 1, 0);
-        assert_eq!((names(&c), c.refused), (vec!["s1", "s2"], 0));
-        let c = choose(Policy::RejectNew, &group, 2, 1);
-        assert_eq!((names(&c), c.refused), (vec!["s2"], 1));
+        assert_eq!(outcome(RejectNew, &heard, 1, 0), ends(&["s1", "s2"], 0));
+        assert_eq!(outcome(RejectNew, &heard, 2, 1), ends(&["s2"], 1));
     }
 }

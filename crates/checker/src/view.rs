@@ -820,6 +820,28 @@ pub(crate) mod testing {
         AccountId::parse("acme").unwrap()
     }
 
+    /// A view under `rules(limit, policy)`, started at 0, in which the
+    /// dictionary of interval 0 of `acct()` holds `entries` (see [`dict`]).
+    pub fn view_of(limit: u32, policy: Policy, entries: &[(&str, &str, u64)]) -> View {
+        let mut v = View::new(rules(limit, policy), 0);
+        v.set_dict(&acct(), 0, dict(entries));
+        v
+    }
+
+    /// An operator's limit and policy for `acct()`, as `limits.set` stores
+    /// them.
+    pub fn set_limit(v: &mut View, limit: u32, policy: Policy) {
+        let limit = Limit::new(limit as i64, policy).expect("limit");
+        v.set_overrides(
+            &acct(),
+            Some(AccountLimits {
+                limit: Some(limit.limit),
+                policy: Some(limit.policy),
+                ..Default::default()
+            }),
+        );
+    }
+
     /// A dictionary of `(device, session, since)`, each last seen when it
     /// began.
     pub fn dict(entries: &[(&str, &str, u64)]) -> SessionDict {
@@ -853,13 +875,16 @@ pub(crate) mod testing {
 
 #[cfg(test)]
 mod tests {
-    use super::testing::{acct, dict, rules, with_content};
+    use super::testing::{acct, dict, rules, set_limit, view_of, with_content};
     use super::*;
 
     #[test]
     fn newest_interval_wins_and_revoked_are_hidden() {
-        let mut v = View::new(rules(5, Policy::EvictOldest), 0);
-        v.set_dict(&acct(), 0, dict(&[("a", "s1", 1_000), ("b", "s2", 2_000)]));
+        let mut v = view_of(
+            5,
+            Policy::EvictOldest,
+            &[("a", "s1", 1_000), ("b", "s2", 2_000)],
+        );
         v.set_dict(&acct(), 1, dict(&[("a", "s3", 61_000)]));
         let active = v.active(&acct(), 62_000);
         let sessions: Vec<&str> = active.iter().map(|s| s.session.as_str()).collect();
@@ -870,9 +895,8 @@ mod tests {
 
     #[test]
     fn heartbeats_keep_sessions_alive_and_timeouts_are_reported_once() {
-        let mut v = View::new(rules(5, Policy::EvictOldest), 0);
+        let mut v = view_of(5, Policy::EvictOldest, &[("a", "s1", 1_000)]);
         let s1 = SessionId::parse("s1").unwrap();
-        v.set_dict(&acct(), 0, dict(&[("a", "s1", 1_000)]));
         assert!(v.heard("acme", "a", s1.as_str(), 10_000));
         assert!(!v.heard("acme", "a", "nope", 10_000));
         assert_eq!(v.active(&acct(), 24_000).len(), 1);
@@ -913,8 +937,7 @@ mod tests {
 
     #[test]
     fn what_was_heard_survives_a_new_copy_of_the_dictionary() {
-        let mut v = View::new(rules(5, Policy::EvictOldest), 0);
-        v.set_dict(&acct(), 0, dict(&[("a", "s1", 1_000)]));
+        let mut v = view_of(5, Policy::EvictOldest, &[("a", "s1", 1_000)]);
         assert!(v.heard("acme", "a", "s1", 14_000));
         // Another device joins: the watch delivers the whole dictionary again.
         v.set_dict(&acct(), 0, dict(&[("a", "s1", 1_000), ("b", "s2", 14_000)]));
@@ -924,8 +947,11 @@ mod tests {
 
     #[test]
     fn a_session_in_two_intervals_is_held_once_and_leaves_at_once() {
-        let mut v = View::new(rules(5, Policy::EvictOldest), 0);
-        v.set_dict(&acct(), 0, dict(&[("a", "s1", 1_000), ("b", "s2", 55_000)]));
+        let mut v = view_of(
+            5,
+            Policy::EvictOldest,
+            &[("a", "s1", 1_000), ("b", "s2", 55_000)],
+        );
         v.heard("acme", "a", "s1", 59_000);
         // s1 moved on to interval 1; s2 did not (yet).
         v.set_dict(&acct(), 1, dict(&[("a", "s1", 1_000)]));
@@ -976,25 +1002,17 @@ mod tests {
 
     #[test]
     fn evict_oldest_and_reject_new() {
-        let mut v = View::new(rules(2, Policy::EvictOldest), 0);
-        v.set_dict(
-            &acct(),
-            0,
-            dict(&[("a", "s1", 1_000), ("b", "s2", 2_000), ("c", "s3", 3_000)]),
+        let mut v = view_of(
+            2,
+            Policy::EvictOldest,
+            &[("a", "s1", 1_000), ("b", "s2", 2_000), ("c", "s3", 3_000)],
         );
         let over = v.over_limit(&acct(), 4_000);
         assert_eq!(over.len(), 1);
         assert_eq!(over[0].victim.session.as_str(), "s1");
         assert_eq!(over[0].by.as_ref().unwrap().session.as_str(), "s3");
 
-        v.set_overrides(
-            &acct(),
-            Some(AccountLimits {
-                limit: Some(Limit::new(2, Policy::RejectNew).expect("limit").limit),
-                policy: Some(Limit::new(2, Policy::RejectNew).expect("limit").policy),
-                ..Default::default()
-            }),
-        );
+        set_limit(&mut v, 2, Policy::RejectNew);
         let over = v.over_limit(&acct(), 4_000);
         assert_eq!(over[0].victim.session.as_str(), "s3");
         assert!(over[0].rejected);
@@ -1002,8 +1020,11 @@ mod tests {
 
     #[test]
     fn check_follows_the_policy() {
-        let mut v = View::new(rules(2, Policy::EvictOldest), 0);
-        v.set_dict(&acct(), 0, dict(&[("a", "s1", 1_000), ("b", "s2", 2_000)]));
+        let mut v = view_of(
+            2,
+            Policy::EvictOldest,
+            &[("a", "s1", 1_000), ("b", "s2", 2_000)],
+        );
         let d = |s| DeviceId::parse(s).unwrap();
         // An active device is always allowed and takes no extra seat.
         let out = v.check(&acct(), &d("a"), None, None, 3_000).unwrap();
@@ -1014,14 +1035,7 @@ mod tests {
         assert_eq!(out.victims[0].session.as_str(), "s1");
         assert_eq!(out.active, 1);
 
-        v.set_overrides(
-            &acct(),
-            Some(AccountLimits {
-                limit: Some(Limit::new(2, Policy::RejectNew).expect("limit").limit),
-                policy: Some(Limit::new(2, Policy::RejectNew).expect("limit").policy),
-                ..Default::default()
-            }),
-        );
+        set_limit(&mut v, 2, Policy::RejectNew);
         let out = v.check(&acct(), &d("c"), None, None, 3_000).unwrap();
         assert!(!out.allowed && out.victims.is_empty());
         assert_eq!(out.active, 2);
@@ -1071,9 +1085,8 @@ mod tests {
 
     #[test]
     fn a_session_back_from_a_timeout_is_looked_at_again() {
-        let mut v = View::new(rules(5, Policy::EvictOldest), 0);
+        let mut v = view_of(5, Policy::EvictOldest, &[("a", "s1", 1_000)]);
         let s1 = SessionId::parse("s1").unwrap();
-        v.set_dict(&acct(), 0, dict(&[("a", "s1", 1_000)]));
         assert!(v.heard("acme", "a", s1.as_str(), 2_000));
         assert_eq!(v.sweep(20_000).0.len(), 1);
         assert!(v.heard("acme", "a", s1.as_str(), 21_000), "revived");
@@ -1119,11 +1132,10 @@ mod tests {
 
     #[test]
     fn evict_least_active_ends_the_longest_silent() {
-        let mut v = View::new(rules(2, Policy::EvictLeastActive), 0);
-        v.set_dict(
-            &acct(),
-            0,
-            dict(&[("a", "s1", 1_000), ("b", "s2", 2_000), ("c", "s3", 3_000)]),
+        let mut v = view_of(
+            2,
+            Policy::EvictLeastActive,
+            &[("a", "s1", 1_000), ("b", "s2", 2_000), ("c", "s3", 3_000)],
         );
         // s1 is the oldest but heard most recently; s2 is the quietest.
         v.heard("acme", "a", "s1", 9_000);
@@ -1161,8 +1173,11 @@ mod tests {
 
     #[test]
     fn takeover_signs_out_the_chosen_session() {
-        let mut v = View::new(rules(2, Policy::RejectNew), 0);
-        v.set_dict(&acct(), 0, dict(&[("a", "s1", 1_000), ("b", "s2", 2_000)]));
+        let v = view_of(
+            2,
+            Policy::RejectNew,
+            &[("a", "s1", 1_000), ("b", "s2", 2_000)],
+        );
         let new = DeviceId::parse("c").unwrap();
         let s2 = SessionId::parse("s2").unwrap();
         let out = v.check(&acct(), &new, None, Some(&s2), 3_000).unwrap();

@@ -14,6 +14,9 @@ use serde::de::DeserializeOwned;
 use crate::shared::Shared;
 use crate::view::View;
 
+/// What applies one entry of a watched bucket to the view.
+pub(crate) type OnEntry = fn(&Shared, kv::Entry);
+
 /// A heartbeat heard on `subject`: its session is alive now. Only the
 /// subject is read; the payload is the handler's business.
 pub(crate) fn on_heartbeat(shared: &Shared, subject: &str) {

@@ -102,48 +102,23 @@ impl Client {
     /// `headcount.active`: the account's active sessions, its limit and
     /// policy.
     pub async fn active(&self, account: &AccountId) -> Result<ActiveReply, ClientError> {
-        self.call::<endpoint::Active>(&AccountRequest {
-            account: account.clone(),
-        })
-        .await
-    }
-
-    /// `headcount.check`: whether `request.device` may play now. A refusal
-    /// is a reply (`allowed: false`), not an error.
-    pub async fn check(&self, request: &CheckRequest) -> Result<CheckReply, ClientError> {
-        self.call::<endpoint::Check>(request).await
+        self.call_for_account::<endpoint::Active>(account).await
     }
 
     /// `headcount.limits.get`: the account's limit, policy and plan.
     pub async fn limits_get(&self, account: &AccountId) -> Result<LimitsReply, ClientError> {
-        self.call::<endpoint::LimitsGet>(&AccountRequest {
+        self.call_for_account::<endpoint::LimitsGet>(account).await
+    }
+
+    /// Calls endpoint `E`, whose request names nothing but an account.
+    async fn call_for_account<E>(&self, account: &AccountId) -> Result<E::Reply, ClientError>
+    where
+        E: Endpoint<Request = AccountRequest>,
+    {
+        let request = AccountRequest {
             account: account.clone(),
-        })
-        .await
-    }
-
-    /// `headcount.limits.set`: changes what the request names, and answers
-    /// with the account's limits as they are now. An unknown plan or policy,
-    /// or a number out of range, is [`ClientError::Service`] with a 400.
-    pub async fn limits_set(&self, request: &LimitsSetRequest) -> Result<LimitsReply, ClientError> {
-        self.call::<endpoint::LimitsSet>(request).await
-    }
-
-    /// `headcount.kick`: ends the session; `kicked: false` when the account
-    /// has no active session by that id.
-    pub async fn kick(&self, request: &KickRequest) -> Result<KickReply, ClientError> {
-        self.call::<endpoint::Kick>(request).await
-    }
-
-    /// `headcount.token`: a device token, starting a new session.
-    pub async fn token(&self, request: &TokenRequest) -> Result<TokenReply, ClientError> {
-        self.call::<endpoint::Token>(request).await
-    }
-
-    /// `headcount.stats`: usage of one account, or of all with the busiest
-    /// listed.
-    pub async fn stats(&self, request: &StatsRequest) -> Result<StatsReply, ClientError> {
-        self.call::<endpoint::Stats>(request).await
+        };
+        self.call::<E>(&request).await
     }
 
     /// Calls endpoint `E` with its typed request.
@@ -221,6 +196,39 @@ impl Client {
             None => Ok(msg.payload),
         }
     }
+}
+
+/// The methods of the endpoints whose whole request the caller builds: each
+/// is [`Client::call`] for its endpoint.
+macro_rules! request_methods {
+    ($($(#[$doc:meta])* $method:ident: $endpoint:ident($request:ty) -> $reply:ty;)*) => {
+        impl Client {
+            $(
+                $(#[$doc])*
+                pub async fn $method(&self, request: &$request) -> Result<$reply, ClientError> {
+                    self.call::<endpoint::$endpoint>(request).await
+                }
+            )*
+        }
+    };
+}
+
+request_methods! {
+    /// `headcount.check`: whether `request.device` may play now. A refusal
+    /// is a reply (`allowed: false`), not an error.
+    check: Check(CheckRequest) -> CheckReply;
+    /// `headcount.limits.set`: changes what the request names, and answers
+    /// with the account's limits as they are now. An unknown plan or policy,
+    /// or a number out of range, is [`ClientError::Service`] with a 400.
+    limits_set: LimitsSet(LimitsSetRequest) -> LimitsReply;
+    /// `headcount.kick`: ends the session; `kicked: false` when the account
+    /// has no active session by that id.
+    kick: Kick(KickRequest) -> KickReply;
+    /// `headcount.token`: a device token, starting a new session.
+    token: Token(TokenRequest) -> TokenReply;
+    /// `headcount.stats`: usage of one account, or of all with the busiest
+    /// listed.
+    stats: Stats(StatsRequest) -> StatsReply;
 }
 
 #[cfg(test)]

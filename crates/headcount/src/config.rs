@@ -3,7 +3,6 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::Context;
 use clap::Args;
 use headcount_protocol::{Limit, Policy};
 use headcount_runtime::{BucketSettings, NatsOptions};
@@ -11,26 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::exit::CliError;
 
-/// Where to find NATS.
-#[derive(Debug, Clone, Args)]
-pub struct NatsArgs {
-    /// NATS server URL; repeat, or comma-separate, for a cluster. Default:
-    /// `nats_url` of <data-dir>/up.json, written by `headcount up`.
-    #[arg(long = "nats-url", env = "HEADCOUNT_NATS_URL", value_delimiter = ',')]
-    pub nats_urls: Vec<String>,
-    /// NATS user. Default: `service_user` of <data-dir>/up.json (the
-    /// console user `headcount`).
-    #[arg(long, env = "HEADCOUNT_NATS_USER")]
-    pub nats_user: Option<String>,
-    /// NATS password. Default: `service_password` of <data-dir>/up.json.
-    #[arg(long, env = "HEADCOUNT_NATS_PASSWORD", hide_env_values = true)]
-    pub nats_password: Option<String>,
-    /// The data directory of `headcount up`: its up.json gives the NATS URL,
-    /// user and password not given as flags (token-vendor also keeps its
-    /// keys there). A relative path is taken from the working directory.
-    #[arg(long, env = "HEADCOUNT_DATA_DIR", default_value = ".headcount")]
-    pub data_dir: PathBuf,
-}
+pub use headcount_app::cli::NatsArgs;
 
 /// Where a query command connects, and where that came from (for its
 /// messages).
@@ -42,13 +22,6 @@ pub struct NatsTarget {
     pub url_from: String,
     /// Where the user and password came from, when there are any.
     pub credentials_from: Option<String>,
-}
-
-impl NatsTarget {
-    /// The URLs, comma-separated.
-    pub fn urls(&self) -> String {
-        self.options.urls.join(",")
-    }
 }
 
 /// What `headcount up` writes for tools and tests: how to reach everything.
@@ -74,7 +47,7 @@ pub struct UpInfo {
 
 impl UpInfo {
     pub fn path(data_dir: &Path) -> PathBuf {
-        data_dir.join("up.json")
+        headcount_app::cli::up_json(data_dir)
     }
 
     /// [`UpInfo::read`] for commands that report errors with anyhow.
@@ -137,54 +110,23 @@ fn up_json_above(data_dir: &Path) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-impl NatsArgs {
-    /// Connection options: explicit flags win, then up.json.
-    pub fn options(&self, name: &str) -> anyhow::Result<NatsOptions> {
-        let up = if self.nats_urls.is_empty() || self.nats_user.is_none() {
-            UpInfo::load(&self.data_dir).ok()
-        } else {
-            None
-        };
-        let urls = if self.nats_urls.is_empty() {
-            // up.json lists every node of a cluster, comma-separated.
-            up.as_ref()
-                .map(|u| u.nats_url.split(',').map(str::to_owned).collect())
-                .context("no --nats-url given and no up.json found: start `headcount up` first")?
-        } else {
-            self.nats_urls.clone()
-        };
-        let user = self
-            .nats_user
-            .clone()
-            .or_else(|| up.as_ref().map(|u| u.service_user.clone()));
-        let password = self
-            .nats_password
-            .clone()
-            .or_else(|| up.as_ref().map(|u| u.service_password.clone()));
-        Ok(NatsOptions {
-            urls,
-            user,
-            password,
-            name: name.to_string(),
-        })
-    }
-
+impl NatsTarget {
     /// Where a query command connects: flags (or their variables) win,
     /// then <data-dir>/up.json. Without a URL from either, the error names
     /// the up.json looked for.
-    pub fn target(&self, name: &str) -> Result<NatsTarget, CliError> {
-        let up_path = absolute(&UpInfo::path(&self.data_dir))
+    pub fn of(nats: &NatsArgs, name: &str) -> Result<NatsTarget, CliError> {
+        let up_path = absolute(&UpInfo::path(&nats.data_dir))
             .display()
             .to_string();
-        let up = if self.nats_urls.is_empty() {
-            Some(UpInfo::read(&self.data_dir)?)
-        } else if self.nats_user.is_none() || self.nats_password.is_none() {
+        let up = if nats.nats_urls.is_empty() {
+            Some(UpInfo::read(&nats.data_dir)?)
+        } else if nats.nats_user.is_none() || nats.nats_password.is_none() {
             // Only the credentials are missing: up.json's, if there is one.
-            UpInfo::read(&self.data_dir).ok()
+            UpInfo::read(&nats.data_dir).ok()
         } else {
             None
         };
-        let (urls, url_from) = if self.nats_urls.is_empty() {
+        let (urls, url_from) = if nats.nats_urls.is_empty() {
             let u = up.as_ref().map(|u| u.nats_url.as_str()).unwrap_or_default();
             // up.json lists every node of a cluster, comma-separated.
             let urls: Vec<String> = u
@@ -202,15 +144,15 @@ impl NatsArgs {
             (urls, up_path.clone())
         } else {
             (
-                self.nats_urls.clone(),
+                nats.nats_urls.clone(),
                 flag_or_env(
                     "--nats-url",
                     "HEADCOUNT_NATS_URL",
-                    &self.nats_urls.join(","),
+                    &nats.nats_urls.join(","),
                 ),
             )
         };
-        let (user, password, credentials_from) = match (&self.nats_user, &self.nats_password) {
+        let (user, password, credentials_from) = match (&nats.nats_user, &nats.nats_password) {
             (Some(user), Some(password)) => {
                 let from = flag_or_env("--nats-user", "HEADCOUNT_NATS_USER", user);
                 (Some(user.clone()), Some(password.clone()), Some(from))
@@ -238,6 +180,11 @@ impl NatsArgs {
             url_from,
             credentials_from,
         })
+    }
+
+    /// The URLs, comma-separated.
+    pub fn urls(&self) -> String {
+        self.options.urls.join(",")
     }
 }
 

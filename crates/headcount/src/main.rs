@@ -32,32 +32,9 @@ enum Command {
     Up(up::UpArgs),
     /// Simulate accounts x devices heartbeating.
     Simulate(simulate::SimulateArgs),
-    /// Show an account's active sessions.
-    #[command(after_help = exit::EXIT_STATUS_HELP)]
-    Active(query::ActiveArgs),
-    /// Ask whether a device may play now (applies the account's policy).
-    #[command(after_help = exit::EXIT_STATUS_HELP)]
-    Check(query::CheckArgs),
-    /// Read or change an account's limit and policy.
-    #[command(after_help = exit::EXIT_STATUS_HELP)]
-    Limits(query::LimitsArgs),
-    /// End one session now (the device is told, its heartbeats are ignored).
-    #[command(after_help = exit::EXIT_STATUS_HELP)]
-    Kick(query::KickArgs),
-    /// Issue a device token.
-    #[command(after_help = exit::EXIT_STATUS_HELP)]
-    Token(query::TokenArgs),
-    /// Issue a backend token: an application server's NATS credential.
-    #[command(after_help = exit::EXIT_STATUS_HELP)]
-    BackendToken(query::BackendTokenArgs),
-    /// Print fresh auth callout keys (seeds for token-vendor, public keys for nats-server).
-    CalloutKeys,
-    /// Active sessions by content, device kind and region, and the peak.
-    #[command(after_help = exit::EXIT_STATUS_HELP)]
-    Stats(query::StatsArgs),
-    /// A live, refreshing view of the busiest accounts.
-    #[command(after_help = exit::EXIT_STATUS_HELP)]
-    Top(query::TopArgs),
+    /// The request-reply commands, and `callout-keys`.
+    #[command(flatten)]
+    Query(query::Command),
     /// Run the heartbeat-handler alone.
     Handler(services::HandlerArgs),
     /// Run the checker alone.
@@ -73,63 +50,27 @@ fn main() -> std::process::ExitCode {
         Ok(cli) => cli,
         Err(e) => return usage_error(e),
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match headcount_app::cli::runtime() {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: starting runtime: {e}");
-            return std::process::ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
-    let quiet = matches!(
-        cli.command,
-        Command::Active(_)
-            | Command::Check(_)
-            | Command::Limits(_)
-            | Command::Kick(_)
-            | Command::Token(_)
-            | Command::BackendToken(_)
-            | Command::CalloutKeys
-            | Command::Stats(_)
-            | Command::Top(_)
-    );
+    // The query commands print their answers, and nothing else, on stdout.
+    let quiet = matches!(cli.command, Command::Query(_));
     if !quiet {
         headcount_runtime::init_logging(cli.log_json);
     }
     runtime.block_on(async move {
-        // The query commands end with their own exit statuses (exit.rs).
-        let query = |json: bool| move |r| exit::finish(r, json);
+        let finish = headcount_app::cli::finish;
         match cli.command {
             Command::Up(a) => finish(up::run(a).await),
             Command::Simulate(a) => finish(simulate::run(a).await),
-            Command::Active(a) => query(a.json())(query::active(a).await),
-            Command::Check(a) => query(a.json())(query::check(a).await),
-            Command::Limits(a) => query(a.json())(query::limits(a).await),
-            Command::Kick(a) => query(a.json())(query::kick(a).await),
-            Command::Token(a) => query(a.json())(query::token(a).await),
-            Command::BackendToken(a) => query(a.json())(query::backend_token(a).await),
-            Command::CalloutKeys => finish(query::callout_keys()),
-            Command::Stats(a) => query(a.json())(query::stats(a).await),
-            Command::Top(a) => query(a.json())(query::top(a).await),
+            Command::Query(q) => q.run().await,
             Command::Handler(a) => finish(services::handler(a).await),
             Command::Checker(a) => finish(services::checker(a).await),
             Command::TokenVendor(a) => finish(services::token_vendor(a).await),
             Command::Buckets(a) => finish(services::buckets(a).await),
         }
     })
-}
-
-/// The end of a command that is not a query: 1 on any error.
-fn finish(result: anyhow::Result<()>) -> std::process::ExitCode {
-    match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
 }
 
 /// clap could not make sense of the arguments (exit status 2), or was

@@ -14,12 +14,13 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 use headcount_client::endpoint::{self as ep, Endpoint};
 use headcount_client::{Client, ClientError};
+use headcount_protocol::AccountId;
 use headcount_protocol::subjects::{endpoint, endpoint_subject};
 use headcount_protocol::wire::{
-    AccountRequest, CheckRequest, GraceRequest, KickRequest, LimitsReply, LimitsSetRequest,
-    StatsReply, StatsRequest, TokenRequest,
+    AccountRequest, GraceRequest, LimitsReply, LimitsSetRequest, StatsReply, StatsRequest,
 };
-use headcount_protocol::{AccountId, DeviceId, NameError, SessionId};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
 use crate::config::{NatsArgs, NatsTarget, humantime_secs};
@@ -32,12 +33,69 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// `top` ask for this many, show what was asked for, and count the rest.
 const MOST_LISTED: u32 = 1000;
 
+/// The commands of this module, in the order `headcount --help` lists
+/// them: the queries, and `callout-keys`, which asks nobody.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Show an account's active sessions.
+    Active(ActiveArgs),
+    /// Ask whether a device may play now (applies the account's policy).
+    Check(CheckArgs),
+    /// Read or change an account's limit and policy.
+    Limits(LimitsArgs),
+    /// End one session now (the device is told, its heartbeats are ignored).
+    Kick(KickArgs),
+    /// Issue a device token.
+    Token(TokenArgs),
+    /// Issue a backend token: an application server's NATS credential.
+    BackendToken(BackendTokenArgs),
+    /// Print fresh auth callout keys (seeds for token-vendor, public keys for nats-server).
+    CalloutKeys,
+    /// Active sessions by content, device kind and region, and the peak.
+    Stats(StatsArgs),
+    /// A live, refreshing view of the busiest accounts.
+    Top(TopArgs),
+}
+
+impl Command {
+    /// Runs the command to its exit status: a query's own (see
+    /// [`crate::exit`]), under `--json` with the error object on stdout;
+    /// `callout-keys` ends with 1 on any error.
+    pub async fn run(self) -> std::process::ExitCode {
+        let json = match &self {
+            Command::Active(ActiveArgs { common, .. })
+            | Command::Check(CheckArgs { common, .. })
+            | Command::Kick(KickArgs { common, .. })
+            | Command::Token(TokenArgs { common, .. })
+            | Command::Stats(StatsArgs { common, .. })
+            | Command::Top(TopArgs { common, .. }) => common.answer.json,
+            Command::Limits(a) => a.common().answer.json,
+            Command::BackendToken(a) => a.answer.json,
+            Command::CalloutKeys => false,
+        };
+        let result = match self {
+            Command::Active(a) => active(a).await,
+            Command::Check(a) => check(a).await,
+            Command::Limits(a) => limits(a).await,
+            Command::Kick(a) => kick(a).await,
+            Command::Token(a) => token(a).await,
+            Command::BackendToken(a) => backend_token(a).await,
+            Command::CalloutKeys => return headcount_app::cli::finish(callout_keys()),
+            Command::Stats(a) => stats(a).await,
+            Command::Top(a) => top(a).await,
+        };
+        crate::exit::finish(result, json)
+    }
+}
+
+/// How a query command waits and answers; its help ends with the exit
+/// statuses every query command shares.
 #[derive(Debug, Args)]
-pub struct Common {
-    #[command(flatten)]
-    nats: NatsArgs,
-    /// Give up when NATS has not accepted the connection within this long
-    /// (exit status 3), instead of waiting for it.
+#[command(after_help = crate::exit::EXIT_STATUS_HELP)]
+pub struct Answer {
+    /// Give up when NATS (token-vendor, for `backend-token`) has not
+    /// accepted the connection within this long (exit status 3), instead of
+    /// waiting for it.
     #[arg(
         long,
         env = "HEADCOUNT_CONNECT_TIMEOUT",
@@ -45,10 +103,19 @@ pub struct Common {
         value_parser = humantime_secs
     )]
     connect_timeout: Duration,
-    /// Print the service's reply as JSON. An error, too, is one JSON object
-    /// on stdout: `{"error": "...", "code": <exit status>, ...}`.
+    /// Print the reply as JSON. An error, too, is one JSON object on stdout:
+    /// `{"error": "...", "code": <exit status>, ...}`.
     #[arg(long)]
     json: bool,
+}
+
+/// The flags of a query command that asks a service over NATS.
+#[derive(Debug, Args)]
+pub struct Common {
+    #[command(flatten)]
+    nats: NatsArgs,
+    #[command(flatten)]
+    answer: Answer,
 }
 
 /// One command's connection to NATS, and where its address came from.
@@ -60,13 +127,17 @@ struct Conn {
 impl Common {
     /// Connects once, within `--connect-timeout`.
     async fn connect(&self, name: &str) -> Result<Conn, CliError> {
-        let target = self.nats.target(name)?;
-        match target.options.connect_once(self.connect_timeout).await {
+        let target = NatsTarget::of(&self.nats, name)?;
+        match target
+            .options
+            .connect_once(self.answer.connect_timeout)
+            .await
+        {
             Ok(nats) => Ok(Conn {
                 client: Client::new(nats).with_timeout(REQUEST_TIMEOUT),
                 target,
             }),
-            Err(e) => Err(connect_error(&target, &e, self.connect_timeout)),
+            Err(e) => Err(connect_error(&target, &e, self.answer.connect_timeout)),
         }
     }
 }
@@ -158,7 +229,7 @@ impl Conn {
 /// (exit status 4), worded as for any other caller.
 async fn call<E: Endpoint>(
     common: &Common,
-    request: Result<E::Request, NameError>,
+    request: Result<E::Request, impl Sized>,
     as_typed: impl FnOnce() -> Value,
 ) -> Result<(E::Reply, Value), CliError> {
     let conn = common.connect("headcount-cli").await?;
@@ -166,6 +237,23 @@ async fn call<E: Endpoint>(
         Ok(request) => conn.call::<E>(&request).await,
         Err(_) => conn.call_as_typed::<E>(&as_typed()).await,
     }
+}
+
+/// [`call`] for a command whose arguments are the request's fields, under
+/// the request's names (`args` serializes them, names as typed): the typed
+/// request is what they read as once every name parses.
+async fn call_with_args<E>(
+    common: &Common,
+    args: &impl Serialize,
+) -> Result<(E::Reply, Value), CliError>
+where
+    E: Endpoint,
+    E::Request: DeserializeOwned,
+{
+    let as_typed = serde_json::to_value(args)
+        .map_err(|e| CliError::usage(format!("the arguments as JSON: {e}")))?;
+    let request = serde_json::from_value(as_typed.clone());
+    call::<E>(common, request, || as_typed).await
 }
 
 fn print_json(v: &Value) {
@@ -188,24 +276,19 @@ fn ago(ms: u64) -> String {
     format!("{} ago", span(now.saturating_sub(ms) / 1000))
 }
 
-#[derive(Debug, Args)]
+/// The arguments are the request's fields (see [`call_with_args`]).
+#[derive(Debug, Args, Serialize)]
 pub struct ActiveArgs {
     /// The account, e.g. `acct-0003`.
     account: String,
     #[command(flatten)]
+    #[serde(skip)]
     common: Common,
 }
 
-impl ActiveArgs {
-    pub fn json(&self) -> bool {
-        self.common.json
-    }
-}
-
 pub async fn active(a: ActiveArgs) -> Result<(), CliError> {
-    let request = AccountId::parse(&a.account).map(|account| AccountRequest { account });
-    let (r, raw) = call::<ep::Active>(&a.common, request, || json!({"account": a.account})).await?;
-    if a.common.json {
+    let (r, raw) = call_with_args::<ep::Active>(&a.common, &a).await?;
+    if a.common.answer.json {
         print_json(&raw);
         return Ok(());
     }
@@ -235,7 +318,8 @@ pub async fn active(a: ActiveArgs) -> Result<(), CliError> {
     Ok(())
 }
 
-#[derive(Debug, Args)]
+/// The arguments are the request's fields (see [`call_with_args`]).
+#[derive(Debug, Args, Serialize)]
 pub struct CheckArgs {
     /// The account, e.g. `acct-0003`.
     account: String,
@@ -251,33 +335,13 @@ pub struct CheckArgs {
     #[arg(long)]
     evict: Option<String>,
     #[command(flatten)]
+    #[serde(skip)]
     common: Common,
-}
-
-impl CheckArgs {
-    pub fn json(&self) -> bool {
-        self.common.json
-    }
-
-    /// The request the command line names, when its names parse.
-    fn request(&self) -> Result<CheckRequest, NameError> {
-        Ok(CheckRequest {
-            account: AccountId::parse(&self.account)?,
-            device: DeviceId::parse(&self.device)?,
-            session: self.session.as_deref().map(SessionId::parse).transpose()?,
-            content: self.content.clone(),
-            evict: self.evict.as_deref().map(SessionId::parse).transpose()?,
-        })
-    }
 }
 
 /// `check`: exit status 0 when the device may play, 1 when it is refused.
 pub async fn check(a: CheckArgs) -> Result<(), CliError> {
-    let (r, raw) = call::<ep::Check>(&a.common, a.request(), || {
-        json!({"account": a.account, "device": a.device, "session": a.session,
-               "content": a.content, "evict": a.evict})
-    })
-    .await?;
+    let (r, raw) = call_with_args::<ep::Check>(&a.common, &a).await?;
     let seats = format!("{} of {} seats taken, {}", r.active, r.limit, r.policy);
     if !r.allowed {
         let why = if r.active >= r.limit {
@@ -286,13 +350,13 @@ pub async fn check(a: CheckArgs) -> Result<(), CliError> {
             "its content is at the account's per-content limit".to_string()
         };
         let refused = CliError::refused(format!("{} is refused: {why} ({seats})", a.device));
-        if a.common.json {
+        if a.common.answer.json {
             return Err(refused.with_reply(raw));
         }
         println!("{}", refused.message);
         return Err(refused.already_said());
     }
-    if a.common.json {
+    if a.common.answer.json {
         print_json(&raw);
         return Ok(());
     }
@@ -308,15 +372,16 @@ pub async fn check(a: CheckArgs) -> Result<(), CliError> {
 }
 
 #[derive(Debug, Args)]
+#[command(after_help = crate::exit::EXIT_STATUS_HELP)]
 pub struct LimitsArgs {
     #[command(subcommand)]
     command: LimitsCommand,
 }
 
 impl LimitsArgs {
-    pub fn json(&self) -> bool {
+    fn common(&self) -> &Common {
         match &self.command {
-            LimitsCommand::Get { common, .. } | LimitsCommand::Set { common, .. } => common.json,
+            LimitsCommand::Get { common, .. } | LimitsCommand::Set { common, .. } => common,
         }
     }
 }
@@ -416,7 +481,7 @@ pub async fn limits(a: LimitsArgs) -> Result<(), CliError> {
             )
         }
     };
-    if common.json {
+    if common.answer.json {
         print_json(&raw);
         return Ok(());
     }
@@ -444,12 +509,6 @@ pub struct StatsArgs {
     top: u32,
     #[command(flatten)]
     common: Common,
-}
-
-impl StatsArgs {
-    pub fn json(&self) -> bool {
-        self.common.json
-    }
 }
 
 fn print_counts(title: &str, counts: &std::collections::BTreeMap<String, u32>) {
@@ -520,7 +579,7 @@ pub async fn stats(a: StatsArgs) -> Result<(), CliError> {
     )
     .await?;
     let shown = a.top as usize;
-    if a.common.json {
+    if a.common.answer.json {
         if r.account.is_some() {
             print_json(&raw);
         } else {
@@ -574,12 +633,6 @@ pub struct TopArgs {
     once: bool,
     #[command(flatten)]
     common: Common,
-}
-
-impl TopArgs {
-    pub fn json(&self) -> bool {
-        self.common.json
-    }
 }
 
 /// One screen of `top`: totals, the first `rows` accounts, how many more
@@ -649,7 +702,7 @@ pub async fn top(a: TopArgs) -> Result<(), CliError> {
                 continue;
             }
         };
-        if a.common.json {
+        if a.common.answer.json {
             println!("{}", json_with_top(raw, &r, rows));
         } else if a.once {
             print!("{}", render_top(&r, rows));
@@ -665,37 +718,22 @@ pub async fn top(a: TopArgs) -> Result<(), CliError> {
     Ok(())
 }
 
-#[derive(Debug, Args)]
+/// The arguments are the request's fields (see [`call_with_args`]).
+#[derive(Debug, Args, Serialize)]
 pub struct KickArgs {
     /// The account, e.g. `acct-0003`.
     account: String,
     /// The session to end (the SESSION column of `headcount active`).
     session: String,
     #[command(flatten)]
+    #[serde(skip)]
     common: Common,
-}
-
-impl KickArgs {
-    pub fn json(&self) -> bool {
-        self.common.json
-    }
 }
 
 /// `kick`: exit status 0 when the session was ended, 1 when no active
 /// session of the account has that id.
 pub async fn kick(a: KickArgs) -> Result<(), CliError> {
-    let request = AccountId::parse(&a.account).and_then(|account| {
-        Ok(KickRequest {
-            account,
-            session: SessionId::parse(&a.session)?,
-        })
-    });
-    let (r, raw) = call::<ep::Kick>(
-        &a.common,
-        request,
-        || json!({"account": a.account, "session": a.session}),
-    )
-    .await?;
+    let (r, raw) = call_with_args::<ep::Kick>(&a.common, &a).await?;
     if !r.kicked {
         return Err(CliError::refused(format!(
             "no active session {} on account {}: nothing kicked",
@@ -703,7 +741,7 @@ pub async fn kick(a: KickArgs) -> Result<(), CliError> {
         ))
         .with_reply(raw));
     }
-    if a.common.json {
+    if a.common.answer.json {
         print_json(&raw);
     } else {
         println!("kicked session {} of account {}", a.session, a.account);
@@ -711,7 +749,8 @@ pub async fn kick(a: KickArgs) -> Result<(), CliError> {
     Ok(())
 }
 
-#[derive(Debug, Args)]
+/// The arguments are the request's fields (see [`call_with_args`]).
+#[derive(Debug, Args, Serialize)]
 pub struct TokenArgs {
     /// The account, e.g. `acct-0003`.
     account: String,
@@ -719,35 +758,17 @@ pub struct TokenArgs {
     device: String,
     /// The account's plan, carried in the token.
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     plan: Option<String>,
     #[command(flatten)]
+    #[serde(skip)]
     common: Common,
-}
-
-impl TokenArgs {
-    pub fn json(&self) -> bool {
-        self.common.json
-    }
 }
 
 /// `token`: a device token from token-vendor's `headcount.token`.
 pub async fn token(a: TokenArgs) -> Result<(), CliError> {
-    let request = AccountId::parse(&a.account).and_then(|account| {
-        Ok(TokenRequest {
-            account,
-            device: DeviceId::parse(&a.device)?,
-            plan: a.plan.clone(),
-        })
-    });
-    let (r, raw) = call::<ep::Token>(&a.common, request, || {
-        let mut body = json!({"account": a.account, "device": a.device});
-        if let Some(p) = &a.plan {
-            body["plan"] = json!(p);
-        }
-        body
-    })
-    .await?;
-    if a.common.json {
+    let (r, raw) = call_with_args::<ep::Token>(&a.common, &a).await?;
+    if a.common.answer.json {
         print_json(&raw);
         return Ok(());
     }
@@ -777,25 +798,8 @@ pub struct BackendTokenArgs {
     /// URL and operator key not given as flags.
     #[arg(long, env = "HEADCOUNT_DATA_DIR", default_value = ".headcount")]
     data_dir: std::path::PathBuf,
-    /// Give up when token-vendor has not accepted the connection within
-    /// this long (exit status 3).
-    #[arg(
-        long,
-        env = "HEADCOUNT_CONNECT_TIMEOUT",
-        default_value = "3s",
-        value_parser = humantime_secs
-    )]
-    connect_timeout: Duration,
-    /// Print token-vendor's reply as JSON. An error, too, is one JSON object
-    /// on stdout: `{"error": "...", "code": <exit status>, ...}`.
-    #[arg(long)]
-    json: bool,
-}
-
-impl BackendTokenArgs {
-    pub fn json(&self) -> bool {
-        self.json
-    }
+    #[command(flatten)]
+    answer: Answer,
 }
 
 /// `headcount backend-token NAME`: a backend token from token-vendor's HTTP
@@ -833,8 +837,8 @@ pub async fn backend_token(a: BackendTokenArgs) -> Result<(), CliError> {
     }
     let url = format!("{}/v1/backend-tokens", http.trim_end_matches('/'));
     let client = reqwest::Client::builder()
-        .connect_timeout(a.connect_timeout)
-        .timeout(a.connect_timeout + REQUEST_TIMEOUT)
+        .connect_timeout(a.answer.connect_timeout)
+        .timeout(a.answer.connect_timeout + REQUEST_TIMEOUT)
         .build()
         .map_err(|e| CliError::usage(format!("HTTP client: {}", error_chain(&e))))?;
     let response = client
@@ -851,7 +855,10 @@ pub async fn backend_token(a: BackendTokenArgs) -> Result<(), CliError> {
                 ));
             }
             let why = if e.is_timeout() {
-                format!("no answer within {:?}", a.connect_timeout + REQUEST_TIMEOUT)
+                format!(
+                    "no answer within {:?}",
+                    a.answer.connect_timeout + REQUEST_TIMEOUT
+                )
             } else {
                 error_chain(&e)
             };
@@ -883,7 +890,7 @@ pub async fn backend_token(a: BackendTokenArgs) -> Result<(), CliError> {
             Some(status.as_u16()),
         ));
     }
-    if a.json {
+    if a.answer.json {
         print_json(&reply);
         return Ok(());
     }

@@ -40,15 +40,22 @@ pub struct TokenVendorArgs {
     #[command(flatten)]
     nats: NatsArgs,
     #[command(flatten)]
-    plans: PlanArgs,
-    #[command(flatten)]
-    tokens: TokenArgs,
-    #[command(flatten)]
-    browser: BrowserArgs,
+    vendor: VendorArgs,
     /// Serve POST /v1/tokens, the JWKS, /metrics, /healthz and /readyz on
     /// this address.
     #[arg(long, env = "HEADCOUNT_HTTP_ADDR", default_value = "0.0.0.0:8080")]
     http_addr: SocketAddr,
+}
+
+/// What a token-vendor is told on the command line, run alone or by `up`.
+#[derive(Debug, Clone, Args)]
+pub struct VendorArgs {
+    #[command(flatten)]
+    pub plans: PlanArgs,
+    #[command(flatten)]
+    pub tokens: TokenArgs,
+    #[command(flatten)]
+    pub browser: BrowserArgs,
 }
 
 /// Token settings.
@@ -112,26 +119,22 @@ pub struct TokenArgs {
     pub trust_forwarded_for: bool,
 }
 
-impl TokenArgs {
-    pub fn config(
-        &self,
-        data_dir: PathBuf,
-        operator_key: String,
-        plans: Vec<String>,
-        browser: &BrowserArgs,
-    ) -> token_vendor::Config {
+impl VendorArgs {
+    /// The token-vendor's configuration, keeping its keys in `data_dir`.
+    pub fn config(&self, data_dir: PathBuf, operator_key: String) -> token_vendor::Config {
+        let (tokens, browser) = (&self.tokens, &self.browser);
         token_vendor::Config {
             data_dir,
-            issuer: self.issuer.clone(),
-            audience: self.audience.clone(),
-            token_ttl: self.token_ttl,
+            issuer: tokens.issuer.clone(),
+            audience: tokens.audience.clone(),
+            token_ttl: tokens.token_ttl,
             operator_key,
-            plans,
-            client_token_ttl: self.client_token_ttl,
+            plans: self.plans.names(),
+            client_token_ttl: tokens.client_token_ttl,
             throttle: token_vendor::ThrottleConfig {
-                operator_key_failures: self.operator_key_failure_limit,
-                callout_refusals: self.callout_refusal_limit,
-                trust_forwarded_for: self.trust_forwarded_for,
+                operator_key_failures: tokens.operator_key_failure_limit,
+                callout_refusals: tokens.callout_refusal_limit,
+                trust_forwarded_for: tokens.trust_forwarded_for,
                 refresh: browser.refresh_limit,
                 leave: browser.leave_limit,
                 demo_tokens: browser.demo_token_limit,
@@ -197,11 +200,12 @@ pub async fn checker(a: CheckerArgs) -> anyhow::Result<()> {
 
 pub async fn token_vendor(a: TokenVendorArgs) -> anyhow::Result<()> {
     let operator_key = a
+        .vendor
         .tokens
         .operator_key
         .clone()
         .context("--operator-key (or HEADCOUNT_OPERATOR_KEY) is required")?;
-    let browser = a.browser.config(Vec::new(), false);
+    let browser = a.vendor.browser.config(Vec::new(), false);
     if browser.websocket_urls.is_empty() {
         tracing::warn!("no --websocket-url: browser devices are not told where NATS is");
     }
@@ -211,12 +215,7 @@ pub async fn token_vendor(a: TokenVendorArgs) -> anyhow::Result<()> {
     run(Settings {
         vendor: Some(VendorSettings {
             nats: a.nats.options("headcount-token-vendor")?,
-            config: a.tokens.config(
-                a.nats.data_dir.clone(),
-                operator_key,
-                a.plans.names(),
-                &a.browser,
-            ),
+            config: a.vendor.config(a.nats.data_dir.clone(), operator_key),
             issuer: Some(token_vendor::Issuer::open(&a.nats.data_dir)?),
             browser,
             http_addr: a.http_addr,

@@ -23,9 +23,9 @@ use headcount_app::{App, CheckerSettings, HandlerSettings, Settings, VendorSetti
 use headcount_runtime::secret::{create_private_dir, write_private};
 use headcount_runtime::{NatsOptions, Shutdown, shutdown};
 
-use crate::config::{BrowserArgs, EngineArgs, PlanArgs, UpInfo};
+use crate::config::{EngineArgs, UpInfo};
 use crate::lock::{self, DataDirLock};
-use crate::services::TokenArgs;
+use crate::services::VendorArgs;
 use crate::simulate::{FleetAccess, FleetSpec, FleetStats, fleet};
 
 #[derive(Debug, Args)]
@@ -87,11 +87,7 @@ pub struct UpArgs {
     #[command(flatten)]
     engine: EngineArgs,
     #[command(flatten)]
-    plans: PlanArgs,
-    #[command(flatten)]
-    tokens: TokenArgs,
-    #[command(flatten)]
-    browser: BrowserArgs,
+    vendor: VendorArgs,
 }
 
 /// The built pages when `--web-dir` is not given: `web/dist` under the
@@ -263,6 +259,7 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
     check_ports(&planned_listeners(&a, &nodes), a.cluster)?;
     let secrets = load_secrets(&a.data_dir)?;
     let operator_key = a
+        .vendor
         .tokens
         .operator_key
         .clone()
@@ -396,7 +393,7 @@ fn settings(
     if a.cluster.is_some() && a.engine.replicas.is_none() {
         buckets.replicas = 3;
     }
-    let mut browser_args = a.browser.clone();
+    let mut browser_args = a.vendor.browser.clone();
     if browser_args.web_dir.is_none() {
         browser_args.web_dir = built_pages();
     }
@@ -409,16 +406,11 @@ fn settings(
         }),
         checker: Some(CheckerSettings {
             nats: service("headcount-checker", Login::Checker),
-            config: a.engine.checker(&a.plans)?,
+            config: a.engine.checker(&a.vendor.plans)?,
         }),
         vendor: Some(VendorSettings {
             nats: service("headcount-token-vendor", Login::Vendor),
-            config: a.tokens.config(
-                a.data_dir.clone(),
-                operator_key,
-                a.plans.names(),
-                &a.browser,
-            ),
+            config: a.vendor.config(a.data_dir.clone(), operator_key),
             issuer,
             browser: browser_args.config(ws_urls.to_vec(), a.demo),
             http_addr: SocketAddr::new(a.bind, a.http_port),

@@ -20,7 +20,6 @@ use test_support::{Device, TestApp, free_port};
 /// A command that hangs fails the test after this long.
 const HANG: Duration = Duration::from_secs(10);
 const BEAT: Duration = Duration::from_millis(300);
-const SOON: Duration = Duration::from_secs(5);
 
 /// What one run of the binary did.
 #[derive(Debug)]
@@ -35,6 +34,15 @@ impl Run {
     fn json(&self) -> Value {
         serde_json::from_str(&self.stdout)
             .unwrap_or_else(|e| panic!("stdout is not one JSON value ({e}): {self:?}"))
+    }
+
+    /// What a failed run under `--json` printed: one JSON object, whose
+    /// `code` is the exit status, which must be `code`.
+    fn json_error(&self, code: i32) -> Value {
+        assert_eq!(self.code, code, "{self:?}");
+        let v = self.json();
+        assert_eq!(v["code"], code, "{self:?}");
+        v
     }
 }
 
@@ -73,25 +81,42 @@ async fn headcount(cwd: &Path, args: &[&str], env: &[(&str, &str)]) -> Run {
     run
 }
 
-/// The console credentials of `app`'s server, as flags.
-fn login(app: &TestApp) -> Vec<String> {
-    vec![
-        "--nats-url".into(),
-        app.nats.url(),
-        "--nats-user".into(),
-        "headcount".into(),
-        "--nats-password".into(),
-        app.nats.service_password.clone(),
-    ]
+/// The console's login to NATS at `url` with `password`, as flags.
+fn login(url: &str, password: &str) -> Vec<String> {
+    let mut flags = Vec::new();
+    for (flag, value) in [
+        ("--nats-url", url),
+        ("--nats-user", "headcount"),
+        ("--nats-password", password),
+    ] {
+        flags.extend([flag.to_string(), value.to_string()]);
+    }
+    flags
 }
 
-/// `headcount <args> <login>` against `app`, from a directory of its own.
-async fn against(app: &TestApp, args: &[&str]) -> Run {
+/// `headcount <args>` logged in to NATS at `url` with `password`, from a
+/// directory of its own.
+async fn logged_in(args: &[&str], url: &str, password: &str) -> Run {
     let cwd = tempfile::tempdir().unwrap();
-    let login = login(app);
+    let login = login(url, password);
     let mut all: Vec<&str> = args.to_vec();
     all.extend(login.iter().map(String::as_str));
     headcount(cwd.path(), &all, &[]).await
+}
+
+/// `headcount <args>` as the console of `app`'s server.
+async fn against(app: &TestApp, args: &[&str]) -> Run {
+    logged_in(args, &app.nats.url(), &app.nats.service_password).await
+}
+
+/// Services with `limit` as every account's default, and acme's tv playing
+/// as session s1.
+async fn tv_playing(limit: Limit) -> (TestApp, Device) {
+    let app = TestApp::spawn_with(limit).await;
+    let fleet = app.nats.fleet_client().await;
+    let tv = Device::start(fleet, "acme", "tv", "s1", BEAT, Heartbeat::default());
+    app.wait_count("acme", 1).await;
+    (app, tv)
 }
 
 /// An up.json as `headcount up` writes it, naming NATS at `nats_url`.
@@ -218,11 +243,9 @@ async fn a_missing_up_json_is_a_usage_error_naming_the_absolute_path() {
         &[],
     )
     .await;
-    assert_eq!(r.code, 2, "{r:?}");
-    let v = r.json();
+    let v = r.json_error(2);
     let path = cwd.path().canonicalize().unwrap().join("elsewhere/up.json");
     assert_eq!(v["path"], path.display().to_string(), "{r:?}");
-    assert_eq!(v["code"], 2);
 
     // backend-token reads up.json the same way.
     let r = headcount(cwd.path(), &["backend-token", "web-1"], &[]).await;
@@ -246,9 +269,7 @@ async fn json_errors_are_one_object_on_stdout() {
         &[],
     )
     .await;
-    assert_eq!(r.code, 3, "{r:?}");
-    let v = r.json();
-    assert_eq!(v["code"], 3, "{r:?}");
+    let v = r.json_error(3);
     assert_eq!(v["nats_url"], url.as_str());
     assert_eq!(v["from"], "--nats-url");
     assert!(v["error"].as_str().unwrap().contains(&url), "{r:?}");
@@ -271,9 +292,7 @@ async fn json_errors_are_one_object_on_stdout() {
         &[],
     )
     .await;
-    assert_eq!(r.code, 3, "{r:?}");
-    let v = r.json();
-    assert_eq!(v["code"], 3);
+    let v = r.json_error(3);
     assert!(
         v["error"].as_str().unwrap().contains(&format!(
             "cannot reach token-vendor at {http} (from --http-url)"
@@ -288,8 +307,7 @@ async fn json_errors_are_one_object_on_stdout() {
         &[],
     )
     .await;
-    assert_eq!(r.code, 2, "{r:?}");
-    assert_eq!(r.json()["code"], 2, "{r:?}");
+    r.json_error(2);
     assert!(r.stderr.contains("--rows"), "{r:?}");
 }
 
@@ -303,9 +321,7 @@ async fn service_answers_and_errors_have_their_statuses() {
         &["limits", "set", "acct-1", "--plan", "gold", "--json"],
     )
     .await;
-    assert_eq!(r.code, 4, "{r:?}");
-    let v = r.json();
-    assert_eq!(v["code"], 4);
+    let v = r.json_error(4);
     assert_eq!(v["status"], 400);
     assert!(v["error"].as_str().unwrap().contains("gold"), "{r:?}");
     assert!(r.stderr.contains("unknown plan"), "{r:?}");
@@ -316,23 +332,8 @@ async fn service_answers_and_errors_have_their_statuses() {
     assert_eq!(r.json()["limit"], 2, "{r:?}");
 
     // A wrong password: NATS refuses, status 3, naming the URL.
-    let cwd = tempfile::tempdir().unwrap();
     let url = app.nats.url();
-    let r = headcount(
-        cwd.path(),
-        &[
-            "active",
-            "acct-1",
-            "--nats-url",
-            &url,
-            "--nats-user",
-            "headcount",
-            "--nats-password",
-            "wrong",
-        ],
-        &[],
-    )
-    .await;
+    let r = logged_in(&["active", "acct-1"], &url, "wrong").await;
     assert_eq!(r.code, 3, "{r:?}");
     assert!(
         r.stderr
@@ -350,13 +351,7 @@ async fn service_answers_and_errors_have_their_statuses() {
 
 #[tokio::test]
 async fn kick_of_an_unknown_session_exits_1() {
-    let app = TestApp::spawn().await;
-    let fleet = app.nats.fleet_client().await;
-    let tv = Device::start(fleet, "acme", "tv", "s1", BEAT, Heartbeat::default());
-    app.wait_active("acme", SOON, |r| r.active == 1)
-        .await
-        .1
-        .expect("tv active");
+    let (app, tv) = tv_playing(Limit::new(2, Policy::EvictOldest).unwrap()).await;
 
     let r = against(&app, &["kick", "acme", "nosuchsession"]).await;
     assert_eq!(r.code, 1, "{r:?}");
@@ -367,9 +362,7 @@ async fn kick_of_an_unknown_session_exits_1() {
     );
 
     let r = against(&app, &["kick", "acme", "nosuchsession", "--json"]).await;
-    assert_eq!(r.code, 1, "{r:?}");
-    let v = r.json();
-    assert_eq!(v["code"], 1);
+    let v = r.json_error(1);
     assert_eq!(v["kicked"], false);
     assert!(v["error"].as_str().unwrap().contains("nosuchsession"));
 
@@ -384,23 +377,15 @@ async fn kick_of_an_unknown_session_exits_1() {
 
 #[tokio::test]
 async fn check_refused_under_reject_new_at_the_limit_exits_1() {
-    let app = TestApp::spawn_with(Limit::new(1, Policy::RejectNew).unwrap()).await;
-    let fleet = app.nats.fleet_client().await;
-    let tv = Device::start(fleet, "acme", "tv", "s1", BEAT, Heartbeat::default());
-    app.wait_active("acme", SOON, |r| r.active == 1)
-        .await
-        .1
-        .expect("tv active");
+    let (app, tv) = tv_playing(Limit::new(1, Policy::RejectNew).unwrap()).await;
 
     let r = against(&app, &["check", "acme", "phone"]).await;
     assert_eq!(r.code, 1, "{r:?}");
     assert!(r.stdout.contains("phone is refused"), "{r:?}");
 
     let r = against(&app, &["check", "acme", "phone", "--json"]).await;
-    assert_eq!(r.code, 1, "{r:?}");
-    let v = r.json();
+    let v = r.json_error(1);
     assert_eq!(v["allowed"], false, "{r:?}");
-    assert_eq!(v["code"], 1);
     assert!(v["error"].as_str().unwrap().contains("refused"));
     assert!(r.stderr.contains("phone is refused"), "{r:?}");
 
@@ -421,10 +406,7 @@ async fn top_and_stats_say_how_many_accounts_they_left_out() {
         .map(|a| Device::start(fleet.clone(), a, "tv", "s1", BEAT, Heartbeat::default()))
         .collect();
     for a in &accounts {
-        app.wait_active(a, SOON, |r| r.active == 1)
-            .await
-            .1
-            .expect("account active");
+        app.wait_count(a, 1).await;
     }
 
     let r = against(&app, &["top", "--once", "--rows", "2"]).await;
@@ -448,36 +430,16 @@ async fn top_and_stats_say_how_many_accounts_they_left_out() {
     assert_eq!(r.code, 0, "{r:?}");
     assert!(r.stdout.contains("... and 4 more accounts"), "{r:?}");
 
-    for d in devices {
-        d.silence().await;
-    }
+    Device::silence_all(devices).await;
 }
 
 #[tokio::test]
 async fn nats_without_a_checker_exits_3() {
     // A server and nothing else: nobody answers headcount.*.
     let nats = test_support::NatsServer::start();
-    let cwd = tempfile::tempdir().unwrap();
-    let url = nats.url();
-    let r = headcount(
-        cwd.path(),
-        &[
-            "active",
-            "acct-1",
-            "--json",
-            "--nats-url",
-            &url,
-            "--nats-user",
-            "headcount",
-            "--nats-password",
-            &nats.service_password,
-        ],
-        &[],
-    )
-    .await;
-    assert_eq!(r.code, 3, "{r:?}");
-    let v = r.json();
-    assert_eq!(v["code"], 3);
+    let args = ["active", "acct-1", "--json"];
+    let r = logged_in(&args, &nats.url(), &nats.service_password).await;
+    let v = r.json_error(3);
     assert!(
         v["error"]
             .as_str()

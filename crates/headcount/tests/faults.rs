@@ -313,17 +313,34 @@ async fn setup() -> Setup {
     }
 }
 
+/// [`setup`] under load: `n` accounts named after `prefix`, each with three
+/// devices heartbeating and counted, and a [`Watcher`] started once they
+/// are.
+async fn loaded(prefix: &str, n: usize) -> (Setup, Vec<String>, Fleet, Watcher) {
+    let s = setup().await;
+    let accts = accounts(prefix, n);
+    let fleet = Fleet::start(s.cluster.service_client("fleet").await, &accts, 3);
+    until_all_active(&s.client, &accts, 3, Duration::from_secs(30)).await;
+    let watcher = Watcher::start(&s.client).await;
+    (s, accts, fleet, watcher)
+}
+
+/// A fleet of `devices` devices in `account`, started now, once all of
+/// them are counted (which may take up to `within`).
+async fn fleet_joining(s: &Setup, account: &str, devices: usize, within: Duration) -> Fleet {
+    let accts = [account.to_string()];
+    let fleet = Fleet::start(s.cluster.service_client("late").await, &accts, devices);
+    until_all_active(&s.client, &accts, devices as u32, within).await;
+    fleet
+}
+
 /// Kill the node leading the sessions bucket while three devices per account
 /// (the limit) keep heartbeating: `active` answers through the election, a
 /// session that joins afterwards is recorded, and after the node is back every
 /// session is counted and none was ended.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn losing_a_nats_node_loses_no_session() {
-    let mut s = setup().await;
-    let accts = accounts("node", 5);
-    let fleet = Fleet::start(s.cluster.service_client("fleet").await, &accts, 3);
-    until_all_active(&s.client, &accts, 3, Duration::from_secs(30)).await;
-    let watcher = Watcher::start(&s.client).await;
+    let (mut s, accts, fleet, watcher) = loaded("node", 5).await;
 
     let leader = s
         .cluster
@@ -351,19 +368,7 @@ async fn losing_a_nats_node_loses_no_session() {
     // A session that joins now is written to the bucket's new leader. The
     // checker sees it once its KV watch runs again, which after losing the
     // leader can take a few election rounds: up to a minute is allowed.
-    let late = "node-late".to_string();
-    let late_fleet = Fleet::start(
-        s.cluster.service_client("late").await,
-        std::slice::from_ref(&late),
-        1,
-    );
-    until_all_active(
-        &s.client,
-        std::slice::from_ref(&late),
-        1,
-        Duration::from_secs(60),
-    )
-    .await;
+    let late_fleet = fleet_joining(&s, "node-late", 1, Duration::from_secs(60)).await;
 
     s.cluster.restart(&leader).await;
     until_all_active(&s.client, &accts, 3, Duration::from_secs(30)).await;
@@ -381,11 +386,7 @@ async fn losing_a_nats_node_loses_no_session() {
 /// restart is recorded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_handler_and_checker_loses_no_session() {
-    let mut s = setup().await;
-    let accts = accounts("svc", 5);
-    let fleet = Fleet::start(s.cluster.service_client("fleet").await, &accts, 3);
-    until_all_active(&s.client, &accts, 3, Duration::from_secs(30)).await;
-    let watcher = Watcher::start(&s.client).await;
+    let (mut s, accts, fleet, watcher) = loaded("svc", 5).await;
     let pw = s.cluster.service_password.clone();
 
     s.handler.kill();
@@ -395,13 +396,7 @@ async fn killing_handler_and_checker_loses_no_session() {
     s.checker.spawn(&pw);
 
     until_all_active(&s.client, &accts, 3, Duration::from_secs(30)).await;
-    let late = "svc-late".to_string();
-    let late_fleet = Fleet::start(
-        s.cluster.service_client("late").await,
-        std::slice::from_ref(&late),
-        2,
-    );
-    until_all_active(&s.client, &[late], 2, Duration::from_secs(30)).await;
+    let late_fleet = fleet_joining(&s, "svc-late", 2, Duration::from_secs(30)).await;
     tokio::time::sleep(Duration::from_secs(6)).await;
     until_all_active(&s.client, &accts, 3, Duration::from_secs(5)).await;
     watcher.assert_no_false_ends().await;
@@ -414,11 +409,7 @@ async fn killing_handler_and_checker_loses_no_session() {
 /// untouched.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_devices_time_out_on_schedule() {
-    let s = setup().await;
-    let accts = accounts("quiet", 3);
-    let fleet = Fleet::start(s.cluster.service_client("fleet").await, &accts, 3);
-    until_all_active(&s.client, &accts, 3, Duration::from_secs(30)).await;
-    let watcher = Watcher::start(&s.client).await;
+    let (s, accts, fleet, watcher) = loaded("quiet", 3).await;
 
     fleet.silence(&accts[0]).await;
     let silenced_at = Instant::now();

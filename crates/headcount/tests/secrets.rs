@@ -39,6 +39,23 @@ fn common_prefix(a: &str, b: &str) -> usize {
     a.bytes().zip(b.bytes()).take_while(|(x, y)| x == y).count()
 }
 
+/// A directory `name` under `root` holding a secrets.json with `secrets`:
+/// the directory and the file.
+fn dir_holding_secrets(root: &Path, name: &str, secrets: &serde_json::Value) -> (PathBuf, PathBuf) {
+    let dir = root.join(name);
+    std::fs::create_dir(&dir).unwrap();
+    let file = dir.join("secrets.json");
+    std::fs::write(&file, secrets.to_string()).unwrap();
+    (dir, file)
+}
+
+/// An empty directory of pages under `root`, for an `up` that serves none.
+fn no_pages(root: &Path) -> PathBuf {
+    let web = root.join("web");
+    std::fs::create_dir_all(&web).unwrap();
+    web
+}
+
 /// What `up` wrote before secrets came from the OS: `hc` and two NUIDs.
 fn nuid_made(tail: &str) -> String {
     format!("hcQ0Zu1nLIhbJ4fWmGs8zXAB{tail}")
@@ -50,19 +67,16 @@ async fn up_keeps_its_secrets_private_and_unguessable() {
     use std::os::unix::fs::PermissionsExt;
 
     let root = tempfile::tempdir().unwrap();
-    let data_dir = root.path().join("data");
     // A data dir that others may read, holding secrets of the old kind in a
     // file others may read: `up` must tighten the one and replace the other.
-    std::fs::create_dir(&data_dir).unwrap();
-    std::fs::set_permissions(&data_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
     let old = serde_json::json!({
         "service_password": nuid_made("Q0Zu1nLIhbJ4fWmGs8zXA1"),
         "handler_password": nuid_made("Q0Zu1nLIhbJ4fWmGs8zXB2"),
         "device_password": nuid_made("Q0Zu1nLIhbJ4fWmGs8zXC3"),
         "operator_key": nuid_made("Q0Zu1nLIhbJ4fWmGs8zXD4"),
     });
-    let secrets_path = data_dir.join("secrets.json");
-    std::fs::write(&secrets_path, old.to_string()).unwrap();
+    let (data_dir, secrets_path) = dir_holding_secrets(root.path(), "data", &old);
+    std::fs::set_permissions(&data_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
     std::fs::set_permissions(&secrets_path, std::fs::Permissions::from_mode(0o644)).unwrap();
     // Pages to serve, so that `up` prints the line about the live view.
     let web = root.path().join("web");
@@ -243,8 +257,7 @@ fn listeners_on(port: u16) -> Vec<String> {
 #[test]
 fn every_listener_of_up_follows_bind() {
     let root = tempfile::tempdir().unwrap();
-    let web = root.path().join("web");
-    std::fs::create_dir_all(&web).unwrap();
+    let web = no_pages(root.path());
     let mut up = Up::start(&root.path().join("data"), root.path(), &web);
     up.wait_ready();
     // NATS clients, WebSocket (browsers), HTTP API, metrics: each one
@@ -263,8 +276,7 @@ fn every_listener_of_up_follows_bind() {
 #[test]
 fn up_insecure_runs_its_services_and_answers() {
     let root = tempfile::tempdir().unwrap();
-    let web = root.path().join("web");
-    std::fs::create_dir_all(&web).unwrap();
+    let web = no_pages(root.path());
     let data_dir = root.path().join("data");
     let mut up = Up::start_with(&data_dir, root.path(), &web, &["--insecure"]);
     up.wait_ready();
@@ -311,8 +323,7 @@ fn snapshot(dir: &Path) -> Snapshot {
 /// having written nothing into it and changed nothing about it.
 #[cfg(unix)]
 fn up_refuses(data_dir: &Path, logs: &Path, expect: &[&str]) {
-    let web = logs.join("web");
-    std::fs::create_dir_all(&web).unwrap();
+    let web = no_pages(logs);
     let before = snapshot(data_dir);
     let started = std::time::Instant::now();
     let mut up = Up::start(data_dir, logs, &web);
@@ -350,8 +361,6 @@ fn up_refuses_a_data_dir_another_user_owns() {
     use std::os::unix::fs::PermissionsExt;
     let nobody = 65534;
     let root = tempfile::tempdir().unwrap();
-    let evil = root.path().join("evil");
-    std::fs::create_dir(&evil).unwrap();
     let planted = serde_json::json!({
         "service_password": format!("hk_{}", "s".repeat(43)),
         "handler_password": format!("hk_{}", "h".repeat(43)),
@@ -360,8 +369,7 @@ fn up_refuses_a_data_dir_another_user_owns() {
         "device_password": format!("hk_{}", "d".repeat(43)),
         "operator_key": format!("hk_{}", "k".repeat(43)),
     });
-    let secrets = evil.join("secrets.json");
-    std::fs::write(&secrets, planted.to_string()).unwrap();
+    let (evil, secrets) = dir_holding_secrets(root.path(), "evil", &planted);
     for path in [&evil, &secrets] {
         match std::os::unix::fs::chown(path, Some(nobody), Some(nobody)) {
             Ok(()) => {}
@@ -396,10 +404,7 @@ fn up_refuses_a_data_dir_another_user_owns() {
 fn up_refuses_a_data_dir_others_may_write() {
     use std::os::unix::fs::PermissionsExt;
     let root = tempfile::tempdir().unwrap();
-    let shared = root.path().join("shared");
-    std::fs::create_dir(&shared).unwrap();
-    let secrets = shared.join("secrets.json");
-    std::fs::write(&secrets, "{}").unwrap();
+    let (shared, secrets) = dir_holding_secrets(root.path(), "shared", &serde_json::json!({}));
     std::fs::set_permissions(&secrets, std::fs::Permissions::from_mode(0o600)).unwrap();
     std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
     up_refuses(
@@ -410,8 +415,7 @@ fn up_refuses_a_data_dir_others_may_write() {
     // A secrets.json others may write, in a private data dir: refused too.
     std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o700)).unwrap();
     std::fs::set_permissions(&secrets, std::fs::Permissions::from_mode(0o666)).unwrap();
-    let web = root.path().join("web");
-    std::fs::create_dir_all(&web).unwrap();
+    let web = no_pages(root.path());
     let mut up = Up::start(&shared, root.path(), &web);
     let status = up.wait_exit(std::time::Duration::from_secs(20));
     let output = up.output();

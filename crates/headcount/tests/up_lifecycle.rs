@@ -21,26 +21,46 @@ use test_support::free_port;
 /// A temp root holding the data dir, the output files and (empty) pages.
 struct Scene {
     root: tempfile::TempDir,
+    data_dir: PathBuf,
+    web: PathBuf,
 }
 
 impl Scene {
     fn new() -> Self {
         let root = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(root.path().join("web")).unwrap();
-        Self { root }
+        let web = root.path().join("web");
+        std::fs::create_dir_all(&web).unwrap();
+        Self {
+            data_dir: root.path().join("data"),
+            web,
+            root,
+        }
     }
 
-    fn data_dir(&self) -> PathBuf {
-        self.root.path().join("data")
+    /// How to start an `up` on this scene whose output files are named
+    /// `name`.
+    fn up(&self, name: &str) -> UpOptions<'_> {
+        let mut o = UpOptions::new(&self.data_dir, self.root.path(), &self.web);
+        o.name = name.into();
+        o
     }
+}
 
-    fn logs(&self) -> &Path {
-        self.root.path()
-    }
+/// An `up` started with `o`, once it is ready.
+fn ready(o: &UpOptions<'_>) -> Up {
+    let mut up = Up::spawn(o);
+    up.wait_ready();
+    up
+}
 
-    fn web(&self) -> PathBuf {
-        self.root.path().join("web")
-    }
+/// An `up` started with `o` that must give up within ten seconds, and what
+/// it said on stderr.
+fn refused(o: &UpOptions<'_>) -> (Up, String) {
+    let mut up = Up::spawn(o);
+    let status = up.wait_exit(Duration::from_secs(10));
+    let said = up.stderr_text();
+    assert!(!status.success(), "{} ran ({status}):\n{said}", o.name);
+    (up, said)
 }
 
 /// The pids in `<data-dir>/nats.pid`.
@@ -93,25 +113,17 @@ fn accepts(port: u16) -> bool {
 #[test]
 fn a_second_up_on_the_same_data_dir_is_refused_and_leaves_the_first_alone() {
     let scene = Scene::new();
-    let data_dir = scene.data_dir();
-    let web = scene.web();
-    let mut o = UpOptions::new(&data_dir, scene.logs(), &web);
-    o.name = "first".into();
-    let mut first = Up::spawn(&o);
-    first.wait_ready();
+    let data_dir = &scene.data_dir;
+    let mut first = ready(&scene.up("first"));
     let up_json = std::fs::read(data_dir.join("up.json")).unwrap();
     let info: serde_json::Value = serde_json::from_slice(&up_json).unwrap();
     let nats_url = info["nats_url"].as_str().unwrap().to_string();
-    let servers = recorded_servers(&data_dir);
+    let servers = recorded_servers(data_dir);
     assert_eq!(servers.len(), 1, "nats.pid: {servers:?}");
 
     // Other ports (free ones), same data dir.
-    o.name = "second".into();
-    let mut second = Up::spawn(&o);
+    let (second, said) = refused(&scene.up("second"));
     assert_ne!(second.ports, first.ports);
-    let status = second.wait_exit(Duration::from_secs(10));
-    assert!(!status.success(), "second up: {status}");
-    let said = second.stderr_text();
     assert!(said.contains("already running"), "{said}");
     assert!(
         said.contains(&format!("pid {}", first.child.id())),
@@ -121,10 +133,10 @@ fn a_second_up_on_the_same_data_dir_is_refused_and_leaves_the_first_alone() {
     // It started nothing and touched none of the first's files.
     assert!(!accepts(second.ports[0]), "second nats port listens");
     assert_eq!(std::fs::read(data_dir.join("up.json")).unwrap(), up_json);
-    assert_eq!(recorded_servers(&data_dir), servers);
+    assert_eq!(recorded_servers(data_dir), servers);
 
     // The first still answers, and still stops cleanly.
-    answers(&data_dir, &first);
+    answers(data_dir, &first);
     first.stop();
     assert!(
         first.output().contains("headcount stopped"),
@@ -138,18 +150,14 @@ fn a_second_up_on_the_same_data_dir_is_refused_and_leaves_the_first_alone() {
 fn up_names_a_port_in_use_and_starts_nothing() {
     for (slot, flag) in [(0, "--nats-port"), (3, "--metrics-port")] {
         let scene = Scene::new();
-        let data_dir = scene.data_dir();
-        let web = scene.web();
+        let data_dir = &scene.data_dir;
         let taken = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = taken.local_addr().unwrap().port();
         let mut ports: Vec<u16> = (0..4).map(|_| free_port()).collect();
         ports[slot] = port;
-        let mut o = UpOptions::new(&data_dir, scene.logs(), &web);
+        let mut o = scene.up("up");
         o.ports = Some(ports);
-        let mut up = Up::spawn(&o);
-        let status = up.wait_exit(Duration::from_secs(10));
-        assert!(!status.success(), "{flag} taken: {status}");
-        let said = up.stderr_text();
+        let (_up, said) = refused(&o);
         assert!(
             said.contains(&format!("port {port} ({flag}) is in use on 127.0.0.1")),
             "{said}"
@@ -160,7 +168,7 @@ fn up_names_a_port_in_use_and_starts_nothing() {
         assert!(!data_dir.join("up.json").exists(), "{flag}: up.json");
         #[cfg(target_os = "linux")]
         assert!(
-            servers_on(&data_dir).is_empty(),
+            servers_on(data_dir).is_empty(),
             "{flag}: a nats-server runs"
         );
         drop(taken);
@@ -171,13 +179,9 @@ fn up_names_a_port_in_use_and_starts_nothing() {
 #[test]
 fn a_killed_up_takes_its_nats_server_along() {
     let scene = Scene::new();
-    let data_dir = scene.data_dir();
-    let web = scene.web();
-    let mut o = UpOptions::new(&data_dir, scene.logs(), &web);
-    o.name = "killed".into();
-    let mut up = Up::spawn(&o);
-    up.wait_ready();
-    let servers = recorded_servers(&data_dir);
+    let data_dir = &scene.data_dir;
+    let mut up = ready(&scene.up("killed"));
+    let servers = recorded_servers(data_dir);
     assert_eq!(servers.len(), 1, "nats.pid: {servers:?}");
     let server = servers[0];
     assert!(alive(server));
@@ -195,16 +199,15 @@ fn a_killed_up_takes_its_nats_server_along() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert!(servers_on(&data_dir).is_empty());
+    assert!(servers_on(data_dir).is_empty());
 
     // A new `up` on the same data dir and the same ports starts and answers.
     let ports = up.ports.clone();
     drop(up);
-    o.name = "again".into();
+    let mut o = scene.up("again");
     o.ports = Some(ports);
-    let mut again = Up::spawn(&o);
-    again.wait_ready();
-    answers(&data_dir, &again);
+    let mut again = ready(&o);
+    answers(data_dir, &again);
     again.stop();
     assert!(again.output().contains("headcount stopped"));
 }
@@ -225,9 +228,8 @@ impl Drop for Killed {
 #[test]
 fn up_refuses_a_store_whose_server_still_runs() {
     let scene = Scene::new();
-    let data_dir = scene.data_dir();
-    let web = scene.web();
-    std::fs::create_dir_all(&data_dir).unwrap();
+    let data_dir = &scene.data_dir;
+    std::fs::create_dir_all(data_dir).unwrap();
     // What an `up` of an older build leaves when it is killed: its server,
     // still running on the store.
     let port = free_port();
@@ -249,11 +251,7 @@ fn up_refuses_a_store_whose_server_still_runs() {
     let pid = orphan.0.id();
     std::fs::write(data_dir.join("nats.pid"), format!("{pid}\n")).unwrap();
 
-    let o = UpOptions::new(&data_dir, scene.logs(), &web);
-    let mut up = Up::spawn(&o);
-    let status = up.wait_exit(Duration::from_secs(10));
-    assert!(!status.success(), "{status}");
-    let said = up.stderr_text();
+    let (up, said) = refused(&scene.up("up"));
     assert!(
         said.contains(&format!("nats-server (pid {pid}) still running")),
         "{said}"
@@ -266,24 +264,18 @@ fn up_refuses_a_store_whose_server_still_runs() {
 
     // Once it is stopped, `up` starts.
     drop(orphan);
-    let mut o = UpOptions::new(&data_dir, scene.logs(), &web);
-    o.name = "after".into();
-    let mut again = Up::spawn(&o);
-    again.wait_ready();
-    answers(&data_dir, &again);
+    let mut again = ready(&scene.up("after"));
+    answers(data_dir, &again);
     again.stop();
 }
 
 #[test]
 fn up_writes_plain_text_to_a_file_and_says_stopped_last() {
     let scene = Scene::new();
-    let data_dir = scene.data_dir();
-    let web = scene.web();
-    let mut o = UpOptions::new(&data_dir, scene.logs(), &web);
+    let mut o = scene.up("up");
     // stdout and stderr into one file, in the order written.
     o.one_file = true;
-    let mut up = Up::spawn(&o);
-    up.wait_ready();
+    let mut up = ready(&o);
     up.stop();
     let status = up.wait_exit(Duration::from_secs(1));
     assert!(status.success(), "{status}:\n{}", up.output());

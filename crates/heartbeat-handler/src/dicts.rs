@@ -4,10 +4,9 @@
 //! Pure data and rules, no I/O: the ingest loop records changes here
 //! ([`Dicts::on_heartbeat`]); the flusher takes them out
 //! ([`Dicts::take_for_write`]), writes them with compare-and-set and hands
-//! the outcome back ([`Dict::on_written`], [`Dict::on_conflict`],
-//! [`Dict::on_failed`]). Because [`apply`] is idempotent, a write retried
-//! after a conflict or a time-out that did commit leaves the same
-//! dictionary.
+//! the outcome back ([`Dicts::on_written`], [`Dict::on_conflict`]). Because
+//! [`apply`] is idempotent, a write retried after a conflict or a time-out
+//! that did commit leaves the same dictionary.
 
 use std::collections::HashMap;
 
@@ -105,8 +104,8 @@ pub fn apply(dict: &mut SessionDict, device: &DeviceId, change: &Change) -> Appl
 /// A write goes through four steps, all methods here, so that the flusher
 /// only does the I/O: [`Dict::take_for_write`] hands out what to write and
 /// the revision KV must still be at, and the outcome comes back through
-/// exactly one of [`Dict::on_written`], [`Dict::on_conflict`] or
-/// [`Dict::on_failed`] (or, after [`Take::Reread`], [`Dict::on_reread`]).
+/// exactly one of [`Dict::on_written`] or [`Dict::on_conflict`] (or, after
+/// [`Take::Reread`], [`Dict::on_reread`]).
 /// Until then the dictionary is in flight: changes queued meanwhile wait
 /// for that write to end.
 #[derive(Debug, Default)]
@@ -156,7 +155,7 @@ pub enum Take {
 /// be at, and the changes it carries, which go back to the dictionary with
 /// the outcome.
 #[derive(Debug)]
-#[must_use = "a write ends with on_written, on_conflict or on_failed"]
+#[must_use = "a write ends with on_written or on_conflict"]
 pub struct Write {
     revision: u64,
     value: SessionDict,
@@ -302,24 +301,17 @@ impl Dict {
         }
     }
 
-    /// Another write landed first. `current` is the copy KV holds now (None
-    /// when it could not be read); the write's changes are pending again,
-    /// to be applied on top of it by the next flush.
+    /// The write did not land, or may not have: another write landed first
+    /// (a conflict), or it failed or timed out, so it may have landed all
+    /// the same. Both are handled alike: the outcome of a failed write is
+    /// unknown, and treating it as a conflict is what keeps it from being
+    /// lost or applied twice. `current` is the copy KV holds now (None when it could not
+    /// be read); the write's changes are pending again, to be applied on top
+    /// of it by the next flush. A write that landed after all shows up there,
+    /// or through the watch, as a newer revision already holding the
+    /// changes, and applying them again changes nothing, so they are never
+    /// applied twice; otherwise they are retried until they land.
     pub fn on_conflict(&mut self, write: Write, current: Option<(u64, SessionDict)>) {
-        self.put_back(write, current);
-    }
-
-    /// The write failed or timed out, so it may have landed all the same.
-    /// `current` is the copy KV holds now (None when it could not be read
-    /// either): a write that landed shows up there, or through the watch,
-    /// as a newer revision already holding the changes, and applying them
-    /// again changes nothing, so they are never applied twice. Otherwise
-    /// they are pending again and retried until they land.
-    pub fn on_failed(&mut self, write: Write, current: Option<(u64, SessionDict)>) {
-        self.put_back(write, current);
-    }
-
-    fn put_back(&mut self, write: Write, current: Option<(u64, SessionDict)>) {
         if let Some((revision, entries)) = current {
             // Take the server's copy as is: a KV entry that expired leaves
             // no revision behind, so this may go backwards.
@@ -443,6 +435,10 @@ impl Dicts {
         self.accounts.get_mut(account)?.get_mut(&interval)
     }
 
+    /// `account`'s dictionary of `interval`, made empty if there is none:
+    /// where a copy read from KV is installed, and where a write that did
+    /// not land hands its outcome back ([`Dict::on_conflict`],
+    /// [`Dict::on_reread`]).
     pub fn entry(&mut self, account: &AccountId, interval: u64) -> &mut Dict {
         self.accounts
             .entry(account.clone())
@@ -565,38 +561,6 @@ impl Dicts {
         }
         self.trim(account, now);
         written
-    }
-
-    /// [`Dict::on_conflict`] for `account`'s dictionary of `interval`.
-    pub fn on_conflict(
-        &mut self,
-        account: &AccountId,
-        interval: u64,
-        write: Write,
-        current: Option<(u64, SessionDict)>,
-    ) {
-        self.entry(account, interval).on_conflict(write, current);
-    }
-
-    /// [`Dict::on_failed`] for `account`'s dictionary of `interval`.
-    pub fn on_failed(
-        &mut self,
-        account: &AccountId,
-        interval: u64,
-        write: Write,
-        current: Option<(u64, SessionDict)>,
-    ) {
-        self.entry(account, interval).on_failed(write, current);
-    }
-
-    /// [`Dict::on_reread`] for `account`'s dictionary of `interval`.
-    pub fn on_reread(
-        &mut self,
-        account: &AccountId,
-        interval: u64,
-        current: Option<(u64, SessionDict)>,
-    ) {
-        self.entry(account, interval).on_reread(current);
     }
 
     /// Trims `account`'s previous-interval dictionary: a session that has
@@ -825,7 +789,7 @@ mod tests {
             for (a, i) in keys {
                 match d.take_for_write(&a, i, now) {
                     Take::Idle | Take::Unchanged => {}
-                    Take::Reread => d.on_reread(&a, i, Some(kv.read(&a, i))),
+                    Take::Reread => d.entry(&a, i).on_reread(Some(kv.read(&a, i))),
                     Take::Write(w) => {
                         let rev = kv.update(&a, i, &w).expect("a lone handler's write lands");
                         let _ = d.on_written(&a, i, w, rev, now);
@@ -834,6 +798,40 @@ mod tests {
             }
         }
         panic!("changes still pending after ten rounds of writes");
+    }
+
+    /// A handler on its own, whose every write lands, and the KV it
+    /// writes to.
+    fn lone() -> (Dicts, Kv) {
+        (Dicts::new(clock()), Kv::default())
+    }
+
+    /// A heartbeat of `session` of `device` (on the account of [`ids`]) at
+    /// `at`, and every write it makes due, landed.
+    fn beat(d: &mut Dicts, kv: &mut Kv, device: &DeviceId, session: &SessionId, at: UnixMillis) {
+        d.on_heartbeat(&ids().0, device, session, &Heartbeat::default(), at);
+        flush(d, kv, at);
+    }
+
+    /// [`lone`] once the session of [`ids`] has heartbeated at each of
+    /// `times`, what each heartbeat changed written before the next.
+    fn lived(times: &[UnixMillis]) -> (Dicts, Kv) {
+        let (_, dev, s) = ids();
+        let (mut d, mut kv) = lone();
+        for &t in times {
+            beat(&mut d, &mut kv, &dev, &s, t);
+        }
+        (d, kv)
+    }
+
+    /// [`lone`] once the session of [`ids`] has joined at `at` with `hb`,
+    /// and the write of that join, taken but not landed yet.
+    fn joining(hb: &Heartbeat, at: UnixMillis) -> (Dicts, Kv, Write) {
+        let (a, dev, s) = ids();
+        let (mut d, kv) = lone();
+        d.on_heartbeat(&a, &dev, &s, hb, at);
+        let w = write_of(d.take_for_write(&a, 0, at));
+        (d, kv, w)
     }
 
     fn device(name: &str) -> DeviceId {
@@ -882,25 +880,16 @@ mod tests {
     #[test]
     fn a_moved_session_is_held_once_and_its_leave_reaches_both_intervals() {
         let (a, dev, s) = ids();
-        let mut d = Dicts::new(clock());
-        let mut kv = Kv::default();
-        d.on_heartbeat(&a, &dev, &s, &Heartbeat::default(), 1_000);
-        flush(&mut d, &mut kv, 1_000);
         // Next interval: the session moves on; the old copy is trimmed.
-        d.on_heartbeat(&a, &dev, &s, &Heartbeat::default(), 10_500);
-        flush(&mut d, &mut kv, 10_500);
+        let (mut d, _) = lived(&[1_000, 10_500]);
         d.trim(&a, 10_600);
         let old = d.get_mut(&a, 0).expect("previous dictionary");
         assert!(old.partial && old.entries.is_empty());
         assert_eq!(d.session_count(10_600), 1);
         // Leaving removes it from the current dictionary and, quietly, from
         // the trimmed one (whose KV copy still holds it).
-        let leave = Heartbeat {
-            leave: true,
-            ..Default::default()
-        };
         assert_eq!(
-            d.on_heartbeat(&a, &dev, &s, &leave, 10_700),
+            d.on_heartbeat(&a, &dev, &s, &leave(), 10_700),
             Decision::Queued(vec![(a.clone(), 0), (a.clone(), 1)])
         );
         let old = d.get_mut(&a, 0).expect("previous dictionary");
@@ -912,8 +901,7 @@ mod tests {
     #[test]
     fn one_write_per_session_per_interval() {
         let (a, dev, s) = ids();
-        let mut d = Dicts::new(clock());
-        let mut kv = Kv::default();
+        let (mut d, mut kv) = lone();
         let hb = Heartbeat::default();
         assert_eq!(
             d.on_heartbeat(&a, &dev, &s, &hb, 1_000),
@@ -951,12 +939,10 @@ mod tests {
     #[test]
     fn a_carried_session_is_flagged_as_known_and_a_new_one_is_not() {
         let (a, dev, s) = ids();
+        let (mut d, mut kv) = lived(&[9_000]);
+        // Next interval: s is carried and s2, a new device's, joins, in one
+        // write.
         let (tv2, s2) = (device("tv2"), session("s2"));
-        let mut d = Dicts::new(clock());
-        let mut kv = Kv::default();
-        d.on_heartbeat(&a, &dev, &s, &Heartbeat::default(), 9_000);
-        flush(&mut d, &mut kv, 9_000);
-        // Next interval: s is carried and s2 joins, in one write.
         d.on_heartbeat(&a, &dev, &s, &Heartbeat::default(), 10_500);
         d.on_heartbeat(&a, &tv2, &s2, &Heartbeat::default(), 10_500);
         let w = write_of(d.take_for_write(&a, 1, 10_500));
@@ -978,18 +964,9 @@ mod tests {
     #[test]
     fn leave_clears_every_live_interval() {
         let (a, dev, s) = ids();
-        let mut d = Dicts::new(clock());
-        let mut kv = Kv::default();
-        d.on_heartbeat(&a, &dev, &s, &Heartbeat::default(), 9_000);
-        flush(&mut d, &mut kv, 9_000);
-        d.on_heartbeat(&a, &dev, &s, &Heartbeat::default(), 10_001);
-        flush(&mut d, &mut kv, 10_001);
-        let leave = Heartbeat {
-            leave: true,
-            ..Default::default()
-        };
+        let (mut d, mut kv) = lived(&[9_000, 10_001]);
         assert_eq!(
-            d.on_heartbeat(&a, &dev, &s, &leave, 10_002),
+            d.on_heartbeat(&a, &dev, &s, &leave(), 10_002),
             Decision::Queued(vec![(a.clone(), 0), (a.clone(), 1)])
         );
         flush(&mut d, &mut kv, 10_002);
@@ -1000,13 +977,9 @@ mod tests {
     #[test]
     fn new_session_replaces_and_old_one_is_superseded() {
         let (a, dev, s1) = ids();
-        let s2 = SessionId::parse("s2").unwrap();
-        let mut d = Dicts::new(clock());
-        let mut kv = Kv::default();
-        d.on_heartbeat(&a, &dev, &s1, &Heartbeat::default(), 1_000);
-        flush(&mut d, &mut kv, 1_000);
-        d.on_heartbeat(&a, &dev, &s2, &Heartbeat::default(), 2_000);
-        flush(&mut d, &mut kv, 2_000);
+        let s2 = session("s2");
+        let (mut d, mut kv) = lived(&[1_000]);
+        beat(&mut d, &mut kv, &dev, &s2, 2_000);
         let rec = d.get_mut(&a, 0).unwrap().entries[&dev].clone();
         assert_eq!(rec.session, s2);
         assert_eq!(rec.replaced, Some(s1.clone()));
@@ -1019,12 +992,9 @@ mod tests {
     #[test]
     fn replacement_across_an_interval_boundary_is_recorded_and_sticks() {
         let (a, dev, s1) = ids();
-        let s2 = SessionId::parse("s2").unwrap();
-        let mut d = Dicts::new(clock());
-        let mut kv = Kv::default();
+        let s2 = session("s2");
         // s1 lives in interval 0 only; s2 starts in interval 1.
-        d.on_heartbeat(&a, &dev, &s1, &Heartbeat::default(), 9_000);
-        flush(&mut d, &mut kv, 9_000);
+        let (mut d, mut kv) = lived(&[9_000]);
         d.on_heartbeat(&a, &dev, &s2, &Heartbeat::default(), 10_500);
         let cur = d.get_mut(&a, 1).unwrap();
         let (device, change) = cur.pending.iter().next().unwrap();
@@ -1042,8 +1012,7 @@ mod tests {
             Decision::Superseded
         );
         // ...nor later, once s2 has been carried into the next interval.
-        d.on_heartbeat(&a, &dev, &s2, &Heartbeat::default(), 20_500);
-        flush(&mut d, &mut kv, 20_500);
+        beat(&mut d, &mut kv, &dev, &s2, 20_500);
         assert_eq!(
             d.on_heartbeat(&a, &dev, &s1, &Heartbeat::default(), 21_000),
             Decision::Superseded
@@ -1053,17 +1022,13 @@ mod tests {
 
     #[test]
     fn the_session_count_holds_across_an_interval_boundary() {
-        let (a, dev, s) = ids();
-        let mut d = Dicts::new(clock());
-        let mut kv = Kv::default();
-        d.on_heartbeat(&a, &dev, &s, &Heartbeat::default(), 9_000);
-        flush(&mut d, &mut kv, 9_000);
+        let (_, dev, s) = ids();
+        let (mut d, mut kv) = lived(&[9_000]);
         assert_eq!(d.session_count(9_500), 1);
         // The next interval has begun, the session has not beaten yet.
         assert_eq!(d.session_count(10_500), 1);
         // Once it has, it is still one session.
-        d.on_heartbeat(&a, &dev, &s, &Heartbeat::default(), 10_600);
-        flush(&mut d, &mut kv, 10_600);
+        beat(&mut d, &mut kv, &dev, &s, 10_600);
         assert_eq!(d.session_count(10_700), 1);
     }
 
@@ -1105,7 +1070,7 @@ mod tests {
         assert_eq!(applied.len(), 1);
         assert_eq!(applied[0].0, tv);
         assert_eq!(kv.update(&a, 0, &w2), None, "the second one is stale");
-        h2.on_conflict(&a, 0, w2, Some(kv.read(&a, 0)));
+        h2.entry(&a, 0).on_conflict(w2, Some(kv.read(&a, 0)));
 
         // The join is pending again and goes on top of the newer copy.
         assert!(h2.has_pending());
@@ -1131,10 +1096,7 @@ mod tests {
     #[test]
     fn a_change_queued_during_a_write_wins_over_the_one_put_back() {
         let (a, dev, s) = ids();
-        let mut d = Dicts::new(clock());
-        let mut kv = Kv::default();
-        d.on_heartbeat(&a, &dev, &s, &content("film"), 1_000);
-        let w = write_of(d.take_for_write(&a, 0, 1_000));
+        let (mut d, mut kv, w) = joining(&content("film"), 1_000);
         // The write under way asks for the next flush when it ends.
         assert_eq!(
             d.on_heartbeat(&a, &dev, &s, &content("news"), 2_000),
@@ -1142,7 +1104,7 @@ mod tests {
         );
         kv.put(&a, 0, SessionDict::new());
         assert_eq!(kv.update(&a, 0, &w), None);
-        d.on_conflict(&a, 0, w, Some(kv.read(&a, 0)));
+        d.entry(&a, 0).on_conflict(w, Some(kv.read(&a, 0)));
 
         let retry = write_of(d.take_for_write(&a, 0, 2_000));
         assert_eq!(retry.revision(), 1);
@@ -1154,11 +1116,8 @@ mod tests {
         // The landed value shows up through the watch (and the re-read
         // fails), or through the re-read.
         for through_watch in [true, false] {
-            let (a, dev, s) = ids();
-            let mut d = Dicts::new(clock());
-            let mut kv = Kv::default();
-            d.on_heartbeat(&a, &dev, &s, &Heartbeat::default(), 1_000);
-            let w = write_of(d.take_for_write(&a, 0, 1_000));
+            let a = ids().0;
+            let (mut d, mut kv, w) = joining(&Heartbeat::default(), 1_000);
             // It commits, but its answer never arrives.
             let landed = kv.update(&a, 0, &w).expect("the write lands");
             let current = if through_watch {
@@ -1168,7 +1127,7 @@ mod tests {
             } else {
                 Some(kv.read(&a, 0))
             };
-            d.on_failed(&a, 0, w, current);
+            d.entry(&a, 0).on_conflict(w, current);
             assert!(d.has_pending(), "the change is kept until known written");
 
             // The retry finds it in the copy: no second write, so no second
@@ -1189,18 +1148,15 @@ mod tests {
     #[test]
     fn a_failed_write_is_kept_and_retried_until_it_lands() {
         let (a, dev, s) = ids();
-        let mut d = Dicts::new(clock());
-        let mut kv = Kv::default();
-        d.on_heartbeat(&a, &dev, &s, &Heartbeat::default(), 1_000);
-        let w = write_of(d.take_for_write(&a, 0, 1_000));
+        let (mut d, mut kv, w) = joining(&Heartbeat::default(), 1_000);
         let value = w.value().clone();
         // It fails without landing, and KV cannot be read either.
-        d.on_failed(&a, 0, w, None);
+        d.entry(&a, 0).on_conflict(w, None);
         assert!(d.has_pending());
         // It fails again; this time KV answers that there is no key yet.
         let w = write_of(d.take_for_write(&a, 0, 1_200));
         assert_eq!((w.revision(), w.value()), (0, &value));
-        d.on_failed(&a, 0, w, Some(kv.read(&a, 0)));
+        d.entry(&a, 0).on_conflict(w, Some(kv.read(&a, 0)));
 
         let w = write_of(d.take_for_write(&a, 0, 1_400));
         assert_eq!((w.revision(), w.value()), (0, &value));
@@ -1219,10 +1175,7 @@ mod tests {
     fn a_leave_while_another_write_of_the_dictionary_is_under_way_is_written_next() {
         let (a, tv, s1) = ids();
         let (radio, s2) = (device("radio"), session("s2"));
-        let mut d = Dicts::new(clock());
-        let mut kv = Kv::default();
-        d.on_heartbeat(&a, &tv, &s1, &Heartbeat::default(), 1_000);
-        flush(&mut d, &mut kv, 1_000);
+        let (mut d, mut kv) = lived(&[1_000]);
         d.on_heartbeat(&a, &radio, &s2, &Heartbeat::default(), 2_000);
         let w = write_of(d.take_for_write(&a, 0, 2_000));
 
@@ -1257,10 +1210,7 @@ mod tests {
     #[test]
     fn a_leave_during_the_sessions_first_write_is_not_queued() {
         let (a, dev, s) = ids();
-        let mut d = Dicts::new(clock());
-        let mut kv = Kv::default();
-        d.on_heartbeat(&a, &dev, &s, &Heartbeat::default(), 1_000);
-        let w = write_of(d.take_for_write(&a, 0, 1_000));
+        let (mut d, mut kv, w) = joining(&Heartbeat::default(), 1_000);
 
         assert_eq!(
             d.on_heartbeat(&a, &dev, &s, &leave(), 1_100),
@@ -1275,13 +1225,8 @@ mod tests {
     #[test]
     fn a_trimmed_dictionary_is_read_whole_before_it_is_written() {
         let (a, dev, s) = ids();
-        let mut d = Dicts::new(clock());
-        let mut kv = Kv::default();
-        d.on_heartbeat(&a, &dev, &s, &Heartbeat::default(), 1_000);
-        flush(&mut d, &mut kv, 1_000);
         // Carried into interval 1, the session is trimmed from interval 0.
-        d.on_heartbeat(&a, &dev, &s, &Heartbeat::default(), 10_500);
-        flush(&mut d, &mut kv, 10_500);
+        let (mut d, mut kv) = lived(&[1_000, 10_500]);
         assert!(d.get_mut(&a, 0).expect("previous dictionary").partial);
         assert_eq!(
             d.on_heartbeat(&a, &dev, &s, &leave(), 10_700),
@@ -1291,11 +1236,11 @@ mod tests {
         // Interval 0's KV copy still holds the session: read it first.
         assert!(matches!(d.take_for_write(&a, 0, 10_700), Take::Reread));
         // A read that fails leaves the change pending and the copy trimmed.
-        d.on_reread(&a, 0, None);
+        d.entry(&a, 0).on_reread(None);
         assert!(matches!(d.take_for_write(&a, 0, 10_700), Take::Reread));
         let whole = kv.read(&a, 0);
         assert_eq!(held(&whole.1), [pair("tv", "s1")]);
-        d.on_reread(&a, 0, Some(whole.clone()));
+        d.entry(&a, 0).on_reread(Some(whole.clone()));
 
         let w = write_of(d.take_for_write(&a, 0, 10_700));
         assert_eq!(w.revision(), whole.0);

@@ -114,12 +114,8 @@ pub fn start(config: Config, metrics: Metrics, wiring: Wiring) -> headcount_runt
 /// watch has replayed what the bucket held, and the scope itself, serving
 /// from the moment the heartbeat subscription is up until the drain starts.
 async fn run(config: Config, metrics: Metrics, wiring: Wiring) -> anyhow::Result<()> {
-    let Wiring {
-        nats,
-        buckets,
-        health,
-        shutdown,
-    } = wiring;
+    let (nats, buckets) = (wiring.nats, wiring.buckets);
+    let (health, shutdown) = (wiring.health, wiring.shutdown);
     let sessions_health = health.component("sessions");
     let revoked_health = health.component("revoked");
     let clock = IntervalClock::new(config.interval);
@@ -353,16 +349,27 @@ enum Outcome {
     Failed,
 }
 
+impl Outcome {
+    /// The result `headcount_kv_writes_total` counts it under.
+    fn label(self) -> &'static str {
+        match self {
+            Outcome::Written(_) => "ok",
+            Outcome::Conflict => "conflict",
+            Outcome::Failed => "error",
+        }
+    }
+}
+
 /// Writes one dictionary's pending changes with compare-and-set and hands
 /// the outcome to [`dicts::Dict`]. On a conflict it re-reads and schedules
 /// itself again; on any other failure it re-reads and retries after a
 /// pause, so a valid session's change is never dropped.
 async fn flush(shared: &Shared, key: Key) {
-    let (account, interval) = &key;
-    let kv_key = keys::session_dict(account, *interval);
+    let (account, interval) = (&key.0, key.1);
+    let kv_key = keys::session_dict(account, interval);
     let take = shared
         .dicts()
-        .take_for_write(account, *interval, now_millis());
+        .take_for_write(account, interval, now_millis());
     let write = match take {
         Take::Idle | Take::Unchanged => return,
         Take::Reread => {
@@ -371,41 +378,42 @@ async fn flush(shared: &Shared, key: Key) {
             if current.is_none() {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
-            shared.dicts().on_reread(account, *interval, current);
+            shared.dicts().entry(account, interval).on_reread(current);
             let _ = shared.flush_tx.send(key.clone());
             return;
         }
         Take::Write(write) => write,
     };
 
-    let m = &shared.metrics;
-    match write_dict(shared, &kv_key, &write).await {
+    let outcome = write_dict(shared, &kv_key, &write).await;
+    shared
+        .metrics
+        .kv_writes
+        .with_label_values(&[outcome.label()])
+        .inc();
+    match outcome {
         Outcome::Written(revision) => {
-            m.kv_writes.with_label_values(&["ok"]).inc();
             let written =
                 shared
                     .dicts()
-                    .on_written(account, *interval, write, revision, now_millis());
+                    .on_written(account, interval, write, revision, now_millis());
             if written.more {
                 let _ = shared.flush_tx.send(key.clone());
             }
             announce(shared, account, written.applied).await;
         }
-        Outcome::Conflict => {
-            m.kv_writes.with_label_values(&["conflict"]).inc();
-            // The retry applies on top of what landed first.
+        Outcome::Conflict | Outcome::Failed => {
+            // What KV holds now: the copy the retry applies on top of (what
+            // landed first) and, after a failure, whether the write landed
+            // after all.
             let current = read_dict(shared, &kv_key).await;
             shared
                 .dicts()
-                .on_conflict(account, *interval, write, current);
-            let _ = shared.flush_tx.send(key);
-        }
-        Outcome::Failed => {
-            m.kv_writes.with_label_values(&["error"]).inc();
-            // What KV holds now tells whether the write landed after all.
-            let current = read_dict(shared, &kv_key).await;
-            shared.dicts().on_failed(account, *interval, write, current);
-            tokio::time::sleep(Duration::from_millis(200)).await;
+                .entry(account, interval)
+                .on_conflict(write, current);
+            if let Outcome::Failed = outcome {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
             let _ = shared.flush_tx.send(key);
         }
     }

@@ -1,5 +1,6 @@
 //! The handler's Prometheus collectors.
 
+use headcount_runtime::metrics::{Register, WithSeries};
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
 /// The heartbeat counters, resolved once: the ingest path bumps them per
@@ -36,7 +37,10 @@ impl Metrics {
                 "heartbeats received, by result",
             ),
             &["result"],
-        )?;
+        )?
+        .register(registry)?;
+        // Resolving the counters also makes every result's series exist from
+        // the start.
         let hb = HeartbeatCounters {
             accepted: heartbeats.with_label_values(&["accepted"]),
             invalid: heartbeats.with_label_values(&["invalid"]),
@@ -44,7 +48,7 @@ impl Metrics {
             revoked: heartbeats.with_label_values(&["revoked"]),
             rate_limited: heartbeats.with_label_values(&["rate_limited"]),
         };
-        let m = Self {
+        Ok(Self {
             hb,
             heartbeats,
             kv_writes: IntCounterVec::new(
@@ -53,7 +57,9 @@ impl Metrics {
                     "interval dictionary writes, by result",
                 ),
                 &["result"],
-            )?,
+            )?
+            .register(registry)?
+            .with_series(["ok", "conflict", "error"]),
             kv_write_seconds: Histogram::with_opts(
                 HistogramOpts::new(
                     "headcount_kv_write_duration_seconds",
@@ -62,36 +68,21 @@ impl Metrics {
                 .buckets(vec![
                     0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
                 ]),
-            )?,
+            )?
+            .register(registry)?,
             sessions: IntGauge::new(
                 "headcount_handler_sessions",
                 "sessions held in the live interval dictionaries (each device once)",
-            )?,
+            )?
+            .register(registry)?,
             events: IntCounterVec::new(
                 Opts::new(
                     "headcount_handler_events_total",
                     "presence events published by the handler, by type",
                 ),
                 &["type"],
-            )?,
-        };
-        registry.register(Box::new(m.heartbeats.clone()))?;
-        registry.register(Box::new(m.kv_writes.clone()))?;
-        registry.register(Box::new(m.kv_write_seconds.clone()))?;
-        registry.register(Box::new(m.sessions.clone()))?;
-        registry.register(Box::new(m.events.clone()))?;
-        for r in [
-            "accepted",
-            "invalid",
-            "malformed",
-            "revoked",
-            "rate_limited",
-        ] {
-            m.heartbeats.with_label_values(&[r]);
-        }
-        for r in ["ok", "conflict", "error"] {
-            m.kv_writes.with_label_values(&[r]);
-        }
-        Ok(m)
+            )?
+            .register(registry)?,
+        })
     }
 }

@@ -95,93 +95,91 @@ impl Buckets {
             .timeout(Duration::from_secs(2))
             .build(client.clone());
         let js_default = jetstream::new(client.clone());
-        let open =
-            |bucket: &'static str, description: &'static str, max_age: Duration, history: i64| {
-                let (js, js_default) = (js.clone(), js_default.clone());
-                let cfg = kv::Config {
-                    bucket: bucket.to_string(),
-                    description: description.to_string(),
-                    history,
-                    max_age,
-                    storage: s.storage,
-                    num_replicas: s.replicas,
-                    ..Default::default()
-                };
-                async move {
-                    // Several services open the buckets at once; a lost race shows
-                    // up as an error from the server, so try again a few times.
-                    let mut delay = Duration::from_millis(100);
-                    for attempt in 0.. {
-                        let made = match mode {
-                            Mode::CreateOrUpdate => js
-                                .create_or_update_key_value(cfg.clone())
-                                .await
-                                .map(|_| ())
-                                .map_err(anyhow::Error::from),
-                            Mode::CreateMissing => create_missing(&js, &cfg).await,
-                        };
-                        // Getting the store asks the server again: on a
-                        // cluster still electing leaders that can time out
-                        // too, and is retried like the create.
-                        let opened = match made {
-                            Ok(()) => js_default
-                                .get_key_value(bucket)
-                                .await
-                                .map_err(anyhow::Error::from),
-                            Err(e) => Err(e),
-                        };
-                        match opened {
-                            Ok(store) => return Ok(store),
-                            Err(e) if attempt < 50 => {
-                                tracing::warn!(bucket, error = %e, "opening kv bucket, retrying");
-                                tokio::time::sleep(delay).await;
-                                delay = (delay * 2).min(Duration::from_secs(2));
-                            }
-                            Err(e) => {
-                                return Err(e)
-                                    .with_context(|| format!("opening kv bucket {bucket}"));
-                            }
+        let open = |(bucket, description, max_age): (&'static str, &'static str, Duration)| {
+            let (js, js_default) = (js.clone(), js_default.clone());
+            let cfg = kv::Config {
+                bucket: bucket.to_string(),
+                description: description.to_string(),
+                // Only the latest value of a key is ever read.
+                history: 1,
+                max_age,
+                storage: s.storage,
+                num_replicas: s.replicas,
+                ..Default::default()
+            };
+            async move {
+                // Several services open the buckets at once; a lost race shows
+                // up as an error from the server, so try again a few times.
+                let mut delay = Duration::from_millis(100);
+                for attempt in 0.. {
+                    let made = match mode {
+                        Mode::CreateOrUpdate => js
+                            .create_or_update_key_value(cfg.clone())
+                            .await
+                            .map(|_| ())
+                            .map_err(anyhow::Error::from),
+                        Mode::CreateMissing => create_missing(&js, &cfg).await,
+                    };
+                    // Getting the store asks the server again: on a
+                    // cluster still electing leaders that can time out
+                    // too, and is retried like the create.
+                    let opened = match made {
+                        Ok(()) => js_default
+                            .get_key_value(bucket)
+                            .await
+                            .map_err(anyhow::Error::from),
+                        Err(e) => Err(e),
+                    };
+                    match opened {
+                        Ok(store) => return Ok(store),
+                        Err(e) if attempt < 50 => {
+                            tracing::warn!(bucket, error = %e, "opening kv bucket, retrying");
+                            tokio::time::sleep(delay).await;
+                            delay = (delay * 2).min(Duration::from_secs(2));
+                        }
+                        Err(e) => {
+                            return Err(e).with_context(|| format!("opening kv bucket {bucket}"));
                         }
                     }
-                    unreachable!("the retry loop returns")
                 }
-            };
-        Ok(Self {
-            sessions: open(
+                unreachable!("the retry loop returns")
+            }
+        };
+        // Every bucket: its name, what it holds, and how long an entry
+        // lives (zero: until it is deleted).
+        let [sessions, revoked, limits, timeouts, connections] = [
+            (
                 keys::SESSIONS_BUCKET,
                 "interval dictionaries: account.interval -> device -> session",
                 s.sessions_ttl,
-                1,
-            )
-            .await?,
-            revoked: open(
+            ),
+            (
                 keys::REVOKED_BUCKET,
                 "ended sessions whose heartbeats are ignored",
                 s.revoked_ttl,
-                1,
-            )
-            .await?,
-            limits: open(
+            ),
+            (
                 keys::LIMITS_BUCKET,
                 "per-account limits, plans and token plans",
                 Duration::ZERO,
-                1,
-            )
-            .await?,
-            timeouts: open(
+            ),
+            (
                 keys::TIMEOUTS_BUCKET,
                 "timeouts already announced (one event per timeout)",
                 s.timeouts_ttl,
-                1,
-            )
-            .await?,
-            connections: open(
+            ),
+            (
                 keys::CONNECTIONS_BUCKET,
                 "live connections per token, revoked operator and backend tokens",
                 keys::CONNECTIONS_TTL,
-                1,
-            )
-            .await?,
+            ),
+        ];
+        Ok(Self {
+            sessions: open(sessions).await?,
+            revoked: open(revoked).await?,
+            limits: open(limits).await?,
+            timeouts: open(timeouts).await?,
+            connections: open(connections).await?,
         })
     }
 }

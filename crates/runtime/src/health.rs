@@ -242,14 +242,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn an_empty_set_is_not_ready() {
+    fn ready_when_every_component_is_and_not_while_there_is_none() {
         let h = Health::new();
         assert_eq!(h.status().not_ready, ["starting"]);
-    }
-
-    #[test]
-    fn ready_when_every_component_is() {
-        let h = Health::new();
         let a = h.component("sessions");
         let b = h.component("revoked");
         assert_eq!(h.status().not_ready, ["revoked", "sessions"]);

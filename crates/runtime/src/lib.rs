@@ -1,8 +1,9 @@
 //! What every headcount process shares: connecting to NATS, opening the KV
 //! buckets, the `/metrics`, `/healthz` and `/readyz` endpoints and the
-//! readiness behind them ([`Health`]), shutdown and logging, and secrets
-//! (random ones from the OS, and the private files that hold them), and
-//! [`effects`]: the publications and create-only writes the services share.
+//! readiness behind them ([`Health`]), declaring collectors ([`metrics`]),
+//! shutdown and logging, and secrets (random ones from the OS, and the
+//! private files that hold them), and [`effects`]: the publications and
+//! create-only writes the services share.
 //!
 //! Nothing here knows what a heartbeat or a limit is; that is the services'
 //! business ([`effects`] carries out what they decided, it decides nothing). Subjects and bucket names come from `headcount-protocol`.
@@ -11,6 +12,7 @@ pub mod buckets;
 pub mod effects;
 pub mod health;
 pub mod http;
+pub mod metrics;
 pub mod nats;
 pub mod secret;
 pub mod service;

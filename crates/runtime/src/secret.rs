@@ -700,6 +700,29 @@ mod tests {
     #[cfg(unix)]
     const NOBODY: u32 = 65534;
 
+    /// A file `name` written private with `contents` in a fresh temporary
+    /// directory, which lives as long as the first value.
+    #[cfg(unix)]
+    fn private_file(name: &str, contents: &[u8]) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(name);
+        write_private(&path, contents).unwrap();
+        (dir, path)
+    }
+
+    /// A directory `name` in a fresh temporary one, made as anyone could
+    /// have made it (the umask's mode), holding a secrets.json with
+    /// `contents`: the temporary directory, that directory and the file.
+    #[cfg(unix)]
+    fn planted_dir(name: &str, contents: &[u8]) -> (tempfile::TempDir, PathBuf, PathBuf) {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join(name);
+        std::fs::create_dir(&dir).unwrap();
+        let file = dir.join("secrets.json");
+        std::fs::write(&file, contents).unwrap();
+        (root, dir, file)
+    }
+
     #[cfg(unix)]
     fn set_mode(path: &Path, mode: u32) {
         use std::os::unix::fs::PermissionsExt;
@@ -781,9 +804,7 @@ mod tests {
     #[cfg(unix)]
     #[test]
     fn private_files_are_read_and_missing_ones_are_none() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("secret");
-        write_private(&path, b"hk_value").unwrap();
+        let (dir, path) = private_file("secret", b"hk_value");
         assert_eq!(read_private(&path).unwrap().unwrap(), b"hk_value");
         assert!(read_private(&dir.path().join("absent")).unwrap().is_none());
         assert!(
@@ -799,9 +820,7 @@ mod tests {
     #[cfg(unix)]
     #[test]
     fn a_file_writable_by_others_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("secrets.json");
-        write_private(&path, b"{}").unwrap();
+        let (_dir, path) = private_file("secrets.json", b"{}");
         for bad in [0o666, 0o622, 0o602, 0o620] {
             set_mode(&path, bad);
             let err = read_private(&path).unwrap_err();
@@ -825,9 +844,7 @@ mod tests {
     #[cfg(unix)]
     #[test]
     fn a_file_of_ours_readable_by_others_is_tightened() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("key.json");
-        write_private(&path, b"seed").unwrap();
+        let (_dir, path) = private_file("key.json", b"seed");
         set_mode(&path, 0o644);
         assert_eq!(read_private(&path).unwrap().unwrap(), b"seed");
         assert_eq!(mode(&path), 0o600);
@@ -857,11 +874,8 @@ mod tests {
     #[cfg(unix)]
     #[test]
     fn a_dir_writable_by_others_is_refused_not_taken_over() {
-        let root = tempfile::tempdir().unwrap();
-        let dir = root.path().join("shared");
-        std::fs::create_dir(&dir).unwrap();
-        std::fs::write(dir.join("secrets.json"), b"planted").unwrap();
-        set_mode(&dir.join("secrets.json"), 0o600);
+        let (_root, dir, file) = planted_dir("shared", b"planted");
+        set_mode(&file, 0o600);
         // Ours, but anyone could have put files in it: tightening it now
         // would hide that, so it is refused as it is.
         for bad in [0o777, 0o1777, 0o770, 0o702] {
@@ -876,31 +890,21 @@ mod tests {
             assert_eq!(mode(&dir), bad & 0o777);
             assert!(check_private_dir(&dir).is_err());
             // Nor is a file in it read.
-            assert_eq!(
-                untrusted(&read_private(&dir.join("secrets.json")).unwrap_err()).path,
-                dir
-            );
+            assert_eq!(untrusted(&read_private(&file).unwrap_err()).path, dir);
         }
         // Once the owner has looked and said so: private again.
         set_mode(&dir, 0o700);
         create_private_dir(&dir).unwrap();
-        assert_eq!(
-            read_private(&dir.join("secrets.json")).unwrap().unwrap(),
-            b"planted"
-        );
+        assert_eq!(read_private(&file).unwrap().unwrap(), b"planted");
     }
 
     #[cfg(unix)]
     #[test]
     fn a_dir_or_file_of_another_user_is_refused() {
         use std::os::unix::fs::MetadataExt;
-        let root = tempfile::tempdir().unwrap();
-        // The review's /tmp/evil: made by nobody, mode 777, holding known
-        // secrets; and the same made private, which nobody can undo.
-        let evil = root.path().join("evil");
-        std::fs::create_dir(&evil).unwrap();
-        let planted = evil.join("secrets.json");
-        std::fs::write(&planted, b"{\"operator_key\":\"hk_known\"}").unwrap();
+        // A /tmp/evil made by nobody, mode 777, holding known secrets; and
+        // the same made private, which nobody can undo.
+        let (root, evil, planted) = planted_dir("evil", b"{\"operator_key\":\"hk_known\"}");
         if !give_to_nobody(&evil) || !give_to_nobody(&planted) {
             return;
         }

@@ -964,3 +964,65 @@ impl Drop for NatsCluster {
         }
     }
 }
+
+impl TestApp {
+    /// Waits until `account` has `n` active sessions and returns that
+    /// reply; panics with the last reply if it does not come within 5 s.
+    pub async fn wait_count(&self, account: &str, n: u32) -> ActiveReply {
+        let (reply, took) = self
+            .wait_active(account, Duration::from_secs(5), |r| r.active == n)
+            .await;
+        assert!(
+            took.is_some(),
+            "{account}: {} active sessions, not {n}: {reply:?}",
+            reply.active
+        );
+        reply
+    }
+}
+
+impl Device {
+    /// Silences each of `devices` ([`Device::silence`]).
+    pub async fn silence_all(devices: impl IntoIterator<Item = Device>) {
+        for d in devices {
+            d.silence().await;
+        }
+    }
+}
+
+impl TokenVendor {
+    /// A POST to `path` of its HTTP API, without credentials yet.
+    pub fn post(&self, path: &str) -> reqwest::RequestBuilder {
+        reqwest::Client::new().post(format!("{}{path}", self.http))
+    }
+
+    /// A POST to `path` of its HTTP API bearing `token`, or nothing.
+    pub fn post_bearing(&self, path: &str, token: Option<&str>) -> reqwest::RequestBuilder {
+        match token {
+            Some(token) => self.post(path).bearer_auth(token),
+            None => self.post(path),
+        }
+    }
+
+    /// How many tokens it issued `via` one way (`nats`, `http`, `refresh`,
+    /// `demo`, ...), from its metrics.
+    pub fn issued(&self, via: &str) -> f64 {
+        self.running
+            .metric(&format!(r#"headcount_tokens_issued_total{{via="{via}"}}"#))
+    }
+
+    /// How many auth callouts it answered with `result` (`allowed`, or why
+    /// it refused), from its metrics.
+    pub fn callouts(&self, result: &str) -> f64 {
+        self.running
+            .metric(&format!(r#"headcount_callout_total{{result="{result}"}}"#))
+    }
+}
+
+/// Sends `request` and returns the JSON body of its answer, which must be a
+/// 200.
+pub async fn ok_json<T: DeserializeOwned>(request: reqwest::RequestBuilder) -> T {
+    let response = request.send().await.expect("the server answers");
+    assert_eq!(response.status(), 200, "{}", response.url());
+    response.json().await.expect("the answer is JSON")
+}

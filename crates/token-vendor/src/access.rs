@@ -23,6 +23,7 @@ use headcount_protocol::SessionId;
 use headcount_protocol::subjects::kv as keys;
 use serde::{Deserialize, Serialize};
 
+use crate::http::OperatorJson;
 use crate::{Claims, Role};
 
 /// How many connections one operator or backend token may hold; the oldest
@@ -366,22 +367,14 @@ pub(crate) async fn end_clients_on_rotation(
 /// `POST /v1/backend-tokens` and `POST /v1/tokens/revoke`, both behind the
 /// operator key.
 /// Wrong operator keys count against the address's budget as on every
-/// other operator endpoint (`throttle::operator_key`).
+/// other operator endpoint (`throttle::per_address`).
 pub fn access_router(vendor: crate::Vendor, access: Access) -> axum::Router {
-    use crate::throttle::{self, Endpoint};
-    use axum::middleware::from_fn_with_state;
-    use axum::routing::post;
-    let guarded = |endpoint| from_fn_with_state((vendor.clone(), endpoint), throttle::operator_key);
+    use crate::http::LimitedRoutes;
+    use crate::throttle::Endpoint;
     axum::Router::new()
-        .route(
-            "/v1/backend-tokens",
-            post(backend_token).layer(guarded(Endpoint::BackendTokens)),
-        )
-        .route(
-            "/v1/tokens/revoke",
-            post(revoke_token).layer(guarded(Endpoint::Revoke)),
-        )
-        .with_state((vendor, access))
+        .limited_post(&vendor, Endpoint::BackendTokens, backend_token)
+        .limited_post(&vendor, Endpoint::Revoke, revoke_token)
+        .with_state(AccessState { vendor, access })
 }
 
 #[derive(Debug, Deserialize)]
@@ -399,18 +392,24 @@ struct RevokeRequest {
     token: String,
 }
 
-type AccessState = axum::extract::State<(crate::Vendor, Access)>;
+/// What the access endpoints work with.
+#[derive(Clone)]
+struct AccessState {
+    vendor: crate::Vendor,
+    access: Access,
+}
+
+/// The operator key is the vendor's to check ([`crate::http::OperatorJson`]).
+impl axum::extract::FromRef<AccessState> for crate::Vendor {
+    fn from_ref(state: &AccessState) -> Self {
+        state.vendor.clone()
+    }
+}
 
 async fn backend_token(
-    axum::extract::State((vendor, _)): AccessState,
-    headers: axum::http::HeaderMap,
-    body: Result<axum::Json<BackendTokenRequest>, axum::extract::rejection::JsonRejection>,
+    axum::extract::State(AccessState { vendor, .. }): axum::extract::State<AccessState>,
+    OperatorJson(request): OperatorJson<BackendTokenRequest>,
 ) -> axum::response::Response {
-    use axum::response::IntoResponse;
-    let request = match crate::http::operator_request(&vendor, &headers, body) {
-        Ok(r) => r,
-        Err(refused) => return refused,
-    };
     let name = match headcount_protocol::DeviceId::parse(&request.name) {
         Ok(n) => n,
         Err(e) => {
@@ -420,29 +419,19 @@ async fn backend_token(
             );
         }
     };
-    match vendor.issue_backend(&name, request.ttl_secs.map(Duration::from_secs)) {
-        Ok(token) => axum::Json(token).into_response(),
-        Err(e) => {
-            tracing::error!(error = %format!("{e:#}"), "issuing a backend token");
-            crate::http::error(
-                axum::http::StatusCode::INTERNAL_SERVER_ERROR,
-                "issuing the token failed",
-            )
-        }
-    }
+    crate::http::json_or_error(
+        vendor.issue_backend(&name, request.ttl_secs.map(Duration::from_secs)),
+        "issuing a backend token",
+        "issuing the token failed",
+    )
 }
 
 async fn revoke_token(
-    axum::extract::State((vendor, access)): AccessState,
-    headers: axum::http::HeaderMap,
-    body: Result<axum::Json<RevokeRequest>, axum::extract::rejection::JsonRejection>,
+    axum::extract::State(AccessState { vendor, access }): axum::extract::State<AccessState>,
+    OperatorJson(request): OperatorJson<RevokeRequest>,
 ) -> axum::response::Response {
     use axum::http::StatusCode;
     use axum::response::IntoResponse;
-    let request = match crate::http::operator_request(&vendor, &headers, body) {
-        Ok(r) => r,
-        Err(refused) => return refused,
-    };
     // Any token this vendor signed that is still worth revoking: a token
     // that no longer verifies (expired, superseded) cannot connect anyway.
     let claims = match vendor.verify(&request.token) {

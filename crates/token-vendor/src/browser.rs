@@ -27,18 +27,19 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::extract::rejection::JsonRejection;
 use axum::http::{HeaderMap, StatusCode};
-use axum::middleware::from_fn_with_state;
 use axum::response::{IntoResponse, Redirect, Response};
-use axum::routing::{get, post};
+use axum::routing::get;
 use axum::{Json, Router};
 use headcount_protocol::subjects;
 use headcount_protocol::wire::{Heartbeat, TokenRequest};
 use serde::Deserialize;
 
 use crate::callout::Refusal;
-use crate::http::{bearer, describe, error, is_operator, unauthorized};
+use crate::http::{
+    LimitedRoutes, bearer, describe, error, is_operator, json_or_error, unauthorized,
+};
 use crate::metrics::{BAD_REQUEST, FORBIDDEN};
-use crate::throttle::{self, Endpoint};
+use crate::throttle::Endpoint;
 use crate::{Claims, TokenError, Vendor};
 
 /// What the browser endpoints need besides the vendor.
@@ -87,30 +88,14 @@ pub fn browser_router(
         .expose_headers([axum::http::header::RETRY_AFTER]);
     // Per-address limits (`throttle`): request rates on what devices and
     // anyone (demo tokens) may call, the wrong-key budget on the operator's.
-    let limited = |endpoint| from_fn_with_state((vendor.clone(), endpoint), throttle::per_address);
     let devices = Router::new()
         .route("/v1/client-config", get(client_config))
-        .route(
-            "/v1/tokens/refresh",
-            post(refresh).layer(limited(Endpoint::Refresh)),
-        )
-        .route(
-            "/v1/sessions/leave",
-            post(leave).layer(limited(Endpoint::Leave)),
-        )
+        .limited_post(&vendor, Endpoint::Refresh, refresh)
+        .limited_post(&vendor, Endpoint::Leave, leave)
         .layer(any_origin);
     let router = devices
-        .route(
-            "/v1/operator-tokens",
-            post(operator_token).layer(from_fn_with_state(
-                (vendor.clone(), Endpoint::OperatorTokens),
-                throttle::operator_key,
-            )),
-        )
-        .route(
-            "/v1/demo/tokens",
-            post(demo_token).layer(limited(Endpoint::DemoTokens)),
-        )
+        .limited_post(&vendor, Endpoint::OperatorTokens, operator_token)
+        .limited_post(&vendor, Endpoint::DemoTokens, demo_token)
         .with_state(Browser {
             vendor,
             nats,
@@ -207,16 +192,11 @@ async fn refresh(State(b): State<Browser>, headers: HeaderMap) -> Response {
             );
         }
     }
-    match b.vendor.renew(&claims) {
-        Ok(reply) => Json(reply).into_response(),
-        Err(e) => {
-            tracing::error!(error = %format!("{e:#}"), "renewing a token");
-            error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "renewing the token failed",
-            )
-        }
-    }
+    json_or_error(
+        b.vendor.renew(&claims),
+        "renewing a token",
+        "renewing the token failed",
+    )
 }
 
 #[derive(Deserialize)]
@@ -264,16 +244,11 @@ async fn operator_token(State(b): State<Browser>, headers: HeaderMap) -> Respons
     if !is_operator(&b.vendor, &headers) {
         return unauthorized(&b.vendor);
     }
-    match b.vendor.issue_operator() {
-        Ok(token) => Json(token).into_response(),
-        Err(e) => {
-            tracing::error!(error = %format!("{e:#}"), "issuing an operator token");
-            error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "issuing the token failed",
-            )
-        }
-    }
+    json_or_error(
+        b.vendor.issue_operator(),
+        "issuing an operator token",
+        "issuing the token failed",
+    )
 }
 
 /// `POST /v1/demo/tokens`: a device token without a key, when demo tokens
@@ -296,17 +271,10 @@ async fn demo_token(
             return error(status, message);
         }
     };
-    match b
-        .vendor
-        .issue_with_plan(&request.account, &request.device, None, "demo")
-    {
-        Ok(reply) => Json(reply).into_response(),
-        Err(e) => {
-            tracing::error!(error = %format!("{e:#}"), "issuing a demo token");
-            error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "issuing the token failed",
-            )
-        }
-    }
+    json_or_error(
+        b.vendor
+            .issue_with_plan(&request.account, &request.device, None, "demo"),
+        "issuing a demo token",
+        "issuing the token failed",
+    )
 }

@@ -37,7 +37,7 @@
 //! and counted like one that does not decode. Without the header, request
 //! and response travel in the clear.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -45,6 +45,9 @@ use async_nats::jetstream::kv;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use futures::StreamExt;
+use headcount_protocol::subjects::endpoint::{
+    ACTIVE, CHECK, KICK, LIMITS_GET, LIMITS_SET, STATS, TOKEN,
+};
 use headcount_protocol::subjects::{self, kv as keys};
 use headcount_protocol::{AccountId, DeviceId, SessionId, now_millis};
 use headcount_runtime::{Health, Shutdown};
@@ -78,6 +81,10 @@ pub const CLIENT_MAX_SUBSCRIPTIONS: i64 = 256;
 /// Environment variable that may hold the callout issuer's account seed
 /// (`SA...`); otherwise it is generated into `<data_dir>/keys/`.
 pub const ISSUER_SEED_ENV: &str = "HEADCOUNT_CALLOUT_SEED";
+/// The issuer's seed file under `<data_dir>/keys/`.
+const ISSUER_FILE: &str = "callout-issuer.nk";
+/// The curve key's seed file under `<data_dir>/keys/`.
+const XKEY_FILE: &str = "callout-xkey.nk";
 /// Environment variable that may hold the callout's curve seed (`SX...`),
 /// whose public half (`X...`) is the `xkey` of the server's `auth_callout`
 /// block; otherwise it is generated into `<data_dir>/keys/`.
@@ -119,18 +126,13 @@ impl Issuer {
     /// directory must share the curve key the same way: the server knows
     /// one `xkey`.
     pub fn open(data_dir: &Path) -> anyhow::Result<Issuer> {
-        let key = load_or_generate::<KeyPair>(
+        let key = load_or_generate(
             data_dir,
             ISSUER_SEED_ENV,
-            &Self::path(data_dir),
+            ISSUER_FILE,
             "auth callout issuer",
         )?;
-        let xkey = load_or_generate::<XKey>(
-            data_dir,
-            XKEY_SEED_ENV,
-            &Self::xkey_path(data_dir),
-            "auth callout xkey",
-        )?;
+        let xkey = load_or_generate(data_dir, XKEY_SEED_ENV, XKEY_FILE, "auth callout xkey")?;
         Ok(Issuer { key, xkey })
     }
 
@@ -164,9 +166,7 @@ impl Issuer {
 
     /// Its seed (`SA...`): a secret, to hand to another vendor instance.
     pub fn seed(&self) -> anyhow::Result<String> {
-        self.key
-            .seed()
-            .map_err(|e| anyhow::anyhow!("encoding seed: {e}"))
+        self.key.seed_text()
     }
 
     /// Its public key: the `issuer` of the server's `auth_callout` block.
@@ -177,23 +177,13 @@ impl Issuer {
     /// Its curve seed (`SX...`): a secret, to hand to another vendor
     /// instance (as [`XKEY_SEED_ENV`]).
     pub fn xkey_seed(&self) -> anyhow::Result<String> {
-        self.xkey
-            .seed()
-            .map_err(|e| anyhow::anyhow!("encoding xkey seed: {e}"))
+        self.xkey.seed_text()
     }
 
     /// Its public curve key (`X...`): the `xkey` of the server's
     /// `auth_callout` block.
     pub fn xkey_public(&self) -> String {
         self.xkey.public_key()
-    }
-
-    fn path(data_dir: &Path) -> PathBuf {
-        crate::keys::key_dir(data_dir).join("callout-issuer.nk")
-    }
-
-    fn xkey_path(data_dir: &Path) -> PathBuf {
-        crate::keys::key_dir(data_dir).join("callout-xkey.nk")
     }
 }
 
@@ -223,48 +213,45 @@ trait CalloutKey: Sized {
     fn public_text(&self) -> String;
 }
 
-impl CalloutKey for KeyPair {
-    fn parse(seed: &str) -> anyhow::Result<Self> {
-        account_key(seed)
-    }
-    fn generate() -> Self {
-        KeyPair::new_account()
-    }
-    fn seed_text(&self) -> anyhow::Result<String> {
-        self.seed()
-            .map_err(|e| anyhow::anyhow!("encoding seed: {e}"))
-    }
-    fn public_text(&self) -> String {
-        self.public_key()
-    }
+/// nkeys gives both kinds of key the same `seed` and `public_key`; they
+/// differ in how a seed is checked, how a new key is made and what their
+/// seed is called in an error.
+macro_rules! callout_key {
+    ($key:ty, $parse:path, $generate:path, $seed:literal) => {
+        impl CalloutKey for $key {
+            fn parse(seed: &str) -> anyhow::Result<Self> {
+                $parse(seed)
+            }
+            fn generate() -> Self {
+                $generate()
+            }
+            fn seed_text(&self) -> anyhow::Result<String> {
+                self.seed()
+                    .map_err(|e| anyhow::anyhow!("encoding {}: {e}", $seed))
+            }
+            fn public_text(&self) -> String {
+                self.public_key()
+            }
+        }
+    };
 }
 
-impl CalloutKey for XKey {
-    fn parse(seed: &str) -> anyhow::Result<Self> {
-        curve_key(seed)
-    }
-    fn generate() -> Self {
-        XKey::new()
-    }
-    fn seed_text(&self) -> anyhow::Result<String> {
-        self.seed()
-            .map_err(|e| anyhow::anyhow!("encoding xkey seed: {e}"))
-    }
-    fn public_text(&self) -> String {
-        self.public_key()
-    }
-}
+callout_key!(KeyPair, account_key, KeyPair::new_account, "seed");
+callout_key!(XKey, curve_key, XKey::new, "xkey seed");
 
-/// A key from the seed in `env`, else from the seed file `path`, else a new
-/// one whose seed is written to `path` with mode 0600. The seed file and its
-/// directory must be ones no other user could have written
-/// ([`headcount_runtime::secret::read_private`]); the start fails otherwise.
+/// A key from the seed in `env`, else from the seed file `file` under
+/// `<data_dir>/keys/`, else a new one whose seed is written to that file
+/// with mode 0600. The seed file and its directory must be ones no other
+/// user could have written ([`headcount_runtime::secret::read_private`]);
+/// the start fails otherwise.
 fn load_or_generate<T: CalloutKey>(
     data_dir: &Path,
     env: &str,
-    path: &Path,
+    file: &str,
     what: &str,
 ) -> anyhow::Result<T> {
+    let dir = crate::keys::key_dir(data_dir);
+    let path = &dir.join(file);
     if let Ok(seed) = std::env::var(env)
         && !seed.trim().is_empty()
     {
@@ -278,7 +265,7 @@ fn load_or_generate<T: CalloutKey>(
         None => {
             let key = T::generate();
             let (seed, public) = (key.seed_text()?, key.public_text());
-            headcount_runtime::secret::create_private_dir(&crate::keys::key_dir(data_dir))?;
+            headcount_runtime::secret::create_private_dir(&dir)?;
             headcount_runtime::secret::write_private(path, seed.as_bytes())?;
             tracing::info!(public_key = %public, file = %path.display(), "generated the {what} key");
             Ok(key)
@@ -413,21 +400,20 @@ pub struct ServerId {
     pub name: String,
 }
 
+/// Every field may be left out.
 #[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
 pub struct ClientInfo {
-    #[serde(default)]
     pub host: Option<String>,
-    #[serde(default)]
     pub id: Option<u64>,
-    #[serde(default)]
     pub name: Option<String>,
 }
 
+/// Every field may be left out.
 #[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
 pub struct ConnectOpts {
-    #[serde(default)]
     pub auth_token: Option<String>,
-    #[serde(default)]
     pub user: Option<String>,
 }
 
@@ -443,34 +429,27 @@ pub fn decode_request(payload: &[u8]) -> Result<AuthRequest, RequestError> {
         return Err(RequestError::TooLarge);
     }
     let text = std::str::from_utf8(payload).map_err(|_| RequestError::NotAJwt)?;
-    let mut parts = text.trim().split('.');
-    let (Some(h), Some(p), Some(s), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return Err(RequestError::NotAJwt);
+    let text = text.trim();
+    let (h, p, s) = crate::jwt_parts(text).ok_or(RequestError::NotAJwt)?;
+    let unbase64 = |part| {
+        URL_SAFE_NO_PAD
+            .decode(part)
+            .map_err(|_| RequestError::NotAJwt)
     };
-    let header = URL_SAFE_NO_PAD
-        .decode(h)
-        .map_err(|_| RequestError::NotAJwt)?;
-    let header: serde_json::Value =
-        serde_json::from_slice(&header).map_err(|e| RequestError::Unreadable(e.to_string()))?;
+    let unreadable = |e: serde_json::Error| RequestError::Unreadable(e.to_string());
+    let header: serde_json::Value = serde_json::from_slice(&unbase64(h)?).map_err(unreadable)?;
     let alg = header.get("alg").and_then(|a| a.as_str()).unwrap_or("");
     if !alg.eq_ignore_ascii_case("ed25519-nkey") {
         return Err(RequestError::WrongAlgorithm);
     }
-    let claims = URL_SAFE_NO_PAD
-        .decode(p)
-        .map_err(|_| RequestError::NotAJwt)?;
-    let sig = URL_SAFE_NO_PAD
-        .decode(s)
-        .map_err(|_| RequestError::NotAJwt)?;
-    let claims: RequestClaims =
-        serde_json::from_slice(&claims).map_err(|e| RequestError::Unreadable(e.to_string()))?;
+    let claims = unbase64(p)?;
+    let sig = unbase64(s)?;
+    let claims: RequestClaims = serde_json::from_slice(&claims).map_err(unreadable)?;
     if !claims.iss.starts_with('N') {
         return Err(RequestError::NotFromAServer);
     }
     let server = KeyPair::from_public_key(&claims.iss).map_err(|_| RequestError::NotFromAServer)?;
-    let signed = &text.trim()[..h.len() + 1 + p.len()];
+    let signed = &text[..h.len() + 1 + p.len()];
     server
         .verify(signed.as_bytes(), &sig)
         .map_err(|_| RequestError::BadSignature)?;
@@ -563,22 +542,10 @@ pub struct Grant {
 }
 
 /// The endpoints an operator's live view may call.
-const OPERATOR_ENDPOINTS: &[&str] = &[
-    subjects::endpoint::ACTIVE,
-    subjects::endpoint::STATS,
-    subjects::endpoint::LIMITS_GET,
-    subjects::endpoint::LIMITS_SET,
-    subjects::endpoint::KICK,
-];
+const OPERATOR_ENDPOINTS: &[&str] = &[ACTIVE, STATS, LIMITS_GET, LIMITS_SET, KICK];
 
 /// The endpoints an application backend may call.
-const BACKEND_ENDPOINTS: &[&str] = &[
-    subjects::endpoint::ACTIVE,
-    subjects::endpoint::CHECK,
-    subjects::endpoint::LIMITS_GET,
-    subjects::endpoint::STATS,
-    subjects::endpoint::TOKEN,
-];
+const BACKEND_ENDPOINTS: &[&str] = &[ACTIVE, CHECK, LIMITS_GET, STATS, TOKEN];
 
 impl Grant {
     /// A device: its own heartbeat subject and its own control subject,
@@ -1059,7 +1026,9 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn signed_request(server: &KeyPair, user: &str, token: Option<&str>) -> String {
+    /// A request as nats-server signs it (what is inside the encryption,
+    /// when there is one).
+    pub(super) fn signed_request(server: &KeyPair, user: &str, token: Option<&str>) -> String {
         let claims = serde_json::json!({
             "iss": server.public_key(),
             "sub": user,
@@ -1174,39 +1143,30 @@ mod tests {
             plan: None,
             role: Some(crate::OPERATOR_ROLE.into()),
         };
-        let grant = Grant::of(&claims);
-        assert_eq!(
-            grant.publish,
-            [
-                "headcount.active",
-                "headcount.stats",
-                "headcount.limits.get",
-                "headcount.limits.set",
-                "headcount.kick",
-            ]
-        );
-        assert_eq!(grant.subscribe, ["headcount.events.>", "_INBOX_OPS1.>"]);
-        assert_eq!(grant.account, CLIENT_ACCOUNT);
-        assert!(!grant.publish.iter().any(|s| s.starts_with("hb.")));
-        // A backend: queries and device tokens, no steering, its own inbox.
-        let backend = Grant::of(&crate::Claims {
+        // A backend: queries and device tokens, no steering.
+        let backend = crate::Claims {
             device: DeviceId::parse("shop").unwrap(),
             account: AccountId::parse(crate::BACKEND_ROLE).unwrap(),
             role: Some(crate::BACKEND_ROLE.into()),
             ..claims.clone()
-        });
-        assert_eq!(
-            backend.publish,
-            [
-                "headcount.active",
-                "headcount.check",
-                "headcount.limits.get",
-                "headcount.stats",
-                "headcount.token",
-            ]
-        );
-        assert_eq!(backend.subscribe, ["headcount.events.>", "_INBOX_OPS1.>"]);
-        assert_eq!(backend.account, CLIENT_ACCOUNT);
+        };
+        for (claims, endpoints) in [
+            (
+                &claims,
+                ["active", "stats", "limits.get", "limits.set", "kick"],
+            ),
+            (
+                &backend,
+                ["active", "check", "limits.get", "stats", "token"],
+            ),
+        ] {
+            let grant = Grant::of(claims);
+            assert_eq!(grant.publish, endpoints.map(|e| format!("headcount.{e}")));
+            // Every presence event, and replies under its own inbox only.
+            assert_eq!(grant.subscribe, ["headcount.events.>", "_INBOX_OPS1.>"]);
+            assert_eq!(grant.account, CLIENT_ACCOUNT);
+            assert!(!grant.publish.iter().any(|s| s.starts_with("hb.")));
+        }
         // The same claims without the role are a device token for a device
         // named "operator": its own two subjects only, in the devices'
         // account, with the devices' limits.
@@ -1238,7 +1198,7 @@ mod tests {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(Issuer::path(dir.path()))
+            let mode = std::fs::metadata(crate::keys::key_dir(dir.path()).join(ISSUER_FILE))
                 .unwrap()
                 .permissions()
                 .mode();
@@ -1272,26 +1232,8 @@ mod xkey_tests {
     use super::*;
     use proptest::prelude::*;
 
-    /// A request as nats-server signs it (what is inside the encryption).
     fn server_signed_request(server: &KeyPair, user: &str) -> String {
-        let claims = serde_json::json!({
-            "iss": server.public_key(),
-            "sub": user,
-            "nats": {
-                "server_id": {"id": server.public_key(), "name": "n1"},
-                "user_nkey": user,
-                "connect_opts": {"auth_token": "t"},
-                "type": "authorization_request",
-                "version": 2
-            }
-        });
-        let body = format!(
-            "{}.{}",
-            b64(JWT_HEADER.as_bytes()),
-            b64(&serde_json::to_vec(&claims).unwrap())
-        );
-        let sig = server.sign(body.as_bytes()).unwrap();
-        format!("{body}.{}", b64(&sig))
+        super::tests::signed_request(server, user, Some("t"))
     }
 
     /// The issuer's public curve key, as nats-server holds it (`xkey`).
@@ -1416,7 +1358,7 @@ mod xkey_tests {
         assert!(a.xkey_public().starts_with('X'));
         assert_eq!(a.xkey_public(), b.xkey_public());
         assert_eq!(a.public_key(), b.public_key());
-        let path = Issuer::xkey_path(dir.path());
+        let path = crate::keys::key_dir(dir.path()).join(XKEY_FILE);
         let stored = std::fs::read_to_string(&path).unwrap();
         assert!(stored.starts_with("SX"));
         assert_eq!(stored.trim(), a.xkey_seed().unwrap());

@@ -5,13 +5,16 @@
 //! rejections never reach a client.
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{DefaultBodyLimit, FromRef, FromRequest, Request, State};
+use axum::handler::Handler;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::from_fn_with_state;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use headcount_protocol::wire::TokenRequest;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 
 use crate::Vendor;
 use crate::metrics::{BAD_REQUEST, UNAUTHORIZED};
@@ -29,28 +32,60 @@ const JWKS_CACHE_CONTROL: &str = "public, max-age=300";
 /// its key being looked at.
 pub fn router(vendor: Vendor) -> Router {
     Router::new()
-        .route(
-            "/v1/tokens",
-            post(issue_token).layer(from_fn_with_state(
-                (vendor.clone(), Endpoint::Tokens),
-                throttle::operator_key,
-            )),
-        )
-        .route(
-            "/v1/keys/rotate",
-            post(rotate_key).layer(from_fn_with_state(
-                (vendor.clone(), Endpoint::KeysRotate),
-                throttle::operator_key,
-            )),
-        )
+        .limited_post(&vendor, Endpoint::Tokens, issue_token)
+        .limited_post(&vendor, Endpoint::KeysRotate, rotate_key)
         .route("/.well-known/jwks.json", get(jwks))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(vendor)
 }
 
+/// Routing of the endpoints with a per-address limit.
+pub(crate) trait LimitedRoutes<S> {
+    /// `POST` at `endpoint`'s path, answered by `handler` behind the
+    /// endpoint's per-address limit ([`throttle::per_address`]).
+    fn limited_post<H: Handler<T, S>, T: 'static>(
+        self,
+        vendor: &Vendor,
+        endpoint: Endpoint,
+        handler: H,
+    ) -> Self;
+}
+
+impl<S: Clone + Send + Sync + 'static> LimitedRoutes<S> for Router<S> {
+    fn limited_post<H: Handler<T, S>, T: 'static>(
+        self,
+        vendor: &Vendor,
+        endpoint: Endpoint,
+        handler: H,
+    ) -> Self {
+        let limit = from_fn_with_state((vendor.clone(), endpoint), throttle::per_address);
+        self.route(endpoint.path(), post(handler).layer(limit))
+    }
+}
+
 pub(crate) fn error(status: StatusCode, message: impl Into<String>) -> Response {
     let body = serde_json::json!({ "error": message.into() });
     (status, Json(body)).into_response()
+}
+
+/// The 500 answer to a request that failed on our side: the client is told
+/// `failed`; the error itself is only logged, under `doing`.
+pub(crate) fn internal_error(e: &dyn std::fmt::Display, doing: &str, failed: &str) -> Response {
+    tracing::error!(error = %format!("{e:#}"), "{doing}");
+    error(StatusCode::INTERNAL_SERVER_ERROR, failed)
+}
+
+/// `body` as the JSON answer, or the [`internal_error`] that kept it from
+/// being made.
+pub(crate) fn json_or_error<T: Serialize, E: std::fmt::Display>(
+    body: Result<T, E>,
+    doing: &str,
+    failed: &str,
+) -> Response {
+    match body {
+        Ok(body) => Json(body).into_response(),
+        Err(e) => internal_error(&e, doing, failed),
+    }
 }
 
 /// The token of an `Authorization: Bearer <token>` header.
@@ -64,7 +99,7 @@ pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {
 
 /// The 401 answer to a request without the operator key, counted, and
 /// marked for the per-address limit of wrong keys
-/// ([`throttle::operator_key`]).
+/// ([`throttle::per_address`]).
 pub(crate) fn unauthorized(vendor: &Vendor) -> Response {
     vendor.count_rejection(UNAUTHORIZED);
     let mut response = error(StatusCode::UNAUTHORIZED, "missing or wrong operator key");
@@ -85,48 +120,49 @@ async fn rotate_key(State(vendor): State<Vendor>, headers: HeaderMap) -> Respons
     if !is_operator(&vendor, &headers) {
         return unauthorized(&vendor);
     }
-    match vendor.rotate() {
-        Ok(kid) => (StatusCode::OK, Json(serde_json::json!({ "kid": kid }))).into_response(),
-        Err(e) => {
-            tracing::error!(error = %format!("{e:#}"), "rotating the signing key");
-            error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "rotating the signing key failed",
-            )
+    json_or_error(
+        vendor.rotate().map(|kid| serde_json::json!({ "kid": kid })),
+        "rotating the signing key",
+        "rotating the signing key failed",
+    )
+}
+
+/// The JSON body of a request behind the operator key. Without the key,
+/// or with a body that does not read, the extraction fails with the answer
+/// that refuses the request. The key is checked before the body, so that an
+/// unauthenticated caller learns nothing about what a valid request looks
+/// like.
+pub(crate) struct OperatorJson<T>(pub(crate) T);
+
+impl<T, S> FromRequest<S> for OperatorJson<T>
+where
+    T: DeserializeOwned,
+    Vendor: FromRef<S>,
+    S: Send + Sync,
+{
+    type Rejection = Response;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Response> {
+        let vendor = Vendor::from_ref(state);
+        if !is_operator(&vendor, request.headers()) {
+            return Err(unauthorized(&vendor));
+        }
+        match Json::<T>::from_request(request, state).await {
+            Ok(Json(body)) => Ok(OperatorJson(body)),
+            Err(rejection) => {
+                vendor.count_rejection(BAD_REQUEST);
+                let (status, message) = describe(&rejection);
+                tracing::debug!(%status, error = %message, "refusing an operator request");
+                Err(error(status, message))
+            }
         }
     }
 }
 
-/// The body of a JSON request behind the operator key, or the answer that
-/// refuses it. The key is checked before the body, so that an
-/// unauthenticated caller learns nothing about what a valid request looks
-/// like.
-#[allow(clippy::result_large_err)] // the refusal is the response itself
-pub(crate) fn operator_request<T>(
-    vendor: &Vendor,
-    headers: &HeaderMap,
-    body: Result<Json<T>, JsonRejection>,
-) -> Result<T, Response> {
-    if !is_operator(vendor, headers) {
-        return Err(unauthorized(vendor));
-    }
-    body.map(|Json(request)| request).map_err(|rejection| {
-        vendor.count_rejection(BAD_REQUEST);
-        let (status, message) = describe(&rejection);
-        tracing::debug!(%status, error = %message, "refusing an operator request");
-        error(status, message)
-    })
-}
-
 async fn issue_token(
     State(vendor): State<Vendor>,
-    headers: HeaderMap,
-    body: Result<Json<TokenRequest>, JsonRejection>,
+    OperatorJson(request): OperatorJson<TokenRequest>,
 ) -> Response {
-    let request = match operator_request(&vendor, &headers, body) {
-        Ok(request) => request,
-        Err(refused) => return refused,
-    };
     match vendor.issue_with_plan(
         &request.account,
         &request.device,
@@ -143,13 +179,7 @@ async fn issue_token(
             vendor.count_rejection(BAD_REQUEST);
             error(StatusCode::BAD_REQUEST, e.to_string())
         }
-        Err(e) => {
-            tracing::error!(error = %format!("{e:#}"), "issuing token");
-            error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "issuing the token failed",
-            )
-        }
+        Err(e) => internal_error(&e, "issuing token", "issuing the token failed"),
     }
 }
 
@@ -253,12 +283,27 @@ mod tests {
             self.client.post(format!("{}/v1/tokens", self.url))
         }
 
+        /// `POST /v1/tokens` with the operator key and `request` as JSON.
+        async fn issue(&self, request: &Value) -> (u16, Value) {
+            send(self.tokens().bearer_auth(KEY).json(request)).await
+        }
+
         fn rejected(&self, reason: &str) -> u64 {
             crate::tests::counter(
                 &self.registry,
                 "headcount_token_requests_rejected_total",
                 "reason",
                 reason,
+            )
+        }
+
+        /// Tokens issued over HTTP.
+        fn issued(&self) -> u64 {
+            crate::tests::counter(
+                &self.registry,
+                "headcount_tokens_issued_total",
+                "via",
+                "http",
             )
         }
     }
@@ -284,12 +329,9 @@ mod tests {
     #[tokio::test]
     async fn issues_a_token_that_verifies() {
         let app = TestServer::start().await;
-        let (status, body) = send(
-            app.tokens()
-                .bearer_auth(KEY)
-                .json(&json!({"account": "acme", "device": "tv-1"})),
-        )
-        .await;
+        let (status, body) = app
+            .issue(&json!({"account": "acme", "device": "tv-1"}))
+            .await;
         assert_eq!(status, 200);
         let reply: TokenReply = serde_json::from_value(body).unwrap();
         let claims = app.vendor.verify(&reply.token).unwrap();
@@ -297,15 +339,7 @@ mod tests {
         assert_eq!(claims.device.as_str(), "tv-1");
         assert_eq!(claims.session, reply.session);
         assert_eq!(reply.expires_at, claims.exp * 1000);
-        assert_eq!(
-            crate::tests::counter(
-                &app.registry,
-                "headcount_tokens_issued_total",
-                "via",
-                "http"
-            ),
-            1
-        );
+        assert_eq!(app.issued(), 1);
         assert_eq!(verifications(&app.registry, "ok"), 1);
     }
 
@@ -378,38 +412,26 @@ mod tests {
     #[tokio::test]
     async fn refuses_bad_json_with_a_json_error() {
         let app = TestServer::start().await;
-        let (status, body) = send(
-            app.tokens()
-                .bearer_auth(KEY)
-                .header(header::CONTENT_TYPE, "application/json")
-                .body("{not json"),
-        )
-        .await;
-        assert_eq!(status, 400);
-        error_message(&body);
-
-        let (status, body) = send(
-            app.tokens()
-                .bearer_auth(KEY)
-                .json(&json!({"account": "acme"})),
-        )
-        .await;
-        assert_eq!(status, 400);
-        error_message(&body);
-
-        let (status, body) = send(app.tokens().bearer_auth(KEY).body("{}")).await;
-        assert_eq!(status, 415);
-        error_message(&body);
-
-        let (status, body) = send(
-            app.tokens()
-                .bearer_auth(KEY)
-                .json(&json!({"account": "acme", "device": "x".repeat(MAX_BODY_BYTES)})),
-        )
-        .await;
-        assert_eq!(status, 413);
-        error_message(&body);
-
+        let with_key = || app.tokens().bearer_auth(KEY);
+        for (request, expected) in [
+            (
+                with_key()
+                    .header(header::CONTENT_TYPE, "application/json")
+                    .body("{not json"),
+                400,
+            ),
+            (with_key().json(&json!({"account": "acme"})), 400),
+            // Not declared JSON.
+            (with_key().body("{}"), 415),
+            (
+                with_key().json(&json!({"account": "acme", "device": "x".repeat(MAX_BODY_BYTES)})),
+                413,
+            ),
+        ] {
+            let (status, body) = send(request).await;
+            assert_eq!(status, expected);
+            error_message(&body);
+        }
         assert_eq!(app.rejected("bad_request"), 4);
     }
 
@@ -421,21 +443,13 @@ mod tests {
             json!({"account": "acme", "device": ""}),
             json!({"account": "acme", "device": "x".repeat(65)}),
         ] {
-            let (status, body) = send(app.tokens().bearer_auth(KEY).json(&request)).await;
+            let (status, body) = app.issue(&request).await;
             assert_eq!(status, 400, "{request}");
             let message = error_message(&body);
             assert!(message.starts_with("invalid token request"), "{message}");
         }
         assert_eq!(app.rejected("bad_request"), 3);
-        assert_eq!(
-            crate::tests::counter(
-                &app.registry,
-                "headcount_tokens_issued_total",
-                "via",
-                "http"
-            ),
-            0
-        );
+        assert_eq!(app.issued(), 0);
     }
 
     #[tokio::test]

@@ -211,11 +211,9 @@ pub struct Claims {
     pub iss: String,
     pub aud: String,
     /// The account's plan, when the backend named one.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub plan: Option<String>,
     /// [`OPERATOR_ROLE`] on an operator token (the live view); absent on a
     /// device token.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub role: Option<String>,
 }
 
@@ -852,14 +850,19 @@ impl Vendor {
     }
 }
 
+/// The three dot-separated parts of a compact JWT (header, claims,
+/// signature); `None` unless there are exactly three.
+pub(crate) fn jwt_parts(token: &str) -> Option<(&str, &str, &str)> {
+    let mut parts = token.split('.');
+    match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some(header), Some(claims), Some(signature), None) => Some((header, claims, signature)),
+        _ => None,
+    }
+}
+
 /// Reads `alg` and `kid` from a token's header without trusting anything.
 fn peek_header(token: &str) -> Result<PeekedHeader, TokenError> {
-    let mut parts = token.split('.');
-    let (Some(header), Some(_claims), Some(_signature), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return Err(TokenError::Malformed);
-    };
+    let (header, _claims, _signature) = jwt_parts(token).ok_or(TokenError::Malformed)?;
     let json = URL_SAFE_NO_PAD
         .decode(header)
         .map_err(|_| TokenError::Malformed)?;

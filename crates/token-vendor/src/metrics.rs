@@ -3,6 +3,7 @@
 //! Labels stay low-cardinality: a channel, a reason or a result kind, never an
 //! account, device or key id.
 
+use headcount_runtime::metrics::{Register, WithSeries};
 use prometheus::{IntCounterVec, Opts, Registry};
 
 /// Channels a token can be issued over: a backend over HTTP or NATS, the
@@ -59,18 +60,25 @@ impl Metrics {
     /// Creates the collectors and registers them on `registry`; fails if
     /// they are already registered there (one vendor per registry).
     pub fn new(registry: &Registry) -> anyhow::Result<Self> {
-        let m = Self {
+        // Every series exists from the start: a scrape shows zeros rather
+        // than nothing, and rate() works from the first increment.
+        let kinds = crate::TokenError::ALL.map(|k| k.kind());
+        Ok(Self {
             issued: IntCounterVec::new(
                 Opts::new("headcount_tokens_issued_total", "tokens issued, by channel"),
                 &["via"],
-            )?,
+            )?
+            .register(registry)?
+            .with_series(VIA),
             rejected: IntCounterVec::new(
                 Opts::new(
                     "headcount_token_requests_rejected_total",
                     "token requests refused, by reason",
                 ),
                 &["reason"],
-            )?,
+            )?
+            .register(registry)?
+            .with_series([UNAUTHORIZED, BAD_REQUEST, FORBIDDEN]),
             callout: IntCounterVec::new(
                 Opts::new(
                     "headcount_callout_total",
@@ -78,7 +86,9 @@ impl Metrics {
                      (allowed, or why the connection was refused)",
                 ),
                 &["result"],
-            )?,
+            )?
+            .register(registry)?
+            .with_series(kinds.iter().chain(CALLOUT_RESULTS)),
             throttled: IntCounterVec::new(
                 Opts::new(
                     "headcount_http_throttled_total",
@@ -86,39 +96,18 @@ impl Metrics {
                      (wrong operator keys, refresh, leave, demo tokens), by endpoint",
                 ),
                 &["endpoint"],
-            )?,
+            )?
+            .register(registry)?
+            .with_series(THROTTLED_ENDPOINTS),
             verifications: IntCounterVec::new(
                 Opts::new(
                     "headcount_token_verifications_total",
                     "device tokens verified, by result",
                 ),
                 &["result"],
-            )?,
-        };
-        registry.register(Box::new(m.callout.clone()))?;
-        registry.register(Box::new(m.issued.clone()))?;
-        registry.register(Box::new(m.rejected.clone()))?;
-        registry.register(Box::new(m.verifications.clone()))?;
-        registry.register(Box::new(m.throttled.clone()))?;
-        // Every series exists from the start, so a scrape shows zeros rather
-        // than nothing and rate() works from the first increment.
-        for via in VIA {
-            m.issued.with_label_values(&[*via]);
-        }
-        for reason in [UNAUTHORIZED, BAD_REQUEST, FORBIDDEN] {
-            m.rejected.with_label_values(&[reason]);
-        }
-        m.verifications.with_label_values(&["ok"]);
-        for kind in crate::TokenError::ALL {
-            m.verifications.with_label_values(&[kind.kind()]);
-            m.callout.with_label_values(&[kind.kind()]);
-        }
-        for endpoint in THROTTLED_ENDPOINTS {
-            m.throttled.with_label_values(&[*endpoint]);
-        }
-        for result in CALLOUT_RESULTS {
-            m.callout.with_label_values(&[*result]);
-        }
-        Ok(m)
+            )?
+            .register(registry)?
+            .with_series(["ok"].iter().chain(&kinds)),
+        })
     }
 }

@@ -15,47 +15,30 @@ pub fn start(
     health: Health,
     stop: Shutdown,
 ) -> Running {
-    Running::spawn(
-        "token-vendor",
-        health.clone(),
-        serve(vendor, issuer, client, stores, health, stop),
-    )
-}
-
-/// The token-vendor's NATS side: the `headcount.token` endpoint and (with
-/// an issuer) the auth callout. Ready once both serve.
-async fn serve(
-    vendor: Vendor,
-    issuer: Option<Issuer>,
-    client: async_nats::Client,
-    stores: CalloutStores,
-    health: Health,
-    stop: Shutdown,
-) -> anyhow::Result<()> {
-    let tokens = serve_nats(
-        vendor.clone(),
-        client.clone(),
-        health.scope("token-endpoint"),
-        stop.clone(),
-    );
-    let _serving = health.serving();
-    match issuer {
-        Some(issuer) => {
-            tracing::info!(
-                issuer = %issuer.public_key(),
-                xkey = %issuer.xkey_public(),
-                "auth callout keys (the `issuer` and `xkey` of nats.conf's auth_callout)"
-            );
-            let callout = serve_callout(
-                vendor,
-                issuer,
-                client,
-                stores,
-                health.scope("callout"),
-                stop,
-            );
-            tokio::try_join!(tokens, callout).map(|_| ())
-        }
-        None => tokens.await,
-    }
+    Running::spawn("token-vendor", health.clone(), async move {
+        let tokens = serve_nats(
+            vendor.clone(),
+            client.clone(),
+            health.scope("token-endpoint"),
+            stop.clone(),
+        );
+        let _serving = health.serving();
+        let Some(issuer) = issuer else {
+            return tokens.await;
+        };
+        tracing::info!(
+            issuer = %issuer.public_key(),
+            xkey = %issuer.xkey_public(),
+            "auth callout keys (the `issuer` and `xkey` of nats.conf's auth_callout)"
+        );
+        let callout = serve_callout(
+            vendor,
+            issuer,
+            client,
+            stores,
+            health.scope("callout"),
+            stop,
+        );
+        tokio::try_join!(tokens, callout).map(|_| ())
+    })
 }

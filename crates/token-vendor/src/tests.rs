@@ -53,6 +53,14 @@ pub(crate) fn verifications(registry: &prometheus::Registry, result: &str) -> u6
     )
 }
 
+/// A vendor with the default settings, its registry, and its data dir of
+/// its own (which must outlive it).
+fn fresh() -> (Vendor, prometheus::Registry, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let (vendor, registry) = test_vendor(dir.path(), |_| {});
+    (vendor, registry, dir)
+}
+
 fn acme() -> AccountId {
     AccountId::parse("acme").unwrap()
 }
@@ -89,8 +97,7 @@ fn b64(value: &serde_json::Value) -> String {
 
 #[test]
 fn issued_tokens_verify_with_their_claims() {
-    let dir = tempfile::tempdir().unwrap();
-    let (vendor, registry) = test_vendor(dir.path(), |_| {});
+    let (vendor, registry, _dir) = fresh();
     let before = now();
     let reply = vendor.issue(&acme(), &tv(), "nats").unwrap();
     let claims = vendor.verify(&reply.token).unwrap();
@@ -129,8 +136,7 @@ fn issued_tokens_verify_with_their_claims() {
 
 #[test]
 fn every_token_starts_a_new_session() {
-    let dir = tempfile::tempdir().unwrap();
-    let (vendor, _) = test_vendor(dir.path(), |_| {});
+    let (vendor, _, _dir) = fresh();
     let a = vendor.issue(&acme(), &tv(), "http").unwrap();
     let b = vendor.issue(&acme(), &tv(), "http").unwrap();
     assert_ne!(a.session, b.session);
@@ -144,88 +150,93 @@ fn the_ttl_is_configurable() {
     assert_eq!(c.exp - c.iat, 90);
 }
 
+/// What a fresh vendor (default settings, a data dir of its own) makes of
+/// the token `make` returns, and the vendor's registry. `make` is given the
+/// vendor and its data dir, to make tokens the vendor itself would not.
+fn verify_made(
+    make: impl FnOnce(&Vendor, &Path) -> String,
+) -> (Result<Claims, TokenError>, prometheus::Registry) {
+    let (vendor, registry, dir) = fresh();
+    let token = make(&vendor, dir.path());
+    (vendor.verify(&token), registry)
+}
+
+/// A token of `vendor`'s, issued as if the time were `at`.
+fn issued_at(vendor: &Vendor, at: u64) -> String {
+    vendor.issue_at(&acme(), &tv(), "nats", at).unwrap().token
+}
+
+/// A token of a vendor on `dir` with the default settings changed by
+/// `edit`.
+fn issued_by(dir: &Path, edit: impl FnOnce(&mut Config)) -> String {
+    let (vendor, _) = test_vendor(dir, edit);
+    vendor.issue(&acme(), &tv(), "nats").unwrap().token
+}
+
 #[test]
 fn expired_tokens_are_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let (vendor, registry) = test_vendor(dir.path(), |_| {});
     let long_ago = now() - DEFAULT_TOKEN_TTL.as_secs() - LEEWAY_SECS - 60;
-    let reply = vendor.issue_at(&acme(), &tv(), "nats", long_ago).unwrap();
-    assert_eq!(vendor.verify(&reply.token), Err(TokenError::Expired));
+    let (verdict, registry) = verify_made(|vendor, _| issued_at(vendor, long_ago));
+    assert_eq!(verdict, Err(TokenError::Expired));
     assert_eq!(verifications(&registry, "expired"), 1);
 }
 
 #[test]
 fn tokens_within_the_leeway_still_verify() {
-    let dir = tempfile::tempdir().unwrap();
-    let (vendor, _) = test_vendor(dir.path(), |_| {});
     let just_expired = now() - DEFAULT_TOKEN_TTL.as_secs() - LEEWAY_SECS / 2;
-    let reply = vendor
-        .issue_at(&acme(), &tv(), "nats", just_expired)
-        .unwrap();
-    assert!(vendor.verify(&reply.token).is_ok());
+    let (verdict, _) = verify_made(|vendor, _| issued_at(vendor, just_expired));
+    assert!(verdict.is_ok());
 }
 
 #[test]
 fn tokens_from_the_future_are_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let (vendor, _) = test_vendor(dir.path(), |_| {});
     let later = now() + LEEWAY_SECS + 600;
-    let reply = vendor.issue_at(&acme(), &tv(), "nats", later).unwrap();
-    assert_eq!(vendor.verify(&reply.token), Err(TokenError::NotYetValid));
+    let (verdict, _) = verify_made(|vendor, _| issued_at(vendor, later));
+    assert_eq!(verdict, Err(TokenError::NotYetValid));
 }
 
 #[test]
 fn another_audience_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let (vendor, _) = test_vendor(dir.path(), |_| {});
     // Same data dir, hence the same key: only the audience differs.
-    let (other, _) = test_vendor(dir.path(), |c| c.audience = "someone-else".into());
-    let token = other.issue(&acme(), &tv(), "nats").unwrap().token;
-    assert_eq!(vendor.verify(&token), Err(TokenError::WrongAudience));
+    let (verdict, _) = verify_made(|_, dir| issued_by(dir, |c| c.audience = "someone-else".into()));
+    assert_eq!(verdict, Err(TokenError::WrongAudience));
 }
 
 #[test]
 fn another_issuer_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let (vendor, _) = test_vendor(dir.path(), |_| {});
-    let (other, _) = test_vendor(dir.path(), |c| c.issuer = "someone-else".into());
-    let token = other.issue(&acme(), &tv(), "nats").unwrap().token;
-    assert_eq!(vendor.verify(&token), Err(TokenError::WrongIssuer));
+    let (verdict, _) = verify_made(|_, dir| issued_by(dir, |c| c.issuer = "someone-else".into()));
+    assert_eq!(verdict, Err(TokenError::WrongIssuer));
 }
 
 #[test]
 fn a_key_from_another_vendor_is_unknown() {
-    let dir = tempfile::tempdir().unwrap();
     let other_dir = tempfile::tempdir().unwrap();
-    let (vendor, registry) = test_vendor(dir.path(), |_| {});
-    let (other, _) = test_vendor(other_dir.path(), |_| {});
-    let token = other.issue(&acme(), &tv(), "nats").unwrap().token;
-    assert_eq!(vendor.verify(&token), Err(TokenError::UnknownKid));
+    let (verdict, registry) = verify_made(|_, _| issued_by(other_dir.path(), |_| {}));
+    assert_eq!(verdict, Err(TokenError::UnknownKid));
     assert_eq!(verifications(&registry, "unknown_kid"), 1);
 }
 
 #[test]
 fn a_token_without_kid_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let (vendor, _) = test_vendor(dir.path(), |_| {});
-    let token = sign_by_hand(&vendor, &Header::new(Algorithm::EdDSA), &claims(&vendor));
-    assert_eq!(vendor.verify(&token), Err(TokenError::UnknownKid));
+    let (verdict, _) = verify_made(|vendor, _| {
+        sign_by_hand(vendor, &Header::new(Algorithm::EdDSA), &claims(vendor))
+    });
+    assert_eq!(verdict, Err(TokenError::UnknownKid));
 }
 
 #[test]
 fn another_key_claiming_our_kid_fails_the_signature() {
-    let dir = tempfile::tempdir().unwrap();
     let other_dir = tempfile::tempdir().unwrap();
-    let (vendor, _) = test_vendor(dir.path(), |_| {});
-    let (other, _) = test_vendor(other_dir.path(), |_| {});
-    let token = sign_by_hand(&other, &eddsa_header(&vendor), &claims(&vendor));
-    assert_eq!(vendor.verify(&token), Err(TokenError::BadSignature));
+    let (verdict, _) = verify_made(|vendor, _| {
+        let (other, _) = test_vendor(other_dir.path(), |_| {});
+        sign_by_hand(&other, &eddsa_header(vendor), &claims(vendor))
+    });
+    assert_eq!(verdict, Err(TokenError::BadSignature));
 }
 
 #[test]
 fn tampered_tokens_are_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let (vendor, registry) = test_vendor(dir.path(), |_| {});
+    let (vendor, registry, _dir) = fresh();
     let token = vendor.issue(&acme(), &tv(), "nats").unwrap().token;
     let (message, signature) = token.rsplit_once('.').unwrap();
 
@@ -259,8 +270,7 @@ fn tampered_tokens_are_refused() {
 
 #[test]
 fn unsigned_tokens_are_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let (vendor, _) = test_vendor(dir.path(), |_| {});
+    let (vendor, _, _dir) = fresh();
     let kid = vendor.keys().signer().kid.clone();
     let payload = b64(&serde_json::to_value(claims(&vendor)).unwrap());
     for header in [
@@ -283,8 +293,7 @@ fn unsigned_tokens_are_refused() {
 fn hmac_with_the_public_key_is_refused() {
     // The classic algorithm confusion: sign with HS256, using the published
     // public key as the HMAC secret.
-    let dir = tempfile::tempdir().unwrap();
-    let (vendor, _) = test_vendor(dir.path(), |_| {});
+    let (vendor, _, _dir) = fresh();
     let keys = vendor.keys();
     let header = b64(&json!({"alg": "HS256", "typ": "JWT", "kid": keys.signer().kid}));
     let payload = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims(&vendor)).unwrap());
@@ -333,8 +342,7 @@ fn hmac_sha256_matches_rfc_4231() {
 
 #[test]
 fn oversized_tokens_are_refused_before_parsing() {
-    let dir = tempfile::tempdir().unwrap();
-    let (vendor, registry) = test_vendor(dir.path(), |_| {});
+    let (vendor, registry, _dir) = fresh();
     assert_eq!(
         vendor.verify(&"a".repeat(MAX_TOKEN_BYTES + 1)),
         Err(TokenError::TooLarge)
@@ -349,8 +357,7 @@ fn oversized_tokens_are_refused_before_parsing() {
 
 #[test]
 fn garbage_is_malformed() {
-    let dir = tempfile::tempdir().unwrap();
-    let (vendor, registry) = test_vendor(dir.path(), |_| {});
+    let (vendor, registry, _dir) = fresh();
     let header = b64(&json!({"alg": "EdDSA", "kid": vendor.keys().signer().kid}));
     let garbage = [
         String::new(),
@@ -378,8 +385,7 @@ fn garbage_is_malformed() {
 
 #[test]
 fn signed_claims_of_the_wrong_shape_are_malformed() {
-    let dir = tempfile::tempdir().unwrap();
-    let (vendor, _) = test_vendor(dir.path(), |_| {});
+    let (vendor, _, _dir) = fresh();
     let mut missing_sid = serde_json::to_value(claims(&vendor)).unwrap();
     missing_sid.as_object_mut().unwrap().remove("sid");
     let token = sign_by_hand(&vendor, &eddsa_header(&vendor), &missing_sid);
@@ -388,8 +394,7 @@ fn signed_claims_of_the_wrong_shape_are_malformed() {
 
 #[test]
 fn claims_are_signed_in_their_wire_form() {
-    let dir = tempfile::tempdir().unwrap();
-    let (vendor, _) = test_vendor(dir.path(), |_| {});
+    let (vendor, _, _dir) = fresh();
     let reply = vendor
         .issue_with_plan(&acme(), &tv(), Some("basic"), "nats")
         .unwrap();
@@ -412,8 +417,7 @@ fn claims_are_signed_in_their_wire_form() {
 
 #[test]
 fn signed_claims_with_invalid_names_are_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let (vendor, registry) = test_vendor(dir.path(), |_| {});
+    let (vendor, registry, _dir) = fresh();
     let edits: [fn(&mut WireClaims); 4] = [
         |c| c.acct = "a.b".into(),
         |c| c.sub = String::new(),
@@ -431,8 +435,7 @@ fn signed_claims_with_invalid_names_are_refused() {
 
 #[test]
 fn the_key_survives_a_restart() {
-    let dir = tempfile::tempdir().unwrap();
-    let (first, _) = test_vendor(dir.path(), |_| {});
+    let (first, _, dir) = fresh();
     let kid = first.keys().signer().kid.clone();
     let token = first.issue(&acme(), &tv(), "http").unwrap().token;
     let jwks = first.jwks();
@@ -448,8 +451,7 @@ fn the_key_survives_a_restart() {
 
 #[test]
 fn an_older_key_keeps_verifying_after_a_newer_one_appears() {
-    let dir = tempfile::tempdir().unwrap();
-    let (first, _) = test_vendor(dir.path(), |_| {});
+    let (first, _, dir) = fresh();
     let old_kid = first.keys().signer().kid.clone();
     let old_token = first.issue(&acme(), &tv(), "http").unwrap().token;
 
@@ -495,8 +497,7 @@ fn a_key_from_the_environment_signs() {
 
 #[test]
 fn jwks_lists_the_public_key() {
-    let dir = tempfile::tempdir().unwrap();
-    let (vendor, _) = test_vendor(dir.path(), |_| {});
+    let (vendor, _, _dir) = fresh();
     let keys = vendor.keys();
     let signer = keys.signer();
     assert_eq!(
@@ -522,8 +523,7 @@ fn one_registry_holds_one_vendor() {
 
 #[test]
 fn metric_series_exist_from_the_start() {
-    let dir = tempfile::tempdir().unwrap();
-    let (_vendor, registry) = test_vendor(dir.path(), |_| {});
+    let (_vendor, registry, _dir) = fresh();
     let families = registry.gather();
     let series = |name: &str| {
         families
@@ -575,8 +575,7 @@ fn session_ids_are_valid_names() {
 /// one tells nothing about the next (NUIDs shared 12 characters).
 #[test]
 fn issued_session_ids_and_operator_sids_are_unguessable() {
-    let dir = tempfile::tempdir().unwrap();
-    let (vendor, _) = test_vendor(dir.path(), |_| {});
+    let (vendor, _, _dir) = fresh();
     let common = |a: &str, b: &str| a.bytes().zip(b.bytes()).take_while(|(x, y)| x == y).count();
     let sessions: Vec<String> = (0..200)
         .map(|_| {

@@ -182,17 +182,26 @@ pub(crate) enum Endpoint {
 }
 
 impl Endpoint {
-    pub(crate) fn label(self) -> &'static str {
+    /// Its metric label, and the path it is served at (each one a `POST`).
+    fn names(self) -> (&'static str, &'static str) {
         match self {
-            Endpoint::Tokens => "tokens",
-            Endpoint::KeysRotate => "keys_rotate",
-            Endpoint::OperatorTokens => "operator_tokens",
-            Endpoint::BackendTokens => "backend_tokens",
-            Endpoint::Revoke => "tokens_revoke",
-            Endpoint::Refresh => "refresh",
-            Endpoint::Leave => "leave",
-            Endpoint::DemoTokens => "demo_tokens",
+            Endpoint::Tokens => ("tokens", "/v1/tokens"),
+            Endpoint::KeysRotate => ("keys_rotate", "/v1/keys/rotate"),
+            Endpoint::OperatorTokens => ("operator_tokens", "/v1/operator-tokens"),
+            Endpoint::BackendTokens => ("backend_tokens", "/v1/backend-tokens"),
+            Endpoint::Revoke => ("tokens_revoke", "/v1/tokens/revoke"),
+            Endpoint::Refresh => ("refresh", "/v1/tokens/refresh"),
+            Endpoint::Leave => ("leave", "/v1/sessions/leave"),
+            Endpoint::DemoTokens => ("demo_tokens", "/v1/demo/tokens"),
         }
+    }
+
+    pub(crate) fn label(self) -> &'static str {
+        self.names().0
+    }
+
+    pub(crate) fn path(self) -> &'static str {
+        self.names().1
     }
 }
 
@@ -411,6 +420,21 @@ impl Throttle {
             .map_or(UNKNOWN, |c| address_key(c.0.ip()))
     }
 
+    /// The request rate of a device or browser endpoint; `None` for the
+    /// operator-key endpoints, whose limit is a budget of wrong keys.
+    fn rate(&self, endpoint: Endpoint) -> Option<&PerAddress> {
+        match endpoint {
+            Endpoint::Refresh => Some(&self.refresh),
+            Endpoint::Leave => Some(&self.leave),
+            Endpoint::DemoTokens => Some(&self.demo_tokens),
+            Endpoint::Tokens
+            | Endpoint::KeysRotate
+            | Endpoint::OperatorTokens
+            | Endpoint::BackendTokens
+            | Endpoint::Revoke => None,
+        }
+    }
+
     /// The key of a callout request's `client_info.host`.
     fn host_key(host: &str) -> IpAddr {
         host.trim().parse().map_or(UNKNOWN, address_key)
@@ -445,20 +469,28 @@ fn too_many(vendor: &Vendor, endpoint: Endpoint, wait: Duration) -> Response {
 }
 
 /// Marks the answer to a request whose operator key was missing or wrong:
-/// the response extension [`operator_key`] counts against the address.
+/// the response extension [`per_address`] counts against the address.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct WrongOperatorKey;
 
-/// Middleware of the operator-key endpoints: refuses a blocked address
-/// before the handler (and so the key check) runs, and counts the
-/// handler's [`WrongOperatorKey`] answers against the address.
-pub(crate) async fn operator_key(
+/// Middleware of every limited endpoint, by `endpoint`: on a device or
+/// browser endpoint, a request rate per address; on an operator-key
+/// endpoint, it refuses a blocked address before the handler (and so the
+/// key check) runs, and counts the handler's [`WrongOperatorKey`] answers
+/// against the address.
+pub(crate) async fn per_address(
     State((vendor, endpoint)): State<(Vendor, Endpoint)>,
     request: Request,
     next: Next,
 ) -> Response {
     let throttle = vendor.throttle();
     let addr = throttle.client(&request);
+    if let Some(rate) = throttle.rate(endpoint) {
+        return match rate.take(addr) {
+            Ok(()) => next.run(request).await,
+            Err(wait) => too_many(&vendor, endpoint, wait),
+        };
+    }
     if let Some(wait) = throttle.operator.blocked(addr) {
         return too_many(&vendor, endpoint, wait);
     }
@@ -478,32 +510,6 @@ pub(crate) async fn operator_key(
         return too_many(&vendor, endpoint, wait);
     }
     response
-}
-
-/// Middleware of the device and browser endpoints: a request rate per
-/// address.
-pub(crate) async fn per_address(
-    State((vendor, endpoint)): State<(Vendor, Endpoint)>,
-    request: Request,
-    next: Next,
-) -> Response {
-    let throttle = vendor.throttle();
-    let limit = match endpoint {
-        Endpoint::Refresh => &throttle.refresh,
-        Endpoint::Leave => &throttle.leave,
-        Endpoint::DemoTokens => &throttle.demo_tokens,
-        Endpoint::Tokens
-        | Endpoint::KeysRotate
-        | Endpoint::OperatorTokens
-        | Endpoint::BackendTokens
-        | Endpoint::Revoke => {
-            return next.run(request).await;
-        }
-    };
-    if let Err(wait) = limit.take(throttle.client(&request)) {
-        return too_many(&vendor, endpoint, wait);
-    }
-    next.run(request).await
 }
 
 #[cfg(test)]
