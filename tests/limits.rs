@@ -1,6 +1,7 @@
 //! Limits as products sell them, on a real nats-server: plans, per-content
-//! limits, every policy, grace, takeover, exactly-once enforcement with
-//! replicas, heartbeat flood protection and usage statistics.
+//! limits, every policy, grace, takeover, concurrent changes of limits,
+//! exactly-once enforcement with replicas, enforcement across clocks that
+//! disagree, heartbeat flood protection and usage statistics.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -8,13 +9,17 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use headcount_client::ClientError;
+use headcount_protocol::subjects::kv as keys;
 use headcount_protocol::wire::{
-    ControlType, EventType, Heartbeat, LimitsReply, PresenceEvent, StatsReply, TokenReply,
+    self, ControlType, EventType, Heartbeat, LimitsReply, PresenceEvent, SessionDict,
+    SessionRecord, StatsReply, TokenReply,
 };
-use headcount_protocol::{Limit, Policy};
+use headcount_protocol::{
+    AccountId, DeviceId, IntervalClock, Limit, Policy, SessionId, UnixMillis, now_millis,
+};
 use headcount_tests::{bad_request, check, control, events, next_control, next_event};
 use serde_json::json;
-use test_support::{Device, TestApp};
+use test_support::{Device, Login, TestApp};
 
 const BEAT: Duration = Duration::from_millis(300);
 const SOON: Duration = Duration::from_secs(5);
@@ -131,6 +136,61 @@ async fn plans_and_overrides_are_set_validated_and_applied_by_every_replica() {
         .await
         .unwrap();
     assert_eq!((r.limit, r.plan), (2, None));
+}
+
+#[tokio::test]
+async fn concurrent_changes_to_one_account_on_two_checkers_are_all_kept() {
+    let mut app = TestApp::spawn().await;
+    let second = app.start_checker().await;
+    app.checkers.push(second);
+    let default = (app.default_limit.limit, app.default_limit.policy);
+
+    // For each account, a limit and a policy at once: the requests spread
+    // over both checkers, and each pair races on one record.
+    let accounts: Vec<(String, u32)> = (0..20).map(|i| (format!("acct{i}"), 3 + i % 5)).collect();
+    let replies = futures::future::join_all(accounts.iter().map(|(account, limit)| {
+        let app = &app;
+        async move {
+            let (l, p) = tokio::join!(
+                limits_set(app, json!({"account": account, "limit": limit})),
+                limits_set(app, json!({"account": account, "policy": "reject-new"})),
+            );
+            (l.unwrap(), p.unwrap())
+        }
+    }))
+    .await;
+
+    for ((account, limit), (l, p)) in accounts.iter().zip(replies) {
+        // Each reply is a record that was stored: its own field, and the
+        // other request's only if that one landed first. The one that
+        // landed second was written on top of the first.
+        assert_eq!(l.limit, *limit, "{account}: {l:?}");
+        assert!(
+            [default.1, Policy::RejectNew].contains(&l.policy),
+            "{account}: {l:?}"
+        );
+        assert_eq!(p.policy, Policy::RejectNew, "{account}: {p:?}");
+        assert!([default.0, *limit].contains(&p.limit), "{account}: {p:?}");
+        assert!(
+            l.policy == Policy::RejectNew || p.limit == *limit,
+            "{account}: neither was written on top of the other: {l:?} {p:?}"
+        );
+        // And every replica ends up with both fields.
+        let deadline = Instant::now() + SOON;
+        loop {
+            let mut both = true;
+            for _ in 0..4 {
+                let r = limits_get(&app, account).await;
+                both &= (r.limit, r.policy) == (*limit, Policy::RejectNew);
+            }
+            if both {
+                break;
+            }
+            let r = limits_get(&app, account).await;
+            assert!(Instant::now() < deadline, "{account} lost a field: {r:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
 }
 
 #[tokio::test]
@@ -336,6 +396,107 @@ async fn with_three_checkers_and_two_handlers_each_ending_happens_once() {
     .unwrap();
     assert_eq!(timeouts.len(), 1, "{timeouts:?}");
     assert_eq!(timeouts[0].session.as_str(), "s2");
+}
+
+/// An interval dictionary of `(device, session, since, last_seen)`.
+fn dict(entries: &[(&str, &str, UnixMillis, UnixMillis)]) -> bytes::Bytes {
+    let dict: SessionDict = entries
+        .iter()
+        .map(|(device, session, since, last_seen)| {
+            let record = SessionRecord {
+                session: SessionId::parse(session).unwrap(),
+                since: *since,
+                last_seen: *last_seen,
+                labels: Default::default(),
+                replaced: None,
+            };
+            (DeviceId::parse(device).unwrap(), record)
+        })
+        .collect();
+    wire::encode_dict(&dict).into()
+}
+
+#[tokio::test]
+async fn a_handler_whose_clock_is_ahead_is_counted_and_enforced_at_once() {
+    let mut app = TestApp::spawn_with(Limit::new(1, Policy::EvictOldest).unwrap()).await;
+    // The test plays a handler whose clock is almost an interval ahead of
+    // the checker's: with the handler's login, it writes the dictionaries
+    // as a handler does (compare-and-set). The app's own handler is
+    // stopped, so that nothing else records the sessions.
+    app.handlers.remove(0).stop().await.unwrap();
+    let handler = app
+        .nats
+        .login_options(Login::Handler, "test-handler-ahead")
+        .connect()
+        .await
+        .unwrap();
+    let sessions = async_nats::jetstream::new(handler)
+        .get_key_value(keys::SESSIONS_BUCKET)
+        .await
+        .unwrap();
+    let clock = IntervalClock::new(app.timings.interval);
+    let skew = app.timings.interval.as_millis() as u64 - 10;
+    let dev = app.nats.fleet_client().await;
+
+    // Each try starts as an interval begins and proves something only if
+    // the checker's clock is still in that interval when it ends.
+    for attempt in 0..3 {
+        let account = format!("acme{attempt}");
+        let id = AccountId::parse(&account).unwrap();
+        let n = clock.interval_of(now_millis()) + 1;
+        let wait = clock.start_of(n) + 20 - now_millis();
+        tokio::time::sleep(Duration::from_millis(wait)).await;
+        let mut ev = events(&app, &account).await;
+
+        // s1 plays; a handler recorded it in interval n.
+        let old = Device::start(dev.clone(), &account, "old", "s1", BEAT, plain());
+        let since = now_millis();
+        let at_n = dict(&[("old", "s1", since, since)]);
+        sessions
+            .create(keys::session_dict(&id, n), at_n)
+            .await
+            .unwrap();
+        app.wait_active(&account, SOON, |r| r.active == 1).await;
+
+        // The handler ahead, in interval n + 1 by its clock, carries s1 on:
+        // still counted, once.
+        let carried = dict(&[("old", "s1", since, now_millis() + skew)]);
+        let revision = sessions
+            .create(keys::session_dict(&id, n + 1), carried)
+            .await
+            .unwrap();
+        let until = Instant::now() + Duration::from_millis(300);
+        while Instant::now() < until {
+            assert_eq!(sessions_of(&app, &account).await, ["s1"], "{account}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+
+        // s2 joins there: the account is over its limit of one now, and
+        // the oldest goes for the newcomer.
+        let new = Device::start(dev.clone(), &account, "new", "s2", BEAT, plain());
+        let joined = now_millis() + skew;
+        let both = dict(&[("old", "s1", since, joined), ("new", "s2", joined, joined)]);
+        sessions
+            .update(keys::session_dict(&id, n + 1), both, revision)
+            .await
+            .unwrap();
+        let evicted = next_event(&mut ev, EventType::Evicted).await;
+        assert_eq!(evicted.session.as_str(), "s1");
+        let by = evicted.by.expect("evicted for the newcomer");
+        assert_eq!(by.session.as_str(), "s2");
+        let (r, took) = app
+            .wait_active(&account, SOON, |r| {
+                r.sessions.len() == 1 && r.sessions[0].session.as_str() == "s2"
+            })
+            .await;
+        assert!(took.is_some(), "{r:?}");
+        let in_time = now_millis() < clock.start_of(n + 1);
+        Device::silence_all([old, new]).await;
+        if in_time {
+            return;
+        }
+    }
+    panic!("no try ended within its interval: the checker's clock always caught up");
 }
 
 #[tokio::test]

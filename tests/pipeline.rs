@@ -147,6 +147,49 @@ async fn a_silent_device_times_out() {
 }
 
 #[tokio::test]
+async fn a_restarted_checker_does_not_announce_a_timeout_again() {
+    // Long intervals, as in production (there 120 s against a 15 s
+    // timeout): a silent session stays in a live dictionary long after it
+    // timed out, and a checker started meanwhile loads it again.
+    let timings = test_support::Timings {
+        interval: Duration::from_secs(60),
+        timeout: Duration::from_secs(1),
+        ..Default::default()
+    };
+    let mut app = TestApp::spawn_timed(limit(2, Policy::EvictOldest), timings).await;
+    let dev = app.nats.fleet_client().await;
+    let mut ev = events(&app, "acme").await;
+    let quiet = joined(&app, &dev, "tv", "s1", 1).await;
+    quiet.silence().await;
+    let e = next_event(&mut ev, EventType::Timeout).await;
+    assert_eq!(e.session.as_str(), "s1");
+    // Past what four timeouts (or half a minute) of marker would cover.
+    tokio::time::sleep(Duration::from_secs(32)).await;
+    for checker in app.checkers.drain(..) {
+        checker.stop().await.expect("checker stops");
+    }
+    app.checkers.push(app.start_checker().await);
+    // The new checker holds the session again (still in the live
+    // dictionary) and times it out: its marker says it was announced.
+    let (r, _) = app
+        .wait_active("acme", Duration::from_secs(5), |r| r.active == 0)
+        .await;
+    assert_eq!(r.active, 0);
+    let again = tokio::time::timeout(app.timings.timeout * 4, async {
+        loop {
+            let msg = ev.next().await.expect("event stream open");
+            let ev: headcount_protocol::wire::PresenceEvent =
+                serde_json::from_slice(&msg.payload).expect("event is json");
+            if ev.kind == EventType::Timeout {
+                return ev;
+            }
+        }
+    })
+    .await;
+    assert!(again.is_err(), "announced twice: {again:?}");
+}
+
+#[tokio::test]
 async fn evict_oldest_tells_the_evicted_device_and_ignores_it_afterwards() {
     let (app, dev, mut ctl, mut ev) = watched(limit(2, Policy::EvictOldest), "first").await;
     let first = joined(&app, &dev, "first", "s1", 1).await;
@@ -538,4 +581,215 @@ async fn metrics_track_heartbeats_sessions_and_checks() {
             .contains("headcount_kv_write_duration_seconds_bucket")
     );
     d.silence().await;
+}
+
+/// Endings whose revocation landed in KV but whose acknowledgement never
+/// reached the checker: a relay between that checker and nats-server loses
+/// the acknowledgement, as a broken connection or a leader change does.
+mod lost_acknowledgements {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    use headcount_protocol::wire::PresenceEvent;
+    use headcount_runtime::NatsOptions;
+    use test_support::{Login, password_of};
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::*;
+
+    /// The start of a JetStream publish acknowledgement from the revoked
+    /// bucket's stream.
+    const REVOKED_ACK: &[u8] = br#"{"stream":"KV_headcount-revoked","seq":"#;
+
+    /// A TCP relay in front of nats-server. Once armed, it drops the next
+    /// acknowledgement of a write to the revoked bucket on its way to the
+    /// client; everything else passes as it is.
+    struct Relay {
+        port: u16,
+        armed: Arc<AtomicBool>,
+        lost: Arc<AtomicUsize>,
+    }
+
+    impl Relay {
+        /// A relay to the server at `url` (`nats://host:port`).
+        async fn start(url: &str) -> Self {
+            let upstream = url.trim_start_matches("nats://").to_string();
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let port = listener.local_addr().unwrap().port();
+            let armed = Arc::new(AtomicBool::new(false));
+            let lost = Arc::new(AtomicUsize::new(0));
+            let (a, l) = (armed.clone(), lost.clone());
+            tokio::spawn(async move {
+                while let Ok((client, _)) = listener.accept().await {
+                    let server = TcpStream::connect(&upstream).await.unwrap();
+                    let (mut client_rx, client_tx) = client.into_split();
+                    let (server_rx, mut server_tx) = server.into_split();
+                    tokio::spawn(async move {
+                        let _ = tokio::io::copy(&mut client_rx, &mut server_tx).await;
+                    });
+                    tokio::spawn(lose_one_ack(server_rx, client_tx, a.clone(), l.clone()));
+                }
+            });
+            Self { port, armed, lost }
+        }
+
+        fn arm(&self) {
+            self.armed.store(true, Ordering::SeqCst);
+        }
+
+        fn lost(&self) -> usize {
+            self.lost.load(Ordering::SeqCst)
+        }
+    }
+
+    /// Relays what nats-server sends, one protocol line (and a message's
+    /// payload) at a time, dropping one revoked-bucket acknowledgement when
+    /// armed.
+    async fn lose_one_ack(
+        from: tokio::net::tcp::OwnedReadHalf,
+        mut to: tokio::net::tcp::OwnedWriteHalf,
+        armed: Arc<AtomicBool>,
+        lost: Arc<AtomicUsize>,
+    ) {
+        let mut from = BufReader::new(from);
+        loop {
+            let mut line = Vec::new();
+            if from.read_until(b'\n', &mut line).await.unwrap_or(0) == 0 {
+                return;
+            }
+            let mut payload = Vec::new();
+            if line.starts_with(b"MSG ") || line.starts_with(b"HMSG ") {
+                // `MSG <subject> <sid> [reply] <bytes>`, `HMSG ... <header
+                // bytes> <total bytes>`: the last field is what follows,
+                // then CRLF.
+                let text = String::from_utf8_lossy(&line);
+                let len: usize = text
+                    .split_whitespace()
+                    .last()
+                    .and_then(|n| n.parse().ok())
+                    .expect("message size");
+                payload.resize(len + 2, 0);
+                if from.read_exact(&mut payload).await.is_err() {
+                    return;
+                }
+                if payload.starts_with(REVOKED_ACK)
+                    && armed
+                        .compare_exchange(true, false, Ordering::SeqCst, Ordering::SeqCst)
+                        .is_ok()
+                {
+                    lost.fetch_add(1, Ordering::SeqCst);
+                    continue;
+                }
+            }
+            if to.write_all(&line).await.is_err() || to.write_all(&payload).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// `app` with its checker replaced by one that reaches nats-server
+    /// through `relay`, so that it alone answers requests and enforces.
+    async fn checker_behind(app: &mut TestApp, relay: &Relay) {
+        for c in app.checkers.drain(..) {
+            c.stop().await.expect("checker stops");
+        }
+        let nats = NatsOptions::new(format!("nats://127.0.0.1:{}", relay.port), "lossy-checker")
+            .with_credentials(
+                Some(Login::Checker.user().into()),
+                Some(password_of(Login::Checker, &app.nats.service_password)),
+            );
+        let running = app.start_checker_via(nats).await;
+        app.checkers.push(running);
+    }
+
+    /// Every message `sub` gets within `window`.
+    async fn within(
+        sub: &mut async_nats::Subscriber,
+        window: Duration,
+    ) -> Vec<async_nats::Message> {
+        let mut all = Vec::new();
+        let until = tokio::time::Instant::now() + window;
+        while let Ok(Some(m)) = tokio::time::timeout_at(until, sub.next()).await {
+            all.push(m);
+        }
+        all
+    }
+
+    fn of_kind(messages: &[async_nats::Message], kind: EventType) -> Vec<PresenceEvent> {
+        messages
+            .iter()
+            .map(|m| serde_json::from_slice::<PresenceEvent>(&m.payload).unwrap())
+            .filter(|e| e.kind == kind)
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_kick_whose_acknowledgement_is_lost_is_told_once_and_answered_kicked() {
+        let (mut app, dev, mut ctl, mut ev) = watched(limit(2, Policy::EvictOldest), "tv").await;
+        let relay = Relay::start(&app.nats.url()).await;
+        checker_behind(&mut app, &relay).await;
+        let tv = joined(&app, &dev, "tv", "s1", 1).await;
+
+        relay.arm();
+        assert!(
+            app.kick("acme", "s1").await,
+            "the revocation landed: this kick ended the session"
+        );
+        assert_eq!(relay.lost(), 1, "its acknowledgement never came");
+        let msg = next_control(&mut ctl).await;
+        assert_eq!(
+            (msg.kind, msg.session.as_str()),
+            (ControlType::Revoked, "s1")
+        );
+        let events = within(&mut ev, Duration::from_millis(1500)).await;
+        let revoked = of_kind(&events, EventType::Revoked);
+        assert_eq!(revoked.len(), 1, "{events:?}");
+        assert_eq!(revoked[0].session.as_str(), "s1");
+        assert!(
+            within(&mut ctl, Duration::from_millis(500))
+                .await
+                .is_empty(),
+            "told once"
+        );
+        app.wait_count("acme", 0).await;
+        assert!(!app.kick("acme", "s1").await, "nothing left to kick");
+        tv.silence().await;
+    }
+
+    #[tokio::test]
+    async fn an_eviction_whose_acknowledgement_is_lost_is_told_once() {
+        let (mut app, dev, mut ctl, mut ev) = watched(limit(1, Policy::EvictOldest), "first").await;
+        let relay = Relay::start(&app.nats.url()).await;
+        checker_behind(&mut app, &relay).await;
+        let first = joined(&app, &dev, "first", "s1", 1).await;
+
+        relay.arm();
+        let second = Device::start(dev.clone(), "acme", "second", "s2", BEAT, plain());
+        let msg = next_control(&mut ctl).await;
+        assert_eq!(
+            (msg.kind, msg.session.as_str()),
+            (ControlType::DeviceLimitExceeded, "s1")
+        );
+        assert_eq!(relay.lost(), 1, "its acknowledgement never came");
+        let events = within(&mut ev, Duration::from_millis(1500)).await;
+        let evicted = of_kind(&events, EventType::Evicted);
+        assert_eq!(evicted.len(), 1, "{events:?}");
+        assert_eq!(
+            (
+                evicted[0].session.as_str(),
+                evicted[0].by.as_ref().map(|b| b.session.as_str())
+            ),
+            ("s1", Some("s2"))
+        );
+        assert!(
+            within(&mut ctl, Duration::from_millis(500))
+                .await
+                .is_empty(),
+            "told once"
+        );
+        assert_eq!(app.active_sessions("acme").await, ["s2"]);
+        assert_eq!(evictions(&app), 1.0);
+        Device::silence_all(vec![first, second]).await;
+    }
 }

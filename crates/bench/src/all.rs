@@ -170,12 +170,14 @@ async fn at_size(
     // The checker's memory with nothing loaded.
     // A 30 s interval, so that the memory figures below include an interval
     // boundary: the steady state, where every session has moved on from the
-    // previous interval's dictionary to the current one.
+    // previous interval's dictionary to the current one. No account is held
+    // back: the largest limit accepted.
+    let no_limit = headcount_protocol::policy::MAX_LIMIT.to_string();
     let checker_args = [
         "--timeout",
         "1h",
         "--default-limit",
-        "10000",
+        &no_limit,
         "--interval",
         MEMORY_INTERVAL,
     ];
@@ -327,9 +329,10 @@ async fn steady(a: &AllArgs, dir: &Path, headcount: &Path) -> anyhow::Result<(St
     let secs = if a.quick { 8 } else { a.steady_secs };
     let interval_arg = format!("{interval}s");
     let mut handler = env.service("handler", &["--interval", &interval_arg])?;
+    let no_limit = headcount_protocol::policy::MAX_LIMIT.to_string();
     let mut checker = env.service(
         "checker",
-        &["--interval", &interval_arg, "--default-limit", "10000"],
+        &["--interval", &interval_arg, "--default-limit", &no_limit],
     )?;
     let publisher = env.client("bench-publisher").await?;
     handler.wait_handler(&publisher).await?;

@@ -62,7 +62,9 @@ pub async fn run(a: SoakArgs, headcount: &Path) -> anyhow::Result<()> {
     };
     let env = Env::start(&dir, headcount).await?;
     let mut handler = env.service("handler", &["--max-heartbeat-rate", "1000000000"])?;
-    let mut checker = env.service("checker", &["--default-limit", "10000"])?;
+    // No account is held back: the largest limit accepted.
+    let no_limit = headcount_protocol::policy::MAX_LIMIT.to_string();
+    let mut checker = env.service("checker", &["--default-limit", &no_limit])?;
     checker.wait_up("checker").await?;
     let publisher = env.client("soak-publisher").await?;
     handler.wait_handler(&publisher).await?;

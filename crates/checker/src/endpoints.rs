@@ -2,12 +2,15 @@
 //! `limits.set`, `kick` and `stats`, and the 404 for names no service
 //! serves.
 //!
-//! Every answer comes from the view, never from a KV read. A refusal is a
-//! [`ServiceError`] (400 for a wrong request, 404, 500), carried in the
-//! micro error headers.
+//! Every answer comes from the view, never from a KV read, except that
+//! `limits.set` reads the record it replaces (compare-and-set) and answers
+//! with what it stored. A refusal is a [`ServiceError`] (400 for a wrong
+//! request, 404, 500), carried in the micro error headers.
 
-use std::time::Instant;
+use std::hash::{BuildHasher, RandomState};
+use std::time::{Duration, Instant};
 
+use async_nats::jetstream::kv;
 use bytes::Bytes;
 use headcount_protocol::policy::check_plan;
 use headcount_protocol::subjects::{self, endpoint, kv as keys};
@@ -16,7 +19,7 @@ use headcount_protocol::wire::{
     KickReply, KickRequest, LimitsReply, LimitsSetRequest, SessionRef, StatsReply, StatsRequest,
 };
 use headcount_protocol::{
-    AccountId, AccountLimits, Limit, Policy, ServiceError, SessionId, UnixMillis, now_millis,
+    AccountId, AccountLimits, Limit, Plans, Policy, ServiceError, SessionId, UnixMillis, now_millis,
 };
 use headcount_runtime::service_error;
 use serde::Serialize;
@@ -153,6 +156,10 @@ fn decide_check(
 
 fn limits_reply(view: &View, account: AccountId) -> LimitsReply {
     let (limit, plan) = view.limit_and_plan(&account);
+    limits_reply_of(account, limit, plan)
+}
+
+fn limits_reply_of(account: AccountId, limit: Limit, plan: Option<String>) -> LimitsReply {
     LimitsReply {
         account,
         limit: limit.limit,
@@ -169,9 +176,39 @@ fn limits_get(shared: &Shared, payload: &[u8]) -> Result<Bytes, ServiceError> {
     json(&reply)
 }
 
-/// Validates a `limits.set` request against the stored record: the new
-/// record, or a 400 naming what is wrong (nothing is stored then).
-fn merge_limits(view: &View, req: &LimitsSetRequest) -> Result<AccountLimits, ServiceError> {
+/// A valid `limits.set` request: the fields it sets, on top of the stored
+/// record or (`reset`) of none.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct LimitsEdit {
+    reset: bool,
+    fields: AccountLimits,
+}
+
+impl LimitsEdit {
+    /// The record this edit makes of `stored` (None: there is none); None
+    /// when that is empty, as an empty record is no record (the account is
+    /// back on its plan). Applying it to its own result changes nothing, so
+    /// a write retried after an unknown outcome is not applied twice.
+    fn apply(&self, stored: Option<&AccountLimits>) -> Option<AccountLimits> {
+        let base = match stored {
+            Some(s) if !self.reset => s.clone(),
+            _ => AccountLimits::default(),
+        };
+        let f = &self.fields;
+        let record = AccountLimits {
+            plan: f.plan.clone().or(base.plan),
+            limit: f.limit.or(base.limit),
+            policy: f.policy.or(base.policy),
+            per_content: f.per_content.or(base.per_content),
+            grace: f.grace.or(base.grace),
+        };
+        (record != AccountLimits::default()).then_some(record)
+    }
+}
+
+/// Validates a `limits.set` request: the edit, or a 400 naming what is
+/// wrong (nothing is stored then).
+fn limits_edit(plans: &Plans, req: &LimitsSetRequest) -> Result<LimitsEdit, ServiceError> {
     let nothing = req.limit.is_none()
         && req.plan.is_none()
         && req.policy.is_none()
@@ -182,18 +219,13 @@ fn merge_limits(view: &View, req: &LimitsSetRequest) -> Result<AccountLimits, Se
             "nothing to set: give limit, plan, policy, per_content, grace or reset",
         ));
     }
-    let mut o = if req.reset {
-        AccountLimits::default()
-    } else {
-        view.overrides(&req.account).cloned().unwrap_or_default()
-    };
+    let mut fields = AccountLimits::default();
     if let Some(plan) = &req.plan {
-        check_plan(plan, view.plans().keys().map(String::as_str))
-            .map_err(ServiceError::bad_request)?;
-        o.plan = Some(plan.clone());
+        check_plan(plan, plans.keys().map(String::as_str)).map_err(ServiceError::bad_request)?;
+        fields.plan = Some(plan.clone());
     }
     if let Some(p) = &req.policy {
-        o.policy = Some(p.parse::<Policy>().map_err(ServiceError::bad_request)?);
+        fields.policy = Some(p.parse::<Policy>().map_err(ServiceError::bad_request)?);
     }
     // Validate the numbers through Limit's own checks.
     let probe = Limit::new(req.limit.unwrap_or(1), Policy::EvictOldest)
@@ -201,49 +233,156 @@ fn merge_limits(view: &View, req: &LimitsSetRequest) -> Result<AccountLimits, Se
         .and_then(|l| l.with_grace(req.grace.map(|g| (g.seats, g.secs))))
         .map_err(ServiceError::bad_request)?;
     if req.limit.is_some() {
-        o.limit = Some(probe.limit);
+        fields.limit = Some(probe.limit);
     }
     if req.per_content.is_some() {
-        o.per_content = probe.per_content;
+        fields.per_content = probe.per_content;
     }
     if req.grace.is_some() {
-        o.grace = probe.grace;
+        fields.grace = probe.grace;
     }
-    Ok(o)
+    Ok(LimitsEdit {
+        reset: req.reset,
+        fields,
+    })
+}
+
+/// How many times `limits.set` reads the stored record and tries to replace
+/// it: a try fails only when another write to the account's limits landed
+/// between its read and its write (or its write timed out).
+const STORE_TRIES: u32 = 10;
+
+/// The pause before try `attempt` (from 1): a few milliseconds more each
+/// time, jittered, so that requests that collided do not collide again in
+/// step.
+fn retry_pause(attempt: u32) -> Duration {
+    let jitter = RandomState::new().hash_one(attempt) % 10;
+    Duration::from_millis(5 * u64::from(attempt) + jitter)
+}
+
+/// An account's record as the limits bucket holds it: None when there is
+/// none (never written, or removed), Err when its value cannot be read.
+fn stored_record(entry: Option<(kv::Operation, &[u8])>) -> Result<Option<AccountLimits>, String> {
+    match entry {
+        None | Some((kv::Operation::Delete | kv::Operation::Purge, _)) => Ok(None),
+        Some((kv::Operation::Put, value)) => serde_json::from_slice(value)
+            .map(Some)
+            .map_err(|e| e.to_string()),
+    }
+}
+
+/// What one try of `limits.set` does with the record the key holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Step {
+    /// The key already holds what the edit makes of it: nothing to write.
+    Done(Option<AccountLimits>),
+    /// Replace the stored record by this one (None: remove it).
+    Write(Option<AccountLimits>),
+}
+
+fn step(
+    edit: &LimitsEdit,
+    stored: Result<Option<AccountLimits>, String>,
+) -> Result<Step, ServiceError> {
+    let stored = match stored {
+        Ok(record) => Some(record),
+        // A reset needs nothing of the old record, so it replaces one that
+        // cannot be read; any other edit would lose what it held.
+        Err(_) if edit.reset => None,
+        Err(e) => {
+            return Err(ServiceError::internal(format!(
+                "storing limits: the stored record cannot be read: {e}"
+            )));
+        }
+    };
+    let record = edit.apply(stored.as_ref().and_then(Option::as_ref));
+    Ok(if stored.as_ref() == Some(&record) {
+        Step::Done(record)
+    } else {
+        Step::Write(record)
+    })
+}
+
+/// What an account's limits key holds after `limits.set`: the record (None:
+/// none) and its revision (for a removal, a revision below or at the
+/// removal's own, which is not reported back, and above every earlier one).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Stored {
+    record: Option<AccountLimits>,
+    revision: u64,
+}
+
+/// Applies `edit` to the record stored under `key` with compare-and-set:
+/// reads the record and its revision, writes the edited record only if the
+/// key still holds that revision, and starts again from a fresh read when
+/// another write landed first. So concurrent requests, on one checker or
+/// several, each land on top of the others.
+async fn store_limits(
+    store: &kv::Store,
+    key: &str,
+    edit: &LimitsEdit,
+) -> Result<Stored, ServiceError> {
+    let storing =
+        |e: &dyn std::fmt::Display| ServiceError::internal(format!("storing limits: {e}"));
+    for attempt in 0..STORE_TRIES {
+        if attempt > 0 {
+            tokio::time::sleep(retry_pause(attempt)).await;
+        }
+        let entry = match store.entry(key).await {
+            Ok(entry) => entry,
+            Err(e) if e.kind() == kv::EntryErrorKind::TimedOut => continue,
+            Err(e) => return Err(storing(&e)),
+        };
+        let revision = entry.as_ref().map_or(0, |e| e.revision);
+        let stored = stored_record(entry.as_ref().map(|e| (e.operation, e.value.as_ref())));
+        let record = match step(edit, stored)? {
+            Step::Done(record) => return Ok(Stored { record, revision }),
+            Step::Write(record) => record,
+        };
+        let written = match &record {
+            Some(r) => {
+                let body = serde_json::to_vec(r).map_err(ServiceError::internal)?;
+                store.update(key, body.into(), revision).await
+            }
+            None => store
+                .delete_expect_revision(key, Some(revision))
+                .await
+                .map(|()| revision + 1),
+        };
+        match written {
+            Ok(revision) => return Ok(Stored { record, revision }),
+            // Another write landed first, or this one timed out and may
+            // have landed: read again (an edit that did land is found
+            // applied, and not written twice).
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    kv::UpdateErrorKind::WrongLastRevision | kv::UpdateErrorKind::TimedOut
+                ) =>
+            {
+                tracing::debug!(key, attempt, error = %e, "limits changed meanwhile; trying again");
+            }
+            Err(e) => return Err(storing(&e)),
+        }
+    }
+    Err(storing(&format!(
+        "the record kept changing under {STORE_TRIES} tries; try again"
+    )))
 }
 
 async fn limits_set(shared: &Shared, payload: &[u8]) -> Result<Bytes, ServiceError> {
     let req: LimitsSetRequest = parse(payload)?;
-    let record = merge_limits(&shared.view(req.account.as_str()), &req)?;
+    let edit = limits_edit(shared.view(req.account.as_str()).plans(), &req)?;
     let key = keys::limits(&req.account);
-    // An empty record is no record: the account is back on its plan.
-    let stored = if record == AccountLimits::default() {
-        shared
-            .buckets
-            .limits
-            .delete(key)
-            .await
-            .map(|_| ())
-            .map_err(|e| e.to_string())
-    } else {
-        let body = serde_json::to_vec(&record).map_err(ServiceError::internal)?;
-        shared
-            .buckets
-            .limits
-            .put(key, body.into())
-            .await
-            .map(|_| ())
-            .map_err(|e| e.to_string())
-    };
-    stored.map_err(|e| ServiceError::internal(format!("storing limits: {e}")))?;
-    // Apply here at once; the watch brings the same record to every replica.
+    let stored = store_limits(&shared.buckets.limits, &key, &edit).await?;
+    // The watch brings the record to every replica; this one applies it at
+    // once unless its watch already brought a newer one. The reply is what
+    // was stored either way.
     let reply = {
         let mut v = shared.view(req.account.as_str());
-        v.set_overrides(
-            &req.account,
-            (record != AccountLimits::default()).then_some(record),
-        );
-        limits_reply(&v, req.account.clone())
+        v.set_overrides_at(&req.account, stored.record.clone(), stored.revision);
+        let (limit, plan) = v.limit_and_plan_with(&req.account, stored.record.as_ref());
+        limits_reply_of(req.account.clone(), limit, plan)
     };
     shared.enforce(req.account);
     json(&reply)
@@ -302,8 +441,22 @@ async fn kick(shared: &Shared, payload: &[u8]) -> Result<Bytes, ServiceError> {
         &req.session,
         now_millis(),
     );
+    use crate::enforcement::Ended;
     let kicked = match target {
-        Some(victim) => end_session(shared, &req.account, &victim, EndReason::Revoked, None).await,
+        // Won also when the revocation landed but its acknowledgement was
+        // lost: the read-back finds this kick's own decision in the key.
+        Some(victim) => {
+            match end_session(shared, &req.account, &victim, EndReason::Revoked, None).await {
+                Ended::Won => true,
+                Ended::Lost => false,
+                // Whether it landed is unknown: neither answer would be true.
+                Ended::Unsettled => {
+                    return Err(ServiceError::internal(
+                        "recording the revocation: the revoked bucket does not answer",
+                    ));
+                }
+            }
+        }
         None => false,
     };
     json(&KickReply { kicked })
@@ -390,60 +543,51 @@ mod tests {
         serde_json::from_value(json).unwrap()
     }
 
+    fn edit(json: serde_json::Value) -> Result<LimitsEdit, ServiceError> {
+        limits_edit(&headcount_protocol::policy::default_plans(), &set_req(json))
+    }
+
     #[test]
     fn limits_set_merges_onto_the_stored_record() {
-        let mut v = plans_view();
-        v.set_overrides(
-            &acct(),
-            Some(AccountLimits {
-                plan: Some("standard".into()),
-                limit: Some(5),
-                ..Default::default()
-            }),
-        );
-        let merged = merge_limits(
-            &v,
-            &set_req(serde_json::json!({
-                "account": "acme", "policy": "reject-new", "grace": {"seats": 1, "secs": 30}
-            })),
-        )
+        let stored = AccountLimits {
+            plan: Some("standard".into()),
+            limit: Some(5),
+            ..Default::default()
+        };
+        let e = edit(serde_json::json!({
+            "account": "acme", "policy": "reject-new", "grace": {"seats": 1, "secs": 30}
+        }))
         .unwrap();
+        let merged = AccountLimits {
+            plan: Some("standard".into()),
+            limit: Some(5),
+            policy: Some(Policy::RejectNew),
+            per_content: None,
+            grace: Some(Grace { seats: 1, secs: 30 }),
+        };
         assert_eq!(
-            merged,
-            AccountLimits {
-                plan: Some("standard".into()),
-                limit: Some(5),
-                policy: Some(Policy::RejectNew),
-                per_content: None,
-                grace: Some(Grace { seats: 1, secs: 30 }),
-            },
+            e.apply(Some(&stored)),
+            Some(merged.clone()),
             "what was stored stays, what was given is added"
         );
-        let merged = merge_limits(
-            &v,
-            &set_req(serde_json::json!({"account": "acme", "reset": true, "plan": "premium"})),
-        )
-        .unwrap();
+        assert_eq!(e.apply(Some(&merged)), Some(merged), "idempotent");
+        let e =
+            edit(serde_json::json!({"account": "acme", "reset": true, "plan": "premium"})).unwrap();
         assert_eq!(
-            merged,
-            AccountLimits {
+            e.apply(Some(&stored)),
+            Some(AccountLimits {
                 plan: Some("premium".into()),
                 ..Default::default()
-            },
+            }),
             "reset starts from nothing"
         );
-        let cleared = merge_limits(
-            &v,
-            &set_req(serde_json::json!({"account": "acme", "reset": true})),
-        )
-        .unwrap();
-        assert_eq!(cleared, AccountLimits::default());
+        let e = edit(serde_json::json!({"account": "acme", "reset": true})).unwrap();
+        assert_eq!(e.apply(Some(&stored)), None, "an empty record is none");
     }
 
     #[test]
     fn limits_set_refuses_what_is_wrong_with_a_400() {
-        let v = plans_view();
-        let refused = |json: serde_json::Value| merge_limits(&v, &set_req(json)).unwrap_err();
+        let refused = |json: serde_json::Value| edit(json).unwrap_err();
         let e = refused(serde_json::json!({"account": "acme"}));
         assert!(e.is_bad_request());
         assert_eq!(
@@ -465,8 +609,61 @@ mod tests {
         ] {
             assert!(refused(bad.clone()).is_bad_request(), "{bad}");
         }
-        // Merging stores nothing: the view is unchanged.
-        assert_eq!(v.overrides(&acct()), None);
+    }
+
+    #[test]
+    fn limits_set_writes_only_what_changes_the_stored_record() {
+        let limit = |n: u32| AccountLimits {
+            limit: Some(n),
+            ..Default::default()
+        };
+        let policy = AccountLimits {
+            policy: Some(Policy::RejectNew),
+            ..Default::default()
+        };
+        let set_limit = edit(serde_json::json!({"account": "acme", "limit": 4})).unwrap();
+        // Never written, removed, or holding the other request's field: the
+        // edit lands on what is there.
+        assert_eq!(stored_record(None), Ok(None));
+        let removed = stored_record(Some((kv::Operation::Delete, b"".as_slice())));
+        assert_eq!(removed, Ok(None));
+        assert_eq!(step(&set_limit, Ok(None)), Ok(Step::Write(Some(limit(4)))));
+        let held = stored_record(Some((kv::Operation::Put, br#"{"policy":"reject-new"}"#)));
+        assert_eq!(held, Ok(Some(policy.clone())));
+        assert_eq!(
+            step(&set_limit, held),
+            Ok(Step::Write(Some(AccountLimits {
+                limit: Some(4),
+                ..policy
+            })))
+        );
+        // Already there (a write that timed out but landed): nothing to write.
+        assert_eq!(
+            step(&set_limit, Ok(Some(limit(4)))),
+            Ok(Step::Done(Some(limit(4))))
+        );
+        let reset = edit(serde_json::json!({"account": "acme", "reset": true})).unwrap();
+        assert_eq!(step(&reset, Ok(Some(limit(4)))), Ok(Step::Write(None)));
+        assert_eq!(step(&reset, Ok(None)), Ok(Step::Done(None)));
+        // A record that cannot be read is replaced only by a reset.
+        let garbage = stored_record(Some((kv::Operation::Put, b"{not json".as_slice())));
+        assert!(garbage.is_err());
+        let e = step(&set_limit, garbage.clone()).unwrap_err();
+        assert_eq!(e.code, 500);
+        assert!(
+            e.message
+                .starts_with("storing limits: the stored record cannot be read")
+        );
+        assert_eq!(step(&reset, garbage), Ok(Step::Write(None)));
+    }
+
+    #[test]
+    fn retries_pause_a_little_longer_each_time() {
+        for attempt in 1..STORE_TRIES {
+            let pause = retry_pause(attempt);
+            let base = Duration::from_millis(5 * u64::from(attempt));
+            assert!(pause >= base && pause < base + Duration::from_millis(10));
+        }
     }
 
     #[test]

@@ -2,22 +2,46 @@
 //! ending one (the revocation, then the control message and the event).
 //!
 //! Architecture invariant: a session is ended only through a create-only
-//! write of its revocation key, and only the instance whose write wins tells
-//! the device and publishes the event, so several checkers reaching the same
-//! verdict end it once.
+//! write of its revocation key, and only the decision whose write holds the
+//! key tells the device and publishes the event, so several checkers
+//! reaching the same verdict end it once. Each decision carries its own id
+//! ([`Decision`]), so a write whose acknowledgement was lost is still known
+//! for its own when read back, and a retry of an unsettled ending is made
+//! as the same decision.
+//!
+//! Accounts are enforced side by side, each by one run at a time: a slow
+//! revocation holds up the endings of its own account only, and an
+//! account's endings happen in the order they were chosen.
 
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
+use std::time::Duration;
 
 use headcount_protocol::subjects;
 use headcount_protocol::wire::{
     ControlMessage, ControlType, EndReason, EventType, PresenceEvent, Revocation, SessionRef,
 };
 use headcount_protocol::{AccountId, UnixMillis, now_millis};
-use headcount_runtime::effects::{self, Once};
+use headcount_runtime::effects::{self, Decision, Once};
 use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 
 use crate::shared::Shared;
 use crate::view::View;
+
+/// How many accounts may have a run under way at once. Each run waits on
+/// its own account's revocations only; the bound keeps an unreachable store
+/// from gathering a task per account.
+const ACCOUNTS_AT_ONCE: usize = 64;
+
+/// The first wait before an account's unsettled endings are tried again;
+/// it doubles with each further failure, up to [`RETRY_MAX`].
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// How long an ending decided by a request (`kick`, `check`) is retried,
+/// as the same decision, while the revoked bucket does not settle it.
+const REQUEST_PATIENCE: Duration = Duration::from_secs(30);
 
 /// A session to end, why, and the session it makes room for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,6 +67,45 @@ fn endings(view: &mut View, account: &AccountId, now: UnixMillis) -> Vec<Ending>
         .collect()
 }
 
+/// One decision to end a session: the revocation it records and the id
+/// that makes the record its own. Every retry of the ending reuses it
+/// whole, so a try that landed unseen is found as this decision's.
+#[derive(Debug, Clone)]
+struct Decided {
+    account: AccountId,
+    victim: SessionRef,
+    revocation: Revocation,
+    decision: Decision,
+}
+
+impl Decided {
+    fn new(account: AccountId, ending: Ending, at: UnixMillis) -> Self {
+        Self {
+            revocation: Revocation {
+                reason: ending.reason,
+                device: ending.victim.device.clone(),
+                at,
+                by: ending.by,
+            },
+            account,
+            victim: ending.victim,
+            decision: Decision::new(),
+        }
+    }
+}
+
+/// How an ending came out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ended {
+    /// This decision ended the session and told the device.
+    Won,
+    /// Another decision ended it, and told the device (or will).
+    Lost,
+    /// The revoked bucket did not settle the write: it may or may not have
+    /// landed. Retry as the same decision.
+    Unsettled,
+}
+
 /// How an ending is told: the control message to the device, the presence
 /// event, and the action it is counted as.
 fn notices(reason: EndReason) -> (ControlType, EventType, &'static str) {
@@ -63,56 +126,244 @@ fn notices(reason: EndReason) -> (ControlType, EventType, &'static str) {
     }
 }
 
-/// Ends sessions beyond each changed account's limit.
-pub(crate) async fn enforcer(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<AccountId>) {
-    while let Some(account) = rx.recv().await {
-        let todo = endings(&mut shared.view(account.as_str()), &account, now_millis());
-        for e in todo {
-            end_session(&shared, &account, &e.victim, e.reason, e.by).await;
+/// Which accounts the enforcer runs, and when: at most one run per account
+/// at a time (its endings in order), up to `at_once` accounts side by side,
+/// the rest queued in the order they asked.
+#[derive(Debug)]
+struct Schedule {
+    states: HashMap<AccountId, Run>,
+    queue: VecDeque<AccountId>,
+    running: usize,
+    at_once: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Run {
+    /// Waiting for a free slot.
+    Queued,
+    /// Under way; `again` once something changed since it looked at the
+    /// view, so it runs once more when it is done.
+    Running { again: bool },
+    /// Some endings are unsettled: it runs again when its retry is due, not
+    /// sooner, however often it is asked (the store is what it waits for).
+    Resting,
+}
+
+impl Schedule {
+    fn new(at_once: usize) -> Self {
+        Self {
+            states: HashMap::new(),
+            queue: VecDeque::new(),
+            running: 0,
+            at_once: at_once.max(1),
+        }
+    }
+
+    /// `account`'s limit must be looked at again.
+    fn request(&mut self, account: AccountId) {
+        match self.states.get_mut(&account) {
+            None => {
+                self.states.insert(account.clone(), Run::Queued);
+                self.queue.push_back(account);
+            }
+            Some(Run::Running { again }) => *again = true,
+            // A queued run will see the latest view; a resting one its retry.
+            Some(Run::Queued | Run::Resting) => {}
+        }
+    }
+
+    /// The next account to run, if a slot is free.
+    fn start(&mut self) -> Option<AccountId> {
+        if self.running >= self.at_once {
+            return None;
+        }
+        let account = self.queue.pop_front()?;
+        self.states
+            .insert(account.clone(), Run::Running { again: false });
+        self.running += 1;
+        Some(account)
+    }
+
+    /// `account`'s run is over; `unsettled` when some of its endings wait
+    /// for a retry (then [`Schedule::wake`] runs it again).
+    fn finished(&mut self, account: &AccountId, unsettled: bool) {
+        self.running = self.running.saturating_sub(1);
+        let again = matches!(
+            self.states.remove(account),
+            Some(Run::Running { again: true })
+        );
+        if unsettled {
+            self.states.insert(account.clone(), Run::Resting);
+        } else if again {
+            self.request(account.clone());
+        }
+    }
+
+    /// `account`'s retry is due.
+    fn wake(&mut self, account: AccountId) {
+        if self.states.get(&account) == Some(&Run::Resting) {
+            self.states.remove(&account);
+            self.request(account);
         }
     }
 }
 
-/// Ends one session: records the revocation (create-only, so concurrent
-/// checkers agree on one winner), then the winner tells the device and
-/// publishes the event. Returns whether this call ended it.
+/// The wait before the next retry of an account, after `previous` (none:
+/// its first failure).
+fn retry_wait(previous: Option<Duration>) -> Duration {
+    previous.map_or(RETRY_FIRST, |w| (w * 2).min(RETRY_MAX))
+}
+
+/// Ends sessions beyond each changed account's limit: each account on its
+/// own task (see [`Schedule`]), so that one account's slow revocation holds
+/// up no other. An ending the revoked bucket did not settle is kept, with
+/// its decision, and tried again first when the account's retry is due;
+/// the session stays a victim meanwhile.
+pub(crate) async fn enforcer(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<AccountId>) {
+    let mut schedule = Schedule::new(ACCOUNTS_AT_ONCE);
+    // Per account: its unsettled endings and the wait before their retry.
+    let mut unsettled: HashMap<AccountId, (Vec<Decided>, Duration)> = HashMap::new();
+    let mut runs: JoinSet<(AccountId, Vec<Decided>)> = JoinSet::new();
+    let mut run_of: HashMap<tokio::task::Id, AccountId> = HashMap::new();
+    let mut wakes: JoinSet<AccountId> = JoinSet::new();
+    loop {
+        while let Some(account) = schedule.start() {
+            let retry = unsettled
+                .get_mut(&account)
+                .map(|(d, _)| std::mem::take(d))
+                .unwrap_or_default();
+            let run = runs.spawn(run_account(shared.clone(), account.clone(), retry));
+            run_of.insert(run.id(), account);
+        }
+        tokio::select! {
+            account = rx.recv() => match account {
+                Some(account) => schedule.request(account),
+                None => break,
+            },
+            Some(done) = runs.join_next_with_id(), if !runs.is_empty() => {
+                let (account, left) = match done {
+                    Ok((id, done)) => {
+                        run_of.remove(&id);
+                        done
+                    }
+                    Err(e) => {
+                        let Some(account) = run_of.remove(&e.id()) else {
+                            continue;
+                        };
+                        tracing::error!(%account, error = %e, "enforcement run failed");
+                        (account, Vec::new())
+                    }
+                };
+                if left.is_empty() {
+                    unsettled.remove(&account);
+                    schedule.finished(&account, false);
+                    continue;
+                }
+                let wait = retry_wait(unsettled.get(&account).map(|(_, w)| *w));
+                unsettled.insert(account.clone(), (left, wait));
+                schedule.finished(&account, true);
+                wakes.spawn(async move {
+                    tokio::time::sleep(wait).await;
+                    account
+                });
+            }
+            Some(Ok(account)) = wakes.join_next(), if !wakes.is_empty() => schedule.wake(account),
+        }
+    }
+}
+
+/// One run of `account`: first the endings its last run left unsettled
+/// (as the same decisions: one of them may have landed unseen), then the
+/// sessions it must lose now. Stops at the first ending the revoked bucket
+/// does not settle (the rest would wait on the same store) and returns the
+/// unsettled ones.
+async fn run_account(
+    shared: Arc<Shared>,
+    account: AccountId,
+    retry: Vec<Decided>,
+) -> (AccountId, Vec<Decided>) {
+    let mut retry = retry.into_iter();
+    while let Some(d) = retry.next() {
+        if end(&shared, &d).await == Ended::Unsettled {
+            let left = std::iter::once(d).chain(retry).collect();
+            return (account, left);
+        }
+    }
+    let now = now_millis();
+    let todo = endings(&mut shared.view(account.as_str()), &account, now);
+    for e in todo {
+        let d = Decided::new(account.clone(), e, now);
+        if end(&shared, &d).await == Ended::Unsettled {
+            return (account, vec![d]);
+        }
+    }
+    (account, Vec::new())
+}
+
+/// Ends one session for a request (`kick`, `check`): records the revocation
+/// (create-only, so concurrent checkers agree on one winner), then the
+/// winner tells the device and publishes the event. An unsettled write is
+/// retried as the same decision for up to [`REQUEST_PATIENCE`].
 pub(crate) async fn end_session(
     shared: &Shared,
     account: &AccountId,
     victim: &SessionRef,
     reason: EndReason,
     by: Option<SessionRef>,
-) -> bool {
-    let now = now_millis();
-    let revocation = Revocation {
+) -> Ended {
+    let ending = Ending {
+        victim: victim.clone(),
         reason,
-        device: victim.device.clone(),
-        at: now,
-        by: by.clone(),
+        by,
     };
-    let won = match effects::revoke_once(
+    let d = Decided::new(account.clone(), ending, now_millis());
+    let until = tokio::time::Instant::now() + REQUEST_PATIENCE;
+    let mut wait = None;
+    loop {
+        let ended = end(shared, &d).await;
+        let next = retry_wait(wait);
+        if ended != Ended::Unsettled || tokio::time::Instant::now() + next > until {
+            return ended;
+        }
+        tokio::time::sleep(next).await;
+        wait = Some(next);
+    }
+}
+
+/// One try at the ending `d`: the revocation, and if this decision holds
+/// it, the control message and the event.
+async fn end(shared: &Shared, d: &Decided) -> Ended {
+    let (account, session) = (&d.account, &d.victim.session);
+    let once = match effects::revoke_as(
         &shared.buckets.revoked,
         account,
-        &victim.session,
-        &revocation,
+        session,
+        &d.revocation,
+        &d.decision,
     )
     .await
     {
-        Ok(once) => once == Once::Won,
+        Ok(once) => once,
         Err(e) => {
-            tracing::warn!(%account, session = %victim.session, error = %e, "recording revocation");
-            return false;
+            tracing::warn!(%account, %session, error = %e, "recording revocation; it is tried again");
+            return Ended::Unsettled;
         }
     };
     // Won or lost, the session is over: stop counting it at once rather
     // than when the revoked bucket's watch brings the same news.
-    shared
-        .view(account.as_str())
-        .revoke(account, &victim.session);
-    if !won {
-        return false;
+    shared.view(account.as_str()).revoke(account, session);
+    if once == Once::Lost {
+        return Ended::Lost;
     }
-    let (control, event, action) = notices(reason);
+    announce(shared, d).await;
+    Ended::Won
+}
+
+/// Tells the device that `d` ended its session, publishes the event and
+/// counts it. Only the decision that holds the revocation gets here.
+async fn announce(shared: &Shared, d: &Decided) {
+    let (account, victim, at) = (&d.account, &d.victim, d.revocation.at);
+    let (control, event, action) = notices(d.revocation.reason);
     shared
         .metrics
         .enforcements
@@ -124,8 +375,8 @@ pub(crate) async fn end_session(
         account: account.clone(),
         device: victim.device.clone(),
         session: victim.session.clone(),
-        at: now,
-        by: by.clone(),
+        at,
+        by: d.revocation.by.clone(),
     };
     if let Err(e) = shared
         .nats
@@ -143,13 +394,12 @@ pub(crate) async fn end_session(
             account: account.clone(),
             device: victim.device.clone(),
             session: victim.session.clone(),
-            at: now,
-            by,
+            at,
+            by: d.revocation.by.clone(),
             reason: None,
             content: None,
         })
         .await;
-    true
 }
 
 #[cfg(test)]
@@ -262,6 +512,95 @@ mod tests {
         assert!(endings(&mut v, &acct(), 13_999).is_empty());
         let e = endings(&mut v, &acct(), 14_000);
         assert_eq!(sessions(&e), [("s1", EndReason::Evicted, Some("s3"))]);
+    }
+
+    fn named(name: &str) -> AccountId {
+        AccountId::parse(name).unwrap()
+    }
+
+    #[test]
+    fn accounts_run_side_by_side_and_each_one_run_at_a_time() {
+        let (a, b, c) = (named("a"), named("b"), named("c"));
+        let mut s = Schedule::new(2);
+        for x in [&a, &b, &a, &c] {
+            s.request(x.clone());
+        }
+        // a is slow: b still starts beside it; c waits for a free slot.
+        assert_eq!(s.start(), Some(a.clone()));
+        assert_eq!(s.start(), Some(b.clone()));
+        assert_eq!(s.start(), None, "two at once");
+        // A change to a while it runs: not a second run beside the first.
+        s.request(a.clone());
+        s.finished(&b, false);
+        assert_eq!(s.start(), Some(c.clone()), "in the order they asked");
+        assert_eq!(s.start(), None);
+        s.finished(&c, false);
+        assert_eq!(s.start(), None, "a is still under way");
+        s.finished(&a, false);
+        assert_eq!(s.start(), Some(a.clone()), "then once more, for the change");
+        s.finished(&a, false);
+        assert_eq!(s.start(), None, "and no more");
+        assert!(s.states.is_empty() && s.queue.is_empty());
+    }
+
+    #[test]
+    fn an_account_with_unsettled_endings_runs_again_when_its_retry_is_due() {
+        let (a, b) = (named("a"), named("b"));
+        let mut s = Schedule::new(1);
+        s.request(a.clone());
+        assert_eq!(s.start(), Some(a.clone()));
+        s.finished(&a, true);
+        // Asking again does not hurry it; it frees its slot for others.
+        s.request(a.clone());
+        s.request(b.clone());
+        assert_eq!(s.start(), Some(b.clone()));
+        s.finished(&b, false);
+        assert_eq!(s.start(), None, "a rests");
+        s.wake(a.clone());
+        assert_eq!(s.start(), Some(a.clone()), "its retry");
+        // A stray wake of an account that is not resting changes nothing.
+        s.wake(b.clone());
+        s.wake(a.clone());
+        assert_eq!(s.start(), None);
+        s.finished(&a, false);
+        assert!(s.states.is_empty());
+    }
+
+    #[test]
+    fn retries_back_off_up_to_a_bound() {
+        assert_eq!(retry_wait(None), RETRY_FIRST);
+        assert_eq!(retry_wait(Some(RETRY_FIRST)), RETRY_FIRST * 2);
+        let mut w = None;
+        for _ in 0..20 {
+            w = Some(retry_wait(w));
+        }
+        assert_eq!(w, Some(RETRY_MAX));
+    }
+
+    #[test]
+    fn a_decision_records_its_ending_and_is_its_own() {
+        let ending = Ending {
+            victim: SessionRef {
+                device: headcount_protocol::DeviceId::parse("tv").unwrap(),
+                session: headcount_protocol::SessionId::parse("s1").unwrap(),
+            },
+            reason: EndReason::Rejected,
+            by: None,
+        };
+        let d = Decided::new(acct(), ending.clone(), 5_000);
+        assert_eq!(
+            d.revocation,
+            Revocation {
+                reason: EndReason::Rejected,
+                device: ending.victim.device.clone(),
+                at: 5_000,
+                by: None,
+            }
+        );
+        let again = Decided::new(acct(), ending, 5_000);
+        assert_ne!(d.decision, again.decision, "two decisions, two ids");
+        let retried = d.clone();
+        assert_eq!(retried.decision, d.decision, "a retry is the same decision");
     }
 
     #[test]

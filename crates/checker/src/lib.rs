@@ -19,7 +19,8 @@
 //! file wires them together in [`run`].
 //!
 //! Never: write the sessions bucket (the heartbeat-handler owns it), or
-//! answer from anything but the view.
+//! answer from anything but the view (`limits.set` answers with the record
+//! it stored).
 
 mod endpoints;
 mod enforcement;

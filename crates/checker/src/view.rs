@@ -5,8 +5,24 @@
 //! revocations from the revoked bucket. A session is active when a live
 //! dictionary holds it, it is not revoked, and it was heard from within the
 //! timeout.
+//!
+//! Clocks: handlers and checkers run on different hosts. The live
+//! dictionaries are those of the previous, current and next interval by this
+//! checker's clock ([`IntervalClock::readable_intervals`]), so a session is
+//! counted, checked and enforced alike while the clock of the handler that
+//! wrote it is ahead of this checker's by less than one interval, or behind
+//! it by less than one interval minus the handler's carry delay (and the
+//! time its write takes to land). Timeouts run on this checker's clock from
+//! the later of the heartbeat it last heard itself and the record's
+//! `last_seen`, which is the handler's clock: a handler behind cannot time a
+//! session out early while this checker hears its heartbeats, and one ahead
+//! by `d` can keep a session that stopped just after a write active for up
+//! to `d` longer. Who is oldest compares `since` values that different
+//! handlers' clocks wrote. The start-up grace, grace periods and peaks use
+//! this checker's clock alone.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::ops::RangeInclusive;
 
 use headcount_protocol::wire::{ActiveSession, SessionDict, SessionRecord, SessionRef};
 use headcount_protocol::{
@@ -82,6 +98,9 @@ struct Account {
     dicts: ByInterval<Dict>,
     /// What an operator stored for this account.
     overrides: Option<Box<AccountLimits>>,
+    /// The KV revision of the account's limits key that `overrides` comes
+    /// from (0: none seen), so that an older copy never replaces a newer one.
+    overrides_revision: u64,
     /// The plan its most recent token carried.
     token_plan: Option<Box<str>>,
     /// Since when the account has been over its limit, within a grace.
@@ -136,6 +155,12 @@ pub struct View {
     /// timeout so that the session is not taken for silent when it lands.
     /// Bounded, so junk subjects cannot grow it.
     early: moka::sync::Cache<SessionId, UnixMillis>,
+    /// The newest revision of the limits bucket its watch has brought to
+    /// this view. An account whose record this checker stored itself at a
+    /// newer revision is kept even when nothing else is known of it: the
+    /// revision it holds keeps an older copy, still on its way through the
+    /// watch, from being applied.
+    limits_watched: u64,
 }
 
 /// A session that should be ended now, and why.
@@ -204,24 +229,19 @@ fn pick(policy: Policy, group: &[&ActiveSession], cap: usize) -> Vec<Verdict> {
 }
 
 /// Calls `f` with each device's newest record over the live intervals
-/// (`cur`, then `prev` for devices `cur` does not hold), without allocating.
+/// `live` (a device a newer one holds is skipped in the older ones), without
+/// allocating.
 fn for_each_newest<'a>(
     dicts: &'a ByInterval<Dict>,
-    prev: u64,
-    cur: u64,
+    live: RangeInclusive<u64>,
     mut f: impl FnMut(&'a DeviceId, &'a Seen),
 ) {
-    let cur_d = dicts.get(&cur);
-    if let Some(d) = cur_d {
-        for (device, rec) in d {
-            f(device, rec);
-        }
-    }
-    if prev != cur
-        && let Some(d) = dicts.get(&prev)
-    {
-        for (device, rec) in d {
-            if !cur_d.is_some_and(|c| c.contains_key(device)) {
+    let newest = *live.end();
+    for (interval, dict) in dicts.iter().filter(|(i, _)| live.contains(i)) {
+        for (device, rec) in dict {
+            let newer = (interval + 1..=newest)
+                .any(|i| dicts.get(&i).is_some_and(|d| d.contains_key(device)));
+            if !newer {
                 f(device, rec);
             }
         }
@@ -254,6 +274,7 @@ impl View {
                 .max_capacity(100_000)
                 .time_to_live(std::time::Duration::from_millis(rules.timeout_ms.max(1)))
                 .build(),
+            limits_watched: 0,
         }
     }
 
@@ -332,11 +353,42 @@ impl View {
         &self.plans
     }
 
-    /// What an operator stored for the account (None: nothing).
-    pub fn set_overrides(&mut self, account: &AccountId, overrides: Option<AccountLimits>) {
+    /// What an operator stored for the account (None: nothing) as of
+    /// `revision` of its limits key, whether the watch brought it or this
+    /// checker stored it. A revision older than the one held changes
+    /// nothing: a watch running behind, or a request that stored its
+    /// record before another's landed, never undoes a newer record. Returns
+    /// whether it was applied.
+    pub fn set_overrides_at(
+        &mut self,
+        account: &AccountId,
+        overrides: Option<AccountLimits>,
+        revision: u64,
+    ) -> bool {
         let acct = self.accounts.entry(account.clone()).or_default();
+        if revision < acct.overrides_revision {
+            return false;
+        }
         acct.overrides = overrides.map(Box::new);
+        acct.overrides_revision = revision;
         acct.due = 0;
+        true
+    }
+
+    /// The limits bucket's watch has brought this view everything up to
+    /// `revision`.
+    pub fn limits_watched_to(&mut self, revision: u64) {
+        self.limits_watched = self.limits_watched.max(revision);
+    }
+
+    /// What an operator stored for the account, newer than anything held.
+    #[cfg(test)]
+    pub fn set_overrides(&mut self, account: &AccountId, overrides: Option<AccountLimits>) {
+        let next = self
+            .accounts
+            .get(account)
+            .map_or(1, |a| a.overrides_revision + 1);
+        self.set_overrides_at(account, overrides, next);
     }
 
     pub fn overrides(&self, account: &AccountId) -> Option<&AccountLimits> {
@@ -356,8 +408,17 @@ impl View {
     /// operator's plan, else its token's, else none (the default); the
     /// operator's overrides on top.
     pub fn limit_and_plan(&self, account: &AccountId) -> (Limit, Option<String>) {
+        self.limit_and_plan_with(account, self.overrides(account))
+    }
+
+    /// [`View::limit_and_plan`] with `overrides` in place of what the view
+    /// holds for the account (a record just stored, say).
+    pub fn limit_and_plan_with(
+        &self,
+        account: &AccountId,
+        overrides: Option<&AccountLimits>,
+    ) -> (Limit, Option<String>) {
         let acct = self.accounts.get(account);
-        let overrides = acct.and_then(|a| a.overrides.as_deref());
         let plan = overrides
             .and_then(|o| o.plan.clone())
             .or_else(|| acct.and_then(|a| a.token_plan.as_deref().map(str::to_owned)))
@@ -466,28 +527,22 @@ impl View {
         grace: bool,
     ) -> Vec<ActiveSession> {
         let floor = if grace { self.started_at } else { 0 };
-        let [prev, cur] = self.rules.clock.live_intervals(now);
+        let live = self.rules.clock.readable_intervals(now);
+        let mut out = Vec::new();
         // Newest interval wins per device.
-        let mut per_device: HashMap<&DeviceId, (&Seen, u64)> = HashMap::new();
-        for (interval, dict) in acct.dicts.iter().filter(|(i, _)| (prev..=cur).contains(i)) {
-            for (device, seen) in dict {
-                per_device.insert(device, (seen, interval));
-            }
-        }
-        per_device
-            .into_iter()
-            .filter(|(_, (seen, _))| !self.is_revoked(account, &seen.rec.session))
-            .map(|(device, (seen, _))| {
-                let rec = &seen.rec;
-                ActiveSession {
+        for_each_newest(&acct.dicts, live, |device, seen| {
+            let rec = &seen.rec;
+            if !self.is_revoked(account, &rec.session) {
+                out.push(ActiveSession {
                     device: device.clone(),
                     session: rec.session.clone(),
                     since: rec.since,
                     last_seen: seen.last_seen().max(floor),
                     labels: rec.labels.clone(),
-                }
-            })
-            .collect()
+                });
+            }
+        });
+        out
     }
 
     /// Sessions beyond the account's limits, as its policy sees them: first
@@ -648,10 +703,10 @@ impl View {
 
     /// Active sessions of one account, counted without copying them.
     fn count_active(&self, acct: &Account, now: UnixMillis) -> u32 {
-        let [prev, cur] = self.rules.clock.live_intervals(now);
+        let live = self.rules.clock.readable_intervals(now);
         let (timeout, floor) = (self.rules.timeout_ms, self.started_at);
         let mut n = 0;
-        for_each_newest(&acct.dicts, prev, cur, |_, seen| {
+        for_each_newest(&acct.dicts, live, |_, seen| {
             if !self.revoked.contains_key(&seen.rec.session)
                 && now.saturating_sub(seen.last_seen().max(floor)) <= timeout
             {
@@ -679,12 +734,12 @@ impl View {
     /// Breakdown over every account (one pass, no copies of the sessions).
     /// `peak` is left at 0: the peak over every account is the caller's.
     pub fn breakdown_all(&self, now: UnixMillis) -> Breakdown {
-        let [prev, cur] = self.rules.clock.live_intervals(now);
+        let live = self.rules.clock.readable_intervals(now);
         let (timeout, floor) = (self.rules.timeout_ms, self.started_at);
         let mut total = 0u32;
         let mut counts: [HashMap<&str, u32>; 3] = Default::default();
         for acct in self.accounts.values() {
-            for_each_newest(&acct.dicts, prev, cur, |_, seen| {
+            for_each_newest(&acct.dicts, live.clone(), |_, seen| {
                 if self.revoked.contains_key(&seen.rec.session)
                     || now.saturating_sub(seen.last_seen().max(floor)) > timeout
                 {
@@ -715,10 +770,10 @@ impl View {
         now: UnixMillis,
     ) -> Option<DeviceId> {
         let acct = self.accounts.get(account)?;
-        let [prev, cur] = self.rules.clock.live_intervals(now);
+        let live = self.rules.clock.readable_intervals(now);
         acct.dicts
             .iter()
-            .filter(|(i, _)| (prev..=cur).contains(i))
+            .filter(|(i, _)| live.contains(i))
             .flat_map(|(_, d)| d.iter())
             .find(|(_, s)| &s.rec.session == session)
             .map(|(d, _)| d.clone())
@@ -734,7 +789,8 @@ impl View {
     /// limits, a session heard again). In between, its last count stands.
     /// It allocates only for what timed out.
     pub fn sweep(&mut self, now: UnixMillis) -> (Vec<(AccountId, ActiveSession)>, u32) {
-        let [prev, cur] = self.rules.clock.live_intervals(now);
+        let intervals = self.rules.clock.readable_intervals(now);
+        let prev = *intervals.start();
         let minute = now / 60_000;
         let (timeout, floor) = (self.rules.timeout_ms, self.started_at);
         let mut timed_out = Vec::new();
@@ -751,7 +807,7 @@ impl View {
                 let mut live = 0u32;
                 let mut due = UnixMillis::MAX;
                 let mut expired: Vec<(DeviceId, SessionRecord, UnixMillis)> = Vec::new();
-                for_each_newest(&acct.dicts, prev, cur, |device, seen| {
+                for_each_newest(&acct.dicts, intervals.clone(), |device, seen| {
                     let rec = &seen.rec;
                     if revoked.contains_key(&rec.session) {
                         return;
@@ -784,8 +840,12 @@ impl View {
             acct.peaks.record(minute, acct.live);
         }
         if pruned {
+            let limits_watched = self.limits_watched;
             self.accounts.retain(|_, a| {
-                !a.dicts.is_empty() || a.overrides.is_some() || a.token_plan.is_some()
+                !a.dicts.is_empty()
+                    || a.overrides.is_some()
+                    || a.token_plan.is_some()
+                    || a.overrides_revision > limits_watched
             });
             // A revocation matters only while a live dictionary holds the session.
             let accounts = &self.accounts;
@@ -970,6 +1030,76 @@ mod tests {
         v.set_dict(&acct(), 1, dict(&[("b", "s2", 55_000)]));
         v.set_dict(&acct(), 0, dict(&[("a", "s1", 1_000), ("b", "s2", 55_000)]));
         assert_eq!((held(&v, 0), held(&v, 1)), (1, 1));
+    }
+
+    #[test]
+    fn a_handler_ahead_writes_into_the_next_interval_and_is_counted_at_once() {
+        // One-minute intervals. This checker's clock is at 50 s (interval
+        // 0); a handler's is 15 s ahead: it has carried s1 on into interval
+        // 1 and records the newcomer s2 there.
+        let now = 50_000;
+        let mut v = view_of(1, Policy::EvictOldest, &[("a", "s1", 1_000)]);
+        v.heard("acme", "a", "s1", 49_000);
+        let sessions = |v: &View, now: u64| -> Vec<String> {
+            v.active(&acct(), now)
+                .iter()
+                .map(|s| s.session.to_string())
+                .collect()
+        };
+        v.set_dict(&acct(), 1, dict(&[("a", "s1", 1_000)]));
+        assert_eq!(sessions(&v, now), ["s1"], "carried on: counted, once");
+        // Interval 0's copy arriving again does not count s1 twice either.
+        v.set_dict(&acct(), 0, dict(&[("a", "s1", 1_000)]));
+        assert_eq!(sessions(&v, now), ["s1"]);
+        assert_eq!(v.sweep(now), (Vec::new(), 1));
+        assert!(v.over_limit(&acct(), now).is_empty());
+
+        v.set_dict(&acct(), 1, dict(&[("a", "s1", 1_000), ("b", "s2", 64_000)]));
+        assert_eq!(sessions(&v, now), ["s1", "s2"]);
+        assert_eq!(v.sweep(now).1, 2);
+        let over = v.over_limit(&acct(), now);
+        assert_eq!(over.len(), 1, "over the limit now, not at 60 s");
+        assert_eq!(over[0].victim.session.as_str(), "s1");
+        assert_eq!(over[0].by.as_ref().unwrap().session.as_str(), "s2");
+        v.revoke(&acct(), &over[0].victim.session);
+        let out = v
+            .check(&acct(), &DeviceId::parse("c").unwrap(), None, None, now)
+            .unwrap();
+        assert!(out.allowed);
+        assert_eq!(out.victims.len(), 1, "check sees s2 too");
+        assert_eq!(out.victims[0].session.as_str(), "s2");
+        assert!(
+            v.find_session(&acct(), &out.victims[0].session, now)
+                .is_some()
+        );
+
+        // Once this checker's clock reaches interval 1 the count is the same.
+        assert_eq!(sessions(&v, now), ["s2"]);
+        assert_eq!(sessions(&v, 61_000), ["s2"]);
+    }
+
+    #[test]
+    fn an_account_keeps_the_revision_of_a_record_the_watch_has_not_brought_yet() {
+        let mut v = view_of(1, Policy::EvictOldest, &[("a", "s1", 1_000)]);
+        let other = AccountId::parse("other").unwrap();
+        // This checker removed acme's record at revision 7 (or later); its
+        // dictionaries then expire.
+        assert!(v.set_overrides_at(&acct(), None, 7));
+        v.sweep(200_000);
+        let stale = AccountLimits {
+            limit: Some(9),
+            ..Default::default()
+        };
+        assert!(
+            !v.set_overrides_at(&acct(), Some(stale), 6),
+            "the revision outlived the dictionaries"
+        );
+        assert_eq!(v.limit(&acct()).limit, 1);
+        // Once the watch has brought revision 7, the empty account goes.
+        v.limits_watched_to(7);
+        v.set_dict(&other, 3, dict(&[("x", "s9", 190_000)]));
+        v.sweep(400_000);
+        assert!(v.accounts().is_empty());
     }
 
     #[test]

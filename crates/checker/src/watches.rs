@@ -32,6 +32,9 @@ pub(crate) fn on_heartbeat(shared: &Shared, subject: &str) {
     }
 }
 
+/// Every dictionary that arrives sends its account to the enforcer, also
+/// one of an interval this checker's clock has not reached yet (written by
+/// a handler whose clock is ahead): the view reads that interval too.
 pub(crate) fn on_dict_entry(shared: &Shared, entry: kv::Entry) {
     let Some(dict) = effects::dict_entry(&entry) else {
         return;
@@ -54,7 +57,11 @@ pub(crate) fn on_limit_entry(shared: &Shared, entry: kv::Entry) {
     let Some(change) = limits_change(&entry.key, entry.operation, &entry.value) else {
         return;
     };
-    let account = apply_limits(&mut shared.view(change.account().as_str()), change);
+    let account = apply_limits(
+        &mut shared.view(change.account().as_str()),
+        change,
+        entry.revision,
+    );
     shared.enforce(account);
 }
 
@@ -112,11 +119,13 @@ fn limits_change(key: &str, operation: kv::Operation, value: &[u8]) -> Option<Li
     }
 }
 
-/// Applies a limits change to the view; returns its account.
-fn apply_limits(view: &mut View, change: LimitsChange) -> AccountId {
+/// Applies a limits change the watch brought at `revision` to the view;
+/// returns its account.
+fn apply_limits(view: &mut View, change: LimitsChange, revision: u64) -> AccountId {
+    view.limits_watched_to(revision);
     match change {
         LimitsChange::Overrides(account, o) => {
-            view.set_overrides(&account, o);
+            view.set_overrides_at(&account, o, revision);
             account
         }
         LimitsChange::TokenPlan(account, plan) => {
@@ -178,7 +187,7 @@ mod tests {
         );
         let plans = headcount_protocol::policy::default_plans();
         let mut v = View::with_plans(rules(3, Policy::EvictOldest), plans, 0);
-        assert_eq!(apply_limits(&mut v, change), acct());
+        assert_eq!(apply_limits(&mut v, change, 1), acct());
         assert_eq!(v.limit(&acct()).limit, 7);
 
         let change = limits_change("acme.plan", put, br#""premium""#).unwrap();
@@ -186,16 +195,54 @@ mod tests {
             change,
             LimitsChange::TokenPlan(acct(), Some("premium".into()))
         );
-        apply_limits(&mut v, change);
+        apply_limits(&mut v, change, 2);
         assert_eq!(v.limit_and_plan(&acct()).1.as_deref(), Some("premium"));
 
         let removed = limits_change("acme", kv::Operation::Delete, b"").unwrap();
         assert_eq!(removed, LimitsChange::Overrides(acct(), None));
-        apply_limits(&mut v, removed);
+        apply_limits(&mut v, removed, 3);
         assert_eq!(v.limit(&acct()).limit, 4, "back to the token's plan");
         let removed = limits_change("acme.plan", kv::Operation::Purge, b"").unwrap();
-        apply_limits(&mut v, removed);
+        apply_limits(&mut v, removed, 4);
         assert_eq!(v.limit(&acct()).limit, 3, "back to the default");
+    }
+
+    #[test]
+    fn an_older_limits_record_never_replaces_a_newer_one() {
+        let mut v = View::new(rules(3, Policy::EvictOldest), 0);
+        let record = |limit: u32| {
+            Some(AccountLimits {
+                limit: Some(limit),
+                ..Default::default()
+            })
+        };
+        // This checker stored revision 5 itself; the watch, running behind,
+        // then brings revision 4 and only later 5 and 6.
+        assert!(v.set_overrides_at(&acct(), record(5), 5));
+        let stale = LimitsChange::Overrides(acct(), record(4));
+        apply_limits(&mut v, stale, 4);
+        assert_eq!(v.limit(&acct()).limit, 5, "revision 4 is older");
+        apply_limits(&mut v, LimitsChange::Overrides(acct(), record(5)), 5);
+        apply_limits(&mut v, LimitsChange::Overrides(acct(), None), 6);
+        assert_eq!(v.limit(&acct()).limit, 3, "removed at revision 6");
+        // A request that read revision 5 and lost the race to 6 does not
+        // bring its record back either.
+        assert!(!v.set_overrides_at(&acct(), record(9), 5));
+        assert_eq!(v.limit(&acct()).limit, 3);
+    }
+
+    #[test]
+    fn a_dictionary_of_the_next_interval_counts_and_is_enforced_at_once() {
+        // One-minute intervals; this checker's clock is at 50 s (interval
+        // 0), a handler's is past 60 s already.
+        let mut v = View::new(rules(1, Policy::EvictOldest), 0);
+        apply_dict(&mut v, entry(0, &[("a", "s1", 45_000)]));
+        let account = apply_dict(&mut v, entry(1, &[("b", "s2", 61_000)]));
+        assert_eq!(account, acct(), "the account goes to the enforcer");
+        assert_eq!(active(&v, 50_000), ["s1", "s2"]);
+        let over = v.over_limit(&acct(), 50_000);
+        assert_eq!(over.len(), 1);
+        assert_eq!(over[0].victim.session.as_str(), "s1");
     }
 
     #[test]

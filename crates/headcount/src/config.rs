@@ -260,7 +260,7 @@ impl EngineArgs {
             replicas: self.replicas.unwrap_or(1),
             sessions_ttl: headcount_protocol::IntervalClock::new(self.interval).dictionary_ttl(),
             revoked_ttl: self.revoked_ttl,
-            timeouts_ttl: (self.timeout * 4).max(Duration::from_secs(30)),
+            timeouts_ttl: headcount_runtime::buckets::timeouts_ttl(self.interval, self.timeout),
             storage: async_nats::jetstream::stream::StorageType::File,
         }
     }

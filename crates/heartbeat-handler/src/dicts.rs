@@ -2,14 +2,25 @@
 //! that have not reached KV yet.
 //!
 //! Pure data and rules, no I/O: the ingest loop records changes here
-//! ([`Dicts::on_heartbeat`]); the flusher takes them out
-//! ([`Dicts::take_for_write`]), writes them with compare-and-set and hands
-//! the outcome back ([`Dicts::on_written`], [`Dict::on_conflict`]). Because
-//! [`apply`] is idempotent, a write retried after a conflict or a time-out
-//! that did commit leaves the same dictionary.
+//! ([`Dicts::on_heartbeat`], and [`Dicts::ended`] for sessions ended
+//! elsewhere); the flusher takes them out ([`Dicts::take_for_write`]),
+//! writes them with compare-and-set and hands the outcome back
+//! ([`Dicts::on_written`], [`Dicts::on_conflict`]). Because [`apply`] is
+//! idempotent, a write retried after a conflict or a time-out that did
+//! commit leaves the same dictionary.
+//!
+//! A leave applies wherever its session is: in the copy, in a pending change
+//! or in the write under way. When this copy does not show the session at
+//! all (another handler recorded it, and the watch has not brought that
+//! yet), the removal waits for a copy that does ([`Dicts::install`]).
+//!
+//! A dictionary never grows past [`DICT_MAX_SESSIONS`] devices, so that its
+//! value always fits one KV write: a new device beyond that is refused, at
+//! the heartbeat ([`Decision::Full`]) and again when the write is taken.
 
 use std::collections::HashMap;
 
+use headcount_protocol::policy::DICT_MAX_SESSIONS;
 use headcount_protocol::wire::{Heartbeat, HeartbeatRef, Labels, SessionDict, SessionRecord};
 use headcount_protocol::{AccountId, ByInterval, DeviceId, IntervalClock, SessionId, UnixMillis};
 
@@ -24,12 +35,29 @@ pub enum Change {
     /// turned into an `Upsert` when taken for a write
     /// ([`Dict::take_for_write`]).
     Carry(UnixMillis),
-    /// The session left: drop the device's entry if it still holds it.
+    /// The session left: drop the device's entry if it still holds it, and
+    /// announce the leave once that is written.
     Remove(SessionId),
-    /// Like `Remove`, for a dictionary this handler had trimmed (the
-    /// session also sat in a newer interval, whose write announces the
-    /// leave): the entry goes, no event.
+    /// The session left before this handler saw its record land (its add
+    /// was pending here, or under way): drop the entry if the add landed
+    /// after all, and announce the leave either way, since no other writer
+    /// knows of it.
+    Withdraw(Box<SessionRecord>),
+    /// Drop the entry if it holds the session, quietly: the leave is
+    /// announced by another dictionary's write (the session also sits in a
+    /// newer interval, or this handler had trimmed it from its copy), or
+    /// the session was ended by whoever announced that.
     Forget(SessionId),
+}
+
+impl Change {
+    /// Whether the change takes an entry away rather than writing one.
+    fn removes(&self) -> bool {
+        matches!(
+            self,
+            Change::Remove(_) | Change::Withdraw(_) | Change::Forget(_)
+        )
+    }
 }
 
 /// What applying a change did, for events and revocations.
@@ -44,6 +72,9 @@ pub enum Applied {
     },
     Updated,
     Removed(SessionRecord),
+    /// A withdrawn session was not in the dictionary (its add never
+    /// landed): nothing changed, and its leave is announced all the same.
+    Withdrawn(SessionRecord),
 }
 
 /// Applies one change to a dictionary. Idempotent.
@@ -95,6 +126,16 @@ pub fn apply(dict: &mut SessionDict, device: &DeviceId, change: &Change) -> Appl
             }
             _ => Applied::Nothing,
         },
+        Change::Withdraw(rec) => match dict.get(device) {
+            Some(cur) if cur.session == rec.session => {
+                let gone = dict.remove(device);
+                gone.map_or(Applied::Nothing, Applied::Removed)
+            }
+            // A newer session of the device displaced it: its ending is
+            // announced as that session's replacement.
+            Some(cur) if cur.replaced.as_ref() == Some(&rec.session) => Applied::Nothing,
+            _ => Applied::Withdrawn((**rec).clone()),
+        },
     }
 }
 
@@ -117,6 +158,10 @@ pub struct Dict {
     pending: HashMap<DeviceId, Change>,
     /// A write (or the re-read of a trimmed copy) is under way.
     in_flight: bool,
+    /// The sessions the write under way records, by device: not in
+    /// `entries` before it lands, yet a leave arriving meanwhile must find
+    /// them, and a full dictionary must count them.
+    flying: HashMap<DeviceId, SessionRecord>,
     /// What is pending waits for a deferred flush (carry-overs only).
     deferred: bool,
     /// `entries` lacks what a newer interval's dictionary also holds (to
@@ -141,9 +186,15 @@ pub enum Take {
     /// Nothing: no change is pending, or a write is under way (it asks for
     /// another flush when it ends if changes are left).
     Idle,
-    /// Every pending change was already in the copy: they are done, and
-    /// there is nothing to write.
-    Unchanged,
+    /// Every pending change was already in the copy, or was refused by a
+    /// full dictionary: they are done, and there is nothing to write. What
+    /// they still announce (the leave of a session withdrawn before its
+    /// add landed) is announced now.
+    Unchanged {
+        applied: Vec<(DeviceId, Applied, bool)>,
+        /// New sessions refused for want of room.
+        refused: usize,
+    },
     /// The copy is trimmed: read the whole dictionary from KV, hand it to
     /// [`Dict::on_reread`] and flush again. The pending changes wait.
     Reread,
@@ -162,8 +213,11 @@ pub struct Write {
     /// The changes written, carry-overs resolved; pending again if the
     /// write does not land.
     changes: HashMap<DeviceId, Change>,
-    /// What they did, to announce once the write lands.
-    applied: Vec<(DeviceId, Applied)>,
+    /// What they did, to announce once the write lands (see
+    /// [`Written::applied`]).
+    applied: Vec<(DeviceId, Applied, bool)>,
+    /// New sessions this write left out for want of room.
+    refused: usize,
 }
 
 impl Write {
@@ -176,6 +230,12 @@ impl Write {
     pub fn value(&self) -> &SessionDict {
         &self.value
     }
+
+    /// How many new sessions the dictionary had no room for: they are
+    /// dropped, not retried (the session's next heartbeat asks again).
+    pub fn refused(&self) -> usize {
+        self.refused
+    }
 }
 
 /// A write that landed.
@@ -183,13 +243,24 @@ impl Write {
 pub struct Written {
     /// What the write did to each device's entry, for events and
     /// revocations: only the writer whose compare-and-set landed announces.
-    /// The flag says whether the session is also recorded in another live
-    /// interval, looked at before that interval is trimmed of what this
-    /// write carried: a carried session's arrival, or a leave written
-    /// while the session is still recorded elsewhere, is not news.
+    /// The flag says whether an added session was recorded in another live
+    /// interval when the write was taken: a carried session's arrival is
+    /// not news.
     pub applied: Vec<(DeviceId, Applied, bool)>,
     /// Changes were queued while the write was under way: flush again.
     pub more: bool,
+}
+
+/// Where a dictionary holds one session of one device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Held {
+    /// Not at all, or only to be displaced or removed by a change already
+    /// queued.
+    No,
+    /// In the copy KV has confirmed.
+    Landed,
+    /// Only in a write that has not landed: pending, or under way.
+    Writing(SessionRecord),
 }
 
 impl Dict {
@@ -211,10 +282,52 @@ impl Dict {
         rec
     }
 
+    /// Where this dictionary holds `session` of `device`, counting the
+    /// pending changes and the write under way (`prev`: the previous
+    /// interval's entries, for a pending carry-over).
+    fn held(&self, device: &DeviceId, session: &SessionId, prev: Option<&SessionDict>) -> Held {
+        let writing = match self.pending.get(device) {
+            Some(change) => match carried(change, prev, device) {
+                Some(Change::Upsert(rec)) if rec.session == *session => Some(*rec),
+                // Its removal is queued, or another session of the device
+                // is about to displace it (removing it now would undo
+                // that session's write if both went back to pending).
+                _ => return Held::No,
+            },
+            None => match self.flying.get(device) {
+                Some(rec) if rec.session == *session => Some(rec.clone()),
+                Some(_) => return Held::No,
+                None => None,
+            },
+        };
+        if self
+            .entries
+            .get(device)
+            .is_some_and(|r| r.session == *session)
+        {
+            Held::Landed
+        } else {
+            writing.map_or(Held::No, Held::Writing)
+        }
+    }
+
+    /// Whether the device has an entry here, or will have once what is
+    /// pending or under way lands: what a full dictionary counts.
+    fn counts(&self, device: &DeviceId) -> bool {
+        self.entries.contains_key(device)
+            || self.pending.contains_key(device)
+            || self.flying.contains_key(device)
+    }
+
+    /// An upper bound of how many devices [`Dict::counts`].
+    fn count_bound(&self) -> usize {
+        self.entries.len() + self.pending.len() + self.flying.len()
+    }
+
     /// Queues a change and says when the dictionary must be flushed.
     /// `defer` marks a change nobody waits for (a live session entering a
-    /// new interval); any other change makes the flush due now, taking the
-    /// deferred ones along.
+    /// new interval, the quiet removal of an ended session); any other
+    /// change makes the flush due now, taking the deferred ones along.
     fn queue(&mut self, device: DeviceId, change: Change, defer: bool) -> Schedule {
         let was_empty = self.pending.is_empty();
         self.pending.insert(device, change);
@@ -250,6 +363,14 @@ impl Dict {
     /// (`prev`: the previous interval's entries, which carry-overs copy).
     /// Unless [`Take::Idle`], the dictionary is in flight until the outcome
     /// comes back; [`Take::Unchanged`] has already ended it.
+    ///
+    /// The value never holds more than [`DICT_MAX_SESSIONS`] devices: a
+    /// change that would add a device beyond that is refused and dropped.
+    /// Removals go first, then the sessions already live here or in the
+    /// previous interval, then new devices, and a new device gets in only
+    /// while this dictionary and the previous one hold fewer than that
+    /// together, so that the previous interval's sessions can always be
+    /// carried over.
     pub fn take_for_write(&mut self, prev: Option<&SessionDict>) -> Take {
         if self.in_flight || self.pending.is_empty() {
             return Take::Idle;
@@ -259,30 +380,86 @@ impl Dict {
         if self.partial {
             return Take::Reread;
         }
-        let changes = resolve(std::mem::take(&mut self.pending), prev);
+        let resolved = resolve(std::mem::take(&mut self.pending), prev);
         let mut value = self.entries.clone();
-        let mut applied = Vec::with_capacity(changes.len());
+        let in_prev = |device: &DeviceId| prev.is_some_and(|p| p.contains_key(device));
+        // Devices in this dictionary or the previous one; only counted
+        // when the write could reach the limit at all.
+        let bound = value.len() + prev.map_or(0, |p| p.len()) + resolved.len();
+        let mut union = (bound > DICT_MAX_SESSIONS).then(|| {
+            value.len() + prev.map_or(0, |p| p.keys().filter(|d| !value.contains_key(*d)).count())
+        });
+        let mut order: Vec<(DeviceId, Change)> = resolved.into_iter().collect();
+        order.sort_by_key(|(device, change)| {
+            if change.removes() {
+                0
+            } else if value.contains_key(device) || in_prev(device) {
+                1
+            } else {
+                2
+            }
+        });
+        let mut changes = HashMap::with_capacity(order.len());
+        let mut applied = Vec::with_capacity(order.len());
         let mut changed = false;
-        for (device, change) in &changes {
-            let what = apply(&mut value, device, change);
-            if what != Applied::Nothing {
-                changed = true;
-                // A forgotten entry's leave is announced by the newer interval.
-                if !matches!(change, Change::Forget(_)) {
-                    applied.push((device.clone(), what));
+        let mut refused = 0;
+        for (device, change) in order {
+            let before = value.contains_key(&device);
+            if let Some(union) = union
+                && !before
+                && !change.removes()
+            {
+                let room = if in_prev(&device) {
+                    value.len() < DICT_MAX_SESSIONS
+                } else {
+                    union < DICT_MAX_SESSIONS
+                };
+                if !room {
+                    refused += 1;
+                    continue;
                 }
             }
+            let what = apply(&mut value, &device, &change);
+            let after = value.contains_key(&device);
+            if let Some(union) = union.as_mut()
+                && before != after
+                && !in_prev(&device)
+            {
+                if after {
+                    *union += 1;
+                } else {
+                    *union -= 1;
+                }
+            }
+            match what {
+                Applied::Nothing => {}
+                // Nothing changed, and the leave is announced all the same.
+                Applied::Withdrawn(_) => applied.push((device.clone(), what, false)),
+                _ => {
+                    changed = true;
+                    // A forgotten entry's end is announced elsewhere.
+                    if !matches!(change, Change::Forget(_)) {
+                        applied.push((device.clone(), what, false));
+                    }
+                }
+            }
+            if let Change::Upsert(rec) = &change {
+                self.flying.insert(device.clone(), (**rec).clone());
+            }
+            changes.insert(device, change);
         }
         if !changed {
             // `value` is the copy held: nothing to write or install.
             self.in_flight = false;
-            return Take::Unchanged;
+            self.flying.clear();
+            return Take::Unchanged { applied, refused };
         }
         Take::Write(Write {
             revision: self.revision,
             value,
             changes,
             applied,
+            refused,
         })
     }
 
@@ -291,12 +468,9 @@ impl Dict {
     pub fn on_written(&mut self, write: Write, revision: u64) -> Written {
         self.install(revision, write.value);
         self.in_flight = false;
+        self.flying.clear();
         Written {
-            applied: write
-                .applied
-                .into_iter()
-                .map(|(device, applied)| (device, applied, false))
-                .collect(),
+            applied: write.applied,
             more: !self.pending.is_empty(),
         }
     }
@@ -318,11 +492,13 @@ impl Dict {
             self.revision = revision;
             self.entries = entries;
         }
-        // Newer changes queued meanwhile win over the ones taken.
+        // Newer changes queued meanwhile win over the ones taken (a leave
+        // queued behind the session's add withdraws it).
         for (device, change) in write.changes {
             self.pending.entry(device).or_insert(change);
         }
         self.in_flight = false;
+        self.flying.clear();
     }
 
     /// The whole copy of a trimmed dictionary, read after [`Take::Reread`]
@@ -398,18 +574,35 @@ fn trim(dicts: &mut ByInterval<Dict>, prev: u64, cur: u64) {
     }
 }
 
-/// What the ingest loop decided about a heartbeat.
+/// What the ingest loop decided about a heartbeat (or an ending).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
     /// Nothing to write: the session is already recorded for this interval.
     Unchanged,
     /// Changes were queued; flush these dictionaries now.
     Queued(Vec<(AccountId, u64)>),
-    /// A live session entered a new interval: flush after the carry-over
-    /// delay, so that one write carries every session of the account.
+    /// Changes nobody waits for were queued (a live session entered a new
+    /// interval, an ended session is to be dropped): flush after the
+    /// carry-over delay, so that one write carries many.
     Deferred(Vec<(AccountId, u64)>),
     /// The session was displaced by a newer session of the same device.
     Superseded,
+    /// A new session, and the account's live dictionaries already hold
+    /// [`DICT_MAX_SESSIONS`] devices: it is not recorded.
+    Full,
+}
+
+/// A removal waiting for its session to show up in a copy of one of the
+/// account's dictionaries.
+#[derive(Debug, Clone)]
+struct Awaited {
+    device: DeviceId,
+    /// A leave this handler has yet to announce (false: quiet, or
+    /// announced already).
+    announce: bool,
+    /// The last interval whose dictionary it was waited for in: it is
+    /// dropped once that interval is no longer live.
+    until: u64,
 }
 
 /// Every dictionary the handler knows, by account and interval.
@@ -417,6 +610,10 @@ pub enum Decision {
 pub struct Dicts {
     clock: IntervalClock,
     accounts: HashMap<AccountId, ByInterval<Dict>>,
+    /// Removals of sessions that no copy here holds yet, by account and
+    /// session: a leave handled here whose session another handler
+    /// records, or a session ended before this copy showed it.
+    awaited: HashMap<AccountId, HashMap<SessionId, Awaited>>,
 }
 
 impl Dicts {
@@ -424,6 +621,7 @@ impl Dicts {
         Self {
             clock,
             accounts: HashMap::new(),
+            awaited: HashMap::new(),
         }
     }
 
@@ -435,15 +633,100 @@ impl Dicts {
         self.accounts.get_mut(account)?.get_mut(&interval)
     }
 
-    /// `account`'s dictionary of `interval`, made empty if there is none:
-    /// where a copy read from KV is installed, and where a write that did
-    /// not land hands its outcome back ([`Dict::on_conflict`],
-    /// [`Dict::on_reread`]).
+    /// `account`'s dictionary of `interval`, made empty if there is none.
     pub fn entry(&mut self, account: &AccountId, interval: u64) -> &mut Dict {
         self.accounts
             .entry(account.clone())
             .or_default()
             .entry_or_default(interval)
+    }
+
+    /// Installs a copy of `account`'s dictionary of `interval` read from
+    /// KV (the watch), trims what it allows, and queues the removals that
+    /// waited for a copy holding their session: what to flush for them.
+    pub fn install(
+        &mut self,
+        account: &AccountId,
+        interval: u64,
+        revision: u64,
+        entries: SessionDict,
+        now: UnixMillis,
+    ) -> Decision {
+        self.entry(account, interval).install(revision, entries);
+        self.trim(account, now);
+        self.settle(account, interval)
+    }
+
+    /// [`Dict::on_conflict`] for `account`'s dictionary of `interval`; the
+    /// copy it installs may hold a session whose removal waited for it.
+    pub fn on_conflict(
+        &mut self,
+        account: &AccountId,
+        interval: u64,
+        write: Write,
+        current: Option<(u64, SessionDict)>,
+    ) {
+        self.entry(account, interval).on_conflict(write, current);
+        // The flusher writes this dictionary again anyway, and takes what
+        // this queues along.
+        let _ = self.settle(account, interval);
+    }
+
+    /// [`Dict::on_reread`] for `account`'s dictionary of `interval`, as
+    /// [`Dicts::on_conflict`].
+    pub fn on_reread(
+        &mut self,
+        account: &AccountId,
+        interval: u64,
+        current: Option<(u64, SessionDict)>,
+    ) {
+        self.entry(account, interval).on_reread(current);
+        // As after a conflict, the flusher writes this dictionary next.
+        let _ = self.settle(account, interval);
+    }
+
+    /// Queues the awaited removals whose session `account`'s dictionary of
+    /// `interval` now holds, and says when to flush. A removal keeps
+    /// waiting while a change of that device is pending or under way (it
+    /// is looked at again with the next copy), and after it was queued, so
+    /// that a copy of another interval that also shows the session gets
+    /// rid of it too, quietly.
+    fn settle(&mut self, account: &AccountId, interval: u64) -> Decision {
+        let Some(awaited) = self.awaited.get_mut(account).filter(|w| !w.is_empty()) else {
+            return Decision::Unchanged;
+        };
+        let Some(dict) = self
+            .accounts
+            .get_mut(account)
+            .and_then(|d| d.get_mut(&interval))
+        else {
+            return Decision::Unchanged;
+        };
+        let mut schedules = Vec::new();
+        for (session, w) in awaited.iter_mut() {
+            let holds = dict
+                .entries
+                .get(&w.device)
+                .is_some_and(|r| &r.session == session);
+            if !holds || dict.pending.contains_key(&w.device) || dict.flying.contains_key(&w.device)
+            {
+                continue;
+            }
+            let (change, defer) = if std::mem::take(&mut w.announce) {
+                (Change::Remove(session.clone()), false)
+            } else {
+                (Change::Forget(session.clone()), true)
+            };
+            schedules.push(dict.queue(w.device.clone(), change, defer));
+        }
+        let key = || vec![(account.clone(), interval)];
+        if schedules.contains(&Schedule::Now) {
+            Decision::Queued(key())
+        } else if schedules.contains(&Schedule::Later) {
+            Decision::Deferred(key())
+        } else {
+            Decision::Unchanged
+        }
     }
 
     /// Every dictionary with changes not written yet.
@@ -459,7 +742,8 @@ impl Dicts {
             .collect()
     }
 
-    /// Whether any change has not reached KV yet.
+    /// Whether any change has not reached KV yet. Removals still waiting
+    /// for their session to show up are not changes yet.
     pub fn has_pending(&self) -> bool {
         self.accounts
             .values()
@@ -467,7 +751,6 @@ impl Dicts {
             .any(|d| d.in_flight || !d.pending.is_empty())
     }
 
-    /// Sessions currently held for the live intervals (for the gauge).
     /// Sessions held in the live dictionaries (a device counted once, by its
     /// newest interval), so that the count does not dip at an interval
     /// boundary before each session's next heartbeat moves it along.
@@ -511,18 +794,27 @@ impl Dicts {
     }
 
     /// Drops dictionaries no reader consults any more, keeping those with a
-    /// write still pending.
+    /// write still pending, and removals that waited for an interval no
+    /// longer live.
     pub fn prune(&mut self, now: UnixMillis) {
         let [prev, _] = self.clock.live_intervals(now);
         self.accounts.retain(|_, dicts| {
             dicts.retain(|i, d| i >= prev || d.in_flight || !d.pending.is_empty());
             !dicts.is_empty()
         });
+        self.awaited.retain(|_, awaited| {
+            awaited.retain(|_, w| w.until >= prev);
+            !awaited.is_empty()
+        });
     }
 
     /// [`Dict::take_for_write`] for `account`'s dictionary of `interval`,
     /// carry-overs copied from the previous interval's. A take that finds
     /// nothing to write trims like a write that landed.
+    ///
+    /// Whether an added session is also recorded in another live interval
+    /// (a carry-over, not a join) is decided here, while that interval
+    /// still holds it: a leave may remove it there before this write lands.
     pub fn take_for_write(&mut self, account: &AccountId, interval: u64, now: UnixMillis) -> Take {
         let Some(dicts) = self.accounts.get_mut(account) else {
             return Take::Idle;
@@ -533,16 +825,30 @@ impl Dicts {
             return Take::Idle;
         };
         let prev = dicts.get(&interval.wrapping_sub(1)).map(|p| &p.entries);
-        let take = dict.take_for_write(prev);
+        let mut take = dict.take_for_write(prev);
         dicts.insert(interval, dict);
-        if matches!(take, Take::Unchanged) {
-            self.trim(account, now);
+        match &mut take {
+            Take::Unchanged { .. } => self.trim(account, now),
+            Take::Write(write) => {
+                for (device, what, elsewhere) in &mut write.applied {
+                    if let Applied::Added { record, .. } = what {
+                        *elsewhere = self.recorded_elsewhere(
+                            account,
+                            device,
+                            &record.session,
+                            interval,
+                            now,
+                        );
+                    }
+                }
+            }
+            Take::Idle | Take::Reread => {}
         }
         take
     }
 
     /// [`Dict::on_written`] for `account`'s dictionary of `interval`, then
-    /// the trim its new copy allows.
+    /// the trim its new copy allows and the removals it lets through.
     pub fn on_written(
         &mut self,
         account: &AccountId,
@@ -552,14 +858,10 @@ impl Dicts {
         now: UnixMillis,
     ) -> Written {
         let mut written = self.entry(account, interval).on_written(write, revision);
-        for (device, applied, elsewhere) in &mut written.applied {
-            let session = match applied {
-                Applied::Added { record, .. } | Applied::Removed(record) => &record.session,
-                Applied::Updated | Applied::Nothing => continue,
-            };
-            *elsewhere = self.recorded_elsewhere(account, device, session, interval, now);
-        }
         self.trim(account, now);
+        if self.settle(account, interval) != Decision::Unchanged {
+            written.more = true;
+        }
         written
     }
 
@@ -605,8 +907,8 @@ impl Dicts {
     }
 
     /// Decides what a valid heartbeat changes. Only the current interval's
-    /// dictionary is written for a live session; a leave is written to every
-    /// live dictionary that holds the session.
+    /// dictionary is written for a live session; a leave removes the
+    /// session from every live dictionary that holds it ([`Dicts::remove`]).
     pub fn on_heartbeat(
         &mut self,
         account: &AccountId,
@@ -630,34 +932,14 @@ impl Dicts {
         }
 
         if hb.leave {
-            let mut flush = Vec::new();
-            let holds =
-                |r: &Option<SessionRecord>| r.as_ref().is_some_and(|r| &r.session == session);
-            // A trimmed previous dictionary may still hold the session in KV
-            // when the current one does: remove it there too, quietly.
-            let trimmed = prev != cur
-                && holds(&cur_rec)
-                && !holds(&prev_rec)
-                && dicts.get(&prev).is_some_and(|d| d.partial);
-            let changes = [
-                (prev, holds(&prev_rec), Change::Remove(session.clone())),
-                (prev, trimmed, Change::Forget(session.clone())),
-                (cur, holds(&cur_rec), Change::Remove(session.clone())),
-            ];
-            for (interval, wanted, change) in changes {
-                if wanted {
-                    let dict = dicts.entry_or_default(interval);
-                    if dict.queue(device.clone(), change, false) == Schedule::Now {
-                        flush.push((account.clone(), interval));
-                    }
-                }
-            }
-            return if flush.is_empty() {
-                Decision::Unchanged
-            } else {
-                Decision::Queued(flush)
-            };
+            return self.remove(account, device, session, true, now);
         }
+        // Heard again after a leave that is waiting for its session to show
+        // up here: it joins again, and that removal is void.
+        if let Some(awaited) = self.awaited.get_mut(account) {
+            awaited.remove(session);
+        }
+        let dicts = self.accounts.entry(account.clone()).or_default();
 
         let same_fields = |r: &SessionRecord| {
             r.labels.matches(
@@ -679,6 +961,19 @@ impl Dicts {
                 rec.last_seen = rec.last_seen.max(now);
             }
             return Decision::Unchanged;
+        }
+        // A device new to the account's live dictionaries takes a place in
+        // them, and past their room it is refused: no limit allows that many
+        // sessions, so it would be ended anyway.
+        let (cur_d, prev_d) = (dicts.get(&cur), dicts.get(&prev).filter(|_| prev != cur));
+        let known = |d: Option<&Dict>| d.is_some_and(|d| d.counts(device));
+        if cur_rec.is_none()
+            && prev_rec.is_none()
+            && !known(cur_d)
+            && !known(prev_d)
+            && !has_room(cur_d, prev_d)
+        {
+            return Decision::Full;
         }
         // Carry the session's start, and which session it displaced, over
         // from whichever live interval knows it. A new session displaces the
@@ -725,6 +1020,166 @@ impl Dicts {
             Schedule::Already => Decision::Queued(Vec::new()),
         }
     }
+
+    /// `session` of `device` was ended by someone else (evicted, refused,
+    /// kicked, replaced) at `at`: it leaves every live dictionary of
+    /// `account`, quietly (its ending was announced by whoever ended it),
+    /// so that dictionaries hold live sessions only. Nobody waits for that
+    /// write: it is deferred like a carry-over, and rides along with the
+    /// account's next one. An ending older than the live intervals has
+    /// nothing left to remove.
+    pub fn ended(
+        &mut self,
+        account: &AccountId,
+        device: &DeviceId,
+        session: &SessionId,
+        at: UnixMillis,
+        now: UnixMillis,
+    ) -> Decision {
+        let [prev, _] = self.clock.live_intervals(now);
+        if self.clock.interval_of(at) < prev {
+            return Decision::Unchanged;
+        }
+        self.remove(account, device, session, false, now)
+    }
+
+    /// Queues the removal of `session` of `device` from every live
+    /// dictionary of `account` that holds it, in its copy or in a write
+    /// that has not landed; a leave (`announce`) is announced by one of
+    /// them only: the newest interval whose copy holds the session, else
+    /// the newest whose pending or flying add holds it (a withdrawal), the
+    /// others being quiet. A session no dictionary holds waits for a copy
+    /// that does ([`Dicts::install`]).
+    fn remove(
+        &mut self,
+        account: &AccountId,
+        device: &DeviceId,
+        session: &SessionId,
+        announce: bool,
+        now: UnixMillis,
+    ) -> Decision {
+        let [prev, cur] = self.clock.live_intervals(now);
+        let intervals: &[u64] = if prev == cur { &[cur] } else { &[prev, cur] };
+        let dicts = self.accounts.entry(account.clone()).or_default();
+        let held: Vec<(u64, Held)> = intervals
+            .iter()
+            .map(|&i| {
+                let before = dicts.get(&i.wrapping_sub(1)).map(|p| &p.entries);
+                let held = dicts
+                    .get(&i)
+                    .map_or(Held::No, |d| d.held(device, session, before));
+                (i, held)
+            })
+            .collect();
+        let announcer = announce
+            .then(|| {
+                let newest = |landed: bool| {
+                    held.iter()
+                        .rev()
+                        .find(|(_, h)| {
+                            if landed {
+                                *h == Held::Landed
+                            } else {
+                                matches!(h, Held::Writing(_))
+                            }
+                        })
+                        .map(|(i, _)| *i)
+                };
+                newest(true).or_else(|| newest(false))
+            })
+            .flatten();
+        // A trimmed previous dictionary may still hold the session in KV
+        // when the current one does: remove it there too, quietly.
+        let trimmed = prev != cur
+            && held.iter().any(|(i, h)| *i == cur && *h != Held::No)
+            && held.iter().any(|(i, h)| *i == prev && *h == Held::No)
+            && dicts.get(&prev).is_some_and(|d| d.partial);
+        let mut changes = Vec::new();
+        for (interval, h) in held {
+            let change = match h {
+                Held::No if interval == prev && trimmed => Change::Forget(session.clone()),
+                Held::No => continue,
+                Held::Landed if announcer == Some(interval) => Change::Remove(session.clone()),
+                Held::Writing(rec) if announcer == Some(interval) => {
+                    Change::Withdraw(Box::new(rec))
+                }
+                Held::Landed | Held::Writing(_) => Change::Forget(session.clone()),
+            };
+            changes.push((interval, change));
+        }
+        if changes.is_empty() {
+            self.awaited.entry(account.clone()).or_default().insert(
+                session.clone(),
+                Awaited {
+                    device: device.clone(),
+                    announce,
+                    until: cur,
+                },
+            );
+            return Decision::Unchanged;
+        }
+        // A leave is waited for by the device and its observers; an ending
+        // is announced already, and its removal rides along.
+        let defer = !announce;
+        let mut now_keys = Vec::new();
+        let mut later_keys = Vec::new();
+        for (interval, change) in changes {
+            match dicts
+                .entry_or_default(interval)
+                .queue(device.clone(), change, defer)
+            {
+                Schedule::Now => now_keys.push((account.clone(), interval)),
+                Schedule::Later => later_keys.push((account.clone(), interval)),
+                Schedule::Already => {}
+            }
+        }
+        if !now_keys.is_empty() {
+            Decision::Queued(now_keys)
+        } else if !later_keys.is_empty() {
+            Decision::Deferred(later_keys)
+        } else {
+            Decision::Unchanged
+        }
+    }
+}
+
+/// Whether the live dictionaries `cur` and `prev` of an account have room
+/// for one more device: together they count fewer than
+/// [`DICT_MAX_SESSIONS`] ([`Dict::counts`]), so that neither can outgrow
+/// it, whatever of the previous interval is carried over.
+fn has_room(cur: Option<&Dict>, prev: Option<&Dict>) -> bool {
+    let bound = cur.map_or(0, Dict::count_bound) + prev.map_or(0, Dict::count_bound);
+    if bound < DICT_MAX_SESSIONS {
+        return true;
+    }
+    let distinct = |d: &Dict| {
+        let pending = d.pending.keys().filter(|k| !d.entries.contains_key(*k));
+        let flying = d
+            .flying
+            .keys()
+            .filter(|k| !d.entries.contains_key(*k) && !d.pending.contains_key(*k));
+        d.entries.len() + pending.count() + flying.count()
+    };
+    let in_cur = cur.map_or(0, distinct);
+    let only_prev = prev.map_or(0, |p| {
+        let mut n = 0;
+        let mut seen = |k: &DeviceId| {
+            if !cur.is_some_and(|c| c.counts(k)) {
+                n += 1;
+            }
+        };
+        p.entries.keys().for_each(&mut seen);
+        p.pending
+            .keys()
+            .filter(|k| !p.entries.contains_key(*k))
+            .for_each(&mut seen);
+        p.flying
+            .keys()
+            .filter(|k| !p.entries.contains_key(*k) && !p.pending.contains_key(*k))
+            .for_each(&mut seen);
+        n
+    });
+    in_cur + only_prev < DICT_MAX_SESSIONS
 }
 
 #[cfg(test)]
@@ -780,19 +1235,22 @@ mod tests {
 
     /// Writes everything pending as a lone handler would, every write
     /// landing in `kv`.
-    fn flush(d: &mut Dicts, kv: &mut Kv, now: UnixMillis) {
+    /// Returns what the writes announce.
+    fn flush(d: &mut Dicts, kv: &mut Kv, now: UnixMillis) -> Vec<(DeviceId, Applied, bool)> {
+        let mut applied = Vec::new();
         for _ in 0..10 {
             let keys = d.pending_keys();
             if keys.is_empty() {
-                return;
+                return applied;
             }
             for (a, i) in keys {
                 match d.take_for_write(&a, i, now) {
-                    Take::Idle | Take::Unchanged => {}
-                    Take::Reread => d.entry(&a, i).on_reread(Some(kv.read(&a, i))),
+                    Take::Idle => {}
+                    Take::Unchanged { applied: now, .. } => applied.extend(now),
+                    Take::Reread => d.on_reread(&a, i, Some(kv.read(&a, i))),
                     Take::Write(w) => {
                         let rev = kv.update(&a, i, &w).expect("a lone handler's write lands");
-                        let _ = d.on_written(&a, i, w, rev, now);
+                        applied.extend(d.on_written(&a, i, w, rev, now).applied);
                     }
                 }
             }
@@ -875,6 +1333,33 @@ mod tests {
 
     fn pair(device: &str, session: &str) -> (String, String) {
         (device.to_owned(), session.to_owned())
+    }
+
+    /// A plain record of `session`, heard first and last at `at`.
+    fn record(session: &str, at: UnixMillis) -> SessionRecord {
+        SessionRecord {
+            session: SessionId::parse(session).unwrap(),
+            since: at,
+            last_seen: at,
+            labels: Labels::default(),
+            replaced: None,
+        }
+    }
+
+    /// The sessions whose join, and whose leave, a handler announces for
+    /// these outcomes of its writes.
+    fn events(applied: &[(DeviceId, Applied, bool)]) -> (Vec<String>, Vec<String>) {
+        let (mut joins, mut leaves) = (Vec::new(), Vec::new());
+        for (_, what, elsewhere) in applied {
+            match what {
+                Applied::Added { record, .. } if !elsewhere => {
+                    joins.push(record.session.to_string())
+                }
+                Applied::Removed(r) | Applied::Withdrawn(r) => leaves.push(r.session.to_string()),
+                _ => {}
+            }
+        }
+        (joins, leaves)
     }
 
     #[test]
@@ -1070,7 +1555,7 @@ mod tests {
         assert_eq!(applied.len(), 1);
         assert_eq!(applied[0].0, tv);
         assert_eq!(kv.update(&a, 0, &w2), None, "the second one is stale");
-        h2.entry(&a, 0).on_conflict(w2, Some(kv.read(&a, 0)));
+        h2.on_conflict(&a, 0, w2, Some(kv.read(&a, 0)));
 
         // The join is pending again and goes on top of the newer copy.
         assert!(h2.has_pending());
@@ -1104,7 +1589,7 @@ mod tests {
         );
         kv.put(&a, 0, SessionDict::new());
         assert_eq!(kv.update(&a, 0, &w), None);
-        d.entry(&a, 0).on_conflict(w, Some(kv.read(&a, 0)));
+        d.on_conflict(&a, 0, w, Some(kv.read(&a, 0)));
 
         let retry = write_of(d.take_for_write(&a, 0, 2_000));
         assert_eq!(retry.revision(), 1);
@@ -1127,14 +1612,14 @@ mod tests {
             } else {
                 Some(kv.read(&a, 0))
             };
-            d.entry(&a, 0).on_conflict(w, current);
+            d.on_conflict(&a, 0, w, current);
             assert!(d.has_pending(), "the change is kept until known written");
 
             // The retry finds it in the copy: no second write, so no second
             // join either.
             let retry = d.take_for_write(&a, 0, 1_500);
             assert!(
-                matches!(retry, Take::Unchanged),
+                matches!(retry, Take::Unchanged { .. }),
                 "through_watch {through_watch}: {retry:?}"
             );
             assert_eq!(kv.seq, landed);
@@ -1151,12 +1636,12 @@ mod tests {
         let (mut d, mut kv, w) = joining(&Heartbeat::default(), 1_000);
         let value = w.value().clone();
         // It fails without landing, and KV cannot be read either.
-        d.entry(&a, 0).on_conflict(w, None);
+        d.on_conflict(&a, 0, w, None);
         assert!(d.has_pending());
         // It fails again; this time KV answers that there is no key yet.
         let w = write_of(d.take_for_write(&a, 0, 1_200));
         assert_eq!((w.revision(), w.value()), (0, &value));
-        d.entry(&a, 0).on_conflict(w, Some(kv.read(&a, 0)));
+        d.on_conflict(&a, 0, w, Some(kv.read(&a, 0)));
 
         let w = write_of(d.take_for_write(&a, 0, 1_400));
         assert_eq!((w.revision(), w.value()), (0, &value));
@@ -1203,23 +1688,355 @@ mod tests {
         assert_eq!(held(&kv.read(&a, 0).1), [pair("radio", "s2")]);
     }
 
-    /// The copy holds a session once its first write has landed, and a
-    /// leave removes what the copy and the pending changes hold: a leave
-    /// arriving while that first write is under way finds nothing to remove
-    /// and is not queued. The session stays recorded and ends by timeout.
     #[test]
-    fn a_leave_during_the_sessions_first_write_is_not_queued() {
+    fn a_leave_during_the_sessions_first_write_is_written_after_it() {
         let (a, dev, s) = ids();
         let (mut d, mut kv, w) = joining(&Heartbeat::default(), 1_000);
 
+        // The leave finds the session in the write under way and waits for
+        // it: the write asks for the next flush when it lands.
         assert_eq!(
             d.on_heartbeat(&a, &dev, &s, &leave(), 1_100),
             Decision::Unchanged
         );
         let rev = kv.update(&a, 0, &w).expect("the join lands");
-        assert!(!d.on_written(&a, 0, w, rev, 1_100).more);
+        let written = d.on_written(&a, 0, w, rev, 1_100);
+        assert!(written.more, "the leave is written next");
+        let mut applied = written.applied;
+        applied.extend(flush(&mut d, &mut kv, 1_100));
+        assert_eq!(events(&applied), (vec!["s1".into()], vec!["s1".into()]));
+        assert!(kv.read(&a, 0).1.is_empty());
+        assert!(!d.has_pending());
+    }
+
+    #[test]
+    fn a_leave_during_a_first_write_that_does_not_land_still_announces_the_leave() {
+        let (a, dev, s) = ids();
+        let (mut d, mut kv, w) = joining(&Heartbeat::default(), 1_000);
+        d.on_heartbeat(&a, &dev, &s, &leave(), 1_100);
+        // Another handler's write lands first: the join did not.
+        let other = [(device("radio"), record("s2", 1_050))]
+            .into_iter()
+            .collect();
+        kv.put(&a, 0, other);
+        assert_eq!(kv.update(&a, 0, &w), None);
+        d.on_conflict(&a, 0, w, Some(kv.read(&a, 0)));
+
+        // The leave withdraws the join: nothing to write, nobody saw the
+        // session join, and its leave is announced all the same.
+        let before = kv.seq;
+        let applied = flush(&mut d, &mut kv, 1_200);
+        assert_eq!(events(&applied), (vec![], vec!["s1".into()]));
+        assert_eq!(kv.seq, before, "no write");
+        assert_eq!(held(&kv.read(&a, 0).1), [pair("radio", "s2")]);
+        assert!(!d.has_pending());
+    }
+
+    #[test]
+    fn a_leave_before_the_sessions_first_write_withdraws_it() {
+        let (a, dev, s) = ids();
+        let (mut d, mut kv) = lone();
+        d.on_heartbeat(&a, &dev, &s, &Heartbeat::default(), 1_000);
+        d.on_heartbeat(&a, &dev, &s, &leave(), 1_100);
+        let applied = flush(&mut d, &mut kv, 1_100);
+        assert_eq!(events(&applied), (vec![], vec!["s1".into()]));
+        assert_eq!(kv.seq, 0, "nothing was ever written");
+    }
+
+    #[test]
+    fn a_leave_during_a_carry_write_removes_the_carried_record_too() {
+        // The leave's removal from the interval the session came from lands
+        // before the carry-over, or after it.
+        for removal_first in [true, false] {
+            let (a, dev, s) = ids();
+            let (mut d, mut kv) = lived(&[9_000]);
+            assert_eq!(
+                d.on_heartbeat(&a, &dev, &s, &Heartbeat::default(), 10_500),
+                Decision::Deferred(vec![(a.clone(), 1)])
+            );
+            let carry = write_of(d.take_for_write(&a, 1, 10_500));
+
+            // Announced by the interval where the session has landed; the
+            // carry-over is removed quietly once it has landed.
+            assert_eq!(
+                d.on_heartbeat(&a, &dev, &s, &leave(), 10_600),
+                Decision::Queued(vec![(a.clone(), 0)])
+            );
+            assert_eq!(
+                d.get_mut(&a, 1).expect("current").pending.get(&dev),
+                Some(&Change::Forget(s.clone()))
+            );
+            let removal = write_of(d.take_for_write(&a, 0, 10_600));
+            // Each write lands and is handed back, in the order asked for.
+            let mut writes = vec![(0, removal), (1, carry)];
+            if !removal_first {
+                writes.reverse();
+            }
+            let mut applied = Vec::new();
+            for (interval, w) in writes {
+                let rev = kv.update(&a, interval, &w).expect("the write lands");
+                let written = d.on_written(&a, interval, w, rev, 10_600);
+                assert_eq!(written.more, interval == 1, "interval {interval}");
+                applied.extend(written.applied);
+            }
+            applied.extend(flush(&mut d, &mut kv, 10_600));
+
+            // A carry-over, not a join, and one leave.
+            assert_eq!(
+                events(&applied),
+                (vec![], vec!["s1".into()]),
+                "removal first: {removal_first}"
+            );
+            assert!(kv.read(&a, 0).1.is_empty());
+            assert!(kv.read(&a, 1).1.is_empty());
+            assert!(!d.has_pending());
+        }
+    }
+
+    #[test]
+    fn a_leave_on_a_handler_whose_copy_lacks_the_session_removes_it_once_it_shows_up() {
+        // The leave reaches the second handler while the first one's join
+        // is under way, or after it landed but before the watch told.
+        for landed_first in [false, true] {
+            let (a, dev, s) = ids();
+            let mut kv = Kv::default();
+            let mut h1 = Dicts::new(clock());
+            let mut h2 = Dicts::new(clock());
+            h1.on_heartbeat(&a, &dev, &s, &Heartbeat::default(), 1_000);
+            let w = write_of(h1.take_for_write(&a, 0, 1_000));
+            let mut join = Some(w);
+            let mut land = |h1: &mut Dicts, kv: &mut Kv| {
+                let w = join.take().expect("the join lands once");
+                let rev = kv.update(&a, 0, &w).expect("the join lands");
+                h1.on_written(&a, 0, w, rev, 1_100).applied
+            };
+            let mut joined = Vec::new();
+            if landed_first {
+                joined = land(&mut h1, &mut kv);
+            }
+
+            // h2 knows nothing of the session: the removal waits for it,
+            // and is no pending write.
+            assert_eq!(
+                h2.on_heartbeat(&a, &dev, &s, &leave(), 1_100),
+                Decision::Unchanged
+            );
+            assert!(!h2.has_pending());
+            if !landed_first {
+                joined = land(&mut h1, &mut kv);
+            }
+            // h2's watch brings the copy that holds it: the removal is due.
+            let (rev, entries) = kv.read(&a, 0);
+            assert_eq!(
+                h2.install(&a, 0, rev, entries, 1_150),
+                Decision::Queued(vec![(a.clone(), 0)])
+            );
+            let left = flush(&mut h2, &mut kv, 1_150);
+            assert_eq!(events(&joined), (vec!["s1".into()], vec![]));
+            assert_eq!(events(&left), (vec![], vec!["s1".into()]));
+            assert!(kv.read(&a, 0).1.is_empty());
+
+            // h1 learns of it through its watch; nobody writes again.
+            let (rev, entries) = kv.read(&a, 0);
+            assert_eq!(h1.install(&a, 0, rev, entries, 1_200), Decision::Unchanged);
+            assert!(!h1.has_pending());
+            let (rev, entries) = kv.read(&a, 0);
+            assert_eq!(h2.install(&a, 0, rev, entries, 1_200), Decision::Unchanged);
+            assert!(!h2.has_pending());
+        }
+    }
+
+    #[test]
+    fn a_session_heard_again_after_its_awaited_leave_stays() {
+        let (a, dev, s) = ids();
+        let (mut d, mut kv) = lone();
+        assert_eq!(
+            d.on_heartbeat(&a, &dev, &s, &leave(), 1_000),
+            Decision::Unchanged
+        );
+        // It comes back (a page restored from the browser's cache): it
+        // joins again, and the leave that waited for it is void.
+        beat(&mut d, &mut kv, &dev, &s, 1_100);
+        let (rev, entries) = kv.read(&a, 0);
+        assert_eq!(d.install(&a, 0, rev, entries, 1_200), Decision::Unchanged);
         assert!(!d.has_pending());
         assert_eq!(held(&kv.read(&a, 0).1), [pair("tv", "s1")]);
+    }
+
+    #[test]
+    fn an_awaited_leave_is_forgotten_once_its_interval_is_over() {
+        let (a, dev, s) = ids();
+        let (mut d, _) = lone();
+        d.on_heartbeat(&a, &dev, &s, &leave(), 1_000);
+        d.prune(10_500);
+        assert!(d.awaited.contains_key(&a), "interval 0 is still live");
+        d.prune(20_500);
+        assert!(d.awaited.is_empty());
+    }
+
+    #[test]
+    fn an_ended_session_leaves_the_live_dictionaries_quietly() {
+        let (a, dev, s) = ids();
+        // Recorded in intervals 0 and 1, trimmed from this copy of 0.
+        let (mut d, mut kv) = lived(&[9_000, 10_500]);
+        assert_eq!(
+            d.ended(&a, &dev, &s, 10_600, 10_700),
+            Decision::Deferred(vec![(a.clone(), 0), (a.clone(), 1)])
+        );
+        let applied = flush(&mut d, &mut kv, 10_700);
+        assert!(applied.is_empty(), "nothing to announce: {applied:?}");
+        assert!(kv.read(&a, 0).1.is_empty());
+        assert!(kv.read(&a, 1).1.is_empty());
+        // An ending older than the live intervals has nothing to remove.
+        assert_eq!(d.ended(&a, &dev, &s, 1_000, 20_500), Decision::Unchanged);
+        assert!(d.awaited.is_empty());
+    }
+
+    #[test]
+    fn an_ending_the_copy_does_not_show_yet_applies_when_it_does() {
+        let (a, dev, s) = ids();
+        let mut kv = Kv::default();
+        let mut h1 = Dicts::new(clock());
+        let mut h2 = Dicts::new(clock());
+        h1.on_heartbeat(&a, &dev, &s, &Heartbeat::default(), 1_000);
+        flush(&mut h1, &mut kv, 1_000);
+        // h2 hears of the ending before its watch brought the session.
+        assert_eq!(h2.ended(&a, &dev, &s, 1_100, 1_100), Decision::Unchanged);
+        let (rev, entries) = kv.read(&a, 0);
+        assert_eq!(
+            h2.install(&a, 0, rev, entries, 1_200),
+            Decision::Deferred(vec![(a.clone(), 0)])
+        );
+        assert!(flush(&mut h2, &mut kv, 1_200).is_empty());
+        assert!(kv.read(&a, 0).1.is_empty());
+    }
+
+    /// `n` sessions, `s<i>` of device `d<i>`.
+    fn many(n: usize, at: UnixMillis) -> SessionDict {
+        (0..n)
+            .map(|i| (device(&format!("d{i}")), record(&format!("s{i}"), at)))
+            .collect()
+    }
+
+    /// `d` with `dict` installed as KV's copy of acme's `interval`.
+    fn installed(d: &mut Dicts, kv: &mut Kv, interval: u64, dict: SessionDict, at: UnixMillis) {
+        let a = ids().0;
+        kv.put(&a, interval, dict);
+        let (rev, entries) = kv.read(&a, interval);
+        let _ = d.install(&a, interval, rev, entries, at);
+    }
+
+    #[test]
+    fn a_full_dictionary_refuses_new_devices_and_keeps_its_own_sessions() {
+        let a = ids().0;
+        let hb = Heartbeat::default();
+        let (mut d, mut kv) = lone();
+        installed(&mut d, &mut kv, 0, many(DICT_MAX_SESSIONS, 1_000), 1_000);
+
+        let (new, s_new) = (device("new"), session("new"));
+        assert_eq!(d.on_heartbeat(&a, &new, &s_new, &hb, 1_100), Decision::Full);
+        // Its sessions still change, are replaced and leave.
+        assert_eq!(
+            d.on_heartbeat(&a, &device("d0"), &session("s0"), &content("news"), 1_100),
+            Decision::Queued(vec![(a.clone(), 0)])
+        );
+        d.on_heartbeat(&a, &device("d1"), &session("t1"), &hb, 1_100);
+        d.on_heartbeat(&a, &device("d2"), &session("s2"), &leave(), 1_100);
+        let applied = flush(&mut d, &mut kv, 1_100);
+        assert_eq!(events(&applied), (vec!["t1".into()], vec!["s2".into()]));
+        let dict = kv.read(&a, 0).1;
+        assert_eq!(dict.len(), DICT_MAX_SESSIONS - 1);
+        assert_eq!(dict[&device("d0")].labels.content(), Some("news"));
+        assert_eq!(dict[&device("d1")].session, session("t1"));
+
+        // The leave made room for one.
+        assert_eq!(
+            d.on_heartbeat(&a, &new, &s_new, &hb, 1_200),
+            Decision::Queued(vec![(a.clone(), 0)])
+        );
+        let other = device("other");
+        assert_eq!(
+            d.on_heartbeat(&a, &other, &session("other"), &hb, 1_200),
+            Decision::Full
+        );
+        flush(&mut d, &mut kv, 1_200);
+        assert_eq!(kv.read(&a, 0).1.len(), DICT_MAX_SESSIONS);
+
+        // Next interval: the live sessions move on, and newcomers wait
+        // while the previous interval holds that many.
+        assert_eq!(
+            d.on_heartbeat(&a, &device("d3"), &session("s3"), &hb, 10_500),
+            Decision::Deferred(vec![(a.clone(), 1)])
+        );
+        assert_eq!(
+            d.on_heartbeat(&a, &other, &session("other"), &hb, 10_500),
+            Decision::Full
+        );
+    }
+
+    #[test]
+    fn a_write_never_takes_a_dictionary_past_its_room() {
+        let a = ids().0;
+        let hb = Heartbeat::default();
+        let (mut d, mut kv) = lone();
+        installed(
+            &mut d,
+            &mut kv,
+            0,
+            many(DICT_MAX_SESSIONS - 2, 1_000),
+            1_000,
+        );
+        // Room for two more, as far as this handler knows.
+        for name in ["n0", "n1"] {
+            assert_eq!(
+                d.on_heartbeat(&a, &device(name), &session(name), &hb, 1_100),
+                Decision::Queued(if name == "n0" {
+                    vec![(a.clone(), 0)]
+                } else {
+                    Vec::new()
+                })
+            );
+        }
+        assert_eq!(
+            d.on_heartbeat(&a, &device("n2"), &session("n2"), &hb, 1_100),
+            Decision::Full
+        );
+        let w = write_of(d.take_for_write(&a, 0, 1_100));
+        assert_eq!(w.refused(), 0);
+
+        // Another handler's newcomer landed first: one of the two is left
+        // out of the retry.
+        let mut theirs = kv.read(&a, 0).1;
+        theirs.insert(device("theirs"), record("theirs", 1_050));
+        kv.put(&a, 0, theirs);
+        assert_eq!(kv.update(&a, 0, &w), None);
+        d.on_conflict(&a, 0, w, Some(kv.read(&a, 0)));
+        let w = write_of(d.take_for_write(&a, 0, 1_200));
+        assert_eq!(w.refused(), 1);
+        assert_eq!(w.value().len(), DICT_MAX_SESSIONS);
+        let rev = kv.update(&a, 0, &w).expect("the retry lands");
+        let written = d.on_written(&a, 0, w, rev, 1_200);
+        assert_eq!(events(&written.applied).0.len(), 1);
+        assert!(!written.more);
+        assert!(!d.has_pending(), "a refused session is not retried");
+    }
+
+    #[test]
+    fn the_previous_intervals_sessions_are_carried_before_newcomers_get_in() {
+        let a = ids().0;
+        let hb = Heartbeat::default();
+        let (mut d, mut kv) = lone();
+        // A newcomer in interval 1, before this handler's copy of interval 0
+        // came in, full.
+        assert_eq!(
+            d.on_heartbeat(&a, &device("new"), &session("new"), &hb, 10_500),
+            Decision::Queued(vec![(a.clone(), 1)])
+        );
+        installed(&mut d, &mut kv, 0, many(DICT_MAX_SESSIONS, 9_000), 10_500);
+        d.on_heartbeat(&a, &device("d0"), &session("s0"), &hb, 10_600);
+        let w = write_of(d.take_for_write(&a, 1, 10_600));
+        assert_eq!(w.refused(), 1);
+        assert_eq!(held(w.value()), [pair("d0", "s0")]);
     }
 
     #[test]
@@ -1236,11 +2053,11 @@ mod tests {
         // Interval 0's KV copy still holds the session: read it first.
         assert!(matches!(d.take_for_write(&a, 0, 10_700), Take::Reread));
         // A read that fails leaves the change pending and the copy trimmed.
-        d.entry(&a, 0).on_reread(None);
+        d.on_reread(&a, 0, None);
         assert!(matches!(d.take_for_write(&a, 0, 10_700), Take::Reread));
         let whole = kv.read(&a, 0);
         assert_eq!(held(&whole.1), [pair("tv", "s1")]);
-        d.entry(&a, 0).on_reread(Some(whole.clone()));
+        d.on_reread(&a, 0, Some(whole.clone()));
 
         let w = write_of(d.take_for_write(&a, 0, 10_700));
         assert_eq!(w.revision(), whole.0);

@@ -17,6 +17,14 @@
 //! the decoding of watched dictionaries go through
 //! [`headcount_runtime::effects`], shared with the checker.
 //!
+//! A leave is never lost: it removes its session from whatever holds it,
+//! the copy, a pending change or the write under way, and on a handler whose
+//! copy does not show the session yet it waits for the watch to bring it.
+//! Sessions ended elsewhere (the revoked watch) leave the dictionaries too,
+//! quietly, and a dictionary never grows past
+//! [`headcount_protocol::policy::DICT_MAX_SESSIONS`] devices, so that its
+//! value always fits one KV write.
+//!
 //! Never: write a dictionary without an expected revision, or drop a valid
 //! session's change on a failed write (it is retried until it lands).
 
@@ -150,9 +158,10 @@ async fn run(config: Config, metrics: Metrics, wiring: Wiring) -> anyhow::Result
         "revoked",
         move |entry| {
             if entry.operation == kv::Operation::Put
-                && let Some(k) = keys::parse_revoked(&entry.key)
+                && let Some((account, session)) = keys::parse_revoked(&entry.key)
             {
-                s.revoked.insert(k.1, ());
+                s.revoked.insert(session.clone(), ());
+                on_ended(&s, &account, &session, &entry.value);
             }
         },
         watch_shutdown,
@@ -239,10 +248,33 @@ fn on_dict_entry(shared: &Shared, entry: kv::Entry) {
     let Some(e) = effects::dict_entry(&entry) else {
         return;
     };
-    let mut d = shared.dicts();
-    d.entry(&e.account, e.interval)
-        .install(e.revision, e.entries);
-    d.trim(&e.account, now_millis());
+    // The copy may show a session whose removal waited for it.
+    let decision =
+        shared
+            .dicts()
+            .install(&e.account, e.interval, e.revision, e.entries, now_millis());
+    schedule(&shared.flush_tx, shared.carry_delay, decision);
+}
+
+/// A session was ended (its revocation key was written): it leaves the live
+/// dictionaries, so that they hold live sessions only. Quietly: whoever
+/// ended it announced that.
+fn on_ended(shared: &Shared, account: &AccountId, session: &SessionId, value: &[u8]) {
+    let revocation: Revocation = match serde_json::from_slice(value) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(%account, %session, error = %e, "unreadable revocation");
+            return;
+        }
+    };
+    let decision = shared.dicts().ended(
+        account,
+        &revocation.device,
+        session,
+        revocation.at,
+        now_millis(),
+    );
+    schedule(&shared.flush_tx, shared.carry_delay, decision);
 }
 
 /// Handles one heartbeat message. Never fails: bad input is counted.
@@ -296,17 +328,19 @@ fn on_message(shared: &Shared, subject: &str, payload: &[u8]) {
     };
     match decision {
         Decision::Superseded => c.revoked.inc(),
+        Decision::Full => c.dictionary_full.inc(),
         _ => c.accepted.inc(),
     }
     schedule(&shared.flush_tx, shared.carry_delay, decision);
 }
 
-/// Hands the dictionaries a heartbeat changed to the flusher: at once, or
-/// after `carry_delay` for a live session moving into a new interval, so
-/// that one write carries every session of the account that moves along.
+/// Hands the dictionaries a heartbeat (or an ending) changed to the
+/// flusher: at once, or after `carry_delay` for changes nobody waits for (a
+/// live session moving into a new interval, an ended session's removal), so
+/// that one write carries every such change of the account.
 fn schedule(flush_tx: &mpsc::UnboundedSender<Key>, carry_delay: Duration, decision: Decision) {
     match decision {
-        Decision::Superseded | Decision::Unchanged => {}
+        Decision::Superseded | Decision::Unchanged | Decision::Full => {}
         Decision::Queued(keys) => {
             for key in keys {
                 let _ = flush_tx.send(key);
@@ -371,19 +405,25 @@ async fn flush(shared: &Shared, key: Key) {
         .dicts()
         .take_for_write(account, interval, now_millis());
     let write = match take {
-        Take::Idle | Take::Unchanged => return,
+        Take::Idle => return,
+        Take::Unchanged { applied, refused } => {
+            count_refused(shared, refused);
+            announce(shared, account, applied).await;
+            return;
+        }
         Take::Reread => {
             // Trimmed in memory: write on top of the whole KV copy.
             let current = read_dict(shared, &kv_key).await;
             if current.is_none() {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
-            shared.dicts().entry(account, interval).on_reread(current);
+            shared.dicts().on_reread(account, interval, current);
             let _ = shared.flush_tx.send(key.clone());
             return;
         }
         Take::Write(write) => write,
     };
+    count_refused(shared, write.refused());
 
     let outcome = write_dict(shared, &kv_key, &write).await;
     shared
@@ -409,13 +449,19 @@ async fn flush(shared: &Shared, key: Key) {
             let current = read_dict(shared, &kv_key).await;
             shared
                 .dicts()
-                .entry(account, interval)
-                .on_conflict(write, current);
+                .on_conflict(account, interval, write, current);
             if let Outcome::Failed = outcome {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
             let _ = shared.flush_tx.send(key);
         }
+    }
+}
+
+/// Counts the new sessions a full dictionary left out of a write.
+fn count_refused(shared: &Shared, refused: usize) {
+    if refused > 0 {
+        shared.metrics.hb.dictionary_full.inc_by(refused as u64);
     }
 }
 
@@ -464,7 +510,9 @@ async fn read_dict(shared: &Shared, kv_key: &str) -> Option<(u64, wire::SessionD
 
 /// Publishes the presence events of a write that landed and records
 /// sessions displaced by a newer session of the same device. Only the
-/// instance whose compare-and-set succeeded gets here, so each happens once.
+/// instance whose compare-and-set succeeded gets here, so each happens once;
+/// so does the one that withdrew a session whose join never landed, the
+/// only one that knows of its leave.
 async fn announce(
     shared: &Shared,
     account: &AccountId,
@@ -516,12 +564,10 @@ async fn announce(
                 }
                 (EventType::Join, record)
             }
-            Applied::Removed(record) => {
-                if elsewhere {
-                    continue;
-                }
-                (EventType::Leave, record)
-            }
+            // One removal per leave announces it (`Dicts` queues the
+            // others quietly), and a withdrawn session's leave is announced
+            // though there was nothing left to remove.
+            Applied::Removed(record) | Applied::Withdrawn(record) => (EventType::Leave, record),
             Applied::Updated | Applied::Nothing => continue,
         };
         publish_event(

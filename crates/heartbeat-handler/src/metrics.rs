@@ -12,12 +12,14 @@ pub struct HeartbeatCounters {
     pub malformed: IntCounter,
     pub revoked: IntCounter,
     pub rate_limited: IntCounter,
+    /// A new session whose account's dictionary has no room left.
+    pub dictionary_full: IntCounter,
 }
 
 #[derive(Clone, Debug)]
 pub struct Metrics {
     /// Heartbeats by result: accepted, invalid, malformed, revoked,
-    /// rate_limited.
+    /// rate_limited, dictionary_full.
     pub heartbeats: IntCounterVec,
     /// KV writes by result: ok, conflict, error.
     pub kv_writes: IntCounterVec,
@@ -47,6 +49,7 @@ impl Metrics {
             malformed: heartbeats.with_label_values(&["malformed"]),
             revoked: heartbeats.with_label_values(&["revoked"]),
             rate_limited: heartbeats.with_label_values(&["rate_limited"]),
+            dictionary_full: heartbeats.with_label_values(&["dictionary_full"]),
         };
         Ok(Self {
             hb,

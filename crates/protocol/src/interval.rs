@@ -5,8 +5,11 @@
 //! interval. A reader that takes the union of the current and the previous
 //! interval's dictionaries sees every session that heartbeated recently, and
 //! a dictionary older than that is never read again, so its KV entry can
-//! expire on its own.
+//! expire on its own. Writers and readers run on different hosts, whose
+//! clocks need not agree to the millisecond: a reader also takes the next
+//! interval's dictionary ([`IntervalClock::readable_intervals`]).
 
+use std::ops::RangeInclusive;
 use std::time::Duration;
 
 use crate::UnixMillis;
@@ -44,6 +47,26 @@ impl IntervalClock {
     pub fn live_intervals(&self, at: UnixMillis) -> [u64; 2] {
         let cur = self.interval_of(at);
         [cur.saturating_sub(1), cur]
+    }
+
+    /// The intervals whose dictionaries a reader on another host than the
+    /// writers takes the union of at `at`: the previous, the current and
+    /// the next one, by the reader's own clock.
+    ///
+    /// The next one is there for writers whose clock is ahead: such a
+    /// writer has already moved its sessions into what the reader still
+    /// calls the next interval. With `interval` the interval's length and
+    /// `carry` the delay after which a writer copies its live sessions into
+    /// a new interval (plus the time that write takes to land), a live
+    /// session is in a dictionary this range holds while the writer's clock
+    /// is ahead of the reader's by less than `interval`, or behind it by
+    /// less than `interval - carry`. Without the next interval, a writer
+    /// ahead by more than `carry` would hide its carried sessions from the
+    /// reader (and any writer ahead would hide the sessions it records
+    /// anew) until the reader's clock reached that interval too.
+    pub fn readable_intervals(&self, at: UnixMillis) -> RangeInclusive<u64> {
+        let cur = self.interval_of(at);
+        cur.saturating_sub(1)..=cur.saturating_add(1)
     }
 
     /// How long a dictionary must outlive its last write: it is written until
@@ -154,6 +177,22 @@ mod tests {
         assert_eq!(c.start_of(2), 120_000);
         assert_eq!(c.live_intervals(125_000), [1, 2]);
         assert_eq!(c.live_intervals(10), [0, 0]);
+    }
+
+    #[test]
+    fn a_reader_takes_the_next_interval_too() {
+        let c = IntervalClock::new(Duration::from_secs(60));
+        assert_eq!(c.readable_intervals(125_000), 1..=3);
+        assert_eq!(c.readable_intervals(10), 0..=1);
+        // A writer's current interval is read while its clock is at most
+        // one interval ahead or behind; two intervals off, it is not.
+        let reader = 125_000;
+        for writer in [reader - 60_000, reader, reader + 60_000] {
+            let [_, cur] = c.live_intervals(writer);
+            assert!(c.readable_intervals(reader).contains(&cur), "{writer}");
+        }
+        let far = c.interval_of(reader + 120_000);
+        assert!(!c.readable_intervals(reader).contains(&far));
     }
 
     #[test]

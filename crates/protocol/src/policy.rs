@@ -6,9 +6,76 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 use crate::UnixMillis;
+use crate::names::MAX_NAME_LEN;
+use crate::wire::{MAX_CONTENT_LEN, MAX_KIND_LEN, MAX_REGION_LEN};
 
-/// The largest limit accepted; anything larger is a typo, not a plan.
-pub const MAX_LIMIT: u32 = 10_000;
+/// The largest limit accepted, and the most per-content and grace seats.
+///
+/// It is what one interval dictionary holds with room to spare: an account
+/// at this limit with as many grace seats again, and as many sessions once
+/// more that joined but are not ended yet (a newcomer a checker has still to
+/// evict or refuse, a session that timed out earlier in the interval), fits
+/// in [`DICT_MAX_SESSIONS`]. Checked when this crate is built (below) and by
+/// encoding such a dictionary in the tests.
+pub const MAX_LIMIT: u32 = 500;
+
+/// The most bytes one interval dictionary's value may take in KV: well under
+/// NATS's default `max_payload` (1 MiB), so that a write is never refused
+/// for its size. Every write re-encodes the whole `<account>.<interval>`
+/// value, so a value past the server's limit could not be written at all.
+pub const DICT_BUDGET_BYTES: usize = 768 * 1024;
+
+/// The most sessions (devices) one account's dictionary of one interval
+/// holds: the heartbeat-handler refuses a new device beyond it. A session is
+/// at most [`MAX_RECORD_BYTES`], so this many fit in [`DICT_BUDGET_BYTES`].
+pub const DICT_MAX_SESSIONS: usize = 3 * MAX_LIMIT as usize;
+
+/// Bytes of a MessagePack string of `len` bytes, its header included.
+const fn msgpack_str(len: usize) -> usize {
+    len + if len < 32 {
+        1
+    } else if len < 256 {
+        2
+    } else if len < 65_536 {
+        3
+    } else {
+        5
+    }
+}
+
+/// Bytes of a MessagePack unsigned integer at its largest.
+const MSGPACK_U64: usize = 9;
+
+/// Bytes of the header of a MessagePack map at its largest.
+const MSGPACK_MAP_HEADER: usize = 5;
+
+/// The largest session record in an interval dictionary as MessagePack,
+/// its device key included: every name at [`MAX_NAME_LEN`], every label at
+/// its field limit, both times at their widest and every optional field
+/// present (`wire::SessionRecord`'s fields, spelled as it writes them).
+pub const MAX_RECORD_BYTES: usize = msgpack_str(MAX_NAME_LEN)
+    + 1 // the record's map header: seven fields
+    + msgpack_str("session".len())
+    + msgpack_str(MAX_NAME_LEN)
+    + msgpack_str("since".len())
+    + MSGPACK_U64
+    + msgpack_str("last_seen".len())
+    + MSGPACK_U64
+    + msgpack_str("content".len())
+    + msgpack_str(MAX_CONTENT_LEN)
+    + msgpack_str("kind".len())
+    + msgpack_str(MAX_KIND_LEN)
+    + msgpack_str("region".len())
+    + msgpack_str(MAX_REGION_LEN)
+    + msgpack_str("replaced".len())
+    + msgpack_str(MAX_NAME_LEN);
+
+// A full dictionary of the largest records fits the budget, and the budget
+// fits the server's default payload limit with room for the message's own
+// overhead.
+const _: () =
+    assert!(MSGPACK_MAP_HEADER + DICT_MAX_SESSIONS * MAX_RECORD_BYTES <= DICT_BUDGET_BYTES);
+const _: () = assert!(DICT_BUDGET_BYTES <= 1024 * 1024 * 3 / 4);
 
 /// The enforcement policy of an account.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
@@ -329,6 +396,8 @@ impl AccountLimits {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire::{Labels, SessionDict, SessionRecord, encode_dict};
+    use crate::{DeviceId, SessionId};
 
     #[test]
     fn policy_names() {
@@ -441,7 +510,62 @@ mod tests {
     fn limits_are_bounded() {
         assert!(Limit::new(0, Policy::EvictOldest).is_err());
         assert!(Limit::new(-3, Policy::EvictOldest).is_err());
-        assert!(Limit::new(10_001, Policy::EvictOldest).is_err());
+        assert!(Limit::new(MAX_LIMIT as i64 + 1, Policy::EvictOldest).is_err());
         assert_eq!(Limit::new(2, Policy::RejectNew).unwrap().limit, 2);
+        assert_eq!(
+            Limit::new(MAX_LIMIT as i64, Policy::RejectNew)
+                .unwrap()
+                .limit,
+            MAX_LIMIT
+        );
+        assert_eq!(
+            Limit::new(501, Policy::EvictOldest)
+                .unwrap_err()
+                .to_string(),
+            "limit must be between 1 and 500, got 501"
+        );
+    }
+
+    /// The record of a session with every field at its longest: device
+    /// `i`, its own session and the session it replaced.
+    fn largest_record(i: usize) -> (DeviceId, SessionRecord) {
+        let name = |tag: char| format!("{tag}{i:0>width$}", width = MAX_NAME_LEN - 1);
+        let device = DeviceId::parse(&name('d')).unwrap();
+        let record = SessionRecord {
+            session: SessionId::parse(&name('s')).unwrap(),
+            since: u64::MAX,
+            last_seen: u64::MAX,
+            labels: Labels::new(
+                Some(&"c".repeat(MAX_CONTENT_LEN)),
+                Some(&"k".repeat(MAX_KIND_LEN)),
+                Some(&"r".repeat(MAX_REGION_LEN)),
+            ),
+            replaced: Some(SessionId::parse(&name('o')).unwrap()),
+        };
+        (device, record)
+    }
+
+    #[test]
+    fn the_largest_record_is_as_large_as_computed() {
+        let one: SessionDict = [largest_record(0)].into_iter().collect();
+        // One entry: a one-byte map header, then the device and its record.
+        assert_eq!(encode_dict(&one).len(), 1 + MAX_RECORD_BYTES);
+    }
+
+    #[test]
+    fn a_full_dictionary_of_the_largest_records_fits_the_budget() {
+        let full: SessionDict = (0..DICT_MAX_SESSIONS).map(largest_record).collect();
+        assert_eq!(full.len(), DICT_MAX_SESSIONS);
+        let bytes = encode_dict(&full).len();
+        assert!(
+            bytes <= DICT_BUDGET_BYTES,
+            "{bytes} bytes over the {DICT_BUDGET_BYTES} byte budget"
+        );
+        // Every seat a limit and its grace allow, and as many again for
+        // sessions not ended yet.
+        let seats = [MAX_LIMIT; 3].map(|n| n as usize);
+        assert!(DICT_MAX_SESSIONS >= seats.iter().sum());
+        // NATS's default max_payload, with room for the message around it.
+        assert!(bytes < 1024 * 1024 - 64 * 1024);
     }
 }

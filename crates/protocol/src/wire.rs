@@ -336,7 +336,8 @@ impl EndReason {
     }
 }
 
-/// The value stored in the revocation bucket for an ended session.
+/// Why and when a session ended, as the revocation bucket records it (see
+/// [`RevocationRecord`] for the stored value as a whole).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Revocation {
     pub reason: EndReason,
@@ -344,6 +345,23 @@ pub struct Revocation {
     pub at: UnixMillis,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub by: Option<SessionRef>,
+}
+
+/// The value stored in the revocation bucket for an ended session: the
+/// [`Revocation`]'s fields, and the id of the decision that wrote it.
+///
+/// The decision id is what lets a writer whose create went unacknowledged
+/// read the key back and tell its own write from another instance's. It
+/// is optional on the wire: values written before it existed decode with
+/// none, and a reader that knows only [`Revocation`] ignores it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevocationRecord {
+    #[serde(flatten)]
+    pub revocation: Revocation,
+    /// Random, made once per decision to end the session and kept by every
+    /// retry of that decision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decision: Option<String>,
 }
 
 /// Control message types sent to a device on `ctl.<account>.<device>`.
@@ -752,6 +770,57 @@ mod tests {
         let as_value: HashMap<String, rmpv_like::Value> = rmp_serde::from_slice(&bytes).unwrap();
         assert!(as_value.contains_key("type"));
         assert_eq!(ControlMessage::decode(&bytes).unwrap(), msg);
+    }
+
+    #[test]
+    fn a_revocation_record_carries_its_decision_and_reads_both_ways() {
+        let revocation = Revocation {
+            reason: EndReason::Evicted,
+            device: DeviceId::parse("tv").unwrap(),
+            at: 7,
+            by: Some(SessionRef {
+                device: DeviceId::parse("phone").unwrap(),
+                session: SessionId::parse("s2").unwrap(),
+            }),
+        };
+        let record = RevocationRecord {
+            revocation: revocation.clone(),
+            decision: Some("d1".into()),
+        };
+        let json = serde_json::to_value(&record).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "reason": "evicted", "device": "tv", "at": 7,
+                "by": {"device": "phone", "session": "s2"}, "decision": "d1"
+            }),
+            "one flat object: the revocation's fields and the decision"
+        );
+        let back: RevocationRecord = serde_json::from_value(json.clone()).unwrap();
+        assert_eq!(back, record);
+        // A reader that knows only the revocation ignores the decision.
+        let old_reader: Revocation = serde_json::from_value(json).unwrap();
+        assert_eq!(old_reader, revocation);
+        // A value written before decisions existed has none.
+        let old_value = serde_json::to_vec(&revocation).unwrap();
+        let read: RevocationRecord = serde_json::from_slice(&old_value).unwrap();
+        assert_eq!((read.revocation, read.decision), (revocation, None));
+        let without = RevocationRecord {
+            revocation: Revocation {
+                reason: EndReason::Revoked,
+                device: DeviceId::parse("tv").unwrap(),
+                at: 1,
+                by: None,
+            },
+            decision: None,
+        };
+        assert!(
+            serde_json::to_value(&without)
+                .unwrap()
+                .get("decision")
+                .is_none(),
+            "no decision, no key"
+        );
     }
 
     /// A tiny stand-in for a dynamic MessagePack value, enough to list keys.

@@ -26,6 +26,21 @@ pub struct BucketSettings {
 /// session's token cannot connect again before it expires.
 pub const DEFAULT_REVOKED_TTL: Duration = Duration::from_secs(16 * 60);
 
+/// How long a `timeout` announcement must block another for the session:
+/// until no checker can find the session any more. A silent session stays
+/// in the live dictionaries until the interval after the one it was last
+/// written in ends, and the dictionaries themselves outlive their last
+/// write by [`IntervalClock::dictionary_ttl`]; a checker that starts in
+/// that window gives every session it loads a fresh timeout. So the marker
+/// lives the dictionaries' TTL plus one timeout (and at least four
+/// timeouts, for short intervals).
+///
+/// [`IntervalClock::dictionary_ttl`]: headcount_protocol::IntervalClock::dictionary_ttl
+pub fn timeouts_ttl(interval: Duration, timeout: Duration) -> Duration {
+    let lingering = headcount_protocol::IntervalClock::new(interval).dictionary_ttl() + timeout;
+    lingering.max(timeout * 4)
+}
+
 impl Default for BucketSettings {
     /// One server, the default interval's dictionaries (120 s), file storage.
     fn default() -> Self {
@@ -34,7 +49,7 @@ impl Default for BucketSettings {
             sessions_ttl: headcount_protocol::IntervalClock::new(Duration::from_secs(120))
                 .dictionary_ttl(),
             revoked_ttl: DEFAULT_REVOKED_TTL,
-            timeouts_ttl: Duration::from_secs(60),
+            timeouts_ttl: timeouts_ttl(Duration::from_secs(120), Duration::from_secs(15)),
             storage: jetstream::stream::StorageType::File,
         }
     }
@@ -241,4 +256,26 @@ async fn create_missing(js: &jetstream::Context, cfg: &kv::Config) -> anyhow::Re
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_timeout_marker_outlives_every_dictionary_that_can_hold_the_session() {
+        for (interval, timeout) in [(120, 15), (10, 5), (3, 1), (600, 30)] {
+            let (interval, timeout) = (Duration::from_secs(interval), Duration::from_secs(timeout));
+            let ttl = timeouts_ttl(interval, timeout);
+            // Last written just before an interval ends, it is read until the
+            // next one ends and its dictionary lives on after that.
+            let dict = headcount_protocol::IntervalClock::new(interval).dictionary_ttl();
+            assert!(ttl >= dict + timeout, "{interval:?}/{timeout:?}: {ttl:?}");
+            assert!(
+                ttl >= 2 * interval + timeout,
+                "{interval:?}/{timeout:?}: {ttl:?}"
+            );
+            assert!(ttl >= timeout * 4);
+        }
+    }
 }

@@ -477,13 +477,19 @@ impl TestApp {
     }
 
     pub async fn spawn_with(default_limit: Limit) -> Self {
+        Self::spawn_timed(default_limit, Timings::default()).await
+    }
+
+    /// [`TestApp::spawn_with`] with timings of one's own (the buckets are
+    /// made for them, so every service started later must share them).
+    pub async fn spawn_timed(default_limit: Limit, timings: Timings) -> Self {
         init_logging();
         let nats = NatsServer::start();
         let client = nats.service_client().await;
         let mut app = Self {
             nats,
             client,
-            timings: Timings::default(),
+            timings,
             default_limit,
             plans: headcount_protocol::policy::default_plans(),
             handlers: Vec::new(),
@@ -500,7 +506,10 @@ impl TestApp {
             sessions_ttl: headcount_protocol::IntervalClock::new(self.timings.interval)
                 .dictionary_ttl(),
             revoked_ttl: DEFAULT_REVOKED_TTL,
-            timeouts_ttl: Duration::from_secs(30),
+            timeouts_ttl: headcount_runtime::buckets::timeouts_ttl(
+                self.timings.interval,
+                self.timings.timeout,
+            ),
             storage: async_nats::jetstream::stream::StorageType::File,
         }
     }
@@ -535,6 +544,13 @@ impl TestApp {
 
     /// Starts one more checker and waits until it is ready.
     pub async fn start_checker(&self) -> Running {
+        self.start_checker_via(self.nats.login_options(Login::Checker, "test-checker"))
+            .await
+    }
+
+    /// [`TestApp::start_checker`] connecting as `nats` says (another
+    /// address in front of the server, say).
+    pub async fn start_checker_via(&self, nats: NatsOptions) -> Running {
         let config = checker::Config {
             interval: self.timings.interval,
             timeout: self.timings.timeout,
@@ -544,10 +560,7 @@ impl TestApp {
             plans: self.plans.clone(),
         };
         Running::start(Settings {
-            checker: Some(CheckerSettings {
-                nats: self.nats.login_options(Login::Checker, "test-checker"),
-                config,
-            }),
+            checker: Some(CheckerSettings { nats, config }),
             ..self.settings()
         })
         .await
