@@ -10,9 +10,11 @@
 //! commit leaves the same dictionary.
 //!
 //! A leave applies wherever its session is: in the copy, in a pending change
-//! or in the write under way. When this copy does not show the session at
-//! all (another handler recorded it, and the watch has not brought that
-//! yet), the removal waits for a copy that does ([`Dicts::install`]).
+//! or in the write under way. Where this copy does not show the session
+//! (another handler recorded it, and the watch has not brought that yet),
+//! the removal waits for a copy that does ([`Dicts::install`]), for records
+//! heard before the leave or just after it ([`LEAVE_REORDER_MS`]): a
+//! session heard again later is recorded anew, and stays.
 //!
 //! A dictionary never grows past [`DICT_MAX_SESSIONS`] devices, so that its
 //! value always fits one KV write: a new device beyond that is refused, at
@@ -24,30 +26,47 @@ use headcount_protocol::policy::DICT_MAX_SESSIONS;
 use headcount_protocol::wire::{Heartbeat, HeartbeatRef, Labels, SessionDict, SessionRecord};
 use headcount_protocol::{AccountId, ByInterval, DeviceId, IntervalClock, SessionId, UnixMillis};
 
+/// How much later than its leave a session's record may have been heard
+/// and still be the session before its leave: a heartbeat and a leave
+/// sent back to back may be handled in either order by two handlers (whose
+/// clocks agree to well within this). A session heard again after that (a
+/// page restored from the browser's cache, well over a second later) is
+/// recorded anew, and stays.
+pub const LEAVE_REORDER_MS: UnixMillis = 1_000;
+
 /// One change to one device's entry in one dictionary.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
     /// Record (or refresh) this session for the device.
     Upsert(Box<SessionRecord>),
-    /// The device's session of the previous interval heartbeated at this
-    /// time: copy its record into this interval. Queued for the many live
-    /// sessions moving on at an interval boundary, so it is small; it is
-    /// turned into an `Upsert` when taken for a write
-    /// ([`Dict::take_for_write`]).
-    Carry(UnixMillis),
+    /// This session, the device's in the previous interval, heartbeated at
+    /// this time: copy its record into this interval. Queued for the many
+    /// live sessions moving on at an interval boundary, so it is small; it
+    /// is turned into an `Upsert` when taken for a write
+    /// ([`Dict::take_for_write`]). The session is named: by then the
+    /// previous interval may hold another session of the device, which is
+    /// not this heartbeat's to carry; and so are the heartbeat's labels:
+    /// the record there may have changed since, to labels this heartbeat
+    /// (the newest) did not say.
+    Carry(SessionId, UnixMillis, Labels),
     /// The session left: drop the device's entry if it still holds it, and
     /// announce the leave once that is written.
-    Remove(SessionId),
+    ///
+    /// This and the two removals below take out a record heard by the time
+    /// they carry only (the leave, and [`LEAVE_REORDER_MS`]; any time for
+    /// an ending): a session heard again since, on another handler, has
+    /// been recorded anew, and stays.
+    Remove(SessionId, UnixMillis),
     /// The session left before this handler saw its record land (its add
     /// was pending here, or under way): drop the entry if the add landed
     /// after all, and announce the leave either way, since no other writer
     /// knows of it.
-    Withdraw(Box<SessionRecord>),
+    Withdraw(Box<SessionRecord>, UnixMillis),
     /// Drop the entry if it holds the session, quietly: the leave is
     /// announced by another dictionary's write (the session also sits in a
     /// newer interval, or this handler had trimmed it from its copy), or
     /// the session was ended by whoever announced that.
-    Forget(SessionId),
+    Forget(SessionId, UnixMillis),
 }
 
 impl Change {
@@ -55,8 +74,25 @@ impl Change {
     fn removes(&self) -> bool {
         matches!(
             self,
-            Change::Remove(_) | Change::Withdraw(_) | Change::Forget(_)
+            Change::Remove(..) | Change::Withdraw(..) | Change::Forget(..)
         )
+    }
+
+    /// The session the change is about.
+    fn session(&self) -> &SessionId {
+        match self {
+            Change::Upsert(r) | Change::Withdraw(r, _) => &r.session,
+            Change::Carry(s, ..) | Change::Remove(s, _) | Change::Forget(s, _) => s,
+        }
+    }
+
+    /// The session whose leave the change announces once written.
+    fn announces(&self) -> Option<&SessionId> {
+        match self {
+            Change::Remove(s, _) => Some(s),
+            Change::Withdraw(r, _) => Some(&r.session),
+            _ => None,
+        }
     }
 }
 
@@ -81,13 +117,23 @@ pub enum Applied {
 pub fn apply(dict: &mut SessionDict, device: &DeviceId, change: &Change) -> Applied {
     match change {
         // Resolved into an upsert before anything is applied.
-        Change::Carry(_) => Applied::Nothing,
+        Change::Carry(..) => Applied::Nothing,
         Change::Upsert(rec) => match dict.get_mut(device) {
             Some(cur) if cur.session == rec.session => {
+                // The labels of the later heartbeat: writes from two
+                // handlers may land in the other order than their
+                // heartbeats came (a retry after a conflict, a carry-over
+                // behind a change).
+                let labels = if cur.last_seen > rec.last_seen {
+                    cur.labels.clone()
+                } else {
+                    rec.labels.clone()
+                };
                 let merged = SessionRecord {
                     since: cur.since.min(rec.since),
                     last_seen: cur.last_seen.max(rec.last_seen),
                     replaced: cur.replaced.clone().or_else(|| rec.replaced.clone()),
+                    labels,
                     ..(**rec).clone()
                 };
                 if *cur == merged {
@@ -119,18 +165,20 @@ pub fn apply(dict: &mut SessionDict, device: &DeviceId, change: &Change) -> Appl
                 }
             }
         },
-        Change::Remove(session) | Change::Forget(session) => match dict.get(device) {
-            Some(cur) if &cur.session == session => {
+        Change::Remove(session, by) | Change::Forget(session, by) => match dict.get(device) {
+            Some(cur) if &cur.session == session && cur.last_seen <= *by => {
                 let gone = dict.remove(device);
                 gone.map_or(Applied::Nothing, Applied::Removed)
             }
             _ => Applied::Nothing,
         },
-        Change::Withdraw(rec) => match dict.get(device) {
-            Some(cur) if cur.session == rec.session => {
+        Change::Withdraw(rec, by) => match dict.get(device) {
+            Some(cur) if cur.session == rec.session && cur.last_seen <= *by => {
                 let gone = dict.remove(device);
                 gone.map_or(Applied::Nothing, Applied::Removed)
             }
+            // Heard again since: it stays, and so far it has not left.
+            Some(cur) if cur.session == rec.session => Applied::Nothing,
             // A newer session of the device displaced it: its ending is
             // announced as that session's replacement.
             Some(cur) if cur.replaced.as_ref() == Some(&rec.session) => Applied::Nothing,
@@ -194,6 +242,9 @@ pub enum Take {
         applied: Vec<(DeviceId, Applied, bool)>,
         /// New sessions refused for want of room.
         refused: usize,
+        /// Removals that waited for the changes just done were queued:
+        /// flush again.
+        more: bool,
     },
     /// The copy is trimmed: read the whole dictionary from KV, hand it to
     /// [`Dict::on_reread`] and flush again. The pending changes wait.
@@ -243,9 +294,9 @@ impl Write {
 pub struct Written {
     /// What the write did to each device's entry, for events and
     /// revocations: only the writer whose compare-and-set landed announces.
-    /// The flag says whether an added session was recorded in another live
-    /// interval when the write was taken: a carried session's arrival is
-    /// not news.
+    /// The flag says whether an added session was recorded in the interval
+    /// before when the write was taken: a carried session's arrival is not
+    /// news.
     pub applied: Vec<(DeviceId, Applied, bool)>,
     /// Changes were queued while the write was under way: flush again.
     pub more: bool,
@@ -438,7 +489,7 @@ impl Dict {
                 _ => {
                     changed = true;
                     // A forgotten entry's end is announced elsewhere.
-                    if !matches!(change, Change::Forget(_)) {
+                    if !matches!(change, Change::Forget(..)) {
                         applied.push((device.clone(), what, false));
                     }
                 }
@@ -452,7 +503,11 @@ impl Dict {
             // `value` is the copy held: nothing to write or install.
             self.in_flight = false;
             self.flying.clear();
-            return Take::Unchanged { applied, refused };
+            return Take::Unchanged {
+                applied,
+                refused,
+                more: false,
+            };
         }
         Take::Write(Write {
             revision: self.revision,
@@ -487,10 +542,7 @@ impl Dict {
     /// applied twice; otherwise they are retried until they land.
     pub fn on_conflict(&mut self, write: Write, current: Option<(u64, SessionDict)>) {
         if let Some((revision, entries)) = current {
-            // Take the server's copy as is: a KV entry that expired leaves
-            // no revision behind, so this may go backwards.
-            self.revision = revision;
-            self.entries = entries;
+            self.reinstall(revision, entries);
         }
         // Newer changes queued meanwhile win over the ones taken (a leave
         // queued behind the session's add withdraws it).
@@ -506,11 +558,22 @@ impl Dict {
     /// pending changes stay queued.
     pub fn on_reread(&mut self, current: Option<(u64, SessionDict)>) {
         if let Some((revision, entries)) = current {
+            self.reinstall(revision, entries);
+        }
+        self.in_flight = false;
+    }
+
+    /// Installs the copy a read brought. A key that expired leaves no
+    /// revision behind, so a read of none (0) is taken as is; a read older
+    /// than the copy held is not: the watch brought newer writes before its
+    /// answer came, and going back to it would undo them here (a removal
+    /// then finds nothing to remove, and is dropped unannounced).
+    fn reinstall(&mut self, revision: u64, entries: SessionDict) {
+        if revision >= self.revision || revision == 0 {
             self.revision = revision;
             self.entries = entries;
             self.partial = false;
         }
-        self.in_flight = false;
     }
 }
 
@@ -523,49 +586,55 @@ fn resolve(
     changes
         .into_iter()
         .filter_map(|(device, change)| match change {
-            Change::Carry(_) => carried(&change, prev, &device).map(|c| (device, c)),
+            Change::Carry(..) => carried(&change, prev, &device).map(|c| (device, c)),
             other => Some((device, other)),
         })
         .collect()
 }
 
 /// `change` ready to apply: a carry-over becomes an upsert of the previous
-/// interval's record (None when that record is gone: nothing to carry).
+/// interval's record (None when that record is gone, or is another
+/// session's: nothing to carry).
 fn carried(change: &Change, prev: Option<&SessionDict>, device: &DeviceId) -> Option<Change> {
     match change {
-        Change::Carry(at) => prev.and_then(|p| p.get(device)).map(|r| {
-            Change::Upsert(Box::new(SessionRecord {
-                last_seen: *at,
-                ..r.clone()
-            }))
-        }),
+        Change::Carry(session, at, labels) => prev
+            .and_then(|p| p.get(device))
+            .filter(|r| &r.session == session)
+            .map(|r| {
+                Change::Upsert(Box::new(SessionRecord {
+                    last_seen: *at,
+                    labels: labels.clone(),
+                    ..r.clone()
+                }))
+            }),
         other => Some(other.clone()),
     }
 }
 
 /// Forgets, in the dictionary of `prev`, every entry whose session the
-/// dictionary of `cur` holds for the same device. Only dictionaries with
-/// nothing pending or in flight are trimmed.
+/// dictionary of `cur` holds for the same device (but for a pending
+/// carry-over there, which copies it yet). Only dictionaries with nothing
+/// pending or in flight are trimmed.
 fn trim(dicts: &mut ByInterval<Dict>, prev: u64, cur: u64) {
-    let Some(cur_entries) = dicts.get(&cur).map(|d| &d.entries) else {
+    let Some(c) = dicts.get(&cur) else {
         return;
     };
     let Some(p) = dicts.get(&prev) else {
         return;
     };
-    if p.in_flight
-        || !p.pending.is_empty()
-        || !p
-            .entries
-            .iter()
-            .any(|(dev, r)| cur_entries.get(dev).is_some_and(|c| c.session == r.session))
-    {
+    // Moved on, and no carry-over pending here still copies it (with this
+    // heartbeat's time, and the fields the copy here may lack).
+    let moved = |dev: &DeviceId, r: &SessionRecord| {
+        c.entries.get(dev).is_some_and(|e| e.session == r.session)
+            && !matches!(c.pending.get(dev), Some(Change::Carry(..)))
+    };
+    if p.in_flight || !p.pending.is_empty() || !p.entries.iter().any(|(d, r)| moved(d, r)) {
         return;
     }
     let keep: SessionDict = p
         .entries
         .iter()
-        .filter(|(dev, r)| cur_entries.get(*dev).is_none_or(|c| c.session != r.session))
+        .filter(|(dev, r)| !moved(dev, r))
         .map(|(d, r)| (d.clone(), r.clone()))
         .collect();
     if let Some(p) = dicts.get_mut(&prev) {
@@ -600,6 +669,11 @@ struct Awaited {
     /// A leave this handler has yet to announce (false: quiet, or
     /// announced already).
     announce: bool,
+    /// Only a record last heard no later than this is removed (the leave,
+    /// plus [`LEAVE_REORDER_MS`]): the session of a leave may be heard
+    /// again, on another handler, and recorded anew. An ended session
+    /// never comes back: no bound.
+    heard_by: UnixMillis,
     /// The last interval whose dictionary it was waited for in: it is
     /// dropped once that interval is no longer live.
     until: u64,
@@ -642,8 +716,10 @@ impl Dicts {
     }
 
     /// Installs a copy of `account`'s dictionary of `interval` read from
-    /// KV (the watch), trims what it allows, and queues the removals that
-    /// waited for a copy holding their session: what to flush for them.
+    /// KV (the watch), queues the removals that waited for a copy holding
+    /// their session, and trims what it allows: what to flush for them.
+    /// Removals first: a trim hides from the copy the sessions that moved
+    /// on, which a removal waiting here must still find.
     pub fn install(
         &mut self,
         account: &AccountId,
@@ -653,8 +729,9 @@ impl Dicts {
         now: UnixMillis,
     ) -> Decision {
         self.entry(account, interval).install(revision, entries);
+        let decision = self.settle(account, interval);
         self.trim(account, now);
-        self.settle(account, interval)
+        decision
     }
 
     /// [`Dict::on_conflict`] for `account`'s dictionary of `interval`; the
@@ -666,7 +743,22 @@ impl Dicts {
         write: Write,
         current: Option<(u64, SessionDict)>,
     ) {
-        self.entry(account, interval).on_conflict(write, current);
+        let dict = self.entry(account, interval);
+        // A leave this write was to announce, whose device has a newer
+        // change of another session pending, which wins.
+        let displaced: Vec<SessionId> = write
+            .changes
+            .iter()
+            .filter_map(|(device, change)| {
+                let left = change.announces()?;
+                let newer = dict.pending.get(device)?;
+                (newer.session() != left).then(|| left.clone())
+            })
+            .collect();
+        dict.on_conflict(write, current);
+        for left in displaced {
+            self.owe(account, &left);
+        }
         // The flusher writes this dictionary again anyway, and takes what
         // this queues along.
         let _ = self.settle(account, interval);
@@ -687,10 +779,11 @@ impl Dicts {
 
     /// Queues the awaited removals whose session `account`'s dictionary of
     /// `interval` now holds, and says when to flush. A removal keeps
-    /// waiting while a change of that device is pending or under way (it
-    /// is looked at again with the next copy), and after it was queued, so
-    /// that a copy of another interval that also shows the session gets
-    /// rid of it too, quietly.
+    /// waiting while a change of that device is pending or a write of the
+    /// dictionary is under way (it is looked at again with the write's
+    /// outcome or the next copy), and after it was queued, so that a copy
+    /// of another interval that also shows the session gets rid of it too,
+    /// quietly.
     fn settle(&mut self, account: &AccountId, interval: u64) -> Decision {
         let Some(awaited) = self.awaited.get_mut(account).filter(|w| !w.is_empty()) else {
             return Decision::Unchanged;
@@ -702,20 +795,25 @@ impl Dicts {
         else {
             return Decision::Unchanged;
         };
+        // The write under way may carry this removal itself (`flying`
+        // shows only its upserts), and a quiet one queued now would win
+        // over it if it does not land, silencing the leave.
+        if dict.in_flight {
+            return Decision::Unchanged;
+        }
         let mut schedules = Vec::new();
         for (session, w) in awaited.iter_mut() {
             let holds = dict
                 .entries
                 .get(&w.device)
-                .is_some_and(|r| &r.session == session);
-            if !holds || dict.pending.contains_key(&w.device) || dict.flying.contains_key(&w.device)
-            {
+                .is_some_and(|r| &r.session == session && r.last_seen <= w.heard_by);
+            if !holds || dict.pending.contains_key(&w.device) {
                 continue;
             }
             let (change, defer) = if std::mem::take(&mut w.announce) {
-                (Change::Remove(session.clone()), false)
+                (Change::Remove(session.clone(), w.heard_by), false)
             } else {
-                (Change::Forget(session.clone()), true)
+                (Change::Forget(session.clone(), w.heard_by), true)
             };
             schedules.push(dict.queue(w.device.clone(), change, defer));
         }
@@ -772,34 +870,52 @@ impl Dicts {
             .sum()
     }
 
-    /// Whether `session` of `device` is recorded in any live dictionary of
-    /// `account` other than `except`.
-    pub fn recorded_elsewhere(
+    /// Whether `session` of `device` is recorded in `account`'s dictionary
+    /// of the interval before `interval`, or is about to be (a change
+    /// pending, or the write under way): then its arrival in `interval` is
+    /// a carry-over, and if it is a join at all, that earlier dictionary's
+    /// write announces it. Only the earlier interval counts: a write landing
+    /// late, after the next interval has begun, is still a join when it is
+    /// one.
+    pub fn recorded_before(
         &self,
         account: &AccountId,
         device: &DeviceId,
         session: &SessionId,
-        except: u64,
-        now: UnixMillis,
+        interval: u64,
     ) -> bool {
         let Some(dicts) = self.accounts.get(account) else {
             return false;
         };
-        self.clock
-            .live_intervals(now)
-            .iter()
-            .filter(|i| **i != except)
-            .filter_map(|i| dicts.get(i))
-            .any(|d| d.entries.get(device).is_some_and(|r| &r.session == session))
+        let Some(d) = dicts.get(&interval.wrapping_sub(1)) else {
+            return false;
+        };
+        let holds = |r: &SessionRecord| &r.session == session;
+        let before = dicts.get(&interval.wrapping_sub(2)).map(|p| &p.entries);
+        d.entries.get(device).is_some_and(holds)
+            || d.flying.get(device).is_some_and(holds)
+            || d.pending
+                .get(device)
+                .and_then(|c| carried(c, before, device))
+                .is_some_and(|c| matches!(c, Change::Upsert(r) if holds(&r)))
     }
 
     /// Drops dictionaries no reader consults any more, keeping those with a
-    /// write still pending, and removals that waited for an interval no
-    /// longer live.
+    /// write still pending (and the one before them, which tells whether
+    /// what they add is a carry-over), and removals that waited for an
+    /// interval no longer live.
     pub fn prune(&mut self, now: UnixMillis) {
         let [prev, _] = self.clock.live_intervals(now);
         self.accounts.retain(|_, dicts| {
-            dicts.retain(|i, d| i >= prev || d.in_flight || !d.pending.is_empty());
+            let writing = |d: &Dict| d.in_flight || !d.pending.is_empty();
+            let keep: Vec<u64> = dicts
+                .iter()
+                .filter(|(i, d)| {
+                    *i >= prev || writing(d) || dicts.get(&(i + 1)).is_some_and(writing)
+                })
+                .map(|(i, _)| i)
+                .collect();
+            dicts.retain(|i, _| keep.contains(&i));
             !dicts.is_empty()
         });
         self.awaited.retain(|_, awaited| {
@@ -810,11 +926,13 @@ impl Dicts {
 
     /// [`Dict::take_for_write`] for `account`'s dictionary of `interval`,
     /// carry-overs copied from the previous interval's. A take that finds
-    /// nothing to write trims like a write that landed.
+    /// nothing to write trims, and lets waiting removals through, like a
+    /// write that landed.
     ///
-    /// Whether an added session is also recorded in another live interval
-    /// (a carry-over, not a join) is decided here, while that interval
-    /// still holds it: a leave may remove it there before this write lands.
+    /// Whether an added session is recorded in the interval before (a
+    /// carry-over, not a join: [`Dicts::recorded_before`]) is decided here,
+    /// while that interval still holds it: a leave may remove it there
+    /// before this write lands.
     pub fn take_for_write(&mut self, account: &AccountId, interval: u64, now: UnixMillis) -> Take {
         let Some(dicts) = self.accounts.get_mut(account) else {
             return Take::Idle;
@@ -824,21 +942,28 @@ impl Dicts {
         let Some(mut dict) = dicts.remove(&interval) else {
             return Take::Idle;
         };
+        // No reader consults a dictionary older than the live ones, and its
+        // key may have expired: adding to it would bring it back, and
+        // announce joins nobody sees. Only its removals are still written
+        // (a leave they carry is announced).
+        if interval < self.clock.live_intervals(now)[0] && !dict.in_flight {
+            dict.pending.retain(|_, change| change.removes());
+        }
         let prev = dicts.get(&interval.wrapping_sub(1)).map(|p| &p.entries);
         let mut take = dict.take_for_write(prev);
         dicts.insert(interval, dict);
         match &mut take {
-            Take::Unchanged { .. } => self.trim(account, now),
+            Take::Unchanged { more, .. } => {
+                // A removal waits while a change of its device is pending;
+                // that change is done now, as after a write that landed.
+                *more = self.settle(account, interval) != Decision::Unchanged;
+                self.trim(account, now);
+            }
             Take::Write(write) => {
                 for (device, what, elsewhere) in &mut write.applied {
                     if let Applied::Added { record, .. } = what {
-                        *elsewhere = self.recorded_elsewhere(
-                            account,
-                            device,
-                            &record.session,
-                            interval,
-                            now,
-                        );
+                        *elsewhere =
+                            self.recorded_before(account, device, &record.session, interval);
                     }
                 }
             }
@@ -848,7 +973,8 @@ impl Dicts {
     }
 
     /// [`Dict::on_written`] for `account`'s dictionary of `interval`, then
-    /// the trim its new copy allows and the removals it lets through.
+    /// the removals its new copy lets through and the trim it allows (in
+    /// that order, as in [`Dicts::install`]).
     pub fn on_written(
         &mut self,
         account: &AccountId,
@@ -858,10 +984,10 @@ impl Dicts {
         now: UnixMillis,
     ) -> Written {
         let mut written = self.entry(account, interval).on_written(write, revision);
-        self.trim(account, now);
         if self.settle(account, interval) != Decision::Unchanged {
             written.more = true;
         }
+        self.trim(account, now);
         written
     }
 
@@ -881,7 +1007,7 @@ impl Dicts {
 
     /// The fast path: whether a heartbeat changes nothing (its session is
     /// recorded for the current interval with the same fields and nothing is
-    /// pending for the device). Borrowed names, no allocation. When false,
+    /// pending or under way for the device). Borrowed names, no allocation. When false,
     /// [`Dicts::on_heartbeat`] decides.
     pub fn unchanged(
         &self,
@@ -898,7 +1024,9 @@ impl Dicts {
         let Some(dict) = self.accounts.get(account).and_then(|d| d.get(&cur)) else {
             return false;
         };
-        if dict.pending.contains_key(device) {
+        // A write under way may record other fields (an earlier
+        // heartbeat's) and land after: [`Dicts::on_heartbeat`] looks.
+        if dict.pending.contains_key(device) || dict.flying.contains_key(device) {
             return false;
         }
         dict.entries.get(device).is_some_and(|r| {
@@ -953,14 +1081,34 @@ impl Dicts {
             && same_fields(r)
         {
             // A write still waiting (KV slow, a leader election) carries the
-            // newest heartbeat's time, so that it does not land stale.
+            // newest heartbeat's time, so that it does not land stale, and
+            // so its labels: the copy may show newer ones than it holds
+            // (another handler's write of a change), which with that time
+            // it would otherwise undo.
             if let Some(Change::Upsert(rec)) =
                 dicts.get_mut(&cur).and_then(|d| d.pending.get_mut(device))
                 && &rec.session == session
             {
                 rec.last_seen = rec.last_seen.max(now);
+                if !same_fields(rec) {
+                    rec.labels = Labels::new(
+                        hb.content.as_deref(),
+                        hb.kind.as_deref(),
+                        hb.region.as_deref(),
+                    );
+                }
             }
-            return Decision::Unchanged;
+            // A write under way that records other fields of the session
+            // (an earlier heartbeat's) would land after this one: what this
+            // one says is written after it.
+            let stale = dicts
+                .get(&cur)
+                .filter(|d| !d.pending.contains_key(device))
+                .and_then(|d| d.flying.get(device))
+                .is_some_and(|f| &f.session == session && !same_fields(f));
+            if !stale {
+                return Decision::Unchanged;
+            }
         }
         // A device new to the account's live dictionaries takes a place in
         // them, and past their room it is refused: no limit allows that many
@@ -1006,18 +1154,69 @@ impl Dicts {
         };
         // Only the interval changed: the session is live in the previous
         // dictionary, so nobody waits for this write, and the previous
-        // record is all it needs.
+        // record is all it needs. A carry-over copies that record when the
+        // write is taken, from the copy: while a change of it is still
+        // pending or under way there (its first write, new labels), the
+        // record this heartbeat matched is copied now instead; and so it is
+        // while this interval's write under way records the session
+        // already (with older labels, maybe: once it lands, the previous
+        // interval's copy is trimmed of the session, and a carry-over
+        // would find nothing to copy).
         let defer = cur_rec.is_none() && carried.is_some_and(same_fields);
-        let change = if defer {
-            Change::Carry(now)
+        let writing = |d: &Dict| d.flying.get(device).is_some_and(|r| &r.session == session);
+        let landed = !dicts.get(&cur).is_some_and(writing)
+            && dicts.get(&prev).filter(|_| prev != cur).is_some_and(|d| {
+                d.entries.get(device).is_some_and(|r| &r.session == session)
+                    && !d.pending.contains_key(device)
+                    && !d.flying.contains_key(device)
+            });
+        let change = if defer && landed {
+            Change::Carry(session.clone(), now, record.labels.clone())
         } else {
             Change::Upsert(Box::new(record))
         };
         let dict = dicts.entry_or_default(cur);
-        match dict.queue(device.clone(), change, defer) {
+        let displaced = dict
+            .pending
+            .get(device)
+            .and_then(Change::announces)
+            .cloned();
+        let decision = match dict.queue(device.clone(), change, defer) {
             Schedule::Now => Decision::Queued(vec![(account.clone(), cur)]),
             Schedule::Later => Decision::Deferred(vec![(account.clone(), cur)]),
             Schedule::Already => Decision::Queued(Vec::new()),
+        };
+        if let Some(left) = displaced.filter(|s| s != session) {
+            self.owe(account, &left);
+        }
+        decision
+    }
+
+    /// A change of another session of the device took the place of the
+    /// pending removal that was to announce `left`'s leave (a device that
+    /// left and came back as a new session): a quiet removal of `left`
+    /// still pending in another interval announces it instead, or else
+    /// the removal waiting for `left`, when a copy shows it still there
+    /// (the new session did not displace it after all, e.g. it left too).
+    fn owe(&mut self, account: &AccountId, left: &SessionId) {
+        let Some(w) = self.awaited.get_mut(account).and_then(|a| a.get_mut(left)) else {
+            return;
+        };
+        let quiet = self.accounts.get_mut(account).and_then(|dicts| {
+            dicts
+                .values_mut()
+                .find_map(|d| match d.pending.get_mut(&w.device) {
+                    Some(c @ Change::Forget(..)) if c.session() == left => Some(c),
+                    _ => None,
+                })
+        });
+        match quiet {
+            Some(change) => {
+                if let Change::Forget(_, by) = *change {
+                    *change = Change::Remove(left.clone(), by);
+                }
+            }
+            None => w.announce = true,
         }
     }
 
@@ -1094,28 +1293,38 @@ impl Dicts {
             && held.iter().any(|(i, h)| *i == cur && *h != Held::No)
             && held.iter().any(|(i, h)| *i == prev && *h == Held::No)
             && dicts.get(&prev).is_some_and(|d| d.partial);
+        let by = if announce {
+            now.saturating_add(LEAVE_REORDER_MS)
+        } else {
+            UnixMillis::MAX
+        };
         let mut changes = Vec::new();
         for (interval, h) in held {
             let change = match h {
-                Held::No if interval == prev && trimmed => Change::Forget(session.clone()),
+                Held::No if interval == prev && trimmed => Change::Forget(session.clone(), by),
                 Held::No => continue,
-                Held::Landed if announcer == Some(interval) => Change::Remove(session.clone()),
+                Held::Landed if announcer == Some(interval) => Change::Remove(session.clone(), by),
                 Held::Writing(rec) if announcer == Some(interval) => {
-                    Change::Withdraw(Box::new(rec))
+                    Change::Withdraw(Box::new(rec), by)
                 }
-                Held::Landed | Held::Writing(_) => Change::Forget(session.clone()),
+                Held::Landed | Held::Writing(_) => Change::Forget(session.clone(), by),
             };
             changes.push((interval, change));
         }
+        // The removal also waits for the session to show up where this
+        // handler does not see it yet: another handler's write of it into
+        // another live interval may still be under way, or not watched yet.
+        // Quietly when a change queued here announces the leave.
+        self.awaited.entry(account.clone()).or_default().insert(
+            session.clone(),
+            Awaited {
+                device: device.clone(),
+                announce: announce && changes.is_empty(),
+                heard_by: by,
+                until: cur,
+            },
+        );
         if changes.is_empty() {
-            self.awaited.entry(account.clone()).or_default().insert(
-                session.clone(),
-                Awaited {
-                    device: device.clone(),
-                    announce,
-                    until: cur,
-                },
-            );
             return Decision::Unchanged;
         }
         // A leave is waited for by the device and its observers; an ending
@@ -1123,15 +1332,24 @@ impl Dicts {
         let defer = !announce;
         let mut now_keys = Vec::new();
         let mut later_keys = Vec::new();
+        let mut displaced = Vec::new();
         for (interval, change) in changes {
-            match dicts
-                .entry_or_default(interval)
-                .queue(device.clone(), change, defer)
-            {
+            let dict = dicts.entry_or_default(interval);
+            displaced.extend(
+                dict.pending
+                    .get(device)
+                    .and_then(Change::announces)
+                    .filter(|s| *s != session)
+                    .cloned(),
+            );
+            match dict.queue(device.clone(), change, defer) {
                 Schedule::Now => now_keys.push((account.clone(), interval)),
                 Schedule::Later => later_keys.push((account.clone(), interval)),
                 Schedule::Already => {}
             }
+        }
+        for left in displaced {
+            self.owe(account, &left);
         }
         if !now_keys.is_empty() {
             Decision::Queued(now_keys)
@@ -1378,9 +1596,10 @@ mod tests {
             Decision::Queued(vec![(a.clone(), 0), (a.clone(), 1)])
         );
         let old = d.get_mut(&a, 0).expect("previous dictionary");
-        assert_eq!(old.pending.get(&dev), Some(&Change::Forget(s.clone())));
+        let by = 10_700 + LEAVE_REORDER_MS;
+        assert_eq!(old.pending.get(&dev), Some(&Change::Forget(s.clone(), by)));
         let new = d.get_mut(&a, 1).expect("current dictionary");
-        assert_eq!(new.pending.get(&dev), Some(&Change::Remove(s.clone())));
+        assert_eq!(new.pending.get(&dev), Some(&Change::Remove(s.clone(), by)));
     }
 
     #[test]
@@ -1531,7 +1750,7 @@ mod tests {
         let up = Change::Upsert(Box::new(rec.clone()));
         assert!(matches!(apply(&mut dict, &dev, &up), Applied::Added { .. }));
         assert_eq!(apply(&mut dict, &dev, &up), Applied::Nothing);
-        let rm = Change::Remove(s);
+        let rm = Change::Remove(s, UnixMillis::MAX);
         assert_eq!(apply(&mut dict, &dev, &rm), Applied::Removed(rec));
         assert_eq!(apply(&mut dict, &dev, &rm), Applied::Nothing);
     }
@@ -1672,7 +1891,7 @@ mod tests {
         );
         assert_eq!(
             d.get_mut(&a, 0).expect("dictionary").pending.get(&tv),
-            Some(&Change::Remove(s1.clone()))
+            Some(&Change::Remove(s1.clone(), 2_100 + LEAVE_REORDER_MS))
         );
         let rev = kv.update(&a, 0, &w).expect("the write lands");
         assert!(d.on_written(&a, 0, w, rev, 2_100).more);
@@ -1764,7 +1983,7 @@ mod tests {
             );
             assert_eq!(
                 d.get_mut(&a, 1).expect("current").pending.get(&dev),
-                Some(&Change::Forget(s.clone()))
+                Some(&Change::Forget(s.clone(), 10_600 + LEAVE_REORDER_MS))
             );
             let removal = write_of(d.take_for_write(&a, 0, 10_600));
             // Each write lands and is handed back, in the order asked for.
@@ -1887,9 +2106,11 @@ mod tests {
         assert!(applied.is_empty(), "nothing to announce: {applied:?}");
         assert!(kv.read(&a, 0).1.is_empty());
         assert!(kv.read(&a, 1).1.is_empty());
-        // An ending older than the live intervals has nothing to remove.
-        assert_eq!(d.ended(&a, &dev, &s, 1_000, 20_500), Decision::Unchanged);
-        assert!(d.awaited.is_empty());
+        // An ending older than the live intervals has nothing to remove,
+        // nor to wait for.
+        let old = session("old");
+        assert_eq!(d.ended(&a, &dev, &old, 1_000, 20_500), Decision::Unchanged);
+        assert!(d.awaited.get(&a).is_none_or(|w| !w.contains_key(&old)));
     }
 
     #[test]
@@ -2065,5 +2286,102 @@ mod tests {
         let rev = kv.update(&a, 0, &w).expect("the write lands");
         // Interval 1's write announces the leave; this one is quiet.
         assert!(d.on_written(&a, 0, w, rev, 10_700).applied.is_empty());
+    }
+
+    #[test]
+    fn a_carry_over_copies_only_its_own_session() {
+        let (a, dev, s) = ids();
+        let (mut d, mut kv) = lived(&[9_000]);
+        assert_eq!(
+            d.on_heartbeat(&a, &dev, &s, &Heartbeat::default(), 10_500),
+            Decision::Deferred(vec![(a.clone(), 1)])
+        );
+        // Before the carry-over is taken, another handler's write shows
+        // another session of the device in interval 0.
+        let other = [(dev.clone(), record("s2", 9_500))].into_iter().collect();
+        installed(&mut d, &mut kv, 0, other, 10_600);
+        // It is not carried under this session's heartbeat.
+        let take = d.take_for_write(&a, 1, 11_500);
+        assert!(matches!(take, Take::Unchanged { .. }), "{take:?}");
+    }
+
+    #[test]
+    fn the_later_heartbeats_labels_win_whichever_write_lands_last() {
+        let dev = ids().1;
+        let newer = SessionRecord {
+            labels: Labels::new(Some("news"), None, None),
+            last_seen: 2_000,
+            ..record("s1", 1_000)
+        };
+        let mut dict: SessionDict = [(dev.clone(), newer)].into_iter().collect();
+        // An earlier heartbeat's write, retried after a conflict, lands
+        // last: its labels are not the session's any more.
+        let older = SessionRecord {
+            labels: Labels::new(Some("film"), None, None),
+            ..record("s1", 1_500)
+        };
+        let change = Change::Upsert(Box::new(older));
+        assert_eq!(apply(&mut dict, &dev, &change), Applied::Nothing);
+        assert_eq!(dict[&dev].labels.content(), Some("news"));
+    }
+
+    #[test]
+    fn a_read_older_than_the_copy_is_not_taken() {
+        let (a, dev, s) = ids();
+        let (mut d, mut kv) = lone();
+        let other = [(device("radio"), record("s2", 500))].into_iter().collect();
+        installed(&mut d, &mut kv, 0, other, 600);
+        d.on_heartbeat(&a, &dev, &s, &Heartbeat::default(), 1_000);
+        let w = write_of(d.take_for_write(&a, 0, 1_000));
+        // The write lands and its answer is lost; the read made after that
+        // answers with what the key held before, after the watch brought
+        // the write.
+        let stale = kv.read(&a, 0);
+        let rev = kv.update(&a, 0, &w).expect("the write lands");
+        let (_, entries) = kv.read(&a, 0);
+        let _ = d.install(&a, 0, rev, entries, 1_100);
+        d.on_conflict(&a, 0, w, Some(stale));
+        // The copy keeps the write: nothing to write again.
+        let retry = d.take_for_write(&a, 0, 1_300);
+        assert!(matches!(retry, Take::Unchanged { .. }), "{retry:?}");
+        assert_eq!(kv.seq, rev);
+    }
+
+    #[test]
+    fn a_session_heard_again_well_after_its_leave_stays_on_every_handler() {
+        let (a, dev, s) = ids();
+        let mut kv = Kv::default();
+        let (mut h1, mut h2) = (Dicts::new(clock()), Dicts::new(clock()));
+        // h2 takes the leave knowing nothing of the session: the removal
+        // waits for a copy that shows it.
+        assert_eq!(
+            h2.on_heartbeat(&a, &dev, &s, &leave(), 1_000),
+            Decision::Unchanged
+        );
+        // Seconds later the session is heard again, on h1 (a page restored
+        // from the browser's cache), and recorded anew.
+        beat(&mut h1, &mut kv, &dev, &s, 4_000);
+        // h2's copy shows a record heard after its leave: it stays.
+        let (rev, entries) = kv.read(&a, 0);
+        assert_eq!(h2.install(&a, 0, rev, entries, 4_100), Decision::Unchanged);
+        assert!(!h2.has_pending());
+    }
+
+    #[test]
+    fn a_dictionary_no_longer_read_gets_only_its_removals_written() {
+        let (a, dev, s) = ids();
+        let (mut d, mut kv) = lone();
+        let other = [(device("radio"), record("s2", 500))].into_iter().collect();
+        installed(&mut d, &mut kv, 0, other, 600);
+        // A join and a leave wait for interval 0's write (the store kept
+        // failing) until interval 2: nobody reads interval 0 any more.
+        d.on_heartbeat(&a, &dev, &s, &Heartbeat::default(), 1_000);
+        d.on_heartbeat(&a, &device("radio"), &session("s2"), &leave(), 1_100);
+        let w = write_of(d.take_for_write(&a, 0, 20_500));
+        assert!(w.value().is_empty(), "{:?}", w.value());
+        let rev = kv.update(&a, 0, &w).expect("the removal lands");
+        let written = d.on_written(&a, 0, w, rev, 20_500);
+        // The leave is announced; the join, which nobody would see, is not.
+        assert_eq!(events(&written.applied), (vec![], vec!["s2".into()]));
     }
 }

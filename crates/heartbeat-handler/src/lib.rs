@@ -406,8 +406,15 @@ async fn flush(shared: &Shared, key: Key) {
         .take_for_write(account, interval, now_millis());
     let write = match take {
         Take::Idle => return,
-        Take::Unchanged { applied, refused } => {
+        Take::Unchanged {
+            applied,
+            refused,
+            more,
+        } => {
             count_refused(shared, refused);
+            if more {
+                let _ = shared.flush_tx.send(key.clone());
+            }
             announce(shared, account, applied).await;
             return;
         }
