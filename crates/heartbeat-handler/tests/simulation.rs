@@ -1239,16 +1239,7 @@ impl Sim {
             // The answer comes after the flusher gave up: a failure, also
             // when the write landed.
             Phase::Answer(w, sent, outcome, landed) if now > sent + WRITE_TIMEOUT_MS => {
-                self.log(|| {
-                    format!(
-                        "h{h}'s write of {}.{} times out ({outcome:?})",
-                        key.0, key.1
-                    )
-                });
-                if let Some((rev, old, new)) = landed {
-                    self.unacknowledged(rev, old.as_deref(), &new);
-                }
-                self.stats.failed += 1;
+                self.answer_too_late(h, &key, &outcome, landed);
                 Some(next(Phase::Read(w, Outcome::Failed, now), now))
             }
             Phase::Answer(w, _, Outcome::Written(rev), _) => {
@@ -1351,6 +1342,21 @@ impl Sim {
         }
     }
 
+    /// A write's answer that comes after the flusher gave up: to the
+    /// handler a failure, also when the write landed (then unacknowledged).
+    fn answer_too_late(&mut self, h: usize, key: &Key, outcome: &Outcome, landed: Option<Landed>) {
+        self.log(|| {
+            format!(
+                "h{h}'s write of {}.{} times out ({outcome:?})",
+                key.0, key.1
+            )
+        });
+        if let Some((rev, old, new)) = landed {
+            self.unacknowledged(rev, old.as_deref(), &new);
+        }
+        self.stats.failed += 1;
+    }
+
     /// The flusher's timers: a request unanswered after the timeout has
     /// failed (a write may still land: the server holds it).
     fn fire_timeouts(&mut self) {
@@ -1371,16 +1377,7 @@ impl Sim {
                     Phase::Read(w, Outcome::Failed, now)
                 }
                 Phase::Answer(w, sent, outcome, landed) if late(sent) => {
-                    self.log(|| {
-                        format!(
-                            "h{h}'s write of {}.{} times out ({outcome:?})",
-                            key.0, key.1
-                        )
-                    });
-                    if let Some((rev, old, new)) = landed {
-                        self.unacknowledged(rev, old.as_deref(), &new);
-                    }
-                    self.stats.failed += 1;
+                    self.answer_too_late(h, &key, &outcome, landed);
                     Phase::Read(w, Outcome::Failed, now)
                 }
                 Phase::Read(w, outcome, since) if late(since) => Phase::Reapply(w, outcome, None),
