@@ -7,8 +7,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::StreamExt;
-use headcount_protocol::wire::{ActiveReply, ControlType, EventType, Heartbeat, LimitsReply};
-use headcount_protocol::{Limit, Policy};
+use headcount_protocol::subjects::kv as keys;
+use headcount_protocol::wire::{
+    self, ActiveReply, ControlType, EndReason, EventType, Heartbeat, LimitsReply, SessionRef,
+};
+use headcount_protocol::{AccountId, DeviceId, Limit, Policy, SessionId, now_millis};
 use headcount_tests::{check, control, events, next_control, next_event};
 use serde_json::json;
 use test_support::{Device, TestApp};
@@ -208,6 +211,57 @@ async fn evict_oldest_tells_the_evicted_device_and_ignores_it_afterwards() {
     assert_eq!(app.active_sessions("acme").await, ["s2", "s3"]);
     assert!(app.handlers[0].metric(r#"headcount_heartbeats_total{result="revoked"}"#) >= 1.0);
     assert_eq!(evictions(&app), 1.0);
+    Device::silence_all([first, second, third]).await;
+}
+
+#[tokio::test]
+async fn a_checker_ends_the_victim_another_replica_recorded_and_no_other() {
+    // Another replica decided that s3 takes s2's seat (its view ordered the
+    // sessions differently) and recorded that in acme's ledger, but its
+    // revocation never came. This checker, left to enforce, must end s2
+    // and nobody else: by its own order it would have chosen s1.
+    let (app, dev, mut ctl, mut ev) = watched(limit(2, Policy::EvictOldest), "second").await;
+    let first = joined(&app, &dev, "first", "s1", 1).await;
+    let second = joined(&app, &dev, "second", "s2", 2).await;
+    let ledger = wire::Ledger {
+        ended: vec![wire::LedgerEntry {
+            device: DeviceId::parse("second").unwrap(),
+            session: SessionId::parse("s2").unwrap(),
+            reason: EndReason::Evicted,
+            at: now_millis(),
+            by: Some(SessionRef {
+                device: DeviceId::parse("third").unwrap(),
+                session: SessionId::parse("s3").unwrap(),
+            }),
+            decision: Some("another-replica".into()),
+        }],
+    };
+    let revoked = async_nats::jetstream::new(app.client.clone())
+        .get_key_value(keys::REVOKED_BUCKET)
+        .await
+        .unwrap();
+    let acme = AccountId::parse("acme").unwrap();
+    revoked
+        .put(
+            keys::ledger(&acme),
+            serde_json::to_vec(&ledger).unwrap().into(),
+        )
+        .await
+        .unwrap();
+    let third = Device::start(dev.clone(), "acme", "third", "s3", BEAT, plain());
+
+    let msg = next_control(&mut ctl).await;
+    assert_eq!(msg.kind, ControlType::DeviceLimitExceeded);
+    assert_eq!(
+        (msg.device.as_str(), msg.session.as_str()),
+        ("second", "s2")
+    );
+    let e = next_event(&mut ev, EventType::Evicted).await;
+    assert_eq!(e.session.as_str(), "s2");
+    assert_eq!(e.by.as_ref().map(|b| b.session.as_str()), Some("s3"));
+    tokio::time::sleep(app.timings.timeout).await;
+    assert_eq!(app.active_sessions("acme").await, ["s1", "s3"]);
+    assert_eq!(evictions(&app), 1.0, "one seat, one eviction");
     Device::silence_all([first, second, third]).await;
 }
 
@@ -588,7 +642,7 @@ async fn metrics_track_heartbeats_sessions_and_checks() {
 /// the acknowledgement, as a broken connection or a leader change does.
 mod lost_acknowledgements {
     use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
     use headcount_protocol::wire::PresenceEvent;
     use headcount_runtime::NatsOptions;
@@ -598,16 +652,29 @@ mod lost_acknowledgements {
 
     use super::*;
 
+    /// Which acknowledgement of an ending the relay drops: the ledger's
+    /// write, or the revocation's create after it.
+    const LEDGER: usize = 0;
+    const REVOCATION: usize = 1;
+
     /// The start of a JetStream publish acknowledgement from the revoked
     /// bucket's stream.
     const REVOKED_ACK: &[u8] = br#"{"stream":"KV_headcount-revoked","seq":"#;
 
-    /// A TCP relay in front of nats-server. Once armed, it drops the next
-    /// acknowledgement of a write to the revoked bucket on its way to the
-    /// client; everything else passes as it is.
+    /// Not armed.
+    const DISARMED: usize = usize::MAX;
+
+    /// A TCP relay in front of nats-server. Once armed, it lets a given
+    /// number of acknowledgements of writes to the revoked bucket through
+    /// and drops the next on its way to the client; everything else passes
+    /// as it is. A checker's ending writes the account's ledger first, then
+    /// the session's revocation: [`LEDGER`] and [`REVOCATION`] say which
+    /// acknowledgement is lost.
     struct Relay {
         port: u16,
-        armed: Arc<AtomicBool>,
+        /// How many more revoked-bucket acknowledgements pass before one is
+        /// dropped ([`DISARMED`]: none is).
+        armed: Arc<AtomicUsize>,
         lost: Arc<AtomicUsize>,
     }
 
@@ -617,7 +684,7 @@ mod lost_acknowledgements {
             let upstream = url.trim_start_matches("nats://").to_string();
             let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
             let port = listener.local_addr().unwrap().port();
-            let armed = Arc::new(AtomicBool::new(false));
+            let armed = Arc::new(AtomicUsize::new(DISARMED));
             let lost = Arc::new(AtomicUsize::new(0));
             let (a, l) = (armed.clone(), lost.clone());
             tokio::spawn(async move {
@@ -634,8 +701,9 @@ mod lost_acknowledgements {
             Self { port, armed, lost }
         }
 
-        fn arm(&self) {
-            self.armed.store(true, Ordering::SeqCst);
+        /// Drops the acknowledgement `which` of the next ending.
+        fn arm(&self, which: usize) {
+            self.armed.store(which, Ordering::SeqCst);
         }
 
         fn lost(&self) -> usize {
@@ -649,7 +717,7 @@ mod lost_acknowledgements {
     async fn lose_one_ack(
         from: tokio::net::tcp::OwnedReadHalf,
         mut to: tokio::net::tcp::OwnedWriteHalf,
-        armed: Arc<AtomicBool>,
+        armed: Arc<AtomicUsize>,
         lost: Arc<AtomicUsize>,
     ) {
         let mut from = BufReader::new(from);
@@ -673,13 +741,18 @@ mod lost_acknowledgements {
                 if from.read_exact(&mut payload).await.is_err() {
                     return;
                 }
-                if payload.starts_with(REVOKED_ACK)
-                    && armed
-                        .compare_exchange(true, false, Ordering::SeqCst, Ordering::SeqCst)
-                        .is_ok()
-                {
-                    lost.fetch_add(1, Ordering::SeqCst);
-                    continue;
+                if payload.starts_with(REVOKED_ACK) {
+                    let before = armed
+                        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| match n {
+                            DISARMED => None,
+                            0 => Some(DISARMED),
+                            n => Some(n - 1),
+                        })
+                        .unwrap_or(DISARMED);
+                    if before == 0 {
+                        lost.fetch_add(1, Ordering::SeqCst);
+                        continue;
+                    }
                 }
             }
             if to.write_all(&line).await.is_err() || to.write_all(&payload).await.is_err() {
@@ -725,13 +798,34 @@ mod lost_acknowledgements {
     }
 
     #[tokio::test]
-    async fn a_kick_whose_acknowledgement_is_lost_is_told_once_and_answered_kicked() {
+    async fn a_kick_whose_revocation_acknowledgement_is_lost_is_told_once_and_answered_kicked() {
+        kick_with_a_lost_acknowledgement(REVOCATION).await;
+    }
+
+    #[tokio::test]
+    async fn a_kick_whose_ledger_acknowledgement_is_lost_is_told_once_and_answered_kicked() {
+        kick_with_a_lost_acknowledgement(LEDGER).await;
+    }
+
+    #[tokio::test]
+    async fn an_eviction_whose_revocation_acknowledgement_is_lost_is_told_once() {
+        eviction_with_a_lost_acknowledgement(REVOCATION).await;
+    }
+
+    #[tokio::test]
+    async fn an_eviction_whose_ledger_acknowledgement_is_lost_is_told_once() {
+        eviction_with_a_lost_acknowledgement(LEDGER).await;
+    }
+
+    /// A kick whose ledger write or revocation (`which`) lands but is not
+    /// acknowledged: still answered `kicked`, told to the device once.
+    async fn kick_with_a_lost_acknowledgement(which: usize) {
         let (mut app, dev, mut ctl, mut ev) = watched(limit(2, Policy::EvictOldest), "tv").await;
         let relay = Relay::start(&app.nats.url()).await;
         checker_behind(&mut app, &relay).await;
         let tv = joined(&app, &dev, "tv", "s1", 1).await;
 
-        relay.arm();
+        relay.arm(which);
         assert!(
             app.kick("acme", "s1").await,
             "the revocation landed: this kick ended the session"
@@ -757,14 +851,15 @@ mod lost_acknowledgements {
         tv.silence().await;
     }
 
-    #[tokio::test]
-    async fn an_eviction_whose_acknowledgement_is_lost_is_told_once() {
+    /// An eviction whose ledger write or revocation (`which`) lands but is
+    /// not acknowledged: the device and observers are told once.
+    async fn eviction_with_a_lost_acknowledgement(which: usize) {
         let (mut app, dev, mut ctl, mut ev) = watched(limit(1, Policy::EvictOldest), "first").await;
         let relay = Relay::start(&app.nats.url()).await;
         checker_behind(&mut app, &relay).await;
         let first = joined(&app, &dev, "first", "s1", 1).await;
 
-        relay.arm();
+        relay.arm(which);
         let second = Device::start(dev.clone(), "acme", "second", "s2", BEAT, plain());
         let msg = next_control(&mut ctl).await;
         assert_eq!(

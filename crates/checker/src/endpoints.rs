@@ -25,7 +25,8 @@ use headcount_runtime::service_error;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::enforcement::end_session;
+use crate::enforcement::{Ended, Ending, end_session};
+use crate::ledger;
 use crate::shared::Shared;
 use crate::view::{self, CheckOutcome, View};
 
@@ -113,14 +114,20 @@ fn active_reply(view: &View, account: AccountId, now: UnixMillis) -> ActiveReply
 
 async fn check(shared: &Shared, payload: &[u8]) -> Result<Bytes, ServiceError> {
     let req: CheckRequest = parse(payload)?;
-    let outcome = decide_check(&shared.view(req.account.as_str()), &req, now_millis())?;
-    let by = req.session.clone().map(|session| SessionRef {
-        device: req.device.clone(),
-        session,
-    });
-    for victim in &outcome.victims {
-        end_session(shared, &req.account, victim, EndReason::Evicted, by.clone()).await;
+    let now = now_millis();
+    // The victims are decided through the account's ledger, so that no
+    // other checker (nor enforcement) makes room for the same seat twice.
+    let decided = ledger::decide(shared, &req.account, now, |view| {
+        plan_check(view, &req, now)
+    })
+    .await;
+    for ending in decided.follow.into_iter().chain(decided.new) {
+        end_session(shared, &req.account, ending).await;
     }
+    if let Some(e) = decided.unrecorded {
+        return Err(ServiceError::internal(e));
+    }
+    let outcome = decided.out?;
     json(&CheckReply {
         allowed: outcome.allowed,
         active: outcome.active,
@@ -128,6 +135,31 @@ async fn check(shared: &Shared, payload: &[u8]) -> Result<Bytes, ServiceError> {
         policy: outcome.limit.policy,
         evicted: outcome.victims,
     })
+}
+
+/// The plan `check` decides with (see [`ledger::decide`]): the victims
+/// [`decide_check`] names, each evicted for the requesting session, and
+/// the answer.
+pub(crate) fn plan_check(
+    view: &mut View,
+    req: &CheckRequest,
+    now: UnixMillis,
+) -> (Vec<Ending>, Result<CheckOutcome, ServiceError>) {
+    match decide_check(view, req, now) {
+        Ok(outcome) => {
+            let by = req.session.clone().map(|session| SessionRef {
+                device: req.device.clone(),
+                session,
+            });
+            let ending = |victim: &SessionRef| Ending {
+                victim: victim.clone(),
+                reason: EndReason::Evicted,
+                by: by.clone(),
+            };
+            (outcome.victims.iter().map(ending).collect(), Ok(outcome))
+        }
+        Err(e) => (Vec::new(), Err(e)),
+    }
 }
 
 /// What `check` answers, and which sessions it ends to make room.
@@ -435,31 +467,44 @@ fn stats(shared: &Shared, payload: &[u8]) -> Result<Bytes, ServiceError> {
 
 async fn kick(shared: &Shared, payload: &[u8]) -> Result<Bytes, ServiceError> {
     let req: KickRequest = parse(payload)?;
-    let target = kick_target(
-        &shared.view(req.account.as_str()),
-        &req.account,
-        &req.session,
-        now_millis(),
-    );
-    use crate::enforcement::Ended;
-    let kicked = match target {
+    let now = now_millis();
+    let decided =
+        ledger::decide(shared, &req.account, now, |view| plan_kick(view, &req, now)).await;
+    for ending in decided.follow {
+        end_session(shared, &req.account, ending).await;
+    }
+    if let Some(e) = decided.unrecorded {
+        return Err(ServiceError::internal(e));
+    }
+    let kicked = match decided.new.into_iter().next() {
         // Won also when the revocation landed but its acknowledgement was
         // lost: the read-back finds this kick's own decision in the key.
-        Some(victim) => {
-            match end_session(shared, &req.account, &victim, EndReason::Revoked, None).await {
-                Ended::Won => true,
-                Ended::Lost => false,
-                // Whether it landed is unknown: neither answer would be true.
-                Ended::Unsettled => {
-                    return Err(ServiceError::internal(
-                        "recording the revocation: the revoked bucket does not answer",
-                    ));
-                }
+        Some(ending) => match end_session(shared, &req.account, ending).await {
+            Ended::Won => true,
+            Ended::Lost => false,
+            // Whether it landed is unknown: neither answer would be true.
+            Ended::Unsettled => {
+                return Err(ServiceError::internal(
+                    "recording the revocation: the revoked bucket does not answer; \
+                     the checker keeps trying and tells the device once it lands",
+                ));
             }
-        }
+        },
         None => false,
     };
     json(&KickReply { kicked })
+}
+
+/// The plan `kick` decides with (see [`ledger::decide`]): its target, if
+/// it is still to end, revoked by the operator.
+pub(crate) fn plan_kick(view: &mut View, req: &KickRequest, now: UnixMillis) -> (Vec<Ending>, ()) {
+    let target = kick_target(view, &req.account, &req.session, now);
+    let ending = |victim: &SessionRef| Ending {
+        victim: victim.clone(),
+        reason: EndReason::Revoked,
+        by: None,
+    };
+    (target.iter().map(ending).collect(), ())
 }
 
 /// The session a kick ends: one a live dictionary holds and that has not

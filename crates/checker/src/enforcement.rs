@@ -26,13 +26,14 @@ use headcount_runtime::effects::{self, Decision, Once};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
+use crate::ledger;
 use crate::shared::Shared;
 use crate::view::View;
 
 /// How many accounts may have a run under way at once. Each run waits on
 /// its own account's revocations only; the bound keeps an unreachable store
 /// from gathering a task per account.
-const ACCOUNTS_AT_ONCE: usize = 64;
+pub(crate) const ACCOUNTS_AT_ONCE: usize = 64;
 
 /// The first wait before an account's unsettled endings are tried again;
 /// it doubles with each further failure, up to [`RETRY_MAX`].
@@ -41,7 +42,7 @@ const RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// How long an ending decided by a request (`kick`, `check`) is retried,
 /// as the same decision, while the revoked bucket does not settle it.
-const REQUEST_PATIENCE: Duration = Duration::from_secs(30);
+pub(crate) const REQUEST_PATIENCE: Duration = Duration::from_secs(30);
 
 /// A session to end, why, and the session it makes room for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,7 +53,7 @@ pub(crate) struct Ending {
 }
 
 /// The sessions `account` must lose now to be within its limits.
-fn endings(view: &mut View, account: &AccountId, now: UnixMillis) -> Vec<Ending> {
+pub(crate) fn endings(view: &mut View, account: &AccountId, now: UnixMillis) -> Vec<Ending> {
     view.over_limit(account, now)
         .into_iter()
         .map(|v| Ending {
@@ -71,15 +72,15 @@ fn endings(view: &mut View, account: &AccountId, now: UnixMillis) -> Vec<Ending>
 /// that makes the record its own. Every retry of the ending reuses it
 /// whole, so a try that landed unseen is found as this decision's.
 #[derive(Debug, Clone)]
-struct Decided {
-    account: AccountId,
-    victim: SessionRef,
-    revocation: Revocation,
-    decision: Decision,
+pub(crate) struct Decided {
+    pub(crate) account: AccountId,
+    pub(crate) victim: SessionRef,
+    pub(crate) revocation: Revocation,
+    pub(crate) decision: Decision,
 }
 
 impl Decided {
-    fn new(account: AccountId, ending: Ending, at: UnixMillis) -> Self {
+    pub(crate) fn new(account: AccountId, ending: Ending, at: UnixMillis) -> Self {
         Self {
             revocation: Revocation {
                 reason: ending.reason,
@@ -130,7 +131,7 @@ fn notices(reason: EndReason) -> (ControlType, EventType, &'static str) {
 /// at a time (its endings in order), up to `at_once` accounts side by side,
 /// the rest queued in the order they asked.
 #[derive(Debug)]
-struct Schedule {
+pub(crate) struct Schedule {
     states: HashMap<AccountId, Run>,
     queue: VecDeque<AccountId>,
     running: usize,
@@ -150,7 +151,7 @@ enum Run {
 }
 
 impl Schedule {
-    fn new(at_once: usize) -> Self {
+    pub(crate) fn new(at_once: usize) -> Self {
         Self {
             states: HashMap::new(),
             queue: VecDeque::new(),
@@ -160,7 +161,7 @@ impl Schedule {
     }
 
     /// `account`'s limit must be looked at again.
-    fn request(&mut self, account: AccountId) {
+    pub(crate) fn request(&mut self, account: AccountId) {
         match self.states.get_mut(&account) {
             None => {
                 self.states.insert(account.clone(), Run::Queued);
@@ -173,7 +174,7 @@ impl Schedule {
     }
 
     /// The next account to run, if a slot is free.
-    fn start(&mut self) -> Option<AccountId> {
+    pub(crate) fn start(&mut self) -> Option<AccountId> {
         if self.running >= self.at_once {
             return None;
         }
@@ -186,7 +187,7 @@ impl Schedule {
 
     /// `account`'s run is over; `unsettled` when some of its endings wait
     /// for a retry (then [`Schedule::wake`] runs it again).
-    fn finished(&mut self, account: &AccountId, unsettled: bool) {
+    pub(crate) fn finished(&mut self, account: &AccountId, unsettled: bool) {
         self.running = self.running.saturating_sub(1);
         let again = matches!(
             self.states.remove(account),
@@ -200,7 +201,7 @@ impl Schedule {
     }
 
     /// `account`'s retry is due.
-    fn wake(&mut self, account: AccountId) {
+    pub(crate) fn wake(&mut self, account: AccountId) {
         if self.states.get(&account) == Some(&Run::Resting) {
             self.states.remove(&account);
             self.request(account);
@@ -210,119 +211,216 @@ impl Schedule {
 
 /// The wait before the next retry of an account, after `previous` (none:
 /// its first failure).
-fn retry_wait(previous: Option<Duration>) -> Duration {
+pub(crate) fn retry_wait(previous: Option<Duration>) -> Duration {
     previous.map_or(RETRY_FIRST, |w| (w * 2).min(RETRY_MAX))
+}
+
+/// What an account's run leaves to its next one.
+#[derive(Debug)]
+pub(crate) struct Left {
+    pub account: AccountId,
+    /// Endings the revoked bucket did not settle, to retry as the same
+    /// decisions (in order).
+    pub endings: Vec<Decided>,
+    /// The ledger did not take this run's decision: decide again.
+    pub undecided: bool,
+}
+
+impl Left {
+    fn nothing(account: AccountId) -> Self {
+        Self {
+            account,
+            endings: Vec::new(),
+            undecided: false,
+        }
+    }
 }
 
 /// Ends sessions beyond each changed account's limit: each account on its
 /// own task (see [`Schedule`]), so that one account's slow revocation holds
 /// up no other. An ending the revoked bucket did not settle is kept, with
 /// its decision, and tried again first when the account's retry is due;
-/// the session stays a victim meanwhile.
-pub(crate) async fn enforcer(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<AccountId>) {
+/// the session stays a victim meanwhile. A decision the ledger did not take
+/// is made again then.
+pub(crate) async fn enforcer(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Ask>) {
     let mut schedule = Schedule::new(ACCOUNTS_AT_ONCE);
-    // Per account: its unsettled endings and the wait before their retry.
-    let mut unsettled: HashMap<AccountId, (Vec<Decided>, Duration)> = HashMap::new();
-    let mut runs: JoinSet<(AccountId, Vec<Decided>)> = JoinSet::new();
+    let mut backlog = Backlog::default();
+    let mut runs: JoinSet<Left> = JoinSet::new();
     let mut run_of: HashMap<tokio::task::Id, AccountId> = HashMap::new();
     let mut wakes: JoinSet<AccountId> = JoinSet::new();
     loop {
         while let Some(account) = schedule.start() {
-            let retry = unsettled
-                .get_mut(&account)
-                .map(|(d, _)| std::mem::take(d))
-                .unwrap_or_default();
+            let retry = backlog.take(&account);
             let run = runs.spawn(run_account(shared.clone(), account.clone(), retry));
             run_of.insert(run.id(), account);
         }
         tokio::select! {
-            account = rx.recv() => match account {
-                Some(account) => schedule.request(account),
+            ask = rx.recv() => match ask {
+                Some(Ask::Look(account)) => schedule.request(account),
+                Some(Ask::Settle(d)) => schedule.request(backlog.hand_over(d)),
                 None => break,
             },
             Some(done) = runs.join_next_with_id(), if !runs.is_empty() => {
-                let (account, left) = match done {
-                    Ok((id, done)) => {
+                let left = match done {
+                    Ok((id, left)) => {
                         run_of.remove(&id);
-                        done
+                        left
                     }
                     Err(e) => {
                         let Some(account) = run_of.remove(&e.id()) else {
                             continue;
                         };
                         tracing::error!(%account, error = %e, "enforcement run failed");
-                        (account, Vec::new())
+                        Left::nothing(account)
                     }
                 };
-                if left.is_empty() {
-                    unsettled.remove(&account);
-                    schedule.finished(&account, false);
-                    continue;
+                let account = left.account.clone();
+                match backlog.finished(left) {
+                    None => schedule.finished(&account, false),
+                    Some(wait) => {
+                        schedule.finished(&account, true);
+                        wakes.spawn(async move {
+                            tokio::time::sleep(wait).await;
+                            account
+                        });
+                    }
                 }
-                let wait = retry_wait(unsettled.get(&account).map(|(_, w)| *w));
-                unsettled.insert(account.clone(), (left, wait));
-                schedule.finished(&account, true);
-                wakes.spawn(async move {
-                    tokio::time::sleep(wait).await;
-                    account
-                });
             }
             Some(Ok(account)) = wakes.join_next(), if !wakes.is_empty() => schedule.wake(account),
         }
     }
 }
 
-/// One run of `account`: first the endings its last run left unsettled
-/// (as the same decisions: one of them may have landed unseen), then the
-/// sessions it must lose now. Stops at the first ending the revoked bucket
-/// does not settle (the rest would wait on the same store) and returns the
-/// unsettled ones.
-async fn run_account(
-    shared: Arc<Shared>,
-    account: AccountId,
-    retry: Vec<Decided>,
-) -> (AccountId, Vec<Decided>) {
-    let mut retry = retry.into_iter();
-    while let Some(d) = retry.next() {
-        if end(&shared, &d).await == Ended::Unsettled {
-            let left = std::iter::once(d).chain(retry).collect();
-            return (account, left);
-        }
-    }
-    let now = now_millis();
-    let todo = endings(&mut shared.view(account.as_str()), &account, now);
-    for e in todo {
-        let d = Decided::new(account.clone(), e, now);
-        if end(&shared, &d).await == Ended::Unsettled {
-            return (account, vec![d]);
-        }
-    }
-    (account, Vec::new())
+/// What the enforcer is asked to do.
+#[derive(Debug)]
+pub(crate) enum Ask {
+    /// Look at an account's limit again.
+    Look(AccountId),
+    /// Take over an ending a request (`kick`, `check`) could not settle in
+    /// its time, and retry it, as the same decision, until it settles.
+    Settle(Decided),
 }
 
-/// Ends one session for a request (`kick`, `check`): records the revocation
-/// (create-only, so concurrent checkers agree on one winner), then the
-/// winner tells the device and publishes the event. An unsettled write is
-/// retried as the same decision for up to [`REQUEST_PATIENCE`].
-pub(crate) async fn end_session(
-    shared: &Shared,
-    account: &AccountId,
-    victim: &SessionRef,
-    reason: EndReason,
-    by: Option<SessionRef>,
-) -> Ended {
-    let ending = Ending {
-        victim: victim.clone(),
-        reason,
-        by,
-    };
+/// The endings the enforcer still owes, per account, and the wait before
+/// their next retry. The enforcer ([`enforcer`]) and the checkers'
+/// simulation keep their books with it.
+#[derive(Debug, Default)]
+pub(crate) struct Backlog {
+    owed: HashMap<AccountId, (Vec<Decided>, Option<Duration>)>,
+}
+
+impl Backlog {
+    /// The endings to retry first on `account`'s run that starts now.
+    pub fn take(&mut self, account: &AccountId) -> Vec<Decided> {
+        self.owed
+            .get_mut(account)
+            .map(|(d, _)| std::mem::take(d))
+            .unwrap_or_default()
+    }
+
+    /// Owes `d` too (after the endings owed already); returns its account,
+    /// to run.
+    pub fn hand_over(&mut self, d: Decided) -> AccountId {
+        let account = d.account.clone();
+        self.owed.entry(account.clone()).or_default().0.push(d);
+        account
+    }
+
+    /// `left` is what a run of its account left: owes it, with any handed
+    /// over meanwhile, and says when to run again (None: nothing owed).
+    pub fn finished(&mut self, left: Left) -> Option<Duration> {
+        let (handed, previous) = self.owed.remove(&left.account).unwrap_or_default();
+        let mut endings = left.endings;
+        endings.extend(handed);
+        if endings.is_empty() && !left.undecided {
+            return None;
+        }
+        let wait = retry_wait(previous);
+        self.owed.insert(left.account, (endings, Some(wait)));
+        Some(wait)
+    }
+
+    /// Whether anything is owed.
+    #[cfg(test)]
+    pub fn is_empty(&self) -> bool {
+        self.owed.values().all(|(d, _)| d.is_empty())
+    }
+
+    /// Forgets everything (the checker stops).
+    #[cfg(test)]
+    pub fn clear(&mut self) {
+        self.owed.clear();
+    }
+}
+
+/// One run of `account`: first the endings its last run left unsettled
+/// (as the same decisions: one of them may have landed unseen), then the
+/// sessions it must lose now, decided through the account's ledger
+/// ([`ledger::decide`]) so that no other checker makes room for the same
+/// seats. Stops at the first ending the revoked bucket does not settle
+/// (the rest would wait on the same store) and leaves it, with the rest,
+/// to the next run.
+async fn run_account(shared: Arc<Shared>, account: AccountId, retry: Vec<Decided>) -> Left {
+    let left = end_in_order(&shared, retry).await;
+    if !left.is_empty() {
+        return Left {
+            account,
+            endings: left,
+            undecided: false,
+        };
+    }
+    let now = now_millis();
+    let outcome = ledger::decide(&shared, &account, now, |view| {
+        (endings(view, &account, now), ())
+    })
+    .await;
+    if let Some(e) = &outcome.unrecorded {
+        tracing::warn!(%account, error = %e, "deciding endings; decided again later");
+    }
+    let todo = outcome
+        .follow
+        .into_iter()
+        .chain(outcome.new)
+        .map(|e| Decided::new(account.clone(), e, now))
+        .collect();
+    Left {
+        endings: end_in_order(&shared, todo).await,
+        undecided: outcome.unrecorded.is_some(),
+        account,
+    }
+}
+
+/// Ends `todo` in order, up to the first ending the revoked bucket does
+/// not settle; returns that one and those after it.
+async fn end_in_order(shared: &Shared, todo: Vec<Decided>) -> Vec<Decided> {
+    let mut todo = todo.into_iter();
+    while let Some(d) = todo.next() {
+        if end(shared, &d).await == Ended::Unsettled {
+            return std::iter::once(d).chain(todo).collect();
+        }
+    }
+    Vec::new()
+}
+
+/// Ends one session for a request (`kick`, `check`) whose ending the
+/// account's ledger holds: records the revocation (create-only, so
+/// concurrent checkers agree on one winner), then the winner tells the
+/// device and publishes the event. An unsettled write is retried as the
+/// same decision for up to [`REQUEST_PATIENCE`], then handed over to the
+/// enforcer, which retries it until it settles (a try that landed unseen
+/// is still told).
+pub(crate) async fn end_session(shared: &Shared, account: &AccountId, ending: Ending) -> Ended {
     let d = Decided::new(account.clone(), ending, now_millis());
     let until = tokio::time::Instant::now() + REQUEST_PATIENCE;
     let mut wait = None;
     loop {
         let ended = end(shared, &d).await;
         let next = retry_wait(wait);
-        if ended != Ended::Unsettled || tokio::time::Instant::now() + next > until {
+        if ended != Ended::Unsettled {
+            return ended;
+        }
+        if tokio::time::Instant::now() + next > until {
+            shared.settle_later(d);
             return ended;
         }
         tokio::time::sleep(next).await;
@@ -564,6 +662,50 @@ mod tests {
         assert_eq!(s.start(), None);
         s.finished(&a, false);
         assert!(s.states.is_empty());
+    }
+
+    #[test]
+    fn an_ending_handed_over_during_a_run_is_owed_after_it() {
+        let ending = |s: &str| Ending {
+            victim: SessionRef {
+                device: headcount_protocol::DeviceId::parse("d").unwrap(),
+                session: headcount_protocol::SessionId::parse(s).unwrap(),
+            },
+            reason: EndReason::Revoked,
+            by: None,
+        };
+        let mut b = Backlog::default();
+        assert!(b.take(&acct()).is_empty());
+        // A kick gave up on s1 while no run was under way: owed, and the
+        // account's next run retries it first.
+        assert_eq!(b.hand_over(Decided::new(acct(), ending("s1"), 1)), acct());
+        let retry = b.take(&acct());
+        assert_eq!(retry.len(), 1);
+        // The run leaves s1 unsettled, and a request hands s2 over
+        // meanwhile: both owed, the run's first, after the first wait.
+        b.hand_over(Decided::new(acct(), ending("s2"), 2));
+        let left = Left {
+            account: acct(),
+            endings: retry,
+            undecided: false,
+        };
+        assert_eq!(b.finished(left), Some(RETRY_FIRST));
+        let owed: Vec<String> = b
+            .take(&acct())
+            .iter()
+            .map(|d| d.victim.session.to_string())
+            .collect();
+        assert_eq!(owed, ["s1", "s2"]);
+        // A run that settles everything and finds nothing handed over: done.
+        assert_eq!(b.finished(Left::nothing(acct())), None);
+        assert!(b.is_empty());
+        // One that settled its own but must decide again waits longer.
+        b.finished(Left::nothing(acct()));
+        let undecided = Left {
+            undecided: true,
+            ..Left::nothing(acct())
+        };
+        assert_eq!(b.finished(undecided), Some(RETRY_FIRST));
     }
 
     #[test]

@@ -24,8 +24,11 @@
 
 mod endpoints;
 mod enforcement;
+mod ledger;
 pub mod metrics;
 mod shared;
+#[cfg(test)]
+mod simulation;
 mod sweep;
 pub mod victims;
 pub mod view;

@@ -17,6 +17,9 @@ pub struct Metrics {
     pub active_sessions: IntGauge,
     /// Sessions ended by the checker, by action: evicted, rejected, revoked.
     pub enforcements: IntCounterVec,
+    /// Writes of an account's ledger of decided endings, by result: ok,
+    /// conflict (another checker decided first), error.
+    pub ledger_writes: IntCounterVec,
     /// Requests by endpoint and result: ok, bad_request, not_found, error.
     pub requests: IntCounterVec,
     /// Time to answer, by endpoint.
@@ -46,6 +49,15 @@ impl Metrics {
             )?
             .register(registry)?
             .with_series(["evicted", "rejected", "revoked"]),
+            ledger_writes: IntCounterVec::new(
+                Opts::new(
+                    "headcount_ledger_writes_total",
+                    "writes of an account's ledger of decided endings, by result",
+                ),
+                &["result"],
+            )?
+            .register(registry)?
+            .with_series(["ok", "conflict", "error"]),
             requests: IntCounterVec::new(
                 Opts::new(
                     "headcount_requests_total",

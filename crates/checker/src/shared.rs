@@ -10,6 +10,7 @@ use headcount_protocol::{AccountId, UnixMillis, now_millis};
 use headcount_runtime::{Buckets, effects};
 use tokio::sync::mpsc;
 
+use crate::enforcement::{Ask, Decided};
 use crate::metrics::Metrics;
 use crate::view::{self, Rules, View};
 
@@ -26,7 +27,7 @@ pub(crate) struct Shared {
     pub buckets: Buckets,
     pub nats: async_nats::Client,
     pub metrics: Metrics,
-    enforce_tx: mpsc::UnboundedSender<AccountId>,
+    enforce_tx: mpsc::UnboundedSender<Ask>,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -42,7 +43,7 @@ impl Shared {
         buckets: Buckets,
         nats: async_nats::Client,
         metrics: Metrics,
-    ) -> (Self, mpsc::UnboundedReceiver<AccountId>) {
+    ) -> (Self, mpsc::UnboundedReceiver<Ask>) {
         let (enforce_tx, enforce_rx) = mpsc::unbounded_channel();
         let started = now_millis();
         let shared = Self {
@@ -73,7 +74,13 @@ impl Shared {
     /// Asks the enforcer to look at `account`'s limit again.
     pub fn enforce(&self, account: AccountId) {
         // Fails only once the enforcer stopped, at shutdown.
-        let _ = self.enforce_tx.send(account);
+        let _ = self.enforce_tx.send(Ask::Look(account));
+    }
+
+    /// Hands an ending a request could not settle in time over to the
+    /// enforcer, which retries it until it settles.
+    pub fn settle_later(&self, d: Decided) {
+        let _ = self.enforce_tx.send(Ask::Settle(d));
     }
 
     /// Publishes a presence event and counts it.

@@ -167,6 +167,13 @@ pub mod kv {
         Some((AccountId::parse(a).ok()?, SessionId::parse(s).ok()?))
     }
 
+    /// The account's ledger of decided endings, in the revoked bucket. Its
+    /// second token starts with `=`, which no session id holds, so readers
+    /// of revocations ([`parse_revoked`]) pass it by.
+    pub fn ledger(account: &AccountId) -> String {
+        format!("{account}.=ledger")
+    }
+
     pub fn limits(account: &AccountId) -> String {
         account.to_string()
     }
@@ -245,5 +252,12 @@ mod tests {
         let s = SessionId::parse("abc").unwrap();
         assert_eq!(kv::parse_revoked(&kv::revoked(&a, &s)), Some((a, s)));
         assert_eq!(kv::parse_session_dict("acme.x"), None);
+    }
+
+    #[test]
+    fn the_ledger_key_is_no_revocation() {
+        let a = AccountId::parse("acme").unwrap();
+        assert_eq!(kv::ledger(&a), "acme.=ledger");
+        assert_eq!(kv::parse_revoked(&kv::ledger(&a)), None);
     }
 }

@@ -364,6 +364,65 @@ pub struct RevocationRecord {
     pub decision: Option<String>,
 }
 
+/// One ending a checker decided: the session, why, when, and the session it
+/// made room for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LedgerEntry {
+    pub device: DeviceId,
+    pub session: SessionId,
+    pub reason: EndReason,
+    pub at: UnixMillis,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<SessionRef>,
+    /// The id of the decision that recorded it (random, one per decision),
+    /// so that a checker whose write went unacknowledged tells its own
+    /// entries from another checker's when it reads the ledger again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decision: Option<String>,
+}
+
+/// The endings the checkers decided for one account lately, oldest first:
+/// the revoked bucket's key `<account>.=ledger` (JSON), written only by
+/// compare-and-set on its revision. A checker reads it, ends what it names
+/// and chooses further victims only among the sessions it does not name,
+/// so replicas never choose two victims for one seat.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ledger {
+    pub ended: Vec<LedgerEntry>,
+}
+
+impl Ledger {
+    /// The most entries a ledger keeps (the oldest go first): four times
+    /// the largest limit, about 400 KiB at the longest names.
+    pub const MAX_ENTRIES: usize = 4 * crate::policy::MAX_LIMIT as usize;
+
+    /// Whether the ledger names `session`.
+    pub fn names(&self, session: &SessionId) -> bool {
+        self.ended.iter().any(|e| &e.session == session)
+    }
+
+    /// Adds `entries` it does not name yet, after dropping the entries
+    /// decided before `keep_from` and, past [`Ledger::MAX_ENTRIES`], the
+    /// oldest. Returns how many it added.
+    pub fn record(
+        &mut self,
+        entries: impl IntoIterator<Item = LedgerEntry>,
+        keep_from: UnixMillis,
+    ) -> usize {
+        self.ended.retain(|e| e.at >= keep_from);
+        let mut added = 0;
+        for e in entries {
+            if !self.names(&e.session) {
+                self.ended.push(e);
+                added += 1;
+            }
+        }
+        let over = self.ended.len().saturating_sub(Self::MAX_ENTRIES);
+        self.ended.drain(..over);
+        added
+    }
+}
+
 /// Control message types sent to a device on `ctl.<account>.<device>`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
