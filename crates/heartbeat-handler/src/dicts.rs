@@ -20,11 +20,24 @@
 //! value always fits one KV write: a new device beyond that is refused, at
 //! the heartbeat ([`Decision::Full`]) and again when the write is taken.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
 
 use headcount_protocol::policy::DICT_MAX_SESSIONS;
 use headcount_protocol::wire::{Heartbeat, HeartbeatRef, Labels, SessionDict, SessionRecord};
 use headcount_protocol::{AccountId, ByInterval, DeviceId, IntervalClock, SessionId, UnixMillis};
+
+/// A hash map whose iteration order follows only from what was done to it
+/// (a fixed-key hasher, not one seeded per process): the order in which
+/// pending changes are applied decides which of several new devices a full
+/// dictionary refuses, and the order in which waiting removals are queued
+/// decides which goes first, so the handler decides alike for one history
+/// in every run (and a simulation replays exactly). Zero-sized: no memory
+/// per map beyond std's.
+pub type FixedMap<K, V> = HashMap<K, V, BuildHasherDefault<DefaultHasher>>;
+
+/// [`FixedMap`]'s set.
+pub type FixedSet<T> = HashSet<T, BuildHasherDefault<DefaultHasher>>;
 
 /// How much later than its leave a session's record may have been heard
 /// and still be the session before its leave: a heartbeat and a leave
@@ -179,9 +192,10 @@ pub fn apply(dict: &mut SessionDict, device: &DeviceId, change: &Change) -> Appl
             }
             // Heard again since: it stays, and so far it has not left.
             Some(cur) if cur.session == rec.session => Applied::Nothing,
-            // A newer session of the device displaced it: its ending is
-            // announced as that session's replacement.
-            Some(cur) if cur.replaced.as_ref() == Some(&rec.session) => Applied::Nothing,
+            // Also when a newer session of the device names it as replaced:
+            // whoever recorded that session first may not have known of
+            // this one (the name was merged in by a later write of it), so
+            // no replacement need have announced its end.
             _ => Applied::Withdrawn((**rec).clone()),
         },
     }
@@ -203,18 +217,30 @@ pub struct Dict {
     revision: u64,
     entries: SessionDict,
     /// Changes not yet written, newest per device.
-    pending: HashMap<DeviceId, Change>,
+    pending: FixedMap<DeviceId, Change>,
+    /// Leaves still to be written here and announced whose pending
+    /// removal a change of another session of the device took the place
+    /// of (a device that left and started a new session), by the session
+    /// that left: applied before the device's pending change, so that the
+    /// leave is announced by the write that takes the session out (or, for
+    /// a withdrawal, by the write that finds it never landed).
+    owed: FixedMap<SessionId, (DeviceId, Change)>,
     /// A write (or the re-read of a trimmed copy) is under way.
     in_flight: bool,
+    /// The revision of the copy when the re-read under way was taken.
+    reread_from: u64,
     /// The sessions the write under way records, by device: not in
     /// `entries` before it lands, yet a leave arriving meanwhile must find
     /// them, and a full dictionary must count them.
-    flying: HashMap<DeviceId, SessionRecord>,
+    flying: FixedMap<DeviceId, SessionRecord>,
     /// What is pending waits for a deferred flush (carry-overs only).
     deferred: bool,
     /// `entries` lacks what a newer interval's dictionary also holds (to
     /// save memory): the KV copy must be read before this one is written.
     partial: bool,
+    /// The sessions trimmed from `entries` (by [`trimmed_key`]), which KV
+    /// may still hold here: a leave or an ending removes them from KV too.
+    trimmed: FixedSet<u64>,
 }
 
 /// When a dictionary with a newly queued change should be written.
@@ -263,7 +289,9 @@ pub struct Write {
     value: SessionDict,
     /// The changes written, carry-overs resolved; pending again if the
     /// write does not land.
-    changes: HashMap<DeviceId, Change>,
+    changes: FixedMap<DeviceId, Change>,
+    /// The owed leaves it carries, done once it lands (owed until then).
+    owed: Vec<(SessionId, Change)>,
     /// What they did, to announce once the write lands (see
     /// [`Written::applied`]).
     applied: Vec<(DeviceId, Applied, bool)>,
@@ -319,37 +347,67 @@ impl Dict {
     /// previous interval's dictionary, for a pending carry-over).
     fn effective(&self, device: &DeviceId, prev: Option<&Dict>) -> Option<SessionRecord> {
         let mut rec = self.entries.get(device).cloned();
-        if let Some(change) = self.pending.get(device) {
-            let change = carried(change, prev.map(|p| &p.entries), device);
-            let mut one = SessionDict::new();
-            if let Some(r) = rec.take() {
-                one.insert(device.clone(), r);
-            }
-            if let Some(change) = change {
-                apply(&mut one, device, &change);
-            }
-            rec = one.remove(device);
+        let owed = self.owed_by(device);
+        let pending = self.pending.get(device);
+        if owed.is_empty() && pending.is_none() {
+            return rec;
         }
-        rec
+        let mut one = SessionDict::new();
+        if let Some(r) = rec.take() {
+            one.insert(device.clone(), r);
+        }
+        for change in owed {
+            apply(&mut one, device, change);
+        }
+        if let Some(change) = pending.and_then(|c| carried(c, prev.map(|p| &p.entries), device)) {
+            apply(&mut one, device, &change);
+        }
+        one.remove(device)
+    }
+
+    /// The owed removals of `device`'s earlier sessions.
+    fn owed_by(&self, device: &DeviceId) -> Vec<&Change> {
+        if self.owed.is_empty() {
+            return Vec::new();
+        }
+        self.owed
+            .values()
+            .filter(|(d, _)| d == device)
+            .map(|(_, c)| c)
+            .collect()
+    }
+
+    /// Whether anything is left to write: changes pending or leaves owed.
+    fn waiting(&self) -> bool {
+        !self.pending.is_empty() || !self.owed.is_empty()
     }
 
     /// Where this dictionary holds `session` of `device`, counting the
     /// pending changes and the write under way (`prev`: the previous
     /// interval's entries, for a pending carry-over).
     fn held(&self, device: &DeviceId, session: &SessionId, prev: Option<&SessionDict>) -> Held {
+        // Its leave is owed here already.
+        if self.owed.contains_key(session) {
+            return Held::No;
+        }
+        let flying = || {
+            self.flying
+                .get(device)
+                .filter(|r| r.session == *session)
+                .cloned()
+        };
         let writing = match self.pending.get(device) {
-            Some(change) => match carried(change, prev, device) {
-                Some(Change::Upsert(rec)) if rec.session == *session => Some(*rec),
-                // Its removal is queued, or another session of the device
-                // is about to displace it (removing it now would undo
-                // that session's write if both went back to pending).
+            Some(change) if change.session() == session => match carried(change, prev, device) {
+                Some(Change::Upsert(rec)) => Some(*rec),
+                // Its removal is queued, or a carry-over with nothing left
+                // to carry.
                 _ => return Held::No,
             },
-            None => match self.flying.get(device) {
-                Some(rec) if rec.session == *session => Some(rec.clone()),
-                Some(_) => return Held::No,
-                None => None,
-            },
+            // Another session of the device is about to displace it, if
+            // that write lands: its removal is owed meanwhile
+            // ([`Dict::queue_removal`]).
+            Some(_) => flying(),
+            None => flying(),
         };
         if self
             .entries
@@ -360,6 +418,50 @@ impl Dict {
         } else {
             writing.map_or(Held::No, Held::Writing)
         }
+    }
+
+    /// Whether a removal of `session` of `device` may still land here:
+    /// pending, owed, or maybe in the write under way.
+    fn removing(&self, device: &DeviceId, session: &SessionId) -> bool {
+        self.in_flight
+            || self
+                .pending
+                .get(device)
+                .is_some_and(|c| c.removes() && c.session() == session)
+            || self.owed.contains_key(session)
+    }
+
+    /// The copy's record of `session` of `device` when a write of another
+    /// session of the device waits here to take that entry (pending, or
+    /// else under way) and is an older session's: its record started
+    /// before this one's and does not name this one as displaced. Such a
+    /// change was queued before this handler knew of `session` (a
+    /// heartbeat taken while the copy showed it would have named it), so
+    /// nothing but the records orders the two, and they say `session` is
+    /// the newer. A heartbeat of `session` then queues it here in that
+    /// change's place ([`Dicts::on_heartbeat`]), so that a session still
+    /// heartbeating is not taken for a displaced one (`Superseded`), nor
+    /// displaced by a write that has not landed. Under clock skew the
+    /// records may misorder two sessions started within the skew: the
+    /// other session's next heartbeat queues it again.
+    fn overtaken(
+        &self,
+        device: &DeviceId,
+        session: &SessionId,
+        prev: Option<&SessionDict>,
+    ) -> Option<SessionRecord> {
+        let landed = self.entries.get(device).filter(|r| r.session == *session)?;
+        let other = match self.pending.get(device) {
+            Some(change) => match carried(change, prev, device)? {
+                Change::Upsert(r) => *r,
+                _ => return None,
+            },
+            None => self.flying.get(device)?.clone(),
+        };
+        (other.session != *session
+            && other.since < landed.since
+            && other.replaced.as_ref() != Some(session))
+        .then(|| landed.clone())
     }
 
     /// Whether the device has an entry here, or will have once what is
@@ -379,9 +481,50 @@ impl Dict {
     /// `defer` marks a change nobody waits for (a live session entering a
     /// new interval, the quiet removal of an ended session); any other
     /// change makes the flush due now, taking the deferred ones along.
+    ///
+    /// A pending removal that announces a leave of another session of the
+    /// device is not dropped: it is owed ([`Dict::owed`]). A change of a
+    /// session whose own leave is owed takes its place as it would have
+    /// taken the pending removal's (a heartbeat heard again voids it), but
+    /// for a quiet removal, which leaves it owed.
     fn queue(&mut self, device: DeviceId, change: Change, defer: bool) -> Schedule {
-        let was_empty = self.pending.is_empty();
-        self.pending.insert(device, change);
+        let was_empty = !self.waiting();
+        if !matches!(change, Change::Forget(..)) {
+            self.owed.remove(change.session());
+        }
+        let session = change.session().clone();
+        if let Some(old) = self.pending.insert(device.clone(), change)
+            && let Some(left) = old.announces().filter(|s| **s != session)
+        {
+            self.owed.insert(left.clone(), (device, old));
+        }
+        self.due(was_empty, defer)
+    }
+
+    /// Queues the removal of a session, owed ([`Dict::owed`]) when a change
+    /// of another session of the device is pending or under way: that
+    /// change is not displaced (it may land, or not), and the removal
+    /// goes before it.
+    fn queue_removal(&mut self, device: DeviceId, change: Change, defer: bool) -> Schedule {
+        let session = change.session();
+        let other = match self.pending.get(&device) {
+            Some(c) => c.session() != session,
+            None => self
+                .flying
+                .get(&device)
+                .is_some_and(|r| r.session != *session),
+        };
+        if !other {
+            return self.queue(device, change, defer);
+        }
+        let was_empty = !self.waiting();
+        self.owed.insert(session.clone(), (device, change));
+        self.due(was_empty, defer)
+    }
+
+    /// When to flush after a change was queued (`was_empty`: nothing was
+    /// waiting before it).
+    fn due(&mut self, was_empty: bool, defer: bool) -> Schedule {
         if self.in_flight {
             // The write under way reschedules what is left when it ends.
             Schedule::Already
@@ -407,6 +550,7 @@ impl Dict {
             self.revision = revision;
             self.entries = entries;
             self.partial = false;
+            self.trimmed.clear();
         }
     }
 
@@ -422,13 +566,17 @@ impl Dict {
     /// while this dictionary and the previous one hold fewer than that
     /// together, so that the previous interval's sessions can always be
     /// carried over.
+    ///
+    /// The owed leaves go first of all, each before its device's pending
+    /// change; they stay owed until a write carrying them lands.
     pub fn take_for_write(&mut self, prev: Option<&SessionDict>) -> Take {
-        if self.in_flight || self.pending.is_empty() {
+        if self.in_flight || !self.waiting() {
             return Take::Idle;
         }
         self.in_flight = true;
         self.deferred = false;
         if self.partial {
+            self.reread_from = self.revision;
             return Take::Reread;
         }
         let resolved = resolve(std::mem::take(&mut self.pending), prev);
@@ -440,8 +588,19 @@ impl Dict {
         let mut union = (bound > DICT_MAX_SESSIONS).then(|| {
             value.len() + prev.map_or(0, |p| p.keys().filter(|d| !value.contains_key(*d)).count())
         });
-        let mut order: Vec<(DeviceId, Change)> = resolved.into_iter().collect();
-        order.sort_by_key(|(device, change)| {
+        let owed: Vec<(SessionId, Change)> = self
+            .owed
+            .iter()
+            .map(|(s, (_, c))| (s.clone(), c.clone()))
+            .collect();
+        let mut order: Vec<(DeviceId, Change, bool)> = self
+            .owed
+            .values()
+            .map(|(d, c)| (d.clone(), c.clone(), true))
+            .chain(resolved.into_iter().map(|(d, c)| (d, c, false)))
+            .collect();
+        // Stable: the owed leaves stay ahead of the pending removals.
+        order.sort_by_key(|(device, change, _)| {
             if change.removes() {
                 0
             } else if value.contains_key(device) || in_prev(device) {
@@ -450,11 +609,11 @@ impl Dict {
                 2
             }
         });
-        let mut changes = HashMap::with_capacity(order.len());
+        let mut changes = FixedMap::with_capacity_and_hasher(order.len(), Default::default());
         let mut applied = Vec::with_capacity(order.len());
         let mut changed = false;
         let mut refused = 0;
-        for (device, change) in order {
+        for (device, change, is_owed) in order {
             let before = value.contains_key(&device);
             if let Some(union) = union
                 && !before
@@ -494,6 +653,9 @@ impl Dict {
                     }
                 }
             }
+            if is_owed {
+                continue;
+            }
             if let Change::Upsert(rec) = &change {
                 self.flying.insert(device.clone(), (**rec).clone());
             }
@@ -503,6 +665,7 @@ impl Dict {
             // `value` is the copy held: nothing to write or install.
             self.in_flight = false;
             self.flying.clear();
+            self.paid(owed);
             return Take::Unchanged {
                 applied,
                 refused,
@@ -513,9 +676,20 @@ impl Dict {
             revision: self.revision,
             value,
             changes,
+            owed,
             applied,
             refused,
         })
+    }
+
+    /// The owed leaves a write carried are done (it landed, or there was
+    /// nothing to write), but for those owed anew since.
+    fn paid(&mut self, owed: Vec<(SessionId, Change)>) {
+        for (session, change) in owed {
+            if self.owed.get(&session).is_some_and(|(_, c)| *c == change) {
+                self.owed.remove(&session);
+            }
+        }
     }
 
     /// The write landed at `revision`: its value becomes the copy (unless
@@ -524,9 +698,10 @@ impl Dict {
         self.install(revision, write.value);
         self.in_flight = false;
         self.flying.clear();
+        self.paid(write.owed);
         Written {
             applied: write.applied,
-            more: !self.pending.is_empty(),
+            more: self.waiting(),
         }
     }
 
@@ -542,12 +717,26 @@ impl Dict {
     /// applied twice; otherwise they are retried until they land.
     pub fn on_conflict(&mut self, write: Write, current: Option<(u64, SessionDict)>) {
         if let Some((revision, entries)) = current {
-            self.reinstall(revision, entries);
+            self.reinstall(revision, entries, write.revision);
         }
         // Newer changes queued meanwhile win over the ones taken (a leave
-        // queued behind the session's add withdraws it).
+        // queued behind the session's add withdraws it); a leave taken
+        // whose device has a change of another session queued since is
+        // owed.
         for (device, change) in write.changes {
-            self.pending.entry(device).or_insert(change);
+            match self.pending.get(&device) {
+                None => {
+                    self.pending.insert(device, change);
+                }
+                Some(newer) => {
+                    if let Some(left) = change.announces()
+                        && newer.session() != left
+                    {
+                        let left = left.clone();
+                        self.owed.entry(left).or_insert((device, change));
+                    }
+                }
+            }
         }
         self.in_flight = false;
         self.flying.clear();
@@ -558,21 +747,30 @@ impl Dict {
     /// pending changes stay queued.
     pub fn on_reread(&mut self, current: Option<(u64, SessionDict)>) {
         if let Some((revision, entries)) = current {
-            self.reinstall(revision, entries);
+            self.reinstall(revision, entries, self.reread_from);
         }
         self.in_flight = false;
     }
 
-    /// Installs the copy a read brought. A key that expired leaves no
-    /// revision behind, so a read of none (0) is taken as is; a read older
-    /// than the copy held is not: the watch brought newer writes before its
-    /// answer came, and going back to it would undo them here (a removal
-    /// then finds nothing to remove, and is dropped unannounced).
-    fn reinstall(&mut self, revision: u64, entries: SessionDict) {
-        if revision >= self.revision || revision == 0 {
+    /// Installs the copy a read brought, asked for when the copy held was
+    /// at revision `asked` (the write's expected revision, or the copy's
+    /// when a re-read was taken). A read older than the copy held is not
+    /// taken: the watch brought newer writes before its answer came, and
+    /// going back to it would undo them here (a removal then finds nothing
+    /// to remove, and is dropped unannounced). No key (0) is no revision
+    /// to compare: it means the key expired only when the copy held no
+    /// newer revision than when the read was asked for (the key existed
+    /// then, and is gone since: expiry leaves no revision behind). A copy
+    /// brought since by the watch may be the key's first write, landed
+    /// after the read was served: "no key" then is older than the copy,
+    /// and is not taken (if the key did expire, the next write's conflict
+    /// reads it again, from that copy).
+    fn reinstall(&mut self, revision: u64, entries: SessionDict, asked: u64) {
+        if revision >= self.revision || (revision == 0 && self.revision == asked) {
             self.revision = revision;
             self.entries = entries;
             self.partial = false;
+            self.trimmed.clear();
         }
     }
 }
@@ -580,9 +778,9 @@ impl Dict {
 /// Turns the carry-overs among `changes` into upserts of the previous
 /// interval's records (`prev`), dropping those with nothing left to carry.
 fn resolve(
-    changes: HashMap<DeviceId, Change>,
+    changes: FixedMap<DeviceId, Change>,
     prev: Option<&SessionDict>,
-) -> HashMap<DeviceId, Change> {
+) -> FixedMap<DeviceId, Change> {
     changes
         .into_iter()
         .filter_map(|(device, change)| match change {
@@ -628,19 +826,29 @@ fn trim(dicts: &mut ByInterval<Dict>, prev: u64, cur: u64) {
         c.entries.get(dev).is_some_and(|e| e.session == r.session)
             && !matches!(c.pending.get(dev), Some(Change::Carry(..)))
     };
-    if p.in_flight || !p.pending.is_empty() || !p.entries.iter().any(|(d, r)| moved(d, r)) {
+    if p.in_flight || p.waiting() || !p.entries.iter().any(|(d, r)| moved(d, r)) {
         return;
     }
-    let keep: SessionDict = p
-        .entries
-        .iter()
-        .filter(|(dev, r)| !moved(dev, r))
+    let (gone, keep): (Vec<_>, Vec<_>) = p.entries.iter().partition(|(dev, r)| moved(dev, r));
+    let gone: Vec<u64> = gone
+        .into_iter()
+        .map(|(_, r)| trimmed_key(&r.session))
+        .collect();
+    let keep: SessionDict = keep
+        .into_iter()
         .map(|(d, r)| (d.clone(), r.clone()))
         .collect();
     if let Some(p) = dicts.get_mut(&prev) {
         p.entries = keep;
         p.partial = true;
+        p.trimmed.extend(gone);
     }
+}
+
+/// A session's key in [`Dict::trimmed`]: a 64-bit hash of its id, so
+/// that a trimmed copy keeps 8 bytes of each session it dropped.
+fn trimmed_key(session: &SessionId) -> u64 {
+    BuildHasherDefault::<DefaultHasher>::default().hash_one(session)
 }
 
 /// What the ingest loop decided about a heartbeat (or an ending).
@@ -683,19 +891,19 @@ struct Awaited {
 #[derive(Debug)]
 pub struct Dicts {
     clock: IntervalClock,
-    accounts: HashMap<AccountId, ByInterval<Dict>>,
+    accounts: FixedMap<AccountId, ByInterval<Dict>>,
     /// Removals of sessions that no copy here holds yet, by account and
     /// session: a leave handled here whose session another handler
     /// records, or a session ended before this copy showed it.
-    awaited: HashMap<AccountId, HashMap<SessionId, Awaited>>,
+    awaited: FixedMap<AccountId, FixedMap<SessionId, Awaited>>,
 }
 
 impl Dicts {
     pub fn new(clock: IntervalClock) -> Self {
         Self {
             clock,
-            accounts: HashMap::new(),
-            awaited: HashMap::new(),
+            accounts: FixedMap::default(),
+            awaited: FixedMap::default(),
         }
     }
 
@@ -743,22 +951,7 @@ impl Dicts {
         write: Write,
         current: Option<(u64, SessionDict)>,
     ) {
-        let dict = self.entry(account, interval);
-        // A leave this write was to announce, whose device has a newer
-        // change of another session pending, which wins.
-        let displaced: Vec<SessionId> = write
-            .changes
-            .iter()
-            .filter_map(|(device, change)| {
-                let left = change.announces()?;
-                let newer = dict.pending.get(device)?;
-                (newer.session() != left).then(|| left.clone())
-            })
-            .collect();
-        dict.on_conflict(write, current);
-        for left in displaced {
-            self.owe(account, &left);
-        }
+        self.entry(account, interval).on_conflict(write, current);
         // The flusher writes this dictionary again anyway, and takes what
         // this queues along.
         let _ = self.settle(account, interval);
@@ -810,7 +1003,15 @@ impl Dicts {
             if !holds || dict.pending.contains_key(&w.device) {
                 continue;
             }
-            let (change, defer) = if std::mem::take(&mut w.announce) {
+            // A dictionary older than the live ones at the leave: its
+            // removal announces only if it lands first
+            // ([`Dicts::take_announcements`]).
+            let announce = if interval.saturating_add(1) < w.until {
+                w.announce
+            } else {
+                std::mem::take(&mut w.announce)
+            };
+            let (change, defer) = if announce {
                 (Change::Remove(session.clone(), w.heard_by), false)
             } else {
                 (Change::Forget(session.clone(), w.heard_by), true)
@@ -834,7 +1035,7 @@ impl Dicts {
             .flat_map(|(a, dicts)| {
                 dicts
                     .iter()
-                    .filter(|(_, d)| !d.pending.is_empty())
+                    .filter(|(_, d)| d.waiting())
                     .map(move |(i, _)| (a.clone(), i))
             })
             .collect()
@@ -846,7 +1047,7 @@ impl Dicts {
         self.accounts
             .values()
             .flat_map(|d| d.values())
-            .any(|d| d.in_flight || !d.pending.is_empty())
+            .any(|d| d.in_flight || d.waiting())
     }
 
     /// Sessions held in the live dictionaries (a device counted once, by its
@@ -903,23 +1104,41 @@ impl Dicts {
     /// Drops dictionaries no reader consults any more, keeping those with a
     /// write still pending (and the one before them, which tells whether
     /// what they add is a carry-over), and removals that waited for an
-    /// interval no longer live.
+    /// interval no longer live. The dictionary just before the live ones
+    /// is kept for one interval more: a leave whose session no live
+    /// dictionary holds removes it there, and announces it
+    /// ([`Dicts::remove`]). It was trimmed of every session that moved
+    /// on, so it holds the few that did not.
     pub fn prune(&mut self, now: UnixMillis) {
         let [prev, _] = self.clock.live_intervals(now);
         self.accounts.retain(|_, dicts| {
-            let writing = |d: &Dict| d.in_flight || !d.pending.is_empty();
+            let writing = |d: &Dict| d.in_flight || d.waiting();
             let keep: Vec<u64> = dicts
                 .iter()
                 .filter(|(i, d)| {
-                    *i >= prev || writing(d) || dicts.get(&(i + 1)).is_some_and(writing)
+                    i.saturating_add(1) >= prev
+                        || writing(d)
+                        || dicts.get(&(i + 1)).is_some_and(writing)
                 })
                 .map(|(i, _)| i)
                 .collect();
             dicts.retain(|i, _| keep.contains(&i));
             !dicts.is_empty()
         });
-        self.awaited.retain(|_, awaited| {
-            awaited.retain(|_, w| w.until >= prev);
+        // A removal from a dictionary older than the live ones at the leave
+        // announces it only if it lands first ([`Dicts::take_announcements`]):
+        // what it waited for is kept while it may still land.
+        let accounts = &self.accounts;
+        self.awaited.retain(|account, awaited| {
+            let dicts = accounts.get(account);
+            awaited.retain(|session, w| {
+                w.until >= prev
+                    || dicts.is_some_and(|dicts| {
+                        dicts.iter().any(|(i, d)| {
+                            i.saturating_add(1) < w.until && d.removing(&w.device, session)
+                        })
+                    })
+            });
             !awaited.is_empty()
         });
     }
@@ -984,11 +1203,36 @@ impl Dicts {
         now: UnixMillis,
     ) -> Written {
         let mut written = self.entry(account, interval).on_written(write, revision);
+        self.take_announcements(account, interval, &mut written.applied);
         if self.settle(account, interval) != Decision::Unchanged {
             written.more = true;
         }
         self.trim(account, now);
         written
+    }
+
+    /// The leaves that removals from a dictionary older than the live ones
+    /// at the leave announce ([`Dicts::remove`]): each only if no removal
+    /// from a live dictionary, nor another older one, took the
+    /// announcement first, which it takes then.
+    fn take_announcements(
+        &mut self,
+        account: &AccountId,
+        interval: u64,
+        applied: &mut Vec<(DeviceId, Applied, bool)>,
+    ) {
+        let Some(awaited) = self.awaited.get_mut(account) else {
+            return;
+        };
+        applied.retain(|(_, what, _)| {
+            let Applied::Removed(r) = what else {
+                return true;
+            };
+            match awaited.get_mut(&r.session) {
+                Some(w) if interval.saturating_add(1) < w.until => std::mem::take(&mut w.announce),
+                _ => true,
+            }
+        });
     }
 
     /// Trims `account`'s previous-interval dictionary: a session that has
@@ -1047,25 +1291,102 @@ impl Dicts {
     ) -> Decision {
         let [prev, cur] = self.clock.live_intervals(now);
         let dicts = self.accounts.entry(account.clone()).or_default();
+        // A write of an older session of the device, queued here before
+        // the copy showed this one, does not take this session's entry:
+        // this heartbeat's change takes its place ([`Dict::overtaken`]).
+        let mut taken_over = Vec::new();
+        if !hb.leave {
+            for i in if prev == cur {
+                vec![cur]
+            } else {
+                vec![prev, cur]
+            } {
+                let before = dicts.get(&i.wrapping_sub(1)).map(|p| &p.entries);
+                let Some(rec) = dicts
+                    .get(&i)
+                    .and_then(|d| d.overtaken(device, session, before))
+                else {
+                    continue;
+                };
+                let change = Change::Upsert(Box::new(rec));
+                if dicts
+                    .entry_or_default(i)
+                    .queue(device.clone(), change, false)
+                    == Schedule::Now
+                {
+                    taken_over.push((account.clone(), i));
+                }
+            }
+        }
+        let decision = self.on_heartbeat_after(account, device, session, hb, now);
+        if taken_over.is_empty() {
+            return decision;
+        }
+        match decision {
+            Decision::Queued(keys) | Decision::Deferred(keys) => {
+                for key in keys {
+                    if !taken_over.contains(&key) {
+                        taken_over.push(key);
+                    }
+                }
+            }
+            _ => {}
+        }
+        Decision::Queued(taken_over)
+    }
+
+    /// [`Dicts::on_heartbeat`] once an older session's change no longer
+    /// stands in the way of this one.
+    fn on_heartbeat_after(
+        &mut self,
+        account: &AccountId,
+        device: &DeviceId,
+        session: &SessionId,
+        hb: &Heartbeat,
+        now: UnixMillis,
+    ) -> Decision {
+        let [prev, cur] = self.clock.live_intervals(now);
+        let dicts = self.accounts.entry(account.clone()).or_default();
         let prev_d = dicts.get(&prev).filter(|_| prev != cur);
         let prev_rec = prev_d.and_then(|d| d.effective(device, None));
         let cur_rec = dicts.get(&cur).and_then(|d| d.effective(device, prev_d));
 
-        let superseded = |r: &Option<SessionRecord>| {
-            r.as_ref()
-                .is_some_and(|r| r.replaced.as_ref() == Some(session))
+        let superseded = |cur: Option<&SessionRecord>, prev: Option<&SessionRecord>| {
+            let named =
+                |r: Option<&SessionRecord>| r.is_some_and(|r| r.replaced.as_ref() == Some(session));
+            named(cur) || (cur.is_none() && named(prev))
         };
-        if superseded(&cur_rec) || (cur_rec.is_none() && superseded(&prev_rec)) {
-            return Decision::Superseded;
-        }
-
         if hb.leave {
+            // A leave is dropped only when a newer session's displacement
+            // of it has landed (and announced its end). One still to be
+            // written here may never land (displaced in turn, withdrawn):
+            // the leave's removal goes before it.
+            let landed_cur = dicts.get(&cur).and_then(|d| d.entries.get(device));
+            let landed_prev = prev_d.and_then(|d| d.entries.get(device));
+            if superseded(landed_cur, landed_prev) {
+                return Decision::Superseded;
+            }
             return self.remove(account, device, session, true, now);
         }
+        if superseded(cur_rec.as_ref(), prev_rec.as_ref()) {
+            return Decision::Superseded;
+        }
         // Heard again after a leave that is waiting for its session to show
-        // up here: it joins again, and that removal is void.
-        if let Some(awaited) = self.awaited.get_mut(account) {
-            awaited.remove(session);
+        // up here: it joins again, and that removal is void. While a
+        // removal from an older dictionary may still land, what it waited
+        // for stays, voided (no record is heard by 0), for whether that
+        // removal announces the leave ([`Dicts::take_announcements`]).
+        if let Some(awaited) = self.awaited.get_mut(account)
+            && let Some(w) = awaited.remove(session)
+        {
+            let older = self.accounts.get(account).is_some_and(|dicts| {
+                dicts
+                    .iter()
+                    .any(|(i, d)| i.saturating_add(1) < w.until && d.removing(&w.device, session))
+            });
+            if older {
+                awaited.insert(session.clone(), Awaited { heard_by: 0, ..w });
+            }
         }
         let dicts = self.accounts.entry(account.clone()).or_default();
 
@@ -1176,47 +1497,10 @@ impl Dicts {
             Change::Upsert(Box::new(record))
         };
         let dict = dicts.entry_or_default(cur);
-        let displaced = dict
-            .pending
-            .get(device)
-            .and_then(Change::announces)
-            .cloned();
-        let decision = match dict.queue(device.clone(), change, defer) {
+        match dict.queue(device.clone(), change, defer) {
             Schedule::Now => Decision::Queued(vec![(account.clone(), cur)]),
             Schedule::Later => Decision::Deferred(vec![(account.clone(), cur)]),
             Schedule::Already => Decision::Queued(Vec::new()),
-        };
-        if let Some(left) = displaced.filter(|s| s != session) {
-            self.owe(account, &left);
-        }
-        decision
-    }
-
-    /// A change of another session of the device took the place of the
-    /// pending removal that was to announce `left`'s leave (a device that
-    /// left and came back as a new session): a quiet removal of `left`
-    /// still pending in another interval announces it instead, or else
-    /// the removal waiting for `left`, when a copy shows it still there
-    /// (the new session did not displace it after all, e.g. it left too).
-    fn owe(&mut self, account: &AccountId, left: &SessionId) {
-        let Some(w) = self.awaited.get_mut(account).and_then(|a| a.get_mut(left)) else {
-            return;
-        };
-        let quiet = self.accounts.get_mut(account).and_then(|dicts| {
-            dicts
-                .values_mut()
-                .find_map(|d| match d.pending.get_mut(&w.device) {
-                    Some(c @ Change::Forget(..)) if c.session() == left => Some(c),
-                    _ => None,
-                })
-        });
-        match quiet {
-            Some(change) => {
-                if let Change::Forget(_, by) = *change {
-                    *change = Change::Remove(left.clone(), by);
-                }
-            }
-            None => w.announce = true,
         }
     }
 
@@ -1287,12 +1571,17 @@ impl Dicts {
                 newest(true).or_else(|| newest(false))
             })
             .flatten();
-        // A trimmed previous dictionary may still hold the session in KV
-        // when the current one does: remove it there too, quietly.
-        let trimmed = prev != cur
-            && held.iter().any(|(i, h)| *i == cur && *h != Held::No)
-            && held.iter().any(|(i, h)| *i == prev && *h == Held::No)
-            && dicts.get(&prev).is_some_and(|d| d.partial);
+        // A trimmed copy may still hold the session in KV, where it was
+        // trimmed from the copy (it had moved on, and may have been
+        // displaced there since, or be about to be): remove it there too,
+        // quietly (a leave is announced where the session is seen, or by
+        // its displacement).
+        let key = trimmed_key(session);
+        let trimmed = |i: u64| {
+            dicts
+                .get(&i)
+                .is_some_and(|d| d.partial && d.trimmed.contains(&key))
+        };
         let by = if announce {
             now.saturating_add(LEAVE_REORDER_MS)
         } else {
@@ -1301,7 +1590,7 @@ impl Dicts {
         let mut changes = Vec::new();
         for (interval, h) in held {
             let change = match h {
-                Held::No if interval == prev && trimmed => Change::Forget(session.clone(), by),
+                Held::No if trimmed(interval) => Change::Forget(session.clone(), by),
                 Held::No => continue,
                 Held::Landed if announcer == Some(interval) => Change::Remove(session.clone(), by),
                 Held::Writing(rec) if announcer == Some(interval) => {
@@ -1311,6 +1600,27 @@ impl Dicts {
             };
             changes.push((interval, change));
         }
+        // No live dictionary holds the session, not even in a write still
+        // under way: its last record is older (its move into the previous
+        // interval has not landed, or it had gone silent). That record is
+        // removed from the dictionary before the live ones, as long as this
+        // copy holds it there (see [`Dicts::prune`]; a write of that
+        // dictionary carries removals only), and announces the leave when
+        // it lands, unless a copy of a live dictionary has shown the
+        // session first: its removal there announces it then (the move
+        // landed after all). Whichever comes first announces; the other is
+        // quiet ([`Dicts::on_written`]).
+        let older = (announce && announcer.is_none() && prev != cur)
+            .then(|| prev.wrapping_sub(1))
+            .filter(|o| {
+                dicts
+                    .get(o)
+                    .and_then(|d| d.entries.get(device))
+                    .is_some_and(|r| r.session == *session && r.last_seen <= by)
+            });
+        if let Some(o) = older {
+            changes.push((o, Change::Remove(session.clone(), by)));
+        }
         // The removal also waits for the session to show up where this
         // handler does not see it yet: another handler's write of it into
         // another live interval may still be under way, or not watched yet.
@@ -1319,7 +1629,7 @@ impl Dicts {
             session.clone(),
             Awaited {
                 device: device.clone(),
-                announce: announce && changes.is_empty(),
+                announce: announce && announcer.is_none(),
                 heard_by: by,
                 until: cur,
             },
@@ -1332,24 +1642,13 @@ impl Dicts {
         let defer = !announce;
         let mut now_keys = Vec::new();
         let mut later_keys = Vec::new();
-        let mut displaced = Vec::new();
         for (interval, change) in changes {
             let dict = dicts.entry_or_default(interval);
-            displaced.extend(
-                dict.pending
-                    .get(device)
-                    .and_then(Change::announces)
-                    .filter(|s| *s != session)
-                    .cloned(),
-            );
-            match dict.queue(device.clone(), change, defer) {
+            match dict.queue_removal(device.clone(), change, defer) {
                 Schedule::Now => now_keys.push((account.clone(), interval)),
                 Schedule::Later => later_keys.push((account.clone(), interval)),
                 Schedule::Already => {}
             }
-        }
-        for left in displaced {
-            self.owe(account, &left);
         }
         if !now_keys.is_empty() {
             Decision::Queued(now_keys)
@@ -2383,5 +2682,377 @@ mod tests {
         let written = d.on_written(&a, 0, w, rev, 20_500);
         // The leave is announced; the join, which nobody would see, is not.
         assert_eq!(events(&written.applied), (vec![], vec!["s2".into()]));
+    }
+
+    // ---- the simulation's defects, each in its smallest form ----------
+
+    /// What `applied` says of `device`'s replaced sessions.
+    fn replaced_of(applied: &[(DeviceId, Applied, bool)]) -> Vec<String> {
+        applied
+            .iter()
+            .filter_map(|(_, what, _)| match what {
+                Applied::Added {
+                    replaced: Some(old),
+                    ..
+                } => Some(old.as_str().to_owned()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_leave_displaced_by_the_devices_next_session_is_still_written_and_announced() {
+        // The leave of s1 is pending when the device's next session s2 is
+        // heard (one pending change per device), and s2 ends before
+        // anything is written. Whether s1's join landed (another handler's
+        // write, seen late) or not, s1 goes and its leave is told once.
+        for landed in [false, true] {
+            let (a, tv, s1) = ids();
+            let (mut d, mut kv) = lone();
+            let radio = device("radio");
+            // Interval 1 with a session carried over: interval 0 is trimmed.
+            beat(&mut d, &mut kv, &radio, &session("sa"), 1_000);
+            beat(&mut d, &mut kv, &radio, &session("sa"), 10_500);
+            d.on_heartbeat(&a, &tv, &s1, &Heartbeat::default(), 10_600);
+            d.on_heartbeat(&a, &tv, &s1, &leave(), 10_700);
+            d.on_heartbeat(&a, &tv, &session("s2"), &Heartbeat::default(), 10_800);
+            d.ended(&a, &tv, &session("s2"), 10_900, 10_900);
+            if landed {
+                let (_, mut value) = kv.read(&a, 1);
+                value.insert(tv.clone(), record("s1", 10_600));
+                let rev = kv.put(&a, 1, value.clone());
+                let _ = d.install(&a, 1, rev, value, 10_950);
+            }
+            let told = flush(&mut d, &mut kv, 11_000);
+            assert_eq!(events(&told), (vec![], vec!["s1".into()]), "{told:?}");
+            assert_eq!(held(&kv.read(&a, 1).1), vec![pair("radio", "sa")]);
+            assert!(!d.has_pending());
+        }
+    }
+
+    #[test]
+    fn a_no_key_read_from_before_the_keys_first_write_is_not_taken() {
+        let (a, dev, s) = ids();
+        let (mut d, mut kv) = lone();
+        d.on_heartbeat(&a, &dev, &s, &Heartbeat::default(), 1_000);
+        let w = write_of(d.take_for_write(&a, 0, 1_000));
+        // The write is lost, and the leave comes while it is under way.
+        d.on_heartbeat(&a, &dev, &s, &leave(), 1_100);
+        // The read after the failure is served before another handler's
+        // write of the session lands, and answers after the watch brought
+        // that write.
+        let early = kv.read(&a, 0);
+        let value: SessionDict = [(dev.clone(), record("s1", 1_050))].into_iter().collect();
+        let rev = kv.put(&a, 0, value.clone());
+        let _ = d.install(&a, 0, rev, value, 1_150);
+        d.on_conflict(&a, 0, w, Some(early));
+        // The removal is written on the copy the watch brought.
+        let told = flush(&mut d, &mut kv, 1_200);
+        assert_eq!(events(&told), (vec![], vec!["s1".into()]));
+        assert!(kv.read(&a, 0).1.is_empty());
+    }
+
+    #[test]
+    fn a_no_key_read_after_the_copys_revision_is_an_expired_key() {
+        let (a, dev, s) = ids();
+        let (mut d, mut kv) = lived(&[1_000]);
+        // The key expires; the next write conflicts and reads no key.
+        kv.dicts.clear();
+        d.on_heartbeat(&a, &dev, &s, &content("film"), 2_000);
+        let w = write_of(d.take_for_write(&a, 0, 2_000));
+        assert_eq!(w.revision(), 1);
+        assert!(kv.update(&a, 0, &w).is_none());
+        d.on_conflict(&a, 0, w, Some(kv.read(&a, 0)));
+        let w = write_of(d.take_for_write(&a, 0, 2_000));
+        assert_eq!(w.revision(), 0, "the key is written anew");
+    }
+
+    #[test]
+    fn an_ended_session_trimmed_from_the_copy_is_removed_behind_its_devices_next_session() {
+        let (a, tv, s1) = ids();
+        let (mut d, mut kv) = lived(&[1_000, 10_500]);
+        // s1 moved on to interval 1: interval 0's copy is trimmed of it,
+        // while KV still holds it there.
+        assert_eq!(held(&kv.read(&a, 0).1), vec![pair("tv", "s1")]);
+        // The device's next session is heard, and s1 is ended before that
+        // write is taken: s1 leaves interval 0 too, not only interval 1.
+        d.on_heartbeat(&a, &tv, &session("s2"), &Heartbeat::default(), 10_600);
+        d.ended(&a, &tv, &s1, 10_700, 10_700);
+        let told = flush(&mut d, &mut kv, 11_700);
+        assert!(kv.read(&a, 0).1.is_empty(), "{:?}", kv.read(&a, 0).1);
+        assert_eq!(held(&kv.read(&a, 1).1), vec![pair("tv", "s2")]);
+        // Its ending was told by whoever ended it.
+        assert_eq!(events(&told), (vec!["s2".into()], vec![]));
+        assert!(replaced_of(&told).is_empty(), "{told:?}");
+    }
+
+    #[test]
+    fn a_withdrawn_session_named_replaced_by_a_merged_record_is_still_announced() {
+        let (a, tv, s1) = ids();
+        let (mut d, mut kv) = lone();
+        d.on_heartbeat(&a, &tv, &s1, &Heartbeat::default(), 1_000);
+        d.on_heartbeat(&a, &tv, &s1, &leave(), 1_100);
+        // The device's next session s2 landed first with no session
+        // replaced, and a later write of it merged in s1 as replaced: no
+        // replacement of s1 was ever announced.
+        let s2 = SessionRecord {
+            replaced: Some(s1.clone()),
+            ..record("s2", 1_050)
+        };
+        let value: SessionDict = [(tv.clone(), s2)].into_iter().collect();
+        let rev = kv.put(&a, 0, value.clone());
+        let _ = d.install(&a, 0, rev, value, 1_150);
+        let told = flush(&mut d, &mut kv, 1_200);
+        assert_eq!(events(&told), (vec![], vec!["s1".into()]));
+    }
+
+    #[test]
+    fn a_leave_is_not_dropped_for_a_displacement_that_has_not_landed() {
+        // s1 is recorded; s2 of the same device is heard here (its write
+        // not taken yet), then s1 leaves. Whether s2 lands or leaves too,
+        // s1 goes from KV and its leave is told once, not as `replaced`.
+        for s2_leaves in [false, true] {
+            let (a, tv, s1) = ids();
+            let (mut d, mut kv) = lived(&[1_000]);
+            let s2 = session("s2");
+            d.on_heartbeat(&a, &tv, &s2, &Heartbeat::default(), 2_000);
+            assert_ne!(
+                d.on_heartbeat(&a, &tv, &s1, &leave(), 2_100),
+                Decision::Superseded
+            );
+            if s2_leaves {
+                d.on_heartbeat(&a, &tv, &s2, &leave(), 2_200);
+            }
+            let told = flush(&mut d, &mut kv, 2_300);
+            let (joins, leaves) = events(&told);
+            assert!(leaves.contains(&"s1".to_owned()), "{told:?}");
+            assert_eq!(leaves.iter().filter(|s| *s == "s1").count(), 1);
+            assert!(replaced_of(&told).is_empty(), "{told:?}");
+            if s2_leaves {
+                assert!(kv.read(&a, 0).1.is_empty());
+            } else {
+                assert_eq!(joins, vec!["s2".to_owned()]);
+                assert_eq!(held(&kv.read(&a, 0).1), vec![pair("tv", "s2")]);
+            }
+        }
+    }
+
+    #[test]
+    fn two_handlers_with_one_history_refuse_the_same_newcomers() {
+        // Which of several new devices a full dictionary refuses follows
+        // from the order the pending changes are taken in: the same for
+        // every handler (and every run) that saw the same history.
+        let a = ids().0;
+        let taken = || {
+            let (mut d, mut kv) = lone();
+            installed(
+                &mut d,
+                &mut kv,
+                0,
+                many(DICT_MAX_SESSIONS - 10, 1_000),
+                1_000,
+            );
+            for i in 0..10 {
+                let (dev, s) = (device(&format!("n{i}")), session(&format!("n{i}")));
+                d.on_heartbeat(&a, &dev, &s, &Heartbeat::default(), 1_100);
+            }
+            // Another handler's write takes five of the free places.
+            let mut value = kv.read(&a, 0).1;
+            for i in 0..5 {
+                value.insert(device(&format!("x{i}")), record(&format!("x{i}"), 1_150));
+            }
+            installed(&mut d, &mut kv, 0, value, 1_200);
+            let w = write_of(d.take_for_write(&a, 0, 1_200));
+            assert_eq!(w.refused(), 5);
+            let mut kept: Vec<String> = w
+                .value()
+                .keys()
+                .filter(|k| k.as_str().starts_with('n'))
+                .map(|k| k.as_str().to_owned())
+                .collect();
+            kept.sort();
+            kept
+        };
+        let first = taken();
+        assert_eq!(first.len(), 5);
+        for _ in 0..4 {
+            assert_eq!(taken(), first);
+        }
+    }
+
+    #[test]
+    fn a_newer_sessions_heartbeat_wins_over_an_older_sessions_write_not_landed() {
+        // s1's write is pending here; another handler records the device's
+        // next session s2 meanwhile (it started later). s2's heartbeats are
+        // its own, not a displaced session's: whether they change its labels
+        // or not, s2 stays, with its latest labels, and is not revoked.
+        for hb in [Heartbeat::default(), content("film")] {
+            let (a, tv, s1) = ids();
+            let (mut d, mut kv) = lone();
+            let s2 = session("s2");
+            d.on_heartbeat(&a, &tv, &s1, &Heartbeat::default(), 1_000);
+            let value: SessionDict = [(tv.clone(), record("s2", 2_000))].into_iter().collect();
+            let rev = kv.put(&a, 0, value.clone());
+            let _ = d.install(&a, 0, rev, value, 2_100);
+            // (The flush s1's change made due takes this one along.)
+            let decision = d.on_heartbeat(&a, &tv, &s2, &hb, 2_200);
+            assert_ne!(decision, Decision::Superseded, "{hb:?}");
+            let told = flush(&mut d, &mut kv, 2_300);
+            assert!(replaced_of(&told).is_empty(), "{told:?}");
+            let now = &kv.read(&a, 0).1[&tv];
+            assert_eq!(now.session, s2);
+            assert_eq!(now.labels.content(), hb.content.as_deref());
+        }
+        // The other way round, s1 started after s2: a heartbeat of s2 is a
+        // displaced session's.
+        let (a, tv, s1) = ids();
+        let (mut d, mut kv) = lone();
+        d.on_heartbeat(&a, &tv, &s1, &Heartbeat::default(), 3_000);
+        let value: SessionDict = [(tv.clone(), record("s2", 2_000))].into_iter().collect();
+        let rev = kv.put(&a, 0, value.clone());
+        let _ = d.install(&a, 0, rev, value, 3_100);
+        let hb = Heartbeat::default();
+        let decision = d.on_heartbeat(&a, &tv, &session("s2"), &hb, 3_200);
+        assert_eq!(decision, Decision::Superseded);
+    }
+
+    /// A second handler that saw `s1` of `tv` land in interval 0 (at
+    /// 1_000) and nothing since: its move into interval 1 (written by
+    /// the first handler) has not landed. Time is in interval 2.
+    fn moved_unseen() -> (Dicts, Kv) {
+        let (mut d, kv) = lived(&[1_000]);
+        let (mut other, _) = lone();
+        let (rev, value) = kv.read(&ids().0, 0);
+        let _ = other.install(&ids().0, 0, rev, value, 1_100);
+        // The first handler's carry into interval 1 is pending for good.
+        d.on_heartbeat(&ids().0, &ids().1, &ids().2, &Heartbeat::default(), 10_500);
+        other.prune(20_500);
+        (other, kv)
+    }
+
+    /// Takes and writes `account`'s dictionary of `interval` once: what it
+    /// announces.
+    fn write_once(
+        d: &mut Dicts,
+        kv: &mut Kv,
+        interval: u64,
+        now: UnixMillis,
+    ) -> Vec<(DeviceId, Applied, bool)> {
+        let a = ids().0;
+        match d.take_for_write(&a, interval, now) {
+            Take::Write(w) => {
+                let rev = kv.update(&a, interval, &w).expect("lands");
+                d.on_written(&a, interval, w, rev, now).applied
+            }
+            Take::Unchanged { applied, .. } => applied,
+            other => panic!("expected a write, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_leave_no_live_dictionary_holds_is_removed_and_announced_where_it_last_was() {
+        let (a, tv, s1) = ids();
+        let (mut d, mut kv) = moved_unseen();
+        // Interval 0 is no longer read, but this handler still holds it.
+        assert_eq!(
+            d.on_heartbeat(&a, &tv, &s1, &leave(), 20_600),
+            Decision::Queued(vec![(a.clone(), 0)])
+        );
+        let told = flush(&mut d, &mut kv, 20_700);
+        assert_eq!(events(&told), (vec![], vec!["s1".into()]));
+        assert!(kv.read(&a, 0).1.is_empty());
+    }
+
+    #[test]
+    fn a_leave_removed_from_an_older_and_a_live_dictionary_is_announced_once() {
+        // The move into interval 1 lands after the leave: the removal there
+        // and the one from interval 0 race; whichever lands first tells.
+        // Also when the older copy shows the session only after the leave,
+        // and when the session is heard again meanwhile.
+        for (older_first, heard_again) in
+            [(true, false), (false, false), (false, true), (true, true)]
+        {
+            let (a, tv, s1) = ids();
+            let (mut d, mut kv) = moved_unseen();
+            d.on_heartbeat(&a, &tv, &s1, &leave(), 20_600);
+            let mut told = Vec::new();
+            if older_first {
+                told.extend(write_once(&mut d, &mut kv, 0, 20_700));
+            }
+            let moved: SessionDict = [(tv.clone(), record("s1", 10_500))].into_iter().collect();
+            let rev = kv.put(&a, 1, moved.clone());
+            let _ = d.install(&a, 1, rev, moved, 20_800);
+            if heard_again {
+                // Well after its leave: it is back, and stays.
+                let _ = d.on_heartbeat(&a, &tv, &s1, &Heartbeat::default(), 22_000);
+            }
+            told.extend(flush(&mut d, &mut kv, 22_100));
+            let leaves = events(&told).1;
+            assert_eq!(
+                leaves,
+                vec!["s1".to_owned()],
+                "{older_first} {heard_again}: {told:?}"
+            );
+            assert!(kv.read(&a, 0).1.is_empty());
+            // Heard again, it is recorded anew where it is heard.
+            assert_eq!(kv.read(&a, 2).1.contains_key(&tv), heard_again);
+            if !heard_again {
+                assert!(kv.read(&a, 1).1.is_empty());
+            }
+            assert!(!d.has_pending());
+        }
+    }
+
+    #[test]
+    fn an_older_copy_showing_a_left_session_does_not_take_the_announcement() {
+        // The leave finds the session nowhere; a re-read of interval 0
+        // then shows it there, and the removal queued there never lands
+        // (the key expires): the live copy that shows it later still
+        // announces the leave.
+        let (a, tv, s1) = ids();
+        let (mut d, mut kv) = moved_unseen();
+        // This copy of interval 0 lags: it lacks the session.
+        let lagging = d.get_mut(&a, 0).unwrap();
+        lagging.entries.clear();
+        lagging.revision = 0;
+        assert_eq!(
+            d.on_heartbeat(&a, &tv, &s1, &leave(), 20_600),
+            Decision::Unchanged
+        );
+        let (rev, value) = kv.read(&a, 0);
+        let _ = d.install(&a, 0, rev, value, 20_650);
+        let w = write_of(d.take_for_write(&a, 0, 20_700));
+        kv.dicts.remove(&(a.clone(), 0));
+        assert!(kv.update(&a, 0, &w).is_none());
+        d.on_conflict(&a, 0, w, Some(kv.read(&a, 0)));
+        let mut told = flush(&mut d, &mut kv, 20_750);
+        assert_eq!(events(&told), (vec![], vec![]));
+        let moved: SessionDict = [(tv.clone(), record("s1", 10_500))].into_iter().collect();
+        let rev = kv.put(&a, 1, moved.clone());
+        let _ = d.install(&a, 1, rev, moved, 20_800);
+        told.extend(flush(&mut d, &mut kv, 20_900));
+        assert_eq!(events(&told), (vec![], vec!["s1".into()]));
+        assert!(kv.read(&a, 1).1.is_empty());
+    }
+
+    #[test]
+    fn a_removal_from_an_older_dictionary_landing_late_stays_quiet_once_the_leave_was_told() {
+        // The live copy's removal announced the leave; the older
+        // dictionary's removal lands only intervals later, after the leave
+        // stopped waiting for copies: it is still known as told.
+        let (a, tv, s1) = ids();
+        let (mut d, mut kv) = moved_unseen();
+        d.on_heartbeat(&a, &tv, &s1, &leave(), 20_600);
+        let moved: SessionDict = [(tv.clone(), record("s1", 10_500))].into_iter().collect();
+        let rev = kv.put(&a, 1, moved.clone());
+        let _ = d.install(&a, 1, rev, moved, 20_800);
+        let told = write_once(&mut d, &mut kv, 1, 20_900);
+        assert_eq!(events(&told), (vec![], vec!["s1".into()]));
+        d.prune(40_500);
+        let told = write_once(&mut d, &mut kv, 0, 40_600);
+        assert_eq!(events(&told), (vec![], vec![]), "{told:?}");
+        assert!(kv.read(&a, 0).1.is_empty());
+        d.prune(41_500);
+        assert!(d.awaited.is_empty());
     }
 }

@@ -115,10 +115,9 @@
 //! build (default 5000 seeds). Every failing seed is listed, with the
 //! replay line of the first.
 //!
-//! A replay is exact but where the handler iterates its own hash maps (std
-//! seeds them per process): which of several newcomers a full dictionary
-//! refuses, and the order in which removals waiting for one copy are
-//! queued.
+//! A replay is exact: the handler's maps whose iteration order decides
+//! anything use a fixed-key hasher (`dicts::FixedMap`), not std's
+//! per-process seeds, and the simulation's own maps decide nothing.
 
 use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
@@ -366,6 +365,16 @@ struct Session {
     /// When it left, no live interval held it any more (it had timed out)
     /// or it had been refused.
     left_unrecorded: bool,
+    /// When it left, heard within the live window, no live dictionary
+    /// in the store held it (no write carrying it there had landed).
+    left_unseen: bool,
+    /// A live dictionary in the store held it after it left.
+    seen_after_leave: bool,
+    /// The dictionary before the live ones when it left, and whether the
+    /// store held it there then.
+    older_at_leave: Option<(Key, bool)>,
+    /// A write of that dictionary landed after the leave.
+    older_written: bool,
 }
 
 /// Loss rates, in percent.
@@ -392,7 +401,7 @@ struct Stats {
     /// The most devices one landed value held.
     fullest: usize,
     /// Sessions a known gap showed up for, by [`Known`].
-    known: [u64; 7],
+    known: [u64; 8],
 }
 
 impl std::ops::AddAssign for Stats {
@@ -452,10 +461,18 @@ enum Known {
     /// was no longer read: the removal is given up with the dictionary,
     /// and nobody announces the leave (readers time the session out).
     LeaveOutlived,
+    /// The store took none of the writes carrying a session into the live
+    /// intervals: when it left, no live dictionary in the store held it
+    /// (readers no longer saw it), and none did afterwards; and the
+    /// dictionary before the live ones either did not hold it either (its
+    /// last record is older still) or expired (its TTL ran out) before the
+    /// store took a write of it after the leave. No dictionary any handler
+    /// can write holds the session, so nobody announces the leave.
+    LeaveUnseen,
 }
 
 impl Known {
-    const ALL: [Known; 7] = [
+    const ALL: [Known; 8] = [
         Known::JoinInTwoIntervals,
         Known::LeaveAndReplaced,
         Known::OlderSessionLast,
@@ -463,6 +480,7 @@ impl Known {
         Known::WriteAfterLeave,
         Known::QuickReturn,
         Known::LeaveOutlived,
+        Known::LeaveUnseen,
     ];
 }
 
@@ -500,6 +518,9 @@ struct Sim {
     /// Per account, new sessions refused when a write was taken (the write
     /// tells how many, not which).
     take_refusals: Vec<u64>,
+    /// Sessions that left, by the dictionary before the live ones then,
+    /// until a write of it lands.
+    left_by_older: HashMap<Key, Vec<usize>>,
     next_session: u64,
     stats: Stats,
 }
@@ -577,6 +598,7 @@ impl Sim {
             left: vec![Vec::new(); n],
             superseded: vec![Vec::new(); n],
             take_refusals: vec![0; n],
+            left_by_older: HashMap::new(),
             next_session: 0,
             stats: Stats::default(),
         };
@@ -635,6 +657,10 @@ impl Sim {
             first_stored: None,
             presence_joined: false,
             left_unrecorded: false,
+            left_unseen: false,
+            seen_after_leave: false,
+            older_at_leave: None,
+            older_written: false,
         });
         let s = self.sessions.len() - 1;
         self.by_id.insert(id, s);
@@ -787,9 +813,13 @@ impl Sim {
             // Until a heartbeat's write is queued (which lands after what
             // the lagging view had not seen, and wins).
             let changed = sess.last_sent.is_some_and(|c| c != sess.content);
+            // Only a queued change ends the interference: a heartbeat
+            // taken for a displaced one's (`Superseded`) queues nothing.
+            if matches!(decision, Decision::Queued(_) | Decision::Deferred(_)) {
+                sess.interfered = false;
+            }
             if decision != Decision::Unchanged {
                 sess.swallowed = false;
-                sess.interfered = false;
             } else if changed {
                 sess.swallowed = true;
             }
@@ -896,8 +926,17 @@ impl Sim {
         let Some(s) = self.pick(&self.live[a].clone()) else {
             return;
         };
-        let [prev, _] = self.clock.live_intervals(self.now);
+        let [prev, cur] = self.clock.live_intervals(self.now);
         let now = self.now + 1;
+        let held = |i: u64, sess: &Session| {
+            self.kv
+                .get(&(self.accounts[a].clone(), i))
+                .and_then(|d| d.get(&self.devices[sess.device].id))
+                .is_some_and(|r| r.session == sess.id)
+        };
+        let unseen = !held(prev, &self.sessions[s]) && !held(cur, &self.sessions[s]);
+        let older = prev.wrapping_sub(1);
+        let older_held = held(older, &self.sessions[s]);
         let sess = &mut self.sessions[s];
         sess.endings += 1;
         // The leave's arrival (`send` takes its millisecond).
@@ -906,6 +945,12 @@ impl Sim {
             || sess
                 .last_heard
                 .is_none_or(|t| self.clock.interval_of(t) < prev);
+        sess.left_unseen = unseen && !sess.left_unrecorded;
+        sess.seen_after_leave = false;
+        let older = (self.accounts[a].clone(), older);
+        sess.older_at_leave = Some((older.clone(), older_held));
+        sess.older_written = false;
+        self.left_by_older.entry(older).or_default().push(s);
         self.set_state(s, State::Left);
         self.send(s, true);
     }
@@ -1138,6 +1183,26 @@ impl Sim {
                 for n in displaced {
                     self.sessions[n].overtaken = true;
                 }
+            }
+        }
+        // Sessions that left: a live dictionary holding them after the
+        // leave, a write of the dictionary before the live ones then.
+        let [prev, _] = self.clock.live_intervals(self.now);
+        for (dev, r) in value.iter() {
+            if let Some(&s) = self.by_id.get(&r.session)
+                && self.sessions[s].state == State::Left
+                && key.1 >= prev
+                && self.devices[self.sessions[s].device].id == *dev
+            {
+                self.sessions[s].seen_after_leave = true;
+            }
+        }
+        for s in self.left_by_older.remove(key).unwrap_or_default() {
+            let sess = &mut self.sessions[s];
+            if sess.state == State::Left
+                && sess.older_at_leave.as_ref().is_some_and(|(k, _)| k == key)
+            {
+                sess.older_written = true;
             }
         }
         if !acknowledged {
@@ -1926,13 +1991,22 @@ impl Sim {
                         && sess
                             .ended_at
                             .is_some_and(|t| self.clock.interval_of(t) < prev);
+                    // Unseen in the live intervals from its leave on, and
+                    // the dictionary before them no help: nothing left to
+                    // remove it from.
+                    let unseen = sess.leaves == 0
+                        && sess.left_unseen
+                        && !sess.seen_after_leave
+                        && sess.older_at_leave.as_ref().is_some_and(|(key, held)| {
+                            !held || (!sess.older_written && self.kv.get(key).is_none())
+                        });
                     // Once; more only as known gaps account for.
                     let excused = late
                         || sess.unacked_gone
                         || sess.left_unrecorded
                         || !sess.ever_stored && !sess.presence_joined;
                     let told = if sess.leaves == 0 {
-                        excused || outlived
+                        excused || outlived || unseen
                     } else {
                         sess.leaves - 1 <= sess.gap_leaves
                     };
@@ -1942,6 +2016,21 @@ impl Sim {
                             s,
                             format!(
                                 "{}'s leave is not announced: its interval ended first",
+                                sess.id
+                            ),
+                        ));
+                    }
+                    if sess.state == State::Left
+                        && !sess.returned
+                        && unseen
+                        && !outlived
+                        && !excused
+                    {
+                        gaps.push((
+                            Known::LeaveUnseen,
+                            s,
+                            format!(
+                                "{}'s leave is not announced: no dictionary left held it",
                                 sess.id
                             ),
                         ));
