@@ -75,10 +75,10 @@ pub enum Change {
     /// after all, and announce the leave either way, since no other writer
     /// knows of it.
     Withdraw(Box<SessionRecord>, UnixMillis),
-    /// Drop the entry if it holds the session, quietly: the leave is
-    /// announced by another dictionary's write (the session also sits in a
-    /// newer interval, or this handler had trimmed it from its copy), or
-    /// the session was ended by whoever announced that.
+    /// Drop the entry if it holds the session, quietly: the session was
+    /// ended by whoever announced that, its leave was told already, or
+    /// this handler had trimmed it from its copy (it moved on, and its
+    /// leave is announced where it is).
     Forget(SessionId, UnixMillis),
 }
 
@@ -874,8 +874,9 @@ pub enum Decision {
 #[derive(Debug, Clone)]
 struct Awaited {
     device: DeviceId,
-    /// A leave this handler has yet to announce (false: quiet, or
-    /// announced already).
+    /// A leave this handler has yet to announce: the first of its removals
+    /// to land takes this ([`Dicts::take_announcements`]). False for an
+    /// ending (announced by whoever ended it), and once told.
     announce: bool,
     /// Only a record last heard no later than this is removed (the leave,
     /// plus [`LEAVE_REORDER_MS`]): the session of a leave may be heard
@@ -975,8 +976,8 @@ impl Dicts {
     /// waiting while a change of that device is pending or a write of the
     /// dictionary is under way (it is looked at again with the write's
     /// outcome or the next copy), and after it was queued, so that a copy
-    /// of another interval that also shows the session gets rid of it too,
-    /// quietly.
+    /// of another interval that also shows the session gets rid of it too
+    /// (announcing the leave if it lands first).
     fn settle(&mut self, account: &AccountId, interval: u64) -> Decision {
         let Some(awaited) = self.awaited.get_mut(account).filter(|w| !w.is_empty()) else {
             return Decision::Unchanged;
@@ -989,8 +990,8 @@ impl Dicts {
             return Decision::Unchanged;
         };
         // The write under way may carry this removal itself (`flying`
-        // shows only its upserts), and a quiet one queued now would win
-        // over it if it does not land, silencing the leave.
+        // shows only its upserts); it is looked at again when that write
+        // ends.
         if dict.in_flight {
             return Decision::Unchanged;
         }
@@ -1000,18 +1001,31 @@ impl Dicts {
                 .entries
                 .get(&w.device)
                 .is_some_and(|r| &r.session == session && r.last_seen <= w.heard_by);
-            if !holds || dict.pending.contains_key(&w.device) {
+            if !holds {
                 continue;
             }
-            // A dictionary older than the live ones at the leave: its
-            // removal announces only if it lands first
-            // ([`Dicts::take_announcements`]).
-            let announce = if interval.saturating_add(1) < w.until {
-                w.announce
-            } else {
-                std::mem::take(&mut w.announce)
-            };
-            let (change, defer) = if announce {
+            // A pending change that leaves the copy as it is (the late
+            // heartbeat of the session this record displaced: `apply`) is
+            // done already: it does not hold the removal up.
+            if dict.pending.get(&w.device).is_some_and(|c| {
+                !matches!(c, Change::Carry(..)) && c.announces().is_none() && {
+                    let mut one: SessionDict = dict
+                        .entries
+                        .get_key_value(&w.device)
+                        .map(|(d, r)| (d.clone(), r.clone()))
+                        .into_iter()
+                        .collect();
+                    apply(&mut one, &w.device, c) == Applied::Nothing
+                }
+            }) {
+                dict.pending.remove(&w.device);
+            }
+            if dict.pending.contains_key(&w.device) {
+                continue;
+            }
+            // A leave not told yet: this removal announces it if it lands
+            // first ([`Dicts::take_announcements`]).
+            let (change, defer) = if w.announce {
                 (Change::Remove(session.clone(), w.heard_by), false)
             } else {
                 (Change::Forget(session.clone(), w.heard_by), true)
@@ -1125,19 +1139,16 @@ impl Dicts {
             dicts.retain(|i, _| keep.contains(&i));
             !dicts.is_empty()
         });
-        // A removal from a dictionary older than the live ones at the leave
-        // announces it only if it lands first ([`Dicts::take_announcements`]):
-        // what it waited for is kept while it may still land.
+        // A leave's removal announces it only if it lands first
+        // ([`Dicts::take_announcements`]): what it waited for is kept while
+        // one may still land.
         let accounts = &self.accounts;
         self.awaited.retain(|account, awaited| {
             let dicts = accounts.get(account);
             awaited.retain(|session, w| {
                 w.until >= prev
-                    || dicts.is_some_and(|dicts| {
-                        dicts.iter().any(|(i, d)| {
-                            i.saturating_add(1) < w.until && d.removing(&w.device, session)
-                        })
-                    })
+                    || dicts
+                        .is_some_and(|dicts| dicts.values().any(|d| d.removing(&w.device, session)))
             });
             !awaited.is_empty()
         });
@@ -1172,7 +1183,9 @@ impl Dicts {
         let mut take = dict.take_for_write(prev);
         dicts.insert(interval, dict);
         match &mut take {
-            Take::Unchanged { more, .. } => {
+            Take::Unchanged { applied, more, .. } => {
+                // A withdrawal announces as a removal that landed.
+                self.take_announcements(account, applied);
                 // A removal waits while a change of its device is pending;
                 // that change is done now, as after a write that landed.
                 *more = self.settle(account, interval) != Decision::Unchanged;
@@ -1203,7 +1216,7 @@ impl Dicts {
         now: UnixMillis,
     ) -> Written {
         let mut written = self.entry(account, interval).on_written(write, revision);
-        self.take_announcements(account, interval, &mut written.applied);
+        self.take_announcements(account, &mut written.applied);
         if self.settle(account, interval) != Decision::Unchanged {
             written.more = true;
         }
@@ -1211,27 +1224,29 @@ impl Dicts {
         written
     }
 
-    /// The leaves that removals from a dictionary older than the live ones
-    /// at the leave announce ([`Dicts::remove`]): each only if no removal
-    /// from a live dictionary, nor another older one, took the
-    /// announcement first, which it takes then.
+    /// The leaves that a write's removals (or withdrawals) announce: a
+    /// leave is removed from several dictionaries ([`Dicts::remove`], and
+    /// [`Dicts::settle`] for the copies that show its session later), and
+    /// only the first of those removals to land tells, the others are
+    /// quiet. Not the one chosen when the leave was handled: that may be a
+    /// write of an older dictionary that lands late, after the removal
+    /// from a newer one took the session out of sight, and after the
+    /// session, heard again, joined anew.
     fn take_announcements(
         &mut self,
         account: &AccountId,
-        interval: u64,
         applied: &mut Vec<(DeviceId, Applied, bool)>,
     ) {
         let Some(awaited) = self.awaited.get_mut(account) else {
             return;
         };
         applied.retain(|(_, what, _)| {
-            let Applied::Removed(r) = what else {
+            let (Applied::Removed(r) | Applied::Withdrawn(r)) = what else {
                 return true;
             };
-            match awaited.get_mut(&r.session) {
-                Some(w) if interval.saturating_add(1) < w.until => std::mem::take(&mut w.announce),
-                _ => true,
-            }
+            awaited
+                .get_mut(&r.session)
+                .is_none_or(|w| std::mem::take(&mut w.announce))
         });
     }
 
@@ -1373,18 +1388,17 @@ impl Dicts {
         }
         // Heard again after a leave that is waiting for its session to show
         // up here: it joins again, and that removal is void. While a
-        // removal from an older dictionary may still land, what it waited
-        // for stays, voided (no record is heard by 0), for whether that
-        // removal announces the leave ([`Dicts::take_announcements`]).
+        // removal of the leave may still land, what it waited for stays,
+        // voided (no record is heard by 0), for whether that removal
+        // announces the leave ([`Dicts::take_announcements`]).
         if let Some(awaited) = self.awaited.get_mut(account)
             && let Some(w) = awaited.remove(session)
         {
-            let older = self.accounts.get(account).is_some_and(|dicts| {
-                dicts
-                    .iter()
-                    .any(|(i, d)| i.saturating_add(1) < w.until && d.removing(&w.device, session))
-            });
-            if older {
+            let removing = self
+                .accounts
+                .get(account)
+                .is_some_and(|dicts| dicts.values().any(|d| d.removing(&w.device, session)));
+            if removing {
                 awaited.insert(session.clone(), Awaited { heard_by: 0, ..w });
             }
         }
@@ -1447,16 +1461,21 @@ impl Dicts {
         // Carry the session's start, and which session it displaced, over
         // from whichever live interval knows it. A new session displaces the
         // device's session of the current interval (handled by `apply`) or,
-        // when the current interval has none yet, that of the previous one.
+        // when the current interval's copy has none yet, that of the
+        // previous one: also when a write of that session into the current
+        // interval (its move) is pending or under way, which this change
+        // takes the place of, or lands before (then `apply` names it all
+        // the same). The write announces that session's end.
         let carried = [&cur_rec, &prev_rec]
             .into_iter()
             .flatten()
             .find(|r| &r.session == session);
+        let landed_cur = dicts.get(&cur).and_then(|d| d.entries.get(device));
         let (since, replaced) = match carried {
             Some(r) => (r.since, r.replaced.clone()),
             None => (
                 now,
-                match (&cur_rec, &prev_rec) {
+                match (landed_cur, &prev_rec) {
                     (None, Some(prev)) => Some(prev.session.clone()),
                     _ => None,
                 },
@@ -1482,14 +1501,18 @@ impl Dicts {
         // while this interval's write under way records the session
         // already (with older labels, maybe: once it lands, the previous
         // interval's copy is trimmed of the session, and a carry-over
-        // would find nothing to copy).
+        // would find nothing to copy). So it is, too, while any write of
+        // the previous interval is under way, or the session's removal is
+        // owed there: that write may carry the removal of an earlier leave
+        // of this session (heard again since, it stays), and a carry-over
+        // taken after it landed would find nothing to copy.
         let defer = cur_rec.is_none() && carried.is_some_and(same_fields);
         let writing = |d: &Dict| d.flying.get(device).is_some_and(|r| &r.session == session);
         let landed = !dicts.get(&cur).is_some_and(writing)
             && dicts.get(&prev).filter(|_| prev != cur).is_some_and(|d| {
                 d.entries.get(device).is_some_and(|r| &r.session == session)
                     && !d.pending.contains_key(device)
-                    && !d.flying.contains_key(device)
+                    && !d.removing(device, session)
             });
         let change = if defer && landed {
             Change::Carry(session.clone(), now, record.labels.clone())
@@ -1529,10 +1552,9 @@ impl Dicts {
     /// Queues the removal of `session` of `device` from every live
     /// dictionary of `account` that holds it, in its copy or in a write
     /// that has not landed; a leave (`announce`) is announced by one of
-    /// them only: the newest interval whose copy holds the session, else
-    /// the newest whose pending or flying add holds it (a withdrawal), the
-    /// others being quiet. A session no dictionary holds waits for a copy
-    /// that does ([`Dicts::install`]).
+    /// them only, whichever lands first (a withdrawal where the session's
+    /// add has not landed), the others being quiet. A session no
+    /// dictionary holds waits for a copy that does ([`Dicts::install`]).
     fn remove(
         &mut self,
         account: &AccountId,
@@ -1554,23 +1576,7 @@ impl Dicts {
                 (i, held)
             })
             .collect();
-        let announcer = announce
-            .then(|| {
-                let newest = |landed: bool| {
-                    held.iter()
-                        .rev()
-                        .find(|(_, h)| {
-                            if landed {
-                                *h == Held::Landed
-                            } else {
-                                matches!(h, Held::Writing(_))
-                            }
-                        })
-                        .map(|(i, _)| *i)
-                };
-                newest(true).or_else(|| newest(false))
-            })
-            .flatten();
+        let unheld = held.iter().all(|(_, h)| *h == Held::No);
         // A trimmed copy may still hold the session in KV, where it was
         // trimmed from the copy (it had moved on, and may have been
         // displaced there since, or be about to be): remove it there too,
@@ -1587,15 +1593,17 @@ impl Dicts {
         } else {
             UnixMillis::MAX
         };
+        // Every removal of a leave may announce it; the first to land
+        // does, the others are quiet ([`Dicts::take_announcements`]): any
+        // of them may be the only one to land (the key of another expires
+        // first, or a newer session's write takes its place).
         let mut changes = Vec::new();
         for (interval, h) in held {
             let change = match h {
                 Held::No if trimmed(interval) => Change::Forget(session.clone(), by),
                 Held::No => continue,
-                Held::Landed if announcer == Some(interval) => Change::Remove(session.clone(), by),
-                Held::Writing(rec) if announcer == Some(interval) => {
-                    Change::Withdraw(Box::new(rec), by)
-                }
+                Held::Landed if announce => Change::Remove(session.clone(), by),
+                Held::Writing(rec) if announce => Change::Withdraw(Box::new(rec), by),
                 Held::Landed | Held::Writing(_) => Change::Forget(session.clone(), by),
             };
             changes.push((interval, change));
@@ -1609,8 +1617,8 @@ impl Dicts {
         // it lands, unless a copy of a live dictionary has shown the
         // session first: its removal there announces it then (the move
         // landed after all). Whichever comes first announces; the other is
-        // quiet ([`Dicts::on_written`]).
-        let older = (announce && announcer.is_none() && prev != cur)
+        // quiet ([`Dicts::take_announcements`]).
+        let older = (announce && unheld && prev != cur)
             .then(|| prev.wrapping_sub(1))
             .filter(|o| {
                 dicts
@@ -1624,12 +1632,16 @@ impl Dicts {
         // The removal also waits for the session to show up where this
         // handler does not see it yet: another handler's write of it into
         // another live interval may still be under way, or not watched yet.
-        // Quietly when a change queued here announces the leave.
-        self.awaited.entry(account.clone()).or_default().insert(
+        // A leave is told by whichever of its removals lands first
+        // ([`Dicts::take_announcements`]); an ending is told already, but
+        // for a leave before it not told yet.
+        let awaited = self.awaited.entry(account.clone()).or_default();
+        let untold = awaited.get(session).is_some_and(|w| w.announce);
+        awaited.insert(
             session.clone(),
             Awaited {
                 device: device.clone(),
-                announce: announce && announcer.is_none(),
+                announce: announce || untold,
                 heard_by: by,
                 until: cur,
             },
@@ -2274,16 +2286,18 @@ mod tests {
             );
             let carry = write_of(d.take_for_write(&a, 1, 10_500));
 
-            // Announced by the interval where the session has landed; the
-            // carry-over is removed quietly once it has landed.
+            // Removed from the interval where the session has landed, and
+            // withdrawn from the carry-over once that has landed: whichever
+            // lands first announces, the other is quiet.
             assert_eq!(
                 d.on_heartbeat(&a, &dev, &s, &leave(), 10_600),
                 Decision::Queued(vec![(a.clone(), 0)])
             );
-            assert_eq!(
+            assert!(matches!(
                 d.get_mut(&a, 1).expect("current").pending.get(&dev),
-                Some(&Change::Forget(s.clone(), 10_600 + LEAVE_REORDER_MS))
-            );
+                Some(Change::Withdraw(r, by))
+                    if r.session == s && *by == 10_600 + LEAVE_REORDER_MS
+            ));
             let removal = write_of(d.take_for_write(&a, 0, 10_600));
             // Each write lands and is handed back, in the order asked for.
             let mut writes = vec![(0, removal), (1, carry)];
@@ -3054,5 +3068,114 @@ mod tests {
         assert!(kv.read(&a, 0).1.is_empty());
         d.prune(41_500);
         assert!(d.awaited.is_empty());
+    }
+
+    #[test]
+    fn a_session_heard_again_while_its_leaves_removal_is_written_moves_on_whole() {
+        // The leave's removal from interval 0 is under way when the
+        // session is heard again, well after it, in interval 1: its move
+        // there is not a carry-over of the record that removal takes out,
+        // which would find nothing to copy, but the record itself.
+        let (a, tv, s1) = ids();
+        let (mut d, mut kv) = lived(&[1_000]);
+        d.on_heartbeat(&a, &tv, &s1, &leave(), 5_000);
+        let w = write_of(d.take_for_write(&a, 0, 5_100));
+        d.on_heartbeat(&a, &tv, &s1, &Heartbeat::default(), 10_500);
+        let rev = kv.update(&a, 0, &w).expect("lands");
+        let mut told = d.on_written(&a, 0, w, rev, 10_550).applied;
+        told.extend(flush(&mut d, &mut kv, 10_600));
+        assert_eq!(events(&told), (vec!["s1".into()], vec!["s1".into()]));
+        assert!(kv.read(&a, 0).1.is_empty());
+        let moved = kv.read(&a, 1).1;
+        assert_eq!(
+            moved.get(&tv).map(|r| (r.since, r.last_seen)),
+            Some((1_000, 10_500))
+        );
+    }
+
+    #[test]
+    fn a_new_session_taking_the_place_of_a_pending_move_names_the_session_it_displaced() {
+        // s1's move into interval 1 is pending when the device's next
+        // session is heard: that session's write takes the move's place,
+        // and records s1 as the session it displaced, whose end it
+        // announces.
+        let (a, tv, s1) = ids();
+        let (mut d, mut kv) = lived(&[1_000]);
+        d.on_heartbeat(&a, &tv, &s1, &Heartbeat::default(), 10_500);
+        d.on_heartbeat(&a, &tv, &session("s2"), &Heartbeat::default(), 10_600);
+        let told = flush(&mut d, &mut kv, 10_700);
+        assert!(
+            told.iter().any(|(_, what, _)| matches!(
+                what,
+                Applied::Added { record, replaced: Some(old) }
+                    if record.session.as_str() == "s2" && *old == s1
+            )),
+            "{told:?}"
+        );
+        let rec = kv.read(&a, 1).1.remove(&tv).expect("s2 recorded");
+        assert_eq!((rec.session.as_str(), rec.replaced), ("s2", Some(s1)));
+    }
+
+    #[test]
+    fn a_leave_is_told_by_the_first_of_its_removals_to_land() {
+        // The leave finds the session only in this handler's first write
+        // of it (interval 0), still under way; another handler's write of
+        // it into interval 1 shows up afterwards. The removal from interval
+        // 1 lands first and tells; the withdrawal from interval 0, landing
+        // later, is quiet. (Told by the withdrawal, the leave would come
+        // after the session, heard again meanwhile, joined anew.)
+        let (a, tv, s1) = ids();
+        let (mut d, mut kv) = lone();
+        d.on_heartbeat(&a, &tv, &s1, &Heartbeat::default(), 1_000);
+        let w = write_of(d.take_for_write(&a, 0, 1_000));
+        d.on_heartbeat(&a, &tv, &s1, &leave(), 10_500);
+        let moved: SessionDict = [(tv.clone(), record("s1", 10_100))].into_iter().collect();
+        let rev = kv.put(&a, 1, moved.clone());
+        let _ = d.install(&a, 1, rev, moved, 10_600);
+        let told = write_once(&mut d, &mut kv, 1, 10_700);
+        assert_eq!(events(&told), (vec![], vec!["s1".into()]));
+        assert!(kv.read(&a, 1).1.is_empty());
+        // The first write did not land; its withdrawal is quiet now.
+        d.on_conflict(&a, 0, w, None);
+        let told = flush(&mut d, &mut kv, 10_800);
+        assert_eq!(events(&told), (vec![], vec![]), "{told:?}");
+        assert!(!d.has_pending());
+    }
+
+    #[test]
+    fn a_pending_change_that_changes_nothing_does_not_hold_up_a_removal() {
+        // A late heartbeat of s1 is pending when the copy shows s2, which
+        // displaced s1, and whose leave this handler heard before the copy
+        // showed it. s1's change does nothing to that copy: the removal of
+        // s2 does not wait for it, though the write carrying it does not
+        // land.
+        let (a, tv, s1) = ids();
+        let s2 = session("s2");
+        let (mut d, mut kv) = lone();
+        d.on_heartbeat(&a, &tv, &s1, &Heartbeat::default(), 1_000);
+        d.on_heartbeat(
+            &a,
+            &device("pc"),
+            &session("s9"),
+            &Heartbeat::default(),
+            1_000,
+        );
+        let w = write_of(d.take_for_write(&a, 0, 1_000));
+        assert_eq!(
+            d.on_heartbeat(&a, &tv, &s2, &leave(), 2_000),
+            Decision::Unchanged
+        );
+        let rec = SessionRecord {
+            replaced: Some(s1.clone()),
+            ..record("s2", 1_500)
+        };
+        let _ = kv.put(&a, 0, [(tv.clone(), rec)].into_iter().collect());
+        assert!(kv.update(&a, 0, &w).is_none());
+        d.on_conflict(&a, 0, w, Some(kv.read(&a, 0)));
+        let w = write_of(d.take_for_write(&a, 0, 2_100));
+        assert!(!w.value().contains_key(&tv), "{:?}", w.value());
+        let rev = kv.update(&a, 0, &w).expect("lands");
+        let told = d.on_written(&a, 0, w, rev, 2_100).applied;
+        assert_eq!(events(&told), (vec!["s9".into()], vec!["s2".into()]));
     }
 }

@@ -305,6 +305,11 @@ enum Mark {
     /// it out, or it was silent for longer than the live window (readers
     /// timed it out).
     Gone,
+    /// A write that landed put an older session of its device in its
+    /// entry (OlderSessionLast): that write's writer announces its end,
+    /// unless another ending took the revocation first or the
+    /// acknowledgement was lost, and a later write of it joins it again.
+    Overtaken,
 }
 
 /// What the devices did, and what was announced about each session.
@@ -325,9 +330,11 @@ struct Session {
     revoked: bool,
     /// The labels of its last heartbeat before this one.
     last_sent: Option<Option<&'static str>>,
-    /// A late heartbeat of an older session of its device queued a change
-    /// since its own last queued one (OlderSessionLast).
-    interfered: bool,
+    /// The handlers (a bit each) where a late heartbeat of an older
+    /// session of its device queued a change since its own last queued
+    /// one there (OlderSessionLast): that handler holds a write taking its
+    /// entry.
+    interfered: u8,
     /// An older session of its device took its entry (OlderSessionLast):
     /// its heartbeats, its leave included, are taken as a displaced one's.
     overtaken: bool,
@@ -638,7 +645,7 @@ impl Sim {
             returned_quickly: false,
             revoked: false,
             last_sent: None,
-            interfered: false,
+            interfered: 0,
             overtaken: false,
             swallowed: false,
             endings: 0,
@@ -816,7 +823,7 @@ impl Sim {
             // Only a queued change ends the interference: a heartbeat
             // taken for a displaced one's (`Superseded`) queues nothing.
             if matches!(decision, Decision::Queued(_) | Decision::Deferred(_)) {
-                sess.interfered = false;
+                sess.interfered &= !(1 << h);
             }
             if decision != Decision::Unchanged {
                 sess.swallowed = false;
@@ -841,7 +848,7 @@ impl Sim {
             && matches!(decision, Decision::Queued(_) | Decision::Deferred(_))
             && let Some(newer) = self.devices[self.sessions[s].device].current
         {
-            self.sessions[newer].interfered = true;
+            self.sessions[newer].interfered |= 1 << h;
         }
         if !leave && self.sessions[s].state == State::Live {
             self.sessions[s].refused = decision == Decision::Full;
@@ -1182,6 +1189,7 @@ impl Sim {
                     .collect::<Vec<_>>();
                 for n in displaced {
                     self.sessions[n].overtaken = true;
+                    self.mark(n, revision, Mark::Overtaken);
                 }
             }
         }
@@ -1639,21 +1647,50 @@ impl Sim {
         for (s, sess) in self.sessions.iter_mut().enumerate() {
             let timeline = &sess.timeline;
             for k in sess.checked.max(1)..timeline.len() {
-                if let ((r1, Mark::Join(i1)), (r2, Mark::Join(i2))) = (timeline[k - 1], timeline[k])
-                {
-                    let what = format!(
-                        "{} joins in {i1} (revision {r1}) and in {i2} (revision {r2}), with no leave between",
-                        sess.id
-                    );
-                    let kind = if i1 != i2 {
-                        Some(Known::JoinInTwoIntervals)
-                    } else if sess.returned_quickly {
-                        Some(Known::QuickReturn)
-                    } else {
-                        None
-                    };
-                    found.push((s, kind, what));
-                }
+                // An older session's displacement (`Mark::Overtaken`) is no
+                // leave; between the two joins, or before them since the
+                // session's last leave (it revoked the session, and
+                // handlers that have not learned of that yet write it
+                // again, those that have remove it quietly), it explains
+                // them.
+                let (r2, Mark::Join(i2)) = timeline[k] else {
+                    continue;
+                };
+                let before = timeline[..k]
+                    .iter()
+                    .rev()
+                    .position(|(_, m)| *m != Mark::Overtaken);
+                let Some(back) = before else {
+                    continue;
+                };
+                let (r1, Mark::Join(i1)) = timeline[k - 1 - back] else {
+                    continue;
+                };
+                let what = format!(
+                    "{} joins in {i1} (revision {r1}) and in {i2} (revision {r2}), with no leave between",
+                    sess.id
+                );
+                // Since the last leave or disappearance (but for the
+                // overtaking's own announcement, at its revision).
+                let overtaken = timeline[..k]
+                    .iter()
+                    .rev()
+                    .find(|(r, m)| match m {
+                        Mark::Overtaken => true,
+                        Mark::Leave | Mark::Gone => !timeline.contains(&(*r, Mark::Overtaken)),
+                        Mark::Join(_) => false,
+                    })
+                    .is_some_and(|(_, m)| *m == Mark::Overtaken);
+                let kind = if overtaken {
+                    Some(Known::OlderSessionLast)
+                } else if i1 != i2 {
+                    Some(Known::JoinInTwoIntervals)
+                } else if sess.returned_quickly {
+                    Some(Known::QuickReturn)
+                } else {
+                    None
+                };
+                found.push((s, kind, what));
             }
             sess.checked = timeline.len();
         }
@@ -1914,7 +1951,7 @@ impl Sim {
                         ));
                         continue;
                     }
-                    if older || sess.revoked || sess.interfered || sess.overtaken {
+                    if older || sess.revoked || sess.interfered != 0 || sess.overtaken {
                         overtaken.push(s);
                         // Counted when it was announced, if it was.
                         gaps.push((
@@ -1946,7 +1983,7 @@ impl Sim {
                 State::Left | State::Ended => {
                     // An older session's late heartbeat displaced it in the
                     // view of the handler of its leave, which ignored it.
-                    if (sess.interfered || sess.overtaken)
+                    if (sess.interfered != 0 || sess.overtaken)
                         && (holds(in_prev) || holds(in_cur) || sess.leaves == 0)
                     {
                         gaps.push((
