@@ -2384,4 +2384,216 @@ mod tests {
         // The leave is announced; the join, which nobody would see, is not.
         assert_eq!(events(&written.applied), (vec![], vec!["s2".into()]));
     }
+
+    // ---------------------------------------------------------------------
+    // Tests that pin each rule (mutation testing: `deploy/dev mutants`).
+    // One block, kept apart from the tests above.
+    // ---------------------------------------------------------------------
+
+    fn labelled(session: &str, at: UnixMillis, content: &str) -> SessionRecord {
+        SessionRecord {
+            labels: Labels::new(Some(content), None, None),
+            ..record(session, at)
+        }
+    }
+
+    fn only(device: &DeviceId, rec: SessionRecord) -> SessionDict {
+        [(device.clone(), rec)].into_iter().collect()
+    }
+
+    #[test]
+    fn an_upsert_heard_at_the_same_time_as_the_copy_brings_its_labels() {
+        let dev = ids().1;
+        let mut dict = only(&dev, labelled("s1", 5_000, "film"));
+        let up = Change::Upsert(Box::new(labelled("s1", 5_000, "news")));
+        assert_eq!(apply(&mut dict, &dev, &up), Applied::Updated);
+        assert_eq!(dict[&dev].labels.content(), Some("news"));
+    }
+
+    #[test]
+    fn an_upsert_keeps_the_session_it_displaced_and_its_start() {
+        let dev = ids().1;
+        let cur = SessionRecord {
+            replaced: Some(session("s0")),
+            ..record("s1", 1_000)
+        };
+        let mut dict = only(&dev, cur);
+        let up = Change::Upsert(Box::new(record("s1", 2_000)));
+        assert_eq!(apply(&mut dict, &dev, &up), Applied::Updated);
+        let rec = &dict[&dev];
+        assert_eq!(rec.replaced, Some(session("s0")));
+        assert_eq!((rec.since, rec.last_seen), (1_000, 2_000));
+    }
+
+    #[test]
+    fn a_late_upsert_of_a_displaced_session_changes_nothing() {
+        let dev = ids().1;
+        let newer = SessionRecord {
+            replaced: Some(session("s1")),
+            ..record("s2", 2_000)
+        };
+        let mut dict = only(&dev, newer.clone());
+        let late = Change::Upsert(Box::new(record("s1", 3_000)));
+        assert_eq!(apply(&mut dict, &dev, &late), Applied::Nothing);
+        assert_eq!(dict[&dev], newer);
+    }
+
+    #[test]
+    fn a_withdrawal_removes_keeps_or_announces_by_what_the_entry_holds() {
+        let dev = ids().1;
+        let withdraw = Change::Withdraw(Box::new(record("s1", 1_000)), 4_000);
+        // Landed, and not heard after the leave: removed.
+        let mut dict = only(&dev, record("s1", 3_000));
+        assert_eq!(
+            apply(&mut dict, &dev, &withdraw),
+            Applied::Removed(record("s1", 3_000))
+        );
+        assert!(dict.is_empty());
+        // Heard again after the leave: it stays, and has not left.
+        let mut dict = only(&dev, record("s1", 5_000));
+        assert_eq!(apply(&mut dict, &dev, &withdraw), Applied::Nothing);
+        assert_eq!(dict[&dev], record("s1", 5_000));
+        // Displaced by a newer session of the device, which announces it.
+        let newer = SessionRecord {
+            replaced: Some(session("s1")),
+            ..record("s2", 2_000)
+        };
+        let mut dict = only(&dev, newer.clone());
+        assert_eq!(apply(&mut dict, &dev, &withdraw), Applied::Nothing);
+        assert_eq!(dict[&dev], newer);
+        // Another session holds the entry, or nothing does: the add never
+        // landed, and the leave is announced all the same.
+        let mut dict = only(&dev, record("s2", 2_000));
+        assert_eq!(
+            apply(&mut dict, &dev, &withdraw),
+            Applied::Withdrawn(record("s1", 1_000))
+        );
+        assert_eq!(dict[&dev], record("s2", 2_000));
+        let mut dict = SessionDict::new();
+        assert_eq!(
+            apply(&mut dict, &dev, &withdraw),
+            Applied::Withdrawn(record("s1", 1_000))
+        );
+    }
+
+    #[test]
+    fn devices_moving_on_take_no_second_place_in_a_nearly_full_account() {
+        let a = ids().0;
+        let hb = Heartbeat::default();
+        let (mut d, mut kv) = lone();
+        installed(
+            &mut d,
+            &mut kv,
+            0,
+            many(DICT_MAX_SESSIONS - 1, 9_000),
+            9_000,
+        );
+        // Next interval: every session moves on (carry-overs pending).
+        for i in 0..DICT_MAX_SESSIONS - 1 {
+            let (dev, s) = (device(&format!("d{i}")), session(&format!("s{i}")));
+            assert_ne!(
+                d.on_heartbeat(&a, &dev, &s, &hb, 10_500),
+                Decision::Full,
+                "{dev}"
+            );
+        }
+        // One place is left for a newcomer, and only one.
+        assert_ne!(
+            d.on_heartbeat(&a, &device("new"), &session("new"), &hb, 10_600),
+            Decision::Full
+        );
+        assert_eq!(
+            d.on_heartbeat(&a, &device("new2"), &session("new2"), &hb, 10_600),
+            Decision::Full
+        );
+    }
+
+    #[test]
+    fn a_full_dictionary_refuses_even_a_carry_over() {
+        let a = ids().0;
+        let (mut d, mut kv) = lone();
+        installed(&mut d, &mut kv, 0, many(1, 9_000), 9_000);
+        // Other handlers' newcomers filled interval 1 before d0 moved on.
+        let theirs: SessionDict = (0..DICT_MAX_SESSIONS)
+            .map(|i| (device(&format!("n{i}")), record(&format!("n{i}"), 10_100)))
+            .collect();
+        installed(&mut d, &mut kv, 1, theirs, 10_100);
+        d.on_heartbeat(
+            &a,
+            &device("d0"),
+            &session("s0"),
+            &Heartbeat::default(),
+            10_500,
+        );
+        match d.take_for_write(&a, 1, 10_500) {
+            Take::Unchanged { refused, .. } => assert_eq!(refused, 1),
+            other => panic!("expected the carry-over refused, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_leave_in_the_same_write_makes_room_for_a_newcomer() {
+        let a = ids().0;
+        let hb = Heartbeat::default();
+        let (mut d, mut kv) = lone();
+        // The newcomer is queued before this handler's copy shows the
+        // dictionary full (other handlers' writes).
+        assert_eq!(
+            d.on_heartbeat(&a, &device("new"), &session("new"), &hb, 1_000),
+            Decision::Queued(vec![(a.clone(), 0)])
+        );
+        installed(&mut d, &mut kv, 0, many(DICT_MAX_SESSIONS, 1_000), 1_100);
+        d.on_heartbeat(&a, &device("d2"), &session("s2"), &leave(), 1_200);
+        let w = write_of(d.take_for_write(&a, 0, 1_200));
+        assert_eq!(w.refused(), 0);
+        assert_eq!(w.value().len(), DICT_MAX_SESSIONS);
+        assert!(w.value().contains_key(&device("new")));
+        assert!(!w.value().contains_key(&device("d2")));
+        let rev = kv.update(&a, 0, &w).expect("lands");
+        let written = d.on_written(&a, 0, w, rev, 1_200);
+        assert_eq!(
+            events(&written.applied),
+            (vec!["new".into()], vec!["s2".into()])
+        );
+    }
+
+    #[test]
+    fn a_carry_over_writes_its_heartbeats_labels_over_a_changed_record() {
+        let (a, dev, s) = ids();
+        let (mut d, mut kv) = lone();
+        d.on_heartbeat(&a, &dev, &s, &content("film"), 9_000);
+        flush(&mut d, &mut kv, 9_000);
+        assert_eq!(
+            d.on_heartbeat(&a, &dev, &s, &content("film"), 10_500),
+            Decision::Deferred(vec![(a.clone(), 1)])
+        );
+        // Before the carry-over is taken, another handler's write of an
+        // earlier heartbeat shows other labels in interval 0.
+        let theirs = only(
+            &dev,
+            SessionRecord {
+                last_seen: 10_400,
+                ..labelled("s1", 9_000, "news")
+            },
+        );
+        installed(&mut d, &mut kv, 0, theirs, 10_600);
+        let w = write_of(d.take_for_write(&a, 1, 11_500));
+        let rec = &w.value()[&dev];
+        assert_eq!(rec.labels.content(), Some("film"), "the newest heartbeat's");
+        assert_eq!((rec.since, rec.last_seen), (9_000, 10_500));
+    }
+
+    #[test]
+    fn a_previous_dictionary_nothing_moved_from_is_not_trimmed() {
+        let a = ids().0;
+        let (mut d, mut kv) = lived(&[9_000]);
+        // A newcomer in interval 1; the session of interval 0 has not
+        // moved on yet.
+        beat(&mut d, &mut kv, &device("tv2"), &session("s2"), 10_500);
+        assert!(!d.get_mut(&a, 0).expect("previous").partial);
+        // Its leave is written at once, without reading the copy again.
+        d.on_heartbeat(&a, &ids().1, &ids().2, &leave(), 10_600);
+        let w = write_of(d.take_for_write(&a, 0, 10_600));
+        assert!(w.value().is_empty());
+    }
 }
