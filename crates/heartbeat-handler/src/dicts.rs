@@ -2749,6 +2749,9 @@ mod tests {
         d.on_heartbeat(&a, &dev, &s, &Heartbeat::default(), 10_700);
         let rev = kv.update(&a, 1, &w).expect("lands");
         let _ = d.on_written(&a, 1, w, rev, 10_700);
+        // Moved on: held once, in interval 1, from the moment it landed.
+        let old = d.get_mut(&a, 0).expect("previous dictionary");
+        assert!(old.partial && !old.entries.contains_key(&dev));
         flush(&mut d, &mut kv, 10_800);
         assert_eq!(kv.read(&a, 1).1[&dev].last_seen, 10_700);
     }
