@@ -1391,11 +1391,11 @@ mod tests {
         out.victims.iter().map(|v| v.session.as_str()).collect()
     }
 
-    /// `d` with the given devices labelled `(content, kind, region)`.
-    fn labelled(
-        mut d: SessionDict,
-        labels: &[(&str, Option<&str>, Option<&str>, Option<&str>)],
-    ) -> SessionDict {
+    /// A device and its `(content, kind, region)`.
+    type DeviceLabels<'a> = (&'a str, Option<&'a str>, Option<&'a str>, Option<&'a str>);
+
+    /// `d` with the given devices labelled.
+    fn labelled(mut d: SessionDict, labels: &[DeviceLabels<'_>]) -> SessionDict {
         for (device, content, kind, region) in labels {
             if let Some(r) = d.get_mut(&dev(device)) {
                 r.labels = headcount_protocol::wire::Labels::new(*content, *kind, *region);
