@@ -1362,4 +1362,429 @@ mod tests {
             "an unknown plan falls back to the default"
         );
     }
+
+    // Tests that pin each rule (mutation testing).
+
+    fn sid(name: &str) -> SessionId {
+        SessionId::parse(name).unwrap()
+    }
+
+    fn dev(name: &str) -> DeviceId {
+        DeviceId::parse(name).unwrap()
+    }
+
+    /// Session names, sorted.
+    fn names<'a>(sessions: impl IntoIterator<Item = &'a ActiveSession>) -> Vec<String> {
+        let mut v: Vec<String> = sessions
+            .into_iter()
+            .map(|s| s.session.to_string())
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn timed_out(gone: &[(AccountId, ActiveSession)]) -> Vec<String> {
+        names(gone.iter().map(|(_, s)| s))
+    }
+
+    fn victims(out: &CheckOutcome) -> Vec<&str> {
+        out.victims.iter().map(|v| v.session.as_str()).collect()
+    }
+
+    /// A device and its `(content, kind, region)`.
+    type DeviceLabels<'a> = (&'a str, Option<&'a str>, Option<&'a str>, Option<&'a str>);
+
+    /// `d` with the given devices labelled.
+    fn labelled(mut d: SessionDict, labels: &[DeviceLabels<'_>]) -> SessionDict {
+        for (device, content, kind, region) in labels {
+            if let Some(r) = d.get_mut(&dev(device)) {
+                r.labels = headcount_protocol::wire::Labels::new(*content, *kind, *region);
+            }
+        }
+        d
+    }
+
+    fn grace(v: &mut View, seats: u32, secs: u32) {
+        set(
+            v,
+            AccountLimits {
+                grace: Some(headcount_protocol::Grace { seats, secs }),
+                ..Default::default()
+            },
+        );
+    }
+
+    #[test]
+    fn a_fresh_ring_forgets_its_first_minutes_once_they_leave_the_window() {
+        let mut p = Peaks::default();
+        p.record(0, 5);
+        p.record(PEAK_WINDOW_MINUTES, 1);
+        assert_eq!(p.max(), 1, "minute 0 left the window");
+        let mut p = Peaks::default();
+        p.record(1, 5);
+        p.record(1 + PEAK_WINDOW_MINUTES, 2);
+        assert_eq!(p.max(), 2, "minute 1 left the window");
+    }
+
+    #[test]
+    fn a_revocation_lasts_while_a_live_dictionary_holds_its_session() {
+        let mut v = View::new(rules(5, Policy::EvictOldest), 0);
+        v.set_dict(&acct(), 0, dict(&[("b", "s2", 1_000)]));
+        v.set_dict(&acct(), 2, dict(&[("a", "s1", 121_000)]));
+        v.revoke(&acct(), &sid("s1"));
+        // Interval 0 expires: s1 is still held, by interval 2.
+        v.sweep(130_000);
+        assert!(v.is_revoked(&acct(), &sid("s1")));
+        assert!(v.active(&acct(), 130_000).is_empty());
+        // Interval 2 expires too: nothing holds s1 any more, and its
+        // revocation is forgotten.
+        v.set_dict(&acct(), 4, dict(&[("c", "s3", 250_000)]));
+        v.sweep(250_000);
+        assert!(!v.is_revoked(&acct(), &sid("s1")));
+        assert_eq!(names(&v.active(&acct(), 250_000)), ["s3"]);
+    }
+
+    #[test]
+    fn a_revocation_heard_before_its_record_still_hides_it() {
+        let mut v = view_of(5, Policy::EvictOldest, &[("a", "s1", 1_000)]);
+        // s2 is ended before its record reaches this checker.
+        v.revoke(&acct(), &sid("s2"));
+        assert_eq!(v.sweep(2_000).1, 1);
+        v.set_dict(&acct(), 0, dict(&[("a", "s1", 1_000), ("b", "s2", 1_500)]));
+        assert_eq!(names(&v.active(&acct(), 3_000)), ["s1"]);
+        assert_eq!(v.sweep(3_000).1, 1);
+    }
+
+    #[test]
+    fn a_timeout_is_reported_again_for_a_session_that_left_and_came_back() {
+        let mut v = view_of(
+            5,
+            Policy::EvictOldest,
+            &[("a", "s1", 1_000), ("b", "s2", 1_000)],
+        );
+        assert_eq!(timed_out(&v.sweep(17_000).0), ["s1", "s2"]);
+        // s1's record leaves, then a copy holding it again arrives.
+        v.set_dict(&acct(), 0, dict(&[("b", "s2", 1_000)]));
+        v.set_dict(&acct(), 0, dict(&[("a", "s1", 1_000), ("b", "s2", 1_000)]));
+        assert_eq!(timed_out(&v.sweep(18_000).0), ["s1"], "s2 never left");
+    }
+
+    #[test]
+    fn a_breakdown_counts_each_label_and_keeps_the_peak() {
+        let mut v = View::new(rules(5, Policy::EvictOldest), 0);
+        let d = dict(&[("a", "s1", 1_000), ("b", "s2", 2_000), ("c", "s3", 3_000)]);
+        let d = labelled(
+            d,
+            &[
+                ("a", Some("film"), Some("tv"), Some("eu")),
+                ("b", Some("film"), Some("web"), None),
+            ],
+        );
+        v.set_dict(&acct(), 0, d);
+        let counts = |pairs: &[(&str, u32)]| -> BTreeMap<String, u32> {
+            pairs.iter().map(|(k, n)| (k.to_string(), *n)).collect()
+        };
+        let b = v.breakdown(&acct(), 4_000);
+        assert_eq!(
+            b,
+            Breakdown {
+                total: 3,
+                peak: 3,
+                by_content: counts(&[("film", 2), ("unknown", 1)]),
+                by_kind: counts(&[("tv", 1), ("web", 1), ("unknown", 1)]),
+                by_region: counts(&[("eu", 1), ("unknown", 2)]),
+            }
+        );
+        // Swept with three live, then one goes: the peak stays.
+        assert_eq!(v.sweep(4_000).1, 3);
+        v.revoke(&acct(), &sid("s3"));
+        let b = v.breakdown(&acct(), 5_000);
+        assert_eq!((b.total, b.peak), (2, 3));
+        assert_eq!(b.by_content, counts(&[("film", 2)]));
+    }
+
+    /// Three accounts at 16 s (the timeout is 15 s): acme with two
+    /// sessions live (one of them heard exactly a timeout ago) and a
+    /// revoked one, other with one, idle with one silent a millisecond too
+    /// long.
+    fn three_accounts() -> View {
+        let mut v = View::new(rules(5, Policy::EvictOldest), 0);
+        let d = dict(&[("a", "s1", 1_000), ("b", "s2", 1_000), ("c", "s3", 5_000)]);
+        let d = labelled(d, &[("a", Some("film"), Some("tv"), Some("eu"))]);
+        v.set_dict(&acct(), 0, d);
+        v.revoke(&acct(), &sid("s3"));
+        let d = labelled(
+            dict(&[("x", "s4", 2_000)]),
+            &[("x", Some("news"), None, None)],
+        );
+        v.set_dict(&AccountId::parse("other").unwrap(), 0, d);
+        v.set_dict(
+            &AccountId::parse("idle").unwrap(),
+            0,
+            dict(&[("y", "s5", 999)]),
+        );
+        v
+    }
+
+    #[test]
+    fn top_lists_the_busiest_accounts_by_live_sessions() {
+        let v = three_accounts();
+        let top: Vec<(String, u32)> = v
+            .top(5, 16_000)
+            .into_iter()
+            .map(|(a, n, limit)| {
+                assert_eq!(limit.limit, 5);
+                (a.to_string(), n)
+            })
+            .collect();
+        assert_eq!(top, [("acme".to_owned(), 2), ("other".to_owned(), 1)]);
+        assert_eq!(v.top(1, 16_000).len(), 1);
+        assert_eq!(v.top(1, 16_000)[0].1, 2);
+    }
+
+    #[test]
+    fn the_breakdown_of_every_account_counts_live_sessions_only() {
+        let v = three_accounts();
+        let counts = |pairs: &[(&str, u32)]| -> BTreeMap<String, u32> {
+            pairs.iter().map(|(k, n)| (k.to_string(), *n)).collect()
+        };
+        assert_eq!(
+            v.breakdown_all(16_000),
+            Breakdown {
+                total: 3,
+                peak: 0,
+                by_content: counts(&[("film", 1), ("news", 1), ("unknown", 1)]),
+                by_kind: counts(&[("tv", 1), ("unknown", 2)]),
+                by_region: counts(&[("eu", 1), ("unknown", 2)]),
+            }
+        );
+    }
+
+    #[test]
+    fn silence_while_disconnected_is_not_a_timeout() {
+        let mut v = view_of(5, Policy::EvictOldest, &[("a", "s1", 1_000)]);
+        // The connection was down until 30 s: nothing could be heard.
+        v.heard_nothing_until(30_000);
+        assert_eq!(v.active(&acct(), 44_000).len(), 1);
+        assert!(v.sweep(44_000).0.is_empty());
+        assert_eq!(timed_out(&v.sweep(45_001).0), ["s1"]);
+    }
+
+    #[test]
+    fn the_view_serves_the_plans_it_was_given() {
+        let plans = headcount_protocol::policy::default_plans();
+        let v = View::with_plans(rules(3, Policy::EvictOldest), plans.clone(), 0);
+        assert_eq!(v.plans(), &plans);
+    }
+
+    #[test]
+    fn overrides_of_the_same_revision_are_applied_again() {
+        let mut v = View::new(rules(1, Policy::EvictOldest), 0);
+        let limit = |n| AccountLimits {
+            limit: Some(n),
+            ..Default::default()
+        };
+        assert!(v.set_overrides_at(&acct(), Some(limit(3)), 5));
+        assert!(v.set_overrides_at(&acct(), Some(limit(4)), 5));
+        assert_eq!(v.limit(&acct()).limit, 4);
+        assert!(!v.set_overrides_at(&acct(), Some(limit(9)), 4));
+        assert_eq!(v.limit(&acct()).limit, 4);
+    }
+
+    #[test]
+    fn an_expired_revocation_lets_the_session_count_again() {
+        let mut v = view_of(5, Policy::EvictOldest, &[("a", "s1", 1_000)]);
+        v.revoke(&acct(), &sid("s1"));
+        assert!(v.active(&acct(), 2_000).is_empty());
+        v.unrevoke(&acct(), &sid("s1"));
+        assert!(!v.is_revoked(&acct(), &sid("s1")));
+        assert_eq!(names(&v.active(&acct(), 2_000)), ["s1"]);
+    }
+
+    #[test]
+    fn a_session_is_revived_only_after_a_silence_longer_than_the_timeout() {
+        let mut v = view_of(5, Policy::EvictOldest, &[("a", "s1", 1_000)]);
+        assert!(v.heard("acme", "a", "s1", 2_000), "first heard");
+        assert!(
+            !v.heard("acme", "a", "s1", 17_000),
+            "exactly a timeout later: still live"
+        );
+        assert!(v.heard("acme", "a", "s1", 32_001), "silent for longer");
+    }
+
+    #[test]
+    fn a_revived_session_times_out_again_and_others_are_not_revived_by_it() {
+        let mut v = view_of(
+            5,
+            Policy::EvictOldest,
+            &[("a", "s1", 1_000), ("b", "s2", 1_000)],
+        );
+        assert!(v.heard("acme", "a", "s1", 10_000));
+        assert_eq!(timed_out(&v.sweep(16_500).0), ["s2"]);
+        assert!(
+            !v.heard("acme", "a", "s1", 16_600),
+            "s1 is live: another session's timeout is not its own"
+        );
+        assert!(v.heard("acme", "b", "s2", 20_000), "s2 is back");
+        assert_eq!(
+            timed_out(&v.sweep(35_001).0),
+            ["s1", "s2"],
+            "s2's second timeout is reported too"
+        );
+    }
+
+    #[test]
+    fn an_account_at_its_limit_starts_no_grace() {
+        let mut v = View::new(rules(2, Policy::EvictOldest), 0);
+        grace(&mut v, 1, 10);
+        v.set_dict(&acct(), 0, dict(&[("a", "s1", 1_000), ("b", "s2", 2_000)]));
+        assert!(v.over_limit(&acct(), 4_000).is_empty());
+        assert!(v.grace_expired(30_000).is_empty());
+    }
+
+    #[test]
+    fn check_makes_room_per_content_then_account_wide() {
+        let mut v = View::new(rules(2, Policy::EvictOldest), 0);
+        let d = dict(&[("a", "s1", 1_000), ("b", "s2", 2_000), ("x", "s3", 3_000)]);
+        let d = with_content(d, &[("a", "m1"), ("b", "m2"), ("x", "m3")]);
+        v.set_dict(&acct(), 0, d);
+        set(
+            &mut v,
+            AccountLimits {
+                per_content: Some(1),
+                ..Default::default()
+            },
+        );
+        let out = v
+            .check(&acct(), &dev("c"), Some("m1"), None, 4_000)
+            .unwrap();
+        assert!(out.allowed);
+        assert_eq!(victims(&out), ["s1", "s2"], "m1's seat, then the account's");
+        assert_eq!(out.active, 1);
+    }
+
+    #[test]
+    fn a_takeover_that_is_not_enough_ends_the_oldest_too() {
+        // Limit 1, two live (not enforced yet): the chosen one and the
+        // oldest go.
+        let v = view_of(
+            1,
+            Policy::EvictOldest,
+            &[("a", "s1", 1_000), ("b", "s2", 2_000)],
+        );
+        let out = v
+            .check(&acct(), &dev("c"), None, Some(&sid("s2")), 3_000)
+            .unwrap();
+        assert!(out.allowed);
+        assert_eq!(victims(&out), ["s2", "s1"]);
+        assert_eq!(out.active, 0);
+        // Limit 3, four live: the chosen one and one more.
+        let v = view_of(
+            3,
+            Policy::EvictOldest,
+            &[
+                ("a", "s1", 1_000),
+                ("b", "s2", 2_000),
+                ("d", "s3", 3_000),
+                ("e", "s4", 4_000),
+            ],
+        );
+        let out = v
+            .check(&acct(), &dev("c"), None, Some(&sid("s4")), 5_000)
+            .unwrap();
+        assert_eq!(victims(&out), ["s4", "s1"]);
+        assert_eq!(out.active, 2);
+    }
+
+    #[test]
+    fn a_takeover_of_another_content_does_not_free_a_seat_on_this_one() {
+        let mut v = View::new(rules(5, Policy::EvictOldest), 0);
+        let d = dict(&[("a", "s1", 1_000), ("b", "s2", 2_000)]);
+        v.set_dict(&acct(), 0, with_content(d, &[("a", "m1"), ("b", "m2")]));
+        set(
+            &mut v,
+            AccountLimits {
+                per_content: Some(1),
+                ..Default::default()
+            },
+        );
+        let out = v
+            .check(&acct(), &dev("c"), Some("m1"), Some(&sid("s2")), 3_000)
+            .unwrap();
+        assert!(out.allowed);
+        assert_eq!(victims(&out), ["s1"]);
+    }
+
+    #[test]
+    fn an_active_device_needs_no_seat_even_over_the_limit() {
+        let v = view_of(
+            1,
+            Policy::EvictOldest,
+            &[("a", "s1", 1_000), ("b", "s2", 2_000)],
+        );
+        let out = v.check(&acct(), &dev("a"), None, None, 3_000).unwrap();
+        assert!(out.allowed);
+        assert!(out.victims.is_empty());
+        assert_eq!(out.active, 2);
+    }
+
+    #[test]
+    fn check_counts_the_grace_seats() {
+        let mut v = View::new(rules(2, Policy::EvictOldest), 0);
+        grace(&mut v, 1, 10);
+        v.set_dict(&acct(), 0, dict(&[("a", "s1", 1_000), ("b", "s2", 2_000)]));
+        let out = v.check(&acct(), &dev("c"), None, None, 3_000).unwrap();
+        assert!(out.allowed);
+        assert!(out.victims.is_empty(), "the grace seat");
+        assert_eq!(out.active, 2);
+    }
+
+    #[test]
+    fn the_peak_is_per_minute_and_leaves_after_the_window() {
+        let mut v = view_of(
+            5,
+            Policy::EvictOldest,
+            &[("a", "s1", 1_000), ("b", "s2", 1_000), ("c", "s3", 1_000)],
+        );
+        assert_eq!(v.sweep(2_000).1, 3);
+        // A minute later only a newcomer is live: minute 0's peak stands.
+        v.set_dict(&acct(), 1, dict(&[("d", "s4", 61_000)]));
+        assert_eq!(v.sweep(61_000).1, 1);
+        assert_eq!(v.breakdown(&acct(), 61_000).peak, 3);
+        // Twenty minutes in: minute 0 has left the window.
+        v.set_dict(&acct(), 20, dict(&[("e", "s5", 1_200_000)]));
+        assert_eq!(v.sweep(1_200_000).1, 1);
+        assert_eq!(v.breakdown(&acct(), 1_200_000).peak, 1);
+    }
+
+    #[test]
+    fn accounts_with_limits_or_a_plan_outlive_their_dictionaries() {
+        let plans = headcount_protocol::policy::default_plans();
+        let mut v = View::with_plans(rules(1, Policy::EvictOldest), plans, 0);
+        let other = AccountId::parse("other").unwrap();
+        v.set_dict(&acct(), 0, dict(&[("a", "s1", 1_000)]));
+        v.set_dict(&other, 0, dict(&[("b", "s2", 1_000)]));
+        let three = AccountLimits {
+            limit: Some(3),
+            ..Default::default()
+        };
+        assert!(v.set_overrides_at(&acct(), Some(three), 4));
+        v.set_token_plan(&other, Some("premium".into()));
+        v.limits_watched_to(4);
+        // Both dictionaries expire.
+        v.sweep(200_000);
+        let mut accounts: Vec<String> = v.accounts().iter().map(|a| a.to_string()).collect();
+        accounts.sort();
+        assert_eq!(accounts, ["acme", "other"]);
+        assert_eq!(v.limit(&acct()).limit, 3);
+        assert_eq!(v.limit_and_plan(&other).1.as_deref(), Some("premium"));
+    }
+
+    #[test]
+    fn a_dictionary_emptied_by_a_move_is_dropped() {
+        let mut v = view_of(5, Policy::EvictOldest, &[("a", "s1", 1_000)]);
+        v.set_dict(&acct(), 1, dict(&[("a", "s1", 1_000)]));
+        let intervals: Vec<u64> = v.accounts[&acct()].dicts.iter().map(|(i, _)| i).collect();
+        assert_eq!(intervals, [1]);
+    }
 }

@@ -3178,4 +3178,586 @@ mod tests {
         let told = d.on_written(&a, 0, w, rev, 2_100).applied;
         assert_eq!(events(&told), (vec!["s9".into()], vec!["s2".into()]));
     }
+
+    // ---------------------------------------------------------------------
+    // Tests that pin each rule (mutation testing: `deploy/dev mutants`).
+    // One block, kept apart from the tests above.
+    // ---------------------------------------------------------------------
+
+    fn labelled(session: &str, at: UnixMillis, content: &str) -> SessionRecord {
+        SessionRecord {
+            labels: Labels::new(Some(content), None, None),
+            ..record(session, at)
+        }
+    }
+
+    fn only(device: &DeviceId, rec: SessionRecord) -> SessionDict {
+        [(device.clone(), rec)].into_iter().collect()
+    }
+
+    #[test]
+    fn an_upsert_heard_at_the_same_time_as_the_copy_brings_its_labels() {
+        let dev = ids().1;
+        let mut dict = only(&dev, labelled("s1", 5_000, "film"));
+        let up = Change::Upsert(Box::new(labelled("s1", 5_000, "news")));
+        assert_eq!(apply(&mut dict, &dev, &up), Applied::Updated);
+        assert_eq!(dict[&dev].labels.content(), Some("news"));
+    }
+
+    #[test]
+    fn an_upsert_keeps_the_session_it_displaced_and_its_start() {
+        let dev = ids().1;
+        let cur = SessionRecord {
+            replaced: Some(session("s0")),
+            ..record("s1", 1_000)
+        };
+        let mut dict = only(&dev, cur);
+        let up = Change::Upsert(Box::new(record("s1", 2_000)));
+        assert_eq!(apply(&mut dict, &dev, &up), Applied::Updated);
+        let rec = &dict[&dev];
+        assert_eq!(rec.replaced, Some(session("s0")));
+        assert_eq!((rec.since, rec.last_seen), (1_000, 2_000));
+    }
+
+    #[test]
+    fn a_late_upsert_of_a_displaced_session_changes_nothing() {
+        let dev = ids().1;
+        let newer = SessionRecord {
+            replaced: Some(session("s1")),
+            ..record("s2", 2_000)
+        };
+        let mut dict = only(&dev, newer.clone());
+        let late = Change::Upsert(Box::new(record("s1", 3_000)));
+        assert_eq!(apply(&mut dict, &dev, &late), Applied::Nothing);
+        assert_eq!(dict[&dev], newer);
+    }
+
+    #[test]
+    fn a_withdrawal_removes_keeps_or_announces_by_what_the_entry_holds() {
+        let dev = ids().1;
+        let withdraw = Change::Withdraw(Box::new(record("s1", 1_000)), 4_000);
+        // Landed, and not heard after the leave: removed.
+        let mut dict = only(&dev, record("s1", 3_000));
+        assert_eq!(
+            apply(&mut dict, &dev, &withdraw),
+            Applied::Removed(record("s1", 3_000))
+        );
+        assert!(dict.is_empty());
+        // Heard again after the leave: it stays, and has not left.
+        let mut dict = only(&dev, record("s1", 5_000));
+        assert_eq!(apply(&mut dict, &dev, &withdraw), Applied::Nothing);
+        assert_eq!(dict[&dev], record("s1", 5_000));
+        // Displaced by a newer session of the device, whose record names
+        // it: the name may have been merged in by a write that announced
+        // nothing, so the leave is announced here too.
+        let newer = SessionRecord {
+            replaced: Some(session("s1")),
+            ..record("s2", 2_000)
+        };
+        let mut dict = only(&dev, newer.clone());
+        assert_eq!(
+            apply(&mut dict, &dev, &withdraw),
+            Applied::Withdrawn(record("s1", 1_000))
+        );
+        assert_eq!(dict[&dev], newer);
+        // Another session holds the entry, or nothing does: the add never
+        // landed, and the leave is announced all the same.
+        let mut dict = only(&dev, record("s2", 2_000));
+        assert_eq!(
+            apply(&mut dict, &dev, &withdraw),
+            Applied::Withdrawn(record("s1", 1_000))
+        );
+        assert_eq!(dict[&dev], record("s2", 2_000));
+        let mut dict = SessionDict::new();
+        assert_eq!(
+            apply(&mut dict, &dev, &withdraw),
+            Applied::Withdrawn(record("s1", 1_000))
+        );
+    }
+
+    #[test]
+    fn devices_moving_on_take_no_second_place_in_a_nearly_full_account() {
+        let a = ids().0;
+        let hb = Heartbeat::default();
+        let (mut d, mut kv) = lone();
+        installed(
+            &mut d,
+            &mut kv,
+            0,
+            many(DICT_MAX_SESSIONS - 1, 9_000),
+            9_000,
+        );
+        // Next interval: every session moves on (carry-overs pending).
+        for i in 0..DICT_MAX_SESSIONS - 1 {
+            let (dev, s) = (device(&format!("d{i}")), session(&format!("s{i}")));
+            assert_ne!(
+                d.on_heartbeat(&a, &dev, &s, &hb, 10_500),
+                Decision::Full,
+                "{dev}"
+            );
+        }
+        // One place is left for a newcomer, and only one.
+        assert_ne!(
+            d.on_heartbeat(&a, &device("new"), &session("new"), &hb, 10_600),
+            Decision::Full
+        );
+        assert_eq!(
+            d.on_heartbeat(&a, &device("new2"), &session("new2"), &hb, 10_600),
+            Decision::Full
+        );
+    }
+
+    #[test]
+    fn a_full_dictionary_refuses_even_a_carry_over() {
+        let a = ids().0;
+        let (mut d, mut kv) = lone();
+        installed(&mut d, &mut kv, 0, many(1, 9_000), 9_000);
+        // Other handlers' newcomers filled interval 1 before d0 moved on.
+        let theirs: SessionDict = (0..DICT_MAX_SESSIONS)
+            .map(|i| (device(&format!("n{i}")), record(&format!("n{i}"), 10_100)))
+            .collect();
+        installed(&mut d, &mut kv, 1, theirs, 10_100);
+        d.on_heartbeat(
+            &a,
+            &device("d0"),
+            &session("s0"),
+            &Heartbeat::default(),
+            10_500,
+        );
+        match d.take_for_write(&a, 1, 10_500) {
+            Take::Unchanged { refused, .. } => assert_eq!(refused, 1),
+            other => panic!("expected the carry-over refused, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_leave_in_the_same_write_makes_room_for_a_newcomer() {
+        let a = ids().0;
+        let hb = Heartbeat::default();
+        let (mut d, mut kv) = lone();
+        // The newcomer is queued before this handler's copy shows the
+        // dictionary full (other handlers' writes).
+        assert_eq!(
+            d.on_heartbeat(&a, &device("new"), &session("new"), &hb, 1_000),
+            Decision::Queued(vec![(a.clone(), 0)])
+        );
+        installed(&mut d, &mut kv, 0, many(DICT_MAX_SESSIONS, 1_000), 1_100);
+        d.on_heartbeat(&a, &device("d2"), &session("s2"), &leave(), 1_200);
+        let w = write_of(d.take_for_write(&a, 0, 1_200));
+        assert_eq!(w.refused(), 0);
+        assert_eq!(w.value().len(), DICT_MAX_SESSIONS);
+        assert!(w.value().contains_key(&device("new")));
+        assert!(!w.value().contains_key(&device("d2")));
+        let rev = kv.update(&a, 0, &w).expect("lands");
+        let written = d.on_written(&a, 0, w, rev, 1_200);
+        assert_eq!(
+            events(&written.applied),
+            (vec!["new".into()], vec!["s2".into()])
+        );
+    }
+
+    #[test]
+    fn a_carry_over_writes_its_heartbeats_labels_over_a_changed_record() {
+        let (a, dev, s) = ids();
+        let (mut d, mut kv) = lone();
+        d.on_heartbeat(&a, &dev, &s, &content("film"), 9_000);
+        flush(&mut d, &mut kv, 9_000);
+        assert_eq!(
+            d.on_heartbeat(&a, &dev, &s, &content("film"), 10_500),
+            Decision::Deferred(vec![(a.clone(), 1)])
+        );
+        // Before the carry-over is taken, another handler's write of an
+        // earlier heartbeat shows other labels in interval 0.
+        let theirs = only(
+            &dev,
+            SessionRecord {
+                last_seen: 10_400,
+                ..labelled("s1", 9_000, "news")
+            },
+        );
+        installed(&mut d, &mut kv, 0, theirs, 10_600);
+        let w = write_of(d.take_for_write(&a, 1, 11_500));
+        let rec = &w.value()[&dev];
+        assert_eq!(rec.labels.content(), Some("film"), "the newest heartbeat's");
+        assert_eq!((rec.since, rec.last_seen), (9_000, 10_500));
+    }
+
+    #[test]
+    fn a_previous_dictionary_nothing_moved_from_is_not_trimmed() {
+        let a = ids().0;
+        let (mut d, mut kv) = lived(&[9_000]);
+        // A newcomer in interval 1; the session of interval 0 has not
+        // moved on yet.
+        beat(&mut d, &mut kv, &device("tv2"), &session("s2"), 10_500);
+        assert!(!d.get_mut(&a, 0).expect("previous").partial);
+        // Its leave is written at once, without reading the copy again.
+        d.on_heartbeat(&a, &ids().1, &ids().2, &leave(), 10_600);
+        let w = write_of(d.take_for_write(&a, 0, 10_600));
+        assert!(w.value().is_empty());
+    }
+
+    #[test]
+    fn the_session_count_counts_every_live_device_once() {
+        let a = ids().0;
+        let (mut d, mut kv) = lone();
+        assert_eq!(d.session_count(1_000), 0);
+        beat(&mut d, &mut kv, &device("d1"), &session("s1"), 1_000);
+        beat(&mut d, &mut kv, &device("d2"), &session("s2"), 1_000);
+        assert_eq!(d.session_count(1_000), 2);
+        // d1 moved on to interval 1, d2 not yet: each counted once.
+        beat(&mut d, &mut kv, &device("d1"), &session("s1"), 10_500);
+        assert_eq!(d.session_count(10_600), 2);
+        assert!(d.get_mut(&a, 1).is_some());
+    }
+
+    #[test]
+    fn a_session_whose_first_write_is_still_pending_is_carried_not_joined() {
+        let (a, dev, s) = ids();
+        let (mut d, _) = lone();
+        let hb = Heartbeat::default();
+        assert_eq!(
+            d.on_heartbeat(&a, &dev, &s, &hb, 9_900),
+            Decision::Queued(vec![(a.clone(), 0)])
+        );
+        // The next interval begins before that write is taken.
+        assert_eq!(
+            d.on_heartbeat(&a, &dev, &s, &hb, 10_100),
+            Decision::Deferred(vec![(a.clone(), 1)])
+        );
+        // Interval 1 is written first: it records the session itself
+        // (there is nothing in interval 0's copy to carry yet), and its
+        // arrival is not a join: interval 0's write announces that.
+        let w = write_of(d.take_for_write(&a, 1, 10_100));
+        assert_eq!(w.value()[&dev].session, s);
+        assert_eq!(w.value()[&dev].since, 9_900);
+        assert_eq!(events(&w.applied), (Vec::new(), Vec::new()));
+    }
+
+    #[test]
+    fn the_dictionary_a_pending_carry_over_copies_from_is_kept() {
+        let (a, dev, s) = ids();
+        let (mut d, mut kv) = lived(&[9_000]);
+        assert_eq!(
+            d.on_heartbeat(&a, &dev, &s, &Heartbeat::default(), 10_500),
+            Decision::Deferred(vec![(a.clone(), 1)])
+        );
+        // Interval 2 begins before the carry-over is written.
+        d.prune(20_100);
+        assert!(
+            d.get_mut(&a, 0).is_some(),
+            "interval 1 still copies from it"
+        );
+        let w = write_of(d.take_for_write(&a, 1, 20_100));
+        assert_eq!(w.value()[&dev].last_seen, 10_500);
+        let rev = kv.update(&a, 1, &w).expect("lands");
+        let _ = d.on_written(&a, 1, w, rev, 20_100);
+        // Once nothing is pending, the old one goes when it is no longer
+        // the dictionary just before the live ones either.
+        d.prune(30_100);
+        assert!(d.get_mut(&a, 0).is_none());
+        assert!(d.get_mut(&a, 1).is_some());
+    }
+
+    #[test]
+    fn the_fast_path_knows_a_recorded_session_and_defers_to_pending_changes() {
+        let (a, dev, s) = ids();
+        let (mut d, mut kv) = lived(&[1_000]);
+        let plain = HeartbeatRef::default();
+        assert!(d.unchanged(a.as_str(), dev.as_str(), s.as_str(), &plain, 2_000));
+        // New labels, queued but not written: the fast path does not
+        // answer for the device until they are.
+        d.on_heartbeat(&a, &dev, &s, &content("film"), 2_100);
+        assert!(!d.unchanged(a.as_str(), dev.as_str(), s.as_str(), &plain, 2_200));
+        flush(&mut d, &mut kv, 2_200);
+        let film = HeartbeatRef {
+            content: Some("film"),
+            ..Default::default()
+        };
+        assert!(d.unchanged(a.as_str(), dev.as_str(), s.as_str(), &film, 2_300));
+        assert!(!d.unchanged(a.as_str(), dev.as_str(), s.as_str(), &plain, 2_300));
+    }
+
+    #[test]
+    fn a_pending_write_carries_the_newest_heartbeats_time() {
+        let (a, dev, s) = ids();
+        let (mut d, mut kv) = lone();
+        let hb = Heartbeat::default();
+        d.on_heartbeat(&a, &dev, &s, &hb, 1_000);
+        assert_eq!(
+            d.on_heartbeat(&a, &dev, &s, &hb, 2_000),
+            Decision::Unchanged
+        );
+        flush(&mut d, &mut kv, 2_000);
+        assert_eq!(kv.read(&a, 0).1[&dev].last_seen, 2_000);
+    }
+
+    #[test]
+    fn a_pending_write_takes_the_labels_of_the_newest_heartbeat() {
+        let (a, dev, s) = ids();
+        let (mut d, mut kv) = lived(&[1_000]);
+        // New labels, queued...
+        d.on_heartbeat(&a, &dev, &s, &content("news"), 2_000);
+        // ...when another handler's write of a later heartbeat lands,
+        // back on the old ones.
+        let theirs = only(
+            &dev,
+            SessionRecord {
+                last_seen: 2_500,
+                ..labelled("s1", 1_000, "film")
+            },
+        );
+        installed(&mut d, &mut kv, 0, theirs, 2_500);
+        // This heartbeat says film too: the pending write must not bring
+        // news back.
+        assert_eq!(
+            d.on_heartbeat(&a, &dev, &s, &content("film"), 3_000),
+            Decision::Unchanged
+        );
+        flush(&mut d, &mut kv, 3_000);
+        let rec = &kv.read(&a, 0).1[&dev];
+        assert_eq!(rec.labels.content(), Some("film"));
+        assert_eq!(rec.last_seen, 3_000);
+    }
+
+    #[test]
+    fn labels_changed_back_during_a_write_are_written_after_it() {
+        let (a, dev, s) = ids();
+        let (mut d, mut kv) = lived(&[1_000]);
+        d.on_heartbeat(&a, &dev, &s, &content("film"), 2_000);
+        let w = write_of(d.take_for_write(&a, 0, 2_000));
+        // Back to no labels while the write of film is under way.
+        assert_eq!(
+            d.on_heartbeat(&a, &dev, &s, &Heartbeat::default(), 2_100),
+            Decision::Queued(Vec::new()),
+            "written once the write under way ends"
+        );
+        let rev = kv.update(&a, 0, &w).expect("lands");
+        assert!(d.on_written(&a, 0, w, rev, 2_200).more);
+        flush(&mut d, &mut kv, 2_200);
+        assert_eq!(kv.read(&a, 0).1[&dev].labels.content(), None);
+    }
+
+    #[test]
+    fn a_heartbeat_during_a_carry_write_is_written_after_it() {
+        let (a, dev, s) = ids();
+        let (mut d, mut kv) = lived(&[9_000]);
+        d.on_heartbeat(&a, &dev, &s, &Heartbeat::default(), 10_500);
+        let w = write_of(d.take_for_write(&a, 1, 10_500));
+        // Heard again while the carry-over is under way: once it lands,
+        // interval 0's copy is trimmed of the session, so this heartbeat
+        // cannot be a carry-over from it.
+        d.on_heartbeat(&a, &dev, &s, &Heartbeat::default(), 10_700);
+        let rev = kv.update(&a, 1, &w).expect("lands");
+        let _ = d.on_written(&a, 1, w, rev, 10_700);
+        // Moved on: held once, in interval 1, from the moment it landed.
+        let old = d.get_mut(&a, 0).expect("previous dictionary");
+        assert!(old.partial && !old.entries.contains_key(&dev));
+        flush(&mut d, &mut kv, 10_800);
+        assert_eq!(kv.read(&a, 1).1[&dev].last_seen, 10_700);
+    }
+
+    #[test]
+    fn a_leave_displaced_by_the_devices_next_session_is_announced_once() {
+        let (a, dev, s) = ids();
+        let (mut d, mut kv) = lived(&[1_000, 10_500]);
+        d.trim(&a, 10_600);
+        // The leave: a quiet removal from the trimmed interval 0, the
+        // announced one from interval 1...
+        d.on_heartbeat(&a, &dev, &s, &leave(), 10_700);
+        // ...which the device's next session displaces before it is
+        // written: the leave is still announced, once.
+        let s2 = session("s2");
+        d.on_heartbeat(&a, &dev, &s2, &Heartbeat::default(), 10_800);
+        let old = d.get_mut(&a, 0).expect("previous dictionary");
+        assert!(old.pending.contains_key(&dev), "{:?}", old.pending);
+        let applied = flush(&mut d, &mut kv, 10_800);
+        assert_eq!(events(&applied).1, ["s1"]);
+        assert_eq!(kv.read(&a, 1).1[&dev].session, s2);
+        assert!(kv.read(&a, 0).1.is_empty());
+    }
+
+    #[test]
+    fn an_owed_leave_does_not_take_over_another_sessions_quiet_removal() {
+        let (a, dev, _) = ids();
+        let (s0, s1, s2) = (session("s0"), session("s1"), session("s2"));
+        let (mut d, mut kv) = lone();
+        beat(&mut d, &mut kv, &dev, &s0, 9_000);
+        // s1 replaces s0 on the device in interval 1; s0 is then ended.
+        beat(&mut d, &mut kv, &dev, &s1, 10_500);
+        d.ended(&a, &dev, &s0, 10_550, 10_600);
+        let quiet = Change::Forget(s0.clone(), UnixMillis::MAX);
+        assert_eq!(d.get_mut(&a, 0).unwrap().pending.get(&dev), Some(&quiet));
+        // s1 leaves, and the device's next session displaces that leave.
+        d.on_heartbeat(&a, &dev, &s1, &leave(), 10_700);
+        d.on_heartbeat(&a, &dev, &s2, &Heartbeat::default(), 10_800);
+        assert_eq!(
+            d.get_mut(&a, 0).unwrap().pending.get(&dev),
+            Some(&quiet),
+            "s0's removal is still s0's"
+        );
+        flush(&mut d, &mut kv, 10_800);
+        assert!(kv.read(&a, 0).1.is_empty(), "s0 is gone");
+        assert_eq!(kv.read(&a, 1).1[&dev].session, s2);
+    }
+
+    #[test]
+    fn a_leave_overwritten_by_a_quiet_removal_in_a_trimmed_copy_is_still_announced() {
+        let a = ids().0;
+        let (x, y) = (device("x"), device("y"));
+        let (s_old, s, sy) = (session("s_old"), session("s"), session("sy"));
+        let (mut d, mut kv) = lone();
+        beat(&mut d, &mut kv, &y, &sy, 9_000);
+        beat(&mut d, &mut kv, &x, &s_old, 9_000);
+        // y moves on: interval 0's copy is trimmed.
+        beat(&mut d, &mut kv, &y, &sy, 10_500);
+        assert!(d.get_mut(&a, 0).unwrap().partial);
+        // x's s_old leaves (its removal waits in interval 0), and x's next
+        // session joins interval 1 and is written there.
+        d.on_heartbeat(&a, &x, &s_old, &leave(), 10_600);
+        d.on_heartbeat(&a, &x, &s, &Heartbeat::default(), 10_700);
+        let w = write_of(d.take_for_write(&a, 1, 10_700));
+        let rev = kv.update(&a, 1, &w).expect("lands");
+        let _ = d.on_written(&a, 1, w, rev, 10_700);
+        // s leaves too: its quiet removal from the trimmed interval 0
+        // takes the place of s_old's, whose leave is still owed.
+        d.on_heartbeat(&a, &x, &s, &leave(), 10_800);
+        let applied = flush(&mut d, &mut kv, 10_800);
+        let mut leaves = events(&applied).1;
+        leaves.sort();
+        assert_eq!(leaves, ["s", "s_old"]);
+        assert!(!kv.read(&a, 0).1.contains_key(&x));
+    }
+
+    #[test]
+    fn a_device_both_under_way_and_pending_takes_one_place() {
+        let a = ids().0;
+        let (mut d, mut kv) = lone();
+        installed(
+            &mut d,
+            &mut kv,
+            0,
+            many(DICT_MAX_SESSIONS - 2, 1_000),
+            1_000,
+        );
+        let n0 = device("n0");
+        d.on_heartbeat(&a, &n0, &session("n0"), &Heartbeat::default(), 1_100);
+        let _w = write_of(d.take_for_write(&a, 0, 1_100));
+        // New labels while its first write is under way: pending too.
+        assert_eq!(
+            d.on_heartbeat(&a, &n0, &session("n0"), &content("film"), 1_200),
+            Decision::Queued(Vec::new())
+        );
+        // One place is left.
+        assert_ne!(
+            d.on_heartbeat(
+                &a,
+                &device("n1"),
+                &session("n1"),
+                &Heartbeat::default(),
+                1_300
+            ),
+            Decision::Full
+        );
+        assert_eq!(
+            d.on_heartbeat(
+                &a,
+                &device("n2"),
+                &session("n2"),
+                &Heartbeat::default(),
+                1_300
+            ),
+            Decision::Full
+        );
+    }
+
+    #[test]
+    fn a_device_whose_first_write_is_under_way_takes_its_place() {
+        let a = ids().0;
+        let (mut d, mut kv) = lone();
+        installed(
+            &mut d,
+            &mut kv,
+            0,
+            many(DICT_MAX_SESSIONS - 1, 1_000),
+            1_000,
+        );
+        d.on_heartbeat(
+            &a,
+            &device("n0"),
+            &session("n0"),
+            &Heartbeat::default(),
+            1_100,
+        );
+        let _w = write_of(d.take_for_write(&a, 0, 1_100));
+        assert_eq!(
+            d.on_heartbeat(
+                &a,
+                &device("n1"),
+                &session("n1"),
+                &Heartbeat::default(),
+                1_200
+            ),
+            Decision::Full
+        );
+    }
+
+    /// Interval 0 of acme holding `DICT_MAX_SESSIONS - 1` sessions, `d0`'s
+    /// with new labels queued at 9.5 s, and taken for a write (under way)
+    /// when `taken`.
+    fn nearly_full_with_a_change(taken: bool) -> Dicts {
+        let a = ids().0;
+        let (mut d, mut kv) = lone();
+        installed(
+            &mut d,
+            &mut kv,
+            0,
+            many(DICT_MAX_SESSIONS - 1, 9_000),
+            9_000,
+        );
+        d.on_heartbeat(&a, &device("d0"), &session("s0"), &content("film"), 9_500);
+        if taken {
+            let _under_way = write_of(d.take_for_write(&a, 0, 9_500));
+        }
+        d
+    }
+
+    #[test]
+    fn a_change_of_a_previous_intervals_device_takes_no_second_place() {
+        let a = ids().0;
+        let hb = Heartbeat::default();
+        for taken in [false, true] {
+            let mut d = nearly_full_with_a_change(taken);
+            // Next interval: room for one newcomer, not two.
+            assert_ne!(
+                d.on_heartbeat(&a, &device("n1"), &session("n1"), &hb, 10_500),
+                Decision::Full,
+                "taken: {taken}"
+            );
+            assert_eq!(
+                d.on_heartbeat(&a, &device("n2"), &session("n2"), &hb, 10_500),
+                Decision::Full,
+                "taken: {taken}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_previous_intervals_device_whose_first_write_is_under_way_takes_its_place() {
+        let a = ids().0;
+        let hb = Heartbeat::default();
+        let (mut d, mut kv) = lone();
+        installed(
+            &mut d,
+            &mut kv,
+            0,
+            many(DICT_MAX_SESSIONS - 1, 9_000),
+            9_000,
+        );
+        d.on_heartbeat(&a, &device("n0"), &session("n0"), &hb, 9_500);
+        let _under_way = write_of(d.take_for_write(&a, 0, 9_500));
+        assert_eq!(
+            d.on_heartbeat(&a, &device("n1"), &session("n1"), &hb, 10_500),
+            Decision::Full
+        );
+    }
 }

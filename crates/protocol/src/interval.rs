@@ -224,4 +224,41 @@ mod tests {
         m.retain(|_, _| false);
         assert!(m.is_empty());
     }
+
+    // Tests that pin each rule (mutation testing).
+
+    #[test]
+    fn the_length_is_the_interval_as_given_or_clamped() {
+        let c = IntervalClock::new(Duration::from_secs(60));
+        assert_eq!(c.length(), Duration::from_secs(60));
+        assert_eq!(
+            IntervalClock::new(Duration::ZERO).length(),
+            Duration::from_millis(1)
+        );
+    }
+
+    #[test]
+    fn by_interval_values_are_reached_by_reference_and_in_order() {
+        let mut m: ByInterval<u32> = ByInterval::default();
+        assert!(m.is_empty());
+        assert_eq!(m.len(), 0);
+        m.insert(9, 90);
+        m.insert(3, 30);
+        m.insert(6, 60);
+        assert!(!m.is_empty());
+        assert_eq!(m.len(), 3);
+        assert_eq!(m.values().copied().collect::<Vec<_>>(), [30, 60, 90]);
+        *m.get_mut(&6).expect("interval 6 is held") += 1;
+        assert_eq!(m.get_mut(&7), None);
+        for v in m.values_mut() {
+            *v *= 10;
+        }
+        assert_eq!(
+            m.iter().map(|(i, v)| (i, *v)).collect::<Vec<_>>(),
+            [(3, 300), (6, 610), (9, 900)]
+        );
+        assert_eq!(*m.get_or_insert_with(3, || 7), 300, "held: not made again");
+        assert_eq!(*m.get_or_insert_with(4, || 7), 7);
+        assert_eq!(m.len(), 4);
+    }
 }

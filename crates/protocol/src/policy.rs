@@ -568,4 +568,53 @@ mod tests {
         // NATS's default max_payload, with room for the message around it.
         assert!(bytes < 1024 * 1024 - 64 * 1024);
     }
+
+    // Tests that pin each rule (mutation testing).
+
+    #[test]
+    fn msgpack_string_sizes_are_what_messagepack_writes() {
+        for len in [0, 1, 31, 32, 255, 256, 65_535, 65_536] {
+            let written = rmp_serde::to_vec(&"x".repeat(len)).unwrap().len();
+            assert_eq!(msgpack_str(len), written, "a string of {len} bytes");
+        }
+    }
+
+    #[test]
+    fn policies_are_shown_as_they_are_read() {
+        let names = ["evict-oldest", "reject-new", "evict-least-active"];
+        for (policy, name) in Policy::ALL.into_iter().zip(names) {
+            assert_eq!(policy.as_str(), name);
+            assert_eq!(policy.to_string(), name);
+            assert_eq!(name.parse(), Ok(policy));
+        }
+    }
+
+    #[test]
+    fn a_grace_is_bounded_in_seats_and_seconds() {
+        let limit = Limit::new(2, Policy::EvictOldest).unwrap();
+        assert_eq!(MAX_GRACE_SECS, 86_400, "a day");
+        for (seats, secs) in [(1, 1), (MAX_LIMIT as i64, MAX_GRACE_SECS as i64)] {
+            assert_eq!(
+                limit.with_grace(Some((seats, secs))).unwrap().grace,
+                Some(Grace {
+                    seats: seats as u32,
+                    secs: secs as u32
+                })
+            );
+        }
+        for (seats, secs) in [
+            (0, 60),
+            (MAX_LIMIT as i64 + 1, 60),
+            (1, 0),
+            (1, MAX_GRACE_SECS as i64 + 1),
+            (0, 0),
+        ] {
+            assert_eq!(
+                limit.with_grace(Some((seats, secs))),
+                Err(LimitError::GraceOutOfRange { seats, secs }),
+                "{seats}/{secs}"
+            );
+        }
+        assert_eq!(limit.with_grace(None).unwrap().grace, None);
+    }
 }
