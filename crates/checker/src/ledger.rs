@@ -105,18 +105,18 @@ fn is_ours(entry: &LedgerEntry, ours: &Decision) -> bool {
 /// The ledger as stored: its entries and the revision to write on top of
 /// (0: no key). A value that does not read as a ledger counts as empty,
 /// and is overwritten by the next decision.
-fn stored(entry: Option<kv::Entry>) -> (Ledger, u64) {
-    let Some(entry) = entry else {
+fn stored(key: &str, entry: Option<(kv::Operation, &[u8], u64)>) -> (Ledger, u64) {
+    let Some((operation, value, revision)) = entry else {
         return (Ledger::default(), 0);
     };
-    let ledger = match entry.operation {
-        kv::Operation::Put => serde_json::from_slice(&entry.value).unwrap_or_else(|e| {
-            tracing::warn!(key = %entry.key, error = %e, "unreadable ledger; starting it afresh");
+    let ledger = match operation {
+        kv::Operation::Put => serde_json::from_slice(value).unwrap_or_else(|e| {
+            tracing::warn!(key, error = %e, "unreadable ledger; starting it afresh");
             Ledger::default()
         }),
-        _ => Ledger::default(),
+        kv::Operation::Delete | kv::Operation::Purge => Ledger::default(),
     };
-    (ledger, entry.revision)
+    (ledger, revision)
 }
 
 /// One decision for one account in the making: the pure steps of
@@ -264,7 +264,12 @@ pub(crate) async fn decide<T>(
             tokio::time::sleep(Duration::from_millis(20 * attempt as u64)).await;
         }
         let (ledger, revision) = match tokio::time::timeout(OP_DEADLINE, store.entry(&key)).await {
-            Ok(Ok(entry)) => stored(entry),
+            Ok(Ok(entry)) => stored(
+                &key,
+                entry
+                    .as_ref()
+                    .map(|e| (e.operation, e.value.as_ref(), e.revision)),
+            ),
             Ok(Err(e)) => {
                 last = e.to_string();
                 continue;
@@ -577,5 +582,61 @@ mod tests {
             "s5",
             "the oldest went first"
         );
+    }
+
+    #[test]
+    fn the_ledger_is_read_as_stored_and_anything_else_counts_as_empty() {
+        assert_eq!(stored("k", None), (Ledger::default(), 0), "no key");
+        let mut ledger = Ledger::default();
+        ledger.record([named("a", "s1", 5_000)], 0);
+        let body = serde_json::to_vec(&ledger).unwrap();
+        assert_eq!(
+            stored("k", Some((kv::Operation::Put, &body, 7))),
+            (ledger, 7)
+        );
+        for op in [kv::Operation::Delete, kv::Operation::Purge] {
+            assert_eq!(
+                stored("k", Some((op, &body, 9))),
+                (Ledger::default(), 9),
+                "a deleted key is empty, written on top of its marker"
+            );
+        }
+        assert_eq!(
+            stored("k", Some((kv::Operation::Put, b"not json", 4))),
+            (Ledger::default(), 4),
+            "unreadable: empty, overwritten at its revision"
+        );
+    }
+
+    #[test]
+    fn the_answer_is_the_one_of_the_write_that_landed() {
+        let mut v = three_on_two();
+        let mut d = Deciding::new(10_000);
+        // Each try of the plan chooses another victim, and says which try
+        // it was.
+        let mut tries = 0;
+        let mut plan = |_: &mut View| {
+            tries += 1;
+            let victim = if tries == 1 { "s1" } else { "s2" };
+            let ending = super::ending(&named("x", victim, 0));
+            (vec![ending], tries)
+        };
+        let Step::Write { ledger: first, .. } =
+            d.read(&mut v, &acct(), Ledger::default(), 0, &mut plan)
+        else {
+            panic!("a victim to record");
+        };
+        // The first write's outcome is unknown and a read shows nothing
+        // yet: a second try writes again.
+        assert!(matches!(
+            d.read(&mut v, &acct(), Ledger::default(), 0, &mut plan),
+            Step::Write { .. }
+        ));
+        // Then the first write turns out to have landed after all.
+        let Step::Done(outcome) = d.read(&mut v, &acct(), first, 5, &mut plan) else {
+            panic!("the landed write is the decision");
+        };
+        assert_eq!(sessions(&outcome.new), ["s1"]);
+        assert_eq!(outcome.out, 1, "the answer of the try that landed");
     }
 }
