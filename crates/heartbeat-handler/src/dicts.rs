@@ -3760,4 +3760,311 @@ mod tests {
             Decision::Full
         );
     }
+
+    #[test]
+    fn an_owed_leave_goes_before_the_devices_pending_change_in_its_entry_to_be() {
+        // s1's leave is pending when the device's next session s2 is heard:
+        // the leave is owed, written before s2's change. The entry the
+        // device will hold is that write's: s2, not naming s1 as displaced.
+        let (a, tv, s1) = ids();
+        let (mut d, _) = lived(&[1_000]);
+        d.on_heartbeat(&a, &tv, &s1, &leave(), 2_000);
+        d.on_heartbeat(&a, &tv, &session("s2"), &Heartbeat::default(), 2_100);
+        let dict = d.get_mut(&a, 0).expect("dictionary");
+        assert!(dict.owed.contains_key(&s1), "{:?}", dict.owed);
+        let to_be = dict.effective(&tv, None).expect("an entry");
+        assert_eq!((to_be.session.as_str(), &to_be.replaced), ("s2", &None));
+        let w = write_of(d.take_for_write(&a, 0, 2_200));
+        assert_eq!(w.value().get(&tv), Some(&to_be));
+        assert_eq!(events(&w.applied), (vec!["s2".into()], vec!["s1".into()]));
+    }
+
+    #[test]
+    fn a_leave_voided_by_its_session_heard_again_is_not_told_by_a_later_ending() {
+        // s2's leave waits for a copy showing it (this one shows the
+        // device's ended s1, whose quiet removal is pending). s2 is heard
+        // again well after: it joins, and the leave is void, no removal of
+        // it being on its way. s2 is then ended: its removal is quiet, also
+        // where a lagging write shows it again.
+        let (a, tv, _) = ids();
+        let (s1, s2) = (session("s1"), session("s2"));
+        let (mut d, mut kv) = lived(&[1_000]);
+        d.ended(&a, &tv, &s1, 1_100, 1_100);
+        assert_eq!(
+            d.on_heartbeat(&a, &tv, &s2, &leave(), 1_200),
+            Decision::Unchanged
+        );
+        beat(&mut d, &mut kv, &tv, &s2, 5_000);
+        assert_eq!(kv.read(&a, 0).1[&tv].session, s2);
+        d.ended(&a, &tv, &s2, 6_000, 6_000);
+        assert!(flush(&mut d, &mut kv, 6_000).is_empty());
+        assert!(kv.read(&a, 0).1.is_empty());
+        let lagging = only(&tv, record("s2", 5_000));
+        let rev = kv.put(&a, 0, lagging.clone());
+        assert_eq!(
+            d.install(&a, 0, rev, lagging, 6_500),
+            Decision::Deferred(vec![(a.clone(), 0)])
+        );
+        let told = flush(&mut d, &mut kv, 6_500);
+        assert_eq!(events(&told), (vec![], vec![]), "{told:?}");
+        assert!(kv.read(&a, 0).1.is_empty());
+    }
+
+    #[test]
+    fn a_session_started_with_an_older_write_not_landed_is_not_taken_for_the_newer() {
+        // s1's write is pending; the copy shows the device's s2, whose
+        // record started at the same time. Nothing orders the two: s1's
+        // write stands, and a heartbeat of s2 is a displaced session's.
+        let (a, tv, s1) = ids();
+        let (mut d, mut kv) = lone();
+        d.on_heartbeat(&a, &tv, &s1, &Heartbeat::default(), 2_000);
+        installed(&mut d, &mut kv, 0, only(&tv, record("s2", 2_000)), 2_100);
+        assert_eq!(
+            d.on_heartbeat(&a, &tv, &session("s2"), &Heartbeat::default(), 2_200),
+            Decision::Superseded
+        );
+    }
+
+    #[test]
+    fn a_session_heard_again_after_its_owed_leave_voids_it() {
+        // s1's leave is owed behind the device's next session s2, and s1 is
+        // heard again well after it: s1 stays, with its start, and no leave
+        // of it is told.
+        let (a, tv, s1) = ids();
+        let (mut d, mut kv) = lived(&[1_000]);
+        d.on_heartbeat(&a, &tv, &s1, &leave(), 2_000);
+        d.on_heartbeat(&a, &tv, &session("s2"), &Heartbeat::default(), 2_100);
+        assert!(d.get_mut(&a, 0).expect("dictionary").owed.contains_key(&s1));
+        d.on_heartbeat(&a, &tv, &s1, &Heartbeat::default(), 6_000);
+        let told = flush(&mut d, &mut kv, 6_000);
+        assert_eq!(events(&told).1, Vec::<String>::new(), "{told:?}");
+        let rec = &kv.read(&a, 0).1[&tv];
+        assert_eq!(
+            (&rec.session, rec.since, rec.last_seen),
+            (&s1, 1_000, 6_000)
+        );
+    }
+
+    #[test]
+    fn a_removal_behind_a_due_change_of_the_devices_next_session_rides_along() {
+        // s2's change is due when s1 leaves, or is ended: its removal is
+        // owed before that change, and the flush already due writes it
+        // (nothing else to flush). A leave is told, an ending is not.
+        for leaves in [true, false] {
+            let (a, tv, s1) = ids();
+            let (mut d, mut kv) = lived(&[1_000]);
+            assert_eq!(
+                d.on_heartbeat(&a, &tv, &session("s2"), &Heartbeat::default(), 2_000),
+                Decision::Queued(vec![(a.clone(), 0)])
+            );
+            let decision = if leaves {
+                d.on_heartbeat(&a, &tv, &s1, &leave(), 2_100)
+            } else {
+                d.ended(&a, &tv, &s1, 2_100, 2_100)
+            };
+            assert_eq!(decision, Decision::Unchanged, "leaves: {leaves}");
+            let told = flush(&mut d, &mut kv, 2_100);
+            let left: Vec<String> = if leaves { vec!["s1".into()] } else { vec![] };
+            assert_eq!(events(&told), (vec!["s2".into()], left), "{told:?}");
+            assert!(replaced_of(&told).is_empty(), "{told:?}");
+        }
+    }
+
+    #[test]
+    fn a_leave_in_a_write_that_did_not_land_is_owed_behind_the_devices_next_session() {
+        // s1's removal is under way when the device's next session s2 is
+        // heard; the write does not land. The removal is owed, written
+        // before s2's change, and tells the leave: s2 does not displace s1.
+        let (a, tv, s1) = ids();
+        let (mut d, mut kv) = lived(&[1_000]);
+        d.on_heartbeat(&a, &tv, &s1, &leave(), 2_000);
+        let w = write_of(d.take_for_write(&a, 0, 2_000));
+        d.on_heartbeat(&a, &tv, &session("s2"), &Heartbeat::default(), 2_100);
+        let mut theirs = kv.read(&a, 0).1;
+        theirs.insert(device("radio"), record("s9", 2_050));
+        kv.put(&a, 0, theirs);
+        assert!(kv.update(&a, 0, &w).is_none());
+        d.on_conflict(&a, 0, w, Some(kv.read(&a, 0)));
+        let told = flush(&mut d, &mut kv, 2_200);
+        assert_eq!(
+            events(&told),
+            (vec!["s2".into()], vec!["s1".into()]),
+            "{told:?}"
+        );
+        assert!(replaced_of(&told).is_empty(), "{told:?}");
+        assert_eq!(
+            held(&kv.read(&a, 0).1),
+            [pair("radio", "s9"), pair("tv", "s2")]
+        );
+    }
+
+    #[test]
+    fn a_previous_dictionary_with_a_change_pending_is_not_trimmed() {
+        // tv's session moves on while radio's leave waits to be written in
+        // interval 0: that copy stays whole, and its write needs no read.
+        let (a, tv, s1) = ids();
+        let (radio, s2) = (device("radio"), session("s2"));
+        let (mut d, mut kv) = lived(&[9_000]);
+        beat(&mut d, &mut kv, &radio, &s2, 9_000);
+        d.on_heartbeat(&a, &radio, &s2, &leave(), 10_500);
+        d.on_heartbeat(&a, &tv, &s1, &Heartbeat::default(), 10_500);
+        let _ = write_once(&mut d, &mut kv, 1, 10_600);
+        assert_eq!(held(&kv.read(&a, 1).1), [pair("tv", "s1")]);
+        let old = d.get_mut(&a, 0).expect("previous dictionary");
+        assert!(!old.partial);
+        let w = write_of(d.take_for_write(&a, 0, 10_600));
+        assert_eq!(held(w.value()), [pair("tv", "s1")]);
+    }
+
+    #[test]
+    fn a_trimmed_copy_gets_the_quiet_removal_of_its_trimmed_sessions_only() {
+        // Interval 0's copy is trimmed of tv's session, which moved on. A
+        // leave of radio's session, only ever in interval 1, is written
+        // there alone.
+        let a = ids().0;
+        let (radio, s2) = (device("radio"), session("s2"));
+        let (mut d, mut kv) = lived(&[1_000, 10_500]);
+        assert!(d.get_mut(&a, 0).expect("previous dictionary").partial);
+        beat(&mut d, &mut kv, &radio, &s2, 10_600);
+        assert_eq!(
+            d.on_heartbeat(&a, &radio, &s2, &leave(), 10_700),
+            Decision::Queued(vec![(a.clone(), 1)])
+        );
+        assert!(!d.get_mut(&a, 0).expect("previous dictionary").waiting());
+    }
+
+    #[test]
+    fn the_dictionary_a_pending_carry_over_copies_from_tells_a_later_arrival_is_no_join() {
+        // The session's carry into interval 1 is still pending (the store
+        // kept failing) when it is heard in interval 2 and, in interval 3,
+        // that write is taken: interval 0, no longer live, is kept for
+        // interval 1's carry-over, which makes the arrival in interval 2 no
+        // join (interval 0's write announced it).
+        let (a, tv, s1) = ids();
+        let (mut d, _) = lived(&[9_000]);
+        let hb = Heartbeat::default();
+        assert_eq!(
+            d.on_heartbeat(&a, &tv, &s1, &hb, 10_500),
+            Decision::Deferred(vec![(a.clone(), 1)])
+        );
+        assert_eq!(
+            d.on_heartbeat(&a, &tv, &s1, &hb, 20_500),
+            Decision::Queued(vec![(a.clone(), 2)])
+        );
+        d.prune(30_100);
+        assert!(
+            d.get_mut(&a, 0).is_some(),
+            "interval 1 still copies from it"
+        );
+        let w = write_of(d.take_for_write(&a, 2, 30_100));
+        assert_eq!(w.value()[&tv].session, s1);
+        assert_eq!(events(&w.applied), (vec![], vec![]), "{:?}", w.applied);
+    }
+
+    #[test]
+    fn a_newer_sessions_heartbeat_takes_over_an_older_sessions_carry_in_the_previous_interval() {
+        // s1's carry into interval 1 is pending when the copy there shows
+        // the device's s2, which started later. In interval 2, s2's
+        // heartbeat takes the carry's place (due now) and moves s2 on: both
+        // dictionaries are to flush, and s2 stays in both, displacing no one.
+        let (a, tv, s1) = ids();
+        let s2 = session("s2");
+        let hb = Heartbeat::default();
+        let (mut d, mut kv) = lived(&[9_000]);
+        assert_eq!(
+            d.on_heartbeat(&a, &tv, &s1, &hb, 10_500),
+            Decision::Deferred(vec![(a.clone(), 1)])
+        );
+        installed(&mut d, &mut kv, 1, only(&tv, record("s2", 12_000)), 12_100);
+        assert_eq!(
+            d.on_heartbeat(&a, &tv, &s2, &hb, 20_500),
+            Decision::Queued(vec![(a.clone(), 1), (a.clone(), 2)])
+        );
+        let told = flush(&mut d, &mut kv, 20_600);
+        assert!(replaced_of(&told).is_empty(), "{told:?}");
+        assert_eq!(kv.read(&a, 1).1[&tv].session, s2);
+        assert_eq!(kv.read(&a, 2).1[&tv].session, s2);
+    }
+
+    #[test]
+    fn a_session_heard_again_during_a_write_is_not_removed_by_its_voided_leave() {
+        // The leave waits for a copy showing the session, and it is heard
+        // again well after, while a write is under way (which might carry a
+        // removal of it): what the leave waited for stays only to tell it.
+        // A write from before the leave, landing later, is left be.
+        let (a, tv, s) = ids();
+        let hb = Heartbeat::default();
+        let (mut d, mut kv) = lone();
+        d.on_heartbeat(&a, &device("radio"), &session("s9"), &hb, 10_500);
+        let w = write_of(d.take_for_write(&a, 1, 10_500));
+        assert_eq!(
+            d.on_heartbeat(&a, &tv, &s, &leave(), 10_600),
+            Decision::Unchanged
+        );
+        d.on_heartbeat(&a, &tv, &s, &hb, 15_000);
+        let before = only(&tv, record("s1", 9_000));
+        let rev = kv.put(&a, 0, before.clone());
+        assert_eq!(d.install(&a, 0, rev, before, 15_100), Decision::Unchanged);
+        let rev = kv.update(&a, 1, &w).expect("lands");
+        let mut told = d.on_written(&a, 1, w, rev, 15_200).applied;
+        told.extend(flush(&mut d, &mut kv, 15_200));
+        assert_eq!(events(&told).1, Vec::<String>::new(), "{told:?}");
+        assert_eq!(kv.read(&a, 0).1[&tv].session, s);
+        assert_eq!(kv.read(&a, 1).1[&tv].session, s);
+    }
+
+    #[test]
+    fn an_ended_session_whose_add_has_not_landed_is_forgotten_quietly() {
+        // Its add pending, or under way: the ending queues a quiet removal
+        // (told by whoever ended it), and a leave the session sends after
+        // it is not told either.
+        for under_way in [false, true] {
+            let (a, tv, s) = ids();
+            let (mut d, mut kv) = lone();
+            d.on_heartbeat(&a, &tv, &s, &Heartbeat::default(), 1_000);
+            let w = under_way.then(|| write_of(d.take_for_write(&a, 0, 1_000)));
+            d.ended(&a, &tv, &s, 1_100, 1_100);
+            assert_eq!(
+                d.get_mut(&a, 0).expect("dictionary").pending.get(&tv),
+                Some(&Change::Forget(s.clone(), UnixMillis::MAX)),
+                "under way: {under_way}"
+            );
+            d.on_heartbeat(&a, &tv, &s, &leave(), 1_200);
+            let mut told = Vec::new();
+            if let Some(w) = w {
+                let rev = kv.update(&a, 0, &w).expect("lands");
+                told.extend(d.on_written(&a, 0, w, rev, 1_300).applied);
+            }
+            told.extend(flush(&mut d, &mut kv, 1_300));
+            let joined: Vec<String> = if under_way { vec!["s1".into()] } else { vec![] };
+            assert_eq!(events(&told), (joined, vec![]), "{told:?}");
+            assert!(kv.read(&a, 0).1.is_empty());
+        }
+    }
+
+    #[test]
+    fn only_a_leave_no_live_dictionary_holds_reaches_the_dictionary_before_them() {
+        // Interval 0, before the live ones, holds tv's s1. Its removal
+        // there is for a leave of s1 that no live dictionary holds: not
+        // when the copy of interval 1 shows s1 (removed there), not for an
+        // ending, not for a leave of another session of the device.
+        let (a, tv, s1) = ids();
+        let (mut d, mut kv) = moved_unseen();
+        let moved = only(&tv, record("s1", 10_500));
+        let rev = kv.put(&a, 1, moved.clone());
+        let _ = d.install(&a, 1, rev, moved, 20_550);
+        assert_eq!(
+            d.on_heartbeat(&a, &tv, &s1, &leave(), 20_600),
+            Decision::Queued(vec![(a.clone(), 1)])
+        );
+        let (mut d, _) = moved_unseen();
+        assert_eq!(d.ended(&a, &tv, &s1, 20_600, 20_600), Decision::Unchanged);
+        assert!(!d.has_pending());
+        let (mut d, _) = moved_unseen();
+        assert_eq!(
+            d.on_heartbeat(&a, &tv, &session("s2"), &leave(), 20_600),
+            Decision::Unchanged
+        );
+        assert!(!d.has_pending());
+    }
 }
