@@ -78,6 +78,7 @@ const GARBAGE: &[u8] = b"\xff not json";
 fn injection_targets() -> Vec<String> {
     vec![
         "hb.acme.phantom.s-phantom".into(),
+        "hbp.15.acme.phantom.s-phantom".into(),
         "$JS.API.STREAM.PURGE.KV_headcount-revoked".into(),
         "$JS.API.STREAM.DELETE.KV_headcount-revoked".into(),
         "$JS.API.STREAM.DELETE.KV_headcount-sessions".into(),
@@ -207,7 +208,7 @@ async fn replies_cannot_be_steered(
     endpoints: &[&str],
 ) {
     let (app, tv) = app_with_vendor(2, Policy::EvictOldest, KEY).await;
-    let mut spy = app.client.subscribe("hb.>").await.expect("spy");
+    let mut spy = app.client.subscribe("hbp.>").await.expect("spy");
     let (device, session, revoked) = victims(&app, &tv).await;
     let _beating = keep_beating(device, session.clone());
     let attacker = app
@@ -261,6 +262,7 @@ async fn a_backend_cannot_read_another_backends_replies_nor_any_jetstream_traffi
         "$KV.>".to_string(),
         "_R_.>".to_string(),
         "hb.>".to_string(),
+        "hbp.>".to_string(),
         "ctl.>".to_string(),
     ];
     let mut subs = Vec::new();
@@ -303,7 +305,7 @@ async fn a_backend_cannot_read_another_backends_replies_nor_any_jetstream_traffi
 #[tokio::test]
 async fn a_device_cannot_publish_a_large_message() {
     let (app, tv) = app_with_vendor(3, Policy::EvictOldest, KEY).await;
-    let mut spy = app.client.subscribe("hb.>").await.expect("spy");
+    let mut spy = app.client.subscribe("hbp.>").await.expect("spy");
     let t = tv.token("acme", "tv");
     let (device, mut events) = watched(&app, &t.token, None).await;
     let subject = format!("hb.acme.tv.{}", t.session);
@@ -499,8 +501,10 @@ async fn a_leaked_service_password_cannot_do_another_services_work_or_stream_sur
         (
             Login::Checker,
             &[
-                "hb.acme.phantom.s1",
-                "$KV.headcount-sessions.acme.1",
+                // A heartbeat as the server's mapping makes it (the subject
+                // its permissions are checked on).
+                "hbp.15.acme.phantom.s1",
+                "$KV.headcount-sessions.15.acme.1",
                 "$KV.headcount-connections.d.acme.s1",
                 "$JS.API.STREAM.DELETE.KV_headcount-sessions",
                 "$JS.API.STREAM.MSG.DELETE.KV_headcount-revoked",
@@ -513,7 +517,7 @@ async fn a_leaked_service_password_cannot_do_another_services_work_or_stream_sur
             &[
                 "ctl.acme.tv",
                 "$KV.headcount-revoked.acme.s1",
-                "$KV.headcount-sessions.acme.1",
+                "$KV.headcount-sessions.15.acme.1",
                 "$JS.API.STREAM.PURGE.KV_headcount-sessions",
                 "$JS.API.ACCOUNT.PURGE.HEADCOUNT",
                 "$JS.API.STREAM.CREATE.EVIL",

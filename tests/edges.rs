@@ -42,7 +42,7 @@ fn file(seen: &mut HashMap<String, Vec<EventType>>, payload: &[u8]) {
 }
 
 #[tokio::test]
-async fn a_leave_right_behind_its_join_frees_the_seat_on_any_handler() {
+async fn a_leave_right_behind_its_join_frees_the_seat() {
     // A timeout longer than the time the leaves are given, so that only
     // the leaves can empty the account in time.
     let timings = Timings {
@@ -54,8 +54,10 @@ async fn a_leave_right_behind_its_join_frees_the_seat_on_any_handler() {
     let dev = app.nats.fleet_client().await;
     let mut ev = events(&app, "acme").await;
 
-    // Each session's join and leave go out back to back; the queue group
-    // hands each heartbeat to either handler.
+    // Each session's join and leave go out back to back, to whichever of
+    // the two handlers holds the account's partition (both, for a moment,
+    // while it changes hands: the handlers' simulation plays that case
+    // out).
     const N: usize = 30;
     for i in 0..N {
         let (device, session) = (format!("d{i}"), format!("s{i}"));
@@ -105,12 +107,12 @@ async fn a_leave_right_behind_its_join_frees_the_seat_on_any_handler() {
         );
     }
     assert_eq!(app.active("acme").await.active, 0);
-    for h in &app.handlers {
-        assert!(
-            h.metric(r#"headcount_heartbeats_total{result="accepted"}"#) > 0.0,
-            "both handlers took heartbeats"
-        );
-    }
+    let accepted: f64 = app
+        .handlers
+        .iter()
+        .map(|h| h.metric(r#"headcount_heartbeats_total{result="accepted"}"#))
+        .sum();
+    assert_eq!(accepted, 2.0 * N as f64, "every join and leave was taken");
 }
 
 /// The sessions `account`'s live dictionaries hold in KV, sorted.

@@ -469,13 +469,14 @@ async fn restarting_handler_and_checker_loses_no_session() {
 }
 
 #[tokio::test]
-async fn two_handlers_share_the_load_without_losing_sessions() {
+async fn two_handlers_divide_the_accounts_without_losing_sessions() {
     let mut app = TestApp::spawn_with(limit(100, Policy::EvictOldest)).await;
-    app.handlers.push(app.start_handler().await);
     let dev = app.nats.fleet_client().await;
+    // 20 accounts, two devices each, beating while a second handler joins
+    // and takes half the partitions over.
     let devices: Vec<Device> = (0..40)
         .map(|i| {
-            let account = format!("acct{}", i % 4);
+            let account = format!("acct{}", i % 20);
             Device::start(
                 dev.clone(),
                 &account,
@@ -486,14 +487,40 @@ async fn two_handlers_share_the_load_without_losing_sessions() {
             )
         })
         .collect();
-    for a in 0..4 {
-        app.wait_count(&format!("acct{a}"), 10).await;
+    for a in 0..20 {
+        app.wait_count(&format!("acct{a}"), 2).await;
+    }
+    app.handlers.push(app.start_handler().await);
+    let half = f64::from(headcount_protocol::partition::PARTITIONS / 2);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !app
+        .handlers
+        .iter()
+        .all(|h| h.metric("headcount_handler_partitions") == half)
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the partitions were not divided: {:?}",
+            app.handlers
+                .iter()
+                .map(|h| h.metric("headcount_handler_partitions"))
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // Let an interval boundary pass under load, then count again.
     tokio::time::sleep(app.timings.interval + Duration::from_millis(500)).await;
-    for a in 0..4 {
-        assert_eq!(app.active(&format!("acct{a}")).await.active, 10, "acct{a}");
+    for a in 0..20 {
+        assert_eq!(app.active(&format!("acct{a}")).await.active, 2, "acct{a}");
     }
+    // Each session is held by one handler: the two divide them.
+    let held: Vec<f64> = app
+        .handlers
+        .iter()
+        .map(|h| h.metric("headcount_handler_sessions"))
+        .collect();
+    assert_eq!(held.iter().sum::<f64>(), 40.0, "sessions held: {held:?}");
+    assert!(held.iter().all(|&n| n > 0.0 && n < 40.0), "{held:?}");
     let accepted: f64 = app
         .handlers
         .iter()
@@ -505,15 +532,48 @@ async fn two_handlers_share_the_load_without_losing_sessions() {
         .map(|h| h.metric(r#"headcount_kv_writes_total{result="ok"}"#))
         .sum();
     assert!(
-        app.handlers
-            .iter()
-            .all(|h| h.metric(r#"headcount_heartbeats_total{result="accepted"}"#) > 0.0),
-        "both handlers took heartbeats"
-    );
-    assert!(
         writes < accepted / 5.0,
         "writes {writes} must grow with sessions, not heartbeats ({accepted})"
     );
+
+    // One handler stops: it hands its partitions to the other before it
+    // lets them go. No session leaves, joins again or times out.
+    let mut ev = app
+        .nats
+        .service_client()
+        .await
+        .subscribe("headcount.events.>")
+        .await
+        .unwrap();
+    let leaving = app.handlers.remove(0);
+    let stopped = tokio::time::Instant::now();
+    leaving.stop().await.expect("a graceful stop");
+    assert!(
+        stopped.elapsed() < Duration::from_secs(10),
+        "it waited out the hand-over: {:?}",
+        stopped.elapsed()
+    );
+    let left = &app.handlers[0];
+    assert_eq!(left.metric("headcount_handler_partitions"), 2.0 * half);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while left.metric("headcount_handler_sessions") != 40.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{}",
+            left.metric("headcount_handler_sessions")
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(app.timings.timeout + Duration::from_millis(500)).await;
+    for a in 0..20 {
+        assert_eq!(app.active(&format!("acct{a}")).await.active, 2, "acct{a}");
+    }
+    if let Ok(Some(msg)) = tokio::time::timeout(Duration::from_millis(100), ev.next()).await {
+        panic!(
+            "an event during the hand-over: {}",
+            String::from_utf8_lossy(&msg.payload)
+        );
+    }
     Device::silence_all(devices).await;
 }
 

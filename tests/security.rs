@@ -121,17 +121,24 @@ async fn a_device_with_a_valid_token_heartbeats_and_is_counted() {
 async fn a_device_may_not_publish_as_another_device_or_account() {
     let mut c = tv_connected().await;
     let sid = c.t.session.as_str();
+    // Its own ids on another partition than its account's.
+    let elsewhere =
+        (headcount_protocol::partition::of("acme") + 1) % headcount_protocol::partition::PARTITIONS;
     for subject in [
         format!("hb.acme.phone.{sid}"),           // another device
         format!("hb.other.tv.{sid}"),             // another account
         "hb.acme.tv.another-session".to_string(), // another session
+        format!("hbp.{elsewhere}.acme.tv.{sid}"), // another partition
         "headcount.events.acme".to_string(),
     ] {
         c.dev
             .publish(subject.clone(), hb().encode().into())
             .await
             .unwrap();
-        violation(&mut c.events, &subject).await;
+        // The server names the subject its mapping made of a heartbeat's,
+        // `hbp.<partition>.` and the ids.
+        let named = subject.strip_prefix("hb").unwrap_or(&subject);
+        violation(&mut c.events, named).await;
     }
     // Nothing of it reached the handler: no session for either account.
     let app = &c.app;
@@ -186,7 +193,7 @@ async fn a_device_cannot_call_endpoints_or_read_kv() {
     for subject in [
         "headcount.active",
         "$JS.API.STREAM.INFO.KV_headcount-sessions",
-        "$KV.headcount-sessions.acme.1",
+        "$KV.headcount-sessions.15.acme.1",
     ] {
         let r = tokio::time::timeout(
             Duration::from_secs(2),

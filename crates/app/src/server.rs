@@ -488,3 +488,35 @@ impl NatsProcess {
         tracing::info!(pid = self.pid, port = self.port, "nats-server stopped");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use headcount_protocol::partition::MAPPING;
+
+    /// The partition a server puts a heartbeat on and the one headcount
+    /// computes agree only if every configuration maps heartbeats with the
+    /// count headcount was built with.
+    #[test]
+    fn every_configuration_maps_heartbeats_to_headcounts_partitions() {
+        let spelled = format!("\"{}\": \"{}\"", MAPPING.0, MAPPING.1);
+        // The devices' account and the services' own.
+        assert_eq!(NATS_CONF.matches(&spelled).count(), 2, "nats.conf");
+        assert_eq!(NATS_CONF_INSECURE.matches(&spelled).count(), 1);
+        let k8s = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../../deploy/k8s/nats-values.yaml"),
+        )
+        .unwrap();
+        assert_eq!(
+            k8s.matches(&spelled).count(),
+            2,
+            "deploy/k8s/nats-values.yaml"
+        );
+        // Nothing still names the subjects from before the partitions.
+        for conf in [NATS_CONF, NATS_CONF_INSECURE, k8s.as_str()] {
+            assert!(!conf.contains("\"hb.>\""));
+            assert!(!conf.contains("\"hb.*.*.*\"]"));
+        }
+    }
+}

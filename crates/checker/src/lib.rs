@@ -121,7 +121,7 @@ async fn run(config: Config, metrics: Metrics, wiring: Wiring) -> anyhow::Result
 
     // Liveness first, so no heartbeat sent while the view loads is missed.
     let mut heartbeats = nats
-        .subscribe(subjects::HEARTBEAT_WILDCARD)
+        .subscribe(subjects::PARTITIONED_WILDCARD)
         .await
         .context("subscribing to heartbeats")?;
 

@@ -404,6 +404,83 @@ async fn killing_handler_and_checker_loses_no_session() {
     late_fleet.stop().await;
 }
 
+/// Partitions change hands under load: a second and a third handler join
+/// (each takes its share over from the first), then one of them is killed
+/// (the others take its partitions). Every session stays counted, each is
+/// held by one handler at a time, and no session is ended, joined again or
+/// left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitions_change_hands_without_losing_or_repeating_a_session() {
+    let (s, accts, fleet, watcher) = loaded("part", 12).await;
+    let pw = s.cluster.service_password.clone();
+    let urls = s.cluster.urls();
+    let total = (accts.len() * 3) as f64;
+    let partitions = f64::from(headcount_protocol::partition::PARTITIONS);
+
+    let mut handlers = vec![s.handler];
+    for _ in 0..2 {
+        handlers.push(Service::start("handler", &urls, &pw, &["--replicas", "3"]));
+    }
+    // Three handlers: every partition served once, each handler its share.
+    let shares = until_divided(&handlers, 3, partitions, total).await;
+    assert!(shares.iter().all(|&(p, _)| p <= 11.0), "{shares:?}");
+    until_all_active(&s.client, &accts, 3, Duration::from_secs(5)).await;
+
+    // Kill one: the two left take its partitions over.
+    handlers[1].kill();
+    let handlers = [handlers.remove(0), handlers.remove(1)];
+    until_divided(&handlers, 2, partitions, total).await;
+    // Past the timeout (6 s): nobody was missed for long enough to time out.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    until_all_active(&s.client, &accts, 3, Duration::from_secs(5)).await;
+    watcher.assert_no_false_ends().await;
+    // No session joined twice or left: those that joined, joined before
+    // the watcher started.
+    let events = watcher.events.lock().await.clone();
+    assert!(
+        events
+            .iter()
+            .all(|e| !matches!(e.kind, EventType::Join | EventType::Leave)),
+        "{events:?}"
+    );
+    fleet.stop().await;
+    drop(s.checker);
+}
+
+/// Waits until the `n` handlers serve every partition once between them
+/// and hold every session once: (partitions, sessions) of each.
+async fn until_divided(
+    handlers: &[Service],
+    n: usize,
+    partitions: f64,
+    sessions: f64,
+) -> Vec<(f64, f64)> {
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let mut shares = Vec::new();
+        for h in handlers {
+            let p = h
+                .metric("headcount_handler_partitions")
+                .await
+                .unwrap_or(0.0);
+            let s = h.metric("headcount_handler_sessions").await.unwrap_or(0.0);
+            shares.push((p, s));
+        }
+        let (p, s) = shares
+            .iter()
+            .fold((0.0, 0.0), |(a, b), (p, s)| (a + p, b + s));
+        if p == partitions && s == sessions && shares.iter().all(|&(p, _)| p > 0.0) {
+            assert_eq!(shares.len(), n);
+            return shares;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the partitions were not divided among {n} handlers: {shares:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 /// One account's devices all stop: each of its sessions gets a `timeout`
 /// event once the timeout has passed (and not before), the others are
 /// untouched.

@@ -42,10 +42,11 @@ use headcount_protocol::subjects::{self, kv as keys};
 use headcount_protocol::wire::{
     self, EndReason, EventType, HeartbeatError, HeartbeatRef, PresenceEvent, Revocation, SessionRef,
 };
-use headcount_protocol::{AccountId, IntervalClock, SessionId, now_millis};
+use headcount_protocol::{AccountId, IntervalClock, SessionId, now_millis, partition};
 use headcount_runtime::effects::{self, Once};
-use headcount_runtime::{Buckets, Shutdown, Wiring};
-use tokio::sync::mpsc;
+use headcount_runtime::{Buckets, Shutdown, Wiring, members};
+use std::sync::atomic::Ordering;
+use tokio::sync::{mpsc, oneshot};
 
 pub use metrics::Metrics;
 
@@ -87,9 +88,12 @@ impl Default for Config {
 
 type Key = (AccountId, u64);
 
+/// One partition held by this instance: its dictionaries, and the handles
+/// its writes need (shared with the instance's other partitions).
 struct Shared {
     dicts: Mutex<Dicts>,
-    /// Ended sessions, by id (session ids are unique across accounts).
+    /// Ended sessions, by id (session ids are unique across accounts);
+    /// one cache for the whole instance.
     revoked: moka::sync::Cache<SessionId, ()>,
     buckets: Buckets,
     nats: async_nats::Client,
@@ -97,6 +101,10 @@ struct Shared {
     flush_tx: mpsc::UnboundedSender<Key>,
     rate: Mutex<rate::RateLimiter>,
     carry_delay: Duration,
+    /// The partition.
+    partition: u32,
+    /// Sessions its live dictionaries hold, as last counted.
+    sessions: std::sync::atomic::AtomicUsize,
 }
 
 impl Shared {
@@ -111,48 +119,51 @@ impl Shared {
 /// its watches have caught up and it takes heartbeats.
 pub fn start(config: Config, metrics: Metrics, wiring: Wiring) -> headcount_runtime::Running {
     let health = wiring.health.clone();
-    headcount_runtime::Running::spawn("heartbeat-handler", health, run(config, metrics, wiring))
+    // Boxed: the instance's future is large, and moving it by value
+    // through the spawn can overflow a small stack (a test's thread).
+    headcount_runtime::Running::spawn(
+        "heartbeat-handler",
+        health,
+        Box::pin(run(config, metrics, wiring)),
+    )
 }
 
-/// Runs one handler instance until `shutdown`, then stops taking heartbeats
-/// and writes everything still pending before returning.
+/// A partition this instance runs.
+struct Running {
+    shared: Arc<Shared>,
+    stop: headcount_runtime::shutdown::Trigger,
+    /// Fires once it serves (its copy complete, its subscription up).
+    ready: oneshot::Receiver<()>,
+    serving: bool,
+    stopping: bool,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+/// Runs one handler instance until `shutdown`, then hands its partitions
+/// over and writes everything still pending before returning.
+///
+/// The instance holds the partitions the members bucket assigns it
+/// ([`headcount_runtime::members`]), each on its own tasks: a watch of the
+/// partition's dictionaries, its heartbeat subscription (a queue group of
+/// its own, shared for a moment while the partition changes hands), and
+/// its writes.
 ///
 /// Readiness goes to `health` (a scope of the caller's, which tracks the
-/// NATS connection): components `sessions` and `revoked`, ready once their
-/// watch has replayed what the bucket held, and the scope itself, serving
-/// from the moment the heartbeat subscription is up until the drain starts.
+/// NATS connection): components `sessions` (every partition assigned at
+/// start serves) and `revoked` (its watch has replayed what the bucket
+/// held), and the scope itself, serving from then until the drain starts.
 async fn run(config: Config, metrics: Metrics, wiring: Wiring) -> anyhow::Result<()> {
     let (nats, buckets) = (wiring.nats, wiring.buckets);
     let (health, shutdown) = (wiring.health, wiring.shutdown);
     let sessions_health = health.component("sessions");
     let revoked_health = health.component("revoked");
-    let clock = IntervalClock::new(config.interval);
-    let (flush_tx, flush_rx) = mpsc::unbounded_channel();
-    let shared = Arc::new(Shared {
-        dicts: Mutex::new(Dicts::new(clock)),
-        revoked: moka::sync::Cache::builder()
-            .time_to_live(config.revoked_ttl)
-            .build(),
-        buckets: buckets.clone(),
-        nats: nats.clone(),
-        metrics,
-        flush_tx,
-        rate: Mutex::new(rate::RateLimiter::new(config.max_rate, config.burst)),
-        carry_delay: config.carry_delay,
-    });
+    let revoked = moka::sync::Cache::builder()
+        .time_to_live(config.revoked_ttl)
+        .build();
+    let parts: Arc<Mutex<std::collections::BTreeMap<u32, Arc<Shared>>>> = Arc::default();
 
-    // A complete view first: deciding on a partial one would emit false joins.
     let (watch_stop, watch_shutdown) = Shutdown::new();
-    let s = shared.clone();
-    let (sessions_task, sessions_ready) = headcount_runtime::watch::follow(
-        buckets.sessions.clone(),
-        "sessions",
-        move |entry| on_dict_entry(&s, entry),
-        watch_shutdown.clone(),
-    )
-    .await
-    .context("watching sessions bucket")?;
-    let s = shared.clone();
+    let (cache, held) = (revoked.clone(), parts.clone());
     let (revoked_task, revoked_ready) = headcount_runtime::watch::follow(
         buckets.revoked.clone(),
         "revoked",
@@ -160,53 +171,260 @@ async fn run(config: Config, metrics: Metrics, wiring: Wiring) -> anyhow::Result
             if entry.operation == kv::Operation::Put
                 && let Some((account, session)) = keys::parse_revoked(&entry.key)
             {
-                s.revoked.insert(session.clone(), ());
-                on_ended(&s, &account, &session, &entry.value);
+                cache.insert(session.clone(), ());
+                let p = partition::of(account.as_str());
+                let part = held
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(&p)
+                    .cloned();
+                if let Some(part) = part {
+                    on_ended(&part, &account, &session, &entry.value);
+                }
             }
         },
         watch_shutdown,
     )
     .await
     .context("watching revoked bucket")?;
-    if sessions_ready.await.is_ok() {
-        sessions_health.set_ready(true);
-    }
     if revoked_ready.await.is_ok() {
         revoked_health.set_ready(true);
     }
 
-    let flusher = tokio::spawn(flusher(
-        shared.clone(),
-        flush_rx,
-        config.max_concurrent_writes,
+    // Membership: which partitions this instance holds.
+    let me = format!("{}", nuid::next());
+    let (plans_tx, mut plans) = tokio::sync::watch::channel(members::Plan::default());
+    let (serving_tx, serving_rx) = mpsc::unbounded_channel();
+    let (leave, leave_signal) = Shutdown::new();
+    let mut roster = tokio::spawn(members::run(
+        buckets.members.clone(),
+        members::HANDLER,
+        me.clone(),
+        1,
+        plans_tx,
+        serving_rx,
+        leave_signal,
     ));
+    tracing::info!(instance = %me, interval = ?config.interval, "heartbeat-handler joining");
 
-    let mut sub = nats
+    let clock = IntervalClock::new(config.interval);
+    let new_part = |p: u32| {
+        let (flush_tx, flush_rx) = mpsc::unbounded_channel();
+        let shared = Arc::new(Shared {
+            dicts: Mutex::new(Dicts::new(clock)),
+            revoked: revoked.clone(),
+            buckets: buckets.clone(),
+            nats: nats.clone(),
+            metrics: metrics.clone(),
+            flush_tx,
+            rate: Mutex::new(rate::RateLimiter::new(config.max_rate, config.burst)),
+            carry_delay: config.carry_delay,
+            partition: p,
+            sessions: Default::default(),
+        });
+        (shared, flush_rx)
+    };
+    let mut running: std::collections::BTreeMap<u32, Running> = Default::default();
+    let mut serving_guard = None;
+    let mut announced = std::collections::BTreeSet::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let mut stop = std::pin::pin!(shutdown.wait());
+    let mut leaving: Option<tokio::time::Instant> = None;
+    // Partitions whose tasks failed, and when to start them again.
+    let mut retry_at = std::collections::BTreeMap::new();
+    loop {
+        tokio::select! {
+            _ = &mut stop, if leaving.is_none() => {
+                // Others take this instance's partitions over; it lets
+                // each go once its new holder serves it.
+                leave.fire();
+                drop(serving_guard.take());
+                leaving = Some(tokio::time::Instant::now() + HAND_OVER_WAIT);
+            }
+            _ = plans.changed() => {}
+            _ = tick.tick() => {}
+            ended = &mut roster => {
+                anyhow::bail!("following the members bucket ended: {ended:?}");
+            }
+        }
+        let plan = plans.borrow().clone();
+        let ids: std::collections::BTreeSet<u32> = running.keys().copied().collect();
+        if leaving.is_none() && plan.members > 0 {
+            let now = tokio::time::Instant::now();
+            retry_at.retain(|_, at| *at > now);
+            for p in plan.to_start(&ids) {
+                if retry_at.contains_key(&p) {
+                    continue;
+                }
+                let (shared, flush_rx) = new_part(p);
+                let (trigger, part_stop) = Shutdown::new();
+                let (ready_tx, ready) = oneshot::channel();
+                let task = tokio::spawn(run_partition(
+                    shared.clone(),
+                    flush_rx,
+                    config.max_concurrent_writes,
+                    ready_tx,
+                    part_stop,
+                ));
+                parts
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(p, shared.clone());
+                running.insert(
+                    p,
+                    Running {
+                        shared,
+                        stop: trigger,
+                        ready,
+                        serving: false,
+                        stopping: false,
+                        task,
+                    },
+                );
+            }
+        }
+        let give_up = match leaving {
+            // No other instance, or waited long enough: stop what is left.
+            Some(deadline) => plan.members == 0 || tokio::time::Instant::now() >= deadline,
+            None => false,
+        };
+        let to_stop = if give_up {
+            ids.iter().copied().collect()
+        } else {
+            plan.to_stop(&ids)
+        };
+        for p in to_stop {
+            if let Some(r) = running.get_mut(&p)
+                && !r.stopping
+            {
+                tracing::info!(partition = p, "handing partition over");
+                r.stopping = true;
+                r.stop.fire();
+            }
+        }
+        // Partitions that came up, or ended.
+        let mut ended = Vec::new();
+        for (&p, r) in running.iter_mut() {
+            if !r.serving && r.ready.try_recv().is_ok() {
+                r.serving = true;
+            }
+            if r.task.is_finished() {
+                ended.push(p);
+            }
+        }
+        for p in ended {
+            let Some(r) = running.remove(&p) else {
+                continue;
+            };
+            parts.lock().unwrap_or_else(|p| p.into_inner()).remove(&p);
+            let failed = match r.task.await {
+                Ok(Ok(())) if r.stopping => continue,
+                Ok(Ok(())) => "stopped".to_string(),
+                Ok(Err(e)) => format!("{e:#}"),
+                Err(e) => e.to_string(),
+            };
+            tracing::warn!(partition = p, error = %failed, "partition ended, restarting in 1 s");
+            retry_at.insert(p, tokio::time::Instant::now() + Duration::from_secs(1));
+        }
+        let serving: std::collections::BTreeSet<u32> = running
+            .iter()
+            .filter(|(_, r)| r.serving && !r.stopping)
+            .map(|(&p, _)| p)
+            .collect();
+        if serving != announced {
+            let _ = serving_tx.send(serving.clone());
+            announced = serving;
+        }
+        metrics.sessions.set(
+            running
+                .values()
+                .map(|r| r.shared.sessions.load(Ordering::Relaxed))
+                .sum::<usize>() as i64,
+        );
+        metrics.partitions.set(announced.len() as i64);
+        if leaving.is_none()
+            && serving_guard.is_none()
+            && plan.members > 0
+            && plan.assigned.iter().all(|p| announced.contains(p))
+        {
+            sessions_health.set_ready(true);
+            serving_guard = Some(health.serving());
+            tracing::info!(partitions = announced.len(), "heartbeat-handler ready");
+        }
+        if leaving.is_some() && running.is_empty() {
+            break;
+        }
+    }
+    drop(plans);
+    let _ = roster.await;
+    watch_stop.fire();
+    let _ = revoked_task.await;
+    tracing::info!("heartbeat-handler stopped");
+    Ok(())
+}
+
+/// How long a stopping instance waits for others to take its partitions
+/// over before it lets them go regardless.
+const HAND_OVER_WAIT: Duration = Duration::from_secs(10);
+
+/// Runs one partition until `stop`: watches its dictionaries, then takes
+/// its heartbeats, then, stopping, takes no new ones and writes everything
+/// still pending.
+async fn run_partition(
+    shared: Arc<Shared>,
+    flush_rx: mpsc::UnboundedReceiver<Key>,
+    max_concurrent_writes: usize,
+    ready: oneshot::Sender<()>,
+    stop: Shutdown,
+) -> anyhow::Result<()> {
+    let p = shared.partition;
+    // A complete view first: deciding on a partial one would emit false joins.
+    let (watch_stop, watch_shutdown) = Shutdown::new();
+    let s = shared.clone();
+    let (sessions_task, sessions_ready) = headcount_runtime::watch::follow_keys(
+        shared.buckets.sessions.clone(),
+        "sessions",
+        &keys::session_dicts_of(p),
+        move |entry| on_dict_entry(&s, entry),
+        watch_shutdown,
+    )
+    .await
+    .context("watching sessions bucket")?;
+    let mut stopped = std::pin::pin!(stop.wait());
+    tokio::select! {
+        _ = sessions_ready => {}
+        _ = &mut stopped => {
+            watch_stop.fire();
+            let _ = sessions_task.await;
+            return Ok(());
+        }
+    }
+
+    let flusher = tokio::spawn(flusher(shared.clone(), flush_rx, max_concurrent_writes));
+    let mut sub = shared
+        .nats
         .queue_subscribe(
-            subjects::HEARTBEAT_WILDCARD,
-            subjects::HANDLER_QUEUE_GROUP.into(),
+            subjects::partition_heartbeats(p),
+            subjects::handler_queue_group(p),
         )
         .await
         .context("subscribing to heartbeats")?;
-    let serving = health.serving();
-    tracing::info!(interval = ?config.interval, "heartbeat-handler ready");
+    let _ = ready.send(());
 
     let mut tick = tokio::time::interval(Duration::from_secs(1));
-    let mut stop = std::pin::pin!(shutdown.wait());
     loop {
         tokio::select! {
-            _ = &mut stop => break,
+            _ = &mut stopped => break,
             msg = sub.next() => match msg {
                 Some(msg) => on_message(&shared, &msg.subject, &msg.payload),
                 None => anyhow::bail!("heartbeat subscription closed"),
             },
             _ = tick.tick() => {
                 let now = now_millis();
-                {
-                    let mut d = shared.dicts();
-                    d.prune(now);
-                    shared.metrics.sessions.set(d.session_count(now) as i64);
-                }
+                let mut d = shared.dicts();
+                d.prune(now);
+                shared.sessions.store(d.session_count(now), Ordering::Relaxed);
+                drop(d);
                 shared.rate.lock().unwrap_or_else(|p| p.into_inner()).prune(now);
             }
         }
@@ -214,9 +432,8 @@ async fn run(config: Config, metrics: Metrics, wiring: Wiring) -> anyhow::Result
 
     // Drain: take no new heartbeats, handle those already delivered, then
     // let every pending write land.
-    drop(serving);
     if let Err(e) = sub.drain().await {
-        tracing::warn!(error = %e, "draining heartbeat subscription");
+        tracing::warn!(error = %e, partition = p, "draining heartbeat subscription");
     }
     while let Ok(Some(msg)) = tokio::time::timeout(Duration::from_secs(2), sub.next()).await {
         on_message(&shared, &msg.subject, &msg.payload);
@@ -230,13 +447,14 @@ async fn run(config: Config, metrics: Metrics, wiring: Wiring) -> anyhow::Result
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     if pending_writes(&shared) {
-        tracing::warn!("stopping with dictionary writes still pending");
+        tracing::warn!(
+            partition = p,
+            "stopping with dictionary writes still pending"
+        );
     }
     watch_stop.fire();
     flusher.abort();
     let _ = sessions_task.await;
-    let _ = revoked_task.await;
-    tracing::info!("heartbeat-handler stopped");
     Ok(())
 }
 
@@ -283,8 +501,15 @@ fn on_ended(shared: &Shared, account: &AccountId, session: &SessionId, value: &[
 /// and fields are borrowed from the message and looked up as `&str`.
 fn on_message(shared: &Shared, subject: &str, payload: &[u8]) {
     let c = &shared.metrics.hb;
-    let ids = match subjects::parse_heartbeat_ref(subject) {
-        Ok(ids) => ids,
+    let ids = match subjects::parse_partitioned_ref(subject) {
+        Ok((p, ids)) if p == shared.partition && partition::of(ids.account) == p => ids,
+        Ok(_) => {
+            // The server's mapping counts another number of partitions
+            // than this build: nats.conf and headcount disagree.
+            c.misrouted.inc();
+            tracing::warn!(subject, "heartbeat on another partition than its account's");
+            return;
+        }
         Err(e) => {
             c.invalid.inc();
             tracing::debug!(subject, error = %e, "dropping heartbeat");

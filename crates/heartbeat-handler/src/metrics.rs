@@ -14,18 +14,23 @@ pub struct HeartbeatCounters {
     pub rate_limited: IntCounter,
     /// A new session whose account's dictionary has no room left.
     pub dictionary_full: IntCounter,
+    /// On another partition than its account's: the server's subject
+    /// mapping and this build count partitions differently.
+    pub misrouted: IntCounter,
 }
 
 #[derive(Clone, Debug)]
 pub struct Metrics {
     /// Heartbeats by result: accepted, invalid, malformed, revoked,
-    /// rate_limited, dictionary_full.
+    /// rate_limited, dictionary_full, misrouted.
     pub heartbeats: IntCounterVec,
     /// KV writes by result: ok, conflict, error.
     pub kv_writes: IntCounterVec,
     pub kv_write_seconds: Histogram,
     /// Sessions held in the live interval dictionaries (each device once).
     pub sessions: IntGauge,
+    /// Partitions this instance serves.
+    pub partitions: IntGauge,
     /// Presence events published, by type.
     pub events: IntCounterVec,
     pub hb: HeartbeatCounters,
@@ -50,6 +55,7 @@ impl Metrics {
             revoked: heartbeats.with_label_values(&["revoked"]),
             rate_limited: heartbeats.with_label_values(&["rate_limited"]),
             dictionary_full: heartbeats.with_label_values(&["dictionary_full"]),
+            misrouted: heartbeats.with_label_values(&["misrouted"]),
         };
         Ok(Self {
             hb,
@@ -76,6 +82,11 @@ impl Metrics {
             sessions: IntGauge::new(
                 "headcount_handler_sessions",
                 "sessions held in the live interval dictionaries (each device once)",
+            )?
+            .register(registry)?,
+            partitions: IntGauge::new(
+                "headcount_handler_partitions",
+                "partitions this instance serves",
             )?
             .register(registry)?,
             events: IntCounterVec::new(

@@ -6,6 +6,7 @@
 //! - [`subjects`]: every NATS subject and KV key the system uses.
 //! - [`wire`]: heartbeats and control messages (MessagePack), presence events
 //!   and request/reply bodies (JSON).
+//! - [`partition`]: how accounts are divided among service instances.
 //! - [`interval`]: the interval arithmetic behind the interval dictionaries.
 //! - [`policy`]: limit policies and the per-account limit.
 //! - [`error`]: the error an endpoint answers with.
@@ -16,6 +17,7 @@
 pub mod error;
 pub mod interval;
 pub mod names;
+pub mod partition;
 pub mod policy;
 pub mod subjects;
 pub mod wire;

@@ -4,8 +4,21 @@ use crate::names::{AccountId, DeviceId, NameError, SessionId};
 
 /// Devices publish heartbeats here: `hb.<account>.<device>.<session>`.
 pub const HEARTBEAT_WILDCARD: &str = "hb.*.*.*";
-/// Queue group shared by every heartbeat-handler instance.
-pub const HANDLER_QUEUE_GROUP: &str = "headcount-handlers";
+/// Where heartbeats arrive: nats-server maps each one to
+/// `hbp.<partition>.<account>.<device>.<session>`
+/// ([`crate::partition`]).
+pub const PARTITIONED_WILDCARD: &str = "hbp.*.*.*.*";
+
+/// The heartbeats of one partition.
+pub fn partition_heartbeats(partition: u32) -> String {
+    format!("hbp.{partition}.*.*.*")
+}
+
+/// Queue group of the handler instances holding one partition: while a
+/// partition changes hands, both hold it and share its heartbeats.
+pub fn handler_queue_group(partition: u32) -> String {
+    format!("headcount-handlers-{partition}")
+}
 
 /// Prefix of every request-reply endpoint.
 pub const SERVICE_PREFIX: &str = "headcount";
@@ -30,6 +43,19 @@ pub fn endpoint_subject(endpoint: &str) -> String {
 /// `hb.<account>.<device>.<session>`
 pub fn heartbeat(account: &AccountId, device: &DeviceId, session: &SessionId) -> String {
     format!("hb.{account}.{device}.{session}")
+}
+
+/// `hbp.<partition>.<account>.<device>.<session>`: where nats-server puts a
+/// heartbeat published on [`heartbeat`], and so the subject a device's
+/// permission to publish must name (the server checks the subject its
+/// mapping made).
+pub fn partitioned_heartbeat(
+    account: &AccountId,
+    device: &DeviceId,
+    session: &SessionId,
+) -> String {
+    let p = crate::partition::of(account.as_str());
+    format!("hbp.{p}.{account}.{device}.{session}")
 }
 
 /// `ctl.<account>.<device>`
@@ -86,14 +112,32 @@ impl HeartbeatSubjectRef<'_> {
 /// Parses and validates `hb.<account>.<device>.<session>` without
 /// allocating.
 pub fn parse_heartbeat_ref(subject: &str) -> Result<HeartbeatSubjectRef<'_>, SubjectError> {
-    let mut parts = subject.split('.');
-    let (Some("hb"), Some(a), Some(d), Some(s), None) = (
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-    ) else {
+    let rest = subject.strip_prefix("hb.").ok_or(SubjectError::Shape)?;
+    parse_ids(rest)
+}
+
+/// Parses and validates a heartbeat as it arrives,
+/// `hbp.<partition>.<account>.<device>.<session>`, without allocating: the
+/// partition the server put it on, and its identifiers.
+pub fn parse_partitioned_ref(
+    subject: &str,
+) -> Result<(u32, HeartbeatSubjectRef<'_>), SubjectError> {
+    let rest = subject.strip_prefix("hbp.").ok_or(SubjectError::Shape)?;
+    let (p, rest) = rest.split_once('.').ok_or(SubjectError::Shape)?;
+    // Digits only: `+1` or ` 1` is not a partition the server writes.
+    if p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(SubjectError::Shape);
+    }
+    let p: u32 = p.parse().map_err(|_| SubjectError::Shape)?;
+    Ok((p, parse_ids(rest)?))
+}
+
+/// `<account>.<device>.<session>`, validated.
+fn parse_ids(rest: &str) -> Result<HeartbeatSubjectRef<'_>, SubjectError> {
+    let mut parts = rest.split('.');
+    let (Some(a), Some(d), Some(s), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
         return Err(SubjectError::Shape);
     };
     crate::names::check_account(a)?;
@@ -122,8 +166,9 @@ pub fn server_kick(server_id: &str) -> String {
 pub mod kv {
     use super::*;
 
-    /// Interval dictionaries: key `<account>.<interval>`, value a MessagePack
-    /// map device -> session record. Written only by heartbeat-handler.
+    /// Interval dictionaries: key `<partition>.<account>.<interval>`, value
+    /// a MessagePack map device -> session record. Written only by
+    /// heartbeat-handler.
     pub const SESSIONS_BUCKET: &str = "headcount-sessions";
     /// Ended sessions whose heartbeats must be ignored: key
     /// `<account>.<session>`. Written with create-only semantics so that each
@@ -148,14 +193,35 @@ pub mod kv {
     /// token it ends.
     pub const CONNECTIONS_TTL: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
+    /// `<partition>.<account>.<interval>`: the partition first, so that the
+    /// holder of a partition watches its keys alone.
+    /// Live instances of the services: key `<role>.<instance>`, value the
+    /// partitions the instance serves (JSON), rewritten every second.
+    pub const MEMBERS_BUCKET: &str = "headcount-members";
+    /// How long the members bucket keeps a record not rewritten: long
+    /// past the moment its readers count its instance gone.
+    pub const MEMBERS_TTL: std::time::Duration = std::time::Duration::from_secs(60);
+
     pub fn session_dict(account: &AccountId, interval: u64) -> String {
-        format!("{account}.{interval}")
+        let p = crate::partition::of(account.as_str());
+        format!("{p}.{account}.{interval}")
     }
 
-    /// Parses `<account>.<interval>`.
+    /// Every dictionary of one partition, for a watch.
+    pub fn session_dicts_of(partition: u32) -> String {
+        format!("{partition}.>")
+    }
+
+    /// Parses `<partition>.<account>.<interval>`; None for any other key,
+    /// and for a partition that is not the account's.
     pub fn parse_session_dict(key: &str) -> Option<(AccountId, u64)> {
-        let (a, i) = key.split_once('.')?;
-        Some((AccountId::parse(a).ok()?, i.parse().ok()?))
+        let (p, rest) = key.split_once('.')?;
+        let (a, i) = rest.split_once('.')?;
+        let account = AccountId::parse(a).ok()?;
+        if p.parse::<u32>().ok()? != crate::partition::of(a) || p.starts_with('+') {
+            return None;
+        }
+        Some((account, i.parse().ok()?))
     }
 
     pub fn revoked(account: &AccountId, session: &SessionId) -> String {
@@ -232,6 +298,35 @@ mod tests {
     }
 
     #[test]
+    fn a_partitioned_heartbeat_parses_to_its_partition_and_ids() {
+        let (p, ids) = parse_partitioned_ref("hbp.15.acme.tv-1.S_1").unwrap();
+        assert_eq!(p, 15);
+        assert_eq!(
+            (ids.account, ids.device, ids.session),
+            ("acme", "tv-1", "S_1")
+        );
+        for bad in [
+            "hbp.x.acme.tv-1.S_1",
+            "hbp.+1.acme.tv-1.S_1",
+            "hbp..acme.tv-1.S_1",
+            "hbp.1.acme.tv-1",
+            "hbp.1.acme.tv-1.S_1.x",
+            "hb.acme.tv-1.S_1",
+            "hbp.99999999999.acme.tv-1.S_1",
+        ] {
+            assert_eq!(
+                parse_partitioned_ref(bad),
+                Err(SubjectError::Shape),
+                "{bad}"
+            );
+        }
+        assert!(matches!(
+            parse_partitioned_ref("hbp.1.acme.tv-1."),
+            Err(SubjectError::Name(_))
+        ));
+    }
+
+    #[test]
     fn heartbeat_subject_shape_is_checked() {
         for bad in ["hb.a.b", "hb.a.b.c.d", "xx.a.b.c", "", "hb"] {
             assert_eq!(parse_heartbeat(bad), Err(SubjectError::Shape), "{bad}");
@@ -250,8 +345,13 @@ mod tests {
             Some((a.clone(), 42))
         );
         let s = SessionId::parse("abc").unwrap();
+        assert_eq!(kv::session_dict(&a, 42), "15.acme.42");
         assert_eq!(kv::parse_revoked(&kv::revoked(&a, &s)), Some((a, s)));
-        assert_eq!(kv::parse_session_dict("acme.x"), None);
+        assert_eq!(kv::parse_session_dict("15.acme.x"), None);
+        assert_eq!(kv::parse_session_dict("acme.42"), None);
+        assert_eq!(kv::parse_session_dict("+15.acme.42"), None);
+        // Another partition than the account's.
+        assert_eq!(kv::parse_session_dict("14.acme.42"), None);
     }
 
     #[test]

@@ -63,6 +63,7 @@ pub struct Buckets {
     pub limits: kv::Store,
     pub timeouts: kv::Store,
     pub connections: kv::Store,
+    pub members: kv::Store,
 }
 
 impl std::fmt::Debug for Buckets {
@@ -162,7 +163,7 @@ impl Buckets {
         };
         // Every bucket: its name, what it holds, and how long an entry
         // lives (zero: until it is deleted).
-        let [sessions, revoked, limits, timeouts, connections] = [
+        let [sessions, revoked, limits, timeouts, connections, members] = [
             (
                 keys::SESSIONS_BUCKET,
                 "interval dictionaries: account.interval -> device -> session",
@@ -188,13 +189,22 @@ impl Buckets {
                 "live connections per token, revoked operator and backend tokens",
                 keys::CONNECTIONS_TTL,
             ),
+            (
+                keys::MEMBERS_BUCKET,
+                "live service instances and the partitions they serve",
+                keys::MEMBERS_TTL,
+            ),
         ];
+        // One at a time, each boxed: the futures are large, and a caller
+        // polling this deep in its own future (a test's thread) has a
+        // small stack.
         Ok(Self {
-            sessions: open(sessions).await?,
-            revoked: open(revoked).await?,
-            limits: open(limits).await?,
-            timeouts: open(timeouts).await?,
-            connections: open(connections).await?,
+            sessions: Box::pin(open(sessions)).await?,
+            revoked: Box::pin(open(revoked)).await?,
+            limits: Box::pin(open(limits)).await?,
+            timeouts: Box::pin(open(timeouts)).await?,
+            connections: Box::pin(open(connections)).await?,
+            members: Box::pin(open(members)).await?,
         })
     }
 }

@@ -358,7 +358,7 @@ mod tests {
     fn a_put_decodes_to_its_account_interval_revision_and_sessions() {
         let d = one_session();
         let e =
-            decode_dict_entry("acme.42", kv::Operation::Put, 7, &wire::encode_dict(&d)).unwrap();
+            decode_dict_entry("15.acme.42", kv::Operation::Put, 7, &wire::encode_dict(&d)).unwrap();
         assert_eq!(e.account.as_str(), "acme");
         assert_eq!(e.interval, 42);
         assert_eq!(e.revision, 7);
@@ -369,7 +369,7 @@ mod tests {
     fn a_delete_or_purge_is_an_empty_dictionary() {
         let value = wire::encode_dict(&one_session());
         for op in [kv::Operation::Delete, kv::Operation::Purge] {
-            let e = decode_dict_entry("acme.42", op, 9, &value).unwrap();
+            let e = decode_dict_entry("15.acme.42", op, 9, &value).unwrap();
             assert!(e.entries.is_empty(), "{op:?}");
             assert_eq!(
                 (e.account.as_str(), e.interval, e.revision),
@@ -381,7 +381,14 @@ mod tests {
     #[test]
     fn bad_keys_and_values_are_unreadable() {
         let value = wire::encode_dict(&one_session());
-        for key in ["acme", "acme.x", "bad account.1", ".1"] {
+        for key in [
+            "acme",
+            "15.acme.x",
+            "acme.1",
+            "14.acme.1",
+            "bad account.1",
+            ".1",
+        ] {
             assert!(
                 matches!(
                     decode_dict_entry(key, kv::Operation::Put, 1, &value),
@@ -391,7 +398,7 @@ mod tests {
             );
         }
         assert!(matches!(
-            decode_dict_entry("acme.1", kv::Operation::Put, 1, b"\xc1 not msgpack"),
+            decode_dict_entry("15.acme.1", kv::Operation::Put, 1, b"\xc1 not msgpack"),
             Err(Unreadable::Value(_))
         ));
     }

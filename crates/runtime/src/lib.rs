@@ -12,6 +12,7 @@ pub mod buckets;
 pub mod effects;
 pub mod health;
 pub mod http;
+pub mod members;
 pub mod metrics;
 pub mod nats;
 pub mod secret;

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use async_nats::jetstream::kv;
+use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use futures::StreamExt;
 use tokio::sync::oneshot;
 
@@ -21,21 +22,41 @@ const STALL_CHECK: Duration = Duration::from_secs(3);
 pub async fn follow<F>(
     store: kv::Store,
     what: &'static str,
+    apply: F,
+    shutdown: Shutdown,
+) -> anyhow::Result<(tokio::task::JoinHandle<()>, oneshot::Receiver<()>)>
+where
+    F: FnMut(kv::Entry) + Send + 'static,
+{
+    follow_keys(store, what, ALL_KEYS, apply, shutdown).await
+}
+
+const ALL_KEYS: &str = ">";
+
+/// [`follow`] for the keys matching `keys` alone (a KV key pattern such as
+/// `7.>`): the replay is done once the last of those keys the bucket held
+/// at start has been applied.
+pub async fn follow_keys<F>(
+    store: kv::Store,
+    what: &'static str,
+    keys: &str,
     mut apply: F,
     shutdown: Shutdown,
 ) -> anyhow::Result<(tokio::task::JoinHandle<()>, oneshot::Receiver<()>)>
 where
     F: FnMut(kv::Entry) + Send + 'static,
 {
+    let keys = keys.to_owned();
     let (ready_tx, ready_rx) = oneshot::channel();
-    let initial = store.status().await?.values();
+    // Where the replay ends: the revision of the newest matching entry.
+    let mut replay_end = held_up_to(&store, &keys).await?;
     let mut ready_tx = Some(ready_tx);
-    if initial == 0
+    if replay_end == 0
         && let Some(tx) = ready_tx.take()
     {
         let _ = tx.send(());
     }
-    let mut watch = store.watch_with_history(">").await?;
+    let mut watch = store.watch_with_history(&keys).await?;
     let task = tokio::spawn(async move {
         let mut last_revision = 0u64;
         let mut stop = std::pin::pin!(shutdown.wait());
@@ -51,7 +72,7 @@ where
                 _ = &mut stop => return,
                 next = watch.next() => next,
                 _ = check.tick() => {
-                    let last = store.status().await.map_or(0, |s| s.info.state.last_sequence);
+                    let last = held_up_to(&store, &keys).await.unwrap_or(0);
                     let quiet = !std::mem::replace(&mut delivered, false);
                     if last <= last_revision || !quiet {
                         suspect = None;
@@ -72,7 +93,10 @@ where
                 // and the watch: nothing would ever arrive to mark the end of
                 // the replay, so look again now and then while waiting.
                 _ = tokio::time::sleep(Duration::from_secs(1)), if ready_tx.is_some() => {
-                    if store.status().await.is_ok_and(|s| s.values() == 0)
+                    if let Ok(end) = held_up_to(&store, &keys).await {
+                        replay_end = replay_end.min(end);
+                    }
+                    if (replay_end == 0 || last_revision >= replay_end)
                         && let Some(tx) = ready_tx.take()
                     {
                         let _ = tx.send(());
@@ -83,7 +107,8 @@ where
             match next {
                 Some(Ok(entry)) => {
                     delivered = true;
-                    let caught_up = entry.delta == 0 || entry.seen_current;
+                    let caught_up =
+                        entry.delta == 0 || entry.seen_current || entry.revision >= replay_end;
                     last_revision = last_revision.max(entry.revision);
                     apply(entry);
                     if caught_up && let Some(tx) = ready_tx.take() {
@@ -98,7 +123,7 @@ where
                     }
                     let mut delay = Duration::from_millis(100);
                     watch = loop {
-                        match store.watch_all_from_revision(last_revision + 1).await {
+                        match store.watch_from_revision(&keys, last_revision + 1).await {
                             Ok(w) => break w,
                             Err(e) => {
                                 tracing::warn!(bucket = what, error = %e, "resuming kv watch");
@@ -115,4 +140,23 @@ where
         }
     });
     Ok((task, ready_rx))
+}
+
+/// The revision of the newest entry of `store` matching `keys`, 0 when it
+/// holds none (every key deleted and purged, or expired).
+async fn held_up_to(store: &kv::Store, keys: &str) -> anyhow::Result<u64> {
+    if keys == ALL_KEYS {
+        let status = store.status().await?;
+        return Ok(if status.values() == 0 {
+            0
+        } else {
+            status.info.state.last_sequence
+        });
+    }
+    let subject = format!("{}{keys}", store.prefix);
+    match store.stream.get_last_raw_message_by_subject(&subject).await {
+        Ok(m) => Ok(m.sequence),
+        Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(0),
+        Err(e) => Err(e.into()),
+    }
 }

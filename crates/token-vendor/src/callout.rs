@@ -549,12 +549,16 @@ const BACKEND_ENDPOINTS: &[&str] = &[ACTIVE, CHECK, LIMITS_GET, STATS, TOKEN];
 
 impl Grant {
     /// A device: its own heartbeat subject and its own control subject,
-    /// nothing else, in the devices' account.
+    /// nothing else, in the devices' account. The heartbeat subject is
+    /// granted as the server's mapping makes it (the device publishes
+    /// `hb.<account>.<device>.<session>`, the server checks the partitioned
+    /// subject): the one partition of its account, so that a device cannot
+    /// put its heartbeats on another partition by publishing there directly.
     pub fn device(account: &AccountId, device: &DeviceId, session: &SessionId) -> Grant {
         Grant {
             name: format!("{account}/{device}"),
             account: DEVICE_ACCOUNT,
-            publish: vec![subjects::heartbeat(account, device, session)],
+            publish: vec![subjects::partitioned_heartbeat(account, device, session)],
             subscribe: vec![subjects::control(account, device)],
             max_payload: DEVICE_MAX_PAYLOAD,
             max_subscriptions: DEVICE_MAX_SUBSCRIPTIONS,
@@ -1114,7 +1118,7 @@ mod tests {
         assert_eq!(claims["exp"], 1_900_000_000u64);
         assert_eq!(
             claims["nats"]["pub"]["allow"],
-            serde_json::json!(["hb.acme.tv.s1"])
+            serde_json::json!(["hbp.15.acme.tv.s1"])
         );
         assert_eq!(
             claims["nats"]["sub"]["allow"],
@@ -1165,7 +1169,7 @@ mod tests {
             // Every presence event, and replies under its own inbox only.
             assert_eq!(grant.subscribe, ["headcount.events.>", "_INBOX_OPS1.>"]);
             assert_eq!(grant.account, CLIENT_ACCOUNT);
-            assert!(!grant.publish.iter().any(|s| s.starts_with("hb.")));
+            assert!(!grant.publish.iter().any(|s| s.starts_with("hb")));
         }
         // The same claims without the role are a device token for a device
         // named "operator": its own two subjects only, in the devices'
@@ -1174,7 +1178,8 @@ mod tests {
             role: None,
             ..claims
         });
-        assert_eq!(device.publish, ["hb.operator.operator.OPS1"]);
+        let p = headcount_protocol::partition::of("operator");
+        assert_eq!(device.publish, [format!("hbp.{p}.operator.operator.OPS1")]);
         assert_eq!(device.subscribe, ["ctl.operator.operator"]);
         assert_eq!(device.account, DEVICE_ACCOUNT);
         assert_eq!(device.max_payload, 1024);
