@@ -68,7 +68,7 @@ pub enum FleetAccess {
         urls: Vec<String>,
     },
     /// One shared connection for every device (must be allowed to publish
-    /// `hb.>` and subscribe `ctl.>`).
+    /// the heartbeat subjects, `hbp.>` once mapped, and subscribe `ctl.>`).
     Shared(async_nats::Client),
 }
 

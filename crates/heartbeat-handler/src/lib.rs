@@ -1,8 +1,11 @@
 //! heartbeat-handler: turns device heartbeats into interval dictionaries in
 //! NATS KV.
 //!
-//! Every instance joins one queue group on `hb.*.*.*`, so each heartbeat is
-//! handled once however many instances run. A heartbeat is validated (subject
+//! The instances divide the accounts' partitions among them (the server
+//! puts each heartbeat on its account's partition, `hbp.<partition>.*.*.*`;
+//! see [`run`]), so each heartbeat is handled once however many instances
+//! run, and an instance holds only its partitions' dictionaries. A
+//! heartbeat is validated (subject
 //! names, size, MessagePack shape, field lengths, revocation) and then only
 //! changes state when it says something new: a session entering the current
 //! interval, a changed field, a leave. Those changes are coalesced per

@@ -2,8 +2,9 @@
 //! device publishing far faster than its heartbeat period is cut down to the
 //! allowed rate without touching anyone else.
 //!
-//! Each handler instance limits the heartbeats it receives; with N instances
-//! in the queue group a session's allowance is up to N times the rate.
+//! Each handler instance limits the heartbeats it receives; a session's
+//! heartbeats reach one instance (the holder of its account's partition),
+//! two for a moment while the partition changes hands.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};

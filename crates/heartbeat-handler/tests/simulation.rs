@@ -28,7 +28,8 @@
 //! session, a handler takes a due flush, a piece of I/O moves on by one
 //! network leg, a watch message (or a lagging watch's backlog) reaches a
 //! handler, or time passes (up to 300 ms, or up to 1.5 s). Every message
-//! goes to exactly one handler, chosen at random (the queue group), and
+//! goes to exactly one handler, chosen at random (the worst case of a
+//! partition held by several handlers while it changes hands), and
 //! takes a millisecond of its own. What a handler does without waiting on
 //! the network (a due flush, handing an answer to the dictionaries) is
 //! done before time moves on; network legs take any number of steps, up to
