@@ -1,7 +1,8 @@
 //! `headcount-bench all`: every measurement in one run. First the steady
 //! state at a 5 s heartbeat (KV writes per heartbeat, freshness), then, per
 //! session count, on a nats-server of its own: ingest of the heartbeat-handler
-//! next to a bare subscriber, the memory per session of handler and checker,
+//! next to a bare subscriber (both fed by several publishers, whose own
+//! ceiling is measured before and after them), the memory per session of handler and checker,
 //! and `check` / `active` latency and throughput next to a bare echo
 //! responder. Prints Markdown tables (docs/BENCHMARKS.md has a run).
 
@@ -18,8 +19,8 @@ use headcount_client::Client;
 use headcount_protocol::subjects::{self, endpoint};
 
 use crate::measure::{
-    Bodies, Dist, ECHO_SUBJECT, Fresh, Target, concurrent, freshness, ms, one_by_one, payload,
-    publish_all, publish_paced, publish_windowed, session_subjects, us,
+    Beats, Bodies, Dist, ECHO_SUBJECT, Fresh, Publishers, Target, concurrent, freshness, ms,
+    one_by_one, payload, publish_all, publish_paced, session_subjects, us,
 };
 use crate::procs::{Env, nats_version, rss_bytes, settled_rss, sum_prefix};
 
@@ -34,6 +35,10 @@ pub struct AllArgs {
     /// Heartbeats published in each ingest run (at least one per session).
     #[arg(long, default_value_t = 1_000_000)]
     heartbeats: usize,
+    /// Ingest publishers, each a task on a NATS connection of its own
+    /// (default: one per core, at least 2 and at most 4).
+    #[arg(long, default_value_t = default_publishers(), value_parser = publisher_count)]
+    publishers: usize,
     /// Seconds of each throughput run.
     #[arg(long, default_value_t = 5)]
     throughput_secs: u64,
@@ -54,6 +59,24 @@ pub struct AllArgs {
     dir: Option<PathBuf>,
 }
 
+/// One ingest publisher per core, at least 2 and at most 4: the server and
+/// the consumer need the cores too.
+fn default_publishers() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 4))
+}
+
+/// `--publishers`: 1 to 64.
+fn publisher_count(s: &str) -> Result<usize, String> {
+    match s.parse() {
+        Ok(n @ 1..=64) => Ok(n),
+        _ => Err(format!("not a number of publishers from 1 to 64: {s:?}")),
+    }
+}
+
+/// A consumer that reaches this share of the publishers' ceiling is
+/// measured against the publishers, not at its own pace.
+const PUBLISHER_LIMITED: f64 = 0.9;
+
 /// The interval of the memory measurement (see `at_size`).
 const MEMORY_INTERVAL: &str = "30s";
 
@@ -68,12 +91,46 @@ async fn wait_for_boundary() {
 #[derive(Debug, Default, Clone)]
 struct Ingest {
     sent: usize,
+    publishers: usize,
+    /// The publishers' own rate when nothing consumes, measured before the
+    /// bare subscriber runs and after the handler has stopped.
+    ceilings: [f64; 2],
     bare_rate: f64,
     bare_lost: u64,
     handler_rate: f64,
     handler_lost: u64,
     kv_writes: f64,
     join_secs: f64,
+}
+
+impl Ingest {
+    /// The publishers' ceiling: the better of its two measurements (a
+    /// machine busy with something else only ever lowers it).
+    fn ceiling(&self) -> f64 {
+        self.ceilings[0].max(self.ceilings[1])
+    }
+
+    /// The bare subscriber or the handler reached [`PUBLISHER_LIMITED`] of
+    /// the publishers' ceiling: that rate is (or may be) the publishers',
+    /// so the ratio of the two says nothing about the handler.
+    fn publisher_limited(&self) -> bool {
+        self.bare_rate.max(self.handler_rate) >= PUBLISHER_LIMITED * self.ceiling()
+    }
+
+    /// The handler's rate as a share of the bare subscriber's.
+    fn ratio(&self) -> f64 {
+        self.handler_rate / self.bare_rate.max(1.0)
+    }
+
+    /// The ratio for the report, with the flag when it means nothing.
+    fn ratio_cell(&self) -> String {
+        let ratio = format!("{:.0}%", 100.0 * self.ratio());
+        if self.publisher_limited() {
+            format!("{ratio} (publisher-limited: ratio not meaningful)")
+        } else {
+            ratio
+        }
+    }
 }
 
 #[derive(Debug, Default, Clone)]
@@ -120,8 +177,21 @@ async fn at_size(
     let n = a.heartbeats.max(sessions);
     let mut ingest = Ingest {
         sent: n,
+        publishers: a.publishers,
         ..Default::default()
     };
+
+    // The ingest publishers, each on a connection of its own, and their own
+    // ceiling: the rate the server takes their heartbeats at while nothing
+    // subscribes to them (no consumer has started yet; measured again once
+    // the handler has stopped).
+    let mut clients = Vec::with_capacity(a.publishers);
+    for k in 0..a.publishers {
+        clients.push(env.publisher(&format!("bench-publisher-{k}")).await?);
+    }
+    let publishers = Publishers::new(clients);
+    let beats = Beats::of(&subjects)?;
+    ingest.ceilings[0] = publishers.ceiling(&beats, n).await?;
 
     // Bare: a subscriber that only counts.
     let mut sink = env
@@ -129,7 +199,7 @@ async fn at_size(
             "sink",
             &[
                 "--subject".into(),
-                subjects::HEARTBEAT_WILDCARD.into(),
+                subjects::PARTITIONED_WILDCARD.into(),
                 "--expect".into(),
                 n.to_string(),
             ],
@@ -151,12 +221,12 @@ async fn at_size(
             }
         })
     };
-    // Below the subscription buffer (65536 messages) of both consumers.
-    let window = 50_000;
-    publish_windowed(&publisher, &subjects, n, window, async || {
-        Ok(seen.load(Ordering::Relaxed))
-    })
-    .await?;
+    // All publishers together stay below the subscription buffer (65536
+    // messages) of both consumers.
+    let window = Some(50_000);
+    publishers
+        .windowed(&beats, n, window, async || Ok(seen.load(Ordering::Relaxed)))
+        .await?;
     let line = tokio::time::timeout(Duration::from_secs(120), final_rx)
         .await
         .context("sink did not finish")??;
@@ -199,7 +269,9 @@ async fn at_size(
         let m = handler.metrics().await?;
         Ok(sum_prefix(&m, "headcount_heartbeats_total") as u64)
     };
-    publish_windowed(&publisher, &subjects, sessions, window, processed).await?;
+    publishers
+        .windowed(&beats, sessions, window, processed)
+        .await?;
     handler
         .wait_metrics("handler recorded every session", |m| {
             m.get("headcount_handler_sessions").copied().unwrap_or(0.0) >= sessions as f64
@@ -218,7 +290,7 @@ async fn at_size(
         let m = handler.metrics().await?;
         Ok((sum_prefix(&m, "headcount_heartbeats_total") - base) as u64)
     };
-    publish_windowed(&publisher, &subjects, n, window, processed).await?;
+    publishers.windowed(&beats, n, window, processed).await?;
     let n_f = n as f64;
     handler
         .wait_metrics("handler processed every heartbeat", |m| {
@@ -236,6 +308,19 @@ async fn at_size(
     ingest.handler_rate = processed / took.as_secs_f64();
     ingest.handler_lost = (n_f - processed).max(0.0) as u64;
     handler.stop().await;
+    ingest.ceilings[1] = publishers.ceiling(&beats, n).await?;
+    drop(publishers);
+    eprintln!(
+        "bench: ingest at {sessions} sessions, {} publishers: ceiling {:.0}/s (before {:.0}/s, \
+         after {:.0}/s), bare subscriber {:.0}/s, heartbeat-handler {:.0}/s, ratio {}",
+        ingest.publishers,
+        ingest.ceiling(),
+        ingest.ceilings[0],
+        ingest.ceilings[1],
+        ingest.bare_rate,
+        ingest.handler_rate,
+        ingest.ratio_cell()
+    );
     // Its dictionaries go, so the next handler starts from nothing (and
     // makes the bucket again for its own interval).
     clear_sessions(&publisher).await?;
@@ -426,10 +511,11 @@ pub async fn run(mut a: AllArgs, headcount: &Path) -> anyhow::Result<()> {
     let base = a.dir.clone().unwrap_or_else(|| tmp.path().to_path_buf());
     let mut report = Report::default();
     report.line(format!(
-        "headcount-bench all{}: {} cores, nats-server {}",
+        "headcount-bench all{}: {} cores, nats-server {}, {} ingest publishers",
         if a.quick { " --quick" } else { "" },
         std::thread::available_parallelism().map_or(0, |n| n.get()),
-        nats_version()
+        nats_version(),
+        a.publishers
     ));
 
     let (steady, fresh) = steady(&a, &base.join("steady"), headcount).await?;
@@ -466,21 +552,46 @@ pub async fn run(mut a: AllArgs, headcount: &Path) -> anyhow::Result<()> {
     }
     report.table(
         "Ingest (heartbeats per second, 100-byte payloads)",
-        "| sessions | heartbeats | bare subscriber | heartbeat-handler | ratio | lost (bare / handler) | joining every session | KV writes to record them |",
+        "| sessions | heartbeats | publishers | publisher ceiling | bare subscriber | heartbeat-handler | ratio | lost (bare / handler) | joining every session | KV writes to record them |",
     );
     for (s, (i, _, _)) in &rows {
         report.line(format!(
-            "| {s} | {} | {:.0}/s | {:.0}/s | {:.0}% | {} / {} | {:.1} s ({:.0}/s) | {:.0} ({:.3} per session) |",
+            "| {s} | {} | {} | {:.0}/s | {:.0}/s ({:.0}%) | {:.0}/s ({:.0}%) | {} | {} / {} | {:.1} s ({:.0}/s) | {:.0} ({:.3} per session) |",
             i.sent,
+            i.publishers,
+            i.ceiling(),
             i.bare_rate,
+            100.0 * i.bare_rate / i.ceiling().max(1.0),
             i.handler_rate,
-            100.0 * i.handler_rate / i.bare_rate.max(1.0),
+            100.0 * i.handler_rate / i.ceiling().max(1.0),
+            i.ratio_cell(),
             i.bare_lost,
             i.handler_lost,
             i.join_secs,
             *s as f64 / i.join_secs.max(1e-9),
             i.kv_writes,
             i.kv_writes / *s as f64
+        ));
+    }
+    report.line("");
+    report.line(format!(
+        "Publisher ceiling: the rate the server takes the publishers' heartbeats at while nothing \
+         subscribes (the better of a run before the consumers and one after); in parentheses, each consumer's rate as a share of it. A row where either \
+         consumer reaches {:.0}% of the ceiling is marked publisher-limited: there the \
+         publishers, not the consumers, set the pace, and the ratio is not meaningful.",
+        100.0 * PUBLISHER_LIMITED
+    ));
+    let limited: Vec<String> = rows
+        .iter()
+        .filter(|(_, (i, _, _))| i.publisher_limited())
+        .map(|(s, _)| s.to_string())
+        .collect();
+    if !limited.is_empty() {
+        report.line("");
+        report.line(format!(
+            "**publisher-limited: ratio not meaningful** at {} sessions (more `--publishers` or \
+             more cores for them).",
+            limited.join(", ")
         ));
     }
     report.table(
@@ -516,4 +627,37 @@ pub async fn run(mut a: AllArgs, headcount: &Path) -> anyhow::Result<()> {
         std::fs::write(path, &report.out).with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ingest(ceiling: f64, bare_rate: f64, handler_rate: f64) -> Ingest {
+        Ingest {
+            ceilings: [ceiling, ceiling / 2.0],
+            bare_rate,
+            handler_rate,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_consumer_near_the_ceiling_flags_the_ratio() {
+        let free = ingest(500_000.0, 300_000.0, 240_000.0);
+        assert!(!free.publisher_limited());
+        assert_eq!(free.ratio_cell(), "80%");
+        for limited in [
+            ingest(300_000.0, 280_000.0, 200_000.0),
+            ingest(300_000.0, 310_000.0, 200_000.0),
+            ingest(300_000.0, 200_000.0, 275_000.0),
+        ] {
+            assert!(limited.publisher_limited());
+            assert!(
+                limited
+                    .ratio_cell()
+                    .ends_with("(publisher-limited: ratio not meaningful)")
+            );
+        }
+    }
 }

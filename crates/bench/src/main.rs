@@ -11,6 +11,7 @@
 //!
 //! Layout:
 //! - [`all`]: every measurement at each session count (`all`).
+//! - [`scale`]: the work of 1, 2 and 4 handler instances, per instance.
 //! - [`soak`]: steady load with churn, memory and latency at every step.
 //! - [`callout`]: a device's connect while the auth callout is flooded.
 //! - [`measure`]: what the runs share: heartbeat publishers, request
@@ -26,6 +27,7 @@ mod callout;
 mod config;
 mod measure;
 mod procs;
+mod scale;
 mod soak;
 
 use std::path::PathBuf;
@@ -52,6 +54,10 @@ enum Command {
     /// amplification, check/active latency and throughput next to a bare
     /// echo responder, freshness, memory per session, at each session count.
     All(all::AllArgs),
+    /// One fleet against 1, 2 and 4 handler instances: per instance, the
+    /// partitions and sessions held, KV writes and conflicts per heartbeat,
+    /// resident memory. Whether adding an instance divides the work.
+    Scale(scale::ScaleArgs),
     /// Steady load for a while, with memory and latency reported at every
     /// step: resident memory must stay flat.
     Soak(soak::SoakArgs),
@@ -100,6 +106,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::All(a) => all::run(a, &headcount()?).await,
         Command::Soak(a) => soak::run(a, &headcount()?).await,
+        Command::Scale(a) => scale::run(a, &headcount()?).await,
         Command::Callout(a) => callout::run(a, &headcount()?).await,
         Command::Freshness { samples, nats } => {
             let client = nats.options("headcount-bench")?.connect().await?;

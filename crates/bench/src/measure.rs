@@ -1,9 +1,10 @@
 //! What the runs share: heartbeat subjects and payloads, publishers (as
-//! fast as possible, paced like a fleet, or windowed behind a slower
-//! consumer), request latency and throughput, freshness, percentiles.
+//! fast as possible, paced like a fleet, or several connections windowed
+//! behind a slower consumer, with their own ceiling), request latency and
+//! throughput, freshness, percentiles.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -178,34 +179,169 @@ pub async fn publish_paced(
     Ok(())
 }
 
-/// Publishes `n` heartbeats like [`publish_all`], but never more than
-/// `window` ahead of what the consumer reports processed, so that a consumer
-/// slower than the publisher is measured at its own pace instead of being
-/// overrun (the server would drop what no buffer holds).
-pub async fn publish_windowed(
-    client: &async_nats::Client,
-    subjects: &[String],
-    n: usize,
-    window: usize,
-    mut processed: impl AsyncFnMut() -> anyhow::Result<u64>,
-) -> anyhow::Result<()> {
-    let p = payload(1);
-    let chunk = (window / 4).max(1);
-    let mut sent = 0usize;
-    while sent < n {
-        while sent as u64 > processed().await? + (window - chunk) as u64 {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-        let end = (sent + chunk).min(n);
-        for i in sent..end {
-            client
-                .publish(subjects[i % subjects.len()].clone(), p.clone())
-                .await?;
-        }
-        client.flush().await?;
-        sent = end;
+/// Heartbeats encoded once for the ingest publishers: every session's
+/// subject, built (and checked) once as an [`async_nats::Subject`], and one
+/// payload, so that publishing a message copies and checks nothing.
+#[derive(Debug, Clone)]
+pub struct Beats {
+    subjects: Arc<[async_nats::Subject]>,
+    payload: Bytes,
+}
+
+impl Beats {
+    pub fn of(subjects: &[String]) -> anyhow::Result<Beats> {
+        let subjects = subjects
+            .iter()
+            .map(|s| {
+                let subject = async_nats::Subject::from(s.as_str());
+                let wildcard = s.split('.').any(|t| t == "*" || t == ">");
+                anyhow::ensure!(
+                    subject.is_valid() && !wildcard,
+                    "not a subject to publish on: {s:?}"
+                );
+                Ok(subject)
+            })
+            .collect::<anyhow::Result<_>>()?;
+        Ok(Beats {
+            subjects,
+            payload: payload(1),
+        })
     }
-    Ok(())
+}
+
+/// The ingest publishers: several tasks, each on a NATS connection of its
+/// own (see `Env::publisher`), so that no single connection's client task
+/// bounds the rate a consumer is measured at.
+#[derive(Debug)]
+pub struct Publishers {
+    clients: Vec<async_nats::Client>,
+}
+
+/// Messages a publisher sends between two looks at the consumer's progress
+/// when nothing bounds it (the ceiling run).
+const UNBOUNDED_CHUNK: usize = 4096;
+
+impl Publishers {
+    pub fn new(clients: Vec<async_nats::Client>) -> Publishers {
+        Publishers { clients }
+    }
+
+    /// The publishers' own ceiling: heartbeats per second the server
+    /// accepts from them when nothing consumes (no subscription matches
+    /// `beats` while this runs), through the same code as
+    /// [`Publishers::windowed`], timed until every publisher's last flush
+    /// has been answered.
+    pub async fn ceiling(&self, beats: &Beats, n: usize) -> anyhow::Result<f64> {
+        let took = self.windowed(beats, n, None, async || Ok(0)).await?;
+        Ok(n as f64 / took.as_secs_f64().max(1e-9))
+    }
+
+    /// Publishes `n` heartbeats round-robin over `beats`' sessions, split
+    /// among the publishers (publisher `k` of `p` sends messages `k`,
+    /// `k + p`, ...: with `n` equal to the sessions, each session once),
+    /// all at once; returns when every publisher has flushed.
+    ///
+    /// With a `window`, the publishers never run more than `window` ahead of
+    /// what the consumer reports processed, so that a consumer slower than
+    /// the publishers is measured at its own pace instead of being overrun
+    /// (the server would drop what no buffer holds). The window is split
+    /// among them: each publisher keeps its own sent count at most its share
+    /// of the window above its share of the consumer's progress, so that all
+    /// of them together are never more than `window` ahead. `processed` is
+    /// asked (from this task, one call at a time) only while a publisher
+    /// waits for it.
+    pub async fn windowed(
+        &self,
+        beats: &Beats,
+        n: usize,
+        window: Option<usize>,
+        mut processed: impl AsyncFnMut() -> anyhow::Result<u64>,
+    ) -> anyhow::Result<Duration> {
+        anyhow::ensure!(!self.clients.is_empty(), "no publishers");
+        anyhow::ensure!(!beats.subjects.is_empty(), "no sessions to publish to");
+        let p = self.clients.len();
+        let share = window.map(|w| (w / p).max(1));
+        let chunk = share.map_or(UNBOUNDED_CHUNK, |s| (s / 4).max(1));
+        let progress = Arc::new(AtomicU64::new(0));
+        let waiting = Arc::new(AtomicUsize::new(0));
+        let running = Arc::new(AtomicUsize::new(p));
+
+        /// Counts a publisher out however it ends (error or panic included),
+        /// so that the progress loop below stops.
+        struct Running(Arc<AtomicUsize>);
+        impl Drop for Running {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+
+        let start = Instant::now();
+        let mut tasks = Vec::with_capacity(p);
+        for (k, client) in self.clients.iter().enumerate() {
+            let count = share_of(n, p, k);
+            let (client, beats) = (client.clone(), beats.clone());
+            let (progress, waiting) = (progress.clone(), waiting.clone());
+            let guard = Running(running.clone());
+            tasks.push(tokio::spawn(async move {
+                let _guard = guard;
+                let len = beats.subjects.len();
+                let mut sent = 0usize;
+                while sent < count {
+                    let c = chunk.min(count - sent);
+                    if let Some(share) = share {
+                        let mut counted = false;
+                        while sent + c > progress.load(Ordering::Relaxed) as usize / p + share {
+                            if !counted {
+                                waiting.fetch_add(1, Ordering::SeqCst);
+                                counted = true;
+                            }
+                            tokio::time::sleep(Duration::from_millis(1)).await;
+                        }
+                        if counted {
+                            waiting.fetch_sub(1, Ordering::SeqCst);
+                        }
+                    }
+                    for j in sent..sent + c {
+                        let s = &beats.subjects[(k + j * p) % len];
+                        client.publish(s.clone(), beats.payload.clone()).await?;
+                    }
+                    sent += c;
+                }
+                client.flush().await?;
+                Ok::<(), anyhow::Error>(())
+            }));
+        }
+        // The consumer's progress, for the publishers waiting on it: asked
+        // at most every 2 ms (a scrape of a service's metrics costs it time).
+        let polled = async {
+            while running.load(Ordering::SeqCst) > 0 {
+                if window.is_some() && waiting.load(Ordering::SeqCst) > 0 {
+                    progress.store(processed().await?, Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                } else {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            }
+            Ok::<(), anyhow::Error>(())
+        }
+        .await;
+        if let Err(e) = polled {
+            for t in &tasks {
+                t.abort();
+            }
+            return Err(e);
+        }
+        for t in tasks {
+            t.await??;
+        }
+        Ok(start.elapsed())
+    }
+}
+
+/// How many of `n` messages publisher `k` of `p` sends: messages `k`,
+/// `k + p`, `k + 2p`, ... below `n`.
+fn share_of(n: usize, p: usize, k: usize) -> usize {
+    n / p + usize::from(k < n % p)
 }
 
 /// How long a join and a leave took to show in `active`.
@@ -304,4 +440,24 @@ pub async fn freshness(client: &async_nats::Client, samples: usize) -> anyhow::R
         join: dist(joins),
         leave: dist(leaves),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn publishers_split_the_messages_without_gap_or_overlap() {
+        for n in [0, 1, 7, 10, 20_000] {
+            for p in 1..=5 {
+                let mut seen = vec![0u8; n];
+                for k in 0..p {
+                    for j in 0..share_of(n, p, k) {
+                        seen[k + j * p] += 1;
+                    }
+                }
+                assert!(seen.iter().all(|&c| c == 1), "n {n}, p {p}");
+            }
+        }
+    }
 }

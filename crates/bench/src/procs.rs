@@ -263,6 +263,24 @@ impl Env {
         .await
     }
 
+    /// A connection for one ingest publisher: the console user like
+    /// [`Env::client`], but the client does not check each subject it is
+    /// given (the publishers' subjects are built and checked once, see
+    /// `measure::Beats`), and its queue to the connection holds as many
+    /// messages as a service's.
+    pub async fn publisher(&self, name: &str) -> anyhow::Result<async_nats::Client> {
+        async_nats::ConnectOptions::with_user_and_password(
+            "headcount".into(),
+            self.password.clone(),
+        )
+        .name(name)
+        .skip_subject_validation(true)
+        .client_capacity(1 << 14)
+        .connect(self.url.as_str())
+        .await
+        .with_context(|| format!("connecting {name} to {}", self.url))
+    }
+
     pub fn service(&self, which: &str, extra: &[&str]) -> anyhow::Result<Proc> {
         let port = free_port()?;
         let mut args = vec![which.to_string()];

@@ -1,0 +1,299 @@
+//! `scale`: one fleet against 1, 2 and 4 handler instances (each its own
+//! process, on one nats-server), across several interval boundaries, with
+//! per-instance figures: partitions and sessions held, heartbeats taken,
+//! dictionary writes and conflicts per heartbeat, resident memory. Whether
+//! adding an instance divides the work, or copies it.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Args;
+
+use crate::measure::{publish_paced, session_subjects};
+use crate::procs::{Env, Proc, rss_bytes};
+
+#[derive(Debug, Args)]
+pub struct ScaleArgs {
+    /// Handler instance counts, one run each (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+    instances: Vec<usize>,
+    /// Sessions of the fleet; each heartbeats every 5 s.
+    #[arg(long, default_value_t = 30_000)]
+    sessions: usize,
+    /// Devices per account.
+    #[arg(long, default_value_t = 10)]
+    devices_per_account: usize,
+    /// The dictionaries' interval: short, so that a run crosses several
+    /// boundaries (where every live session is carried into the next
+    /// dictionary).
+    #[arg(long, default_value = "10s", value_parser = crate::config::duration)]
+    interval: Duration,
+    /// Interval boundaries each run crosses under load.
+    #[arg(long, default_value_t = 3)]
+    boundaries: u32,
+    /// A small, fast run; the numbers are not meant to be quoted.
+    #[arg(long)]
+    quick: bool,
+    /// Scratch directory (default: a new temporary directory).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+}
+
+/// The heartbeat period of the fleet.
+const PERIOD: Duration = Duration::from_secs(5);
+
+/// One instance's figures over the measured stretch.
+#[derive(Debug, Default, Clone)]
+struct Instance {
+    partitions: f64,
+    sessions: f64,
+    heartbeats: f64,
+    writes: f64,
+    conflicts: f64,
+    rss_empty: u64,
+    rss: u64,
+}
+
+/// Counters read from one handler's metrics.
+fn counters(m: &std::collections::BTreeMap<String, f64>) -> (f64, f64, f64) {
+    let get = |k: &str| m.get(k).copied().unwrap_or(0.0);
+    (
+        get(r#"headcount_heartbeats_total{result="accepted"}"#),
+        get(r#"headcount_kv_writes_total{result="ok"}"#),
+        get(r#"headcount_kv_writes_total{result="conflict"}"#),
+    )
+}
+
+pub async fn run(mut a: ScaleArgs, headcount: &Path) -> anyhow::Result<()> {
+    if a.quick {
+        a.sessions = a.sessions.min(3_000);
+        a.boundaries = a.boundaries.min(1);
+        a.instances.retain(|&n| n <= 2);
+    }
+    anyhow::ensure!(
+        a.instances.iter().all(|&n| n >= 1),
+        "--instances: at least one handler per run"
+    );
+    let scratch;
+    let dir = match &a.dir {
+        Some(d) => d.clone(),
+        None => {
+            scratch = tempfile::tempdir()?;
+            scratch.path().to_path_buf()
+        }
+    };
+    println!(
+        "bench scale: {} sessions in {} accounts, one heartbeat each per {:?}, interval {:?}, {} boundaries per run",
+        a.sessions,
+        a.sessions.div_ceil(a.devices_per_account),
+        PERIOD,
+        a.interval,
+        a.boundaries
+    );
+    let mut results = Vec::new();
+    for &n in &a.instances {
+        let r = one(&a, &dir.join(format!("h{n}")), headcount, n)
+            .await
+            .with_context(|| format!("run with {n} handlers"))?;
+        report(n, &r, a.sessions);
+        results.push((n, r));
+    }
+    summary(&results, a.sessions);
+    Ok(())
+}
+
+async fn one(
+    a: &ScaleArgs,
+    dir: &Path,
+    headcount: &Path,
+    n: usize,
+) -> anyhow::Result<Vec<Instance>> {
+    std::fs::create_dir_all(dir)?;
+    let env = Env::start(dir, headcount).await?;
+    let interval = format!("{}s", a.interval.as_secs());
+    let args = [
+        "--interval",
+        interval.as_str(),
+        "--max-heartbeat-rate",
+        "1000000000",
+    ];
+    let mut handlers: Vec<Proc> = Vec::new();
+    for _ in 0..n {
+        let mut h = env.service("handler", &args)?;
+        h.wait_up("handler").await?;
+        handlers.push(h);
+    }
+    // Every partition served, by every instance its share.
+    let partitions = f64::from(headcount_protocol::partition::PARTITIONS);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut held = Vec::new();
+        for h in &handlers {
+            held.push(
+                h.metrics()
+                    .await?
+                    .get("headcount_handler_partitions")
+                    .copied()
+                    .unwrap_or(0.0),
+            );
+        }
+        if held.iter().sum::<f64>() == partitions && held.iter().all(|&p| p > 0.0) {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "partitions not divided: {held:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut figures = vec![Instance::default(); n];
+    for (f, h) in figures.iter_mut().zip(&handlers) {
+        f.rss_empty = rss_bytes(h.pid()?)?;
+    }
+
+    let client = env.client("bench-fleet").await?;
+    let run = &nuid::next().to_string()[..6];
+    let subjects = session_subjects(run, a.sessions, a.devices_per_account)?;
+    // Every session joins, then beats steadily.
+    let joined = async || -> anyhow::Result<f64> {
+        let mut held = 0.0;
+        for h in &handlers {
+            held += h
+                .metrics()
+                .await?
+                .get("headcount_handler_sessions")
+                .copied()
+                .unwrap_or(0.0);
+        }
+        Ok(held)
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        publish_paced(&client, &subjects, PERIOD).await?;
+        if joined().await? >= a.sessions as f64 {
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "not every session joined");
+    }
+    // The measured stretch starts just after a boundary and ends just
+    // after the last one, so it holds `boundaries` carries of every session.
+    let interval_ms = a.interval.as_millis() as u64;
+    let to_boundary = interval_ms - headcount_protocol::now_millis() % interval_ms;
+    let start_in = Duration::from_millis(to_boundary) + Duration::from_millis(500);
+    let pace = tokio::spawn({
+        let (client, subjects) = (client.clone(), subjects.clone());
+        let until = Instant::now() + start_in + a.interval * a.boundaries + PERIOD * 2;
+        async move {
+            while Instant::now() < until {
+                publish_paced(&client, &subjects, PERIOD).await?;
+            }
+            anyhow::Ok(())
+        }
+    });
+    tokio::time::sleep(start_in).await;
+    let mut base = Vec::new();
+    for h in &handlers {
+        base.push(counters(&h.metrics().await?));
+    }
+    let began = Instant::now();
+    tokio::time::sleep(a.interval * a.boundaries).await;
+    // The last boundary's carries are written after the carry delay.
+    tokio::time::sleep(PERIOD + Duration::from_secs(1)).await;
+    for ((f, h), (hb0, w0, c0)) in figures.iter_mut().zip(&handlers).zip(&base) {
+        let m = h.metrics().await?;
+        let (hb, w, c) = counters(&m);
+        f.partitions = m
+            .get("headcount_handler_partitions")
+            .copied()
+            .unwrap_or(0.0);
+        f.sessions = m.get("headcount_handler_sessions").copied().unwrap_or(0.0);
+        f.heartbeats = hb - hb0;
+        f.writes = w - w0;
+        f.conflicts = c - c0;
+        f.rss = rss_bytes(h.pid()?)?;
+    }
+    let took = began.elapsed();
+    pace.await??;
+    for h in handlers {
+        h.stop().await;
+    }
+    println!("  measured over {:.1} s", took.as_secs_f64());
+    Ok(figures)
+}
+
+fn report(n: usize, figures: &[Instance], sessions: usize) {
+    println!();
+    println!("{n} handler(s)");
+    println!(
+        "{:<10} {:>10} {:>10} {:>8} {:>12} {:>10} {:>10} {:>12} {:>10} {:>12}",
+        "instance",
+        "partitions",
+        "sessions",
+        "share",
+        "heartbeats",
+        "writes",
+        "conflicts",
+        "writes/hb",
+        "RSS MiB",
+        "B/session"
+    );
+    for (i, f) in figures.iter().enumerate() {
+        let per_session = if f.sessions > 0.0 {
+            (f.rss.saturating_sub(f.rss_empty)) as f64 / f.sessions
+        } else {
+            0.0
+        };
+        println!(
+            "{:<10} {:>10} {:>10} {:>7.1}% {:>12} {:>10} {:>10} {:>12.5} {:>10.1} {:>12.0}",
+            i,
+            f.partitions,
+            f.sessions,
+            100.0 * f.sessions / sessions as f64,
+            f.heartbeats,
+            f.writes,
+            f.conflicts,
+            f.writes / f.heartbeats.max(1.0),
+            f.rss as f64 / (1024.0 * 1024.0),
+            per_session,
+        );
+    }
+}
+
+/// Totals per run, next to the run with the fewest instances.
+fn summary(results: &[(usize, Vec<Instance>)], sessions: usize) {
+    println!();
+    println!(
+        "{:<10} {:>12} {:>12} {:>12} {:>14} {:>14} {:>16}",
+        "handlers",
+        "max share",
+        "writes/hb",
+        "vs fewest",
+        "conflicts",
+        "max RSS MiB",
+        "sessions held"
+    );
+    let per_hb = |fs: &[Instance]| {
+        let w: f64 = fs.iter().map(|f| f.writes).sum();
+        let hb: f64 = fs.iter().map(|f| f.heartbeats).sum();
+        w / hb.max(1.0)
+    };
+    let first = results.first().map(|(_, fs)| per_hb(fs)).unwrap_or(0.0);
+    for (n, fs) in results {
+        let held: f64 = fs.iter().map(|f| f.sessions).sum();
+        let share = fs.iter().map(|f| f.sessions).fold(0.0, f64::max) / sessions as f64;
+        let writes: f64 = fs.iter().map(|f| f.writes).sum();
+        let conflicts: f64 = fs.iter().map(|f| f.conflicts).sum();
+        let rss = fs.iter().map(|f| f.rss).max().unwrap_or(0);
+        println!(
+            "{:<10} {:>11.1}% {:>12.5} {:>11.2}x {:>13.2}% {:>14.1} {:>16}",
+            n,
+            100.0 * share,
+            per_hb(fs),
+            per_hb(fs) / first.max(f64::MIN_POSITIVE),
+            100.0 * conflicts / (writes + conflicts).max(1.0),
+            rss as f64 / (1024.0 * 1024.0),
+            held,
+        );
+    }
+}
