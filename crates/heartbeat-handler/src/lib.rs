@@ -211,6 +211,10 @@ async fn run(config: Config, metrics: Metrics, wiring: Wiring) -> anyhow::Result
     tracing::info!(instance = %me, interval = ?config.interval, "heartbeat-handler joining");
 
     let clock = IntervalClock::new(config.interval);
+    // Dictionary writes in flight at once, all partitions together.
+    let writes = Arc::new(tokio::sync::Semaphore::new(
+        config.max_concurrent_writes.max(1),
+    ));
     let new_part = |p: u32| {
         let (flush_tx, flush_rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
@@ -265,7 +269,7 @@ async fn run(config: Config, metrics: Metrics, wiring: Wiring) -> anyhow::Result
                 let task = tokio::spawn(run_partition(
                     shared.clone(),
                     flush_rx,
-                    config.max_concurrent_writes,
+                    writes.clone(),
                     ready_tx,
                     part_stop,
                 ));
@@ -376,7 +380,7 @@ const HAND_OVER_WAIT: Duration = Duration::from_secs(10);
 async fn run_partition(
     shared: Arc<Shared>,
     flush_rx: mpsc::UnboundedReceiver<Key>,
-    max_concurrent_writes: usize,
+    writes: Arc<tokio::sync::Semaphore>,
     ready: oneshot::Sender<()>,
     stop: Shutdown,
 ) -> anyhow::Result<()> {
@@ -403,7 +407,7 @@ async fn run_partition(
         }
     }
 
-    let flusher = tokio::spawn(flusher(shared.clone(), flush_rx, max_concurrent_writes));
+    let flusher = tokio::spawn(flusher(shared.clone(), flush_rx, writes));
     let mut sub = shared
         .nats
         .queue_subscribe(
@@ -586,8 +590,13 @@ fn schedule(flush_tx: &mpsc::UnboundedSender<Key>, carry_delay: Duration, decisi
     }
 }
 
-async fn flusher(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Key>, max: usize) {
-    let permits = Arc::new(tokio::sync::Semaphore::new(max.max(1)));
+/// Writes the dictionaries handed to it, each on a task of its own, as
+/// many at once as `permits` allows (one budget for the whole instance).
+async fn flusher(
+    shared: Arc<Shared>,
+    mut rx: mpsc::UnboundedReceiver<Key>,
+    permits: Arc<tokio::sync::Semaphore>,
+) {
     while let Some(key) = rx.recv().await {
         let Ok(permit) = permits.clone().acquire_owned().await else {
             return;
