@@ -507,8 +507,7 @@ pub async fn run(mut a: AllArgs, headcount: &Path) -> anyhow::Result<()> {
         a.heartbeats = 20_000;
         a.throughput_secs = 1;
     }
-    let tmp = tempfile::tempdir()?;
-    let base = a.dir.clone().unwrap_or_else(|| tmp.path().to_path_buf());
+    let (base, _scratch) = crate::procs::scratch_dir(a.dir.as_deref())?;
     let mut report = Report::default();
     report.line(format!(
         "headcount-bench all{}: {} cores, nats-server {}, {} ingest publishers",

@@ -84,8 +84,7 @@ pub async fn run(a: CalloutArgs, headcount: &Path) -> anyhow::Result<()> {
         "--samples must be 1 to 2000"
     );
     check_flood_source().await?;
-    let tmp = tempfile::tempdir()?;
-    let base = a.dir.clone().unwrap_or_else(|| tmp.path().to_path_buf());
+    let (base, _scratch) = crate::procs::scratch_dir(a.dir.as_deref())?;
     let env = Env::start(&base.join("nats"), headcount).await?;
     let mut checker = env.service("checker", &[])?;
     checker.wait_up("checker").await?;

@@ -307,6 +307,19 @@ impl Env {
     }
 }
 
+/// Where a run keeps its servers' and services' files: the directory given
+/// (`--dir`), else a new temporary one, removed when the returned guard is
+/// dropped (hold it for the whole run).
+pub fn scratch_dir(given: Option<&Path>) -> anyhow::Result<(PathBuf, Option<tempfile::TempDir>)> {
+    match given {
+        Some(dir) => Ok((dir.to_path_buf(), None)),
+        None => {
+            let tmp = tempfile::tempdir()?;
+            Ok((tmp.path().to_path_buf(), Some(tmp)))
+        }
+    }
+}
+
 /// A TCP port free on 127.0.0.1 just now.
 pub fn free_port() -> anyhow::Result<u16> {
     let l = std::net::TcpListener::bind("127.0.0.1:0")?;

@@ -11,7 +11,7 @@ use anyhow::Context;
 use clap::Args;
 
 use crate::measure::{publish_paced, session_subjects};
-use crate::procs::{Env, Proc, rss_bytes};
+use crate::procs::{Env, Proc, rss_bytes, scratch_dir};
 
 #[derive(Debug, Args)]
 pub struct ScaleArgs {
@@ -75,14 +75,7 @@ pub async fn run(mut a: ScaleArgs, headcount: &Path) -> anyhow::Result<()> {
         a.instances.iter().all(|&n| n >= 1),
         "--instances: at least one handler per run"
     );
-    let scratch;
-    let dir = match &a.dir {
-        Some(d) => d.clone(),
-        None => {
-            scratch = tempfile::tempdir()?;
-            scratch.path().to_path_buf()
-        }
-    };
+    let (dir, _scratch) = scratch_dir(a.dir.as_deref())?;
     println!(
         "bench scale: {} sessions in {} accounts, one heartbeat each per {:?}, interval {:?}, {} boundaries per run",
         a.sessions,

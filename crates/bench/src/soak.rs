@@ -52,14 +52,7 @@ struct SoakStep {
 }
 
 pub async fn run(a: SoakArgs, headcount: &Path) -> anyhow::Result<()> {
-    let tmp;
-    let dir = match &a.dir {
-        Some(d) => d.clone(),
-        None => {
-            tmp = tempfile::tempdir()?;
-            tmp.path().to_path_buf()
-        }
-    };
+    let (dir, _scratch) = crate::procs::scratch_dir(a.dir.as_deref())?;
     let env = Env::start(&dir, headcount).await?;
     let mut handler = env.service("handler", &["--max-heartbeat-rate", "1000000000"])?;
     // No account is held back: the largest limit accepted.

@@ -22,7 +22,7 @@ pub const PARTITIONS: u32 = 32;
 /// The subject mapping every account that publishes heartbeats carries in
 /// the server configuration, spelled as the configuration spells it.
 pub const MAPPING: (&str, &str) = (
-    "hb.*.*.*",
+    crate::subjects::HEARTBEAT_WILDCARD,
     "hbp.{{partition(32,1)}}.{{wildcard(1)}}.{{wildcard(2)}}.{{wildcard(3)}}",
 );
 
