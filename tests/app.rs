@@ -84,3 +84,88 @@ async fn a_started_app_answers_its_first_request_and_stops_cleanly() {
     // The first checker still answers.
     assert_eq!(app.active("acme").await.active, 0);
 }
+
+#[tokio::test]
+async fn partitions_spread_over_several_sessions_buckets_and_a_service_spread_otherwise_refuses() {
+    use futures::StreamExt;
+    use headcount_protocol::subjects::kv as keys;
+    use headcount_protocol::{Limit, Policy, partition};
+    use test_support::{Device, Timings};
+
+    let app = TestApp::spawn_spread(
+        Limit::new(10, Policy::EvictOldest).unwrap(),
+        Timings::default(),
+        3,
+    )
+    .await;
+    let dev = app.nats.fleet_client().await;
+    let accounts: Vec<String> = (0..12).map(|i| format!("spread{i}")).collect();
+    let devices: Vec<Device> = accounts
+        .iter()
+        .enumerate()
+        .map(|(i, a)| {
+            Device::start(
+                dev.clone(),
+                a,
+                "tv",
+                &format!("s{i}"),
+                Duration::from_millis(100),
+                Default::default(),
+            )
+        })
+        .collect();
+    for a in &accounts {
+        app.wait_count(a, 1).await;
+    }
+    // Each account's dictionaries are in its partition's bucket, and only
+    // there.
+    let js = async_nats::jetstream::new(app.client.clone());
+    let mut held = vec![Vec::new(); 3];
+    for (i, list) in held.iter_mut().enumerate() {
+        let store = js
+            .get_key_value(keys::sessions_bucket(i as u32))
+            .await
+            .expect("the bucket was made");
+        let mut ks = store.keys().await.unwrap();
+        while let Some(k) = ks.next().await {
+            let (account, _) = keys::parse_session_dict(&k.unwrap()).expect("a dictionary key");
+            list.push(account.as_str().to_owned());
+        }
+    }
+    for a in &accounts {
+        let home = keys::sessions_bucket_of(partition::of(a), 3) as usize;
+        for (i, list) in held.iter().enumerate() {
+            assert_eq!(list.contains(a), i == home, "{a} in bucket {i}: {held:?}");
+        }
+    }
+    assert!(
+        held.iter().filter(|l| !l.is_empty()).count() > 1,
+        "{held:?}"
+    );
+
+    // A handler spread over one bucket would write where no checker reads.
+    let mut settings = handler_settings(&app, app.timings.interval);
+    if let Some(b) = settings.buckets.as_mut() {
+        b.sessions_buckets = 1;
+    }
+    let (_trigger, stop) = Shutdown::new();
+    let e = App::build(settings, stop)
+        .await
+        .expect_err("one bucket next to three");
+    let text = format!("{e:#}");
+    assert!(text.contains("--sessions-buckets"), "{text}");
+    // And one spread over four finds the fourth missing.
+    let mut settings = handler_settings(&app, app.timings.interval);
+    if let Some(b) = settings.buckets.as_mut() {
+        b.sessions_buckets = 4;
+    }
+    let (_trigger, stop) = Shutdown::new();
+    let e = App::build(settings, stop)
+        .await
+        .expect_err("four buckets next to three");
+    assert!(format!("{e:#}").contains("spread over 3"), "{e:#}");
+    for a in &accounts {
+        assert_eq!(app.active(a).await.active, 1, "{a}");
+    }
+    Device::silence_all(devices).await;
+}

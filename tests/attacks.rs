@@ -507,6 +507,8 @@ async fn a_leaked_service_password_cannot_do_another_services_work_or_stream_sur
                 "$JS.API.STREAM.CREATE.EVIL",
                 "$JS.API.STREAM.UPDATE.KV_headcount-sessions",
                 "headcount.x.y",
+                // A kick passed on to a partition's checkers.
+                "headcount.part.15.kick",
             ],
         ),
         (
@@ -533,6 +535,7 @@ async fn a_leaked_service_password_cannot_do_another_services_work_or_stream_sur
                 "$JS.API.ACCOUNT.PURGE.HEADCOUNT",
                 "$JS.API.STREAM.CREATE.EVIL",
                 "$JS.API.STREAM.UPDATE.KV_headcount-connections",
+                "headcount.part.15.kick",
             ],
         ),
     ];

@@ -10,6 +10,7 @@ use futures::StreamExt;
 use headcount_protocol::subjects::kv as keys;
 use headcount_protocol::wire::{
     self, ActiveReply, ControlType, EndReason, EventType, Heartbeat, LimitsReply, SessionRef,
+    StatsReply,
 };
 use headcount_protocol::{AccountId, DeviceId, Limit, Policy, SessionId, now_millis};
 use headcount_tests::{check, control, events, next_control, next_event};
@@ -567,6 +568,163 @@ async fn two_handlers_divide_the_accounts_without_losing_sessions() {
     tokio::time::sleep(app.timings.timeout + Duration::from_millis(500)).await;
     for a in 0..20 {
         assert_eq!(app.active(&format!("acct{a}")).await.active, 2, "acct{a}");
+    }
+    if let Ok(Some(msg)) = tokio::time::timeout(Duration::from_millis(100), ev.next()).await {
+        panic!(
+            "an event during the hand-over: {}",
+            String::from_utf8_lossy(&msg.payload)
+        );
+    }
+    Device::silence_all(devices).await;
+}
+
+/// Which partitions each checker's record in the members bucket says it
+/// serves.
+async fn checker_records(app: &TestApp) -> Vec<std::collections::BTreeSet<u32>> {
+    let js = async_nats::jetstream::new(app.client.clone());
+    let store = js.get_key_value("headcount-members").await.unwrap();
+    let mut keys = store.keys().await.unwrap();
+    let mut records = Vec::new();
+    while let Some(key) = keys.next().await {
+        let key = key.unwrap();
+        if key.starts_with("checker.")
+            && let Some(value) = store.get(&key).await.unwrap()
+        {
+            let r: headcount_runtime::members::Record = serde_json::from_slice(&value).unwrap();
+            records.push(r.serving);
+        }
+    }
+    records
+}
+
+#[tokio::test]
+async fn three_checkers_hold_each_partition_twice_and_answer_for_every_account() {
+    let mut app = TestApp::spawn_with(limit(100, Policy::EvictOldest)).await;
+    let dev = app.nats.fleet_client().await;
+    let devices: Vec<Device> = (0..40)
+        .map(|i| {
+            Device::start(
+                dev.clone(),
+                &format!("acct{}", i % 20),
+                &format!("d{i}"),
+                &format!("s{i}"),
+                Duration::from_millis(100),
+                plain(),
+            )
+        })
+        .collect();
+    for a in 0..20 {
+        app.wait_count(&format!("acct{a}"), 2).await;
+    }
+    // Two more checkers: each partition ends up with two holders, no
+    // checker with all of them.
+    app.checkers.push(app.start_checker().await);
+    app.checkers.push(app.start_checker().await);
+    let partitions = headcount_protocol::partition::PARTITIONS;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let held: Vec<f64> = app
+            .checkers
+            .iter()
+            .map(|c| c.metric("headcount_checker_partitions"))
+            .collect();
+        let records = checker_records(&app).await;
+        let twice = records.len() == 3
+            && (0..partitions).all(|p| records.iter().filter(|r| r.contains(&p)).count() == 2);
+        if twice && held.iter().all(|&n| n < f64::from(partitions)) {
+            assert_eq!(held.iter().sum::<f64>(), f64::from(2 * partitions));
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "partitions not held twice: {held:?} {records:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Each checker holds only its partitions' sessions: 80 in all, as each
+    // session is held twice.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let active: Vec<f64> = app
+            .checkers
+            .iter()
+            .map(|c| c.metric("headcount_active_sessions"))
+            .collect();
+        if active.iter().sum::<f64>() == 80.0 {
+            assert!(active.iter().all(|&n| n > 0.0 && n < 40.0), "{active:?}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "sessions held: {active:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Whoever receives a request answers it right: asked often enough,
+    // every checker receives some about accounts it does not hold.
+    for round in 0..3 {
+        for a in 0..20 {
+            assert_eq!(
+                app.active(&format!("acct{a}")).await.active,
+                2,
+                "acct{a}, round {round}"
+            );
+        }
+    }
+    let passed: f64 = app
+        .checkers
+        .iter()
+        .map(|c| c.metric(r#"headcount_requests_total{endpoint="active",result="passed_on"}"#))
+        .sum();
+    assert!(passed > 0.0, "no request was passed on");
+    let stats: StatsReply = app
+        .request("stats", &json!({ "top": 3 }))
+        .await
+        .expect("stats answers");
+    assert_eq!(stats.active, 40, "every partition counted once");
+    assert_eq!(stats.top.len(), 3);
+    assert!(stats.top.iter().all(|u| u.active == 2));
+    let one: StatsReply = app
+        .request("stats", &json!({ "account": "acct7" }))
+        .await
+        .expect("stats answers");
+    assert_eq!(one.active, 2);
+    // A check and a kick decide on the account's own view.
+    let c = check(&app, json!({ "account": "acct3", "device": "d3" })).await;
+    assert!(c.allowed);
+    assert_eq!(c.active, 2);
+    assert!(app.kick("acct5", "s5").await, "the session is ended");
+    assert_eq!(app.active_sessions("acct5").await, ["s25"]);
+
+    // A checker stops: the others take its partitions before it lets them
+    // go, and nothing times out or leaves meanwhile.
+    let mut ev = app
+        .nats
+        .service_client()
+        .await
+        .subscribe("headcount.events.>")
+        .await
+        .unwrap();
+    let leaving = app.checkers.remove(0);
+    leaving.stop().await.expect("a graceful stop");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while checker_records(&app)
+        .await
+        .iter()
+        .any(|r| r.len() != partitions as usize)
+    {
+        assert!(tokio::time::Instant::now() < deadline, "not taken over");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(app.timings.timeout + Duration::from_millis(500)).await;
+    for a in 0..20 {
+        let want = if a == 5 { 1 } else { 2 };
+        assert_eq!(
+            app.active(&format!("acct{a}")).await.active,
+            want,
+            "acct{a}"
+        );
     }
     if let Ok(Some(msg)) = tokio::time::timeout(Duration::from_millis(100), ev.next()).await {
         panic!(

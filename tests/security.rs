@@ -391,11 +391,16 @@ async fn backends_may_query_but_not_administer() {
         .active(&AccountId::parse("acme").unwrap())
         .await
         .expect("backend may query, and is answered without error");
-    for subject in ["headcount.limits.set", "headcount.kick"] {
+    // Nor through the subjects checkers pass requests on by.
+    let passed_on = headcount_protocol::subjects::partition_request(
+        headcount_protocol::partition::of("acme"),
+        "limits.set",
+    );
+    for subject in ["headcount.limits.set", "headcount.kick", passed_on.as_str()] {
         let r = tokio::time::timeout(
             Duration::from_secs(2),
             backend.request(
-                subject,
+                subject.to_string(),
                 Bytes::from_static(br#"{"account":"acme","limit":9,"session":"x"}"#),
             ),
         )

@@ -241,7 +241,9 @@ impl App {
         let nats = connect(opts, &health).await?;
         self.clients.push(nats.clone());
         let buckets = open_buckets(&nats, bucket_settings(buckets)?, &health).await?;
-        check_interval(&buckets.sessions, interval).await?;
+        for sessions in buckets.sessions.all() {
+            check_interval(sessions, interval).await?;
+        }
         Ok(Wiring {
             nats,
             buckets,

@@ -153,11 +153,12 @@ struct Steady {
     interval_secs: u64,
 }
 
-/// Deletes the sessions bucket: the dictionaries go, and the next service
-/// creates the bucket for its own interval.
+/// Deletes the sessions bucket (the bench's services use one): the
+/// dictionaries go, and the next service creates the bucket for its own
+/// interval.
 async fn clear_sessions(console: &async_nats::Client) -> anyhow::Result<()> {
     async_nats::jetstream::new(console.clone())
-        .delete_key_value(subjects::kv::SESSIONS_BUCKET)
+        .delete_key_value(subjects::kv::sessions_bucket(0))
         .await
         .map_err(|e| anyhow::anyhow!("clearing the sessions bucket: {e}"))?;
     Ok(())

@@ -1,8 +1,10 @@
 //! `scale`: one fleet against 1, 2 and 4 handler instances (each its own
 //! process, on one nats-server), across several interval boundaries, with
 //! per-instance figures: partitions and sessions held, heartbeats taken,
-//! dictionary writes and conflicts per heartbeat, resident memory. Whether
-//! adding an instance divides the work, or copies it.
+//! dictionary writes and conflicts per heartbeat, resident memory; then
+//! against 1, 2 and 3 checkers (each partition held by two): partitions
+//! and sessions held, heartbeats heard and resident memory. Whether adding
+//! an instance divides the work, or copies it.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -11,13 +13,17 @@ use anyhow::Context;
 use clap::Args;
 
 use crate::measure::{publish_paced, session_subjects};
-use crate::procs::{Env, Proc, rss_bytes, scratch_dir};
+use crate::procs::{Env, Proc, rss_bytes, scratch_dir, settled_rss};
 
 #[derive(Debug, Args)]
 pub struct ScaleArgs {
     /// Handler instance counts, one run each (comma-separated).
     #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
     instances: Vec<usize>,
+    /// Checker instance counts, one run each, next to one handler
+    /// (comma-separated; empty: none).
+    #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
+    checkers: Vec<usize>,
     /// Sessions of the fleet; each heartbeats every 5 s.
     #[arg(long, default_value_t = 30_000)]
     sessions: usize,
@@ -70,10 +76,15 @@ pub async fn run(mut a: ScaleArgs, headcount: &Path) -> anyhow::Result<()> {
         a.sessions = a.sessions.min(3_000);
         a.boundaries = a.boundaries.min(1);
         a.instances.retain(|&n| n <= 2);
+        a.checkers.retain(|&n| n <= 2);
     }
     anyhow::ensure!(
         a.instances.iter().all(|&n| n >= 1),
         "--instances: at least one handler per run"
+    );
+    anyhow::ensure!(
+        a.checkers.iter().all(|&n| n >= 1),
+        "--checkers: at least one checker per run"
     );
     let (dir, _scratch) = scratch_dir(a.dir.as_deref())?;
     println!(
@@ -93,7 +104,184 @@ pub async fn run(mut a: ScaleArgs, headcount: &Path) -> anyhow::Result<()> {
         results.push((n, r));
     }
     summary(&results, a.sessions);
+    let mut results = Vec::new();
+    for &n in &a.checkers {
+        let r = checkers(&a, &dir.join(format!("c{n}")), headcount, n)
+            .await
+            .with_context(|| format!("run with {n} checkers"))?;
+        report_checkers(n, &r, a.sessions);
+        results.push((n, r));
+    }
+    checkers_summary(&results, a.sessions);
     Ok(())
+}
+
+/// Checkers per partition, as `headcount checker` holds them by default.
+const COPIES: usize = checker::DEFAULT_COPIES;
+
+/// The fleet against one handler and `n` checkers: what each checker holds
+/// and what it costs once every session is loaded and heard.
+async fn checkers(
+    a: &ScaleArgs,
+    dir: &Path,
+    headcount: &Path,
+    n: usize,
+) -> anyhow::Result<Vec<Instance>> {
+    std::fs::create_dir_all(dir)?;
+    let env = Env::start(dir, headcount).await?;
+    let interval = format!("{}s", a.interval.as_secs());
+    let no_limit = (a.devices_per_account * 2).to_string();
+    let mut handler = env.service(
+        "handler",
+        &[
+            "--interval",
+            interval.as_str(),
+            "--max-heartbeat-rate",
+            "1000000000",
+        ],
+    )?;
+    handler.wait_up("handler").await?;
+    let args = [
+        "--interval",
+        interval.as_str(),
+        "--timeout",
+        "1h",
+        "--default-limit",
+        no_limit.as_str(),
+    ];
+    let mut checkers: Vec<Proc> = Vec::new();
+    for _ in 0..n {
+        let mut c = env.service("checker", &args)?;
+        c.wait_up("checker").await?;
+        checkers.push(c);
+    }
+    let copies = COPIES.min(n) as f64;
+    let partitions = f64::from(headcount_protocol::partition::PARTITIONS);
+    let sum = async |key: &str| -> anyhow::Result<Vec<f64>> {
+        let mut v = Vec::new();
+        for c in &checkers {
+            v.push(c.metrics().await?.get(key).copied().unwrap_or(0.0));
+        }
+        Ok(v)
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let held = sum("headcount_checker_partitions").await?;
+        if held.iter().sum::<f64>() == partitions * copies {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "partitions not divided: {held:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut figures = vec![Instance::default(); n];
+    for (f, c) in figures.iter_mut().zip(&checkers) {
+        f.rss_empty = rss_bytes(c.pid()?)?;
+    }
+    let client = env.client("bench-fleet").await?;
+    let run = &nuid::next().to_string()[..6];
+    let subjects = session_subjects(run, a.sessions, a.devices_per_account)?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        publish_paced(&client, &subjects, PERIOD).await?;
+        let held = sum("headcount_active_sessions").await?;
+        if held.iter().sum::<f64>() >= a.sessions as f64 * copies {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "not every session loaded: {held:?}"
+        );
+    }
+    // Steady state: every session heard again, twice over.
+    let hb0 = sum("headcount_checker_heartbeats_total").await?;
+    for _ in 0..2 {
+        publish_paced(&client, &subjects, PERIOD).await?;
+    }
+    let hb1 = sum("headcount_checker_heartbeats_total").await?;
+    for (i, (f, c)) in figures.iter_mut().zip(&checkers).enumerate() {
+        let m = c.metrics().await?;
+        f.partitions = m
+            .get("headcount_checker_partitions")
+            .copied()
+            .unwrap_or(0.0);
+        f.sessions = m.get("headcount_active_sessions").copied().unwrap_or(0.0);
+        f.heartbeats = hb1[i] - hb0[i];
+        f.rss = settled_rss(c.pid()?, 10).await?;
+    }
+    for c in checkers {
+        c.stop().await;
+    }
+    handler.stop().await;
+    Ok(figures)
+}
+
+fn report_checkers(n: usize, figures: &[Instance], sessions: usize) {
+    println!();
+    println!("{n} checker(s), {COPIES} per partition");
+    println!(
+        "{:<10} {:>10} {:>10} {:>8} {:>12} {:>10} {:>12} {:>12}",
+        "instance",
+        "partitions",
+        "sessions",
+        "share",
+        "heartbeats",
+        "RSS MiB",
+        "loaded MiB",
+        "B/session"
+    );
+    for (i, f) in figures.iter().enumerate() {
+        let loaded = f.rss.saturating_sub(f.rss_empty);
+        println!(
+            "{:<10} {:>10} {:>10} {:>7.1}% {:>12} {:>10.1} {:>12.1} {:>12.0}",
+            i,
+            f.partitions,
+            f.sessions,
+            100.0 * f.sessions / sessions as f64,
+            f.heartbeats,
+            f.rss as f64 / (1024.0 * 1024.0),
+            loaded as f64 / (1024.0 * 1024.0),
+            loaded as f64 / f.sessions.max(1.0),
+        );
+    }
+}
+
+/// The largest checker of each run next to the single checker's.
+fn checkers_summary(results: &[(usize, Vec<Instance>)], sessions: usize) {
+    if results.is_empty() {
+        return;
+    }
+    println!();
+    println!(
+        "{:<10} {:>12} {:>14} {:>14} {:>16} {:>16}",
+        "checkers", "max share", "max RSS MiB", "vs fewest", "max loaded MiB", "vs fewest"
+    );
+    let max_rss = |fs: &[Instance]| fs.iter().map(|f| f.rss).max().unwrap_or(0) as f64;
+    let max_loaded = |fs: &[Instance]| {
+        fs.iter()
+            .map(|f| f.rss.saturating_sub(f.rss_empty))
+            .max()
+            .unwrap_or(0) as f64
+    };
+    let (rss0, loaded0) = results
+        .first()
+        .map(|(_, fs)| (max_rss(fs), max_loaded(fs)))
+        .unwrap_or_default();
+    let mib = 1024.0 * 1024.0;
+    for (n, fs) in results {
+        let share = fs.iter().map(|f| f.sessions).fold(0.0, f64::max) / sessions as f64;
+        println!(
+            "{:<10} {:>11.1}% {:>14.1} {:>13.2}x {:>16.1} {:>15.2}x",
+            n,
+            100.0 * share,
+            max_rss(fs) / mib,
+            max_rss(fs) / rss0.max(1.0),
+            max_loaded(fs) / mib,
+            max_loaded(fs) / loaded0.max(1.0),
+        );
+    }
 }
 
 async fn one(

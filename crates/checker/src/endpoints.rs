@@ -2,16 +2,26 @@
 //! `limits.set`, `kick` and `stats`, and the 404 for names no service
 //! serves.
 //!
+//! Any checker may receive any request, but only the checkers holding an
+//! account's partition know its sessions: a request about an account of a
+//! partition this checker does not serve is passed on, unchanged and with
+//! the caller's reply subject, to `headcount.part.<partition>.<endpoint>`,
+//! where the holders answer the caller directly ([`route`]). Limits are
+//! known to every checker and answered where they arrive; `stats` over
+//! every account gathers each partition's [`Summary`] from its holders.
+//!
 //! Every answer comes from the view, never from a KV read, except that
 //! `limits.set` reads the record it replaces (compare-and-set) and answers
 //! with what it stored. A refusal is a [`ServiceError`] (400 for a wrong
 //! request, 404, 500), carried in the micro error headers.
 
+use std::borrow::Cow;
 use std::hash::{BuildHasher, RandomState};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::kv;
 use bytes::Bytes;
+use headcount_protocol::partition::{self, PARTITIONS};
 use headcount_protocol::policy::check_plan;
 use headcount_protocol::subjects::{self, endpoint, kv as keys};
 use headcount_protocol::wire::{
@@ -22,8 +32,8 @@ use headcount_protocol::{
     AccountId, AccountLimits, Limit, Plans, Policy, ServiceError, SessionId, UnixMillis, now_millis,
 };
 use headcount_runtime::service_error;
-use serde::Serialize;
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 
 use crate::enforcement::{Ended, Ending, end_session};
 use crate::ledger;
@@ -60,24 +70,130 @@ fn outcome(result: &Result<Bytes, ServiceError>) -> &'static str {
     }
 }
 
-/// Answers one request to endpoint `name`, and counts it.
+/// The endpoints served on a partition's subject: the public ones, passed
+/// on, and the summary `stats` gathers.
+pub(crate) const PASSED: [&str; 7] = [
+    endpoint::ACTIVE,
+    endpoint::CHECK,
+    endpoint::LIMITS_GET,
+    endpoint::LIMITS_SET,
+    endpoint::KICK,
+    endpoint::STATS,
+    endpoint::SUMMARY,
+];
+
+/// How long `stats` waits for a partition's summary.
+const SUMMARY_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The partition whose holders must answer a request to `name` with this
+/// body: that of the account it names, for the endpoints that read
+/// sessions. None: any checker answers (limits are known to all, `stats`
+/// without an account gathers), and so does a body that names no account
+/// (its answer is a 400 wherever it is read).
+pub(crate) fn route(name: &str, payload: &[u8]) -> Option<u32> {
+    /// Only the account is read here; the endpoint reads the rest.
+    #[derive(Deserialize)]
+    struct Named<'a> {
+        #[serde(borrow, default)]
+        account: Option<Cow<'a, str>>,
+    }
+    match name {
+        endpoint::ACTIVE | endpoint::CHECK | endpoint::KICK | endpoint::STATS => {}
+        _ => return None,
+    }
+    let named: Named = serde_json::from_slice(payload).ok()?;
+    let account = AccountId::parse(named.account?.as_ref()).ok()?;
+    Some(partition::of(account.as_str()))
+}
+
+/// Answers one request to endpoint `name` that reached this checker's
+/// service, or passes it on to the holders of its account's partition, and
+/// counts it.
 pub(crate) async fn serve(shared: &Shared, name: &'static str, req: async_nats::service::Request) {
     let started = Instant::now();
     let payload = req.message.payload.clone();
-    let result = match name {
-        endpoint::ACTIVE => active(shared, &payload),
-        endpoint::CHECK => check(shared, &payload).await,
-        endpoint::LIMITS_GET => limits_get(shared, &payload),
-        endpoint::LIMITS_SET => limits_set(shared, &payload).await,
-        endpoint::KICK => kick(shared, &payload).await,
-        endpoint::STATS => stats(shared, &payload),
-        _ => Err(ServiceError::not_found(format!("unknown endpoint {name}"))),
-    };
+    if let Some(p) = route(name, &payload)
+        && !shared.serves(p)
+    {
+        pass_on(shared, p, name, &req.message).await;
+        count(shared, name, "passed_on", started);
+        return;
+    }
+    let result = answer(shared, name, &payload).await;
     let outcome = outcome(&result);
     let reply = result.map_err(|e| service_error(e.header_code(), e.message));
     if let Err(e) = req.respond(reply).await {
         tracing::warn!(endpoint = name, error = %e, "sending reply");
     }
+    count(shared, name, outcome, started);
+}
+
+/// Answers one request passed on to a partition this checker serves, on
+/// the caller's reply subject, and counts it.
+pub(crate) async fn serve_passed(shared: &Shared, partition: u32, msg: async_nats::Message) {
+    let started = Instant::now();
+    let Some(name) = subjects::parse_partition_request(&msg.subject)
+        .and_then(|n| PASSED.iter().copied().find(|&e| e == n))
+    else {
+        return;
+    };
+    let Some(reply) = msg.reply else {
+        return;
+    };
+    let result = match name {
+        endpoint::SUMMARY => summary(shared, partition, &msg.payload),
+        _ => answer(shared, name, &msg.payload).await,
+    };
+    let outcome = outcome(&result);
+    if let Err(e) = publish_reply(&shared.nats, reply, result).await {
+        tracing::warn!(endpoint = name, error = %e, "sending reply");
+    }
+    count(shared, name, outcome, started);
+}
+
+/// The answer of endpoint `name` to this body, from this checker's view.
+async fn answer(shared: &Shared, name: &str, payload: &[u8]) -> Result<Bytes, ServiceError> {
+    match name {
+        endpoint::ACTIVE => active(shared, payload),
+        endpoint::CHECK => check(shared, payload).await,
+        endpoint::LIMITS_GET => limits_get(shared, payload),
+        endpoint::LIMITS_SET => limits_set(shared, payload).await,
+        endpoint::KICK => kick(shared, payload).await,
+        endpoint::STATS => stats(shared, payload).await,
+        _ => Err(ServiceError::not_found(format!("unknown endpoint {name}"))),
+    }
+}
+
+/// Passes a request on to the checkers holding partition `p`, unchanged
+/// and with the caller's reply subject: one of them answers the caller. If
+/// none holds it (no checker serves it yet), the server tells the caller
+/// there are no responders.
+async fn pass_on(shared: &Shared, p: u32, name: &str, msg: &async_nats::Message) {
+    let Some(reply) = msg.reply.clone() else {
+        return;
+    };
+    let subject = subjects::partition_request(p, name);
+    let sent = match msg.headers.clone() {
+        Some(h) => {
+            shared
+                .nats
+                .publish_with_reply_and_headers(subject, reply, h, msg.payload.clone())
+                .await
+        }
+        None => {
+            shared
+                .nats
+                .publish_with_reply(subject, reply, msg.payload.clone())
+                .await
+        }
+    };
+    if let Err(e) = sent {
+        tracing::warn!(endpoint = name, partition = p, error = %e, "passing a request on");
+    }
+}
+
+/// Counts one request and the time it took.
+fn count(shared: &Shared, name: &str, outcome: &str, started: Instant) {
     shared
         .metrics
         .requests
@@ -88,6 +204,31 @@ pub(crate) async fn serve(shared: &Shared, name: &'static str, req: async_nats::
         .request_seconds
         .with_label_values(&[name])
         .observe(started.elapsed().as_secs_f64());
+}
+
+/// Sends an answer on `reply` as the micro service would: the body, or the
+/// error in the service error headers.
+async fn publish_reply(
+    nats: &async_nats::Client,
+    reply: async_nats::Subject,
+    result: Result<Bytes, ServiceError>,
+) -> Result<(), async_nats::PublishError> {
+    match result {
+        Ok(body) => nats.publish(reply, body).await,
+        Err(error) => {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert(
+                async_nats::service::NATS_SERVICE_ERROR,
+                error.message.as_str(),
+            );
+            headers.insert(
+                async_nats::service::NATS_SERVICE_ERROR_CODE,
+                error.header_code().to_string().as_str(),
+            );
+            nats.publish_with_headers(reply, headers, error.message.into())
+                .await
+        }
+    }
 }
 
 fn active(shared: &Shared, payload: &[u8]) -> Result<Bytes, ServiceError> {
@@ -431,30 +572,53 @@ fn stats_request(payload: &[u8]) -> Result<StatsRequest, ServiceError> {
     parse(payload)
 }
 
-fn stats(shared: &Shared, payload: &[u8]) -> Result<Bytes, ServiceError> {
+async fn stats(shared: &Shared, payload: &[u8]) -> Result<Bytes, ServiceError> {
     let req = stats_request(payload)?;
     let now = now_millis();
-    let (b, top) = match &req.account {
-        Some(a) => (shared.view(a.as_str()).breakdown(a, now), Vec::new()),
+    let reply = match &req.account {
+        Some(a) => {
+            let b = shared.view(a.as_str()).breakdown(a, now);
+            stats_reply(Some(a.clone()), b, Vec::new())
+        }
         None => {
-            let n = req.top.unwrap_or(10).min(1000) as usize;
-            let mut top: Vec<(AccountId, u32, Limit)> =
-                shared.each_view().flat_map(|v| v.top(n, now)).collect();
-            top.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-            let top = top
-                .into_iter()
-                .take(n)
-                .map(|(account, active, limit)| AccountUsage {
-                    account,
-                    active,
-                    limit: limit.limit,
-                })
-                .collect();
-            (shared.breakdown_all(now), top)
+            let n = req.top.unwrap_or(10).min(1000);
+            let mine = shared.served();
+            let (mut b, mut peaks) = shared.breakdown_of(&mine, now);
+            let mut top = top_of(shared, &mine, n as usize, now);
+            let others = (0..PARTITIONS).filter(|p| !mine.contains(p));
+            let asked = futures::future::join_all(others.map(|p| ask_summary(shared, p, n))).await;
+            for s in asked {
+                let s = s?;
+                b.merge(view::Breakdown {
+                    total: s.stats.active,
+                    peak: 0,
+                    by_content: s.stats.by_content,
+                    by_kind: s.stats.by_kind,
+                    by_region: s.stats.by_region,
+                });
+                peaks.add(&view::Peaks::from_wire(s.minute, &s.peaks));
+                top.extend(s.stats.top);
+            }
+            b.peak = peaks.max().max(b.total);
+            top.sort_by(|a, b| {
+                b.active
+                    .cmp(&a.active)
+                    .then_with(|| a.account.cmp(&b.account))
+            });
+            top.truncate(n as usize);
+            stats_reply(None, b, top)
         }
     };
-    json(&StatsReply {
-        account: req.account,
+    json(&reply)
+}
+
+fn stats_reply(
+    account: Option<AccountId>,
+    b: view::Breakdown,
+    top: Vec<AccountUsage>,
+) -> StatsReply {
+    StatsReply {
+        account,
         active: b.total,
         peak: b.peak,
         window_minutes: view::PEAK_WINDOW_MINUTES as u32,
@@ -462,7 +626,81 @@ fn stats(shared: &Shared, payload: &[u8]) -> Result<Bytes, ServiceError> {
         by_kind: b.by_kind,
         by_region: b.by_region,
         top,
+    }
+}
+
+/// The `n` busiest accounts of `partitions`, busiest first.
+fn top_of(shared: &Shared, partitions: &[u32], n: usize, now: UnixMillis) -> Vec<AccountUsage> {
+    let mut top: Vec<(AccountId, u32, Limit)> = partitions
+        .iter()
+        .flat_map(|&p| shared.view_of(p).top(n, now))
+        .collect();
+    top.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    top.into_iter()
+        .take(n)
+        .map(|(account, active, limit)| AccountUsage {
+            account,
+            active,
+            limit: limit.limit,
+        })
+        .collect()
+}
+
+/// One partition's part of `stats` over every account, as its holders
+/// answer it on `headcount.part.<partition>.summary` (body: a `stats`
+/// request, of which only `top` is read): the partition's usage and
+/// busiest accounts, and its peaks minute by minute, newest first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Summary {
+    #[serde(flatten)]
+    stats: StatsReply,
+    /// The newest minute of `peaks` (minutes since the Unix epoch).
+    minute: u64,
+    peaks: Vec<u32>,
+}
+
+fn summary(shared: &Shared, p: u32, payload: &[u8]) -> Result<Bytes, ServiceError> {
+    let req = stats_request(payload)?;
+    let n = req.top.unwrap_or(10).min(1000) as usize;
+    let now = now_millis();
+    let (b, peaks) = shared.breakdown_of(&[p], now);
+    let (minute, peaks) = peaks.to_wire();
+    json(&Summary {
+        stats: stats_reply(None, b, top_of(shared, &[p], n, now)),
+        minute,
+        peaks,
     })
+}
+
+/// Asks the holders of partition `p` for its summary; an error names the
+/// partition, so that `stats` is never answered from part of the accounts.
+async fn ask_summary(shared: &Shared, p: u32, top: u32) -> Result<Summary, ServiceError> {
+    let failed = |e: &dyn std::fmt::Display| {
+        ServiceError::internal(format!(
+            "stats: partition {p} did not answer ({e}); try again"
+        ))
+    };
+    let body = serde_json::to_vec(&StatsRequest {
+        account: None,
+        top: Some(top),
+    })
+    .map_err(|e| failed(&e))?;
+    let ask = shared.nats.request(
+        subjects::partition_request(p, endpoint::SUMMARY),
+        body.into(),
+    );
+    let msg = tokio::time::timeout(SUMMARY_TIMEOUT, ask)
+        .await
+        .map_err(|e| failed(&e))?
+        .map_err(|e| failed(&e))?;
+    if let Some(code) = msg
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(async_nats::service::NATS_SERVICE_ERROR))
+    {
+        return Err(failed(&code.as_str()));
+    }
+    serde_json::from_slice(&msg.payload).map_err(|e| failed(&e))
 }
 
 async fn kick(shared: &Shared, payload: &[u8]) -> Result<Bytes, ServiceError> {
@@ -534,19 +772,7 @@ pub(crate) async fn answer_unknown(nats: &async_nats::Client, msg: async_nats::M
     let Some(error) = unknown_endpoint(msg.subject.as_str(), reply.as_str()) else {
         return;
     };
-    let mut headers = async_nats::HeaderMap::new();
-    headers.insert(
-        async_nats::service::NATS_SERVICE_ERROR,
-        error.message.as_str(),
-    );
-    headers.insert(
-        async_nats::service::NATS_SERVICE_ERROR_CODE,
-        error.header_code().to_string().as_str(),
-    );
-    if let Err(e) = nats
-        .publish_with_headers(reply, headers, error.message.into())
-        .await
-    {
+    if let Err(e) = publish_reply(nats, reply, Err(error)).await {
         tracing::warn!(error = %e, "answering unknown endpoint");
     }
 }
@@ -559,6 +785,14 @@ fn unknown_endpoint(subject: &str, reply: &str) -> Option<ServiceError> {
     // request naming, say, a control subject as its reply gets no answer:
     // this service publishes there for real.
     if !(reply.starts_with("_INBOX") || reply.starts_with("_R_.")) {
+        return None;
+    }
+    // Requests passed on between checkers are the partitions' holders' to
+    // answer (or the server's: no responders).
+    if subject
+        .strip_prefix(subjects::PARTITION_REQUEST_PREFIX)
+        .is_some_and(|rest| rest.starts_with('.'))
+    {
         return None;
     }
     let name = subject
@@ -590,6 +824,61 @@ mod tests {
 
     fn edit(json: serde_json::Value) -> Result<LimitsEdit, ServiceError> {
         limits_edit(&headcount_protocol::policy::default_plans(), &set_req(json))
+    }
+
+    #[test]
+    fn requests_that_read_sessions_go_to_their_accounts_partition() {
+        let p = partition::of("acme");
+        for name in [
+            endpoint::ACTIVE,
+            endpoint::CHECK,
+            endpoint::KICK,
+            endpoint::STATS,
+        ] {
+            assert_eq!(
+                route(name, br#"{"account":"acme","device":"tv"}"#),
+                Some(p),
+                "{name}"
+            );
+        }
+        // Limits are known to every checker.
+        assert_eq!(route(endpoint::LIMITS_GET, br#"{"account":"acme"}"#), None);
+        assert_eq!(route(endpoint::LIMITS_SET, br#"{"account":"acme"}"#), None);
+        // Stats over every account gathers; bad bodies get their 400 here.
+        assert_eq!(route(endpoint::STATS, br#"{"top":3}"#), None);
+        assert_eq!(route(endpoint::STATS, b""), None);
+        assert_eq!(route(endpoint::ACTIVE, b"{not json"), None);
+        assert_eq!(route(endpoint::ACTIVE, br#"{"account":"bad name!"}"#), None);
+        assert_eq!(route(endpoint::ACTIVE, br#"{"account":7}"#), None);
+        // An escaped name is read like any other.
+        assert_eq!(
+            route(endpoint::ACTIVE, br#"{"account":"ac\u006de"}"#),
+            Some(p)
+        );
+    }
+
+    #[test]
+    fn a_summary_crosses_the_wire_unchanged() {
+        let s = Summary {
+            stats: stats_reply(
+                None,
+                view::Breakdown {
+                    total: 3,
+                    peak: 4,
+                    by_content: [("film".to_string(), 3)].into(),
+                    ..Default::default()
+                },
+                vec![AccountUsage {
+                    account: acct(),
+                    active: 3,
+                    limit: 5,
+                }],
+            ),
+            minute: 29_000_000,
+            peaks: vec![3, 4],
+        };
+        let back: Summary = serde_json::from_slice(&serde_json::to_vec(&s).unwrap()).unwrap();
+        assert_eq!(back, s);
     }
 
     #[test]
@@ -799,6 +1088,12 @@ mod tests {
         assert!(unknown_endpoint("headcount.nope", "_R_.abc.x").is_some());
         assert_eq!(unknown_endpoint("headcount.active", "_INBOX.x"), None);
         assert_eq!(unknown_endpoint("headcount.token", "_INBOX.x"), None);
+        assert_eq!(
+            unknown_endpoint("headcount.part.3.nope", "_INBOX.x"),
+            None,
+            "a partition's holders answer, or the server does"
+        );
+        assert!(unknown_endpoint("headcount.partx", "_INBOX.x").is_some());
         assert_eq!(
             unknown_endpoint("headcount.nope", "ctl.acme.tv"),
             None,

@@ -1,8 +1,12 @@
 //! checker: answers who is active and enforces each account's device limit.
 //!
-//! It keeps an in-memory [`view::View`] of every account, fed by watching the
-//! KV buckets (interval dictionaries, revocations, limits) and by listening to
-//! heartbeats for liveness, so no request costs a KV read. It serves the
+//! It keeps an in-memory [`view::View`] of the accounts of the partitions it
+//! holds (with other checkers: each partition is held by
+//! [`Config::copies`] of them), fed by watching the KV buckets (interval
+//! dictionaries, revocations, limits) and by listening to those
+//! partitions' heartbeats for liveness, so no request costs a KV read. A
+//! request about an account of another partition is passed on to its
+//! holders. It serves the
 //! `headcount.*` request-reply endpoints as a NATS micro service, ends
 //! sessions beyond the limit under the account's policy (whether or not
 //! anyone calls `check`), tells the device on `ctl.<account>.<device>` and
@@ -41,13 +45,17 @@ use anyhow::Context;
 use async_nats::jetstream::kv;
 use async_nats::service::ServiceExt;
 use futures::StreamExt;
-use headcount_protocol::subjects;
-use headcount_protocol::{AccountId, IntervalClock, Limit, Policy};
-use headcount_runtime::{Shutdown, Wiring};
+use headcount_protocol::subjects::{self, kv as keys};
+use headcount_protocol::{IntervalClock, Limit, Policy, now_millis};
+use headcount_runtime::{Shutdown, Wiring, members};
+use tokio::sync::{oneshot, watch};
 
 pub use metrics::Metrics;
 use shared::Shared;
 use view::Rules;
+
+/// Checkers per partition by default.
+pub const DEFAULT_COPIES: usize = 2;
 
 /// Checker settings.
 #[derive(Debug, Clone)]
@@ -66,6 +74,9 @@ pub struct Config {
     pub default_limit: Limit,
     /// Named plans accounts can be put on.
     pub plans: headcount_protocol::Plans,
+    /// How many checkers hold each partition (fewer while fewer run): a
+    /// partition stays answered while one of them stops or fails.
+    pub copies: usize,
 }
 
 impl Default for Config {
@@ -82,6 +93,7 @@ impl Default for Config {
                 grace: None,
             }),
             plans: headcount_protocol::policy::default_plans(),
+            copies: DEFAULT_COPIES,
         }
     }
 }
@@ -90,15 +102,57 @@ impl Default for Config {
 /// watches have caught up and its endpoints answer.
 pub fn start(config: Config, metrics: Metrics, wiring: Wiring) -> headcount_runtime::Running {
     let health = wiring.health.clone();
-    headcount_runtime::Running::spawn("checker", health, run(config, metrics, wiring))
+    // Boxed: the instance's future is large, and moving it by value
+    // through the spawn can overflow a small stack (a test's thread).
+    headcount_runtime::Running::spawn("checker", health, Box::pin(run(config, metrics, wiring)))
 }
 
-/// Runs one checker until `shutdown`.
+/// The checker's side of [`members::hold`]: a partition held is one
+/// shard of the view filled and its heartbeats and requests subscribed.
+struct Partitions {
+    shared: Arc<Shared>,
+    /// True once every partition assigned serves: the endpoints may start.
+    complete: watch::Sender<bool>,
+    sessions_health: headcount_runtime::health::Component,
+}
+
+impl members::Holder for Partitions {
+    fn start(&mut self, p: u32) -> members::Part {
+        let (stop, part_stop) = Shutdown::new();
+        let (ready_tx, ready) = oneshot::channel();
+        let task = tokio::spawn(run_partition(self.shared.clone(), p, ready_tx, part_stop));
+        members::Part { stop, ready, task }
+    }
+
+    fn ended(&mut self, _: u32) {}
+
+    fn round(&mut self, standing: members::Standing<'_>) {
+        self.shared
+            .metrics
+            .partitions
+            .set(standing.serving.len() as i64);
+        if standing.complete() && !*self.complete.borrow() {
+            self.sessions_health.set_ready(true);
+            let _ = self.complete.send(true);
+        }
+    }
+}
+
+/// Runs one checker until `shutdown`, then lets its partitions go.
+///
+/// The view holds every account's limits and revocations (both buckets
+/// watched whole) and the sessions of the partitions the members bucket
+/// assigns this instance ([`members::hold`], [`Config::copies`] checkers
+/// per partition), each partition on its own task: a watch of its
+/// dictionaries, a subscription to its heartbeats (liveness) and one to the
+/// requests passed on to it. The endpoints start once every partition
+/// assigned serves.
 ///
 /// Readiness goes to `health` (a scope of the caller's, which tracks the
-/// NATS connection): components `sessions`, `revoked` and `limits`, ready
-/// once their watch has replayed what the bucket held, and the scope
-/// itself, serving from the moment the endpoints are up until it stops.
+/// NATS connection): components `revoked` and `limits`, ready once their
+/// watch has replayed what the bucket held, `sessions`, ready once every
+/// partition assigned serves, and the scope itself, serving from the
+/// moment the endpoints are up until it stops.
 async fn run(config: Config, metrics: Metrics, wiring: Wiring) -> anyhow::Result<()> {
     let (nats, buckets) = (wiring.nats, wiring.buckets);
     let (health, shutdown) = (wiring.health, wiring.shutdown);
@@ -119,24 +173,13 @@ async fn run(config: Config, metrics: Metrics, wiring: Wiring) -> anyhow::Result
     );
     let shared = Arc::new(shared);
 
-    // Liveness first, so no heartbeat sent while the view loads is missed.
-    let mut heartbeats = nats
-        .subscribe(subjects::PARTITIONED_WILDCARD)
-        .await
-        .context("subscribing to heartbeats")?;
-
     let (watch_stop, watch_shutdown) = Shutdown::new();
     let mut tasks = Vec::new();
     let mut ready = Vec::new();
-    // Each bucket, what applies its entries to the view, and the component
-    // that is ready once its watch has replayed what the bucket held.
-    let watched: [(&kv::Store, &str, watches::OnEntry, _); 3] = [
-        (
-            &buckets.sessions,
-            "sessions",
-            watches::on_dict_entry,
-            sessions_health,
-        ),
+    // Each bucket watched whole, what applies its entries to the view, and
+    // the component that is ready once its watch has replayed what the
+    // bucket held.
+    let watched: [(&kv::Store, &str, watches::OnEntry, _); 2] = [
         (
             &buckets.revoked,
             "revoked",
@@ -168,14 +211,64 @@ async fn run(config: Config, metrics: Metrics, wiring: Wiring) -> anyhow::Result
             component.set_ready(true);
         }
     }
-
     let enforcer = tokio::spawn(enforcement::enforcer(shared.clone(), enforce_rx));
-    // Accounts loaded over their limit (e.g. lowered while we were down).
-    let loaded: Vec<AccountId> = shared.each_view().flat_map(|v| v.accounts()).collect();
-    for a in loaded {
-        shared.enforce(a);
-    }
+    let sweeper = sweep::spawn(
+        shared.clone(),
+        config.sweep_every,
+        config.gauges_every,
+        shutdown.clone(),
+    );
 
+    let me = format!("{}", nuid::next());
+    tracing::info!(instance = %me, copies = config.copies, "checker joining");
+    let (complete, complete_rx) = watch::channel(false);
+    let mut holder = Partitions {
+        shared: shared.clone(),
+        complete,
+        sessions_health,
+    };
+    let hold = members::hold(
+        buckets.members.clone(),
+        members::CHECKER,
+        me,
+        config.copies,
+        &mut holder,
+        shutdown.clone(),
+    );
+    let serve = serve(&shared, &config, &health, complete_rx, shutdown);
+    let (held, served) = tokio::join!(hold, serve);
+
+    watch_stop.fire();
+    enforcer.abort();
+    let _ = sweeper.await;
+    for t in tasks {
+        let _ = t.await;
+    }
+    held?;
+    served?;
+    tracing::info!("checker stopped");
+    Ok(())
+}
+
+/// Serves the endpoints from the moment every partition assigned serves
+/// (`complete`) until `shutdown`.
+async fn serve(
+    shared: &Arc<Shared>,
+    config: &Config,
+    health: &headcount_runtime::Health,
+    mut complete: watch::Receiver<bool>,
+    shutdown: Shutdown,
+) -> anyhow::Result<()> {
+    let mut stop = std::pin::pin!(shutdown.wait());
+    tokio::select! {
+        _ = &mut stop => return Ok(()),
+        up = complete.wait_for(|c| *c) => {
+            if up.is_err() {
+                return Ok(());
+            }
+        }
+    }
+    let nats = &shared.nats;
     let service = nats
         .service_builder()
         .description("headcount: active devices per account and limit enforcement")
@@ -199,56 +292,144 @@ async fn run(config: Config, metrics: Metrics, wiring: Wiring) -> anyhow::Result
         )
         .await
         .context("subscribing for unknown endpoints")?;
-
-    let sweeper = sweep::spawn(
-        shared.clone(),
-        config.sweep_every,
-        config.gauges_every,
-        shutdown.clone(),
-    );
     let serving = health.serving();
     tracing::info!(
         timeout = ?config.timeout,
         default_limit = config.default_limit.limit,
         default_policy = %config.default_limit.policy,
+        partitions = shared.served().len(),
         "checker ready"
     );
-    let mut stop = std::pin::pin!(shutdown.wait());
-    loop {
+    let result = loop {
         tokio::select! {
-            _ = &mut stop => break,
-            msg = heartbeats.next() => match msg {
-                Some(msg) => watches::on_heartbeat(&shared, &msg.subject),
-                None => anyhow::bail!("heartbeat subscription closed"),
-            },
+            _ = &mut stop => break Ok(()),
             req = requests.next() => match req {
                 Some((name, req)) => {
                     let s = shared.clone();
                     tokio::spawn(async move { endpoints::serve(&s, name, req).await });
                 }
-                None => anyhow::bail!("service endpoints closed"),
+                None => break Err(anyhow::anyhow!("service endpoints closed")),
             },
             msg = unknown.next() => {
                 if let Some(msg) = msg {
-                    endpoints::answer_unknown(&nats, msg).await;
+                    endpoints::answer_unknown(nats, msg).await;
                 }
             }
         }
-    }
-
+    };
     drop(serving);
-    let _ = heartbeats.unsubscribe().await;
     let _ = unknown.unsubscribe().await;
     drop(requests);
     if let Err(e) = service.stop().await {
         tracing::warn!(error = %e, "stopping checker service");
     }
-    watch_stop.fire();
-    enforcer.abort();
-    let _ = sweeper.await;
-    for t in tasks {
-        let _ = t.await;
-    }
-    tracing::info!("checker stopped");
-    Ok(())
+    result
 }
+
+/// Runs one partition until `stop`: subscribes to its heartbeats (liveness
+/// first, so none sent while its sessions load is missed), fills its shard
+/// of the view from its dictionaries, then serves the requests passed on
+/// to it; stopping, it lets the requests under way end and empties the
+/// shard.
+async fn run_partition(
+    shared: Arc<Shared>,
+    p: u32,
+    ready: oneshot::Sender<()>,
+    stop: Shutdown,
+) -> anyhow::Result<()> {
+    let mut heartbeats = shared
+        .nats
+        .subscribe(subjects::partition_heartbeats(p))
+        .await
+        .context("subscribing to heartbeats")?;
+    // Sessions it has not heard yet get a whole timeout from now.
+    shared.view_of(p).heard_nothing_until(now_millis());
+    let (watch_stop, watch_shutdown) = Shutdown::new();
+    let s = shared.clone();
+    let (sessions_task, mut sessions_ready) = headcount_runtime::watch::follow_keys(
+        shared.buckets.sessions.of(p).clone(),
+        "sessions",
+        &keys::session_dicts_of(p),
+        move |entry| watches::on_dict_entry(&s, entry),
+        watch_shutdown,
+    )
+    .await
+    .context("watching sessions bucket")?;
+    let mut stopped = std::pin::pin!(stop.wait());
+    let loaded = loop {
+        tokio::select! {
+            _ = &mut stopped => break false,
+            r = &mut sessions_ready => break r.is_ok(),
+            msg = heartbeats.next() => match msg {
+                Some(msg) => watches::on_heartbeat(&shared, &msg.subject),
+                None => anyhow::bail!("heartbeat subscription closed"),
+            },
+        }
+    };
+    let result = if loaded {
+        serve_partition(&shared, p, &mut heartbeats, ready, stopped).await
+    } else {
+        Ok(())
+    };
+    shared.set_serving(p, false);
+    let _ = heartbeats.unsubscribe().await;
+    watch_stop.fire();
+    let _ = sessions_task.await;
+    shared.view_of(p).drop_sessions();
+    result
+}
+
+/// The serving part of [`run_partition`], until `stopped`.
+async fn serve_partition(
+    shared: &Arc<Shared>,
+    p: u32,
+    heartbeats: &mut async_nats::Subscriber,
+    ready: oneshot::Sender<()>,
+    mut stopped: std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
+) -> anyhow::Result<()> {
+    let mut passed = shared
+        .nats
+        .queue_subscribe(
+            subjects::partition_requests(p),
+            subjects::checker_queue_group(p),
+        )
+        .await
+        .context("subscribing to requests passed on")?;
+    shared.set_serving(p, true);
+    // Accounts loaded over their limit (e.g. lowered while no checker
+    // held them).
+    let loaded = shared.view_of(p).accounts();
+    for a in loaded {
+        shared.enforce(a);
+    }
+    let _ = ready.send(());
+    let mut under_way = tokio::task::JoinSet::new();
+    let result = loop {
+        tokio::select! {
+            _ = &mut stopped => break Ok(()),
+            msg = heartbeats.next() => match msg {
+                Some(msg) => watches::on_heartbeat(shared, &msg.subject),
+                None => break Err(anyhow::anyhow!("heartbeat subscription closed")),
+            },
+            msg = passed.next() => match msg {
+                Some(msg) => {
+                    let s = shared.clone();
+                    under_way.spawn(async move { endpoints::serve_passed(&s, p, msg).await });
+                }
+                None => break Err(anyhow::anyhow!("request subscription closed")),
+            },
+            Some(_) = under_way.join_next(), if !under_way.is_empty() => {}
+        }
+    };
+    // No new requests; those under way end before the shard is emptied.
+    shared.set_serving(p, false);
+    let _ = passed.unsubscribe().await;
+    let wait = async { while under_way.join_next().await.is_some() {} };
+    if tokio::time::timeout(REQUESTS_END_WAIT, wait).await.is_err() {
+        tracing::warn!(partition = p, "letting go with requests still under way");
+    }
+    result
+}
+
+/// How long a partition let go waits for the requests under way on it.
+const REQUESTS_END_WAIT: Duration = Duration::from_secs(5);

@@ -2,7 +2,7 @@
 
 use headcount_runtime::metrics::{Register, WithSeries};
 use prometheus::{
-    HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
 
 use crate::view::Breakdown;
@@ -13,14 +13,19 @@ pub const TOP_VALUES: usize = 10;
 
 #[derive(Clone, Debug)]
 pub struct Metrics {
-    /// Active sessions over all accounts.
+    /// Active sessions over the accounts of the partitions it holds.
     pub active_sessions: IntGauge,
+    /// Partitions it serves.
+    pub partitions: IntGauge,
+    /// Heartbeats heard (liveness), of the partitions it serves.
+    pub heartbeats: IntCounter,
     /// Sessions ended by the checker, by action: evicted, rejected, revoked.
     pub enforcements: IntCounterVec,
     /// Writes of an account's ledger of decided endings, by result: ok,
     /// conflict (another checker decided first), error.
     pub ledger_writes: IntCounterVec,
-    /// Requests by endpoint and result: ok, bad_request, not_found, error.
+    /// Requests by endpoint and result: ok, bad_request, not_found, error,
+    /// passed_on (to the checkers holding the account's partition).
     pub requests: IntCounterVec,
     /// Time to answer, by endpoint.
     pub request_seconds: HistogramVec,
@@ -37,7 +42,17 @@ impl Metrics {
         Ok(Self {
             active_sessions: IntGauge::new(
                 "headcount_active_sessions",
-                "active sessions over all accounts",
+                "active sessions over the accounts of the partitions this checker holds",
+            )?
+            .register(registry)?,
+            partitions: IntGauge::new(
+                "headcount_checker_partitions",
+                "partitions this checker serves",
+            )?
+            .register(registry)?,
+            heartbeats: IntCounter::new(
+                "headcount_checker_heartbeats_total",
+                "heartbeats heard for liveness, of the partitions this checker serves",
             )?
             .register(registry)?,
             enforcements: IntCounterVec::new(

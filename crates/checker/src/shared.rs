@@ -1,10 +1,11 @@
-//! What every task of one checker shares: the sharded view, the NATS
-//! connection and buckets, the metrics, and the queue of accounts to look
-//! at for enforcement.
+//! What every task of one checker shares: the view, one shard per
+//! partition, which partitions it serves, the NATS connection and buckets,
+//! the metrics, and the queue of accounts to look at for enforcement.
 
-use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
+use headcount_protocol::partition::{self, PARTITIONS};
 use headcount_protocol::wire::PresenceEvent;
 use headcount_protocol::{AccountId, UnixMillis, now_millis};
 use headcount_runtime::{Buckets, effects};
@@ -14,16 +15,21 @@ use crate::enforcement::{Ask, Decided};
 use crate::metrics::Metrics;
 use crate::view::{self, Rules, View};
 
-/// The view is split by account over this many independently locked
-/// shards, so that a sweep or a breakdown over millions of sessions never
-/// holds up a request for longer than one shard takes.
-const SHARDS: usize = 32;
-
+/// The view is split into one independently locked shard per partition,
+/// so that a sweep or a breakdown over millions of sessions never holds up
+/// a request for longer than one shard takes, and a partition this checker
+/// takes or lets go is one shard filled or emptied.
+///
+/// Every shard holds its accounts' limits and revocations (both buckets
+/// are watched whole: they are small); only the shards of the partitions
+/// this checker serves hold sessions.
 pub(crate) struct Shared {
     shards: Box<[Mutex<View>]>,
-    shard_keys: RandomState,
-    /// Highest active count over every account, per minute.
-    pub global_peaks: Mutex<view::Peaks>,
+    /// Which partitions serve: their sessions loaded, their heartbeats and
+    /// requests subscribed.
+    serving: Box<[AtomicBool]>,
+    /// Highest active count of each partition, per minute.
+    pub peaks: Box<[Mutex<view::Peaks>]>,
     pub buckets: Buckets,
     pub nats: async_nats::Client,
     pub metrics: Metrics,
@@ -47,11 +53,13 @@ impl Shared {
         let (enforce_tx, enforce_rx) = mpsc::unbounded_channel();
         let started = now_millis();
         let shared = Self {
-            shards: (0..SHARDS)
+            shards: (0..PARTITIONS)
                 .map(|_| Mutex::new(View::with_plans(rules, plans.clone(), started)))
                 .collect(),
-            shard_keys: RandomState::new(),
-            global_peaks: Mutex::new(view::Peaks::default()),
+            serving: (0..PARTITIONS).map(|_| AtomicBool::new(false)).collect(),
+            peaks: (0..PARTITIONS)
+                .map(|_| Mutex::new(view::Peaks::default()))
+                .collect(),
             buckets,
             nats,
             metrics,
@@ -60,10 +68,29 @@ impl Shared {
         (shared, enforce_rx)
     }
 
-    /// The shard holding `account`.
+    /// The shard holding `account`: its partition's.
     pub fn view(&self, account: &str) -> MutexGuard<'_, View> {
-        let i = self.shard_keys.hash_one(account) as usize % self.shards.len();
-        lock(&self.shards[i])
+        self.view_of(partition::of(account))
+    }
+
+    /// The shard of partition `p`.
+    pub fn view_of(&self, p: u32) -> MutexGuard<'_, View> {
+        lock(&self.shards[p as usize])
+    }
+
+    /// Whether this checker serves partition `p`: its answers about the
+    /// partition's accounts are complete.
+    pub fn serves(&self, p: u32) -> bool {
+        self.serving[p as usize].load(Ordering::Acquire)
+    }
+
+    pub fn set_serving(&self, p: u32, serving: bool) {
+        self.serving[p as usize].store(serving, Ordering::Release);
+    }
+
+    /// The partitions this checker serves.
+    pub fn served(&self) -> Vec<u32> {
+        (0..PARTITIONS).filter(|&p| self.serves(p)).collect()
     }
 
     /// Every shard, one at a time.
@@ -95,26 +122,22 @@ impl Shared {
             .inc();
     }
 
-    /// Active sessions over every account by content, kind and region,
-    /// shard by shard, with the peak over every account.
-    pub fn breakdown_all(&self, now: UnixMillis) -> view::Breakdown {
+    /// Active sessions over every account of `partitions` by content,
+    /// kind and region, shard by shard, and their peaks added up minute by
+    /// minute (each partition's highest count of each minute).
+    pub fn breakdown_of(
+        &self,
+        partitions: &[u32],
+        now: UnixMillis,
+    ) -> (view::Breakdown, view::Peaks) {
         let mut all = view::Breakdown::default();
-        for v in self.each_view() {
-            let b = v.breakdown_all(now);
-            drop(v);
-            all.total += b.total;
-            for (into, from) in [
-                (&mut all.by_content, b.by_content),
-                (&mut all.by_kind, b.by_kind),
-                (&mut all.by_region, b.by_region),
-            ] {
-                for (k, n) in from {
-                    *into.entry(k).or_default() += n;
-                }
-            }
+        let mut peaks = view::Peaks::default();
+        for &p in partitions {
+            let b = self.view_of(p).breakdown_all(now);
+            all.merge(b);
+            peaks.add(&lock(&self.peaks[p as usize]));
         }
-        let peak = lock(&self.global_peaks).max();
-        all.peak = peak.max(all.total);
-        all
+        all.peak = peaks.max().max(all.total);
+        (all, peaks)
     }
 }

@@ -67,6 +67,8 @@ struct Pass {
     timed_out: Vec<(AccountId, ActiveSession)>,
     /// Active sessions over every account.
     total: u32,
+    /// Active sessions of each view, in the order swept.
+    totals: Vec<u32>,
     /// Accounts whose grace ran out: to enforce now.
     grace_expired: Vec<AccountId>,
 }
@@ -81,6 +83,7 @@ fn sweep_views<V: DerefMut<Target = View>>(
         let (t, n) = v.sweep(now);
         pass.timed_out.extend(t);
         pass.total += n;
+        pass.totals.push(n);
         pass.grace_expired.extend(v.grace_expired(now));
     }
     pass
@@ -103,7 +106,10 @@ fn timeout_event(account: AccountId, session: ActiveSession, now: UnixMillis) ->
 async fn on_sweep(shared: &Shared, gauges: bool) {
     let now = now_millis();
     let pass = sweep_views(shared.each_view(), now);
-    lock(&shared.global_peaks).record(now / 60_000, pass.total);
+    // Shards are partitions, in order.
+    for (peaks, &n) in shared.peaks.iter().zip(&pass.totals) {
+        lock(peaks).record(now / 60_000, n);
+    }
     shared.metrics.active_sessions.set(pass.total as i64);
     for account in pass.grace_expired {
         shared.enforce(account);
@@ -111,7 +117,7 @@ async fn on_sweep(shared: &Shared, gauges: bool) {
     // The breakdown gauges cost a pass over every session (millions, on a
     // big checker): only every `gauges_every`, starting with the first round.
     if gauges {
-        let b = shared.breakdown_all(now);
+        let (b, _) = shared.breakdown_of(&shared.served(), now);
         shared.metrics.set_breakdown(&b);
     }
     for (account, s) in pass.timed_out {
@@ -170,6 +176,7 @@ mod tests {
         let p = sweep_views(shards.iter_mut(), 16_001);
         assert_eq!(announced(&p), [("acme", "s1")]);
         assert_eq!(p.total, 2, "s2 heard, s3 not silent long enough yet");
+        assert_eq!(p.totals, [1, 1], "each view's own count");
         let p = sweep_views(shards.iter_mut(), 17_001);
         assert_eq!(
             announced(&p),

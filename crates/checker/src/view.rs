@@ -91,6 +91,47 @@ impl Peaks {
     pub fn max(&self) -> u32 {
         self.counts.iter().copied().max().unwrap_or(0)
     }
+
+    /// Adds `other`'s counts to these, minute by minute (the peaks of two
+    /// partitions make the peak of both: an upper bound, as each minute's
+    /// highest counts need not have been at the same moment).
+    pub fn add(&mut self, other: &Peaks) {
+        let len = self.counts.len() as u64;
+        // Both windows end at the newer of the two minutes.
+        let newest = self.minute.max(other.minute);
+        self.record(newest, 0);
+        for back in 0..len {
+            let Some(m) = other.minute.checked_sub(back) else {
+                break;
+            };
+            if newest - m >= len {
+                break;
+            }
+            let n = other.counts[(m % len) as usize];
+            self.counts[(m % len) as usize] += n;
+        }
+    }
+
+    /// The newest minute and the counts of the window, newest first.
+    pub fn to_wire(&self) -> (u64, Vec<u32>) {
+        let len = self.counts.len() as u64;
+        let counts = (0..len)
+            .map_while(|back| self.minute.checked_sub(back))
+            .map(|m| self.counts[(m % len) as usize])
+            .collect();
+        (self.minute, counts)
+    }
+
+    /// The peaks [`Peaks::to_wire`] wrote.
+    pub fn from_wire(minute: u64, counts: &[u32]) -> Self {
+        let mut peaks = Peaks::default();
+        for (back, &n) in counts.iter().enumerate().take(PEAK_WINDOW_MINUTES as usize) {
+            if let Some(m) = minute.checked_sub(back as u64) {
+                peaks.record(m, n);
+            }
+        }
+        peaks
+    }
 }
 
 #[derive(Debug, Default)]
@@ -182,6 +223,20 @@ pub struct Breakdown {
 }
 
 impl Breakdown {
+    /// Adds `other`'s counts to these (`peak` is the caller's).
+    pub fn merge(&mut self, other: Breakdown) {
+        self.total += other.total;
+        for (into, from) in [
+            (&mut self.by_content, other.by_content),
+            (&mut self.by_kind, other.by_kind),
+            (&mut self.by_region, other.by_region),
+        ] {
+            for (k, n) in from {
+                *into.entry(k).or_default() += n;
+            }
+        }
+    }
+
     fn add(&mut self, s: &ActiveSession) {
         self.total += 1;
         let key = |v: Option<&str>| v.unwrap_or("unknown").to_string();
@@ -341,6 +396,23 @@ impl View {
         for acct in self.accounts.values_mut() {
             acct.due = 0;
         }
+    }
+
+    /// Forgets every session (this checker let their partition go), and
+    /// every account that then holds nothing else: limits and revocations
+    /// stay, as their watches do not start again.
+    pub fn drop_sessions(&mut self) {
+        self.accounts.retain(|_, acct| {
+            *acct = Account {
+                overrides: acct.overrides.take(),
+                overrides_revision: acct.overrides_revision,
+                token_plan: acct.token_plan.take(),
+                ..Account::default()
+            };
+            acct.overrides.is_some() || acct.overrides_revision > 0 || acct.token_plan.is_some()
+        });
+        self.accounts.shrink_to_fit();
+        self.early.invalidate_all();
     }
 
     fn heard_early(&self, session: &str, now: UnixMillis) {
@@ -1128,6 +1200,76 @@ mod tests {
         assert_eq!(p.max(), 9, "a minute within the window still counts");
         p.record(900, 50);
         assert_eq!(p.max(), 9, "too old to count");
+    }
+
+    #[test]
+    fn the_peaks_of_two_partitions_add_up_minute_by_minute() {
+        let len = PEAK_WINDOW_MINUTES;
+        let mut a = Peaks::default();
+        a.record(1_000, 5);
+        a.record(1_001, 2);
+        let mut c = a.clone();
+        let mut b = Peaks::default();
+        b.record(1_000, 4);
+        b.record(1_002, 7);
+        b.record(1_002 - len, 100); // outside the window that ends at 1002
+        a.add(&b);
+        assert_eq!(a.max(), 9, "minute 1000: 5 + 4");
+        c.record(1_002, 3);
+        c.add(&b);
+        assert_eq!(c.max(), 10, "minute 1002: 3 + 7");
+        let mut a = c;
+        // What is older than the newer window is dropped, on either side.
+        let mut old = Peaks::default();
+        old.record(1_002 - len, 50);
+        a.add(&old);
+        assert_eq!(a.max(), 10);
+        let mut behind = Peaks::default();
+        behind.record(900, 1);
+        behind.add(&a);
+        assert_eq!(behind.max(), 10, "its own minute left the window");
+    }
+
+    #[test]
+    fn peaks_cross_the_wire_unchanged() {
+        let mut p = Peaks::default();
+        for (m, n) in [(3u64, 4u32), (5, 1), (20, 8), (21, 6)] {
+            p.record(m, n);
+        }
+        let (minute, counts) = p.to_wire();
+        assert_eq!(minute, 21);
+        assert_eq!(counts.len(), PEAK_WINDOW_MINUTES as usize);
+        assert_eq!(&counts[..2], [6, 8], "newest first");
+        let back = Peaks::from_wire(minute, &counts);
+        assert_eq!(back.to_wire(), (minute, counts));
+        assert_eq!(back.max(), 8);
+        // Near the epoch the window is shorter.
+        let mut early = Peaks::default();
+        early.record(2, 9);
+        assert_eq!(early.to_wire(), (2, vec![9, 0, 0]));
+        assert_eq!(Peaks::from_wire(2, &[9, 0, 0]).max(), 9);
+    }
+
+    #[test]
+    fn a_partition_let_go_forgets_its_sessions_but_not_its_limits() {
+        let mut v = view_of(
+            2,
+            Policy::EvictOldest,
+            &[("a", "s1", 1_000), ("b", "s2", 2_000)],
+        );
+        let other = AccountId::parse("other").unwrap();
+        v.set_dict(&other, 0, dict(&[("c", "s3", 1_000)]));
+        set_limit(&mut v, 5, Policy::RejectNew);
+        v.revoke(&acct(), &SessionId::parse("s9").unwrap());
+        v.drop_sessions();
+        assert!(v.active(&acct(), 3_000).is_empty());
+        assert!(v.active(&other, 3_000).is_empty());
+        assert_eq!(v.accounts(), [acct()], "only the account with limits stays");
+        assert_eq!(v.limit(&acct()).limit, 5);
+        assert!(v.is_revoked(&acct(), &SessionId::parse("s9").unwrap()));
+        // Loaded again, its sessions count as before.
+        v.set_dict(&acct(), 0, dict(&[("a", "s1", 1_000)]));
+        assert_eq!(v.active(&acct(), 3_000).len(), 1);
     }
 
     #[test]

@@ -20,6 +20,7 @@ pub(crate) type OnEntry = fn(&Shared, kv::Entry);
 /// A heartbeat heard on `subject`: its session is alive now. Only the
 /// subject is read; the payload is the handler's business.
 pub(crate) fn on_heartbeat(shared: &Shared, subject: &str) {
+    shared.metrics.heartbeats.inc();
     let Ok((_, ids)) = subjects::parse_partitioned_ref(subject) else {
         return;
     };

@@ -252,6 +252,18 @@ pub struct EngineArgs {
     /// is dropped and counted.
     #[arg(long, env = "HEADCOUNT_MAX_HEARTBEAT_RATE", default_value_t = 2.0)]
     pub max_heartbeat_rate: f64,
+    /// How many checkers hold each partition's sessions: with more
+    /// checkers running than this, each holds only its share.
+    #[arg(long, env = "HEADCOUNT_CHECKER_COPIES", default_value_t = checker::DEFAULT_COPIES as u8,
+          value_parser = clap::value_parser!(u8).range(1..=32))]
+    pub checker_copies: u8,
+    /// How many KV buckets (streams) the partitions' dictionaries are
+    /// spread over: on a cluster each has a leader of its own, so their
+    /// writes spread over the servers. The same everywhere; existing
+    /// buckets are never re-spread (docs/OPERATIONS.md, "Scaling").
+    #[arg(long, env = "HEADCOUNT_SESSIONS_BUCKETS", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(headcount_protocol::subjects::kv::MAX_SESSIONS_BUCKETS)))]
+    pub sessions_buckets: u32,
 }
 
 impl EngineArgs {
@@ -262,6 +274,7 @@ impl EngineArgs {
             revoked_ttl: self.revoked_ttl,
             timeouts_ttl: headcount_runtime::buckets::timeouts_ttl(self.interval, self.timeout),
             storage: async_nats::jetstream::stream::StorageType::File,
+            sessions_buckets: self.sessions_buckets,
         }
     }
 
@@ -282,6 +295,7 @@ impl EngineArgs {
             timeout: self.timeout,
             default_limit,
             plans: plans.plans(),
+            copies: usize::from(self.checker_copies),
             ..Default::default()
         })
     }

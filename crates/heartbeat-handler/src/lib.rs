@@ -131,25 +131,94 @@ pub fn start(config: Config, metrics: Metrics, wiring: Wiring) -> headcount_runt
     )
 }
 
-/// A partition this instance runs.
-struct Running {
-    shared: Arc<Shared>,
-    stop: headcount_runtime::shutdown::Trigger,
-    /// Fires once it serves (its copy complete, its subscription up).
-    ready: oneshot::Receiver<()>,
-    serving: bool,
-    stopping: bool,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+/// The handler's side of [`members::hold`]: what starting a partition
+/// takes, and what the instance reports of them.
+struct Partitions {
+    config: Config,
+    clock: IntervalClock,
+    revoked: moka::sync::Cache<SessionId, ()>,
+    buckets: Buckets,
+    nats: async_nats::Client,
+    metrics: Metrics,
+    /// Dictionary writes in flight at once, all partitions together.
+    writes: Arc<tokio::sync::Semaphore>,
+    /// The partitions running, for the revoked watch's callback.
+    parts: Arc<Mutex<std::collections::BTreeMap<u32, Arc<Shared>>>>,
+    health: headcount_runtime::Health,
+    sessions_health: headcount_runtime::health::Component,
+    serving: Option<headcount_runtime::health::Serving>,
+}
+
+impl members::Holder for Partitions {
+    fn start(&mut self, p: u32) -> members::Part {
+        let (flush_tx, flush_rx) = mpsc::unbounded_channel();
+        let shared = Arc::new(Shared {
+            dicts: Mutex::new(Dicts::new(self.clock)),
+            revoked: self.revoked.clone(),
+            buckets: self.buckets.clone(),
+            nats: self.nats.clone(),
+            metrics: self.metrics.clone(),
+            flush_tx,
+            rate: Mutex::new(rate::RateLimiter::new(
+                self.config.max_rate,
+                self.config.burst,
+            )),
+            carry_delay: self.config.carry_delay,
+            partition: p,
+            sessions: Default::default(),
+        });
+        let (stop, part_stop) = Shutdown::new();
+        let (ready_tx, ready) = oneshot::channel();
+        let task = tokio::spawn(run_partition(
+            shared.clone(),
+            flush_rx,
+            self.writes.clone(),
+            ready_tx,
+            part_stop,
+        ));
+        self.parts().insert(p, shared);
+        members::Part { stop, ready, task }
+    }
+
+    fn ended(&mut self, p: u32) {
+        self.parts().remove(&p);
+    }
+
+    fn round(&mut self, standing: members::Standing<'_>) {
+        let sessions: usize = self
+            .parts()
+            .values()
+            .map(|s| s.sessions.load(Ordering::Relaxed))
+            .sum();
+        self.metrics.sessions.set(sessions as i64);
+        self.metrics.partitions.set(standing.serving.len() as i64);
+        if standing.leaving {
+            // Draining: no longer counted on for new heartbeats.
+            self.serving = None;
+        } else if self.serving.is_none() && standing.complete() {
+            self.sessions_health.set_ready(true);
+            self.serving = Some(self.health.serving());
+            tracing::info!(
+                partitions = standing.serving.len(),
+                "heartbeat-handler ready"
+            );
+        }
+    }
+}
+
+impl Partitions {
+    fn parts(&self) -> MutexGuard<'_, std::collections::BTreeMap<u32, Arc<Shared>>> {
+        self.parts.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// Runs one handler instance until `shutdown`, then hands its partitions
 /// over and writes everything still pending before returning.
 ///
 /// The instance holds the partitions the members bucket assigns it
-/// ([`headcount_runtime::members`]), each on its own tasks: a watch of the
-/// partition's dictionaries, its heartbeat subscription (a queue group of
-/// its own, shared for a moment while the partition changes hands), and
-/// its writes.
+/// ([`members::hold`]), each on its own tasks: a watch of the partition's
+/// dictionaries, its heartbeat subscription (a queue group of its own,
+/// shared for a moment while the partition changes hands), and its writes.
 ///
 /// Readiness goes to `health` (a scope of the caller's, which tracks the
 /// NATS connection): components `sessions` (every partition assigned at
@@ -196,183 +265,38 @@ async fn run(config: Config, metrics: Metrics, wiring: Wiring) -> anyhow::Result
 
     // Membership: which partitions this instance holds.
     let me = format!("{}", nuid::next());
-    let (plans_tx, mut plans) = tokio::sync::watch::channel(members::Plan::default());
-    let (serving_tx, serving_rx) = mpsc::unbounded_channel();
-    let (leave, leave_signal) = Shutdown::new();
-    let mut roster = tokio::spawn(members::run(
-        buckets.members.clone(),
-        members::HANDLER,
-        me.clone(),
-        1,
-        plans_tx,
-        serving_rx,
-        leave_signal,
-    ));
     tracing::info!(instance = %me, interval = ?config.interval, "heartbeat-handler joining");
-
-    let clock = IntervalClock::new(config.interval);
-    // Dictionary writes in flight at once, all partitions together.
     let writes = Arc::new(tokio::sync::Semaphore::new(
         config.max_concurrent_writes.max(1),
     ));
-    let new_part = |p: u32| {
-        let (flush_tx, flush_rx) = mpsc::unbounded_channel();
-        let shared = Arc::new(Shared {
-            dicts: Mutex::new(Dicts::new(clock)),
-            revoked: revoked.clone(),
-            buckets: buckets.clone(),
-            nats: nats.clone(),
-            metrics: metrics.clone(),
-            flush_tx,
-            rate: Mutex::new(rate::RateLimiter::new(config.max_rate, config.burst)),
-            carry_delay: config.carry_delay,
-            partition: p,
-            sessions: Default::default(),
-        });
-        (shared, flush_rx)
+    let mut holder = Partitions {
+        clock: IntervalClock::new(config.interval),
+        config,
+        revoked,
+        buckets: buckets.clone(),
+        nats,
+        metrics,
+        writes,
+        parts,
+        health,
+        sessions_health,
+        serving: None,
     };
-    let mut running: std::collections::BTreeMap<u32, Running> = Default::default();
-    let mut serving_guard = None;
-    let mut announced = std::collections::BTreeSet::new();
-    let mut tick = tokio::time::interval(Duration::from_millis(100));
-    let mut stop = std::pin::pin!(shutdown.wait());
-    let mut leaving: Option<tokio::time::Instant> = None;
-    // Partitions whose tasks failed, and when to start them again.
-    let mut retry_at = std::collections::BTreeMap::new();
-    loop {
-        tokio::select! {
-            _ = &mut stop, if leaving.is_none() => {
-                // Others take this instance's partitions over; it lets
-                // each go once its new holder serves it.
-                leave.fire();
-                drop(serving_guard.take());
-                leaving = Some(tokio::time::Instant::now() + HAND_OVER_WAIT);
-            }
-            _ = plans.changed() => {}
-            _ = tick.tick() => {}
-            ended = &mut roster => {
-                anyhow::bail!("following the members bucket ended: {ended:?}");
-            }
-        }
-        let plan = plans.borrow().clone();
-        let ids: std::collections::BTreeSet<u32> = running.keys().copied().collect();
-        if leaving.is_none() && plan.members > 0 {
-            let now = tokio::time::Instant::now();
-            retry_at.retain(|_, at| *at > now);
-            for p in plan.to_start(&ids) {
-                if retry_at.contains_key(&p) {
-                    continue;
-                }
-                let (shared, flush_rx) = new_part(p);
-                let (trigger, part_stop) = Shutdown::new();
-                let (ready_tx, ready) = oneshot::channel();
-                let task = tokio::spawn(run_partition(
-                    shared.clone(),
-                    flush_rx,
-                    writes.clone(),
-                    ready_tx,
-                    part_stop,
-                ));
-                parts
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(p, shared.clone());
-                running.insert(
-                    p,
-                    Running {
-                        shared,
-                        stop: trigger,
-                        ready,
-                        serving: false,
-                        stopping: false,
-                        task,
-                    },
-                );
-            }
-        }
-        let give_up = match leaving {
-            // No other instance, or waited long enough: stop what is left.
-            Some(deadline) => plan.members == 0 || tokio::time::Instant::now() >= deadline,
-            None => false,
-        };
-        let to_stop = if give_up {
-            ids.iter().copied().collect()
-        } else {
-            plan.to_stop(&ids)
-        };
-        for p in to_stop {
-            if let Some(r) = running.get_mut(&p)
-                && !r.stopping
-            {
-                tracing::info!(partition = p, "handing partition over");
-                r.stopping = true;
-                r.stop.fire();
-            }
-        }
-        // Partitions that came up, or ended.
-        let mut ended = Vec::new();
-        for (&p, r) in running.iter_mut() {
-            if !r.serving && r.ready.try_recv().is_ok() {
-                r.serving = true;
-            }
-            if r.task.is_finished() {
-                ended.push(p);
-            }
-        }
-        for p in ended {
-            let Some(r) = running.remove(&p) else {
-                continue;
-            };
-            parts.lock().unwrap_or_else(|p| p.into_inner()).remove(&p);
-            let failed = match r.task.await {
-                Ok(Ok(())) if r.stopping => continue,
-                Ok(Ok(())) => "stopped".to_string(),
-                Ok(Err(e)) => format!("{e:#}"),
-                Err(e) => e.to_string(),
-            };
-            tracing::warn!(partition = p, error = %failed, "partition ended, restarting in 1 s");
-            retry_at.insert(p, tokio::time::Instant::now() + Duration::from_secs(1));
-        }
-        let serving: std::collections::BTreeSet<u32> = running
-            .iter()
-            .filter(|(_, r)| r.serving && !r.stopping)
-            .map(|(&p, _)| p)
-            .collect();
-        if serving != announced {
-            let _ = serving_tx.send(serving.clone());
-            announced = serving;
-        }
-        metrics.sessions.set(
-            running
-                .values()
-                .map(|r| r.shared.sessions.load(Ordering::Relaxed))
-                .sum::<usize>() as i64,
-        );
-        metrics.partitions.set(announced.len() as i64);
-        if leaving.is_none()
-            && serving_guard.is_none()
-            && plan.members > 0
-            && plan.assigned.iter().all(|p| announced.contains(p))
-        {
-            sessions_health.set_ready(true);
-            serving_guard = Some(health.serving());
-            tracing::info!(partitions = announced.len(), "heartbeat-handler ready");
-        }
-        if leaving.is_some() && running.is_empty() {
-            break;
-        }
-    }
-    drop(plans);
-    let _ = roster.await;
+    let held = members::hold(
+        buckets.members.clone(),
+        members::HANDLER,
+        me,
+        1,
+        &mut holder,
+        shutdown,
+    )
+    .await;
     watch_stop.fire();
     let _ = revoked_task.await;
+    held?;
     tracing::info!("heartbeat-handler stopped");
     Ok(())
 }
-
-/// How long a stopping instance waits for others to take its partitions
-/// over before it lets them go regardless.
-const HAND_OVER_WAIT: Duration = Duration::from_secs(10);
 
 /// Runs one partition until `stop`: watches its dictionaries, then takes
 /// its heartbeats, then, stopping, takes no new ones and writes everything
@@ -389,7 +313,7 @@ async fn run_partition(
     let (watch_stop, watch_shutdown) = Shutdown::new();
     let s = shared.clone();
     let (sessions_task, sessions_ready) = headcount_runtime::watch::follow_keys(
-        shared.buckets.sessions.clone(),
+        shared.buckets.sessions.of(p).clone(),
         "sessions",
         &keys::session_dicts_of(p),
         move |entry| on_dict_entry(&s, entry),
@@ -714,7 +638,7 @@ async fn write_dict(shared: &Shared, kv_key: &str, write: &dicts::Write) -> Outc
     let timer = shared.metrics.kv_write_seconds.start_timer();
     let r = tokio::time::timeout(
         Duration::from_secs(5),
-        shared.buckets.sessions.update(
+        shared.buckets.sessions.of(shared.partition).update(
             kv_key,
             wire::encode_dict(write.value()).into(),
             write.revision(),
@@ -739,7 +663,13 @@ async fn write_dict(shared: &Shared, kv_key: &str, write: &dicts::Write) -> Outc
 /// The dictionary under `kv_key` as KV holds it now, with its revision (0
 /// and empty when there is none); None when it cannot be read.
 async fn read_dict(shared: &Shared, kv_key: &str) -> Option<(u64, wire::SessionDict)> {
-    match shared.buckets.sessions.entry(kv_key).await {
+    match shared
+        .buckets
+        .sessions
+        .of(shared.partition)
+        .entry(kv_key)
+        .await
+    {
         Ok(Some(e)) if e.operation == kv::Operation::Put => {
             wire::decode_dict(&e.value).ok().map(|d| (e.revision, d))
         }

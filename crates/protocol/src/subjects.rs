@@ -33,6 +33,42 @@ pub mod endpoint {
     pub const STATS: &str = "stats";
     /// Every endpoint served by some headcount service.
     pub const ALL: &[&str] = &[ACTIVE, CHECK, LIMITS_GET, LIMITS_SET, KICK, TOKEN, STATS];
+    /// Between checkers only: one partition's part of `stats` (see
+    /// [`super::partition_request`]).
+    pub const SUMMARY: &str = "summary";
+}
+
+/// Prefix of the requests passed between checkers, by partition.
+pub const PARTITION_REQUEST_PREFIX: &str = "headcount.part";
+
+/// `headcount.part.<partition>.<endpoint>`: where a checker that does not
+/// hold an account's partition passes a request on, to the checkers that
+/// do (one of them answers, on the caller's reply subject). Only the
+/// checkers may publish here; it is exported to no other account.
+pub fn partition_request(partition: u32, endpoint: &str) -> String {
+    format!("{PARTITION_REQUEST_PREFIX}.{partition}.{endpoint}")
+}
+
+/// Every request passed on to the checkers holding `partition`.
+pub fn partition_requests(partition: u32) -> String {
+    format!("{PARTITION_REQUEST_PREFIX}.{partition}.>")
+}
+
+/// Queue group of the checkers holding one partition: each request passed
+/// on is answered by one of them.
+pub fn checker_queue_group(partition: u32) -> String {
+    format!("headcount-checkers-{partition}")
+}
+
+/// The endpoint a request passed on to a partition names; None for a
+/// subject that is not one.
+pub fn parse_partition_request(subject: &str) -> Option<&str> {
+    let rest = subject
+        .strip_prefix(PARTITION_REQUEST_PREFIX)?
+        .strip_prefix('.')?;
+    let (partition, endpoint) = rest.split_once('.')?;
+    let p: u32 = partition.parse().ok()?;
+    (p < crate::partition::PARTITIONS && !endpoint.is_empty()).then_some(endpoint)
 }
 
 /// The full subject of an endpoint, e.g. `headcount.active`.
@@ -170,6 +206,25 @@ pub mod kv {
     /// a MessagePack map device -> session record. Written only by
     /// heartbeat-handler.
     pub const SESSIONS_BUCKET: &str = "headcount-sessions";
+    /// The most sessions buckets the partitions may be spread over (the
+    /// server's permissions name each of them).
+    pub const MAX_SESSIONS_BUCKETS: u32 = 8;
+
+    /// The name of sessions bucket `i` of a deployment that spreads its
+    /// partitions over several: the first is [`SESSIONS_BUCKET`], the others
+    /// `headcount-sessions-<i>`, each a stream of its own, with a leader of
+    /// its own.
+    pub fn sessions_bucket(i: u32) -> String {
+        match i {
+            0 => SESSIONS_BUCKET.to_string(),
+            i => format!("{SESSIONS_BUCKET}-{i}"),
+        }
+    }
+
+    /// Which of `buckets` sessions buckets holds `partition`'s keys.
+    pub fn sessions_bucket_of(partition: u32, buckets: u32) -> u32 {
+        partition % buckets.max(1)
+    }
     /// Ended sessions whose heartbeats must be ignored: key
     /// `<account>.<session>`. Written with create-only semantics so that each
     /// eviction, rejection or kick happens once.
@@ -295,6 +350,43 @@ mod tests {
         assert_eq!(subject, "hb.acme.tv-1.S_1");
         let parsed = parse_heartbeat(&subject).unwrap();
         assert_eq!((parsed.account, parsed.device, parsed.session), (a, d, s));
+    }
+
+    #[test]
+    fn partitions_spread_evenly_over_the_sessions_buckets() {
+        assert_eq!(kv::sessions_bucket(0), "headcount-sessions");
+        assert_eq!(kv::sessions_bucket(3), "headcount-sessions-3");
+        for n in 1..=kv::MAX_SESSIONS_BUCKETS {
+            let mut per = vec![0; n as usize];
+            for p in 0..crate::partition::PARTITIONS {
+                per[kv::sessions_bucket_of(p, n) as usize] += 1;
+            }
+            let (lo, hi) = (per.iter().min().unwrap(), per.iter().max().unwrap());
+            assert!(hi - lo <= 1, "{n} buckets: {per:?}");
+        }
+        assert_eq!(kv::sessions_bucket_of(5, 0), 0, "no spread: one bucket");
+    }
+
+    #[test]
+    fn a_request_passed_on_names_its_endpoint_and_a_real_partition() {
+        let subject = partition_request(7, endpoint::LIMITS_GET);
+        assert_eq!(subject, "headcount.part.7.limits.get");
+        assert_eq!(parse_partition_request(&subject), Some("limits.get"));
+        assert_eq!(
+            parse_partition_request("headcount.part.31.check"),
+            Some("check")
+        );
+        for bad in [
+            "headcount.part.32.check",
+            "headcount.part.x.check",
+            "headcount.part.7",
+            "headcount.part.7.",
+            "headcount.check",
+            "headcount.partx.7.check",
+        ] {
+            assert_eq!(parse_partition_request(bad), None, "{bad}");
+        }
+        assert_eq!(partition_requests(7), "headcount.part.7.>");
     }
 
     #[test]

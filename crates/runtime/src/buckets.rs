@@ -19,6 +19,11 @@ pub struct BucketSettings {
     pub timeouts_ttl: Duration,
     /// File storage survives a server restart; memory is for throwaway runs.
     pub storage: jetstream::stream::StorageType,
+    /// How many sessions buckets the partitions are spread over (1 to
+    /// [`keys::MAX_SESSIONS_BUCKETS`]): each is a stream with a leader of
+    /// its own, so on a cluster their writes spread over the servers. The
+    /// same everywhere.
+    pub sessions_buckets: u32,
 }
 
 /// How long a revocation is kept unless told otherwise: a minute longer
@@ -51,14 +56,32 @@ impl Default for BucketSettings {
             revoked_ttl: DEFAULT_REVOKED_TTL,
             timeouts_ttl: timeouts_ttl(Duration::from_secs(120), Duration::from_secs(15)),
             storage: jetstream::stream::StorageType::File,
+            sessions_buckets: 1,
         }
+    }
+}
+
+/// The sessions buckets, the partitions spread over them
+/// ([`keys::sessions_bucket_of`]).
+#[derive(Clone)]
+pub struct SessionsBuckets(std::sync::Arc<[kv::Store]>);
+
+impl SessionsBuckets {
+    /// The bucket holding `partition`'s dictionaries.
+    pub fn of(&self, partition: u32) -> &kv::Store {
+        &self.0[keys::sessions_bucket_of(partition, self.0.len() as u32) as usize]
+    }
+
+    /// Every sessions bucket, the first first.
+    pub fn all(&self) -> &[kv::Store] {
+        &self.0
     }
 }
 
 /// Handles to the buckets.
 #[derive(Clone)]
 pub struct Buckets {
-    pub sessions: kv::Store,
+    pub sessions: SessionsBuckets,
     pub revoked: kv::Store,
     pub limits: kv::Store,
     pub timeouts: kv::Store,
@@ -111,7 +134,7 @@ impl Buckets {
             .timeout(Duration::from_secs(2))
             .build(client.clone());
         let js_default = jetstream::new(client.clone());
-        let open = |(bucket, description, max_age): (&'static str, &'static str, Duration)| {
+        let open = |(bucket, description, max_age): (String, &'static str, Duration)| {
             let (js, js_default) = (js.clone(), js_default.clone());
             let cfg = kv::Config {
                 bucket: bucket.to_string(),
@@ -134,14 +157,14 @@ impl Buckets {
                             .await
                             .map(|_| ())
                             .map_err(anyhow::Error::from),
-                        Mode::CreateMissing => create_missing(&js, &cfg).await,
+                        Mode::CreateMissing => create_missing(&js, &cfg).await.map(|_| ()),
                     };
                     // Getting the store asks the server again: on a
                     // cluster still electing leaders that can time out
                     // too, and is retried like the create.
                     let opened = match made {
                         Ok(()) => js_default
-                            .get_key_value(bucket)
+                            .get_key_value(bucket.as_str())
                             .await
                             .map_err(anyhow::Error::from),
                         Err(e) => Err(e),
@@ -163,34 +186,36 @@ impl Buckets {
         };
         // Every bucket: its name, what it holds, and how long an entry
         // lives (zero: until it is deleted).
-        let [sessions, revoked, limits, timeouts, connections, members] = [
+        let sessions_bucket = |i: u32| {
             (
-                keys::SESSIONS_BUCKET,
-                "interval dictionaries: account.interval -> device -> session",
+                keys::sessions_bucket(i),
+                "interval dictionaries: partition.account.interval -> device -> session",
                 s.sessions_ttl,
-            ),
+            )
+        };
+        let [revoked, limits, timeouts, connections, members] = [
             (
-                keys::REVOKED_BUCKET,
+                keys::REVOKED_BUCKET.to_string(),
                 "ended sessions whose heartbeats are ignored",
                 s.revoked_ttl,
             ),
             (
-                keys::LIMITS_BUCKET,
+                keys::LIMITS_BUCKET.to_string(),
                 "per-account limits, plans and token plans",
                 Duration::ZERO,
             ),
             (
-                keys::TIMEOUTS_BUCKET,
+                keys::TIMEOUTS_BUCKET.to_string(),
                 "timeouts already announced (one event per timeout)",
                 s.timeouts_ttl,
             ),
             (
-                keys::CONNECTIONS_BUCKET,
+                keys::CONNECTIONS_BUCKET.to_string(),
                 "live connections per token, revoked operator and backend tokens",
                 keys::CONNECTIONS_TTL,
             ),
             (
-                keys::MEMBERS_BUCKET,
+                keys::MEMBERS_BUCKET.to_string(),
                 "live service instances and the partitions they serve",
                 keys::MEMBERS_TTL,
             ),
@@ -198,8 +223,14 @@ impl Buckets {
         // One at a time, each boxed: the futures are large, and a caller
         // polling this deep in its own future (a test's thread) has a
         // small stack.
+        let n = s.sessions_buckets.clamp(1, keys::MAX_SESSIONS_BUCKETS);
+        check_sessions_layout(&js, n, mode).await?;
+        let mut spread = Vec::new();
+        for i in 0..n {
+            spread.push(Box::pin(open(sessions_bucket(i))).await?);
+        }
         Ok(Self {
-            sessions: Box::pin(open(sessions)).await?,
+            sessions: SessionsBuckets(spread.into()),
             revoked: Box::pin(open(revoked)).await?,
             limits: Box::pin(open(limits)).await?,
             timeouts: Box::pin(open(timeouts)).await?,
@@ -242,9 +273,10 @@ pub async fn open_existing(
 /// is (creating a stream that exists with other settings fails, and
 /// updating one is not this user's to do), and a difference from `cfg` in
 /// what matters (TTL, replicas) is logged.
-async fn create_missing(js: &jetstream::Context, cfg: &kv::Config) -> anyhow::Result<()> {
+/// Creates a bucket that is missing; Ok(true) when this call made it.
+async fn create_missing(js: &jetstream::Context, cfg: &kv::Config) -> anyhow::Result<bool> {
     let created = match js.create_key_value(cfg.clone()).await {
-        Ok(_) => return Ok(()),
+        Ok(_) => return Ok(true),
         Err(e) => e,
     };
     // It exists (with other settings), or the server did not answer.
@@ -263,6 +295,53 @@ async fn create_missing(js: &jetstream::Context, cfg: &kv::Config) -> anyhow::Re
                 wanted_replicas = cfg.num_replicas,
                 "bucket settings differ from this service's; run `headcount buckets` as the console user to apply them"
             );
+        }
+    }
+    Ok(false)
+}
+
+/// Whether a stream of that name exists (an error: the server did not
+/// answer).
+async fn stream_exists(js: &jetstream::Context, bucket: &str) -> anyhow::Result<bool> {
+    match js.get_stream(format!("KV_{bucket}")).await {
+        Ok(_) => Ok(true),
+        Err(e)
+            if matches!(
+                e.kind(),
+                jetstream::context::GetStreamErrorKind::JetStream(ref j)
+                    if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
+            ) =>
+        {
+            Ok(false)
+        }
+        Err(e) => Err(anyhow::Error::from(e).context(format!("looking up bucket {bucket}"))),
+    }
+}
+
+/// Refuses to run with another spread of the sessions buckets than the
+/// deployment's: where a partition's dictionaries live must be the same for
+/// every service, or a handler's writes go where no checker reads. A
+/// sessions bucket beyond `n` means others spread over more; with the first
+/// bucket there, a missing one below `n` means they spread over fewer (the
+/// console, `headcount buckets`, may add them).
+async fn check_sessions_layout(js: &jetstream::Context, n: u32, mode: Mode) -> anyhow::Result<()> {
+    let mismatch = |found: &str| {
+        anyhow::anyhow!(
+            "the sessions buckets are spread over {found}, and this service over {n} \
+             (--sessions-buckets): use the same value everywhere, and apply a change \
+             with `headcount buckets --sessions-buckets N` in a quiet hour"
+        )
+    };
+    for i in n..keys::MAX_SESSIONS_BUCKETS {
+        if stream_exists(js, &keys::sessions_bucket(i)).await? {
+            return Err(mismatch(&format!("at least {}", i + 1)));
+        }
+    }
+    if mode == Mode::CreateMissing && n > 1 && stream_exists(js, keys::SESSIONS_BUCKET).await? {
+        for i in 1..n {
+            if !stream_exists(js, &keys::sessions_bucket(i)).await? {
+                return Err(mismatch(&i.to_string()));
+            }
         }
     }
     Ok(())

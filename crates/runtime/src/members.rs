@@ -12,7 +12,9 @@
 //!   instance now assigned it serves it, so a partition is never left
 //!   unheard while it changes hands (both hold it for a moment).
 //!
-//! [`Roster`] holds the rules (pure, tested alone); [`run`] the I/O.
+//! [`Roster`] holds the rules (pure, tested alone); [`run`] the I/O of the
+//! record and the roster, and [`hold`] starts and stops a service's
+//! partitions ([`Holder`]) as the plans say.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -20,7 +22,8 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::kv;
 use headcount_protocol::partition;
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
 
 use crate::Shutdown;
 
@@ -261,6 +264,187 @@ pub async fn run(
     }
     watch_stop.fire();
     let _ = task.await;
+    Ok(())
+}
+
+/// A partition's tasks, as a service started them for [`hold`].
+pub struct Part {
+    /// Stops them: the partition was handed over, or the instance stops.
+    pub stop: crate::shutdown::Trigger,
+    /// Fires once the partition serves (its view complete, its
+    /// subscriptions up).
+    pub ready: oneshot::Receiver<()>,
+    /// Ends once the partition has stopped (Ok) or failed (Err).
+    pub task: JoinHandle<anyhow::Result<()>>,
+}
+
+/// Where an instance stands after a round of [`hold`].
+#[derive(Debug, Clone, Copy)]
+pub struct Standing<'a> {
+    pub plan: &'a Plan,
+    /// The partitions it serves: ready, and not being let go.
+    pub serving: &'a BTreeSet<u32>,
+    /// It is stopping, and lets its partitions go.
+    pub leaving: bool,
+}
+
+impl Standing<'_> {
+    /// It serves every partition assigned to it, and is not stopping.
+    pub fn complete(&self) -> bool {
+        !self.leaving
+            && self.plan.members > 0
+            && self.plan.assigned.iter().all(|p| self.serving.contains(p))
+    }
+}
+
+/// What a partitioned service does with the partitions [`hold`] gives it.
+pub trait Holder {
+    /// Starts partition `p`'s tasks.
+    fn start(&mut self, p: u32) -> Part;
+    /// Partition `p`'s tasks ended, stopped or failed: it is held no more.
+    fn ended(&mut self, p: u32);
+    /// After every round (at least every 100 ms): readiness, gauges.
+    fn round(&mut self, standing: Standing<'_>);
+}
+
+/// How long a stopping instance waits for others to take its partitions
+/// over before it lets them go regardless.
+pub const HAND_OVER_WAIT: Duration = Duration::from_secs(10);
+
+/// How long a partition whose tasks failed waits before it starts again.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// Holds the partitions the members bucket assigns instance `me` of
+/// `role` until `shutdown`, then hands them over: starts each partition
+/// assigned (through `holder`), restarts one that fails, stops one once its
+/// new holders serve it, and, stopping, deletes its record so that the
+/// others take over at once, and lets each partition go once it is handed
+/// over (or after [`HAND_OVER_WAIT`]). Returns once every partition has
+/// stopped.
+pub async fn hold(
+    store: kv::Store,
+    role: &'static str,
+    me: String,
+    copies: usize,
+    holder: &mut impl Holder,
+    shutdown: crate::Shutdown,
+) -> anyhow::Result<()> {
+    struct Held {
+        part: Part,
+        serving: bool,
+        stopping: bool,
+    }
+    let (plans_tx, mut plans) = watch::channel(Plan::default());
+    let (serving_tx, serving_rx) = mpsc::unbounded_channel();
+    let (leave, leave_signal) = crate::Shutdown::new();
+    let mut roster = tokio::spawn(run(
+        store,
+        role,
+        me,
+        copies,
+        plans_tx,
+        serving_rx,
+        leave_signal,
+    ));
+    let mut running: BTreeMap<u32, Held> = BTreeMap::new();
+    let mut announced = BTreeSet::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let mut stop = std::pin::pin!(shutdown.wait());
+    let mut leaving: Option<tokio::time::Instant> = None;
+    // Partitions whose tasks failed, and when to start them again.
+    let mut retry_at = BTreeMap::new();
+    loop {
+        tokio::select! {
+            _ = &mut stop, if leaving.is_none() => {
+                leave.fire();
+                leaving = Some(tokio::time::Instant::now() + HAND_OVER_WAIT);
+            }
+            _ = plans.changed() => {}
+            _ = tick.tick() => {}
+            ended = &mut roster => {
+                anyhow::bail!("following the members bucket ended: {ended:?}");
+            }
+        }
+        let plan = plans.borrow().clone();
+        let ids: BTreeSet<u32> = running.keys().copied().collect();
+        if leaving.is_none() && plan.members > 0 {
+            let now = tokio::time::Instant::now();
+            retry_at.retain(|_, at| *at > now);
+            for p in plan.to_start(&ids) {
+                if !retry_at.contains_key(&p) {
+                    let part = holder.start(p);
+                    let held = Held {
+                        part,
+                        serving: false,
+                        stopping: false,
+                    };
+                    running.insert(p, held);
+                }
+            }
+        }
+        let give_up = match leaving {
+            // No other instance, or waited long enough: stop what is left.
+            Some(deadline) => plan.members == 0 || tokio::time::Instant::now() >= deadline,
+            None => false,
+        };
+        let to_stop = if give_up {
+            ids.iter().copied().collect()
+        } else {
+            plan.to_stop(&ids)
+        };
+        for p in to_stop {
+            if let Some(r) = running.get_mut(&p)
+                && !r.stopping
+            {
+                tracing::info!(role, partition = p, "handing partition over");
+                r.stopping = true;
+                r.part.stop.fire();
+            }
+        }
+        // Partitions that came up, or ended.
+        let mut ended = Vec::new();
+        for (&p, r) in running.iter_mut() {
+            if !r.serving && r.part.ready.try_recv().is_ok() {
+                r.serving = true;
+            }
+            if r.part.task.is_finished() {
+                ended.push(p);
+            }
+        }
+        for p in ended {
+            let Some(r) = running.remove(&p) else {
+                continue;
+            };
+            holder.ended(p);
+            let failed = match r.part.task.await {
+                Ok(Ok(())) if r.stopping => continue,
+                Ok(Ok(())) => "stopped".to_string(),
+                Ok(Err(e)) => format!("{e:#}"),
+                Err(e) => e.to_string(),
+            };
+            tracing::warn!(role, partition = p, error = %failed, "partition ended, restarting");
+            retry_at.insert(p, tokio::time::Instant::now() + RETRY_AFTER);
+        }
+        let serving: BTreeSet<u32> = running
+            .iter()
+            .filter(|(_, r)| r.serving && !r.stopping)
+            .map(|(&p, _)| p)
+            .collect();
+        if serving != announced {
+            let _ = serving_tx.send(serving.clone());
+            announced = serving;
+        }
+        holder.round(Standing {
+            plan: &plan,
+            serving: &announced,
+            leaving: leaving.is_some(),
+        });
+        if leaving.is_some() && running.is_empty() {
+            break;
+        }
+    }
+    drop(plans);
+    let _ = roster.await;
     Ok(())
 }
 

@@ -465,6 +465,8 @@ pub struct TestApp {
     /// Plans the checkers know (the product defaults unless changed before
     /// a checker starts).
     pub plans: headcount_protocol::Plans,
+    /// How many sessions buckets the services spread the partitions over.
+    pub sessions_buckets: u32,
     pub handlers: Vec<Running>,
     pub checkers: Vec<Running>,
 }
@@ -483,6 +485,17 @@ impl TestApp {
     /// [`TestApp::spawn_with`] with timings of one's own (the buckets are
     /// made for them, so every service started later must share them).
     pub async fn spawn_timed(default_limit: Limit, timings: Timings) -> Self {
+        Self::spawn_spread(default_limit, timings, 1).await
+    }
+
+    /// [`TestApp::spawn_timed`] with the partitions' dictionaries spread
+    /// over `sessions_buckets` buckets (every service started later uses
+    /// the same).
+    pub async fn spawn_spread(
+        default_limit: Limit,
+        timings: Timings,
+        sessions_buckets: u32,
+    ) -> Self {
         init_logging();
         let nats = NatsServer::start();
         let client = nats.service_client().await;
@@ -492,6 +505,7 @@ impl TestApp {
             timings,
             default_limit,
             plans: headcount_protocol::policy::default_plans(),
+            sessions_buckets,
             handlers: Vec::new(),
             checkers: Vec::new(),
         };
@@ -511,6 +525,7 @@ impl TestApp {
                 self.timings.timeout,
             ),
             storage: async_nats::jetstream::stream::StorageType::File,
+            sessions_buckets: self.sessions_buckets,
         }
     }
 
@@ -558,6 +573,7 @@ impl TestApp {
             gauges_every: self.timings.sweep_every * 5,
             default_limit: self.default_limit,
             plans: self.plans.clone(),
+            copies: checker::DEFAULT_COPIES,
         };
         Running::start(Settings {
             checker: Some(CheckerSettings { nats, config }),
@@ -837,11 +853,35 @@ impl NatsCluster {
             xkey_seed: String::new(),
         };
         (c.issuer_seed, c.xkey_seed) = issuer_seeds();
-        for i in 0..c.nodes.len() {
-            c.spawn(i);
-        }
-        for i in 0..c.nodes.len() {
-            c.wait_healthy(i).await;
+        // A port found free may be taken by another test's server before
+        // this one binds it; the node then exits at once. Start again on
+        // fresh ports rather than wait for a node that is gone.
+        for attempt in 1.. {
+            for i in 0..c.nodes.len() {
+                c.spawn(i);
+            }
+            let mut exited = None;
+            for i in 0..c.nodes.len() {
+                if let Err(e) = c.healthy_within(i, Duration::from_secs(30)).await {
+                    exited = Some(e);
+                    break;
+                }
+            }
+            match exited {
+                None => break,
+                Some(e) if attempt < 3 => {
+                    eprintln!("cluster start, attempt {attempt}: {e}; again on fresh ports");
+                    for n in &mut c.nodes {
+                        if let Some(mut child) = n.child.take() {
+                            let _ = child.kill();
+                            let _ = child.wait();
+                        }
+                        (n.client, n.cluster, n.monitor, n.ws) =
+                            (free_port(), free_port(), free_port(), free_port());
+                    }
+                }
+                Some(e) => panic!("{e}"),
+            }
         }
         c
     }
@@ -885,21 +925,33 @@ impl NatsCluster {
     }
 
     /// Waits until node `i` reports JetStream healthy (it has caught up).
-    pub async fn wait_healthy(&self, i: usize) {
+    pub async fn wait_healthy(&mut self, i: usize) {
+        if let Err(e) = self.healthy_within(i, Duration::from_secs(30)).await {
+            panic!("{e}");
+        }
+    }
+
+    /// Waits until node `i` reports JetStream healthy, for at most `wait`;
+    /// an error says why not (its process exited, or time ran out).
+    async fn healthy_within(&mut self, i: usize, wait: Duration) -> Result<(), String> {
         // Plain /healthz also needs JetStream caught up with the meta leader.
         let url = format!("http://127.0.0.1:{}/healthz", self.nodes[i].monitor);
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + wait;
+        let name = self.nodes[i].name.clone();
         loop {
             if let Ok(r) = reqwest::get(&url).await
                 && r.status().is_success()
             {
-                return;
+                return Ok(());
             }
-            assert!(
-                Instant::now() < deadline,
-                "cluster node {} did not become healthy",
-                self.nodes[i].name
-            );
+            if let Some(child) = self.nodes[i].child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                return Err(format!("cluster node {name} exited ({status})"));
+            }
+            if Instant::now() >= deadline {
+                return Err(format!("cluster node {name} did not become healthy"));
+            }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
