@@ -11,7 +11,10 @@
 //!
 //! Layout:
 //! - [`all`]: every measurement at each session count (`all`).
-//! - [`scale`]: the work of 1, 2 and 4 handler instances, per instance.
+//! - [`scale`]: the work of 1, 2 and 4 handler instances, and of 1, 2 and 3
+//!   checkers, per instance.
+//! - [`storage`]: dictionary writes per second into 1, 2 and 4 sessions
+//!   buckets.
 //! - [`soak`]: steady load with churn, memory and latency at every step.
 //! - [`callout`]: a device's connect while the auth callout is flooded.
 //! - [`measure`]: what the runs share: heartbeat publishers, request
@@ -29,6 +32,7 @@ mod measure;
 mod procs;
 mod scale;
 mod soak;
+mod storage;
 
 use std::path::PathBuf;
 
@@ -58,6 +62,9 @@ enum Command {
     /// partitions and sessions held, KV writes and conflicts per heartbeat,
     /// resident memory. Whether adding an instance divides the work.
     Scale(scale::ScaleArgs),
+    /// Compare-and-set dictionary writes per second into one sessions
+    /// bucket (one stream, one leader) and into several side by side.
+    Storage(storage::StorageArgs),
     /// Steady load for a while, with memory and latency reported at every
     /// step: resident memory must stay flat.
     Soak(soak::SoakArgs),
@@ -107,6 +114,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::All(a) => all::run(a, &headcount()?).await,
         Command::Soak(a) => soak::run(a, &headcount()?).await,
         Command::Scale(a) => scale::run(a, &headcount()?).await,
+        Command::Storage(a) => storage::run(a, &headcount()?).await,
         Command::Callout(a) => callout::run(a, &headcount()?).await,
         Command::Freshness { samples, nats } => {
             let client = nats.options("headcount-bench")?.connect().await?;

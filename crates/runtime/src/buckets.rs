@@ -333,8 +333,12 @@ async fn check_sessions_layout(js: &jetstream::Context, n: u32, mode: Mode) -> a
         )
     };
     for i in n..keys::MAX_SESSIONS_BUCKETS {
-        if stream_exists(js, &keys::sessions_bucket(i)).await? {
-            return Err(mismatch(&format!("at least {}", i + 1)));
+        let bucket = keys::sessions_bucket(i);
+        if stream_exists(js, &bucket).await? {
+            return Err(mismatch(&format!("at least {}", i + 1)).context(format!(
+                "bucket {bucket} exists (to spread over fewer, delete it and those after it \
+                 first, e.g. `nats kv del {bucket}`)"
+            )));
         }
     }
     if mode == Mode::CreateMissing && n > 1 && stream_exists(js, keys::SESSIONS_BUCKET).await? {
