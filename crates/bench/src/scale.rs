@@ -270,16 +270,24 @@ fn checkers_summary(results: &[(usize, Vec<Instance>)], sessions: usize) {
         .map(|(_, fs)| (max_rss(fs), max_loaded(fs)))
         .unwrap_or_default();
     let mib = 1024.0 * 1024.0;
+    // A ratio to a base under a MiB is noise (a small run): not shown.
+    let ratio = |x: f64, base: f64| {
+        if base < mib {
+            "-".to_string()
+        } else {
+            format!("{:.2}x", x / base)
+        }
+    };
     for (n, fs) in results {
         let share = fs.iter().map(|f| f.sessions).fold(0.0, f64::max) / sessions as f64;
         println!(
-            "{:<10} {:>11.1}% {:>14.1} {:>13.2}x {:>16.1} {:>15.2}x",
+            "{:<10} {:>11.1}% {:>14.1} {:>14} {:>16.1} {:>16}",
             n,
             100.0 * share,
             max_rss(fs) / mib,
-            max_rss(fs) / rss0.max(1.0),
+            ratio(max_rss(fs), rss0),
             max_loaded(fs) / mib,
-            max_loaded(fs) / loaded0.max(1.0),
+            ratio(max_loaded(fs), loaded0),
         );
     }
 }

@@ -447,6 +447,72 @@ async fn partitions_change_hands_without_losing_or_repeating_a_session() {
     drop(s.checker);
 }
 
+/// Three checkers hold each partition twice between them; one is killed
+/// (SIGKILL) while requests keep coming: every account stays answered, and
+/// right, by whichever checker receives the request, the two left take the
+/// dead one's partitions over, and no session is ended or announced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_checker_leaves_every_account_answered() {
+    let (s, accts, fleet, watcher) = loaded("chk", 12).await;
+    let pw = s.cluster.service_password.clone();
+    let urls = s.cluster.urls();
+    let partitions = f64::from(headcount_protocol::partition::PARTITIONS);
+    let mut checkers = vec![s.checker];
+    for _ in 0..2 {
+        checkers.push(Service::start("checker", &urls, &pw, &["--replicas", "3"]));
+    }
+    let held = until_checkers_hold(&checkers, 2.0 * partitions).await;
+    assert!(held.iter().all(|&p| p < partitions), "{held:?}");
+    until_all_active(&s.client, &accts, 3, Duration::from_secs(10)).await;
+
+    checkers[1].kill();
+    let killed = Instant::now();
+    let checkers = [checkers.remove(0), checkers.remove(1)];
+    // Every partition keeps a live holder: answers stay right throughout
+    // (a request the dead checker had taken is asked again, as a client
+    // does after a timeout).
+    while killed.elapsed() < Duration::from_secs(8) {
+        until_all_active(&s.client, &accts, 3, Duration::from_secs(3)).await;
+    }
+    // The two left hold every partition again, each of them both copies.
+    until_checkers_hold(&checkers, 2.0 * partitions).await;
+    until_all_active(&s.client, &accts, 3, Duration::from_secs(5)).await;
+    watcher.assert_no_false_ends().await;
+    let events = watcher.events.lock().await.clone();
+    assert!(
+        events
+            .iter()
+            .all(|e| !matches!(e.kind, EventType::Join | EventType::Leave)),
+        "{events:?}"
+    );
+    fleet.stop().await;
+    drop(s.handler);
+}
+
+/// Waits until the checkers serve `copies` partitions in all: the
+/// partitions each serves.
+async fn until_checkers_hold(checkers: &[Service], copies: f64) -> Vec<f64> {
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let mut held = Vec::new();
+        for c in checkers {
+            held.push(
+                c.metric("headcount_checker_partitions")
+                    .await
+                    .unwrap_or(0.0),
+            );
+        }
+        if held.iter().sum::<f64>() == copies && held.iter().all(|&p| p > 0.0) {
+            return held;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the checkers did not hold {copies} partitions: {held:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 /// Waits until the `n` handlers serve every partition once between them
 /// and hold every session once: (partitions, sessions) of each.
 async fn until_divided(
