@@ -24,7 +24,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::RangeInclusive;
 
-use headcount_protocol::wire::{ActiveSession, SessionDict, SessionRecord, SessionRef};
+use headcount_protocol::wire::{ActiveSession, Labels, SessionDict, SessionRecord, SessionRef};
 use headcount_protocol::{
     AccountId, AccountLimits, ByInterval, DeviceId, IntervalClock, Limit, Plans, Policy, SessionId,
     UnixMillis,
@@ -48,8 +48,30 @@ pub const PEAK_WINDOW_MINUTES: u64 = 15;
 /// last heard its heartbeat (0: not yet).
 #[derive(Debug, Clone)]
 struct Seen {
-    rec: SessionRecord,
+    rec: Rec,
     heard: UnixMillis,
+}
+
+/// What the checker keeps of a [`SessionRecord`]: all of it but the
+/// session it displaced, which only the handler reads (a million sessions
+/// held, each id kept counts).
+#[derive(Debug, Clone)]
+struct Rec {
+    session: SessionId,
+    since: UnixMillis,
+    last_seen: UnixMillis,
+    labels: Labels,
+}
+
+impl From<SessionRecord> for Rec {
+    fn from(r: SessionRecord) -> Self {
+        Rec {
+            session: r.session,
+            since: r.since,
+            last_seen: r.last_seen,
+            labels: r.labels,
+        }
+    }
 }
 
 impl Seen {
@@ -364,7 +386,13 @@ impl View {
                     .max()
                     .unwrap_or(0)
                     .max(early);
-                held.insert(device, Seen { rec, heard });
+                held.insert(
+                    device,
+                    Seen {
+                        rec: rec.into(),
+                        heard,
+                    },
+                );
             }
             acct.dicts.retain(|i, older| {
                 if i < interval {
@@ -878,7 +906,7 @@ impl View {
             if acct.due <= now {
                 let mut live = 0u32;
                 let mut due = UnixMillis::MAX;
-                let mut expired: Vec<(DeviceId, SessionRecord, UnixMillis)> = Vec::new();
+                let mut expired: Vec<(DeviceId, Rec, UnixMillis)> = Vec::new();
                 for_each_newest(&acct.dicts, intervals.clone(), |device, seen| {
                     let rec = &seen.rec;
                     if revoked.contains_key(&rec.session) {
