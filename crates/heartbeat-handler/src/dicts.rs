@@ -20,12 +20,14 @@
 //! value always fits one KV write: a new device beyond that is refused, at
 //! the heartbeat ([`Decision::Full`]) and again when the write is taken.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
 
 use headcount_protocol::policy::DICT_MAX_SESSIONS;
 use headcount_protocol::wire::{Heartbeat, HeartbeatRef, Labels, SessionDict, SessionRecord};
 use headcount_protocol::{AccountId, ByInterval, DeviceId, IntervalClock, SessionId, UnixMillis};
+
+pub use crate::entries::Entries;
 
 /// A hash map whose iteration order follows only from what was done to it
 /// (a fixed-key hasher, not one seeded per process): the order in which
@@ -35,9 +37,6 @@ use headcount_protocol::{AccountId, ByInterval, DeviceId, IntervalClock, Session
 /// in every run (and a simulation replays exactly). Zero-sized: no memory
 /// per map beyond std's.
 pub type FixedMap<K, V> = HashMap<K, V, BuildHasherDefault<DefaultHasher>>;
-
-/// [`FixedMap`]'s set.
-pub type FixedSet<T> = HashSet<T, BuildHasherDefault<DefaultHasher>>;
 
 /// How much later than its leave a session's record may have been heard
 /// and still be the session before its leave: a heartbeat and a leave
@@ -215,7 +214,29 @@ pub fn apply(dict: &mut SessionDict, device: &DeviceId, change: &Change) -> Appl
 pub struct Dict {
     /// KV revision of `entries`; 0 when the key does not exist.
     revision: u64,
-    entries: SessionDict,
+    entries: Entries,
+    /// What is on its way to KV; None when nothing is ([`Dict::tidy`]).
+    work: Option<Box<Work>>,
+    /// A write (or the re-read of a trimmed copy) is under way.
+    in_flight: bool,
+    /// What is pending waits for a deferred flush (carry-overs only).
+    deferred: bool,
+    /// `entries` lacks what a newer interval's dictionary also holds (to
+    /// save memory): the KV copy must be read before this one is written.
+    partial: bool,
+    /// The sessions trimmed from `entries` (by [`trimmed_key`]), which KV
+    /// may still hold here: a leave or an ending removes them from KV too.
+    /// Sorted, and exactly as long as it is: it is kept for as long as the
+    /// previous interval is live, for nearly every session.
+    trimmed: Box<[u64]>,
+}
+
+/// What one dictionary has on its way to KV. Held apart from the
+/// dictionary, and only while there is any: nearly every dictionary is at
+/// rest nearly all the time (a write or two per interval), and at rest a
+/// dictionary is its copy and no more.
+#[derive(Debug, Default)]
+struct Work {
     /// Changes not yet written, newest per device.
     pending: FixedMap<DeviceId, Change>,
     /// Leaves still to be written here and announced whose pending
@@ -225,23 +246,30 @@ pub struct Dict {
     /// leave is announced by the write that takes the session out (or, for
     /// a withdrawal, by the write that finds it never landed).
     owed: FixedMap<SessionId, (DeviceId, Change)>,
-    /// A write (or the re-read of a trimmed copy) is under way.
-    in_flight: bool,
-    /// The revision of the copy when the re-read under way was taken.
-    reread_from: u64,
     /// The sessions the write under way records, by device: not in
     /// `entries` before it lands, yet a leave arriving meanwhile must find
     /// them, and a full dictionary must count them.
     flying: FixedMap<DeviceId, SessionRecord>,
-    /// What is pending waits for a deferred flush (carry-overs only).
-    deferred: bool,
-    /// `entries` lacks what a newer interval's dictionary also holds (to
-    /// save memory): the KV copy must be read before this one is written.
-    partial: bool,
-    /// The sessions trimmed from `entries` (by [`trimmed_key`]), which KV
-    /// may still hold here: a leave or an ending removes them from KV too.
-    trimmed: FixedSet<u64>,
+    /// The revision of the copy when the re-read under way was taken.
+    reread_from: u64,
 }
+
+impl Work {
+    /// Nothing on its way: what a dictionary at rest reads as its work.
+    const NONE: Work = Work {
+        pending: FixedMap::with_hasher(BuildHasherDefault::new()),
+        owed: FixedMap::with_hasher(BuildHasherDefault::new()),
+        flying: FixedMap::with_hasher(BuildHasherDefault::new()),
+        reread_from: 0,
+    };
+
+    fn is_empty(&self) -> bool {
+        self.pending.is_empty() && self.owed.is_empty() && self.flying.is_empty()
+    }
+}
+
+/// [`Work::NONE`], to borrow.
+static NO_WORK: Work = Work::NONE;
 
 /// When a dictionary with a newly queued change should be written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -343,12 +371,42 @@ enum Held {
 }
 
 impl Dict {
+    /// What is on its way to KV (nothing, for a dictionary at rest).
+    fn work_ref(&self) -> &Work {
+        self.work.as_deref().unwrap_or(&NO_WORK)
+    }
+
+    /// What is on its way to KV, to add to.
+    fn work(&mut self) -> &mut Work {
+        self.work.get_or_insert_default()
+    }
+
+    fn pending(&self) -> &FixedMap<DeviceId, Change> {
+        &self.work_ref().pending
+    }
+
+    fn owed(&self) -> &FixedMap<SessionId, (DeviceId, Change)> {
+        &self.work_ref().owed
+    }
+
+    fn flying(&self) -> &FixedMap<DeviceId, SessionRecord> {
+        &self.work_ref().flying
+    }
+
+    /// Lets the work go once nothing is on its way (and no write or
+    /// re-read is under way, whose outcome it waits for).
+    fn tidy(&mut self) {
+        if !self.in_flight && self.work.as_deref().is_some_and(Work::is_empty) {
+            self.work = None;
+        }
+    }
+
     /// The device's entry with pending changes applied (`prev`: the
     /// previous interval's dictionary, for a pending carry-over).
     fn effective(&self, device: &DeviceId, prev: Option<&Dict>) -> Option<SessionRecord> {
         let mut rec = self.entries.get(device).cloned();
         let owed = self.owed_by(device);
-        let pending = self.pending.get(device);
+        let pending = self.pending().get(device);
         if owed.is_empty() && pending.is_none() {
             return rec;
         }
@@ -367,10 +425,10 @@ impl Dict {
 
     /// The owed removals of `device`'s earlier sessions.
     fn owed_by(&self, device: &DeviceId) -> Vec<&Change> {
-        if self.owed.is_empty() {
+        if self.owed().is_empty() {
             return Vec::new();
         }
-        self.owed
+        self.owed()
             .values()
             .filter(|(d, _)| d == device)
             .map(|(_, c)| c)
@@ -379,24 +437,24 @@ impl Dict {
 
     /// Whether anything is left to write: changes pending or leaves owed.
     fn waiting(&self) -> bool {
-        !self.pending.is_empty() || !self.owed.is_empty()
+        !self.pending().is_empty() || !self.owed().is_empty()
     }
 
     /// Where this dictionary holds `session` of `device`, counting the
     /// pending changes and the write under way (`prev`: the previous
     /// interval's entries, for a pending carry-over).
-    fn held(&self, device: &DeviceId, session: &SessionId, prev: Option<&SessionDict>) -> Held {
+    fn held(&self, device: &DeviceId, session: &SessionId, prev: Option<&Entries>) -> Held {
         // Its leave is owed here already.
-        if self.owed.contains_key(session) {
+        if self.owed().contains_key(session) {
             return Held::No;
         }
         let flying = || {
-            self.flying
+            self.flying()
                 .get(device)
                 .filter(|r| r.session == *session)
                 .cloned()
         };
-        let writing = match self.pending.get(device) {
+        let writing = match self.pending().get(device) {
             Some(change) if change.session() == session => match carried(change, prev, device) {
                 Some(Change::Upsert(rec)) => Some(*rec),
                 // Its removal is queued, or a carry-over with nothing left
@@ -425,10 +483,10 @@ impl Dict {
     fn removing(&self, device: &DeviceId, session: &SessionId) -> bool {
         self.in_flight
             || self
-                .pending
+                .pending()
                 .get(device)
                 .is_some_and(|c| c.removes() && c.session() == session)
-            || self.owed.contains_key(session)
+            || self.owed().contains_key(session)
     }
 
     /// The copy's record of `session` of `device` when a write of another
@@ -448,15 +506,15 @@ impl Dict {
         &self,
         device: &DeviceId,
         session: &SessionId,
-        prev: Option<&SessionDict>,
+        prev: Option<&Entries>,
     ) -> Option<SessionRecord> {
         let landed = self.entries.get(device).filter(|r| r.session == *session)?;
-        let other = match self.pending.get(device) {
+        let other = match self.pending().get(device) {
             Some(change) => match carried(change, prev, device)? {
                 Change::Upsert(r) => *r,
                 _ => return None,
             },
-            None => self.flying.get(device)?.clone(),
+            None => self.flying().get(device)?.clone(),
         };
         (other.session != *session
             && other.since < landed.since
@@ -468,13 +526,13 @@ impl Dict {
     /// pending or under way lands: what a full dictionary counts.
     fn counts(&self, device: &DeviceId) -> bool {
         self.entries.contains_key(device)
-            || self.pending.contains_key(device)
-            || self.flying.contains_key(device)
+            || self.pending().contains_key(device)
+            || self.flying().contains_key(device)
     }
 
     /// An upper bound of how many devices [`Dict::counts`].
     fn count_bound(&self) -> usize {
-        self.entries.len() + self.pending.len() + self.flying.len()
+        self.entries.len() + self.pending().len() + self.flying().len()
     }
 
     /// Queues a change and says when the dictionary must be flushed.
@@ -483,34 +541,34 @@ impl Dict {
     /// change makes the flush due now, taking the deferred ones along.
     ///
     /// A pending removal that announces a leave of another session of the
-    /// device is not dropped: it is owed ([`Dict::owed`]). A change of a
+    /// device is not dropped: it is owed ([`Work::owed`]). A change of a
     /// session whose own leave is owed takes its place as it would have
     /// taken the pending removal's (a heartbeat heard again voids it), but
     /// for a quiet removal, which leaves it owed.
     fn queue(&mut self, device: DeviceId, change: Change, defer: bool) -> Schedule {
         let was_empty = !self.waiting();
         if !matches!(change, Change::Forget(..)) {
-            self.owed.remove(change.session());
+            self.work().owed.remove(change.session());
         }
         let session = change.session().clone();
-        if let Some(old) = self.pending.insert(device.clone(), change)
+        if let Some(old) = self.work().pending.insert(device.clone(), change)
             && let Some(left) = old.announces().filter(|s| **s != session)
         {
-            self.owed.insert(left.clone(), (device, old));
+            self.work().owed.insert(left.clone(), (device, old));
         }
         self.due(was_empty, defer)
     }
 
-    /// Queues the removal of a session, owed ([`Dict::owed`]) when a change
+    /// Queues the removal of a session, owed ([`Work::owed`]) when a change
     /// of another session of the device is pending or under way: that
     /// change is not displaced (it may land, or not), and the removal
     /// goes before it.
     fn queue_removal(&mut self, device: DeviceId, change: Change, defer: bool) -> Schedule {
         let session = change.session();
-        let other = match self.pending.get(&device) {
+        let other = match self.pending().get(&device) {
             Some(c) => c.session() != session,
             None => self
-                .flying
+                .flying()
                 .get(&device)
                 .is_some_and(|r| r.session != *session),
         };
@@ -518,7 +576,7 @@ impl Dict {
             return self.queue(device, change, defer);
         }
         let was_empty = !self.waiting();
-        self.owed.insert(session.clone(), (device, change));
+        self.work().owed.insert(session.clone(), (device, change));
         self.due(was_empty, defer)
     }
 
@@ -544,13 +602,19 @@ impl Dict {
     }
 
     /// Installs a newer copy read from KV (a watch update or a re-read after
-    /// a conflict). Older copies are ignored.
+    /// a conflict). Older copies are ignored, and so is the copy held once
+    /// more (the watch bringing back a write of this handler's that landed):
+    /// one revision of a key is one value, and building it again would only
+    /// churn the allocator. A trimmed copy takes it whole.
     pub fn install(&mut self, revision: u64, entries: SessionDict) {
+        if revision == self.revision && !self.partial {
+            return;
+        }
         if revision >= self.revision {
             self.revision = revision;
-            self.entries = entries;
+            self.entries = entries.into();
             self.partial = false;
-            self.trimmed.clear();
+            self.trimmed = Box::default();
         }
     }
 
@@ -569,18 +633,19 @@ impl Dict {
     ///
     /// The owed leaves go first of all, each before its device's pending
     /// change; they stay owed until a write carrying them lands.
-    pub fn take_for_write(&mut self, prev: Option<&SessionDict>) -> Take {
+    pub fn take_for_write(&mut self, prev: Option<&Entries>) -> Take {
         if self.in_flight || !self.waiting() {
             return Take::Idle;
         }
         self.in_flight = true;
         self.deferred = false;
         if self.partial {
-            self.reread_from = self.revision;
+            self.work().reread_from = self.revision;
             return Take::Reread;
         }
-        let resolved = resolve(std::mem::take(&mut self.pending), prev);
-        let mut value = self.entries.clone();
+        let pending = std::mem::take(&mut self.work().pending);
+        let resolved = resolve(pending, prev);
+        let mut value = self.entries.to_dict();
         let in_prev = |device: &DeviceId| prev.is_some_and(|p| p.contains_key(device));
         // Devices in this dictionary or the previous one; only counted
         // when the write could reach the limit at all.
@@ -589,12 +654,12 @@ impl Dict {
             value.len() + prev.map_or(0, |p| p.keys().filter(|d| !value.contains_key(*d)).count())
         });
         let owed: Vec<(SessionId, Change)> = self
-            .owed
+            .owed()
             .iter()
             .map(|(s, (_, c))| (s.clone(), c.clone()))
             .collect();
         let mut order: Vec<(DeviceId, Change, bool)> = self
-            .owed
+            .owed()
             .values()
             .map(|(d, c)| (d.clone(), c.clone(), true))
             .chain(resolved.into_iter().map(|(d, c)| (d, c, false)))
@@ -657,14 +722,13 @@ impl Dict {
                 continue;
             }
             if let Change::Upsert(rec) = &change {
-                self.flying.insert(device.clone(), (**rec).clone());
+                self.work().flying.insert(device.clone(), (**rec).clone());
             }
             changes.insert(device, change);
         }
         if !changed {
             // `value` is the copy held: nothing to write or install.
-            self.in_flight = false;
-            self.flying.clear();
+            self.write_ended();
             self.paid(owed);
             return Take::Unchanged {
                 applied,
@@ -682,22 +746,35 @@ impl Dict {
         })
     }
 
+    /// The write under way has ended (it landed, did not, or found nothing
+    /// to write): the dictionary is no longer in flight, and the records it
+    /// carried are let go, with their map's memory: a dictionary is written
+    /// a few times an interval, and a map merely cleared would keep room
+    /// for the largest write it ever carried, for every dictionary held.
+    fn write_ended(&mut self) {
+        self.in_flight = false;
+        if let Some(work) = self.work.as_deref_mut() {
+            work.flying = FixedMap::default();
+        }
+        self.tidy();
+    }
+
     /// The owed leaves a write carried are done (it landed, or there was
     /// nothing to write), but for those owed anew since.
     fn paid(&mut self, owed: Vec<(SessionId, Change)>) {
         for (session, change) in owed {
-            if self.owed.get(&session).is_some_and(|(_, c)| *c == change) {
-                self.owed.remove(&session);
+            if self.owed().get(&session).is_some_and(|(_, c)| *c == change) {
+                self.work().owed.remove(&session);
             }
         }
+        self.tidy();
     }
 
     /// The write landed at `revision`: its value becomes the copy (unless
     /// the watch already brought a newer one).
     pub fn on_written(&mut self, write: Write, revision: u64) -> Written {
         self.install(revision, write.value);
-        self.in_flight = false;
-        self.flying.clear();
+        self.write_ended();
         self.paid(write.owed);
         Written {
             applied: write.applied,
@@ -724,22 +801,21 @@ impl Dict {
         // whose device has a change of another session queued since is
         // owed.
         for (device, change) in write.changes {
-            match self.pending.get(&device) {
+            match self.pending().get(&device) {
                 None => {
-                    self.pending.insert(device, change);
+                    self.work().pending.insert(device, change);
                 }
                 Some(newer) => {
                     if let Some(left) = change.announces()
                         && newer.session() != left
                     {
                         let left = left.clone();
-                        self.owed.entry(left).or_insert((device, change));
+                        self.work().owed.entry(left).or_insert((device, change));
                     }
                 }
             }
         }
-        self.in_flight = false;
-        self.flying.clear();
+        self.write_ended();
     }
 
     /// The whole copy of a trimmed dictionary, read after [`Take::Reread`]
@@ -747,9 +823,10 @@ impl Dict {
     /// pending changes stay queued.
     pub fn on_reread(&mut self, current: Option<(u64, SessionDict)>) {
         if let Some((revision, entries)) = current {
-            self.reinstall(revision, entries, self.reread_from);
+            self.reinstall(revision, entries, self.work_ref().reread_from);
         }
         self.in_flight = false;
+        self.tidy();
     }
 
     /// Installs the copy a read brought, asked for when the copy held was
@@ -768,9 +845,9 @@ impl Dict {
     fn reinstall(&mut self, revision: u64, entries: SessionDict, asked: u64) {
         if revision >= self.revision || (revision == 0 && self.revision == asked) {
             self.revision = revision;
-            self.entries = entries;
+            self.entries = entries.into();
             self.partial = false;
-            self.trimmed.clear();
+            self.trimmed = Box::default();
         }
     }
 }
@@ -779,7 +856,7 @@ impl Dict {
 /// interval's records (`prev`), dropping those with nothing left to carry.
 fn resolve(
     changes: FixedMap<DeviceId, Change>,
-    prev: Option<&SessionDict>,
+    prev: Option<&Entries>,
 ) -> FixedMap<DeviceId, Change> {
     changes
         .into_iter()
@@ -793,7 +870,7 @@ fn resolve(
 /// `change` ready to apply: a carry-over becomes an upsert of the previous
 /// interval's record (None when that record is gone, or is another
 /// session's: nothing to carry).
-fn carried(change: &Change, prev: Option<&SessionDict>, device: &DeviceId) -> Option<Change> {
+fn carried(change: &Change, prev: Option<&Entries>, device: &DeviceId) -> Option<Change> {
     match change {
         Change::Carry(session, at, labels) => prev
             .and_then(|p| p.get(device))
@@ -824,24 +901,24 @@ fn trim(dicts: &mut ByInterval<Dict>, prev: u64, cur: u64) {
     // heartbeat's time, and the fields the copy here may lack).
     let moved = |dev: &DeviceId, r: &SessionRecord| {
         c.entries.get(dev).is_some_and(|e| e.session == r.session)
-            && !matches!(c.pending.get(dev), Some(Change::Carry(..)))
+            && !matches!(c.pending().get(dev), Some(Change::Carry(..)))
     };
     if p.in_flight || p.waiting() || !p.entries.iter().any(|(d, r)| moved(d, r)) {
         return;
     }
     let (gone, keep): (Vec<_>, Vec<_>) = p.entries.iter().partition(|(dev, r)| moved(dev, r));
-    let gone: Vec<u64> = gone
-        .into_iter()
-        .map(|(_, r)| trimmed_key(&r.session))
-        .collect();
-    let keep: SessionDict = keep
+    let mut trimmed = p.trimmed.to_vec();
+    trimmed.extend(gone.into_iter().map(|(_, r)| trimmed_key(&r.session)));
+    trimmed.sort_unstable();
+    trimmed.dedup();
+    let keep: Entries = keep
         .into_iter()
         .map(|(d, r)| (d.clone(), r.clone()))
         .collect();
     if let Some(p) = dicts.get_mut(&prev) {
         p.entries = keep;
         p.partial = true;
-        p.trimmed.extend(gone);
+        p.trimmed = trimmed.into_boxed_slice();
     }
 }
 
@@ -1007,7 +1084,7 @@ impl Dicts {
             // A pending change that leaves the copy as it is (the late
             // heartbeat of the session this record displaced: `apply`) is
             // done already: it does not hold the removal up.
-            if dict.pending.get(&w.device).is_some_and(|c| {
+            if dict.pending().get(&w.device).is_some_and(|c| {
                 !matches!(c, Change::Carry(..)) && c.announces().is_none() && {
                     let mut one: SessionDict = dict
                         .entries
@@ -1018,9 +1095,9 @@ impl Dicts {
                     apply(&mut one, &w.device, c) == Applied::Nothing
                 }
             }) {
-                dict.pending.remove(&w.device);
+                dict.work().pending.remove(&w.device);
             }
-            if dict.pending.contains_key(&w.device) {
+            if dict.pending().contains_key(&w.device) {
                 continue;
             }
             // A leave not told yet: this removal announces it if it lands
@@ -1108,8 +1185,8 @@ impl Dicts {
         let holds = |r: &SessionRecord| &r.session == session;
         let before = dicts.get(&interval.wrapping_sub(2)).map(|p| &p.entries);
         d.entries.get(device).is_some_and(holds)
-            || d.flying.get(device).is_some_and(holds)
-            || d.pending
+            || d.flying().get(device).is_some_and(holds)
+            || d.pending()
                 .get(device)
                 .and_then(|c| carried(c, before, device))
                 .is_some_and(|c| matches!(c, Change::Upsert(r) if holds(&r)))
@@ -1177,7 +1254,10 @@ impl Dicts {
         // announce joins nobody sees. Only its removals are still written
         // (a leave they carry is announced).
         if interval < self.clock.live_intervals(now)[0] && !dict.in_flight {
-            dict.pending.retain(|_, change| change.removes());
+            if let Some(work) = dict.work.as_deref_mut() {
+                work.pending.retain(|_, change| change.removes());
+            }
+            dict.tidy();
         }
         let prev = dicts.get(&interval.wrapping_sub(1)).map(|p| &p.entries);
         let mut take = dict.take_for_write(prev);
@@ -1285,7 +1365,7 @@ impl Dicts {
         };
         // A write under way may record other fields (an earlier
         // heartbeat's) and land after: [`Dicts::on_heartbeat`] looks.
-        if dict.pending.contains_key(device) || dict.flying.contains_key(device) {
+        if dict.pending().contains_key(device) || dict.flying().contains_key(device) {
             return false;
         }
         dict.entries.get(device).is_some_and(|r| {
@@ -1420,8 +1500,10 @@ impl Dicts {
             // so its labels: the copy may show newer ones than it holds
             // (another handler's write of a change), which with that time
             // it would otherwise undo.
-            if let Some(Change::Upsert(rec)) =
-                dicts.get_mut(&cur).and_then(|d| d.pending.get_mut(device))
+            if let Some(Change::Upsert(rec)) = dicts
+                .get_mut(&cur)
+                .and_then(|d| d.work.as_deref_mut())
+                .and_then(|w| w.pending.get_mut(device))
                 && &rec.session == session
             {
                 rec.last_seen = rec.last_seen.max(now);
@@ -1438,8 +1520,8 @@ impl Dicts {
             // one says is written after it.
             let stale = dicts
                 .get(&cur)
-                .filter(|d| !d.pending.contains_key(device))
-                .and_then(|d| d.flying.get(device))
+                .filter(|d| !d.pending().contains_key(device))
+                .and_then(|d| d.flying().get(device))
                 .is_some_and(|f| &f.session == session && !same_fields(f));
             if !stale {
                 return Decision::Unchanged;
@@ -1507,11 +1589,15 @@ impl Dicts {
         // of this session (heard again since, it stays), and a carry-over
         // taken after it landed would find nothing to copy.
         let defer = cur_rec.is_none() && carried.is_some_and(same_fields);
-        let writing = |d: &Dict| d.flying.get(device).is_some_and(|r| &r.session == session);
+        let writing = |d: &Dict| {
+            d.flying()
+                .get(device)
+                .is_some_and(|r| &r.session == session)
+        };
         let landed = !dicts.get(&cur).is_some_and(writing)
             && dicts.get(&prev).filter(|_| prev != cur).is_some_and(|d| {
                 d.entries.get(device).is_some_and(|r| &r.session == session)
-                    && !d.pending.contains_key(device)
+                    && !d.pending().contains_key(device)
                     && !d.removing(device, session)
             });
         let change = if defer && landed {
@@ -1586,7 +1672,7 @@ impl Dicts {
         let trimmed = |i: u64| {
             dicts
                 .get(&i)
-                .is_some_and(|d| d.partial && d.trimmed.contains(&key))
+                .is_some_and(|d| d.partial && d.trimmed.binary_search(&key).is_ok())
         };
         let by = if announce {
             now.saturating_add(LEAVE_REORDER_MS)
@@ -1682,11 +1768,11 @@ fn has_room(cur: Option<&Dict>, prev: Option<&Dict>) -> bool {
         return true;
     }
     let distinct = |d: &Dict| {
-        let pending = d.pending.keys().filter(|k| !d.entries.contains_key(*k));
+        let pending = d.pending().keys().filter(|k| !d.entries.contains_key(*k));
         let flying = d
-            .flying
+            .flying()
             .keys()
-            .filter(|k| !d.entries.contains_key(*k) && !d.pending.contains_key(*k));
+            .filter(|k| !d.entries.contains_key(*k) && !d.pending().contains_key(*k));
         d.entries.len() + pending.count() + flying.count()
     };
     let in_cur = cur.map_or(0, distinct);
@@ -1698,13 +1784,13 @@ fn has_room(cur: Option<&Dict>, prev: Option<&Dict>) -> bool {
             }
         };
         p.entries.keys().for_each(&mut seen);
-        p.pending
+        p.pending()
             .keys()
             .filter(|k| !p.entries.contains_key(*k))
             .for_each(&mut seen);
-        p.flying
+        p.flying()
             .keys()
-            .filter(|k| !p.entries.contains_key(*k) && !p.pending.contains_key(*k))
+            .filter(|k| !p.entries.contains_key(*k) && !p.pending().contains_key(*k))
             .for_each(&mut seen);
         n
     });
@@ -1908,9 +1994,15 @@ mod tests {
         );
         let old = d.get_mut(&a, 0).expect("previous dictionary");
         let by = 10_700 + LEAVE_REORDER_MS;
-        assert_eq!(old.pending.get(&dev), Some(&Change::Forget(s.clone(), by)));
+        assert_eq!(
+            old.pending().get(&dev),
+            Some(&Change::Forget(s.clone(), by))
+        );
         let new = d.get_mut(&a, 1).expect("current dictionary");
-        assert_eq!(new.pending.get(&dev), Some(&Change::Remove(s.clone(), by)));
+        assert_eq!(
+            new.pending().get(&dev),
+            Some(&Change::Remove(s.clone(), by))
+        );
     }
 
     #[test]
@@ -2012,8 +2104,8 @@ mod tests {
         let (mut d, mut kv) = lived(&[9_000]);
         d.on_heartbeat(&a, &dev, &s2, &Heartbeat::default(), 10_500);
         let cur = d.get_mut(&a, 1).unwrap();
-        let (device, change) = cur.pending.iter().next().unwrap();
-        let mut entries = cur.entries.clone();
+        let (device, change) = cur.pending().iter().next().unwrap();
+        let mut entries = cur.entries.to_dict();
         let applied = apply(&mut entries, device, change);
         // The write reports s1 as displaced, so it gets revoked.
         assert!(
@@ -2156,7 +2248,7 @@ mod tests {
             assert!(!d.has_pending());
             let dict = d.get_mut(&a, 0).expect("dictionary");
             assert_eq!(dict.revision, landed);
-            assert_eq!(held(&dict.entries), [pair("tv", "s1")]);
+            assert_eq!(held(&dict.entries.to_dict()), [pair("tv", "s1")]);
         }
     }
 
@@ -2201,7 +2293,7 @@ mod tests {
             Decision::Unchanged
         );
         assert_eq!(
-            d.get_mut(&a, 0).expect("dictionary").pending.get(&tv),
+            d.get_mut(&a, 0).expect("dictionary").pending().get(&tv),
             Some(&Change::Remove(s1.clone(), 2_100 + LEAVE_REORDER_MS))
         );
         let rev = kv.update(&a, 0, &w).expect("the write lands");
@@ -2294,7 +2386,7 @@ mod tests {
                 Decision::Queued(vec![(a.clone(), 0)])
             );
             assert!(matches!(
-                d.get_mut(&a, 1).expect("current").pending.get(&dev),
+                d.get_mut(&a, 1).expect("current").pending().get(&dev),
                 Some(Change::Withdraw(r, by))
                     if r.session == s && *by == 10_600 + LEAVE_REORDER_MS
             ));
@@ -3027,7 +3119,7 @@ mod tests {
         let (mut d, mut kv) = moved_unseen();
         // This copy of interval 0 lags: it lacks the session.
         let lagging = d.get_mut(&a, 0).unwrap();
-        lagging.entries.clear();
+        lagging.entries = Entries::default();
         lagging.revision = 0;
         assert_eq!(
             d.on_heartbeat(&a, &tv, &s1, &leave(), 20_600),
@@ -3569,7 +3661,7 @@ mod tests {
         let s2 = session("s2");
         d.on_heartbeat(&a, &dev, &s2, &Heartbeat::default(), 10_800);
         let old = d.get_mut(&a, 0).expect("previous dictionary");
-        assert!(old.pending.contains_key(&dev), "{:?}", old.pending);
+        assert!(old.pending().contains_key(&dev), "{:?}", old.pending());
         let applied = flush(&mut d, &mut kv, 10_800);
         assert_eq!(events(&applied).1, ["s1"]);
         assert_eq!(kv.read(&a, 1).1[&dev].session, s2);
@@ -3586,12 +3678,12 @@ mod tests {
         beat(&mut d, &mut kv, &dev, &s1, 10_500);
         d.ended(&a, &dev, &s0, 10_550, 10_600);
         let quiet = Change::Forget(s0.clone(), UnixMillis::MAX);
-        assert_eq!(d.get_mut(&a, 0).unwrap().pending.get(&dev), Some(&quiet));
+        assert_eq!(d.get_mut(&a, 0).unwrap().pending().get(&dev), Some(&quiet));
         // s1 leaves, and the device's next session displaces that leave.
         d.on_heartbeat(&a, &dev, &s1, &leave(), 10_700);
         d.on_heartbeat(&a, &dev, &s2, &Heartbeat::default(), 10_800);
         assert_eq!(
-            d.get_mut(&a, 0).unwrap().pending.get(&dev),
+            d.get_mut(&a, 0).unwrap().pending().get(&dev),
             Some(&quiet),
             "s0's removal is still s0's"
         );
@@ -3771,7 +3863,7 @@ mod tests {
         d.on_heartbeat(&a, &tv, &s1, &leave(), 2_000);
         d.on_heartbeat(&a, &tv, &session("s2"), &Heartbeat::default(), 2_100);
         let dict = d.get_mut(&a, 0).expect("dictionary");
-        assert!(dict.owed.contains_key(&s1), "{:?}", dict.owed);
+        assert!(dict.owed().contains_key(&s1), "{:?}", dict.owed());
         let to_be = dict.effective(&tv, None).expect("an entry");
         assert_eq!((to_be.session.as_str(), &to_be.replaced), ("s2", &None));
         let w = write_of(d.take_for_write(&a, 0, 2_200));
@@ -3834,7 +3926,12 @@ mod tests {
         let (mut d, mut kv) = lived(&[1_000]);
         d.on_heartbeat(&a, &tv, &s1, &leave(), 2_000);
         d.on_heartbeat(&a, &tv, &session("s2"), &Heartbeat::default(), 2_100);
-        assert!(d.get_mut(&a, 0).expect("dictionary").owed.contains_key(&s1));
+        assert!(
+            d.get_mut(&a, 0)
+                .expect("dictionary")
+                .owed()
+                .contains_key(&s1)
+        );
         d.on_heartbeat(&a, &tv, &s1, &Heartbeat::default(), 6_000);
         let told = flush(&mut d, &mut kv, 6_000);
         assert_eq!(events(&told).1, Vec::<String>::new(), "{told:?}");
@@ -4025,7 +4122,7 @@ mod tests {
             let w = under_way.then(|| write_of(d.take_for_write(&a, 0, 1_000)));
             d.ended(&a, &tv, &s, 1_100, 1_100);
             assert_eq!(
-                d.get_mut(&a, 0).expect("dictionary").pending.get(&tv),
+                d.get_mut(&a, 0).expect("dictionary").pending().get(&tv),
                 Some(&Change::Forget(s.clone(), UnixMillis::MAX)),
                 "under way: {under_way}"
             );

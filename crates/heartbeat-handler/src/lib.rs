@@ -14,7 +14,8 @@
 //! intervals, not heartbeats.
 //!
 //! Layout: [`dicts`] holds the rules (pure), including the steps of a
-//! dictionary write; [`metrics`] the collectors; this file the I/O:
+//! dictionary write, over compact copies of the dictionaries ([`entries`]);
+//! [`metrics`] the collectors; this file the I/O:
 //! subscription, KV watches and the flusher, which writes what [`dicts`]
 //! hands out and hands the outcome back. Presence events, revocations and
 //! the decoding of watched dictionaries go through
@@ -32,6 +33,7 @@
 //! session's change on a failed write (it is retried until it lands).
 
 pub mod dicts;
+pub mod entries;
 pub mod metrics;
 pub mod rate;
 

@@ -4,7 +4,8 @@
 //! and as part of a KV key without escaping.
 
 use std::fmt;
-use std::sync::Arc;
+
+use smol_str::SmolStr;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
@@ -38,41 +39,45 @@ fn check(what: &'static str, s: &str) -> Result<(), NameError> {
     Ok(())
 }
 
+// A name is held inline when it is at most 23 bytes (a 22-character
+// session id, most device and account names), else shared on the heap:
+// 24 bytes, and no allocation of its own for the usual name. The handler
+// and the checker hold a few per session, a million sessions at a time.
 macro_rules! name_type {
     ($(#[$doc:meta])* $name:ident, $what:literal) => {
         $(#[$doc])*
         #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-        pub struct $name(Arc<str>);
+        pub struct $name(SmolStr);
 
         impl $name {
             /// Parses and validates a name.
             pub fn parse(s: &str) -> Result<Self, NameError> {
                 check($what, s)?;
-                Ok(Self(Arc::from(s)))
+                Ok(Self(SmolStr::new(s)))
             }
 
             pub fn as_str(&self) -> &str {
-                &self.0
+                self.0.as_str()
             }
         }
 
-        // Hash and Eq of the Arc<str> are those of the str, so maps keyed by
-        // the name can be searched with a plain &str.
+        // Hash, Eq and Ord of the SmolStr are those of the str, so maps
+        // keyed by the name can be searched with a plain &str.
         impl std::borrow::Borrow<str> for $name {
             fn borrow(&self) -> &str {
-                &self.0
+                self.0.as_str()
             }
         }
 
         impl fmt::Display for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(&self.0)
+                f.write_str(self.0.as_str())
             }
         }
 
         impl fmt::Debug for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                fmt::Debug::fmt(&*self.0, f)
+                fmt::Debug::fmt(self.0.as_str(), f)
             }
         }
 
@@ -85,7 +90,7 @@ macro_rules! name_type {
 
         impl Serialize for $name {
             fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-                s.serialize_str(&self.0)
+                s.serialize_str(self.0.as_str())
             }
         }
 
