@@ -652,6 +652,18 @@ async fn three_checkers_hold_each_partition_twice_and_answer_for_every_account()
             .collect();
         if active.iter().sum::<f64>() == 80.0 {
             assert!(active.iter().all(|&n| n > 0.0 && n < 40.0), "{active:?}");
+            // Each partition counted once: the highest of its holders.
+            let total: f64 = (0..partitions)
+                .map(|p| {
+                    let sample =
+                        format!(r#"headcount_partition_active_sessions{{partition="{p}"}}"#);
+                    app.checkers
+                        .iter()
+                        .map(|c| c.metric(&sample))
+                        .fold(0.0, f64::max)
+                })
+                .sum();
+            assert_eq!(total, 40.0);
             break;
         }
         assert!(

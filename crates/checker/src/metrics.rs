@@ -17,6 +17,10 @@ pub struct Metrics {
     pub active_sessions: IntGauge,
     /// Partitions it serves.
     pub partitions: IntGauge,
+    /// Active sessions of each partition it serves: several checkers hold
+    /// a partition, so the total over a deployment is the sum over
+    /// partitions of the highest over checkers.
+    pub partition_sessions: IntGaugeVec,
     /// Heartbeats heard (liveness), of the partitions it serves.
     pub heartbeats: IntCounter,
     /// Sessions ended by the checker, by action: evicted, rejected, revoked.
@@ -48,6 +52,14 @@ impl Metrics {
             partitions: IntGauge::new(
                 "headcount_checker_partitions",
                 "partitions this checker serves",
+            )?
+            .register(registry)?,
+            partition_sessions: IntGaugeVec::new(
+                Opts::new(
+                    "headcount_partition_active_sessions",
+                    "active sessions of each partition this checker serves",
+                ),
+                &["partition"],
             )?
             .register(registry)?,
             heartbeats: IntCounter::new(

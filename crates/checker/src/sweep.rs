@@ -107,8 +107,22 @@ async fn on_sweep(shared: &Shared, gauges: bool) {
     let now = now_millis();
     let pass = sweep_views(shared.each_view(), now);
     // Shards are partitions, in order.
-    for (peaks, &n) in shared.peaks.iter().zip(&pass.totals) {
+    for (p, (peaks, &n)) in shared.peaks.iter().zip(&pass.totals).enumerate() {
         lock(peaks).record(now / 60_000, n);
+        let label = p.to_string();
+        if shared.serves(p as u32) {
+            shared
+                .metrics
+                .partition_sessions
+                .with_label_values(&[&label])
+                .set(i64::from(n));
+        } else {
+            // Not this checker's (any more): its holders report it.
+            let _ = shared
+                .metrics
+                .partition_sessions
+                .remove_label_values(&[&label]);
+        }
     }
     shared.metrics.active_sessions.set(pass.total as i64);
     for account in pass.grace_expired {
