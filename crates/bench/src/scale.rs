@@ -61,6 +61,45 @@ struct Instance {
     rss: u64,
 }
 
+/// Each process's value of the metric `key` (0 while it has none).
+async fn each(procs: &[Proc], key: &str) -> anyhow::Result<Vec<f64>> {
+    let mut v = Vec::with_capacity(procs.len());
+    for p in procs {
+        v.push(p.metrics().await?.get(key).copied().unwrap_or(0.0));
+    }
+    Ok(v)
+}
+
+/// Waits until the processes serve `total` partitions between them (their
+/// gauge `key`), each some of them.
+async fn until_divided(procs: &[Proc], key: &str, total: f64) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let held = each(procs, key).await?;
+        if held.iter().sum::<f64>() == total && held.iter().all(|&p| p > 0.0) {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "partitions not divided: {held:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// One figure per process, with its resident memory before any session.
+fn empty_figures(procs: &[Proc]) -> anyhow::Result<Vec<Instance>> {
+    procs
+        .iter()
+        .map(|p| {
+            Ok(Instance {
+                rss_empty: rss_bytes(p.pid()?)?,
+                ..Instance::default()
+            })
+        })
+        .collect()
+}
+
 /// Counters read from one handler's metrics.
 fn counters(m: &std::collections::BTreeMap<String, f64>) -> (f64, f64, f64) {
     let get = |k: &str| m.get(k).copied().unwrap_or(0.0);
@@ -157,36 +196,20 @@ async fn checkers(
     }
     let copies = COPIES.min(n) as f64;
     let partitions = f64::from(headcount_protocol::partition::PARTITIONS);
-    let sum = async |key: &str| -> anyhow::Result<Vec<f64>> {
-        let mut v = Vec::new();
-        for c in &checkers {
-            v.push(c.metrics().await?.get(key).copied().unwrap_or(0.0));
-        }
-        Ok(v)
-    };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let held = sum("headcount_checker_partitions").await?;
-        if held.iter().sum::<f64>() == partitions * copies {
-            break;
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "partitions not divided: {held:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let mut figures = vec![Instance::default(); n];
-    for (f, c) in figures.iter_mut().zip(&checkers) {
-        f.rss_empty = rss_bytes(c.pid()?)?;
-    }
+    until_divided(
+        &checkers,
+        "headcount_checker_partitions",
+        partitions * copies,
+    )
+    .await?;
+    let mut figures = empty_figures(&checkers)?;
     let client = env.client("bench-fleet").await?;
     let run = &nuid::next().to_string()[..6];
     let subjects = session_subjects(run, a.sessions, a.devices_per_account)?;
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         publish_paced(&client, &subjects, PERIOD).await?;
-        let held = sum("headcount_active_sessions").await?;
+        let held = each(&checkers, "headcount_active_sessions").await?;
         if held.iter().sum::<f64>() >= a.sessions as f64 * copies {
             break;
         }
@@ -196,11 +219,11 @@ async fn checkers(
         );
     }
     // Steady state: every session heard again, twice over.
-    let hb0 = sum("headcount_checker_heartbeats_total").await?;
+    let hb0 = each(&checkers, "headcount_checker_heartbeats_total").await?;
     for _ in 0..2 {
         publish_paced(&client, &subjects, PERIOD).await?;
     }
-    let hb1 = sum("headcount_checker_heartbeats_total").await?;
+    let hb1 = each(&checkers, "headcount_checker_heartbeats_total").await?;
     for (i, (f, c)) in figures.iter_mut().zip(&checkers).enumerate() {
         let m = c.metrics().await?;
         f.partitions = m
@@ -315,52 +338,18 @@ async fn one(
     }
     // Every partition served, by every instance its share.
     let partitions = f64::from(headcount_protocol::partition::PARTITIONS);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let mut held = Vec::new();
-        for h in &handlers {
-            held.push(
-                h.metrics()
-                    .await?
-                    .get("headcount_handler_partitions")
-                    .copied()
-                    .unwrap_or(0.0),
-            );
-        }
-        if held.iter().sum::<f64>() == partitions && held.iter().all(|&p| p > 0.0) {
-            break;
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "partitions not divided: {held:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let mut figures = vec![Instance::default(); n];
-    for (f, h) in figures.iter_mut().zip(&handlers) {
-        f.rss_empty = rss_bytes(h.pid()?)?;
-    }
+    until_divided(&handlers, "headcount_handler_partitions", partitions).await?;
+    let mut figures = empty_figures(&handlers)?;
 
     let client = env.client("bench-fleet").await?;
     let run = &nuid::next().to_string()[..6];
     let subjects = session_subjects(run, a.sessions, a.devices_per_account)?;
     // Every session joins, then beats steadily.
-    let joined = async || -> anyhow::Result<f64> {
-        let mut held = 0.0;
-        for h in &handlers {
-            held += h
-                .metrics()
-                .await?
-                .get("headcount_handler_sessions")
-                .copied()
-                .unwrap_or(0.0);
-        }
-        Ok(held)
-    };
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         publish_paced(&client, &subjects, PERIOD).await?;
-        if joined().await? >= a.sessions as f64 {
+        let held = each(&handlers, "headcount_handler_sessions").await?;
+        if held.iter().sum::<f64>() >= a.sessions as f64 {
             break;
         }
         anyhow::ensure!(Instant::now() < deadline, "not every session joined");

@@ -70,18 +70,6 @@ fn outcome(result: &Result<Bytes, ServiceError>) -> &'static str {
     }
 }
 
-/// The endpoints served on a partition's subject: the public ones, passed
-/// on, and the summary `stats` gathers.
-pub(crate) const PASSED: [&str; 7] = [
-    endpoint::ACTIVE,
-    endpoint::CHECK,
-    endpoint::LIMITS_GET,
-    endpoint::LIMITS_SET,
-    endpoint::KICK,
-    endpoint::STATS,
-    endpoint::SUMMARY,
-];
-
 /// How long `stats` waits for a partition's summary.
 const SUMMARY_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -132,9 +120,15 @@ pub(crate) async fn serve(shared: &Shared, name: &'static str, req: async_nats::
 /// the caller's reply subject, and counts it.
 pub(crate) async fn serve_passed(shared: &Shared, partition: u32, msg: async_nats::Message) {
     let started = Instant::now();
-    let Some(name) = subjects::parse_partition_request(&msg.subject)
-        .and_then(|n| PASSED.iter().copied().find(|&e| e == n))
-    else {
+    // The endpoints of the service, passed on, and the summary `stats`
+    // gathers.
+    let Some(name) = subjects::parse_partition_request(&msg.subject).and_then(|n| {
+        SERVED
+            .iter()
+            .chain(&[endpoint::SUMMARY])
+            .copied()
+            .find(|&e| e == n)
+    }) else {
         return;
     };
     let Some(reply) = msg.reply else {

@@ -371,7 +371,7 @@ async fn run_partition(
     } else {
         Ok(())
     };
-    shared.set_serving(p, false);
+    // Not serving any more: `serve_partition` said so before it returned.
     let _ = heartbeats.unsubscribe().await;
     watch_stop.fire();
     let _ = sessions_task.await;
