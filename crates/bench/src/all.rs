@@ -19,10 +19,10 @@ use headcount_client::Client;
 use headcount_protocol::subjects::{self, endpoint};
 
 use crate::measure::{
-    Beats, Bodies, Dist, ECHO_SUBJECT, Fresh, Publishers, Target, concurrent, freshness, ms,
-    one_by_one, payload, publish_all, publish_paced, session_subjects, us,
+    Beats, Bodies, Dist, ECHO_SUBJECT, Fresh, Publishers, Target, concurrent, freshness, mean, ms,
+    one_by_one, payload, publish_all, publish_paced, rss_while_beating, session_subjects, us,
 };
-use crate::procs::{Env, nats_version, rss_bytes, settled_rss, sum_prefix};
+use crate::procs::{Env, Proc, nats_version, rss_bytes, sum_prefix};
 
 #[derive(Debug, Args)]
 pub struct AllArgs {
@@ -79,6 +79,9 @@ const PUBLISHER_LIMITED: f64 = 0.9;
 
 /// The interval of the memory measurement (see `at_size`).
 const MEMORY_INTERVAL: &str = "30s";
+
+/// The heartbeat period of the memory runs.
+const BEAT: Duration = Duration::from_secs(5);
 
 /// Sleeps until just after the next boundary of a `MEMORY_INTERVAL` interval.
 async fn wait_for_boundary() {
@@ -141,8 +144,11 @@ struct Latency {
 
 #[derive(Debug, Default, Clone)]
 struct Memory {
-    handler: f64,
-    checker: f64,
+    /// Per session, between boundaries and at the boundary's peak.
+    handler: [f64; 2],
+    checker: [f64; 2],
+    /// The whole `headcount up` process.
+    up: [f64; 2],
 }
 
 #[derive(Debug, Default)]
@@ -162,6 +168,73 @@ async fn clear_sessions(console: &async_nats::Client) -> anyhow::Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!("clearing the sessions bucket: {e}"))?;
     Ok(())
+}
+
+/// What a handler, and a checker, count of the heartbeats they take.
+const HANDLED: &str = "headcount_heartbeats_total";
+const HEARD: &str = "headcount_checker_heartbeats_total";
+
+/// Heartbeat periods read across a boundary, and from how many seconds
+/// after it the readings count as "between boundaries": by then every
+/// session has been heard in the new interval (one period) and its
+/// carry-over written (the handler's 5 s carry-over delay) and the previous
+/// interval's copy trimmed of it. Five periods end before the next
+/// boundary of a 30 s interval.
+const ACROSS_ROUNDS: u32 = 5;
+const SETTLED_SECS: usize = 12;
+
+/// Resident memory of one process across an interval boundary.
+#[derive(Debug, Default, Clone, Copy)]
+struct Reading {
+    /// The mean once the boundary's work is done.
+    between: u64,
+    /// The highest reading, the boundary's peak.
+    peak: u64,
+}
+
+/// Reads `p` ([`rss_while_beating`]) from just after the next interval
+/// boundary for [`ACROSS_ROUNDS`] heartbeat periods (`--quick`: two),
+/// every session beating on. Prints beside it the share of the heartbeats
+/// sent meanwhile that each of `counters` counted: a process that falls
+/// behind holds the backlog in its buffers, and its figure includes them.
+async fn across_boundary(
+    a: &AllArgs,
+    p: &Proc,
+    what: &str,
+    counters: &[&str],
+    publisher: &async_nats::Client,
+    subjects: &[String],
+) -> anyhow::Result<Reading> {
+    wait_for_boundary().await;
+    let before = p.metrics().await?;
+    let rounds = if a.quick { 2 } else { ACROSS_ROUNDS };
+    let readings = rss_while_beating(&[p.pid()?], publisher, subjects, BEAT, rounds)
+        .await?
+        .remove(0);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = p.metrics().await?;
+    let reading = Reading {
+        between: mean(&readings[SETTLED_SECS.min(readings.len() - 1)..]),
+        peak: readings.iter().copied().max().unwrap_or(0),
+    };
+    let sent = f64::from(rounds) * subjects.len() as f64;
+    let taken: Vec<String> = counters
+        .iter()
+        .map(|c| {
+            let share = (sum_prefix(&after, c) - sum_prefix(&before, c)) / sent;
+            format!("{c} {:.1}%", share * 100.0)
+        })
+        .collect();
+    let mib = |b: u64| b as f64 / f64::from(1 << 20);
+    eprintln!(
+        "bench: {what} at {} sessions: {:.0} MiB resident between boundaries, {:.0} MiB at the \
+         boundary's peak; of the heartbeats sent meanwhile: {}",
+        subjects.len(),
+        mib(reading.between),
+        mib(reading.peak),
+        taken.join(", ")
+    );
+    Ok(reading)
 }
 
 /// One session count: ingest (bare, then handler), memory, latency.
@@ -342,16 +415,14 @@ async fn at_size(
     handler.wait_handler(&publisher).await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let handler_empty = rss_bytes(handler.pid()?)?;
-    publish_paced(&publisher, &subjects, Duration::from_secs(5)).await?;
+    publish_paced(&publisher, &subjects, BEAT).await?;
     handler
         .wait_metrics("handler recorded every session", |m| {
             m.get("headcount_handler_sessions").copied().unwrap_or(0.0) >= sessions as f64
         })
         .await?;
-    wait_for_boundary().await;
-    publish_paced(&publisher, &subjects, Duration::from_secs(5)).await?;
-    tokio::time::sleep(Duration::from_secs(4)).await; // the carry-over delay
-    let handler_full = settled_rss(handler.pid()?, 20).await?;
+    let handler_full =
+        across_boundary(a, &handler, "handler", &[HANDLED], &publisher, &subjects).await?;
 
     // The checker with every session loaded and heard.
     let mut checker = env.service("checker", &checker_args)?;
@@ -361,12 +432,15 @@ async fn at_size(
             m.get("headcount_active_sessions").copied().unwrap_or(0.0) >= sessions as f64
         })
         .await?;
-    // Steady state: each session heard once, at a 5 s heartbeat period.
-    publish_paced(&publisher, &subjects, Duration::from_secs(5)).await?;
-    let checker_full = settled_rss(checker.pid()?, 20).await?;
-    let memory = Memory {
-        handler: handler_full.saturating_sub(handler_empty) as f64 / sessions as f64,
-        checker: checker_full.saturating_sub(checker_empty) as f64 / sessions as f64,
+    let checker_full =
+        across_boundary(a, &checker, "checker", &[HEARD], &publisher, &subjects).await?;
+    let per_session = |full: Reading, empty: u64| {
+        [full.between, full.peak].map(|b| b.saturating_sub(empty) as f64 / sessions as f64)
+    };
+    let mut memory = Memory {
+        handler: per_session(handler_full, handler_empty),
+        checker: per_session(checker_full, checker_empty),
+        up: [0.0; 2],
     };
 
     // Latency: the checker next to a bare echo responder, which answers
@@ -404,6 +478,24 @@ async fn at_size(
     echo.stop().await;
     checker.stop().await;
     handler.stop().await;
+
+    // The whole `headcount up` process, the same way: every session joins
+    // at a steady 5 s heartbeat, an interval boundary passes, and the
+    // process is measured while the sessions keep beating.
+    clear_sessions(&publisher).await?;
+    let mut up = env.up(&checker_args)?;
+    up.wait_up("up").await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let up_empty = rss_bytes(up.pid()?)?;
+    publish_paced(&publisher, &subjects, BEAT).await?;
+    up.wait_metrics("up recorded and loaded every session", |m| {
+        let has = |name: &str| m.get(name).copied().unwrap_or(0.0) >= sessions as f64;
+        has("headcount_handler_sessions") && has("headcount_active_sessions")
+    })
+    .await?;
+    let up_full = across_boundary(a, &up, "up", &[HANDLED, HEARD], &publisher, &subjects).await?;
+    memory.up = per_session(up_full, up_empty);
+    up.stop().await;
     env.nats.stop().await;
     Ok((ingest, memory, latency))
 }
@@ -617,11 +709,17 @@ pub async fn run(mut a: AllArgs, headcount: &Path) -> anyhow::Result<()> {
         ));
     }
     report.table(
-        "Memory per active session (resident, loaded minus empty)",
-        "| sessions | heartbeat-handler | checker |",
+        "Memory per active session (resident, loaded minus empty; between boundaries / at a boundary's peak)",
+        "| sessions | heartbeat-handler | checker | whole `headcount up` process |",
     );
     for (s, (_, m, _)) in &rows {
-        report.line(format!("| {s} | {:.0} B | {:.0} B |", m.handler, m.checker));
+        let cell = |[between, peak]: [f64; 2]| format!("{between:.0} B / {peak:.0} B");
+        report.line(format!(
+            "| {s} | {} | {} | {} |",
+            cell(m.handler),
+            cell(m.checker),
+            cell(m.up)
+        ));
     }
     if let Some(path) = &a.markdown {
         std::fs::write(path, &report.out).with_context(|| format!("writing {}", path.display()))?;

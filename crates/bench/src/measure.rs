@@ -179,6 +179,45 @@ pub async fn publish_paced(
     Ok(())
 }
 
+/// Resident memory of each process, read once a second over `rounds`
+/// heartbeat periods while every session keeps beating at `period`, as a
+/// deployment runs (an allocator returns freed pages as it works; an idle
+/// process would be read with what it has not returned yet): each
+/// process's readings, in order.
+pub async fn rss_while_beating(
+    pids: &[u32],
+    client: &async_nats::Client,
+    subjects: &[String],
+    period: Duration,
+    rounds: u32,
+) -> anyhow::Result<Vec<Vec<u64>>> {
+    let beats = async {
+        for _ in 0..rounds {
+            publish_paced(client, subjects, period).await?;
+        }
+        anyhow::Ok(())
+    };
+    let samples = async {
+        let mut readings = vec![Vec::new(); pids.len()];
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        for _ in 0..(period * rounds).as_secs().max(1) {
+            tick.tick().await;
+            for (r, &pid) in readings.iter_mut().zip(pids) {
+                r.push(crate::procs::rss_bytes(pid)?);
+            }
+        }
+        anyhow::Ok(readings)
+    };
+    let (beats, samples) = tokio::join!(beats, samples);
+    beats?;
+    samples
+}
+
+/// The mean of some readings (0 for none).
+pub fn mean(readings: &[u64]) -> u64 {
+    readings.iter().sum::<u64>() / (readings.len() as u64).max(1)
+}
+
 /// Heartbeats encoded once for the ingest publishers: every session's
 /// subject, built (and checked) once as an [`async_nats::Subject`], and one
 /// payload, so that publishing a message copies and checks nothing.

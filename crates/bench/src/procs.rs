@@ -296,6 +296,29 @@ impl Env {
         )
     }
 
+    /// `headcount up` on this server instead of one of its own: the
+    /// handler, checker and token-vendor in one process, as a single-machine
+    /// deployment runs them, its listeners on free ports.
+    pub fn up(&self, extra: &[&str]) -> anyhow::Result<Proc> {
+        let (http, metrics) = (free_port()?, free_port()?);
+        let mut args = vec!["up".to_string()];
+        args.extend(self.nats_args());
+        args.extend([
+            "--http-port".into(),
+            http.to_string(),
+            "--metrics-port".into(),
+            metrics.to_string(),
+        ]);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Proc::spawn(
+            &self.headcount,
+            &args,
+            &self.env(),
+            Some(format!("http://127.0.0.1:{metrics}/metrics")),
+            Some(self.dir.join("up.log")),
+        )
+    }
+
     pub async fn baseline(&self, kind: &str, extra: &[String]) -> anyhow::Result<Proc> {
         let mut args = vec![kind.to_string()];
         args.extend(self.nats_args());
@@ -337,21 +360,6 @@ pub fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
         .and_then(|v| v.parse().ok())
         .context("no VmRSS in /proc/<pid>/status")?;
     Ok(kb * 1024)
-}
-
-/// Resident memory once it has settled after a burst: sampled every second
-/// until it stops falling (at most `max` seconds).
-pub async fn settled_rss(pid: u32, max: u64) -> anyhow::Result<u64> {
-    let mut last = rss_bytes(pid)?;
-    for _ in 0..max {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let now = rss_bytes(pid)?;
-        if now + now / 200 >= last {
-            return Ok(now.min(last));
-        }
-        last = now;
-    }
-    Ok(last)
 }
 
 /// What `nats-server --version` says, for the report's first line.

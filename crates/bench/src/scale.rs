@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Args;
 
-use crate::measure::{publish_paced, session_subjects};
-use crate::procs::{Env, Proc, rss_bytes, scratch_dir, settled_rss};
+use crate::measure::{mean, publish_paced, rss_while_beating, session_subjects};
+use crate::procs::{Env, Proc, rss_bytes, scratch_dir};
 
 #[derive(Debug, Args)]
 pub struct ScaleArgs {
@@ -218,11 +218,14 @@ async fn checkers(
             "not every session loaded: {held:?}"
         );
     }
-    // Steady state: every session heard again, twice over.
+    // Steady state: every session heard again, twice over, while the
+    // checkers' memory is sampled.
     let hb0 = each(&checkers, "headcount_checker_heartbeats_total").await?;
-    for _ in 0..2 {
-        publish_paced(&client, &subjects, PERIOD).await?;
-    }
+    let pids = checkers
+        .iter()
+        .map(Proc::pid)
+        .collect::<Result<Vec<_>, _>>()?;
+    let rss = rss_while_beating(&pids, &client, &subjects, PERIOD, 2).await?;
     let hb1 = each(&checkers, "headcount_checker_heartbeats_total").await?;
     for (i, (f, c)) in figures.iter_mut().zip(&checkers).enumerate() {
         let m = c.metrics().await?;
@@ -232,7 +235,7 @@ async fn checkers(
             .unwrap_or(0.0);
         f.sessions = m.get("headcount_active_sessions").copied().unwrap_or(0.0);
         f.heartbeats = hb1[i] - hb0[i];
-        f.rss = settled_rss(c.pid()?, 10).await?;
+        f.rss = mean(&rss[i]);
     }
     for c in checkers {
         c.stop().await;

@@ -26,8 +26,8 @@ use std::ops::RangeInclusive;
 
 use headcount_protocol::wire::{ActiveSession, Labels, SessionDict, SessionRecord, SessionRef};
 use headcount_protocol::{
-    AccountId, AccountLimits, ByInterval, DeviceId, IntervalClock, Limit, Plans, Policy, SessionId,
-    UnixMillis,
+    AccountId, AccountLimits, ByDevice, ByInterval, DeviceId, IntervalClock, Limit, Plans, Policy,
+    SessionId, UnixMillis,
 };
 
 use crate::victims::choose;
@@ -81,8 +81,9 @@ impl Seen {
     }
 }
 
-/// One interval dictionary as this checker holds it.
-type Dict = HashMap<DeviceId, Seen>;
+/// One interval dictionary as this checker holds it: compact, one slot per
+/// device (a million sessions held, each byte counts).
+type Dict = ByDevice<Seen>;
 
 /// The highest count of each of the last [`PEAK_WINDOW_MINUTES`] minutes, in
 /// a ring (no allocation: there is one per account).
@@ -371,7 +372,7 @@ impl View {
                     .filter(|(i, _)| *i > interval)
                     .any(|(_, d)| d.get(device).is_some_and(|s| &s.rec.session == session))
             };
-            let mut held = Dict::new();
+            let mut held = Vec::with_capacity(dict.len());
             for (device, rec) in dict {
                 if newer(acct, &device, &rec.session) {
                     continue;
@@ -386,24 +387,19 @@ impl View {
                     .max()
                     .unwrap_or(0)
                     .max(early);
-                held.insert(
-                    device,
-                    Seen {
-                        rec: rec.into(),
-                        heard,
-                    },
-                );
+                let seen = Seen {
+                    rec: rec.into(),
+                    heard,
+                };
+                held.push((device, seen));
             }
+            let held: Dict = held.into_iter().collect();
             acct.dicts.retain(|i, older| {
                 if i < interval {
-                    let before = older.len();
                     older.retain(|device, s| {
                         held.get(device)
                             .is_none_or(|h| h.rec.session != s.rec.session)
                     });
-                    if older.len() != before {
-                        older.shrink_to_fit();
-                    }
                 }
                 i == interval || !older.is_empty()
             });

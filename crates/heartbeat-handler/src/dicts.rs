@@ -25,9 +25,15 @@ use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
 
 use headcount_protocol::policy::DICT_MAX_SESSIONS;
 use headcount_protocol::wire::{Heartbeat, HeartbeatRef, Labels, SessionDict, SessionRecord};
-use headcount_protocol::{AccountId, ByInterval, DeviceId, IntervalClock, SessionId, UnixMillis};
+use headcount_protocol::{
+    AccountId, ByDevice, ByInterval, DeviceId, IntervalClock, SessionId, UnixMillis,
+};
 
-pub use crate::entries::Entries;
+/// One dictionary's copy as KV holds it, compact (exactly one slot per
+/// device). A copy is replaced whole by a newer one (a write that landed,
+/// a watch update, a re-read), or rebuilt smaller by a trim; the changes on
+/// their way to KV are kept beside it ([`Dict`]).
+pub type Entries = ByDevice<SessionRecord>;
 
 /// A hash map whose iteration order follows only from what was done to it
 /// (a fixed-key hasher, not one seeded per process): the order in which
@@ -157,11 +163,11 @@ pub fn apply(dict: &mut SessionDict, device: &DeviceId, change: &Change) -> Appl
             }
             // The entry already holds the session that displaced this one:
             // this is a late heartbeat of the older session.
-            Some(cur) if cur.replaced.as_ref() == Some(&rec.session) => Applied::Nothing,
+            Some(cur) if cur.replaced.as_deref() == Some(&rec.session) => Applied::Nothing,
             Some(cur) => {
                 let replaced = Some(cur.session.clone());
                 let record = SessionRecord {
-                    replaced: replaced.clone(),
+                    replaced: replaced.clone().map(Box::new),
                     ..(**rec).clone()
                 };
                 *cur = record.clone();
@@ -173,7 +179,7 @@ pub fn apply(dict: &mut SessionDict, device: &DeviceId, change: &Change) -> Appl
                     record: (**rec).clone(),
                     // Set when the session it displaced lives in the
                     // previous interval's dictionary.
-                    replaced: rec.replaced.clone(),
+                    replaced: rec.replaced.as_deref().cloned(),
                 }
             }
         },
@@ -227,7 +233,8 @@ pub struct Dict {
     /// The sessions trimmed from `entries` (by [`trimmed_key`]), which KV
     /// may still hold here: a leave or an ending removes them from KV too.
     /// Sorted, and exactly as long as it is: it is kept for as long as the
-    /// previous interval is live, for nearly every session.
+    /// interval is live, for nearly every session, and dropped after
+    /// ([`Dicts::prune`]).
     trimmed: Box<[u64]>,
 }
 
@@ -518,7 +525,7 @@ impl Dict {
         };
         (other.session != *session
             && other.since < landed.since
-            && other.replaced.as_ref() != Some(session))
+            && other.replaced.as_deref() != Some(session))
         .then(|| landed.clone())
     }
 
@@ -645,7 +652,7 @@ impl Dict {
         }
         let pending = std::mem::take(&mut self.work().pending);
         let resolved = resolve(pending, prev);
-        let mut value = self.entries.to_dict();
+        let mut value = self.entries.to_map();
         let in_prev = |device: &DeviceId| prev.is_some_and(|p| p.contains_key(device));
         // Devices in this dictionary or the previous one; only counted
         // when the write could reach the limit at all.
@@ -1213,7 +1220,15 @@ impl Dicts {
                 })
                 .map(|(i, _)| i)
                 .collect();
-            dicts.retain(|i, _| keep.contains(&i));
+            dicts.retain(|i, d| {
+                // Only a live dictionary's trimmed sessions are looked up
+                // ([`Dicts::remove`]); an older copy stays partial, so it is
+                // still read whole before it is written.
+                if i < prev {
+                    d.trimmed = Box::default();
+                }
+                keep.contains(&i)
+            });
             !dicts.is_empty()
         });
         // A leave's removal announces it only if it lands first
@@ -1447,8 +1462,9 @@ impl Dicts {
         let cur_rec = dicts.get(&cur).and_then(|d| d.effective(device, prev_d));
 
         let superseded = |cur: Option<&SessionRecord>, prev: Option<&SessionRecord>| {
-            let named =
-                |r: Option<&SessionRecord>| r.is_some_and(|r| r.replaced.as_ref() == Some(session));
+            let named = |r: Option<&SessionRecord>| {
+                r.is_some_and(|r| r.replaced.as_deref() == Some(session))
+            };
             named(cur) || (cur.is_none() && named(prev))
         };
         if hb.leave {
@@ -1558,7 +1574,7 @@ impl Dicts {
             None => (
                 now,
                 match (landed_cur, &prev_rec) {
-                    (None, Some(prev)) => Some(prev.session.clone()),
+                    (None, Some(prev)) => Some(Box::new(prev.session.clone())),
                     _ => None,
                 },
             ),
@@ -2089,7 +2105,7 @@ mod tests {
         beat(&mut d, &mut kv, &dev, &s2, 2_000);
         let rec = d.get_mut(&a, 0).unwrap().entries[&dev].clone();
         assert_eq!(rec.session, s2);
-        assert_eq!(rec.replaced, Some(s1.clone()));
+        assert_eq!(rec.replaced, Some(Box::new(s1.clone())));
         assert_eq!(
             d.on_heartbeat(&a, &dev, &s1, &Heartbeat::default(), 3_000),
             Decision::Superseded
@@ -2105,7 +2121,7 @@ mod tests {
         d.on_heartbeat(&a, &dev, &s2, &Heartbeat::default(), 10_500);
         let cur = d.get_mut(&a, 1).unwrap();
         let (device, change) = cur.pending().iter().next().unwrap();
-        let mut entries = cur.entries.to_dict();
+        let mut entries = cur.entries.to_map();
         let applied = apply(&mut entries, device, change);
         // The write reports s1 as displaced, so it gets revoked.
         assert!(
@@ -2248,7 +2264,7 @@ mod tests {
             assert!(!d.has_pending());
             let dict = d.get_mut(&a, 0).expect("dictionary");
             assert_eq!(dict.revision, landed);
-            assert_eq!(held(&dict.entries.to_dict()), [pair("tv", "s1")]);
+            assert_eq!(held(&dict.entries.to_map()), [pair("tv", "s1")]);
         }
     }
 
@@ -2694,6 +2710,43 @@ mod tests {
     }
 
     #[test]
+    fn a_copy_no_longer_live_drops_its_trimmed_sessions_and_is_still_read_whole() {
+        let (a, tv, s1) = ids();
+        let radio = DeviceId::parse("radio").unwrap();
+        let s2 = SessionId::parse("s2").unwrap();
+        // Both join in interval 0; tv moves on to interval 1, radio falls
+        // silent: interval 0's copy is trimmed of s1 and keeps s2.
+        let (mut d, mut kv) = lone();
+        beat(&mut d, &mut kv, &tv, &s1, 9_000);
+        beat(&mut d, &mut kv, &radio, &s2, 9_000);
+        beat(&mut d, &mut kv, &tv, &s1, 10_500);
+        let old = d.get_mut(&a, 0).expect("interval 0");
+        assert!(old.partial && old.trimmed.len() == 1);
+        assert_eq!(old.entries.keys().collect::<Vec<_>>(), [&radio]);
+
+        // Interval 2: interval 0 is no longer live. Its copy is kept (radio's
+        // leave may remove s2 there) without the trimmed sessions.
+        beat(&mut d, &mut kv, &tv, &s1, 20_500);
+        d.prune(20_500);
+        let old = d.get_mut(&a, 0).expect("the copy before the live ones");
+        assert!(old.partial && old.trimmed.is_empty());
+        assert_eq!(old.entries.len(), 1);
+
+        // radio leaves: s2 is removed in interval 0, after a read of the
+        // whole KV copy (which still holds s1): the write keeps s1.
+        assert_eq!(
+            d.on_heartbeat(&a, &radio, &s2, &leave(), 20_600),
+            Decision::Queued(vec![(a.clone(), 0)])
+        );
+        assert!(matches!(d.take_for_write(&a, 0, 20_600), Take::Reread));
+        let whole = kv.read(&a, 0);
+        assert_eq!(held(&whole.1), [pair("radio", "s2"), pair("tv", "s1")]);
+        d.on_reread(&a, 0, Some(whole));
+        let w = write_of(d.take_for_write(&a, 0, 20_600));
+        assert_eq!(held(w.value()), [pair("tv", "s1")]);
+    }
+
+    #[test]
     fn a_carry_over_copies_only_its_own_session() {
         let (a, dev, s) = ids();
         let (mut d, mut kv) = lived(&[9_000]);
@@ -2902,7 +2955,7 @@ mod tests {
         // replaced, and a later write of it merged in s1 as replaced: no
         // replacement of s1 was ever announced.
         let s2 = SessionRecord {
-            replaced: Some(s1.clone()),
+            replaced: Some(Box::new(s1.clone())),
             ..record("s2", 1_050)
         };
         let value: SessionDict = [(tv.clone(), s2)].into_iter().collect();
@@ -3205,7 +3258,10 @@ mod tests {
             "{told:?}"
         );
         let rec = kv.read(&a, 1).1.remove(&tv).expect("s2 recorded");
-        assert_eq!((rec.session.as_str(), rec.replaced), ("s2", Some(s1)));
+        assert_eq!(
+            (rec.session.as_str(), rec.replaced),
+            ("s2", Some(Box::new(s1)))
+        );
     }
 
     #[test]
@@ -3258,7 +3314,7 @@ mod tests {
             Decision::Unchanged
         );
         let rec = SessionRecord {
-            replaced: Some(s1.clone()),
+            replaced: Some(Box::new(s1.clone())),
             ..record("s2", 1_500)
         };
         let _ = kv.put(&a, 0, [(tv.clone(), rec)].into_iter().collect());
@@ -3300,14 +3356,14 @@ mod tests {
     fn an_upsert_keeps_the_session_it_displaced_and_its_start() {
         let dev = ids().1;
         let cur = SessionRecord {
-            replaced: Some(session("s0")),
+            replaced: Some(Box::new(session("s0"))),
             ..record("s1", 1_000)
         };
         let mut dict = only(&dev, cur);
         let up = Change::Upsert(Box::new(record("s1", 2_000)));
         assert_eq!(apply(&mut dict, &dev, &up), Applied::Updated);
         let rec = &dict[&dev];
-        assert_eq!(rec.replaced, Some(session("s0")));
+        assert_eq!(rec.replaced, Some(Box::new(session("s0"))));
         assert_eq!((rec.since, rec.last_seen), (1_000, 2_000));
     }
 
@@ -3315,7 +3371,7 @@ mod tests {
     fn a_late_upsert_of_a_displaced_session_changes_nothing() {
         let dev = ids().1;
         let newer = SessionRecord {
-            replaced: Some(session("s1")),
+            replaced: Some(Box::new(session("s1"))),
             ..record("s2", 2_000)
         };
         let mut dict = only(&dev, newer.clone());
@@ -3343,7 +3399,7 @@ mod tests {
         // it: the name may have been merged in by a write that announced
         // nothing, so the leave is announced here too.
         let newer = SessionRecord {
-            replaced: Some(session("s1")),
+            replaced: Some(Box::new(session("s1"))),
             ..record("s2", 2_000)
         };
         let mut dict = only(&dev, newer.clone());

@@ -33,7 +33,6 @@
 //! session's change on a failed write (it is retried until it lands).
 
 pub mod dicts;
-pub mod entries;
 pub mod metrics;
 pub mod rate;
 

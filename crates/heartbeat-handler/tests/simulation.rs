@@ -1184,7 +1184,7 @@ impl Sim {
                     .and_then(|o| o.get(dev))
                     .map(|o| &o.session)
                     .into_iter()
-                    .chain(r.replaced.as_ref())
+                    .chain(r.replaced.as_deref())
                     .filter_map(|id| self.by_id.get(id).copied())
                     .filter(|&n| n > s)
                     .collect::<Vec<_>>();
@@ -1238,7 +1238,7 @@ impl Sim {
             let added = old
                 .and_then(|o| o.get(dev))
                 .is_none_or(|o| o.session != r.session);
-            r.replaced.as_ref().filter(|_| added)
+            r.replaced.as_deref().filter(|_| added)
         });
         let gone: Vec<usize> = removed
             .chain(displaced)

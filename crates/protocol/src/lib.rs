@@ -14,6 +14,7 @@
 //! This crate does no I/O and must never depend on a NATS client: services and
 //! tools share it so that a subject or a field is spelled in one place only.
 
+pub mod by_device;
 pub mod error;
 pub mod interval;
 pub mod names;
@@ -22,6 +23,7 @@ pub mod policy;
 pub mod subjects;
 pub mod wire;
 
+pub use by_device::ByDevice;
 pub use error::ServiceError;
 pub use interval::{ByInterval, IntervalClock};
 pub use names::{AccountId, DeviceId, NameError, SessionId};

@@ -540,7 +540,7 @@ mod tests {
                 Some(&"k".repeat(MAX_KIND_LEN)),
                 Some(&"r".repeat(MAX_REGION_LEN)),
             ),
-            replaced: Some(SessionId::parse(&name('o')).unwrap()),
+            replaced: Some(Box::new(SessionId::parse(&name('o')).unwrap())),
         };
         (device, record)
     }
