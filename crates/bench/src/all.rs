@@ -19,8 +19,9 @@ use headcount_client::Client;
 use headcount_protocol::subjects::{self, endpoint};
 
 use crate::measure::{
-    Beats, Bodies, Dist, ECHO_SUBJECT, Fresh, Publishers, Target, concurrent, freshness, mean, ms,
-    one_by_one, payload, publish_all, publish_paced, rss_while_beating, session_subjects, us,
+    Beats, Bodies, Dist, ECHO_SUBJECT, Fresh, Publishers, Target, concurrent, freshness,
+    interleaved, mean, ms, payload, publish_all, publish_paced, rss_while_beating,
+    session_subjects, us,
 };
 use crate::procs::{Env, Proc, nats_version, rss_bytes, sum_prefix};
 
@@ -144,11 +145,19 @@ struct Latency {
 
 #[derive(Debug, Default, Clone)]
 struct Memory {
-    /// Per session, between boundaries and at the boundary's peak.
-    handler: [f64; 2],
-    checker: [f64; 2],
+    handler: PerSession,
+    checker: PerSession,
     /// The whole `headcount up` process.
-    up: [f64; 2],
+    up: PerSession,
+}
+
+/// Resident memory per session, between boundaries and at the boundary's
+/// peak, and the share of the heartbeats the process took meanwhile.
+#[derive(Debug, Default, Clone, Copy)]
+struct PerSession {
+    between: f64,
+    peak: f64,
+    taken: f64,
 }
 
 #[derive(Debug, Default)]
@@ -190,7 +199,14 @@ struct Reading {
     between: u64,
     /// The highest reading, the boundary's peak.
     peak: u64,
+    /// The least share of the heartbeats sent meanwhile that one of the
+    /// process's services took.
+    taken: f64,
 }
+
+/// Below this share of the heartbeats taken while it was read, a process
+/// is marked as having fallen behind.
+const BEHIND: f64 = 0.98;
 
 /// Reads `p` ([`rss_while_beating`]) from just after the next interval
 /// boundary for [`ACROSS_ROUNDS`] heartbeat periods (`--quick`: two),
@@ -213,17 +229,20 @@ async fn across_boundary(
         .remove(0);
     tokio::time::sleep(Duration::from_secs(1)).await;
     let after = p.metrics().await?;
+    let sent = f64::from(rounds) * subjects.len() as f64;
+    let shares: Vec<f64> = counters
+        .iter()
+        .map(|c| (sum_prefix(&after, c) - sum_prefix(&before, c)) / sent)
+        .collect();
     let reading = Reading {
         between: mean(&readings[SETTLED_SECS.min(readings.len() - 1)..]),
         peak: readings.iter().copied().max().unwrap_or(0),
+        taken: shares.iter().copied().fold(f64::INFINITY, f64::min),
     };
-    let sent = f64::from(rounds) * subjects.len() as f64;
     let taken: Vec<String> = counters
         .iter()
-        .map(|c| {
-            let share = (sum_prefix(&after, c) - sum_prefix(&before, c)) / sent;
-            format!("{c} {:.1}%", share * 100.0)
-        })
+        .zip(&shares)
+        .map(|(c, share)| format!("{c} {:.1}%", share * 100.0))
         .collect();
     let mib = |b: u64| b as f64 / f64::from(1 << 20);
     eprintln!(
@@ -434,13 +453,15 @@ async fn at_size(
         .await?;
     let checker_full =
         across_boundary(a, &checker, "checker", &[HEARD], &publisher, &subjects).await?;
-    let per_session = |full: Reading, empty: u64| {
-        [full.between, full.peak].map(|b| b.saturating_sub(empty) as f64 / sessions as f64)
+    let per_session = |full: Reading, empty: u64| PerSession {
+        between: full.between.saturating_sub(empty) as f64 / sessions as f64,
+        peak: full.peak.saturating_sub(empty) as f64 / sessions as f64,
+        taken: full.taken,
     };
     let mut memory = Memory {
         handler: per_session(handler_full, handler_empty),
         checker: per_session(checker_full, checker_empty),
-        up: [0.0; 2],
+        up: PerSession::default(),
     };
 
     // Latency: the checker next to a bare echo responder, which answers
@@ -464,10 +485,14 @@ async fn at_size(
             &bodies.active,
         ),
     ];
-    let reps = if a.quick { 300 } else { 5000 };
+    let reps = if a.quick { 300 } else { 10_000 };
     let mut latency = Latency::default();
-    for (name, target, body) in &targets {
-        let d = one_by_one(target, Bytes::clone(body), reps).await?;
+    let asks: Vec<(&Target, Bytes)> = targets
+        .iter()
+        .map(|(_, target, body)| (target, Bytes::clone(body)))
+        .collect();
+    let dists = interleaved(&asks, reps).await?;
+    for ((name, _, _), d) in targets.iter().zip(dists) {
         latency.one.insert(name, d);
     }
     for (name, target, body) in &targets {
@@ -713,7 +738,14 @@ pub async fn run(mut a: AllArgs, headcount: &Path) -> anyhow::Result<()> {
         "| sessions | heartbeat-handler | checker | whole `headcount up` process |",
     );
     for (s, (_, m, _)) in &rows {
-        let cell = |[between, peak]: [f64; 2]| format!("{between:.0} B / {peak:.0} B");
+        let cell = |m: PerSession| {
+            let behind = if m.taken < BEHIND {
+                format!(" (behind: took {:.0}%)", m.taken * 100.0)
+            } else {
+                String::new()
+            };
+            format!("{:.0} B / {:.0} B{behind}", m.between, m.peak)
+        };
         report.line(format!(
             "| {s} | {} | {} | {} |",
             cell(m.handler),
@@ -721,6 +753,11 @@ pub async fn run(mut a: AllArgs, headcount: &Path) -> anyhow::Result<()> {
             cell(m.up)
         ));
     }
+    report.line("");
+    report.line(format!(
+        "A cell marked behind: while it was read, the process (one of its services, for `headcount up`) took less than {:.0}% of the heartbeats sent; its buffers held the backlog, and the figure includes them.",
+        BEHIND * 100.0
+    ));
     if let Some(path) = &a.markdown {
         std::fs::write(path, &report.out).with_context(|| format!("writing {}", path.display()))?;
     }

@@ -393,16 +393,30 @@ pub struct Fresh {
 /// Latency of `n` requests sent one after another from one client (after
 /// a warm-up); an error reply fails the run.
 pub async fn one_by_one(target: &Target, body: Bytes, n: usize) -> anyhow::Result<Dist> {
-    let mut times = Vec::with_capacity(n);
-    for _ in 0..n.min(200) {
-        target.ask(body.clone()).await?; // warm-up
+    Ok(interleaved(&[(target, body)], n).await?.remove(0))
+}
+
+/// Latency of `n` requests to each target from one client, one request
+/// at a time, the targets taking turns (each round starting with the next
+/// one), so that whatever else the machine does falls on all of them
+/// alike; per target, in order. An error reply fails the run.
+pub async fn interleaved(targets: &[(&Target, Bytes)], n: usize) -> anyhow::Result<Vec<Dist>> {
+    let mut times = vec![Vec::with_capacity(n); targets.len()];
+    for (target, body) in targets {
+        for _ in 0..n.min(200) {
+            target.ask(body.clone()).await?; // warm-up
+        }
     }
-    for _ in 0..n {
-        let t = Instant::now();
-        target.ask(body.clone()).await?;
-        times.push(t.elapsed());
+    for round in 0..n {
+        for k in 0..targets.len() {
+            let k = (round + k) % targets.len();
+            let (target, body) = &targets[k];
+            let t = Instant::now();
+            target.ask(body.clone()).await?;
+            times[k].push(t.elapsed());
+        }
     }
-    Ok(dist(times))
+    Ok(times.into_iter().map(dist).collect())
 }
 
 /// Answers per second to `clients` concurrent callers, each sending its
