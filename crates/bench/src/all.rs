@@ -420,8 +420,9 @@ async fn at_size(
 
     // A fresh handler for memory, with a 30 s interval: the sessions join
     // at a steady 5 s heartbeat (no burst whose buffers would be counted),
-    // then an interval boundary passes and every session moves on to the
-    // new interval's dictionary: the steady state.
+    // then it is read across the next interval boundary, where every
+    // session moves on to the new interval's dictionary, and after it
+    // ([`across_boundary`]).
     let mut handler = env.service(
         "handler",
         &[
