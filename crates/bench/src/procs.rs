@@ -283,17 +283,8 @@ impl Env {
 
     pub fn service(&self, which: &str, extra: &[&str]) -> anyhow::Result<Proc> {
         let port = free_port()?;
-        let mut args = vec![which.to_string()];
-        args.extend(self.nats_args());
-        args.extend(["--metrics-addr".into(), format!("127.0.0.1:{port}")]);
-        args.extend(extra.iter().map(|s| s.to_string()));
-        Proc::spawn(
-            &self.headcount,
-            &args,
-            &self.env(),
-            Some(format!("http://127.0.0.1:{port}/metrics")),
-            Some(self.dir.join(format!("{which}.log"))),
-        )
+        let listen = ["--metrics-addr".into(), format!("127.0.0.1:{port}")];
+        self.command(which, &listen, extra, port)
     }
 
     /// `headcount up` on this server instead of one of its own: the
@@ -301,21 +292,34 @@ impl Env {
     /// deployment runs them, its listeners on free ports.
     pub fn up(&self, extra: &[&str]) -> anyhow::Result<Proc> {
         let (http, metrics) = (free_port()?, free_port()?);
-        let mut args = vec!["up".to_string()];
-        args.extend(self.nats_args());
-        args.extend([
+        let listen = [
             "--http-port".into(),
             http.to_string(),
             "--metrics-port".into(),
             metrics.to_string(),
-        ]);
+        ];
+        self.command("up", &listen, extra, metrics)
+    }
+
+    /// `headcount <command>` on this server, with its listeners and `extra`
+    /// flags, its /metrics on `metrics_port`, its log in `<command>.log`.
+    fn command(
+        &self,
+        command: &str,
+        listen: &[String],
+        extra: &[&str],
+        metrics_port: u16,
+    ) -> anyhow::Result<Proc> {
+        let mut args = vec![command.to_string()];
+        args.extend(self.nats_args());
+        args.extend(listen.iter().cloned());
         args.extend(extra.iter().map(|s| s.to_string()));
         Proc::spawn(
             &self.headcount,
             &args,
             &self.env(),
-            Some(format!("http://127.0.0.1:{metrics}/metrics")),
-            Some(self.dir.join("up.log")),
+            Some(format!("http://127.0.0.1:{metrics_port}/metrics")),
+            Some(self.dir.join(format!("{command}.log"))),
         )
     }
 

@@ -224,6 +224,18 @@ impl Watcher {
             .collect()
     }
 
+    /// No session joined twice or left: those that joined, joined before
+    /// the watcher started.
+    async fn assert_no_joins_or_leaves(&self) {
+        let events = self.events.lock().await.clone();
+        assert!(
+            events
+                .iter()
+                .all(|e| !matches!(e.kind, EventType::Join | EventType::Leave)),
+            "{events:?}"
+        );
+    }
+
     async fn assert_no_false_ends(&self) {
         let evicted = self.ended(EventType::Evicted).await;
         let rejected = self.ended(EventType::Rejected).await;
@@ -434,15 +446,7 @@ async fn partitions_change_hands_without_losing_or_repeating_a_session() {
     tokio::time::sleep(Duration::from_secs(7)).await;
     until_all_active(&s.client, &accts, 3, Duration::from_secs(5)).await;
     watcher.assert_no_false_ends().await;
-    // No session joined twice or left: those that joined, joined before
-    // the watcher started.
-    let events = watcher.events.lock().await.clone();
-    assert!(
-        events
-            .iter()
-            .all(|e| !matches!(e.kind, EventType::Join | EventType::Leave)),
-        "{events:?}"
-    );
+    watcher.assert_no_joins_or_leaves().await;
     fleet.stop().await;
     drop(s.checker);
 }
@@ -478,13 +482,7 @@ async fn a_killed_checker_leaves_every_account_answered() {
     until_checkers_hold(&checkers, 2.0 * partitions).await;
     until_all_active(&s.client, &accts, 3, Duration::from_secs(5)).await;
     watcher.assert_no_false_ends().await;
-    let events = watcher.events.lock().await.clone();
-    assert!(
-        events
-            .iter()
-            .all(|e| !matches!(e.kind, EventType::Join | EventType::Leave)),
-        "{events:?}"
-    );
+    watcher.assert_no_joins_or_leaves().await;
     fleet.stop().await;
     drop(s.handler);
 }
