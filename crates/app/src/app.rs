@@ -7,7 +7,7 @@ use anyhow::Context;
 use async_nats::jetstream::kv;
 use headcount_protocol::subjects::kv as keys;
 use headcount_runtime::{
-    BucketSettings, Buckets, Health, NatsOptions, Running, Shutdown, Wiring, http,
+    BucketSettings, Buckets, Health, NatsOptions, Running, Shutdown, Wiring, http, relay::Relay,
 };
 
 use crate::settings::{Settings, SettingsError, check_sessions_ttl};
@@ -172,18 +172,25 @@ impl App {
             app.clients.push(console.clone());
             app.console = Some(console);
         }
+        // A handler and a checker in one process take each heartbeat once:
+        // the checker hears those of the partitions the handler serves
+        // from it.
+        let relay = (handler.is_some() && checker.is_some())
+            .then(|| Relay::new(headcount_protocol::partition::PARTITIONS));
         if let (Some(h), Some(scope)) = (handler, handler_health) {
-            let wiring = app
+            let mut wiring = app
                 .wire(&h.nats, buckets.as_ref(), h.config.interval, scope, &stop)
                 .await?;
+            wiring.relay = relay.clone();
             let metrics = heartbeat_handler::Metrics::new(&registry)?;
             app.services
                 .push(heartbeat_handler::start(h.config, metrics, wiring));
         }
         if let (Some(c), Some(scope)) = (checker, checker_health) {
-            let wiring = app
+            let mut wiring = app
                 .wire(&c.nats, buckets.as_ref(), c.config.interval, scope, &stop)
                 .await?;
+            wiring.relay = relay;
             let metrics = checker::Metrics::new(&registry)?;
             app.services.push(checker::start(c.config, metrics, wiring));
         }
@@ -249,6 +256,7 @@ impl App {
             buckets,
             health,
             shutdown: stop.clone(),
+            relay: None,
         })
     }
 

@@ -18,7 +18,8 @@
 //!
 //! Layout: [`view`] is the pure view and limit rules, [`victims`] the one
 //! rule for who goes when seats run short; `watches` applies what the KV
-//! watches deliver, `enforcement` ends sessions, `sweep` finds timeouts,
+//! watches deliver, `liveness` picks where a partition's heartbeats come
+//! from (its own subscription, or the handler of its process), `enforcement` ends sessions, `sweep` finds timeouts,
 //! `endpoints` answers requests, and `shared` holds what they share. This
 //! file wires them together in [`run`].
 //!
@@ -29,6 +30,7 @@
 mod endpoints;
 mod enforcement;
 mod ledger;
+mod liveness;
 pub mod metrics;
 mod shared;
 #[cfg(test)]
@@ -47,9 +49,11 @@ use async_nats::service::ServiceExt;
 use futures::StreamExt;
 use headcount_protocol::subjects::{self, kv as keys};
 use headcount_protocol::{IntervalClock, Limit, Policy, now_millis};
+use headcount_runtime::relay::Relay;
 use headcount_runtime::{Shutdown, Wiring, members};
 use tokio::sync::{oneshot, watch};
 
+use liveness::{Heard, Heartbeats};
 pub use metrics::Metrics;
 use shared::Shared;
 use view::Rules;
@@ -114,13 +118,21 @@ struct Partitions {
     /// True once every partition assigned serves: the endpoints may start.
     complete: watch::Sender<bool>,
     sessions_health: headcount_runtime::health::Component,
+    /// Where a handler in this process feeds heartbeats, if one runs here.
+    relay: Option<Relay>,
 }
 
 impl members::Holder for Partitions {
     fn start(&mut self, p: u32) -> members::Part {
         let (stop, part_stop) = Shutdown::new();
         let (ready_tx, ready) = oneshot::channel();
-        let task = tokio::spawn(run_partition(self.shared.clone(), p, ready_tx, part_stop));
+        let task = tokio::spawn(run_partition(
+            self.shared.clone(),
+            p,
+            self.relay.clone(),
+            ready_tx,
+            part_stop,
+        ));
         members::Part { stop, ready, task }
     }
 
@@ -154,7 +166,7 @@ impl members::Holder for Partitions {
 /// partition assigned serves, and the scope itself, serving from the
 /// moment the endpoints are up until it stops.
 async fn run(config: Config, metrics: Metrics, wiring: Wiring) -> anyhow::Result<()> {
-    let (nats, buckets) = (wiring.nats, wiring.buckets);
+    let (nats, buckets, relay) = (wiring.nats, wiring.buckets, wiring.relay);
     let (health, shutdown) = (wiring.health, wiring.shutdown);
     let sessions_health = health.component("sessions");
     let revoked_health = health.component("revoked");
@@ -226,6 +238,7 @@ async fn run(config: Config, metrics: Metrics, wiring: Wiring) -> anyhow::Result
         shared: shared.clone(),
         complete,
         sessions_health,
+        relay,
     };
     let hold = members::hold(
         buckets.members.clone(),
@@ -334,14 +347,11 @@ async fn serve(
 async fn run_partition(
     shared: Arc<Shared>,
     p: u32,
+    relay: Option<Relay>,
     ready: oneshot::Sender<()>,
     stop: Shutdown,
 ) -> anyhow::Result<()> {
-    let mut heartbeats = shared
-        .nats
-        .subscribe(subjects::partition_heartbeats(p))
-        .await
-        .context("subscribing to heartbeats")?;
+    let mut heartbeats = Heartbeats::start(shared.clone(), p, relay).await?;
     // Sessions it has not heard yet get a whole timeout from now.
     shared.view_of(p).heard_nothing_until(now_millis());
     let (watch_stop, watch_shutdown) = Shutdown::new();
@@ -360,9 +370,10 @@ async fn run_partition(
         tokio::select! {
             _ = &mut stopped => break false,
             r = &mut sessions_ready => break r.is_ok(),
-            msg = heartbeats.next() => match msg {
-                Some(msg) => watches::on_heartbeat(&shared, &msg.subject),
-                None => anyhow::bail!("heartbeat subscription closed"),
+            heard = heartbeats.next() => match heard {
+                Heard::Subject(subject) => watches::on_heartbeat(&shared, &subject),
+                Heard::Switch => heartbeats.switch().await?,
+                Heard::Closed => anyhow::bail!("heartbeat subscription closed"),
             },
         }
     };
@@ -372,7 +383,7 @@ async fn run_partition(
         Ok(())
     };
     // Not serving any more: `serve_partition` said so before it returned.
-    let _ = heartbeats.unsubscribe().await;
+    drop(heartbeats);
     watch_stop.fire();
     let _ = sessions_task.await;
     shared.view_of(p).drop_sessions();
@@ -383,7 +394,7 @@ async fn run_partition(
 async fn serve_partition(
     shared: &Arc<Shared>,
     p: u32,
-    heartbeats: &mut async_nats::Subscriber,
+    heartbeats: &mut Heartbeats,
     ready: oneshot::Sender<()>,
     mut stopped: std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
 ) -> anyhow::Result<()> {
@@ -407,9 +418,14 @@ async fn serve_partition(
     let result = loop {
         tokio::select! {
             _ = &mut stopped => break Ok(()),
-            msg = heartbeats.next() => match msg {
-                Some(msg) => watches::on_heartbeat(shared, &msg.subject),
-                None => break Err(anyhow::anyhow!("heartbeat subscription closed")),
+            heard = heartbeats.next() => match heard {
+                Heard::Subject(subject) => watches::on_heartbeat(shared, &subject),
+                Heard::Switch => {
+                    if let Err(e) = heartbeats.switch().await {
+                        break Err(e);
+                    }
+                }
+                Heard::Closed => break Err(anyhow::anyhow!("heartbeat subscription closed")),
             },
             msg = passed.next() => match msg {
                 Some(msg) => {

@@ -23,6 +23,12 @@ pub struct Metrics {
     pub partition_sessions: IntGaugeVec,
     /// Heartbeats heard (liveness), of the partitions it serves.
     pub heartbeats: IntCounter,
+    /// Partitions whose heartbeats it hears from the handler in its own
+    /// process rather than through a subscription of its own.
+    pub partitions_relayed: IntGauge,
+    /// Heartbeats the handler in its process could not queue for it (the
+    /// partition's queue was full): not heard, like a slow subscription's.
+    pub relay_overflow: IntCounter,
     /// Sessions ended by the checker, by action: evicted, rejected, revoked.
     pub enforcements: IntCounterVec,
     /// Writes of an account's ledger of decided endings, by result: ok,
@@ -65,6 +71,16 @@ impl Metrics {
             heartbeats: IntCounter::new(
                 "headcount_checker_heartbeats_total",
                 "heartbeats heard for liveness, of the partitions this checker serves",
+            )?
+            .register(registry)?,
+            partitions_relayed: IntGauge::new(
+                "headcount_checker_partitions_relayed",
+                "partitions whose heartbeats this checker hears from the handler in its process (no subscription of its own)",
+            )?
+            .register(registry)?,
+            relay_overflow: IntCounter::new(
+                "headcount_checker_relay_overflow_total",
+                "heartbeats the handler in this process could not queue for the checker (its partition's queue was full)",
             )?
             .register(registry)?,
             enforcements: IntCounterVec::new(

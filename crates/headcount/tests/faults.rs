@@ -46,9 +46,20 @@ impl Service {
             "10s".into(),
             "--timeout".into(),
             TIMEOUT.into(),
-            "--metrics-addr".into(),
-            format!("127.0.0.1:{metrics_port}"),
         ];
+        if kind == "up" {
+            // Everything in one process, on the servers given.
+            args.extend([
+                "--metrics-port".into(),
+                metrics_port.to_string(),
+                "--http-port".into(),
+                free_port().to_string(),
+                "--data-dir".into(),
+                dir.path().join("data").display().to_string(),
+            ]);
+        } else {
+            args.extend(["--metrics-addr".into(), format!("127.0.0.1:{metrics_port}")]);
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
         let mut s = Self {
             args,
@@ -449,6 +460,86 @@ async fn partitions_change_hands_without_losing_or_repeating_a_session() {
     watcher.assert_no_joins_or_leaves().await;
     fleet.stop().await;
     drop(s.checker);
+}
+
+/// `headcount up` runs a handler and a checker in one process: the
+/// checker hears the partitions that handler serves from it, with no
+/// subscription of its own. A second handler joining takes half of them
+/// over (the checker subscribes to those itself before the handler of `up`
+/// lets them go); killed, its partitions come back to `up`'s handler and
+/// are fed again. Past the timeout each time, every session stays counted
+/// and none is ended, joined again or left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checker_fed_by_the_handler_in_its_process_keeps_hearing_as_partitions_move() {
+    let cluster = NatsCluster::start().await;
+    let (urls, pw) = (cluster.urls(), cluster.service_password.clone());
+    let up = Service::start("up", &urls, &pw, &["--replicas", "3"]);
+    let client = cluster.service_client("fault-test").await;
+    let accts = accounts("fed", 12);
+    let fleet = Fleet::start(cluster.service_client("fleet").await, &accts, 3);
+    until_all_active(&client, &accts, 3, Duration::from_secs(60)).await;
+    let watcher = Watcher::start(&client).await;
+    let total = (accts.len() * 3) as f64;
+    let partitions = f64::from(headcount_protocol::partition::PARTITIONS);
+    // Every partition is fed by the handler next to the checker.
+    until_relayed(&up, partitions).await;
+    let heard = up.metric("headcount_checker_heartbeats_total").await;
+
+    let services = [
+        up,
+        Service::start("handler", &urls, &pw, &["--replicas", "3"]),
+    ];
+    let shares = until_divided(&services, 2, partitions, total).await;
+    let [up, mut other] = services;
+    // Fed now: the partitions up's handler kept.
+    let kept = shares[0].0;
+    assert!(
+        kept < partitions,
+        "up's handler kept every partition: {shares:?}"
+    );
+    until_relayed(&up, kept).await;
+    // Past the timeout: the partitions the other handler took are heard
+    // through the checker's own subscriptions.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    until_all_active(&client, &accts, 3, Duration::from_secs(5)).await;
+
+    other.kill();
+    until_relayed(&up, partitions).await;
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    until_all_active(&client, &accts, 3, Duration::from_secs(5)).await;
+    let heard_since = up
+        .metric("headcount_checker_heartbeats_total")
+        .await
+        .unwrap_or(0.0)
+        - heard.unwrap_or(0.0);
+    // 36 devices beating twice a second for over 14 s: each beat is heard
+    // once, or twice around a change of source.
+    assert!(heard_since >= 36.0 * 2.0 * 14.0, "heard {heard_since}");
+    let overflow = up.metric("headcount_checker_relay_overflow_total").await;
+    assert_eq!(overflow, Some(0.0), "heartbeats the relay could not queue");
+    watcher.assert_no_false_ends().await;
+    watcher.assert_no_joins_or_leaves().await;
+    fleet.stop().await;
+}
+
+/// Waits until the checker of `up` is fed `want` partitions by the handler
+/// next to it.
+async fn until_relayed(up: &Service, want: f64) {
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let fed = up
+            .metric("headcount_checker_partitions_relayed")
+            .await
+            .unwrap_or(0.0);
+        if fed == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the checker was fed {fed} partitions, not {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
 
 /// Three checkers hold each partition twice between them; one is killed

@@ -14,10 +14,12 @@
 //! intervals, not heartbeats.
 //!
 //! Layout: [`dicts`] holds the rules (pure), including the steps of a
-//! dictionary write, over compact copies of the dictionaries ([`entries`]);
+//! dictionary write, over compact copies of the dictionaries;
 //! [`metrics`] the collectors; this file the I/O:
-//! subscription, KV watches and the flusher, which writes what [`dicts`]
-//! hands out and hands the outcome back. Presence events, revocations and
+//! subscription (whose subjects feed a checker in the same process, if
+//! one runs there: [`headcount_runtime::relay`]), KV watches and the
+//! flusher, which writes what [`dicts`] hands out and hands the outcome
+//! back. Presence events, revocations and
 //! the decoding of watched dictionaries go through
 //! [`headcount_runtime::effects`], shared with the checker.
 //!
@@ -48,6 +50,7 @@ use headcount_protocol::wire::{
 };
 use headcount_protocol::{AccountId, IntervalClock, SessionId, now_millis, partition};
 use headcount_runtime::effects::{self, Once};
+use headcount_runtime::relay::Relay;
 use headcount_runtime::{Buckets, Shutdown, Wiring, members};
 use std::sync::atomic::Ordering;
 use tokio::sync::{mpsc, oneshot};
@@ -148,6 +151,8 @@ struct Partitions {
     health: headcount_runtime::Health,
     sessions_health: headcount_runtime::health::Component,
     serving: Option<headcount_runtime::health::Serving>,
+    /// Passes the heartbeats' subjects on to a checker in this process.
+    relay: Option<Relay>,
 }
 
 impl members::Holder for Partitions {
@@ -174,6 +179,7 @@ impl members::Holder for Partitions {
             shared.clone(),
             flush_rx,
             self.writes.clone(),
+            self.relay.clone(),
             ready_tx,
             part_stop,
         ));
@@ -282,6 +288,7 @@ async fn run(config: Config, metrics: Metrics, wiring: Wiring) -> anyhow::Result
         health,
         sessions_health,
         serving: None,
+        relay: wiring.relay,
     };
     let held = members::hold(
         buckets.members.clone(),
@@ -300,12 +307,13 @@ async fn run(config: Config, metrics: Metrics, wiring: Wiring) -> anyhow::Result
 }
 
 /// Runs one partition until `stop`: watches its dictionaries, then takes
-/// its heartbeats, then, stopping, takes no new ones and writes everything
-/// still pending.
+/// its heartbeats (feeding their subjects to the `relay`, if any), then,
+/// stopping, takes no new ones and writes everything still pending.
 async fn run_partition(
     shared: Arc<Shared>,
     flush_rx: mpsc::UnboundedReceiver<Key>,
     writes: Arc<tokio::sync::Semaphore>,
+    relay: Option<Relay>,
     ready: oneshot::Sender<()>,
     stop: Shutdown,
 ) -> anyhow::Result<()> {
@@ -341,6 +349,25 @@ async fn run_partition(
         )
         .await
         .context("subscribing to heartbeats")?;
+    let feed = match relay {
+        Some(relay) => {
+            // In place at the server before the checker fed here lets its
+            // own subscription go.
+            shared
+                .nats
+                .flush()
+                .await
+                .context("flushing the heartbeat subscription")?;
+            Some(relay.feed(p))
+        }
+        None => None,
+    };
+    let hear = |msg: &async_nats::Message| {
+        on_message(&shared, &msg.subject, &msg.payload);
+        if let Some(feed) = &feed {
+            feed.hear(&msg.subject);
+        }
+    };
     let _ = ready.send(());
 
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -348,7 +375,7 @@ async fn run_partition(
         tokio::select! {
             _ = &mut stopped => break,
             msg = sub.next() => match msg {
-                Some(msg) => on_message(&shared, &msg.subject, &msg.payload),
+                Some(msg) => hear(&msg),
                 None => anyhow::bail!("heartbeat subscription closed"),
             },
             _ = tick.tick() => {
@@ -362,14 +389,24 @@ async fn run_partition(
         }
     }
 
-    // Drain: take no new heartbeats, handle those already delivered, then
-    // let every pending write land.
+    // Drain: the checker fed here hears the heartbeats itself first; take
+    // no new heartbeats, handle those already delivered, then let every
+    // pending write land.
+    if let Some(feed) = &feed
+        && !feed.hand_over().await
+    {
+        tracing::warn!(
+            partition = p,
+            "the checker fed here did not take over in time"
+        );
+    }
     if let Err(e) = sub.drain().await {
         tracing::warn!(error = %e, partition = p, "draining heartbeat subscription");
     }
     while let Ok(Some(msg)) = tokio::time::timeout(Duration::from_secs(2), sub.next()).await {
-        on_message(&shared, &msg.subject, &msg.payload);
+        hear(&msg);
     }
+    drop(feed);
     // Deferred carry-overs are written now rather than after their delay.
     for key in shared.dicts().pending_keys() {
         let _ = shared.flush_tx.send(key);

@@ -15,6 +15,7 @@ pub mod http;
 pub mod members;
 pub mod metrics;
 pub mod nats;
+pub mod relay;
 pub mod secret;
 pub mod service;
 pub mod shutdown;

@@ -9,13 +9,15 @@ use crate::{Buckets, Health, Shutdown};
 
 /// What a service is started with: its own connection (its NATS user's
 /// permissions), the buckets opened through it, the readiness scope it
-/// reports to, and the switch that stops it.
+/// reports to, the switch that stops it, and the process's heartbeat
+/// relay when a handler and a checker run in one process.
 #[derive(Debug, Clone)]
 pub struct Wiring {
     pub nats: async_nats::Client,
     pub buckets: Buckets,
     pub health: Health,
     pub shutdown: Shutdown,
+    pub relay: Option<crate::relay::Relay>,
 }
 
 /// One started service. Dropping it leaves the task running; stop it
