@@ -24,7 +24,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::RangeInclusive;
 
-use headcount_protocol::wire::{ActiveSession, Labels, SessionDict, SessionRecord, SessionRef};
+use headcount_protocol::wire::{ActiveSession, Labels, SessionRecord, SessionRef};
 use headcount_protocol::{
     AccountId, AccountLimits, ByDevice, ByInterval, DeviceId, IntervalClock, Limit, Plans, Policy,
     SessionId, UnixMillis,
@@ -358,7 +358,13 @@ impl View {
 
     /// Installs an interval dictionary as the KV watch delivered it, keeping
     /// what this checker heard of the sessions it already knew.
-    pub fn set_dict(&mut self, account: &AccountId, interval: u64, dict: SessionDict) {
+    pub fn set_dict(
+        &mut self,
+        account: &AccountId,
+        interval: u64,
+        dict: impl Into<ByDevice<SessionRecord>>,
+    ) {
+        let dict = dict.into();
         let acct = self.accounts.entry(account.clone()).or_default();
         if dict.is_empty() {
             acct.dicts.remove(&interval);
@@ -961,6 +967,7 @@ impl View {
 #[cfg(test)]
 pub(crate) mod testing {
     use super::*;
+    use headcount_protocol::wire::SessionDict;
     use std::time::Duration;
 
     /// One-minute intervals, a 15 s timeout and the given default limit.
@@ -1033,6 +1040,7 @@ pub(crate) mod testing {
 mod tests {
     use super::testing::{acct, dict, rules, set_limit, view_of, with_content};
     use super::*;
+    use headcount_protocol::wire::SessionDict;
 
     #[test]
     fn newest_interval_wins_and_revoked_are_hidden() {

@@ -147,7 +147,7 @@ mod tests {
             account: acct(),
             interval,
             revision: 1,
-            entries: dict(sessions),
+            entries: dict(sessions).into(),
         }
     }
 

@@ -613,7 +613,7 @@ impl Dict {
     /// more (the watch bringing back a write of this handler's that landed):
     /// one revision of a key is one value, and building it again would only
     /// churn the allocator. A trimmed copy takes it whole.
-    pub fn install(&mut self, revision: u64, entries: SessionDict) {
+    pub fn install(&mut self, revision: u64, entries: impl Into<Entries>) {
         if revision == self.revision && !self.partial {
             return;
         }
@@ -1018,7 +1018,7 @@ impl Dicts {
         account: &AccountId,
         interval: u64,
         revision: u64,
-        entries: SessionDict,
+        entries: impl Into<Entries>,
         now: UnixMillis,
     ) -> Decision {
         self.entry(account, interval).install(revision, entries);

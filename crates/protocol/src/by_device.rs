@@ -104,13 +104,38 @@ impl<V> From<HashMap<DeviceId, V>> for ByDevice<V> {
     }
 }
 
+impl<V> ByDevice<V> {
+    /// From entries in any order; of a device given twice, the later entry
+    /// is kept (as a map built from them would). Entries gathered into a
+    /// vector of exactly their number become the slice without a copy.
+    pub fn from_entries(mut v: Vec<(DeviceId, V)>) -> Self {
+        // Stable: a device's entries stay in their order for the dedup.
+        v.sort_by(|(a, _), (b, _)| a.cmp(b));
+        v.dedup_by(|later, kept| {
+            let same = later.0 == kept.0;
+            if same {
+                std::mem::swap(later, kept);
+            }
+            same
+        });
+        // Exactly as long as the entries: no spare capacity is kept.
+        Self(v.into_boxed_slice())
+    }
+}
+
 /// From entries of distinct devices (a dictionary's, or a part of one).
 impl<V> FromIterator<(DeviceId, V)> for ByDevice<V> {
     fn from_iter<I: IntoIterator<Item = (DeviceId, V)>>(entries: I) -> Self {
-        let mut v: Vec<_> = entries.into_iter().collect();
-        v.sort_unstable_by(|(a, _), (b, _)| a.cmp(b));
-        // Exactly as long as the entries: no spare capacity is kept.
-        Self(v.into_boxed_slice())
+        Self::from_entries(entries.into_iter().collect())
+    }
+}
+
+impl<V> IntoIterator for ByDevice<V> {
+    type Item = (DeviceId, V);
+    type IntoIter = std::vec::IntoIter<(DeviceId, V)>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.into_vec().into_iter()
     }
 }
 
@@ -187,5 +212,29 @@ mod tests {
         assert!(m.retain(|_, _| false));
         assert!(m.is_empty());
         assert!(ByDevice::<u32>::default().is_empty());
+    }
+
+    #[test]
+    fn a_device_given_twice_keeps_its_later_entry_and_owned_entries_come_back_in_order() {
+        let entries = vec![
+            (dev("tv"), 1),
+            (dev("a"), 2),
+            (dev("tv"), 3),
+            (dev("b"), 4),
+            (dev("tv"), 5),
+            (dev("a"), 6),
+        ];
+        let m = ByDevice::from_entries(entries.clone());
+        let map: HashMap<DeviceId, u32> = entries.into_iter().collect();
+        assert_eq!(m.to_map(), map, "as a map built from them");
+        let owned: Vec<(String, u32)> = m.into_iter().map(|(d, v)| (d.to_string(), v)).collect();
+        assert_eq!(
+            owned,
+            [
+                ("a".to_string(), 6),
+                ("b".to_string(), 4),
+                ("tv".to_string(), 5)
+            ]
+        );
     }
 }

@@ -12,7 +12,9 @@ use internment::ArcIntern;
 use serde::{Deserialize, Serialize};
 
 use crate::UnixMillis;
+use crate::by_device::ByDevice;
 use crate::names::{AccountId, DeviceId, SessionId};
+use crate::policy::DICT_MAX_SESSIONS;
 use crate::policy::Policy;
 
 /// The largest heartbeat payload accepted, in bytes.
@@ -304,6 +306,49 @@ pub fn decode_dict(bytes: &[u8]) -> Result<SessionDict, rmp_serde::decode::Error
         return Ok(SessionDict::new());
     }
     rmp_serde::from_slice(bytes)
+}
+
+/// [`decode_dict`] straight into the compact form the services hold: the
+/// entries are read into one vector of their number, sorted in place and
+/// kept as they are, with no map built and dropped on the way (a service
+/// loading a bucket reads a hundred thousand of them at once).
+pub fn decode_entries(bytes: &[u8]) -> Result<ByDevice<SessionRecord>, rmp_serde::decode::Error> {
+    if bytes.is_empty() {
+        return Ok(ByDevice::default());
+    }
+    let Entries(v) = rmp_serde::from_slice(bytes)?;
+    Ok(ByDevice::from_entries(v))
+}
+
+/// A dictionary's entries in the order they were read.
+struct Entries(Vec<(DeviceId, SessionRecord)>);
+
+impl<'de> Deserialize<'de> for Entries {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Entries;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a map of device to session record")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Entries, A::Error> {
+                // The length a value claims is trusted only up to what a
+                // dictionary may hold.
+                let room = map.size_hint().unwrap_or(0).min(DICT_MAX_SESSIONS);
+                let mut v = Vec::with_capacity(room);
+                while let Some(entry) = map.next_entry()? {
+                    v.push(entry);
+                }
+                Ok(Entries(v))
+            }
+        }
+        d.deserialize_map(Visit)
+    }
 }
 
 /// A reference to one session of one device.
@@ -884,6 +929,32 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_dictionary_reads_the_same_into_a_map_or_the_compact_entries() {
+        let rec = |session: &str, since: u64| SessionRecord {
+            session: SessionId::parse(session).unwrap(),
+            since,
+            last_seen: since + 5,
+            labels: Labels::new(Some("movie"), Some("tv"), None),
+            replaced: (since == 2).then(|| Box::new(SessionId::parse("old").unwrap())),
+        };
+        let dict: SessionDict = [("tv", "s1", 1), ("phone", "s2", 2), ("a", "s3", 3)]
+            .into_iter()
+            .map(|(d, s, t)| (DeviceId::parse(d).unwrap(), rec(s, t)))
+            .collect();
+        let bytes = encode_dict(&dict);
+        let entries = decode_entries(&bytes).unwrap();
+        assert_eq!(entries.to_map(), decode_dict(&bytes).unwrap());
+        assert_eq!(entries.to_map(), dict);
+        assert!(decode_entries(&[]).unwrap().is_empty());
+        assert!(decode_entries(b"\xc1 not msgpack").is_err());
+        // A list is not a dictionary, nor is a map of the wrong values.
+        assert!(decode_entries(&rmp_serde::to_vec(&[1, 2]).unwrap()).is_err());
+        let mut wrong = HashMap::new();
+        wrong.insert("tv", 7);
+        assert!(decode_entries(&rmp_serde::to_vec(&wrong).unwrap()).is_err());
+    }
+
     /// A tiny stand-in for a dynamic MessagePack value, enough to list keys.
     mod rmpv_like {
         #[derive(serde::Deserialize)]
@@ -901,6 +972,7 @@ mod tests {
         fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..1100)) {
             let _ = Heartbeat::decode(&bytes);
             let _ = decode_dict(&bytes);
+            let _ = decode_entries(&bytes);
             let _ = ControlMessage::decode(&bytes);
         }
 

@@ -14,9 +14,9 @@ use async_nats::jetstream::kv;
 use bytes::Bytes;
 use headcount_protocol::subjects::{self, kv as keys};
 use headcount_protocol::wire::{
-    self, EventType, PresenceEvent, Revocation, RevocationRecord, SessionDict,
+    self, EventType, PresenceEvent, Revocation, RevocationRecord, SessionRecord,
 };
-use headcount_protocol::{AccountId, SessionId};
+use headcount_protocol::{AccountId, ByDevice, SessionId};
 
 /// Publishes `event` (JSON) on its account's events subject.
 pub async fn publish_event(
@@ -289,7 +289,7 @@ pub struct DictEntry {
     pub revision: u64,
     /// Device to session record; empty once the dictionary was deleted or
     /// purged.
-    pub entries: SessionDict,
+    pub entries: ByDevice<SessionRecord>,
 }
 
 /// Decodes an entry of the sessions bucket. A key that names no interval
@@ -319,9 +319,9 @@ fn decode_dict_entry(
     let (account, interval) = keys::parse_session_dict(key).ok_or(Unreadable::Key)?;
     let entries = match operation {
         kv::Operation::Put => {
-            wire::decode_dict(value).map_err(|e| Unreadable::Value(e.to_string()))?
+            wire::decode_entries(value).map_err(|e| Unreadable::Value(e.to_string()))?
         }
-        kv::Operation::Delete | kv::Operation::Purge => SessionDict::new(),
+        kv::Operation::Delete | kv::Operation::Purge => ByDevice::default(),
     };
     Ok(DictEntry {
         account,
@@ -335,7 +335,7 @@ fn decode_dict_entry(
 mod tests {
     use super::*;
     use headcount_protocol::DeviceId;
-    use headcount_protocol::wire::{Labels, SessionRecord};
+    use headcount_protocol::wire::{Labels, SessionDict};
     use std::collections::VecDeque;
     use std::sync::Mutex;
 
@@ -362,7 +362,7 @@ mod tests {
         assert_eq!(e.account.as_str(), "acme");
         assert_eq!(e.interval, 42);
         assert_eq!(e.revision, 7);
-        assert_eq!(e.entries, d);
+        assert_eq!(e.entries.to_map(), d);
     }
 
     #[test]
