@@ -19,9 +19,10 @@
 //! Layout: [`view`] is the pure view and limit rules, [`victims`] the one
 //! rule for who goes when seats run short; `watches` applies what the KV
 //! watches deliver, `liveness` picks where a partition's heartbeats come
-//! from (its own subscription, or the handler of its process), `enforcement` ends sessions, `sweep` finds timeouts,
-//! `endpoints` answers requests, and `shared` holds what they share. This
-//! file wires them together in [`run`].
+//! from (its own subscription, or the handler of its process),
+//! `enforcement` ends sessions, `sweep` finds timeouts, `endpoints`
+//! answers requests, and `shared` holds what they share. This file wires
+//! them together in [`run`].
 //!
 //! Never: write the sessions bucket (the heartbeat-handler owns it), or
 //! answer from anything but the view (`limits.set` answers with the record
