@@ -354,7 +354,11 @@ async fn run_partition(
 ) -> anyhow::Result<()> {
     let mut heartbeats = Heartbeats::start(shared.clone(), p, relay).await?;
     // Sessions it has not heard yet get a whole timeout from now.
-    shared.view_of(p).heard_nothing_until(now_millis());
+    {
+        let mut v = shared.view_of(p);
+        v.heard_nothing_until(now_millis());
+        v.set_loading(true);
+    }
     let (watch_stop, watch_shutdown) = Shutdown::new();
     let s = shared.clone();
     let (sessions_task, mut sessions_ready) = headcount_runtime::watch::follow_keys(
@@ -378,6 +382,7 @@ async fn run_partition(
             },
         }
     };
+    shared.view_of(p).set_loading(false);
     let result = if loaded {
         serve_partition(&shared, p, &mut heartbeats, ready, stopped).await
     } else {

@@ -41,6 +41,10 @@ pub struct Rules {
     pub default_limit: Limit,
 }
 
+/// How many sessions heard before their dictionary one shard keeps (an
+/// entry of the cache takes some 280 bytes).
+const EARLY_CAPACITY: u64 = 16_384;
+
 /// How long per-minute peaks are kept for `stats`.
 pub const PEAK_WINDOW_MINUTES: u64 = 15;
 
@@ -219,6 +223,12 @@ pub struct View {
     /// timeout so that the session is not taken for silent when it lands.
     /// Bounded, so junk subjects cannot grow it.
     early: moka::sync::Cache<SessionId, UnixMillis>,
+    /// The partition's dictionaries are loading: heartbeats of sessions not
+    /// loaded yet are not kept in `early`, as every session already has a
+    /// whole timeout from the start of the load (`started_at`). Otherwise a
+    /// checker starting on a million sessions would hold an entry for most
+    /// of them until their dictionaries arrive.
+    loading: bool,
     /// The newest revision of the limits bucket its watch has brought to
     /// this view. An account whose record this checker stored itself at a
     /// newer revision is kept even when nothing else is known of it: the
@@ -349,9 +359,10 @@ impl View {
             accounts: HashMap::new(),
             revoked: HashMap::new(),
             early: moka::sync::Cache::builder()
-                .max_capacity(100_000)
+                .max_capacity(EARLY_CAPACITY)
                 .time_to_live(std::time::Duration::from_millis(rules.timeout_ms.max(1)))
                 .build(),
+            loading: false,
             limits_watched: 0,
         }
     }
@@ -428,10 +439,17 @@ impl View {
         }
     }
 
+    /// Its partition's dictionaries start loading (`true`) or have loaded
+    /// (see `loading`).
+    pub fn set_loading(&mut self, loading: bool) {
+        self.loading = loading;
+    }
+
     /// Forgets every session (this checker let their partition go), and
     /// every account that then holds nothing else: limits and revocations
     /// stay, as their watches do not start again.
     pub fn drop_sessions(&mut self) {
+        self.loading = false;
         self.accounts.retain(|_, acct| {
             *acct = Account {
                 overrides: acct.overrides.take(),
@@ -446,6 +464,9 @@ impl View {
     }
 
     fn heard_early(&self, session: &str, now: UnixMillis) {
+        if self.loading {
+            return;
+        }
         if let Ok(id) = SessionId::parse(session) {
             self.early.insert(id, now);
         }
@@ -1097,6 +1118,25 @@ mod tests {
         // Heard again: counted again at once.
         assert!(v.heard("acme", "a", "s1", 28_000));
         assert_eq!(v.sweep(28_000).1, 1);
+    }
+
+    #[test]
+    fn a_heartbeat_before_its_dictionary_counts_once_loaded_but_not_while_loading() {
+        // The partition started loading at 40 s; heard at 50 s, the
+        // dictionary (last seen at 1 s) lands after.
+        let last_seen = |loading: bool| {
+            let mut v = View::new(rules(5, Policy::EvictOldest), 40_000);
+            v.set_loading(loading);
+            assert!(!v.heard("acme", "a", "s1", 50_000), "no dictionary yet");
+            v.set_loading(false);
+            v.set_dict(&acct(), 0, dict(&[("a", "s1", 1_000)]));
+            v.active(&acct(), 50_000)[0].last_seen
+        };
+        assert_eq!(last_seen(false), 50_000, "kept aside, then counted");
+        // While loading nothing is kept aside: the start of the load stands
+        // in for it (a session loaded is not timed out before a whole
+        // timeout from then).
+        assert_eq!(last_seen(true), 40_000);
     }
 
     #[test]
