@@ -54,7 +54,7 @@ use headcount_runtime::relay::Relay;
 use headcount_runtime::{Shutdown, Wiring, members};
 use tokio::sync::{oneshot, watch};
 
-use liveness::{Heard, Heartbeats};
+use liveness::Heartbeats;
 pub use metrics::Metrics;
 use shared::Shared;
 use view::Rules;
@@ -375,11 +375,7 @@ async fn run_partition(
         tokio::select! {
             _ = &mut stopped => break false,
             r = &mut sessions_ready => break r.is_ok(),
-            heard = heartbeats.next() => match heard {
-                Heard::Subject(subject) => watches::on_heartbeat(&shared, &subject),
-                Heard::Switch => heartbeats.switch().await?,
-                Heard::Closed => anyhow::bail!("heartbeat subscription closed"),
-            },
+            heard = heartbeats.next() => heartbeats.take(heard).await?,
         }
     };
     shared.view_of(p).set_loading(false);
@@ -424,15 +420,11 @@ async fn serve_partition(
     let result = loop {
         tokio::select! {
             _ = &mut stopped => break Ok(()),
-            heard = heartbeats.next() => match heard {
-                Heard::Subject(subject) => watches::on_heartbeat(shared, &subject),
-                Heard::Switch => {
-                    if let Err(e) = heartbeats.switch().await {
-                        break Err(e);
-                    }
+            heard = heartbeats.next() => {
+                if let Err(e) = heartbeats.take(heard).await {
+                    break Err(e);
                 }
-                Heard::Closed => break Err(anyhow::anyhow!("heartbeat subscription closed")),
-            },
+            }
             msg = passed.next() => match msg {
                 Some(msg) => {
                     let s = shared.clone();

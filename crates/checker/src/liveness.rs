@@ -21,6 +21,7 @@ use headcount_runtime::relay::{Listener, Relay};
 use tokio::sync::{mpsc, watch};
 
 use crate::shared::Shared;
+use crate::watches;
 
 /// One partition's heartbeats.
 pub(crate) struct Heartbeats {
@@ -50,7 +51,7 @@ pub(crate) enum Heard {
     /// A heartbeat's subject, from the subscription of its own or the
     /// relay.
     Subject(async_nats::Subject),
-    /// The relay's feed started or is ending: call [`Heartbeats::switch`].
+    /// The relay's feed started or is ending.
     Switch,
     /// The subscription of its own closed.
     Closed,
@@ -117,11 +118,25 @@ impl Heartbeats {
         }
     }
 
+    /// Acts on what [`Heartbeats::next`] waited for: a heartbeat marks its
+    /// session heard, a change of the feed switches the source. Fails when
+    /// the subscription of its own closed or a switch could not subscribe.
+    pub async fn take(&mut self, heard: Heard) -> anyhow::Result<()> {
+        match heard {
+            Heard::Subject(subject) => {
+                watches::on_heartbeat(&self.shared, &subject);
+                Ok(())
+            }
+            Heard::Switch => self.switch().await,
+            Heard::Closed => anyhow::bail!("heartbeat subscription closed"),
+        }
+    }
+
     /// Takes the source the relay's feed now calls for: the relay while it
     /// feeds (letting the subscription of its own go once the listener is
     /// attached), otherwise a subscription of its own, in place at the
     /// server before the feed is told it may let go.
-    pub async fn switch(&mut self) -> anyhow::Result<()> {
+    async fn switch(&mut self) -> anyhow::Result<()> {
         let p = self.p;
         if let Some(r) = self.relay.as_mut() {
             let fed = *r.fed.borrow_and_update();

@@ -74,37 +74,21 @@ impl<V> ByDevice<V> {
         self.0.iter_mut().map(|(_, v)| v)
     }
 
-    /// Keeps the entries `keep` accepts; the slice is rebuilt to its new
-    /// length only when some left. Whether any did.
+    /// Keeps the entries `keep` accepts (asked once per entry); the slice
+    /// is rebuilt to its new length only when some left. Whether any did.
     pub fn retain(&mut self, mut keep: impl FnMut(&DeviceId, &V) -> bool) -> bool {
-        if self.0.iter().all(|(d, v)| keep(d, v)) {
+        let Some(first) = self.0.iter().position(|(d, v)| !keep(d, v)) else {
             return false;
-        }
-        let all = std::mem::take(&mut self.0).into_vec();
+        };
+        let mut all = std::mem::take(&mut self.0).into_vec();
+        let rest = all.split_off(first + 1);
+        all.pop();
         // Still sorted: the order of what stays is kept.
-        self.0 = all
-            .into_iter()
-            .filter(|(d, v)| keep(d, v))
-            .collect::<Vec<_>>()
-            .into_boxed_slice();
+        all.extend(rest.into_iter().filter(|(d, v)| keep(d, v)));
+        self.0 = all.into_boxed_slice();
         true
     }
-}
 
-impl<V: Clone> ByDevice<V> {
-    /// The entries as a map, to change and write.
-    pub fn to_map(&self) -> HashMap<DeviceId, V> {
-        self.iter().map(|(d, v)| (d.clone(), v.clone())).collect()
-    }
-}
-
-impl<V> From<HashMap<DeviceId, V>> for ByDevice<V> {
-    fn from(map: HashMap<DeviceId, V>) -> Self {
-        map.into_iter().collect()
-    }
-}
-
-impl<V> ByDevice<V> {
     /// From entries in any order; of a device given twice, the later entry
     /// is kept (as a map built from them would). Entries gathered into a
     /// vector of exactly their number become the slice without a copy.
@@ -120,6 +104,19 @@ impl<V> ByDevice<V> {
         });
         // Exactly as long as the entries: no spare capacity is kept.
         Self(v.into_boxed_slice())
+    }
+}
+
+impl<V: Clone> ByDevice<V> {
+    /// The entries as a map, to change and write.
+    pub fn to_map(&self) -> HashMap<DeviceId, V> {
+        self.iter().map(|(d, v)| (d.clone(), v.clone())).collect()
+    }
+}
+
+impl<V> From<HashMap<DeviceId, V>> for ByDevice<V> {
+    fn from(map: HashMap<DeviceId, V>) -> Self {
+        map.into_iter().collect()
     }
 }
 
@@ -198,7 +195,12 @@ mod tests {
 
         assert!(!m.retain(|_, _| true), "nothing left: unchanged");
         assert_eq!(m.len(), 5);
-        assert!(m.retain(|d, v| d.as_str() != "phone" && *v != 4));
+        let mut asked = 0;
+        assert!(m.retain(|d, v| {
+            asked += 1;
+            d.as_str() != "phone" && *v != 4
+        }));
+        assert_eq!(asked, 5, "each entry asked once");
         let left: Vec<(&str, u32)> = m.iter().map(|(d, v)| (d.as_str(), *v)).collect();
         assert_eq!(left, [("a", 3), ("radio", 10), ("tv", 0)]);
         assert_eq!(m.0.len(), 3);

@@ -135,7 +135,8 @@ impl Relay {
     }
 
     /// Whether someone listens on partition `p`.
-    pub fn listened(&self, p: u32) -> bool {
+    #[cfg(test)]
+    fn listened(&self, p: u32) -> bool {
         let state = self.slot(p).state.read().unwrap_or_else(|e| e.into_inner());
         state.listener.is_some()
     }
