@@ -161,6 +161,50 @@ impl Peaks {
     }
 }
 
+/// Sessions of one account already announced as timed out: almost always
+/// none, so a pointer, not an empty set, in every account.
+#[derive(Debug, Default)]
+#[expect(
+    clippy::box_collection,
+    reason = "the box is the point: 8 bytes in every account, not an empty set's 48"
+)]
+struct TimedOut(Option<Box<HashSet<SessionId>>>);
+
+impl TimedOut {
+    fn is_empty(&self) -> bool {
+        self.0.as_ref().is_none_or(|s| s.is_empty())
+    }
+
+    fn contains(&self, session: &str) -> bool {
+        self.0.as_ref().is_some_and(|s| s.contains(session))
+    }
+
+    fn insert(&mut self, session: SessionId) {
+        self.0.get_or_insert_default().insert(session);
+    }
+
+    /// Whether it held `session`.
+    fn remove(&mut self, session: &str) -> bool {
+        let Some(set) = &mut self.0 else {
+            return false;
+        };
+        let held = set.remove(session);
+        if set.is_empty() {
+            self.0 = None;
+        }
+        held
+    }
+
+    fn retain(&mut self, keep: impl FnMut(&SessionId) -> bool) {
+        if let Some(set) = &mut self.0 {
+            set.retain(keep);
+            if set.is_empty() {
+                self.0 = None;
+            }
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct Account {
     dicts: ByInterval<Dict>,
@@ -175,7 +219,7 @@ struct Account {
     over_since: Option<UnixMillis>,
     peaks: Peaks,
     /// Sessions already announced as timed out.
-    timed_out: HashSet<SessionId>,
+    timed_out: TimedOut,
     /// Active sessions when the sweep last looked.
     live: u32,
     /// When the sweep must look again: the earliest moment one of the
@@ -604,7 +648,7 @@ impl View {
             self.heard_early(session, now);
             return false;
         };
-        let was_timed_out = !acct.timed_out.is_empty() && acct.timed_out.remove(session);
+        let was_timed_out = acct.timed_out.remove(session);
         let revived =
             was_timed_out || before == 0 || now.saturating_sub(before) > self.rules.timeout_ms;
         if revived {
@@ -640,6 +684,21 @@ impl View {
         out
     }
 
+    /// How many sessions [`View::enforceable`] would list, without listing
+    /// them.
+    fn enforceable_count(&self, account: &AccountId, now: UnixMillis) -> usize {
+        let Some(acct) = self.accounts.get(account) else {
+            return 0;
+        };
+        let mut n = 0;
+        self.each_candidate(account, acct, now, false, |_, _, last_seen| {
+            if now.saturating_sub(last_seen) <= self.rules.timeout_ms {
+                n += 1;
+            }
+        });
+        n
+    }
+
     /// Sessions recorded in a live dictionary and not revoked, with their
     /// best-known last heartbeat, whether timed out or not.
     fn candidates(
@@ -649,23 +708,38 @@ impl View {
         now: UnixMillis,
         grace: bool,
     ) -> Vec<ActiveSession> {
-        let floor = if grace { self.started_at } else { 0 };
-        let live = self.rules.clock.readable_intervals(now);
         let mut out = Vec::new();
-        // Newest interval wins per device.
-        for_each_newest(&acct.dicts, live, |device, seen| {
-            let rec = &seen.rec;
-            if !self.is_revoked(account, &rec.session) {
-                out.push(ActiveSession {
-                    device: device.clone(),
-                    session: rec.session.clone(),
-                    since: rec.since,
-                    last_seen: seen.last_seen().max(floor),
-                    labels: rec.labels.clone(),
-                });
-            }
+        self.each_candidate(account, acct, now, grace, |device, rec, last_seen| {
+            out.push(ActiveSession {
+                device: device.clone(),
+                session: rec.session.clone(),
+                since: rec.since,
+                last_seen,
+                labels: rec.labels.clone(),
+            });
         });
         out
+    }
+
+    /// Calls `f` with each of [`View::candidates`]: its device, record and
+    /// best-known last heartbeat (no earlier than the checker's start under
+    /// `grace`).
+    fn each_candidate(
+        &self,
+        account: &AccountId,
+        acct: &Account,
+        now: UnixMillis,
+        grace: bool,
+        mut f: impl FnMut(&DeviceId, &Rec, UnixMillis),
+    ) {
+        let floor = if grace { self.started_at } else { 0 };
+        let live = self.rules.clock.readable_intervals(now);
+        // Newest interval wins per device.
+        for_each_newest(&acct.dicts, live, |device, seen| {
+            if !self.is_revoked(account, &seen.rec.session) {
+                f(device, &seen.rec, seen.last_seen().max(floor));
+            }
+        });
     }
 
     /// Sessions beyond the account's limits, as its policy sees them: first
@@ -673,8 +747,19 @@ impl View {
     /// least recently heard), reject-new the newest. Within a grace, `seats`
     /// more are tolerated until `secs` after the account went over.
     pub fn over_limit(&mut self, account: &AccountId, now: UnixMillis) -> Vec<Verdict> {
-        let live = self.enforceable(account, now);
         let limit = self.limit(account);
+        // The common case, an account within its one limit, is counted
+        // without listing its sessions (each dictionary a watch delivers
+        // has its account looked at).
+        if limit.per_content.is_none()
+            && self.enforceable_count(account, now) <= limit.limit as usize
+        {
+            if let Some(acct) = self.accounts.get_mut(account) {
+                acct.over_since = None;
+            }
+            return Vec::new();
+        }
+        let live = self.enforceable(account, now);
         let mut verdicts = Vec::new();
         let mut ended: HashSet<SessionId> = HashSet::new();
         if let Some(per_content) = limit.per_content {
@@ -939,7 +1024,7 @@ impl View {
                     if now.saturating_sub(last_seen) <= timeout {
                         live += 1;
                         due = due.min(last_seen + timeout + 1);
-                    } else if !acct.timed_out.contains(&rec.session) {
+                    } else if !acct.timed_out.contains(rec.session.as_str()) {
                         expired.push((device.clone(), rec.clone(), last_seen));
                     }
                 });
@@ -1062,6 +1147,20 @@ mod tests {
     use super::testing::{acct, dict, rules, set_limit, view_of, with_content};
     use super::*;
     use headcount_protocol::wire::SessionDict;
+
+    #[test]
+    fn timed_out_sessions_take_a_set_only_while_there_are_some() {
+        let mut t = TimedOut::default();
+        assert!(t.is_empty() && !t.contains("s1") && !t.remove("s1"));
+        t.insert(SessionId::parse("s1").unwrap());
+        t.insert(SessionId::parse("s2").unwrap());
+        assert!(!t.is_empty() && t.contains("s1") && t.contains("s2"));
+        assert!(t.remove("s1") && !t.remove("s1"));
+        t.retain(|s| s.as_str() != "s2");
+        assert!(t.is_empty() && t.0.is_none(), "emptied: no set left");
+        t.insert(SessionId::parse("s3").unwrap());
+        assert!(t.remove("s3") && t.0.is_none());
+    }
 
     #[test]
     fn newest_interval_wins_and_revoked_are_hidden() {
