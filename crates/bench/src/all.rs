@@ -19,9 +19,9 @@ use headcount_client::Client;
 use headcount_protocol::subjects::{self, endpoint};
 
 use crate::measure::{
-    Beats, Bodies, Dist, ECHO_SUBJECT, Fresh, Publishers, Target, concurrent, freshness,
-    interleaved, mean, ms, payload, publish_all, publish_paced, rss_while_beating,
-    session_subjects, us,
+    ACROSS_ROUNDS, Beats, Bodies, Dist, ECHO_SUBJECT, Fresh, MEMORY_INTERVAL, Publishers, Target,
+    between_and_peak, concurrent, freshness, interleaved, ms, payload, publish_all, publish_paced,
+    rss_while_beating, session_subjects, us, wait_for_boundary,
 };
 use crate::procs::{Env, Proc, nats_version, rss_bytes, sum_prefix};
 
@@ -78,19 +78,8 @@ fn publisher_count(s: &str) -> Result<usize, String> {
 /// measured against the publishers, not at its own pace.
 const PUBLISHER_LIMITED: f64 = 0.9;
 
-/// The interval of the memory measurement (see `at_size`).
-const MEMORY_INTERVAL: &str = "30s";
-
 /// The heartbeat period of the memory runs.
 const BEAT: Duration = Duration::from_secs(5);
-
-/// Sleeps until just after the next boundary of a `MEMORY_INTERVAL` interval.
-async fn wait_for_boundary() {
-    let ms = 30_000;
-    let now = headcount_protocol::now_millis();
-    let next = (now / ms + 1) * ms + 500;
-    tokio::time::sleep(Duration::from_millis(next - now)).await;
-}
 
 #[derive(Debug, Default, Clone)]
 struct Ingest {
@@ -183,15 +172,6 @@ async fn clear_sessions(console: &async_nats::Client) -> anyhow::Result<()> {
 const HANDLED: &str = "headcount_heartbeats_total";
 const HEARD: &str = "headcount_checker_heartbeats_total";
 
-/// Heartbeat periods read across a boundary, and from how many seconds
-/// after it the readings count as "between boundaries": by then every
-/// session has been heard in the new interval (one period) and its
-/// carry-over written (the handler's 5 s carry-over delay) and the previous
-/// interval's copy trimmed of it. Five periods end before the next
-/// boundary of a 30 s interval.
-const ACROSS_ROUNDS: u32 = 5;
-const SETTLED_SECS: usize = 12;
-
 /// Resident memory of one process across an interval boundary.
 #[derive(Debug, Default, Clone, Copy)]
 struct Reading {
@@ -234,9 +214,10 @@ async fn across_boundary(
         .iter()
         .map(|c| (sum_prefix(&after, c) - sum_prefix(&before, c)) / sent)
         .collect();
+    let (between, peak) = between_and_peak(&readings);
     let reading = Reading {
-        between: mean(&readings[SETTLED_SECS.min(readings.len() - 1)..]),
-        peak: readings.iter().copied().max().unwrap_or(0),
+        between,
+        peak,
         taken: shares.iter().copied().fold(f64::INFINITY, f64::min),
     };
     let taken: Vec<String> = counters

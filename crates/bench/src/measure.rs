@@ -213,6 +213,41 @@ pub async fn rss_while_beating(
     samples
 }
 
+/// The interval of the memory readings, as the services are given it: a
+/// reading starts just after a boundary ([`wait_for_boundary`]) and lasts
+/// [`ACROSS_ROUNDS`] heartbeat periods, which end before the next one.
+pub const MEMORY_INTERVAL: &str = "30s";
+const MEMORY_INTERVAL_MS: u64 = 30_000;
+
+/// Heartbeat periods read across a boundary, and from how many seconds
+/// after it the readings count as "between boundaries": by then every
+/// session has been heard in the new interval (one period) and its
+/// carry-over written (the handler's 5 s carry-over delay) and the previous
+/// interval's copy trimmed of it. Five periods end before the next
+/// boundary of a 30 s interval.
+pub const ACROSS_ROUNDS: u32 = 5;
+const SETTLED_SECS: usize = 12;
+
+/// Sleeps until just after the next boundary of a [`MEMORY_INTERVAL`]
+/// interval.
+pub async fn wait_for_boundary() {
+    let ms = MEMORY_INTERVAL_MS;
+    let now = headcount_protocol::now_millis();
+    let next = (now / ms + 1) * ms + 500;
+    tokio::time::sleep(Duration::from_millis(next - now)).await;
+}
+
+/// Of readings taken each second from just after a boundary: their mean
+/// once the boundary's work is done ([`SETTLED_SECS`] on; the last reading
+/// in a shorter run), and the highest (the boundary's peak).
+pub fn between_and_peak(readings: &[u64]) -> (u64, u64) {
+    let settled = SETTLED_SECS.min(readings.len().saturating_sub(1));
+    (
+        mean(&readings[settled..]),
+        readings.iter().copied().max().unwrap_or(0),
+    )
+}
+
 /// The mean of some readings (0 for none).
 pub fn mean(readings: &[u64]) -> u64 {
     readings.iter().sum::<u64>() / (readings.len() as u64).max(1)

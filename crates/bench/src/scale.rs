@@ -3,8 +3,9 @@
 //! per-instance figures: partitions and sessions held, heartbeats taken,
 //! dictionary writes and conflicts per heartbeat, resident memory; then
 //! against 1, 2 and 3 checkers (each partition held by two): partitions
-//! and sessions held, heartbeats heard and resident memory. Whether adding
-//! an instance divides the work, or copies it.
+//! and sessions held, heartbeats heard and resident memory (between two
+//! boundaries of a 30 s interval, and at the boundary's peak). Whether
+//! adding an instance divides the work, or copies it.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -12,7 +13,10 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Args;
 
-use crate::measure::{mean, publish_paced, rss_while_beating, session_subjects};
+use crate::measure::{
+    ACROSS_ROUNDS, MEMORY_INTERVAL, between_and_peak, publish_paced, rss_while_beating,
+    session_subjects, wait_for_boundary,
+};
 use crate::procs::{Env, Proc, rss_bytes, scratch_dir};
 
 #[derive(Debug, Args)]
@@ -58,7 +62,13 @@ struct Instance {
     writes: f64,
     conflicts: f64,
     rss_empty: u64,
+    /// Resident memory: the handlers' at the end of their run; the
+    /// checkers' mean between boundaries.
     rss: u64,
+    /// A checker's highest reading, at the boundary's peak.
+    rss_peak: u64,
+    /// The heartbeats a checker's sessions sent while it was read.
+    sent: f64,
 }
 
 /// Each process's value of the metric `key` (0 while it has none).
@@ -168,21 +178,18 @@ async fn checkers(
 ) -> anyhow::Result<Vec<Instance>> {
     std::fs::create_dir_all(dir)?;
     let env = Env::start(dir, headcount).await?;
-    let interval = format!("{}s", a.interval.as_secs());
+    // The checkers are read like `bench all` reads one: between two
+    // boundaries of a 30 s interval, and at the boundary's peak.
+    let interval = MEMORY_INTERVAL;
     let no_limit = (a.devices_per_account * 2).to_string();
     let mut handler = env.service(
         "handler",
-        &[
-            "--interval",
-            interval.as_str(),
-            "--max-heartbeat-rate",
-            "1000000000",
-        ],
+        &["--interval", interval, "--max-heartbeat-rate", "1000000000"],
     )?;
     handler.wait_up("handler").await?;
     let args = [
         "--interval",
-        interval.as_str(),
+        interval,
         "--timeout",
         "1h",
         "--default-limit",
@@ -218,14 +225,18 @@ async fn checkers(
             "not every session loaded: {held:?}"
         );
     }
-    // Steady state: every session heard again, twice over, while the
-    // checkers' memory is sampled.
-    let hb0 = each(&checkers, "headcount_checker_heartbeats_total").await?;
+    // Every session beating on from just after a boundary, while the
+    // checkers' memory is sampled (every session moves on to the new
+    // interval's dictionary, then the checkers hold it between boundaries).
     let pids = checkers
         .iter()
         .map(Proc::pid)
         .collect::<Result<Vec<_>, _>>()?;
-    let rss = rss_while_beating(&pids, &client, &subjects, PERIOD, 2).await?;
+    let rounds = if a.quick { 2 } else { ACROSS_ROUNDS };
+    wait_for_boundary().await;
+    let hb0 = each(&checkers, "headcount_checker_heartbeats_total").await?;
+    let rss = rss_while_beating(&pids, &client, &subjects, PERIOD, rounds).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let hb1 = each(&checkers, "headcount_checker_heartbeats_total").await?;
     for (i, (f, c)) in figures.iter_mut().zip(&checkers).enumerate() {
         let m = c.metrics().await?;
@@ -235,7 +246,8 @@ async fn checkers(
             .unwrap_or(0.0);
         f.sessions = m.get("headcount_active_sessions").copied().unwrap_or(0.0);
         f.heartbeats = hb1[i] - hb0[i];
-        f.rss = mean(&rss[i]);
+        f.sent = f64::from(rounds) * f.sessions;
+        (f.rss, f.rss_peak) = between_and_peak(&rss[i]);
     }
     for c in checkers {
         c.stop().await;
@@ -248,57 +260,70 @@ fn report_checkers(n: usize, figures: &[Instance], sessions: usize) {
     println!();
     println!("{n} checker(s), {COPIES} per partition");
     println!(
-        "{:<10} {:>10} {:>10} {:>8} {:>12} {:>10} {:>12} {:>12}",
+        "{:<10} {:>10} {:>10} {:>8} {:>8} {:>10} {:>12} {:>12} {:>12}",
         "instance",
         "partitions",
         "sessions",
         "share",
-        "heartbeats",
+        "heard",
         "RSS MiB",
         "loaded MiB",
+        "peak MiB",
         "B/session"
     );
     for (i, f) in figures.iter().enumerate() {
         let loaded = f.rss.saturating_sub(f.rss_empty);
+        let heard = f.heartbeats / f.sent.max(1.0);
         println!(
-            "{:<10} {:>10} {:>10} {:>7.1}% {:>12} {:>10.1} {:>12.1} {:>12.0}",
+            "{:<10} {:>10} {:>10} {:>7.1}% {:>7.1}% {:>10.1} {:>12.1} {:>12.1} {:>12.0}{}",
             i,
             f.partitions,
             f.sessions,
             100.0 * f.sessions / sessions as f64,
-            f.heartbeats,
-            f.rss as f64 / (1024.0 * 1024.0),
-            loaded as f64 / (1024.0 * 1024.0),
+            100.0 * heard,
+            f.rss as f64 / MIB,
+            loaded as f64 / MIB,
+            f.rss_peak.saturating_sub(f.rss_empty) as f64 / MIB,
             loaded as f64 / f.sessions.max(1.0),
+            if heard < BEHIND { " (behind)" } else { "" },
         );
     }
 }
 
-/// The largest checker of each run next to the single checker's.
+const MIB: f64 = 1024.0 * 1024.0;
+
+/// Below this share of its sessions' heartbeats heard while it was read, a
+/// checker is marked as behind: its buffers hold the backlog, and its
+/// memory includes them.
+const BEHIND: f64 = 0.98;
+
+/// The largest checker of each run next to the single checker's: resident
+/// memory loaded minus empty, between boundaries and at the boundary's
+/// peak.
 fn checkers_summary(results: &[(usize, Vec<Instance>)], sessions: usize) {
     if results.is_empty() {
         return;
     }
     println!();
     println!(
-        "{:<10} {:>12} {:>14} {:>14} {:>16} {:>16}",
-        "checkers", "max share", "max RSS MiB", "vs fewest", "max loaded MiB", "vs fewest"
+        "{:<10} {:>12} {:>16} {:>12} {:>16} {:>12}",
+        "checkers", "max share", "max loaded MiB", "vs fewest", "max peak MiB", "vs fewest"
     );
-    let max_rss = |fs: &[Instance]| fs.iter().map(|f| f.rss).max().unwrap_or(0) as f64;
-    let max_loaded = |fs: &[Instance]| {
+    let max_of = |fs: &[Instance], rss: fn(&Instance) -> u64| {
         fs.iter()
-            .map(|f| f.rss.saturating_sub(f.rss_empty))
+            .map(|f| rss(f).saturating_sub(f.rss_empty))
             .max()
             .unwrap_or(0) as f64
     };
-    let (rss0, loaded0) = results
+    let between = |f: &Instance| f.rss;
+    let peak = |f: &Instance| f.rss_peak;
+    let (between0, peak0) = results
         .first()
-        .map(|(_, fs)| (max_rss(fs), max_loaded(fs)))
+        .map(|(_, fs)| (max_of(fs, between), max_of(fs, peak)))
         .unwrap_or_default();
-    let mib = 1024.0 * 1024.0;
     // A ratio to a base under a MiB is noise (a small run): not shown.
     let ratio = |x: f64, base: f64| {
-        if base < mib {
+        if base < MIB {
             "-".to_string()
         } else {
             format!("{:.2}x", x / base)
@@ -307,13 +332,13 @@ fn checkers_summary(results: &[(usize, Vec<Instance>)], sessions: usize) {
     for (n, fs) in results {
         let share = fs.iter().map(|f| f.sessions).fold(0.0, f64::max) / sessions as f64;
         println!(
-            "{:<10} {:>11.1}% {:>14.1} {:>14} {:>16.1} {:>16}",
+            "{:<10} {:>11.1}% {:>16.1} {:>12} {:>16.1} {:>12}",
             n,
             100.0 * share,
-            max_rss(fs) / mib,
-            ratio(max_rss(fs), rss0),
-            max_loaded(fs) / mib,
-            ratio(max_loaded(fs), loaded0),
+            max_of(fs, between) / MIB,
+            ratio(max_of(fs, between), between0),
+            max_of(fs, peak) / MIB,
+            ratio(max_of(fs, peak), peak0),
         );
     }
 }
@@ -435,7 +460,7 @@ fn report(n: usize, figures: &[Instance], sessions: usize) {
             f.writes,
             f.conflicts,
             f.writes / f.heartbeats.max(1.0),
-            f.rss as f64 / (1024.0 * 1024.0),
+            f.rss as f64 / MIB,
             per_session,
         );
     }
@@ -473,7 +498,7 @@ fn summary(results: &[(usize, Vec<Instance>)], sessions: usize) {
             per_hb(fs),
             per_hb(fs) / first.max(f64::MIN_POSITIVE),
             100.0 * conflicts / (writes + conflicts).max(1.0),
-            rss as f64 / (1024.0 * 1024.0),
+            rss as f64 / MIB,
             held,
         );
     }
