@@ -34,9 +34,10 @@ pub struct ScaleArgs {
     /// Devices per account.
     #[arg(long, default_value_t = 10)]
     devices_per_account: usize,
-    /// The dictionaries' interval: short, so that a run crosses several
-    /// boundaries (where every live session is carried into the next
-    /// dictionary).
+    /// The dictionaries' interval in the handler runs: short, so that a
+    /// run crosses several boundaries (where every live session is carried
+    /// into the next dictionary). The checker runs use 30 s, to be read
+    /// between two boundaries.
     #[arg(long, default_value = "10s", value_parser = crate::config::duration)]
     interval: Duration,
     /// Interval boundaries each run crosses under load.

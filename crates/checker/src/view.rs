@@ -1956,6 +1956,24 @@ mod tests {
     }
 
     #[test]
+    fn an_account_back_within_its_limit_gets_a_whole_grace_when_it_goes_over_again() {
+        let mut v = View::new(rules(2, Policy::EvictOldest), 0);
+        grace(&mut v, 1, 10);
+        let three = dict(&[("a", "s1", 1_000), ("b", "s2", 2_000), ("c", "s3", 3_000)]);
+        v.set_dict(&acct(), 0, three.clone());
+        assert!(v.over_limit(&acct(), 4_000).is_empty(), "in grace from 4 s");
+        // One leaves: within the limit, the grace ends.
+        v.set_dict(&acct(), 0, dict(&[("a", "s1", 1_000), ("b", "s2", 2_000)]));
+        assert!(v.over_limit(&acct(), 5_000).is_empty());
+        assert!(v.grace_expired(30_000).is_empty());
+        // Over again at 12 s: a new grace, not what was left of the first.
+        v.set_dict(&acct(), 0, three);
+        assert!(v.over_limit(&acct(), 12_000).is_empty());
+        assert!(v.grace_expired(21_000).is_empty(), "until 22 s");
+        assert_eq!(v.grace_expired(22_000), vec![acct()]);
+    }
+
+    #[test]
     fn check_makes_room_per_content_then_account_wide() {
         let mut v = View::new(rules(2, Policy::EvictOldest), 0);
         let d = dict(&[("a", "s1", 1_000), ("b", "s2", 2_000), ("x", "s3", 3_000)]);
