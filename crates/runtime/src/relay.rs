@@ -13,7 +13,7 @@
 //! heard twice around a change of source; listeners take that as harmless.
 //! One feed runs per partition at a time (one service of a process feeds).
 
-use std::sync::{Arc, RwLock, RwLockWriteGuard};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
 use tokio::sync::{Notify, watch};
@@ -51,8 +51,6 @@ struct Slot {
 
 #[derive(Default)]
 struct State {
-    /// A feed runs and has not started handing over.
-    fed: bool,
     listener: Option<Listener>,
     /// The listener has its own subscription again.
     taken_over: bool,
@@ -63,8 +61,18 @@ impl Slot {
         self.state.write().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn set_fed(&self, state: &mut State, fed: bool) {
-        state.fed = fed;
+    fn read(&self) -> RwLockReadGuard<'_, State> {
+        self.state.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether a feed runs and has not started handing over.
+    fn fed(&self) -> bool {
+        *self.fed.borrow()
+    }
+
+    /// Changed only with the state locked (the witness `_locked`), so that
+    /// [`Relay::listen`] sees the feed and the listener together.
+    fn set_fed(&self, _locked: &mut State, fed: bool) {
         let _ = self.fed.send_replace(fed);
     }
 }
@@ -107,8 +115,9 @@ impl Relay {
     /// a feed runs (true): the caller may let its own subscription go.
     /// Otherwise nothing changes (false).
     pub fn listen(&self, p: u32, listener: Listener) -> bool {
-        let mut state = self.slot(p).state();
-        if !state.fed {
+        let slot = self.slot(p);
+        let mut state = slot.state();
+        if !slot.fed() {
             return false;
         }
         state.listener = Some(listener);
@@ -137,14 +146,13 @@ impl Relay {
     /// Whether someone listens on partition `p`.
     #[cfg(test)]
     fn listened(&self, p: u32) -> bool {
-        let state = self.slot(p).state.read().unwrap_or_else(|e| e.into_inner());
-        state.listener.is_some()
+        self.slot(p).read().listener.is_some()
     }
 
     /// Whether partition `p`'s feed may let its subscription go: nobody
     /// listens, or the listener has taken over.
     fn released(&self, p: u32) -> bool {
-        let state = self.slot(p).state.read().unwrap_or_else(|e| e.into_inner());
+        let state = self.slot(p).read();
         state.listener.is_none() || state.taken_over
     }
 }
@@ -159,9 +167,7 @@ pub struct Feed {
 impl Feed {
     /// Passes one subject on to the listener, if any.
     pub fn hear(&self, subject: &async_nats::Subject) {
-        let slot = self.relay.slot(self.p);
-        let state = slot.state.read().unwrap_or_else(|e| e.into_inner());
-        if let Some(l) = state.listener.as_ref() {
+        if let Some(l) = self.relay.slot(self.p).read().listener.as_ref() {
             l(subject);
         }
     }
