@@ -277,22 +277,37 @@ async fn until_all_active(
     want: u32,
     within: Duration,
 ) -> HashMap<String, Option<u32>> {
-    let deadline = Instant::now() + within;
-    loop {
+    poll_until(within, async || {
         let mut seen = HashMap::new();
         for a in accounts {
             seen.insert(a.clone(), active(client, a).await);
         }
         if seen.values().all(|n| *n == Some(want)) {
-            return seen;
+            Ok(seen)
+        } else {
+            Err(format!(
+                "accounts did not all show {want} active sessions: {seen:?}"
+            ))
         }
-        assert!(
-            Instant::now() < deadline,
-            "accounts did not all show {want} active sessions: {seen:?}"
-        );
+    })
+    .await
+}
+
+/// Asks `look` every 200 ms until it has what it waits for (`Ok`), for up
+/// to `within`; then fails with what it last saw (`Err`).
+async fn poll_until<T>(within: Duration, mut look: impl AsyncFnMut() -> Result<T, String>) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        match look().await {
+            Ok(t) => return t,
+            Err(seen) => assert!(Instant::now() < deadline, "{seen}"),
+        }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// How long the waits on partitions moving between instances allow.
+const SETTLE: Duration = Duration::from_secs(40);
 
 fn accounts(prefix: &str, n: usize) -> Vec<String> {
     (0..n).map(|i| format!("{prefix}-{i}")).collect()
@@ -525,21 +540,18 @@ async fn a_checker_fed_by_the_handler_in_its_process_keeps_hearing_as_partitions
 /// Waits until the checker of `up` is fed `want` partitions by the handler
 /// next to it.
 async fn until_relayed(up: &Service, want: f64) {
-    let deadline = Instant::now() + Duration::from_secs(40);
-    loop {
+    poll_until(SETTLE, async || {
         let fed = up
             .metric("headcount_checker_partitions_relayed")
             .await
             .unwrap_or(0.0);
         if fed == want {
-            return;
+            Ok(())
+        } else {
+            Err(format!("the checker was fed {fed} partitions, not {want}"))
         }
-        assert!(
-            Instant::now() < deadline,
-            "the checker was fed {fed} partitions, not {want}"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    })
+    .await
 }
 
 /// Three checkers hold each partition twice between them; one is killed
@@ -581,8 +593,7 @@ async fn a_killed_checker_leaves_every_account_answered() {
 /// Waits until the checkers serve `copies` partitions in all: the
 /// partitions each serves.
 async fn until_checkers_hold(checkers: &[Service], copies: f64) -> Vec<f64> {
-    let deadline = Instant::now() + Duration::from_secs(40);
-    loop {
+    poll_until(SETTLE, async || {
         let mut held = Vec::new();
         for c in checkers {
             held.push(
@@ -592,14 +603,14 @@ async fn until_checkers_hold(checkers: &[Service], copies: f64) -> Vec<f64> {
             );
         }
         if held.iter().sum::<f64>() == copies && held.iter().all(|&p| p > 0.0) {
-            return held;
+            Ok(held)
+        } else {
+            Err(format!(
+                "the checkers did not hold {copies} partitions: {held:?}"
+            ))
         }
-        assert!(
-            Instant::now() < deadline,
-            "the checkers did not hold {copies} partitions: {held:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    })
+    .await
 }
 
 /// Waits until the `n` handlers serve every partition once between them
@@ -610,8 +621,7 @@ async fn until_divided(
     partitions: f64,
     sessions: f64,
 ) -> Vec<(f64, f64)> {
-    let deadline = Instant::now() + Duration::from_secs(40);
-    loop {
+    let shares = poll_until(SETTLE, async || {
         let mut shares = Vec::new();
         for h in handlers {
             let p = h
@@ -625,15 +635,16 @@ async fn until_divided(
             .iter()
             .fold((0.0, 0.0), |(a, b), (p, s)| (a + p, b + s));
         if p == partitions && s == sessions && shares.iter().all(|&(p, _)| p > 0.0) {
-            assert_eq!(shares.len(), n);
-            return shares;
+            Ok(shares)
+        } else {
+            Err(format!(
+                "the partitions were not divided among {n} handlers: {shares:?}"
+            ))
         }
-        assert!(
-            Instant::now() < deadline,
-            "the partitions were not divided among {n} handlers: {shares:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    })
+    .await;
+    assert_eq!(shares.len(), n);
+    shares
 }
 
 /// One account's devices all stop: each of its sessions gets a `timeout`
