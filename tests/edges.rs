@@ -218,3 +218,97 @@ async fn an_account_at_the_largest_limit_with_the_longest_names_is_counted_whole
         assert_eq!(handler.metric(sample), 0.0, "{sample}");
     }
 }
+
+/// A watch pulls its entries a few dozen at a time: a bucket holding many
+/// times that, and a burst of changes many times that while it follows,
+/// still reach it whole and in order, deletes and purges as such, and its
+/// replay is reported done only once every key held at start is applied.
+#[tokio::test]
+async fn a_watch_follows_bursts_far_larger_than_one_pull_in_order() {
+    use async_nats::jetstream::kv;
+    use headcount_runtime::{Shutdown, watch};
+
+    let server = test_support::NatsServer::start();
+    let js = async_nats::jetstream::new(server.service_client().await);
+    let store = js
+        .create_key_value(kv::Config {
+            bucket: "watched".into(),
+            history: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    // Held before the watch starts, and a key outside the followed ones.
+    for i in 0..500 {
+        store
+            .put(format!("k.{i}"), i.to_string().into())
+            .await
+            .unwrap();
+    }
+    store.put("other.0", "x".into()).await.unwrap();
+
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let (stop, shutdown) = Shutdown::new();
+    let (task, ready) = watch::follow_keys(
+        store.clone(),
+        "test",
+        "k.>",
+        move |e: kv::Entry| {
+            let _ = tx.send((e.key, e.revision, e.operation, e.value));
+        },
+        shutdown,
+    )
+    .await
+    .unwrap();
+    tokio::time::timeout(SOON, ready).await.unwrap().unwrap();
+    let mut state = HashMap::new();
+    let mut last = 0;
+    let mut take = |rx: &mut tokio::sync::mpsc::UnboundedReceiver<_>| {
+        let mut n = 0;
+        while let Ok((key, revision, op, value)) = rx.try_recv() {
+            let (key, value): (String, bytes::Bytes) = (key, value);
+            assert!(revision > last, "out of order: {revision} after {last}");
+            last = revision;
+            match op {
+                kv::Operation::Put => state.insert(key, String::from_utf8(value.to_vec()).unwrap()),
+                kv::Operation::Delete | kv::Operation::Purge => state.remove(&key),
+            };
+            n += 1;
+        }
+        n
+    };
+    assert_eq!(
+        take(&mut rx),
+        500,
+        "the replay was reported before it was applied"
+    );
+
+    // A burst while it follows: new values, new keys, a delete, a purge.
+    for i in 0..1000 {
+        store
+            .put(format!("k.{}", i % 700), format!("v{i}").into())
+            .await
+            .unwrap();
+    }
+    store.delete("k.3").await.unwrap();
+    store.purge("k.4").await.unwrap();
+    let mut expected: HashMap<String, String> = (0..700)
+        .map(|k| {
+            let i = if k < 300 { k + 700 } else { k };
+            (format!("k.{k}"), format!("v{i}"))
+        })
+        .collect();
+    expected.remove("k.3");
+    expected.remove("k.4");
+    let deadline = Instant::now() + SOON;
+    let mut seen = 0;
+    while seen < 1002 {
+        assert!(Instant::now() < deadline, "{seen} of 1002 changes arrived");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        seen += take(&mut rx);
+    }
+    assert_eq!(seen, 1002, "every change once");
+    assert_eq!(state, expected);
+    stop.fire();
+    task.await.unwrap();
+}

@@ -2,15 +2,25 @@
 
 use std::time::Duration;
 
+use async_nats::jetstream::consumer::{DeliverPolicy, pull};
 use async_nats::jetstream::kv;
 use async_nats::jetstream::stream::LastRawMessageErrorKind;
-use futures::StreamExt;
+use futures::stream::BoxStream;
+use futures::{StreamExt, TryStreamExt};
 use tokio::sync::oneshot;
 
 use crate::Shutdown;
 
 /// How often a watch compares its position with the bucket's.
 const STALL_CHECK: Duration = Duration::from_secs(3);
+
+/// The most entries one pull of a watch asks for. A watch pulls (an
+/// ordered pull consumer), so what it has not applied yet waits in the
+/// stream, not in this process: a burst of writes (every account's
+/// dictionary at an interval boundary) costs at most about two pulls'
+/// worth of memory per watch while it is worked through, where a pushed
+/// watch takes in the server's whole flow-control window.
+const WATCH_BATCH: i64 = 64;
 
 /// Spawns a task that feeds every entry of `store` (the latest value of each
 /// key, then each later change, deletes included) to `apply`, in order.
@@ -56,7 +66,7 @@ where
     {
         let _ = tx.send(());
     }
-    let mut watch = store.watch_with_history(&keys).await?;
+    let mut watch = open(&store, &keys, DeliverPolicy::LastPerSubject).await?;
     let task = tokio::spawn(async move {
         let mut last_revision = 0u64;
         let mut stop = std::pin::pin!(shutdown.wait());
@@ -123,7 +133,10 @@ where
                     }
                     let mut delay = Duration::from_millis(100);
                     watch = loop {
-                        match store.watch_from_revision(&keys, last_revision + 1).await {
+                        let from = DeliverPolicy::ByStartSequence {
+                            start_sequence: last_revision + 1,
+                        };
+                        match open(&store, &keys, from).await {
                             Ok(w) => break w,
                             Err(e) => {
                                 tracing::warn!(bucket = what, error = %e, "resuming kv watch");
@@ -142,6 +155,80 @@ where
     Ok((task, ready_rx))
 }
 
+/// The entries of `store` matching `keys` from `start` on (the latest value
+/// of each key, or everything after a revision), pulled [`WATCH_BATCH`] at
+/// a time by an ordered consumer, which the client starts again by itself
+/// after a gap or a lost consumer.
+async fn open(
+    store: &kv::Store,
+    keys: &str,
+    start: DeliverPolicy,
+) -> anyhow::Result<BoxStream<'static, anyhow::Result<kv::Entry>>> {
+    let consumer = store
+        .stream
+        .create_consumer(pull::OrderedConfig {
+            filter_subject: format!("{}{keys}", store.prefix),
+            deliver_policy: start,
+            max_batch: WATCH_BATCH,
+            ..Default::default()
+        })
+        .await?;
+    let messages = consumer.messages().await?;
+    let (prefix, bucket) = (store.prefix.clone(), store.name.clone());
+    let mut seen_current = false;
+    Ok(messages
+        .map_err(anyhow::Error::from)
+        .and_then(move |m| {
+            let entry = entry_of(&m, &prefix, &bucket, &mut seen_current);
+            std::future::ready(entry)
+        })
+        .boxed())
+}
+
+/// The KV entry a message of the bucket's stream carries.
+fn entry_of(
+    m: &async_nats::jetstream::Message,
+    prefix: &str,
+    bucket: &str,
+    seen_current: &mut bool,
+) -> anyhow::Result<kv::Entry> {
+    let info = m
+        .info()
+        .map_err(|e| anyhow::anyhow!("a watched message without its metadata: {e}"))?;
+    let key = m
+        .subject
+        .strip_prefix(prefix)
+        .ok_or_else(|| anyhow::anyhow!("a watched message outside the bucket: {}", m.subject))?;
+    *seen_current |= info.pending == 0;
+    Ok(kv::Entry {
+        bucket: bucket.to_owned(),
+        key: key.to_owned(),
+        value: m.payload.clone(),
+        revision: info.stream_sequence,
+        delta: info.pending,
+        created: info.published,
+        operation: operation_of(m.headers.as_ref()),
+        seen_current: *seen_current,
+    })
+}
+
+/// What a stream message did to its key: its `KV-Operation` header, or for
+/// a marker the server left (a key's TTL ran out, or it was removed) the
+/// marker's reason; a plain message is a put.
+fn operation_of(headers: Option<&async_nats::HeaderMap>) -> kv::Operation {
+    let Some(h) = headers else {
+        return kv::Operation::Put;
+    };
+    if let Some(op) = h.get("KV-Operation") {
+        return op.as_str().parse().unwrap_or(kv::Operation::Put);
+    }
+    match h.get("Nats-Marker-Reason").map(|r| r.as_str()) {
+        Some("MaxAge" | "Purge") => kv::Operation::Purge,
+        Some("Remove") => kv::Operation::Delete,
+        _ => kv::Operation::Put,
+    }
+}
+
 /// The revision of the newest entry of `store` matching `keys`, 0 when it
 /// holds none (every key deleted and purged, or expired).
 async fn held_up_to(store: &kv::Store, keys: &str) -> anyhow::Result<u64> {
@@ -158,5 +245,34 @@ async fn held_up_to(store: &kv::Store, keys: &str) -> anyhow::Result<u64> {
         Ok(m) => Ok(m.sequence),
         Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(0),
         Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> async_nats::HeaderMap {
+        let mut h = async_nats::HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, *v);
+        }
+        h
+    }
+
+    #[test]
+    fn a_message_says_what_it_did_to_its_key() {
+        use kv::Operation::{Delete, Purge, Put};
+        assert_eq!(operation_of(None), Put);
+        assert_eq!(operation_of(Some(&headers(&[]))), Put);
+        for (op, expected) in [("DEL", Delete), ("PURGE", Purge), ("PUT", Put)] {
+            let h = headers(&[("KV-Operation", op)]);
+            assert_eq!(operation_of(Some(&h)), expected, "{op}");
+        }
+        // Markers the server leaves where a key's TTL ran out or it went.
+        for (reason, expected) in [("MaxAge", Purge), ("Purge", Purge), ("Remove", Delete)] {
+            let h = headers(&[("Nats-Marker-Reason", reason)]);
+            assert_eq!(operation_of(Some(&h)), expected, "{reason}");
+        }
     }
 }
