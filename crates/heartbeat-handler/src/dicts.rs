@@ -29,6 +29,8 @@ use headcount_protocol::{
     AccountId, ByDevice, ByInterval, DeviceId, IntervalClock, SessionId, UnixMillis,
 };
 
+use crate::rate::{Beats, Limits};
+
 /// One dictionary's copy as KV holds it, compact (exactly one slot per
 /// device). A copy is replaced whole by a newer one (a write that landed,
 /// a watch update, a re-read), or rebuilt smaller by a trim; the changes on
@@ -972,11 +974,20 @@ struct Awaited {
     until: u64,
 }
 
+/// What the handler holds of one account: its dictionaries by interval,
+/// and its sessions' heartbeat rate buckets.
+#[derive(Debug, Default)]
+struct Account {
+    dicts: ByInterval<Dict>,
+    beats: Beats,
+}
+
 /// Every dictionary the handler knows, by account and interval.
 #[derive(Debug)]
 pub struct Dicts {
     clock: IntervalClock,
-    accounts: FixedMap<AccountId, ByInterval<Dict>>,
+    limits: Limits,
+    accounts: FixedMap<AccountId, Account>,
     /// Removals of sessions that no copy here holds yet, by account and
     /// session: a leave handled here whose session another handler
     /// records, or a session ended before this copy showed it.
@@ -987,9 +998,16 @@ impl Dicts {
     pub fn new(clock: IntervalClock) -> Self {
         Self {
             clock,
+            limits: Limits::default(),
             accounts: FixedMap::default(),
             awaited: FixedMap::default(),
         }
+    }
+
+    /// Heartbeats are admitted at most at `limits`' rate per session
+    /// ([`Dicts::admit`]).
+    pub fn limiting(self, limits: Limits) -> Self {
+        Self { limits, ..self }
     }
 
     pub fn clock(&self) -> IntervalClock {
@@ -997,7 +1015,7 @@ impl Dicts {
     }
 
     pub fn get_mut(&mut self, account: &AccountId, interval: u64) -> Option<&mut Dict> {
-        self.accounts.get_mut(account)?.get_mut(&interval)
+        self.accounts.get_mut(account)?.dicts.get_mut(&interval)
     }
 
     /// `account`'s dictionary of `interval`, made empty if there is none.
@@ -1005,6 +1023,7 @@ impl Dicts {
         self.accounts
             .entry(account.clone())
             .or_default()
+            .dicts
             .entry_or_default(interval)
     }
 
@@ -1069,7 +1088,7 @@ impl Dicts {
         let Some(dict) = self
             .accounts
             .get_mut(account)
-            .and_then(|d| d.get_mut(&interval))
+            .and_then(|a| a.dicts.get_mut(&interval))
         else {
             return Decision::Unchanged;
         };
@@ -1130,8 +1149,8 @@ impl Dicts {
     pub fn pending_keys(&self) -> Vec<(AccountId, u64)> {
         self.accounts
             .iter()
-            .flat_map(|(a, dicts)| {
-                dicts
+            .flat_map(|(a, acct)| {
+                acct.dicts
                     .iter()
                     .filter(|(_, d)| d.waiting())
                     .map(move |(i, _)| (a.clone(), i))
@@ -1144,7 +1163,7 @@ impl Dicts {
     pub fn has_pending(&self) -> bool {
         self.accounts
             .values()
-            .flat_map(|d| d.values())
+            .flat_map(|a| a.dicts.values())
             .any(|d| d.in_flight || d.waiting())
     }
 
@@ -1155,7 +1174,8 @@ impl Dicts {
         let [prev, cur] = self.clock.live_intervals(now);
         self.accounts
             .values()
-            .map(|d| {
+            .map(|a| {
+                let d = &a.dicts;
                 let cur_d = d.get(&cur).map(|c| &c.entries);
                 let in_cur = cur_d.map_or(0, |c| c.len());
                 let only_prev = d.get(&prev).filter(|_| prev != cur).map_or(0, |p| {
@@ -1183,7 +1203,7 @@ impl Dicts {
         session: &SessionId,
         interval: u64,
     ) -> bool {
-        let Some(dicts) = self.accounts.get(account) else {
+        let Some(dicts) = self.accounts.get(account).map(|a| &a.dicts) else {
             return false;
         };
         let Some(d) = dicts.get(&interval.wrapping_sub(1)) else {
@@ -1209,7 +1229,9 @@ impl Dicts {
     /// on, so it holds the few that did not.
     pub fn prune(&mut self, now: UnixMillis) {
         let [prev, _] = self.clock.live_intervals(now);
-        self.accounts.retain(|_, dicts| {
+        let limits = &self.limits;
+        self.accounts.retain(|_, acct| {
+            let dicts = &mut acct.dicts;
             // Most accounts, on most passes (every second), hold only live
             // dictionaries and the one before, already cleared: nothing to
             // do, and nothing to allocate.
@@ -1239,14 +1261,18 @@ impl Dicts {
                 }
                 keep.contains(&i)
             });
-            !dicts.is_empty()
+            // Once an interval, as its dictionaries age: the buckets of
+            // sessions gone quiet go too, and an account holding nothing
+            // else with them.
+            acct.beats.prune(limits, now);
+            !acct.dicts.is_empty() || !acct.beats.is_empty()
         });
         // A leave's removal announces it only if it lands first
         // ([`Dicts::take_announcements`]): what it waited for is kept while
         // one may still land.
         let accounts = &self.accounts;
         self.awaited.retain(|account, awaited| {
-            let dicts = accounts.get(account);
+            let dicts = accounts.get(account).map(|a| &a.dicts);
             awaited.retain(|session, w| {
                 w.until >= prev
                     || dicts
@@ -1266,7 +1292,7 @@ impl Dicts {
     /// while that interval still holds it: a leave may remove it there
     /// before this write lands.
     pub fn take_for_write(&mut self, account: &AccountId, interval: u64, now: UnixMillis) -> Take {
-        let Some(dicts) = self.accounts.get_mut(account) else {
+        let Some(dicts) = self.accounts.get_mut(account).map(|a| &mut a.dicts) else {
             return Take::Idle;
         };
         // Lifted out for a moment so that the previous dictionary can be
@@ -1363,10 +1389,25 @@ impl Dicts {
     pub fn trim(&mut self, account: &AccountId, now: UnixMillis) {
         let [prev, cur] = self.clock.live_intervals(now);
         if prev != cur
-            && let Some(dicts) = self.accounts.get_mut(account)
+            && let Some(acct) = self.accounts.get_mut(account)
         {
-            trim(dicts, prev, cur);
+            trim(&mut acct.dicts, prev, cur);
         }
+    }
+
+    /// Whether one more heartbeat of `session` of `account` is within its
+    /// rate ([`crate::rate`]). Borrowed names: the account is copied only
+    /// the first time it is heard.
+    pub fn admit(&mut self, account: &str, session: &str, now: UnixMillis) -> bool {
+        let limits = &self.limits;
+        if let Some(acct) = self.accounts.get_mut(account) {
+            return acct.beats.allow(limits, session, now);
+        }
+        let Ok(account) = AccountId::parse(account) else {
+            return false;
+        };
+        let acct = self.accounts.entry(account).or_default();
+        acct.beats.allow(limits, session, now)
     }
 
     /// The fast path: whether a heartbeat changes nothing (its session is
@@ -1385,7 +1426,7 @@ impl Dicts {
             return false;
         }
         let [_, cur] = self.clock.live_intervals(now);
-        let Some(dict) = self.accounts.get(account).and_then(|d| d.get(&cur)) else {
+        let Some(dict) = self.accounts.get(account).and_then(|a| a.dicts.get(&cur)) else {
             return false;
         };
         // A write under way may record other fields (an earlier
@@ -1410,7 +1451,7 @@ impl Dicts {
         now: UnixMillis,
     ) -> Decision {
         let [prev, cur] = self.clock.live_intervals(now);
-        let dicts = self.accounts.entry(account.clone()).or_default();
+        let dicts = &mut self.accounts.entry(account.clone()).or_default().dicts;
         // A write of an older session of the device, queued here before
         // the copy showed this one, does not take this session's entry:
         // this heartbeat's change takes its place ([`Dict::overtaken`]).
@@ -1466,7 +1507,7 @@ impl Dicts {
         now: UnixMillis,
     ) -> Decision {
         let [prev, cur] = self.clock.live_intervals(now);
-        let dicts = self.accounts.entry(account.clone()).or_default();
+        let dicts = &mut self.accounts.entry(account.clone()).or_default().dicts;
         let prev_d = dicts.get(&prev).filter(|_| prev != cur);
         let prev_rec = prev_d.and_then(|d| d.effective(device, None));
         let cur_rec = dicts.get(&cur).and_then(|d| d.effective(device, prev_d));
@@ -1503,12 +1544,12 @@ impl Dicts {
             let removing = self
                 .accounts
                 .get(account)
-                .is_some_and(|dicts| dicts.values().any(|d| d.removing(&w.device, session)));
+                .is_some_and(|a| a.dicts.values().any(|d| d.removing(&w.device, session)));
             if removing {
                 awaited.insert(session.clone(), Awaited { heard_by: 0, ..w });
             }
         }
-        let dicts = self.accounts.entry(account.clone()).or_default();
+        let dicts = &mut self.accounts.entry(account.clone()).or_default().dicts;
 
         let same_fields = |r: &SessionRecord| {
             r.labels.matches(
@@ -1677,7 +1718,7 @@ impl Dicts {
     ) -> Decision {
         let [prev, cur] = self.clock.live_intervals(now);
         let intervals: &[u64] = if prev == cur { &[cur] } else { &[prev, cur] };
-        let dicts = self.accounts.entry(account.clone()).or_default();
+        let dicts = &mut self.accounts.entry(account.clone()).or_default().dicts;
         let held: Vec<(u64, Held)> = intervals
             .iter()
             .map(|&i| {
@@ -2530,7 +2571,7 @@ mod tests {
         let intervals = |d: &Dicts| -> Vec<u64> {
             d.accounts
                 .get(&a)
-                .map(|x| x.iter().map(|(i, _)| i).collect())
+                .map(|x| x.dicts.iter().map(|(i, _)| i).collect())
                 .unwrap_or_default()
         };
         // Recorded in intervals 0 and 1.
@@ -2548,6 +2589,27 @@ mod tests {
         let (mut d, _, _write) = joining(&Heartbeat::default(), 1_000);
         d.prune(40_500);
         assert_eq!(intervals(&d), [0]);
+    }
+
+    #[test]
+    fn an_accounts_rate_buckets_outlive_its_dictionaries_until_they_idle() {
+        let (a, _, s) = ids();
+        let mut d = Dicts::new(clock()).limiting(Limits::new(1.0, 2));
+        // An account with no dictionary: its session's burst, then nothing.
+        assert!(d.admit(a.as_str(), s.as_str(), 1_000));
+        assert!(d.admit(a.as_str(), s.as_str(), 1_000));
+        assert!(!d.admit(a.as_str(), s.as_str(), 1_000));
+        assert!(d.admit(a.as_str(), "other", 1_000), "a session of its own");
+        assert!(d.admit("beta", s.as_str(), 1_000), "an account of its own");
+        assert!(!d.admit("not an account", s.as_str(), 1_000));
+        // A pass of prune keeps the spent bucket (half a token back).
+        d.prune(1_500);
+        assert!(!d.admit(a.as_str(), s.as_str(), 1_500));
+        // Beating at its rate, it keeps getting through.
+        assert!(d.admit(a.as_str(), s.as_str(), 3_000));
+        // Quiet for over a minute: the buckets go, and the accounts with them.
+        d.prune(64_000);
+        assert!(d.accounts.is_empty());
     }
 
     #[test]

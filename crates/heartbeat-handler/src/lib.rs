@@ -85,8 +85,8 @@ impl Default for Config {
             revoked_ttl: headcount_runtime::buckets::DEFAULT_REVOKED_TTL,
             max_concurrent_writes: 256,
             // Ten times a 5 s heartbeat.
-            max_rate: 2.0,
-            burst: 10,
+            max_rate: rate::DEFAULT_RATE,
+            burst: rate::DEFAULT_BURST,
             // One heartbeat period.
             carry_delay: Duration::from_secs(5),
         }
@@ -106,7 +106,6 @@ struct Shared {
     nats: async_nats::Client,
     metrics: Metrics,
     flush_tx: mpsc::UnboundedSender<Key>,
-    rate: Mutex<rate::RateLimiter>,
     carry_delay: Duration,
     /// The partition.
     partition: u32,
@@ -159,16 +158,15 @@ impl members::Holder for Partitions {
     fn start(&mut self, p: u32) -> members::Part {
         let (flush_tx, flush_rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
-            dicts: Mutex::new(Dicts::new(self.clock)),
+            dicts: Mutex::new(
+                Dicts::new(self.clock)
+                    .limiting(rate::Limits::new(self.config.max_rate, self.config.burst)),
+            ),
             revoked: self.revoked.clone(),
             buckets: self.buckets.clone(),
             nats: self.nats.clone(),
             metrics: self.metrics.clone(),
             flush_tx,
-            rate: Mutex::new(rate::RateLimiter::new(
-                self.config.max_rate,
-                self.config.burst,
-            )),
             carry_delay: self.config.carry_delay,
             partition: p,
             sessions: Default::default(),
@@ -384,7 +382,6 @@ async fn run_partition(
                 d.prune(now);
                 shared.sessions.store(d.session_count(now), Ordering::Relaxed);
                 drop(d);
-                shared.rate.lock().unwrap_or_else(|p| p.into_inner()).prune(now);
             }
         }
     }
@@ -486,18 +483,18 @@ fn on_message(shared: &Shared, subject: &str, payload: &[u8]) {
         }
     };
     let now = now_millis();
-    let allowed = shared
-        .rate
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .allow(ids.session, now);
-    if !allowed {
+    // One lock for the whole heartbeat: the rate's buckets are kept with
+    // the dictionaries, so the account is looked up once for both.
+    let mut d = shared.dicts();
+    if !d.admit(ids.account, ids.session, now) {
+        drop(d);
         c.rate_limited.inc();
         return;
     }
     let hb = match HeartbeatRef::decode(payload) {
         Ok(hb) => hb,
         Err(e) => {
+            drop(d);
             match e {
                 HeartbeatError::FieldTooLong { .. } => c.invalid.inc(),
                 HeartbeatError::TooLarge(_) | HeartbeatError::Malformed(_) => c.malformed.inc(),
@@ -507,19 +504,18 @@ fn on_message(shared: &Shared, subject: &str, payload: &[u8]) {
         }
     };
     if shared.revoked.contains_key(ids.session) {
+        drop(d);
         c.revoked.inc();
         return;
     }
-    let decision = {
-        let mut d = shared.dicts();
-        if d.unchanged(ids.account, ids.device, ids.session, &hb, now) {
-            drop(d);
-            c.accepted.inc();
-            return;
-        }
-        let ids = ids.to_owned();
-        d.on_heartbeat(&ids.account, &ids.device, &ids.session, &hb.to_owned(), now)
-    };
+    if d.unchanged(ids.account, ids.device, ids.session, &hb, now) {
+        drop(d);
+        c.accepted.inc();
+        return;
+    }
+    let ids = ids.to_owned();
+    let decision = d.on_heartbeat(&ids.account, &ids.device, &ids.session, &hb.to_owned(), now);
+    drop(d);
     match decision {
         Decision::Superseded => c.revoked.inc(),
         Decision::Full => c.dictionary_full.inc(),
