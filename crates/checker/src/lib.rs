@@ -28,6 +28,7 @@
 //! answer from anything but the view (`limits.set` answers with the record
 //! it stored).
 
+mod early;
 mod endpoints;
 mod enforcement;
 mod ledger;

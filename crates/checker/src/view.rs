@@ -30,6 +30,7 @@ use headcount_protocol::{
     SessionId, UnixMillis,
 };
 
+use crate::early::Early;
 use crate::victims::choose;
 
 /// Liveness and limit defaults.
@@ -41,9 +42,8 @@ pub struct Rules {
     pub default_limit: Limit,
 }
 
-/// How many sessions heard before their dictionary one shard keeps (an
-/// entry of the cache takes some 280 bytes).
-const EARLY_CAPACITY: u64 = 16_384;
+/// How many sessions heard before their dictionary one shard keeps.
+const EARLY_CAPACITY: usize = 16_384;
 
 /// How long per-minute peaks are kept for `stats`.
 pub const PEAK_WINDOW_MINUTES: u64 = 15;
@@ -266,7 +266,7 @@ pub struct View {
     /// still on its way, e.g. during a KV leader election), kept for one
     /// timeout so that the session is not taken for silent when it lands.
     /// Bounded, so junk subjects cannot grow it.
-    early: moka::sync::Cache<SessionId, UnixMillis>,
+    early: Early,
     /// The partition's dictionaries are loading: heartbeats of sessions not
     /// loaded yet are not kept in `early`, as every session already has a
     /// whole timeout from the start of the load (`started_at`). Otherwise a
@@ -402,10 +402,7 @@ impl View {
             started_at,
             accounts: HashMap::new(),
             revoked: HashMap::new(),
-            early: moka::sync::Cache::builder()
-                .max_capacity(EARLY_CAPACITY)
-                .time_to_live(std::time::Duration::from_millis(rules.timeout_ms.max(1)))
-                .build(),
+            early: Early::new(EARLY_CAPACITY, rules.timeout_ms),
             loading: false,
             limits_watched: 0,
         }
@@ -438,7 +435,7 @@ impl View {
                 if newer(acct, &device, &rec.session) {
                     continue;
                 }
-                let early = self.early.remove(&rec.session).unwrap_or(0);
+                let early = self.early.take(rec.session.as_str()).unwrap_or(0);
                 let heard = acct
                     .dicts
                     .values()
@@ -504,15 +501,12 @@ impl View {
             acct.overrides.is_some() || acct.overrides_revision > 0 || acct.token_plan.is_some()
         });
         self.accounts.shrink_to_fit();
-        self.early.invalidate_all();
+        self.early.clear();
     }
 
-    fn heard_early(&self, session: &str, now: UnixMillis) {
-        if self.loading {
-            return;
-        }
-        if let Ok(id) = SessionId::parse(session) {
-            self.early.insert(id, now);
+    fn heard_early(&mut self, session: &str, now: UnixMillis) {
+        if !self.loading {
+            self.early.heard(session, now);
         }
     }
 
