@@ -22,6 +22,12 @@ const STALL_CHECK: Duration = Duration::from_secs(3);
 /// watch takes in the server's whole flow-control window.
 const WATCH_BATCH: i64 = 64;
 
+/// How long one pull waits for entries before the next replaces it. The
+/// server's idle heartbeat on a waiting pull is half of it, and the client
+/// starts a consumer again after two missed ones: a watch whose consumer
+/// went (its server restarted, a leader moved) notices within about this.
+const WATCH_PULL_EXPIRES: Duration = Duration::from_secs(10);
+
 /// Spawns a task that feeds every entry of `store` (the latest value of each
 /// key, then each later change, deletes included) to `apply`, in order.
 ///
@@ -170,6 +176,7 @@ async fn open(
             filter_subject: format!("{}{keys}", store.prefix),
             deliver_policy: start,
             max_batch: WATCH_BATCH,
+            max_expires: WATCH_PULL_EXPIRES,
             ..Default::default()
         })
         .await?;
