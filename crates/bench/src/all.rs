@@ -94,6 +94,9 @@ struct Ingest {
     handler_lost: u64,
     kv_writes: f64,
     join_secs: f64,
+    /// A whole `headcount up`: the slower of its handler and its checker.
+    up_rate: f64,
+    up_lost: u64,
 }
 
 impl Ingest {
@@ -103,21 +106,28 @@ impl Ingest {
         self.ceilings[0].max(self.ceilings[1])
     }
 
-    /// The bare subscriber or the handler reached [`PUBLISHER_LIMITED`] of
-    /// the publishers' ceiling: that rate is (or may be) the publishers',
-    /// so the ratio of the two says nothing about the handler.
+    /// A consumer (bare, the handler, `up`) reached [`PUBLISHER_LIMITED`]
+    /// of the publishers' ceiling: that rate is (or may be) the
+    /// publishers', so a ratio of two says nothing about headcount.
     fn publisher_limited(&self) -> bool {
-        self.bare_rate.max(self.handler_rate) >= PUBLISHER_LIMITED * self.ceiling()
+        let fastest = self.bare_rate.max(self.handler_rate).max(self.up_rate);
+        fastest >= PUBLISHER_LIMITED * self.ceiling()
     }
 
     /// The handler's rate as a share of the bare subscriber's.
-    fn ratio(&self) -> f64 {
-        self.handler_rate / self.bare_rate.max(1.0)
+    fn ratio_cell(&self) -> String {
+        self.cell(self.handler_rate)
     }
 
-    /// The ratio for the report, with the flag when it means nothing.
-    fn ratio_cell(&self) -> String {
-        let ratio = format!("{:.0}%", 100.0 * self.ratio());
+    /// The whole `up`'s rate as a share of the bare subscriber's.
+    fn up_ratio_cell(&self) -> String {
+        self.cell(self.up_rate)
+    }
+
+    /// `rate` as a share of the bare subscriber's for the report, with the
+    /// flag when it means nothing.
+    fn cell(&self, rate: f64) -> String {
+        let ratio = format!("{:.0}%", 100.0 * rate / self.bare_rate.max(1.0));
         if self.publisher_limited() {
             format!("{ratio} (publisher-limited: ratio not meaningful)")
         } else {
@@ -166,6 +176,94 @@ async fn clear_sessions(console: &async_nats::Client) -> anyhow::Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!("clearing the sessions bucket: {e}"))?;
     Ok(())
+}
+
+/// The ingest load: the publishers, the sessions' heartbeats, how many to
+/// send, and how far the publishers may run ahead of the consumer.
+struct Load<'a> {
+    publishers: &'a Publishers,
+    beats: &'a Beats,
+    sessions: usize,
+    n: usize,
+    window: Option<usize>,
+}
+
+/// What one process took of the ingest load.
+struct Taken {
+    /// Heartbeats per second, over the measured ones.
+    rate: f64,
+    /// Measured heartbeats it never took.
+    lost: u64,
+    /// How long every session took to join first.
+    join_secs: f64,
+    /// Its metrics once every session had joined.
+    joined: BTreeMap<String, f64>,
+}
+
+impl Load<'_> {
+    /// Ingest into `proc` (a handler, or a whole `up`): every session joins
+    /// first (one heartbeat each, until every gauge of `held` counts them
+    /// all), so that what is timed is the steady state, where sessions are
+    /// known; then `n` heartbeats, timed until each of `counters` has
+    /// taken every one. The slowest counter sets the pace.
+    async fn feed(&self, proc: &Proc, counters: &[&str], held: &[&str]) -> anyhow::Result<Taken> {
+        // Heartbeats taken since `base` (one count per counter), by the
+        // slowest counter.
+        let taken = async |base: &[f64]| -> anyhow::Result<f64> {
+            let m = proc.metrics().await?;
+            Ok(slowest(&m, counters, base))
+        };
+        let zero = vec![0.0; counters.len()];
+        let join_start = Instant::now();
+        self.publishers
+            .windowed(self.beats, self.sessions, self.window, async || {
+                Ok(taken(&zero).await? as u64)
+            })
+            .await?;
+        let all = self.sessions as f64;
+        proc.wait_metrics("every session recorded", |m| {
+            held.iter()
+                .all(|g| m.get(*g).copied().unwrap_or(0.0) >= all)
+        })
+        .await?;
+        let join_secs = join_start.elapsed().as_secs_f64();
+        let joined = proc.metrics().await?;
+        let base: Vec<f64> = counters.iter().map(|c| sum_prefix(&joined, c)).collect();
+        let start = Instant::now();
+        self.publishers
+            .windowed(self.beats, self.n, self.window, async || {
+                Ok(taken(&base).await? as u64)
+            })
+            .await?;
+        let n = self.n as f64;
+        proc.wait_metrics("every heartbeat taken", |m| {
+            slowest(m, counters, &base) >= n
+        })
+        .await
+        .or_else(|e| {
+            // Report what was lost rather than stopping.
+            eprintln!("bench: {e:#}");
+            Ok::<(), anyhow::Error>(())
+        })?;
+        let took = start.elapsed();
+        let processed = taken(&base).await?;
+        Ok(Taken {
+            rate: processed / took.as_secs_f64(),
+            lost: (n - processed).max(0.0) as u64,
+            join_secs,
+            joined,
+        })
+    }
+}
+
+/// The least any of `counters` (each summed over its labels) has counted
+/// since its `base`.
+fn slowest(m: &BTreeMap<String, f64>, counters: &[&str], base: &[f64]) -> f64 {
+    counters
+        .iter()
+        .zip(base)
+        .map(|(c, b)| sum_prefix(m, c) - b)
+        .fold(f64::MAX, f64::min)
 }
 
 /// What a handler, and a checker, count of the heartbeats they take.
@@ -336,64 +434,64 @@ async fn at_size(
     // The handler, for ingest (the default interval).
     let mut handler = env.service("handler", &["--max-heartbeat-rate", "1000000000"])?;
     handler.wait_handler(&publisher).await?;
-    // Every session joins first (one heartbeat each, written to KV): the
-    // ingest rate below is the steady state, where sessions are known.
-    let join_start = Instant::now();
-    let processed = async || -> anyhow::Result<u64> {
-        let m = handler.metrics().await?;
-        Ok(sum_prefix(&m, "headcount_heartbeats_total") as u64)
+    let load = Load {
+        publishers: &publishers,
+        beats: &beats,
+        sessions,
+        n,
+        window,
     };
-    publishers
-        .windowed(&beats, sessions, window, processed)
+    let taken = load
+        .feed(&handler, &[HANDLED], &["headcount_handler_sessions"])
         .await?;
-    handler
-        .wait_metrics("handler recorded every session", |m| {
-            m.get("headcount_handler_sessions").copied().unwrap_or(0.0) >= sessions as f64
-        })
-        .await?;
-    ingest.join_secs = join_start.elapsed().as_secs_f64();
-    ingest.kv_writes = handler
-        .metrics()
-        .await?
+    ingest.handler_rate = taken.rate;
+    ingest.handler_lost = taken.lost;
+    ingest.join_secs = taken.join_secs;
+    ingest.kv_writes = taken
+        .joined
         .get(r#"headcount_kv_writes_total{result="ok"}"#)
         .copied()
         .unwrap_or(0.0);
-    let base = sum_prefix(&handler.metrics().await?, "headcount_heartbeats_total");
-    let start = Instant::now();
-    let processed = async || -> anyhow::Result<u64> {
-        let m = handler.metrics().await?;
-        Ok((sum_prefix(&m, "headcount_heartbeats_total") - base) as u64)
-    };
-    publishers.windowed(&beats, n, window, processed).await?;
-    let n_f = n as f64;
-    handler
-        .wait_metrics("handler processed every heartbeat", |m| {
-            sum_prefix(m, "headcount_heartbeats_total") - base >= n_f
-        })
-        .await
-        .or_else(|e| {
-            // Report what was lost rather than stopping.
-            eprintln!("bench: {e:#}");
-            Ok::<(), anyhow::Error>(())
-        })?;
-    let took = start.elapsed();
-    let m = handler.metrics().await?;
-    let processed = sum_prefix(&m, "headcount_heartbeats_total") - base;
-    ingest.handler_rate = processed / took.as_secs_f64();
-    ingest.handler_lost = (n_f - processed).max(0.0) as u64;
     handler.stop().await;
+    clear_sessions(&publisher).await?;
+
+    // The whole `headcount up` process, the same way: its handler and the
+    // checker it feeds both take every heartbeat (timed by the slower).
+    let no_limit = headcount_protocol::policy::MAX_LIMIT.to_string();
+    let mut up = env.up(&[
+        "--max-heartbeat-rate",
+        "1000000000",
+        "--timeout",
+        "1h",
+        "--default-limit",
+        &no_limit,
+    ])?;
+    up.wait_up("up").await?;
+    let taken = load
+        .feed(
+            &up,
+            &[HANDLED, HEARD],
+            &["headcount_handler_sessions", "headcount_active_sessions"],
+        )
+        .await?;
+    ingest.up_rate = taken.rate;
+    ingest.up_lost = taken.lost;
+    up.stop().await;
     ingest.ceilings[1] = publishers.ceiling(&beats, n).await?;
     drop(publishers);
     eprintln!(
         "bench: ingest at {sessions} sessions, {} publishers: ceiling {:.0}/s (before {:.0}/s, \
-         after {:.0}/s), bare subscriber {:.0}/s, heartbeat-handler {:.0}/s, ratio {}",
+         after {:.0}/s), bare subscriber {:.0}/s, heartbeat-handler {:.0}/s, ratio {}, \
+         whole up {:.0}/s, ratio {}",
         ingest.publishers,
         ingest.ceiling(),
         ingest.ceilings[0],
         ingest.ceilings[1],
         ingest.bare_rate,
         ingest.handler_rate,
-        ingest.ratio_cell()
+        ingest.ratio_cell(),
+        ingest.up_rate,
+        ingest.up_ratio_cell()
     );
     // Its dictionaries go, so the next handler starts from nothing (and
     // makes the bucket again for its own interval).
@@ -651,11 +749,11 @@ pub async fn run(mut a: AllArgs, headcount: &Path) -> anyhow::Result<()> {
     }
     report.table(
         "Ingest (heartbeats per second, 100-byte payloads)",
-        "| sessions | heartbeats | publishers | publisher ceiling | bare subscriber | heartbeat-handler | ratio | lost (bare / handler) | joining every session | KV writes to record them |",
+        "| sessions | heartbeats | publishers | publisher ceiling | bare subscriber | heartbeat-handler | ratio | whole `headcount up` | ratio | lost (bare / handler / up) | joining every session | KV writes to record them |",
     );
     for (s, (i, _, _)) in &rows {
         report.line(format!(
-            "| {s} | {} | {} | {:.0}/s | {:.0}/s ({:.0}%) | {:.0}/s ({:.0}%) | {} | {} / {} | {:.1} s ({:.0}/s) | {:.0} ({:.3} per session) |",
+            "| {s} | {} | {} | {:.0}/s | {:.0}/s ({:.0}%) | {:.0}/s ({:.0}%) | {} | {:.0}/s ({:.0}%) | {} | {} / {} / {} | {:.1} s ({:.0}/s) | {:.0} ({:.3} per session) |",
             i.sent,
             i.publishers,
             i.ceiling(),
@@ -664,8 +762,12 @@ pub async fn run(mut a: AllArgs, headcount: &Path) -> anyhow::Result<()> {
             i.handler_rate,
             100.0 * i.handler_rate / i.ceiling().max(1.0),
             i.ratio_cell(),
+            i.up_rate,
+            100.0 * i.up_rate / i.ceiling().max(1.0),
+            i.up_ratio_cell(),
             i.bare_lost,
             i.handler_lost,
+            i.up_lost,
             i.join_secs,
             *s as f64 / i.join_secs.max(1e-9),
             i.kv_writes,
@@ -768,13 +870,20 @@ mod tests {
             ingest(300_000.0, 280_000.0, 200_000.0),
             ingest(300_000.0, 310_000.0, 200_000.0),
             ingest(300_000.0, 200_000.0, 275_000.0),
+            Ingest {
+                up_rate: 275_000.0,
+                ..ingest(300_000.0, 200_000.0, 150_000.0)
+            },
         ] {
             assert!(limited.publisher_limited());
-            assert!(
-                limited
-                    .ratio_cell()
-                    .ends_with("(publisher-limited: ratio not meaningful)")
-            );
+            for cell in [limited.ratio_cell(), limited.up_ratio_cell()] {
+                assert!(cell.ends_with("(publisher-limited: ratio not meaningful)"));
+            }
         }
+        let up = Ingest {
+            up_rate: 210_000.0,
+            ..free
+        };
+        assert_eq!(up.up_ratio_cell(), "70%");
     }
 }
