@@ -213,13 +213,16 @@ impl Load<'_> {
             let m = proc.metrics().await?;
             Ok(slowest(&m, counters, base))
         };
-        let zero = vec![0.0; counters.len()];
+        // `n` heartbeats, the publishers held back by what is taken.
+        let publish = async |n: usize, base: &[f64]| {
+            self.publishers
+                .windowed(self.beats, n, self.window, async || {
+                    Ok(taken(base).await? as u64)
+                })
+                .await
+        };
         let join_start = Instant::now();
-        self.publishers
-            .windowed(self.beats, self.sessions, self.window, async || {
-                Ok(taken(&zero).await? as u64)
-            })
-            .await?;
+        publish(self.sessions, &vec![0.0; counters.len()]).await?;
         let all = self.sessions as f64;
         proc.wait_metrics("every session recorded", |m| {
             held.iter()
@@ -230,11 +233,7 @@ impl Load<'_> {
         let joined = proc.metrics().await?;
         let base: Vec<f64> = counters.iter().map(|c| sum_prefix(&joined, c)).collect();
         let start = Instant::now();
-        self.publishers
-            .windowed(self.beats, self.n, self.window, async || {
-                Ok(taken(&base).await? as u64)
-            })
-            .await?;
+        publish(self.n, &base).await?;
         let n = self.n as f64;
         proc.wait_metrics("every heartbeat taken", |m| {
             slowest(m, counters, &base) >= n

@@ -483,18 +483,13 @@ fn on_message(shared: &Shared, subject: &str, payload: &[u8]) {
         }
     };
     let now = now_millis();
-    // One lock for the whole heartbeat: the rate's buckets are kept with
-    // the dictionaries, so the account is looked up once for both.
-    let mut d = shared.dicts();
-    if !d.admit(ids.account, ids.session, now) {
-        drop(d);
-        c.rate_limited.inc();
-        return;
-    }
-    let hb = match HeartbeatRef::decode(payload) {
-        Ok(hb) => hb,
-        Err(e) => {
-            drop(d);
+    // One lock for the whole heartbeat (the rate's buckets are kept with
+    // the dictionaries, so the account is looked up once for both); the
+    // outcome is counted once it is let go.
+    let heard = take(&mut shared.dicts(), &shared.revoked, ids, payload, now);
+    let decision = match heard {
+        Heard::RateLimited => return c.rate_limited.inc(),
+        Heard::Unreadable(e) => {
             match e {
                 HeartbeatError::FieldTooLong { .. } => c.invalid.inc(),
                 HeartbeatError::TooLarge(_) | HeartbeatError::Malformed(_) => c.malformed.inc(),
@@ -502,26 +497,56 @@ fn on_message(shared: &Shared, subject: &str, payload: &[u8]) {
             tracing::debug!(subject, error = %e, "dropping heartbeat");
             return;
         }
+        Heard::Revoked => return c.revoked.inc(),
+        Heard::Unchanged => return c.accepted.inc(),
+        Heard::Decided(decision) => decision,
     };
-    if shared.revoked.contains_key(ids.session) {
-        drop(d);
-        c.revoked.inc();
-        return;
-    }
-    if d.unchanged(ids.account, ids.device, ids.session, &hb, now) {
-        drop(d);
-        c.accepted.inc();
-        return;
-    }
-    let ids = ids.to_owned();
-    let decision = d.on_heartbeat(&ids.account, &ids.device, &ids.session, &hb.to_owned(), now);
-    drop(d);
     match decision {
         Decision::Superseded => c.revoked.inc(),
         Decision::Full => c.dictionary_full.inc(),
         _ => c.accepted.inc(),
     }
     schedule(&shared.flush_tx, shared.carry_delay, decision);
+}
+
+/// What became of a heartbeat whose subject was its partition's.
+enum Heard {
+    /// Over its session's rate.
+    RateLimited,
+    /// Its payload could not be read, or breaks a bound.
+    Unreadable(HeartbeatError),
+    /// Its session was ended.
+    Revoked,
+    /// It changes nothing (the fast path).
+    Unchanged,
+    /// What it changes.
+    Decided(Decision),
+}
+
+/// [`on_message`] under the partition's lock: the rate first, then the
+/// payload, the revocations, and the dictionaries.
+fn take(
+    d: &mut Dicts,
+    revoked: &moka::sync::Cache<SessionId, ()>,
+    ids: subjects::HeartbeatSubjectRef<'_>,
+    payload: &[u8],
+    now: headcount_protocol::UnixMillis,
+) -> Heard {
+    if !d.admit(ids.account, ids.session, now) {
+        return Heard::RateLimited;
+    }
+    let hb = match HeartbeatRef::decode(payload) {
+        Ok(hb) => hb,
+        Err(e) => return Heard::Unreadable(e),
+    };
+    if revoked.contains_key(ids.session) {
+        return Heard::Revoked;
+    }
+    if d.unchanged(ids.account, ids.device, ids.session, &hb, now) {
+        return Heard::Unchanged;
+    }
+    let ids = ids.to_owned();
+    Heard::Decided(d.on_heartbeat(&ids.account, &ids.device, &ids.session, &hb.to_owned(), now))
 }
 
 /// Hands the dictionaries a heartbeat (or an ending) changed to the

@@ -101,14 +101,8 @@ impl Beats {
     /// Adds a full bucket for `key`, and lets the idle ones go while the
     /// slice is rebuilt anyway: where it lands.
     fn insert(&mut self, limits: &Limits, key: u32, now: u32) -> usize {
-        let idle = limits.idle_ms();
         let mut kept = Vec::with_capacity(self.0.len() + 1);
-        kept.extend(
-            self.0
-                .iter()
-                .filter(|(_, b)| since(now, b.last) <= idle)
-                .copied(),
-        );
+        kept.extend(self.kept(limits, now));
         let at = kept.partition_point(|(k, _)| *k < key);
         let full = Bucket {
             tokens: limits.burst,
@@ -121,15 +115,19 @@ impl Beats {
 
     /// Forgets the sessions whose bucket has been idle for a while.
     pub fn prune(&mut self, limits: &Limits, now: UnixMillis) {
-        let (idle, now) = (limits.idle_ms(), now as u32);
-        if self.0.iter().any(|(_, b)| since(now, b.last) > idle) {
-            self.0 = self
-                .0
-                .iter()
-                .filter(|(_, b)| since(now, b.last) <= idle)
-                .copied()
-                .collect();
+        let now = now as u32;
+        if self.kept(limits, now).count() < self.0.len() {
+            self.0 = self.kept(limits, now).collect();
         }
+    }
+
+    /// The buckets not idle at `now`, in order.
+    fn kept(&self, limits: &Limits, now: u32) -> impl Iterator<Item = (u32, Bucket)> + '_ {
+        let idle = limits.idle_ms();
+        self.0
+            .iter()
+            .filter(move |(_, b)| since(now, b.last) <= idle)
+            .copied()
     }
 
     pub fn len(&self) -> usize {
